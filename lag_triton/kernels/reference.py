@@ -1,0 +1,93 @@
+"""PyTorch reference backend: the executable definition of the three LAG ops (DESIGN §1-§2).
+
+Every other backend (Triton, CUDA) exposes the same three functions with the same signatures
+and is tested against these. They stay simple and obviously right rather than fast; scores,
+norms and z are computed in fp32 whatever the activation dtype.
+
+Shapes (T tokens, N adapters of one module, r = r_max, k candidates, m selected):
+
+    arrow_topk(x [T, d_in], prototypes [N, d_in], k)                   -> idx [T, k] int32, scores [T, k] fp32
+    spectr_rerank(x, a_star [N, r, d_in], candidates [T, k] int32,
+                  top_m, combine, temperature, candidate_scores=None) -> sel [T, m] int32, w [T, m] fp32, z [T, m, r] fp32
+    lora_apply(y [T, d_out], b_star [N, d_out, r], sel, w, z)          -> y (updated in place: y += sum_j w_j B*_sel_j z_j)
+
+Ordering rules shared by all backends: larger key first; equal keys -> lower adapter index
+first; NaN keys rank below every number (so indices stay in range whatever the input).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .common import check_apply_args, check_rerank_args, check_topk_args, selection_weights
+
+__all__ = ["arrow_topk", "spectr_rerank", "lora_apply"]
+
+
+def _rank_key(values: torch.Tensor) -> torch.Tensor:
+    """Sort key for 'largest first, NaN last': NaN becomes -inf (scores and norms are >= 0)."""
+    return torch.nan_to_num(values, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+
+
+def _descending_by_key_then_index(key: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Positions that sort each row by key descending, ties broken by ascending adapter index."""
+    by_index = torch.sort(index, dim=-1, stable=True).indices
+    key_in_index_order = key.gather(-1, by_index)
+    by_key = torch.sort(key_in_index_order, dim=-1, descending=True, stable=True).indices
+    return by_index.gather(-1, by_key)
+
+
+def arrow_topk(x: torch.Tensor, prototypes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Arrow retrieval: a_i = |p_i . x|; the k adapters with the largest a_i, best first.
+
+    Returns (idx [T, k] int32, scores [T, k] fp32); the scores are the a_i of idx (NaN kept).
+    """
+    check_topk_args(x, prototypes, k)
+    scores = (x.float() @ prototypes.float().T).abs()  # [T, N]
+    adapter = torch.arange(scores.shape[1], device=x.device).expand_as(scores)
+    order = _descending_by_key_then_index(_rank_key(scores), adapter)[:, :k]
+    return order.to(torch.int32), scores.gather(1, order)
+
+
+def spectr_rerank(
+    x: torch.Tensor,
+    a_star: torch.Tensor,
+    candidates: torch.Tensor,
+    top_m: int,
+    combine: str = "softmax",
+    temperature: float = 1.0,
+    candidate_scores: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SpectR rerank of each token's k candidates.
+
+    z_c = A*_c x (fp32, [r]), n_c = ||z_c||. The top_m candidates by n_c (or by
+    ``candidate_scores`` when given: the "arrow" router ranks and weights by a_i) are selected;
+    weights follow DESIGN §1 (1 for a single pick, else softmax(key / temperature) or 1/top_m).
+    """
+    check_rerank_args(x, a_star, candidates, top_m, combine, temperature, candidate_scores)
+    cand = candidates.long()
+    xf = x.float()
+    # One candidate slot at a time keeps the gathered weights at [T, r, d_in], never [T, k, r, d_in].
+    z = torch.stack(
+        [torch.bmm(a_star[cand[:, j]].float(), xf.unsqueeze(-1)).squeeze(-1) for j in range(cand.shape[1])],
+        dim=1,
+    )  # [T, k, r]
+    key = z.norm(dim=-1) if candidate_scores is None else candidate_scores.float()
+    pos = _descending_by_key_then_index(_rank_key(key), cand)[:, :top_m]  # [T, m]
+    sel = cand.gather(1, pos)
+    z_sel = z.gather(1, pos.unsqueeze(-1).expand(-1, -1, z.shape[-1]))
+    w = selection_weights(key.gather(1, pos), combine, temperature)
+    return sel.to(torch.int32), w, z_sel.contiguous()
+
+
+def lora_apply(
+    y: torch.Tensor, b_star: torch.Tensor, sel: torch.Tensor, w: torch.Tensor, z: torch.Tensor
+) -> torch.Tensor:
+    """y += sum_j w[:, j] * (B*[sel[:, j]] @ z[:, j]), summed in fp32, written in y's dtype, in place."""
+    check_apply_args(y, b_star, sel, w, z)
+    delta = torch.zeros(y.shape, dtype=torch.float32, device=y.device)
+    for j in range(sel.shape[1]):
+        b = b_star[sel[:, j].long()].float()  # [T, d_out, r]
+        delta += w[:, j, None] * torch.bmm(b, z[:, j, :, None]).squeeze(-1)
+    y.copy_(y.float() + delta)
+    return y

@@ -1,0 +1,82 @@
+"""Per-layer LAG routing: compose the three ops for one module and one library (DESIGN §1).
+
+    "lag":    Arrow top-k over all N prototypes, SpectR rerank of those k, apply the top_m.
+    "arrow":  Arrow top-top_m, weights softmax(a / temperature); z = A* x is what is applied.
+    "spectr": SpectR rerank over all N adapters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+ROUTERS = ("lag", "arrow", "spectr")
+COMBINES = ("softmax", "uniform")
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """How one library routes. ``k`` and ``top_m`` are clamped per module to the N adapters it has."""
+
+    k: int = 20
+    top_m: int = 1
+    router: str = "lag"
+    temperature: float = 1.0
+    combine: str = "softmax"
+
+    def __post_init__(self) -> None:
+        if self.router not in ROUTERS:
+            raise ValueError(f"unknown router {self.router!r}; choose one of {ROUTERS}")
+        if self.combine not in COMBINES:
+            raise ValueError(f"unknown combine {self.combine!r}; choose one of {COMBINES}")
+        for name in ("k", "top_m"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.router == "lag" and self.top_m > self.k:
+            raise ValueError(f"top_m={self.top_m} > k={self.k}: SpectR cannot pick more than the k Arrow candidates")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            raise ValueError(f"temperature must be a number > 0, got {self.temperature!r}")
+
+    def sizes(self, n_adapters: int) -> tuple[int, int]:
+        """(candidates k, selected m) for a module with ``n_adapters`` adapters."""
+        k = {"lag": self.k, "arrow": self.top_m, "spectr": n_adapters}[self.router]
+        k = min(k, n_adapters)
+        return k, min(self.top_m, k)
+
+
+def route(
+    x: torch.Tensor,
+    a_star: torch.Tensor,
+    prototypes: torch.Tensor,
+    config: RoutingConfig,
+    ops: ModuleType,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Choose adapters for every row of x [T, d_in]: returns (sel [T, m] int32, w [T, m], z [T, m, r])."""
+    n = a_star.shape[0]
+    k, m = config.sizes(n)
+    scores = None
+    if config.router == "spectr":
+        candidates = torch.arange(n, device=x.device, dtype=torch.int32).expand(x.shape[0], n).contiguous()
+    else:
+        candidates, scores = ops.arrow_topk(x, prototypes, k)
+        if config.router == "lag":
+            scores = None  # LAG reranks the Arrow candidates by SpectR norm, not by a_i
+    return ops.spectr_rerank(x, a_star, candidates, m, config.combine, config.temperature, scores)
+
+
+def route_and_apply(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    a_star: torch.Tensor,
+    b_star: torch.Tensor,
+    prototypes: torch.Tensor,
+    config: RoutingConfig,
+    ops: ModuleType,
+) -> torch.Tensor:
+    """y [T, d_out] += the routed adapters' output for x [T, d_in], in place. Returns sel [T, m]."""
+    sel, w, z = route(x, a_star, prototypes, config, ops)
+    ops.lora_apply(y, b_star, sel, w, z)
+    return sel
