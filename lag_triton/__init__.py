@@ -1,0 +1,16 @@
+"""lag_triton: LoRA-Augmented Generation (Arrow retrieval + SpectR rerank) over large LoRA libraries.
+
+    lib = lag_triton.Library.from_peft(adapter_dirs)
+    lag_triton.patch(model, lib, k=20, top_m=1)
+    with lag_triton.trace(model) as tr:
+        model.generate(...)
+    lag_triton.unpatch(model)
+"""
+
+from .library import AdapterError, Library, LibraryFormatError, ModuleWeights
+from .patching import LagLinear, Trace, patch, trace, unpatch
+from .routing import RoutingConfig
+
+__version__ = "0.1.0"
+__all__ = ["Library", "ModuleWeights", "AdapterError", "LibraryFormatError", "RoutingConfig",
+           "patch", "unpatch", "trace", "Trace", "LagLinear", "__version__"]
