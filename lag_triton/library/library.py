@@ -168,7 +168,9 @@ class Library:
             for f in _TENSOR_FIELDS:
                 t = getattr(m, f)
                 if t is not None:
-                    tensors[f"{module}::{f}"] = t.detach().cpu().contiguous()
+                    t = t.detach().cpu().contiguous()
+                    # prototypes may be a view of a_star; safetensors refuses shared storage
+                    tensors[f"{module}::{f}"] = t.clone() if f == "prototypes" else t
         header = {"names": self.names, "base_model": self.base_model, "modules": sorted(self.modules),
                   "r_max": self.r_max, "dtype": str(self.dtype).removeprefix("torch.")}
         save_file(tensors, str(path), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION),
@@ -205,7 +207,7 @@ class _ModuleBuffer:
         self.ranks = torch.zeros(n, dtype=torch.int32)
 
     def finish(self, adapter_rows: list[int]) -> ModuleWeights:
-        return ModuleWeights(a_star=self.a_star, b_star=self.b_star, prototypes=self.a_star[:, 0].contiguous(),
+        return ModuleWeights(a_star=self.a_star, b_star=self.b_star, prototypes=self.a_star[:, 0].clone(),
                              adapter_ids=torch.tensor(adapter_rows, dtype=torch.int64), ranks=self.ranks)
 
 

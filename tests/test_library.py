@@ -1,0 +1,212 @@
+"""Building, aligning, saving and loading libraries; every refused PEFT feature."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from factories import make_adapter, tiny_model
+from lag_triton import AdapterError, Library, LibraryFormatError
+from lag_triton.library.align import align_lora
+
+
+# -- alignment ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("r,d_in,d_out", [(1, 7, 5), (6, 33, 20), (16, 40, 64)])
+def test_alignment_reproduces_the_update_and_its_svd(r, d_in, d_out):
+    g = torch.Generator().manual_seed(r)
+    a = torch.randn(3, r, d_in, generator=g, dtype=torch.float64)
+    b = torch.randn(3, d_out, r, generator=g, dtype=torch.float64)
+    s = torch.tensor([2.0, 0.25, 1.0], dtype=torch.float64)
+    a_star, b_star = align_lora(a, b, s)
+    dense = s[:, None, None] * b @ a
+    torch.testing.assert_close(b_star @ a_star, dense, rtol=0, atol=1e-10 * dense.abs().max().item())
+    torch.testing.assert_close(a_star @ a_star.transpose(1, 2), torch.eye(r, dtype=torch.float64).expand(3, r, r),
+                               rtol=0, atol=1e-12)
+    _, sigma, vh = torch.linalg.svd(dense)
+    top = vh[:, 0]
+    assert torch.minimum((a_star[:, 0] - top).abs().amax(-1), (a_star[:, 0] + top).abs().amax(-1)).max() < 1e-10
+    torch.testing.assert_close(b_star.norm(dim=1), sigma[:, :r], rtol=1e-10, atol=1e-10)  # sigma descending
+    a2, b2 = align_lora(a, b, s)
+    assert torch.equal(a_star, a2) and torch.equal(b_star, b2)
+
+
+def test_alignment_is_invariant_to_the_factorisation():
+    """B A = (B M)(M^-1 A): same dW, so the same aligned factors (the sign convention is fixed)."""
+    a = torch.randn(1, 4, 30, dtype=torch.float64)
+    b = torch.randn(1, 25, 4, dtype=torch.float64)
+    mix = torch.randn(4, 4, dtype=torch.float64) + 4 * torch.eye(4, dtype=torch.float64)
+    s = torch.ones(1, dtype=torch.float64)
+    a1, b1 = align_lora(a, b, s)
+    a2, b2 = align_lora(torch.linalg.solve(mix, a[0])[None], (b[0] @ mix)[None], s)
+    torch.testing.assert_close(a1, a2, rtol=0, atol=1e-9)
+    torch.testing.assert_close(b1, b2, rtol=0, atol=1e-9)
+
+
+# -- from_peft -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama")
+
+
+def _dense_update(adapter_dir, module):
+    from safetensors.torch import load_file
+
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    w = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    a = w[f"base_model.model.{module}.lora_A.weight"].double()
+    b = w[f"base_model.model.{module}.lora_B.weight"].double()
+    return cfg, b @ a
+
+
+def test_from_peft_mixed_ranks_patterns_and_subsets(llama, tmp_path):
+    p0 = make_adapter(llama, tmp_path / "a0", seed=0, r=4, alpha=8)
+    p1 = make_adapter(llama, tmp_path / "a1", seed=1, r=2, alpha=3, use_rslora=True, targets=["up_proj", "down_proj"])
+    p2 = make_adapter(llama, tmp_path / "a2", seed=2, r=3, alpha=5, targets=["up_proj", "q_proj"],
+                      rank_pattern={"layers.1.mlp.up_proj": 6}, alpha_pattern={"q_proj": 11})
+    lib = Library.from_peft([p0, p1, p2], dtype=torch.float64, progress=False)
+    assert lib.names == ["a0", "a1", "a2"] and lib.r_max == 6
+    up1 = lib.modules["model.layers.1.mlp.up_proj"]
+    assert up1.adapter_ids.tolist() == [0, 1, 2] and up1.ranks.tolist() == [4, 2, 6]
+    assert lib.modules["model.layers.0.self_attn.v_proj"].adapter_ids.tolist() == [0]
+    assert lib.modules["model.layers.0.self_attn.q_proj"].adapter_ids.tolist() == [0, 2]
+    expected_scaling = {
+        ("a0", "model.layers.1.mlp.up_proj"): 8 / 4,
+        ("a1", "model.layers.1.mlp.up_proj"): 3 / 2 ** 0.5,
+        ("a2", "model.layers.1.mlp.up_proj"): 5 / 6,
+        ("a2", "model.layers.0.self_attn.q_proj"): 11 / 3,
+    }
+    for (name, module), s in expected_scaling.items():
+        m = lib.modules[module]
+        row = m.adapter_ids.tolist().index(lib.names.index(name))
+        _, dense = _dense_update(tmp_path / name, module)
+        torch.testing.assert_close(m.b_star[row] @ m.a_star[row], s * dense, rtol=0, atol=1e-10)
+        rank = int(m.ranks[row])
+        assert m.a_star[row, rank:].abs().sum() == 0 and m.b_star[row, :, rank:].abs().sum() == 0
+        assert torch.equal(m.prototypes[row], m.a_star[row, 0])
+
+
+def test_gpt2_conv1d_adapters_keep_linear_shapes(tmp_path):
+    gpt2 = tiny_model("gpt2")
+    lib = Library.from_peft([make_adapter(gpt2, tmp_path / "g", seed=0, arch="gpt2")], progress=False)
+    c_attn = lib.modules["transformer.h.0.attn.c_attn"]
+    assert (c_attn.d_in, c_attn.d_out) == (48, 144)
+
+
+def test_save_load_round_trip_is_bit_exact(llama, tmp_path):
+    lib = Library.from_peft([make_adapter(llama, tmp_path / f"a{i}", seed=i) for i in range(3)],
+                            dtype=torch.bfloat16, progress=False)
+    lib.save(tmp_path / "lib.safetensors")
+    back = Library.load(tmp_path / "lib.safetensors")
+    assert back.names == lib.names and back.base_model == lib.base_model and set(back.modules) == set(lib.modules)
+    for name, m in lib.modules.items():
+        for field in ("a_star", "b_star", "prototypes", "adapter_ids", "ranks"):
+            got, want = getattr(back.modules[name], field), getattr(m, field)
+            assert got.dtype == want.dtype and torch.equal(got, want), (name, field)
+    moved = back.to(dtype=torch.float32)
+    assert moved.dtype == torch.float32 and moved.modules[name].adapter_ids.dtype == torch.int64
+
+
+def test_build_does_not_depend_on_folder_order_for_each_adapter(llama, tmp_path):
+    paths = [make_adapter(llama, tmp_path / f"a{i}", seed=i) for i in range(2)]
+    one = Library.from_peft(paths, progress=False)
+    two = Library.from_peft(paths[::-1], progress=False)
+    for name, m in one.modules.items():
+        torch.testing.assert_close(m.a_star, two.modules[name].a_star.flip(0), rtol=0, atol=0)
+
+
+# -- refused input -----------------------------------------------------------------------------
+@pytest.mark.parametrize("field,value,needle", [
+    ("use_dora", True, "use_dora"),
+    ("lora_bias", True, "lora_bias"),
+    ("bias", "all", "bias"),
+    ("modules_to_save", ["lm_head"], "modules_to_save"),
+    ("peft_type", "IA3", "peft_type"),
+    ("r", 0, "r=0"),
+])
+def test_refused_config_fields_name_adapter_and_field(llama, tmp_path, field, value, needle):
+    path = make_adapter(llama, tmp_path / "bad", seed=0)
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg[field] = value
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterError, match=needle) as info:
+        Library.from_peft([path], progress=False)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ("base_model.model.model.embed_tokens.lora_embedding_A", "embedding LoRA"),
+    ("base_model.model.model.layers.0.mlp.up_proj.lora_magnitude_vector", "DoRA"),
+    ("base_model.model.lm_head.weight", "not a LoRA A/B weight"),
+])
+def test_refused_tensors(llama, tmp_path, extra, needle):
+    path = make_adapter(llama, tmp_path / "bad", seed=0)
+    weights = load_file(str(path / "adapter_model.safetensors"))
+    weights[extra] = torch.zeros(4, 4)
+    save_file(weights, str(path / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match=needle):
+        Library.from_peft([path], progress=False)
+
+
+def test_rank_that_disagrees_with_config_and_shape_mismatch_across_adapters(llama, tmp_path):
+    path = make_adapter(llama, tmp_path / "a", seed=0, r=4)
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg["r"] = 5
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterError, match=r"configured rank r=5"):
+        Library.from_peft([path], progress=False)
+    other = tiny_model("llama")
+    other.model.layers[0].mlp.up_proj = torch.nn.Linear(48, 96, bias=False)
+    good = make_adapter(llama, tmp_path / "good", seed=0)
+    wrong = make_adapter(other, tmp_path / "wrong", seed=1, targets=["up_proj"])
+    with pytest.raises(AdapterError, match=r"'model.layers.0.mlp.up_proj' has d_in x d_out = 48 x 96"):
+        Library.from_peft([good, wrong], progress=False)
+
+
+def test_missing_and_unreadable_adapter_files(llama, tmp_path):
+    with pytest.raises(AdapterError, match="is not a directory"):
+        Library.from_peft([tmp_path / "nope"], progress=False)
+    path = make_adapter(llama, tmp_path / "a", seed=0)
+    data = (path / "adapter_model.safetensors").read_bytes()
+    (path / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(AdapterError, match="adapter_model.safetensors"):
+        Library.from_peft([path], progress=False)
+    (path / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterError, match="has no weights file"):
+        Library.from_peft([path], progress=False)
+
+
+def test_pickled_bin_is_loaded_weights_only(llama, tmp_path):
+    path = make_adapter(llama, tmp_path / "a", seed=0)
+    weights = load_file(str(path / "adapter_model.safetensors"))
+    (path / "adapter_model.safetensors").unlink()
+    torch.save(weights, path / "adapter_model.bin")
+    lib = Library.from_peft([path], progress=False)
+    assert len(lib.modules) == 8
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("unpickled!",))
+
+    torch.save({"x": Evil()}, path / "adapter_model.bin")
+    with pytest.raises(AdapterError, match="weights_only=True"):
+        Library.from_peft([path], progress=False)
+
+
+def test_truncated_and_foreign_library_files(llama, tmp_path):
+    lib = Library.from_peft([make_adapter(llama, tmp_path / "a", seed=0)], progress=False)
+    lib.save(tmp_path / "lib.safetensors")
+    data = (tmp_path / "lib.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(LibraryFormatError, match="truncated"):
+        Library.load(tmp_path / "cut.safetensors")
+    (tmp_path / "tiny.bin").write_bytes(b"abc")
+    with pytest.raises(LibraryFormatError, match="too short"):
+        Library.load(tmp_path / "tiny.bin")
+    save_file({"w": torch.zeros(3)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(LibraryFormatError, match="not a lag_triton library"):
+        Library.load(tmp_path / "foreign.safetensors")
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        Library.load(tmp_path / "missing.safetensors")
