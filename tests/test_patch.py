@@ -1,0 +1,190 @@
+"""patch / unpatch / trace on tiny Hugging Face models: PEFT equivalence, generate(), errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from factories import VOCAB, make_adapter, peft_logits, tiny_model
+import lag_triton
+from lag_triton import Library
+
+
+def _logits(model, ids, **kw):
+    with torch.no_grad():
+        return model(input_ids=ids, **kw).logits
+
+
+# -- PEFT equivalence --------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("variant", [
+    {},
+    {"use_rslora": True},
+    {"rank_pattern": {"layers.0.mlp.up_proj": 6, "q_proj": 2}, "alpha_pattern": {"layers.1.mlp.down_proj": 3.0}},
+])
+def test_one_adapter_library_reproduces_peft(arch, variant, tmp_path):
+    model = tiny_model(arch)
+    if arch == "gpt2" and "rank_pattern" in variant:
+        variant = {"rank_pattern": {"h.0.mlp.c_fc": 6}, "alpha_pattern": {"h.1.attn.c_attn": 3.0}}
+    path = make_adapter(model, tmp_path / "a", seed=5, arch=arch, **variant)
+    ids = torch.randint(0, VOCAB, (3, 11), generator=torch.Generator().manual_seed(0))
+    want = peft_logits(model, path, ids)
+    assert (want - _logits(model, ids)).abs().max() > 1e-2  # the adapter really changes the output
+    lag_triton.patch(model, Library.from_peft([path], progress=False), k=1)
+    torch.testing.assert_close(_logits(model, ids), want, rtol=1e-5, atol=1e-5)
+
+
+# -- generate ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def patched_llama(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("adapters")
+    model = tiny_model("llama")
+    lib = Library.from_peft([make_adapter(model, tmp / f"a{i}", seed=i, r=2 + i % 3) for i in range(6)],
+                            progress=False)
+    lag_triton.patch(model, lib, k=3, top_m=2)
+    return model
+
+
+def test_left_padded_batch_generates_what_each_sequence_generates_alone(patched_llama):
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, VOCAB, (n,), generator=g) for n in (5, 9, 2)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = p
+        mask[i, width - len(p):] = 1
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        batch = patched_llama.generate(input_ids=ids, attention_mask=mask, **kw)[:, width:]
+        for i, p in enumerate(prompts):
+            alone = patched_llama.generate(input_ids=p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                           **kw)[0, len(p):]
+            assert torch.equal(batch[i], alone), i
+
+
+def test_kv_cache_generation_equals_no_cache(patched_llama):
+    ids = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(2))
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        cached = patched_llama.generate(input_ids=ids, use_cache=True, **kw)
+        uncached = patched_llama.generate(input_ids=ids, use_cache=False, **kw)
+    assert torch.equal(cached, uncached)
+
+
+def test_trace_records_every_token_of_every_call(patched_llama):
+    ids = torch.randint(1, VOCAB, (2, 7))
+    with lag_triton.trace(patched_llama) as tr:
+        _logits(patched_llama, ids)
+        _logits(patched_llama, ids[:, :3])
+    assert len(tr.selections) == 8
+    sel = tr.selections["model.layers.1.mlp.up_proj"]
+    assert sel.dtype == torch.int64 and sel.shape == (2 * 7 + 2 * 3, 2)
+    assert ((sel >= 0) & (sel < 6)).all() and (sel[:, 0] != sel[:, 1]).all()
+
+
+# -- dtypes, several libraries, unpatch ----------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_model_is_as_close_to_fp32_as_peft(dtype, tmp_path):
+    """One adapter (no routing flips): our error vs the fp32 PEFT forward is PEFT's own low-precision error."""
+    path = make_adapter(tiny_model("llama"), tmp_path / "a", seed=3)
+    ids = torch.randint(0, VOCAB, (2, 6))
+    truth = peft_logits(tiny_model("llama"), path, ids)
+    peft_err = (peft_logits(tiny_model("llama", dtype=dtype), path, ids).float() - truth).abs().max()
+    low = tiny_model("llama", dtype=dtype)
+    lag_triton.patch(low, Library.from_peft([path], progress=False), k=1)
+    assert low.model.layers[0].mlp.up_proj.routes[0].a_star.dtype == dtype
+    got = _logits(low, ids)
+    assert got.dtype == dtype
+    assert (got.float() - truth).abs().max() <= 2 * peft_err + 1e-3
+
+
+def test_two_libraries_add_their_contributions(tmp_path):
+    model = tiny_model("llama")
+    attn = Library.from_peft([make_adapter(model, tmp_path / "t", seed=1, targets=["q_proj", "v_proj", "up_proj"])],
+                             progress=False)
+    mlp = Library.from_peft([make_adapter(model, tmp_path / "k", seed=2, targets=["up_proj", "down_proj"])],
+                            progress=False)
+    ids = torch.randint(0, VOCAB, (1, 8))
+    from peft import PeftModel
+
+    both = PeftModel.from_pretrained(model, str(tmp_path / "t"), adapter_name="t")
+    both.load_adapter(str(tmp_path / "k"), adapter_name="k")
+    both.base_model.set_adapter(["t", "k"])
+    with torch.no_grad():
+        want = both(input_ids=ids).logits
+    model = both.unload()
+    lag_triton.patch(model, [attn, mlp], k=1)
+    torch.testing.assert_close(_logits(model, ids), want, rtol=1e-5, atol=1e-5)
+    with lag_triton.trace(model) as tr:
+        _logits(model, ids)
+    assert "model.layers.0.mlp.up_proj" not in tr.selections  # routed by both libraries
+    assert set(tr.library_selections) == {0, 1}
+    assert "model.layers.0.mlp.up_proj" in tr.library_selections[1]
+    assert "model.layers.0.mlp.down_proj" in tr.selections
+
+
+def test_unpatch_restores_modules_state_dict_and_outputs(tmp_path):
+    model = tiny_model("llama")
+    originals = {n: m for n, m in model.named_modules()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, VOCAB, (2, 5))
+    before = _logits(model, ids)
+    lib_path = tmp_path / "lib.safetensors"
+    Library.from_peft([make_adapter(model, tmp_path / "a", seed=0)], progress=False).save(lib_path)
+    lag_triton.patch(model, lib_path)  # a path works too
+    assert not torch.equal(_logits(model, ids), before)
+    lag_triton.unpatch(model)
+    assert {n: m for n, m in model.named_modules()} == originals
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert torch.equal(_logits(model, ids), before)
+
+
+# -- refused input leaves the model untouched ------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_library(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lib")
+    return Library.from_peft([make_adapter(tiny_model("llama"), tmp / f"a{i}", seed=i) for i in range(2)],
+                             progress=False)
+
+
+@pytest.mark.parametrize("kwargs,error,needle", [
+    ({"k": 0}, ValueError, "k must be an int >= 1"),
+    ({"top_m": 4, "k": 2}, ValueError, "top_m=4 > k=2"),
+    ({"router": "moe"}, ValueError, "unknown router 'moe'"),
+    ({"combine": "max"}, ValueError, "unknown combine"),
+    ({"temperature": 0.0}, ValueError, "temperature"),
+    ({"backend": "cuda"}, RuntimeError, "backend 'cuda' is unavailable"),
+    ({"backend": "nope"}, RuntimeError, "unknown backend"),
+])
+def test_bad_settings_raise_and_leave_model_unpatched(small_library, kwargs, error, needle):
+    model = tiny_model("llama")
+    with pytest.raises(error, match=needle):
+        lag_triton.patch(model, small_library, **kwargs)
+    assert not any(isinstance(m, lag_triton.LagLinear) for m in model.modules())
+
+
+def test_library_for_another_model_is_refused_before_any_change(small_library, tmp_path):
+    model = tiny_model("llama")
+    model.model.layers[1].mlp.down_proj = torch.nn.Linear(80, 40, bias=False)  # d_out 40 instead of 48
+    with pytest.raises(ValueError, match=r"module 'model.layers.1.mlp.down_proj': adapters are 80 -> 48"):
+        lag_triton.patch(model, small_library)
+    assert not any(isinstance(m, lag_triton.LagLinear) for m in model.modules())
+    gpt2 = tiny_model("gpt2")
+    with pytest.raises(ValueError, match="does not have"):
+        lag_triton.patch(gpt2, small_library)
+    with pytest.raises(FileNotFoundError):
+        lag_triton.patch(gpt2, tmp_path / "missing.safetensors")
+    with pytest.raises(lag_triton.LibraryFormatError):
+        (tmp_path / "x.safetensors").write_bytes(json.dumps({}).encode())
+        lag_triton.patch(gpt2, tmp_path / "x.safetensors")
+    assert not any(isinstance(m, lag_triton.LagLinear) for m in gpt2.modules())
+
+
+def test_trace_on_unpatched_model_raises():
+    with pytest.raises(ValueError, match="no LAG-patched modules"):
+        with lag_triton.trace(tiny_model("llama")):
+            pass
