@@ -1,0 +1,120 @@
+"""Shared pieces of the Triton backend: launch configuration helpers and the packed sort keys.
+
+Ranking rule of every op (DESIGN §1): larger key first, equal keys -> lower adapter index,
+NaN ranks like -inf (the reference maps NaN to -inf), so indices always stay in range.
+
+A (fp32 value, adapter index) pair is packed into one int64 whose signed order is that rank:
+
+    high 32 bits: order-preserving int32 image of the value (-0 -> +0, NaN -> image of -inf)
+    low 32 bits:  0x7FFFFFFF - index   (lower index -> larger word)
+
+so ``tl.topk``/``tl.sort`` on the int64 words (no payload support needed) sort by value
+descending, then index ascending. INT64_MIN is the "empty slot" sentinel: it ranks below every
+real word (even NaN) and decodes to an out-of-range index that is never written when k <= N.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import triton_interpreter_enabled
+
+EMPTY_SLOT = -9223372036854775808  # INT64_MIN
+NO_ADAPTER = 2147483647  # int32 max: "no adapter" marker inside tiles
+
+
+def interpreting() -> bool:
+    """True when kernels run under TRITON_INTERPRET=1 (CPU tensors)."""
+    return triton_interpreter_enabled()
+
+
+def next_pow2(n: int, minimum: int = 1) -> int:
+    return max(minimum, triton.next_power_of_2(max(1, int(n))))
+
+
+def upcast_dot(dtype: torch.dtype) -> bool:
+    """The interpreter's tl.dot is wrong on bf16 operands: upcast tiles to fp32 before tl.dot there."""
+    return interpreting() and dtype == torch.bfloat16
+
+
+def rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """Kernels index the last dim with unit stride; copy only when it is not (a shape/stride check, no sync)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: a few programs per launch keep CPU runs short
+
+
+@triton.jit
+def order_key(v):
+    """fp32 -> int32 whose signed order is the float order; -0 -> +0 and NaN -> the image of -inf."""
+    v = tl.where(v == 0.0, 0.0, v)
+    v = tl.where(v != v, float("-inf"), v)
+    b = v.to(tl.int32, bitcast=True)
+    return tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
+
+
+@triton.jit
+def key_to_float(k):
+    """Inverse of order_key (NaN comes back as -inf)."""
+    b = tl.where(k >= 0, k, k ^ 0x7FFFFFFF)
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def pack(key, index):
+    """(int32 order key, int32 index) -> int64 word; larger word = better (ties -> lower index)."""
+    return (key.to(tl.int64) << 32) | (0x7FFFFFFF - index).to(tl.int64)
+
+
+@triton.jit
+def unpack_index(word):
+    return (0x7FFFFFFF - (word & 0xFFFFFFFF)).to(tl.int32)
+
+
+@triton.jit
+def unpack_key(word):
+    return (word >> 32).to(tl.int32)
+
+
+# The interpreter runs tl.topk's bitonic network one scalar combine at a time (minutes per call);
+# there, top-k is a rank count over the whole tile (numpy-fast). Compiled kernels use tl.topk.
+USE_BITONIC = tl.constexpr(not triton_interpreter_enabled())
+
+
+@triton.jit
+def _topk_by_rank(words, K_PAD: tl.constexpr):
+    """Interpreter top-k of int64 words [ROWS, C] (real words unique, EMPTY_SLOT may repeat), best first.
+
+    rank_i = #{j: w_j > w_i}; column r of the result is the word of rank r. A handful of
+    whole-tile numpy ops instead of a sorting network.
+    """
+    rank = tl.sum((words[:, None, :] > words[:, :, None]).to(tl.int32), axis=2)  # [ROWS, C]
+    cols = tl.arange(0, K_PAD)[None, None, :]
+    hit = tl.where(rank[:, :, None] == cols, words[:, :, None], EMPTY_SLOT)  # [ROWS, C, K_PAD]
+    return tl.max(hit, axis=1)
+
+
+@triton.jit
+def topk_words(words, K_PAD: tl.constexpr):
+    """Top-K_PAD of packed words [ROWS, C] (C >= K_PAD, powers of two), best first."""
+    if USE_BITONIC:
+        return tl.topk(words, K_PAD)
+    else:
+        return _topk_by_rank(words, K_PAD)
+
+
+@triton.jit
+def merge_topk(best, cand, K_PAD: tl.constexpr):
+    """Running top-K_PAD of a [ROWS, K_PAD] best list and a [ROWS, C] candidate block (C >= K_PAD, powers of two)."""
+    ROWS: tl.constexpr = best.shape[0]
+    C: tl.constexpr = cand.shape[1]
+    if C > K_PAD:
+        cand = topk_words(cand, K_PAD)
+    both = tl.reshape(tl.join(best, cand), [ROWS, 2 * K_PAD])
+    return topk_words(both, K_PAD)
