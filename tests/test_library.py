@@ -33,6 +33,24 @@ def test_alignment_reproduces_the_update_and_its_svd(r, d_in, d_out):
     assert torch.equal(a_star, a2) and torch.equal(b_star, b2)
 
 
+@pytest.mark.parametrize("case", ["zero_b", "rank_deficient_a", "ill_conditioned"])
+def test_alignment_of_degenerate_factors_falls_back_to_householder(case):
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(2, 4, 50, generator=g, dtype=torch.float64)
+    b = torch.randn(2, 40, 4, generator=g, dtype=torch.float64)
+    if case == "zero_b":
+        b[1] = 0  # PEFT's default initialisation
+    elif case == "rank_deficient_a":
+        a[0, 3] = a[0, 0] - 2 * a[0, 1]
+    else:
+        a[1, 2] = a[1, 1] + 1e-6 * a[1, 2]
+    s = torch.ones(2, dtype=torch.float64)
+    a_star, b_star = align_lora(a, b, s)
+    torch.testing.assert_close(b_star @ a_star, b @ a, rtol=0, atol=1e-10 * (b @ a).abs().max().item())
+    torch.testing.assert_close(a_star @ a_star.transpose(1, 2), torch.eye(4, dtype=torch.float64).expand(2, 4, 4),
+                               rtol=0, atol=1e-10)
+
+
 def test_alignment_is_invariant_to_the_factorisation():
     """B A = (B M)(M^-1 A): same dW, so the same aligned factors (the sign convention is fixed)."""
     a = torch.randn(1, 4, 30, dtype=torch.float64)
@@ -163,6 +181,15 @@ def test_rank_that_disagrees_with_config_and_shape_mismatch_across_adapters(llam
     wrong = make_adapter(other, tmp_path / "wrong", seed=1, targets=["up_proj"])
     with pytest.raises(AdapterError, match=r"'model.layers.0.mlp.up_proj' has d_in x d_out = 48 x 96"):
         Library.from_peft([good, wrong], progress=False)
+
+
+def test_non_finite_factors_are_refused(llama, tmp_path):
+    path = make_adapter(llama, tmp_path / "nan", seed=0)
+    weights = load_file(str(path / "adapter_model.safetensors"))
+    weights["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"][3, 1] = float("nan")
+    save_file(weights, str(path / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match=r"'model.layers.1.mlp.down_proj' has non-finite values"):
+        Library.from_peft([path], progress=False)
 
 
 def test_missing_and_unreadable_adapter_files(llama, tmp_path):

@@ -154,7 +154,7 @@ class Library:
             by_rank: dict[int, list[str]] = {}
             for module, f in adapter.modules.items():
                 by_rank.setdefault(f.rank, []).append(module)
-            for rank, modules in by_rank.items():
+            for modules in by_rank.values():
                 _align_group(adapter, modules, factors, store, row_of, index)
             del factors
         base_models = {a.base_model for a in adapters if a.base_model}
@@ -237,11 +237,12 @@ def _align_group(adapter, modules, factors, store, row_of, index) -> None:
     for group in by_shape.values():
         a = torch.stack([factors[m][0] for m in group])
         b = torch.stack([factors[m][1] for m in group])
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            bad = [m for m in group if not (torch.isfinite(factors[m][0]).all() and torch.isfinite(factors[m][1]).all())]
-            raise adapter.error(f"module {bad[0]!r} has non-finite values in lora_A/lora_B")
         s = torch.tensor([adapter.modules[m].scaling for m in group], dtype=torch.float64)
-        a_star, b_star = align_lora(a, b, s)
+        try:
+            a_star, b_star = align_lora(a, b, s)
+        except ValueError:
+            bad = next(m for m in group if not (factors[m][0].isfinite().all() and factors[m][1].isfinite().all()))
+            raise adapter.error(f"module {bad!r} has non-finite values in lora_A/lora_B") from None
         rank = a.shape[1]
         for j, m in enumerate(group):
             row = row_of[m][index]
