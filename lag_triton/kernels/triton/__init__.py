@@ -1,5 +1,6 @@
 """Triton backend: the three LAG ops with the reference signatures (see ..reference)."""
 
 from .arrow_topk import arrow_topk
+from .spectr_rerank import spectr_rerank
 
-__all__ = ["arrow_topk"]
+__all__ = ["arrow_topk", "spectr_rerank"]

@@ -1,0 +1,271 @@
+"""SpectR rerank on Triton: gather-GEMV of each token's candidates, norms, top-m and weights fused.
+
+    z[t, c]  = A*[cand[t, c]] @ x[t]            (fp32, [r])      x [T, d_in], A* [N, r, d_in]
+    key[t,c] = ||z[t, c]||_2   (or candidate_scores[t, c] when given: the "arrow" router)
+    sel[t]   = the top_m candidates by key, best first (ties -> lower ADAPTER index, NaN ~ -inf)
+    w[t]     = 1 (m = 1) | softmax(key_sel / temperature) | 1 / m          sel/w [T, m], z_out [T, m, r]
+
+Paths, chosen from shapes only (no host sync):
+
+* fused (one kernel, ``_select_kernel`` with Z_MODE=0): one program per token streams its
+  candidates in BLOCK_K chunks, computes z on the fly from [BLOCK_K, R_PAD, BLOCK_D] A* tiles,
+  keeps a running top-M_PAD of packed (key, adapter) words, then recomputes z of the m winners.
+* split-d (few tokens, e.g. decode): ``_partial_z_kernel`` on a (T, k-blocks, D_SPLITS) grid
+  writes partial z sums [D_SPLITS, T, k, r] fp32 so the whole GPU streams A*; ``_select_kernel``
+  (Z_MODE=1) sums the partials, ranks and gathers the winners' z.
+* grouped (many tokens sharing adapters): the (token, candidate) pairs are sorted by adapter on
+  the GPU (torch.sort); ``_grouped_z_kernel`` takes BLOCK_P sorted pairs per program and, for
+  each distinct adapter in the tile, one tl.dot of the gathered x rows with that adapter's A*
+  (A* read once per adapter per tile, x rows stay L2-resident), writing z [T, k, r] fp32;
+  ``_select_kernel`` (Z_MODE=1) finishes.
+
+Scratch is O(T * k * r) fp32 (times D_SPLITS <= a few waves of programs on the split-d path).
+Candidate rows are expected to hold distinct adapters (arrow_topk and the routers produce them).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..common import check_rerank_args
+from ._common import (EMPTY_SLOT, NO_ADAPTER, interpreting, merge_topk, next_pow2, num_sms, order_key, pack,
+                      rows_contiguous, unpack_index, upcast_dot)
+
+
+@triton.jit
+def _gather_z(x_ptr, a_ptr, t, adapters, a_mask, N, R, d_lo, d_hi, stride_xt, stride_an, stride_ar,
+              R_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+    """z[c, :] = sum_{d in [d_lo, d_hi)} A*[adapters[c], :, d] * x[t, d]  -> [C, R_PAD] fp32 (gather-GEMV)."""
+    offs_r = tl.arange(0, R_PAD)
+    ok = a_mask & (adapters >= 0) & (adapters < N)
+    base = adapters.to(tl.int64) * stride_an
+    z = tl.zeros([adapters.shape[0], R_PAD], dtype=tl.float32)
+    for d0 in range(d_lo, d_hi, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < d_hi
+        xv = tl.load(x_ptr + t * stride_xt + offs_d, mask=d_mask, other=0.0).to(tl.float32)  # [BLOCK_D]
+        a = tl.load(a_ptr + base[:, None, None] + offs_r[None, :, None] * stride_ar + offs_d[None, None, :],
+                    mask=ok[:, None, None] & (offs_r[None, :, None] < R) & d_mask[None, None, :],
+                    other=0.0)  # [C, R_PAD, BLOCK_D]
+        z += tl.sum(a.to(tl.float32) * xv[None, None, :], axis=2)
+    return z
+
+
+@triton.jit
+def _partial_z_kernel(
+    x_ptr,  # x [T, d_in]
+    a_ptr,  # A* [N, R, d_in]
+    cand_ptr,  # candidates [T, K] int32
+    zp_ptr,  # out: partial z [D_SPLITS, T, K, R] fp32
+    T, N, R, D, K, d_per_split,
+    stride_xt, stride_an, stride_ar,
+    R_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Split-d gather-GEMV: program (t, kb, s) sums d in [s*d_per_split, +d_per_split) for BLOCK_K candidates."""
+    t = tl.program_id(0)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    s = tl.program_id(2)
+    k_mask = offs_k < K
+    cand = tl.load(cand_ptr + t * K + offs_k, mask=k_mask, other=0)
+    d_lo = s * d_per_split
+    d_hi = tl.minimum(D, d_lo + d_per_split)
+    z = _gather_z(x_ptr, a_ptr, t, cand, k_mask, N, R, d_lo, d_hi, stride_xt, stride_an, stride_ar, R_PAD, BLOCK_D)
+    offs_r = tl.arange(0, R_PAD)
+    out = zp_ptr + ((s * T + t) * K + offs_k[:, None]).to(tl.int64) * R + offs_r[None, :]
+    tl.store(out, z, mask=k_mask[:, None] & (offs_r[None, :] < R))
+
+
+@triton.jit
+def _grouped_z_kernel(
+    x_ptr,  # x [T, d_in]
+    a_ptr,  # A* [N, R, d_in]
+    sorted_ad_ptr,  # adapters of the (token, candidate) pairs, sorted ascending [P] int32
+    sorted_pair_ptr,  # pair id t*K + c of each sorted entry [P] int64
+    z_ptr,  # out: z [T, K, R] fp32 (= [P, R])
+    P, N, R, D, K,
+    stride_xt, stride_an, stride_ar,
+    R_PAD: tl.constexpr,  # >= 16 (tl.dot)
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """SGMV-style shrink: for each distinct adapter a in this tile of sorted pairs,
+    z[rows of a] = X[tokens of those rows] @ A*_a^T  ([BLOCK_P, BLOCK_D] x [BLOCK_D, R_PAD] tl.dot)."""
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = offs_p < P
+    ad = tl.load(sorted_ad_ptr + offs_p, mask=p_mask, other=NO_ADAPTER)
+    ad = tl.where(p_mask & (ad >= 0) & (ad < N), ad, NO_ADAPTER)
+    pair = tl.load(sorted_pair_ptr + offs_p, mask=p_mask, other=0)
+    tok = pair // K
+    offs_r = tl.arange(0, R_PAD)
+    r_mask = offs_r < R
+    z = tl.zeros([BLOCK_P, R_PAD], dtype=tl.float32)
+    cur = tl.min(ad, axis=0)
+    while cur < NO_ADAPTER:
+        rows = ad == cur
+        acc = tl.zeros([BLOCK_P, R_PAD], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_mask = offs_d < D
+            xt = tl.load(x_ptr + tok[:, None] * stride_xt + offs_d[None, :],
+                         mask=rows[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_P, BLOCK_D]
+            at = tl.load(a_ptr + cur.to(tl.int64) * stride_an + offs_r[None, :] * stride_ar + offs_d[:, None],
+                         mask=r_mask[None, :] & d_mask[:, None], other=0.0)  # [BLOCK_D, R_PAD] = A*_a^T tile
+            if UPCAST:
+                xt = xt.to(tl.float32)
+                at = at.to(tl.float32)
+            acc = tl.dot(xt, at, acc, input_precision="ieee")
+        z = tl.where(rows[:, None], acc, z)
+        cur = tl.min(tl.where(ad > cur, ad, NO_ADAPTER), axis=0)
+    tl.store(z_ptr + pair[:, None] * R + offs_r[None, :], z, mask=p_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit
+def _select_kernel(
+    x_ptr,  # x [T, d_in]                       (Z_MODE 0)
+    a_ptr,  # A* [N, R, d_in]                   (Z_MODE 0)
+    cand_ptr,  # candidates [T, K] int32
+    cs_ptr,  # candidate_scores [T, K] fp32     (HAS_SCORES)
+    zp_ptr,  # precomputed (partial) z [Z_SPLITS, T, K, R] fp32 (Z_MODE 1)
+    sel_ptr,  # out: sel [T, M] int32
+    w_ptr,  # out: w [T, M] fp32
+    z_ptr,  # out: z [T, M, R] fp32
+    T, N, R, D, K, M,
+    temperature, uniform_w,
+    stride_xt, stride_an, stride_ar, stride_cs,
+    Z_MODE: tl.constexpr, Z_SPLITS: tl.constexpr, HAS_SCORES: tl.constexpr, SOFTMAX: tl.constexpr,
+    R_PAD: tl.constexpr, M_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One token per program: rank its K candidates (streamed in BLOCK_K chunks), write the top M."""
+    t = tl.program_id(0)
+    offs_r = tl.arange(0, R_PAD)
+    r_mask = offs_r < R
+    best = tl.full([1, M_PAD], EMPTY_SLOT, tl.int64)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        cand = tl.load(cand_ptr + t * K + offs_k, mask=k_mask, other=0)
+        if HAS_SCORES:
+            key = tl.load(cs_ptr + t * stride_cs + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        else:
+            if Z_MODE == 0:
+                z = _gather_z(x_ptr, a_ptr, t, cand, k_mask, N, R, 0, D, stride_xt, stride_an, stride_ar,
+                              R_PAD, BLOCK_D)
+            else:
+                z = tl.zeros([BLOCK_K, R_PAD], dtype=tl.float32)
+                for s in range(Z_SPLITS):
+                    z += tl.load(zp_ptr + ((s * T + t) * K + offs_k[:, None]).to(tl.int64) * R + offs_r[None, :],
+                                 mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+            key = tl.sqrt(tl.sum(z * z, axis=1))
+        words = pack(order_key(key), cand)
+        words = tl.where(k_mask, words, EMPTY_SLOT)
+        best = merge_topk(best, tl.reshape(words, [1, BLOCK_K]), M_PAD)
+    # Winners (adapter ids), then their position in the candidate row (for scores / precomputed z).
+    sel = tl.reshape(unpack_index(best), [M_PAD])
+    offs_m = tl.arange(0, M_PAD)
+    m_mask = offs_m < M
+    ok = m_mask & (sel >= 0) & (sel < N)
+    if HAS_SCORES or Z_MODE == 1:
+        pos = tl.full([M_PAD], 2147483647, tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            cand = tl.load(cand_ptr + t * K + offs_k, mask=offs_k < K, other=-1)
+            hit = cand[None, :] == sel[:, None]
+            pos = tl.minimum(pos, tl.min(tl.where(hit, offs_k[None, :], 2147483647), axis=1))
+        ok = ok & (pos < K)
+        pos = tl.where(ok, pos, 0)
+    if Z_MODE == 0:
+        zs = _gather_z(x_ptr, a_ptr, t, sel, ok, N, R, 0, D, stride_xt, stride_an, stride_ar, R_PAD, BLOCK_D)
+    else:
+        zs = tl.zeros([M_PAD, R_PAD], dtype=tl.float32)
+        for s in range(Z_SPLITS):
+            zs += tl.load(zp_ptr + ((s * T + t) * K + pos[:, None]).to(tl.int64) * R + offs_r[None, :],
+                          mask=ok[:, None] & r_mask[None, :], other=0.0)
+    if HAS_SCORES:
+        skey = tl.load(cs_ptr + t * stride_cs + pos, mask=ok, other=0.0).to(tl.float32)
+    else:
+        skey = tl.sqrt(tl.sum(zs * zs, axis=1))
+    if SOFTMAX:
+        v = tl.where(m_mask, skey / temperature, float("-inf"))
+        e = tl.exp(v - tl.max(v, axis=0))
+        e = tl.where(m_mask, e, 0.0)
+        w = e / tl.sum(e, axis=0)
+    else:
+        w = tl.full([M_PAD], 1.0, tl.float32) * uniform_w
+    tl.store(sel_ptr + t * M + offs_m, sel, mask=m_mask)
+    tl.store(w_ptr + t * M + offs_m, w, mask=m_mask)
+    tl.store(z_ptr + (t * M + offs_m[:, None]) * R + offs_r[None, :], zs, mask=m_mask[:, None] & r_mask[None, :])
+
+
+def spectr_rerank(
+    x: torch.Tensor,
+    a_star: torch.Tensor,
+    candidates: torch.Tensor,
+    top_m: int,
+    combine: str = "softmax",
+    temperature: float = 1.0,
+    candidate_scores: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SpectR rerank of each token's k candidates (see module docstring for the math and paths)."""
+    check_rerank_args(x, a_star, candidates, top_m, combine, temperature, candidate_scores)
+    x = rows_contiguous(x)
+    a_star = rows_contiguous(a_star)
+    candidates = candidates.contiguous()
+    if a_star.dtype != x.dtype:
+        a_star = a_star.to(x.dtype)
+    t, d = x.shape
+    n, r, _ = a_star.shape
+    k = candidates.shape[1]
+    m = top_m
+    dev = x.device
+    sel = torch.empty((t, m), dtype=torch.int32, device=dev)
+    w = torch.empty((t, m), dtype=torch.float32, device=dev)
+    z = torch.empty((t, m, r), dtype=torch.float32, device=dev)
+    if t == 0 or r == 0:
+        if r == 0 and t > 0:  # degenerate library: every norm is 0, lowest adapter ids win
+            return spectr_rerank(x, torch.zeros((n, 1, d), dtype=x.dtype, device=dev), candidates, top_m,
+                                 combine, temperature, candidate_scores)[0], w.fill_(1.0 / m), z
+        return sel, w, z
+    has_scores = candidate_scores is not None
+    cs = candidate_scores.float().contiguous() if has_scores else w  # dummy pointer when absent
+    m_pad = next_pow2(m)
+    r_pad = next_pow2(r)
+    interp = interpreting()
+    block_k = max(m_pad, 64 if interp else 16)
+    block_d = 128 if interp else 64
+    softmax = m > 1 and combine == "softmax"
+    uniform_w = 1.0 / m
+    sms = num_sms(dev)
+    k_blocks = triton.cdiv(k, block_k)
+    grouped = (not has_scores) and t >= 64 and t * k >= n
+    z_mode, z_splits, zp = 0, 1, w
+    if has_scores:
+        pass  # ranking needs no z: the select kernel computes only the winners' z
+    elif grouped:
+        p = t * k
+        flat = candidates.view(-1)
+        sorted_ad, order = torch.sort(flat)
+        zp = torch.empty((t, k, r), dtype=torch.float32, device=dev)
+        block_p = 128 if interp else 64
+        _grouped_z_kernel[(triton.cdiv(p, block_p),)](
+            x, a_star, sorted_ad, order, zp, p, n, r, d, k, x.stride(0), a_star.stride(0), a_star.stride(1),
+            R_PAD=max(r_pad, 16), BLOCK_P=block_p, BLOCK_D=128 if interp else 64, UPCAST=upcast_dot(x.dtype),
+            num_warps=4)
+        z_mode = 1
+    elif t * k_blocks < 2 * sms:
+        # Few tokens: split d across programs so that the whole GPU streams A*.
+        d_blocks = triton.cdiv(d, block_d)
+        z_splits = max(1, min(d_blocks, triton.cdiv(4 * sms, t * k_blocks), 64))
+        per = triton.cdiv(d_blocks, z_splits)
+        z_splits = triton.cdiv(d_blocks, per)
+        zp = torch.empty((z_splits, t, k, r), dtype=torch.float32, device=dev)
+        _partial_z_kernel[(t, k_blocks, z_splits)](
+            x, a_star, candidates, zp, t, n, r, d, k, per * block_d, x.stride(0), a_star.stride(0), a_star.stride(1),
+            R_PAD=r_pad, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4)
+        z_mode = 1
+    _select_kernel[(t,)](
+        x, a_star, candidates, cs, zp, sel, w, z, t, n, r, d, k, m, float(temperature), uniform_w,
+        x.stride(0), a_star.stride(0), a_star.stride(1), k,
+        Z_MODE=z_mode, Z_SPLITS=z_splits, HAS_SCORES=has_scores, SOFTMAX=softmax,
+        R_PAD=r_pad, M_PAD=m_pad, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4)
+    return sel, w, z
