@@ -1,0 +1,310 @@
+#!/usr/bin/env python3
+"""Markdown tables and a PNG plot from a results JSON written by the bench scripts.
+
+    python3 bench/report.py bench/results/<card>-<date>.json                 # markdown to stdout, PNG beside the JSON
+    python3 bench/report.py RESULTS.json --md report.md --png plot.png
+    python3 bench/report.py RESULTS.json --readme README.md                  # replace the block between
+                                                                             # <!-- bench:start --> / <!-- bench:end -->
+Needs only the standard library (matplotlib for the PNG; skipped with a message if missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+KERNEL_BACKENDS = ("triton", "cuda", "plain", "torch")
+BACKEND_TITLES = {"triton": "triton", "cuda": "cuda", "plain": "plain PyTorch", "torch": "torch ref"}
+OP_TITLES = OrderedDict([
+    ("layer", "Per layer: Arrow top-k + SpectR rerank + apply (`route_and_apply`)"),
+    ("arrow_topk", "Arrow scoring + fused top-k"),
+    ("spectr_rerank", "SpectR rerank"),
+    ("lora_apply", "Gather-BGMV apply"),
+])
+# Per-layer targets for the triton backend (ms, or a multiple of the bytes floor).
+TARGETS = [
+    {"N": 1000, "T": 1, "ms": 0.020, "plain_known": 0.51},
+    {"N": 1000, "T": 2048, "ms": 0.12, "plain_known": 1.90},
+    {"N": 10000, "T": 2048, "ms": 0.35, "plain_known": 2.54},
+    {"N": 100000, "T": 1, "floor_x": 1.5},
+]
+
+
+def _fmt_ms(v):
+    if v is None:
+        return ""
+    if v >= 100:
+        return f"{v:.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    if v >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3f}" if v >= 0.1 else f"{v:.4f}"
+
+
+class Footnotes:
+    def __init__(self):
+        self.items: "OrderedDict[str, int]" = OrderedDict()
+
+    def ref(self, text: str) -> str:
+        if text not in self.items:
+            self.items[text] = len(self.items) + 1
+        return f"[{self.items[text]}]"
+
+    def render(self) -> list[str]:
+        return [f"[{i}] {t}  " for t, i in self.items.items()]
+
+
+def _cell(row, notes: Footnotes) -> str:
+    if row is None:
+        return ""
+    if row.get("status") == "ok" and row.get("ms") is not None:
+        return _fmt_ms(row["ms"])
+    status = row.get("status", "?")
+    tag = status.split(":", 1)[0]
+    label = row["backend"] + ": " + status
+    return f"{tag} {notes.ref(label)}"
+
+
+def kernel_tables(rows: list[dict]) -> list[str]:
+    out = []
+    krows = [r for r in rows if r.get("section") == "kernel"]
+    for op, title in OP_TITLES.items():
+        op_rows = [r for r in krows if r["op"] == op]
+        if not op_rows:
+            continue
+        notes = Footnotes()
+        cells: "OrderedDict[tuple, dict]" = OrderedDict()
+        for r in op_rows:
+            key = (r["shape"], r["N"], r["T"])
+            cells.setdefault(key, {})[r["backend"]] = r  # later rows (reruns) win
+        backends = [b for b in KERNEL_BACKENDS if any(b in v for v in cells.values())]
+        any_r = op_rows[0]
+        out.append(f"### {title}")
+        out.append("")
+        out.append(f"{any_r['dtype']}, rank {any_r['rank']}, k={any_r['k']}, top_m={any_r['top_m']}; times in ms "
+                   "(median). *floor* = bytes that must move (see bench/harness.py `kernel_bytes`) at the measured "
+                   "copy bandwidth; *%BW* = floor / time.")
+        out.append("")
+        head = ["shape", "N", "T"] + [BACKEND_TITLES[b] for b in backends] + ["floor", "MB moved"]
+        head += [f"{b} %BW" for b in ("triton", "cuda") if b in backends]
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|")
+        shape_order = list(OrderedDict.fromkeys(k[0] for k in cells))
+        for (shape, n, t), by_b in sorted(cells.items(), key=lambda kv: (shape_order.index(kv[0][0]), kv[0][1], kv[0][2])):
+            anyrow = next(iter(by_b.values()))
+            line = [shape, f"{n:,}", str(t)] + [_cell(by_b.get(b), notes) for b in backends]
+            line.append(_fmt_ms(anyrow.get("floor_ms")))
+            line.append(f"{anyrow['bytes'] / 1e6:.1f}" if anyrow.get("bytes") else "")
+            for b in ("triton", "cuda"):
+                if b in backends:
+                    pct = (by_b.get(b) or {}).get("pct_bw")
+                    line.append(f"{pct:.0f}%" if pct is not None else "")
+            out.append("| " + " | ".join(line) + " |")
+        out.append("")
+        out.extend(notes.render())
+        if notes.items:
+            out.append("")
+    return out
+
+
+def target_table(rows: list[dict]) -> list[str]:
+    layer = {}
+    for r in rows:
+        if r.get("section") == "kernel" and r["op"] == "layer":
+            layer[(r["shape"], r["N"], r["T"], r["backend"])] = r
+    shapes = list(OrderedDict.fromkeys(k[0] for k in layer))
+    if not shapes or not any(k[3] == "triton" for k in layer):
+        return []
+    out = ["### Per-layer targets (triton)", "",
+           "| shape | N | T | target | plain PyTorch (known / here) | triton | met |",
+           "|---|---:|---:|---:|---:|---:|:---:|"]
+    for shape in shapes:
+        for tgt in TARGETS:
+            tri = layer.get((shape, tgt["N"], tgt["T"], "triton"))
+            plain = layer.get((shape, tgt["N"], tgt["T"], "plain"))
+            if tri is None and plain is None:
+                continue
+            if "ms" in tgt:
+                goal, goal_txt = tgt["ms"], f"{tgt['ms']} ms"
+            else:
+                floor = (tri or plain or {}).get("floor_ms")
+                goal = None if floor is None else tgt["floor_x"] * floor
+                goal_txt = f"{tgt['floor_x']}x floor" + (f" = {_fmt_ms(goal)} ms" if goal else "")
+            tms = tri.get("ms") if tri and tri.get("status") == "ok" else None
+            met = "" if tms is None or goal is None else ("yes" if tms <= goal else "no")
+            known = tgt.get("plain_known")
+            here = plain.get("ms") if plain and plain.get("status") == "ok" else None
+            plain_txt = f"{known if known else '-'} / {_fmt_ms(here) or '-'}"
+            tri_txt = _fmt_ms(tms) if tms is not None else ((tri or {}).get("status", "not run").split(":")[0])
+            out.append(f"| {shape} | {tgt['N']:,} | {tgt['T']} | {goal_txt} | {plain_txt} | {tri_txt} | {met} |")
+    if len(out) == 4:
+        return []
+    out.append("")
+    return out
+
+
+def e2e_table(rows: list[dict]) -> list[str]:
+    erows = [r for r in rows if r.get("section") == "e2e"]
+    if not erows:
+        return []
+    notes = Footnotes()
+    groups: "OrderedDict[tuple, dict]" = OrderedDict()
+    cols: "OrderedDict[tuple, str]" = OrderedDict()
+    for r in erows:
+        g = groups.setdefault((r["model"], r["backend"], r.get("N")), {"modes": [], "cells": {}, "status": None})
+        if r["phase"] in ("all", "patch"):
+            g["status"] = r["status"]
+            continue
+        col = (0 if r["phase"] == "prefill" else 1, r["batch"], r["tokens"] if r["phase"] == "prefill" else 0)
+        cols.setdefault(col, f"prefill {r['tokens']} tok" if r["phase"] == "prefill" else f"decode B={r['batch']}")
+        g["cells"][col] = r
+        if r["phase"] == "decode" and r.get("mode") and r["mode"] not in g["modes"]:
+            g["modes"].append(r["mode"])
+    cols = OrderedDict(sorted(cols.items()))
+    ctx = sorted({r.get("decode_ctx") for r in erows if r.get("decode_ctx")})
+    out = ["### End to end", "",
+           "Cells: **ms per token** (tokens/s). Prefill: one forward of the whole prompt at batch 1, "
+           "ms/token = forward time / prompt tokens. Decode: greedy with a static KV cache"
+           + (f" after a {ctx[0]}-token prompt" if len(ctx) == 1 else "")
+           + ", ms per decode step; tokens/s = batch / step time. *decode mode*: CUDA graph or eager.", "",
+           "| model | backend | N | " + " | ".join(cols.values()) + " | decode mode |",
+           "|---|---|---:|" + "---:|" * len(cols) + "---|"]
+    for (model, backend, n), g in groups.items():
+        cells = []
+        for col in cols:
+            r = g["cells"].get(col)
+            if r is None:
+                cells.append("")
+            elif r.get("status") == "ok":
+                cells.append(f"{_fmt_ms(r['ms_per_token'])} ({r['tokens_per_s']:,.0f})")
+            else:
+                label = backend + ": " + r["status"]
+                cells.append(r["status"].split(":", 1)[0] + " " + notes.ref(label))
+        if g["status"] and not g["cells"]:
+            label = backend + ": " + g["status"]
+            cells = [g["status"].split(":", 1)[0] + " " + notes.ref(label)] + [""] * (len(cols) - 1)
+        out.append(f"| {model} | {backend} | {n or '-'} | " + " | ".join(cells) + f" | {', '.join(g['modes'])} |")
+    out.append("")
+    out.extend(notes.render())
+    return out
+
+
+def header(data: dict) -> list[str]:
+    env = data.get("env", {})
+    bw = data.get("copy_bandwidth") or {}
+    parts = [f"**{env.get('card', '?')}**"]
+    if env.get("driver"):
+        parts.append(f"driver {env['driver']}")
+    for key in ("cuda", "torch", "triton", "transformers", "peft"):
+        if env.get(key):
+            parts.append(f"{key} {env[key]}")
+    line = ", ".join(parts) + f"; {env.get('date', '')}."
+    if bw:
+        line += f" Measured device copy bandwidth: **{bw['gbps']:.0f} GB/s** (read + write)."
+    return [line, ""]
+
+
+def render(data: dict) -> str:
+    rows = data.get("rows", [])
+    out = header(data) + target_table(rows) + kernel_tables(rows) + e2e_table(rows)
+    checks = data.get("checks")
+    if checks:
+        out += ["", "Checks: " + ", ".join(f"{k} = {v}" for k, v in checks.items())]
+    notes = data.get("notes") or []
+    if notes:
+        out += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def plot(data: dict, png: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return False
+    rows = [r for r in data.get("rows", []) if r.get("section") == "kernel" and r["op"] == "layer"]
+    if not rows:
+        return False
+    shapes = list(OrderedDict.fromkeys(r["shape"] for r in rows))
+    ts = sorted({r["T"] for r in rows})
+    fig, axes = plt.subplots(len(shapes), len(ts), figsize=(4.2 * len(ts), 3.4 * len(shapes)), squeeze=False)
+    styles = {"triton": "o-", "cuda": "s-", "plain": "^-", "torch": "v-"}
+    for i, shape in enumerate(shapes):
+        for j, t in enumerate(ts):
+            ax = axes[i][j]
+            sub = [r for r in rows if r["shape"] == shape and r["T"] == t]
+            for b in KERNEL_BACKENDS:
+                pts = sorted((r["N"], r["ms"]) for r in sub if r["backend"] == b and r.get("status") == "ok" and r.get("ms"))
+                if pts:
+                    ax.plot(*zip(*pts), styles[b], label=BACKEND_TITLES[b])
+            floor = sorted({(r["N"], r["floor_ms"]) for r in sub if r.get("floor_ms")})
+            if floor:
+                ax.plot(*zip(*floor), "k--", label="bytes floor")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_title(f"{shape}, T={t}", fontsize=9)
+            ax.set_xlabel("adapters N")
+            if j == 0:
+                ax.set_ylabel("ms per layer")
+            ax.grid(True, which="both", alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=max(1, len(labels)), fontsize=8)
+    env = data.get("env", {})
+    fig.suptitle(f"LAG per-layer time vs N ({env.get('card', '?')})", y=0.995, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def update_readme(readme: Path, md: str) -> None:
+    block = f"{START}\n{md}{END}"
+    text = readme.read_text() if readme.exists() else ""
+    if START in text and END in text and text.index(START) < text.index(END):
+        before, rest = text.split(START, 1)
+        after = rest.split(END, 1)[1]
+        text = before + block + after
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + "## Benchmarks\n\n" + block + "\n"
+        print(f"{readme}: no {START} / {END} markers; appended a Benchmarks section", file=sys.stderr)
+    readme.write_text(text)
+
+
+def main(argv=None) -> str:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", help="results JSON")
+    p.add_argument("--md", help="write the markdown here (default: stdout)")
+    p.add_argument("--png", help="plot path (default: beside the JSON, .png)")
+    p.add_argument("--no-png", action="store_true")
+    p.add_argument("--readme", help="README to update between the bench markers")
+    a = p.parse_args(argv)
+    path = Path(a.results)
+    data = json.loads(path.read_text())
+    md = render(data)
+    if not a.no_png:
+        png = Path(a.png) if a.png else path.with_suffix(".png")
+        if plot(data, png):
+            md += f"\n![per-layer time vs N]({png.name})\n" if not a.readme else ""
+            print(f"wrote {png}", file=sys.stderr)
+    if a.md:
+        Path(a.md).write_text(md)
+        print(f"wrote {a.md}", file=sys.stderr)
+    if a.readme:
+        update_readme(Path(a.readme), md)
+        print(f"updated {a.readme}", file=sys.stderr)
+    if not a.md and not a.readme:
+        print(md)
+    return md
+
+
+if __name__ == "__main__":
+    main()

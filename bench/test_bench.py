@@ -1,0 +1,110 @@
+"""CI for the benchmark scripts: every script runs end to end on CPU at tiny sizes (< 1 minute).
+
+These check the harness (timing, rotation, bytes model, results JSON, report, plot), not the
+speed or the correctness of the kernels (tests/ does that). A backend that cannot run here (cuda
+on CPU) must show up as "unavailable: ..." rather than fail; no row may be an "error".
+"""
+
+import json
+
+import pytest
+
+from bench import bench_arrow_topk, bench_e2e, bench_kernels, bench_layer, bench_lora_apply, bench_spectr_rerank
+from bench import report
+
+TINY = ["--device", "cpu", "--shapes", "32:48", "--n", "40", "--rep-ms", "1", "--warmup-ms", "0", "--rotate", "2"]
+
+
+def _rows(path):
+    data = json.loads(path.read_text())
+    assert data["copy_bandwidth"]["gbps"] > 0
+    return data, data["rows"]
+
+
+def _assert_no_errors(rows):
+    errors = [(r.get("op", r.get("phase")), r["backend"], r["status"]) for r in rows if r["status"].startswith("error")]
+    assert not errors, errors
+
+
+def test_kernel_tables(tmp_path):
+    out = tmp_path / "k.json"
+    bench_kernels.main(TINY + ["--t", "1,3", "--out", str(out)])
+    data, rows = _rows(out)
+    _assert_no_errors(rows)
+    ops = {r["op"] for r in rows}
+    assert ops == {"layer", "arrow_topk", "spectr_rerank", "lora_apply"}
+    for op in ops:
+        for backend in ("plain", "torch"):
+            mine = [r for r in rows if r["op"] == op and r["backend"] == backend]
+            assert len(mine) == 2 and all(r["status"] == "ok" and r["ms"] > 0 for r in mine), mine
+    cuda = [r for r in rows if r["backend"] == "cuda"]
+    assert cuda and all(r["status"].startswith("unavailable") for r in cuda)
+    for r in rows:
+        assert r["bytes"] > 0 and r["floor_ms"] > 0
+        assert 1 <= r["unique_candidates"] <= r["N"]
+    # the layer row charges prototypes + candidates' A* + chosen B* + activations
+    layer = next(r for r in rows if r["op"] == "layer" and r["T"] == 3)
+    d_in, d_out, n, rank = layer["d_in"], layer["d_out"], layer["N"], layer["rank"]
+    want = 2 * (n * d_in + layer["unique_candidates"] * rank * d_in + layer["unique_selected"] * d_out * rank
+                + 3 * d_in + 2 * 3 * d_out)
+    assert layer["bytes"] == want
+
+
+@pytest.mark.parametrize("script", [bench_layer, bench_arrow_topk, bench_spectr_rerank, bench_lora_apply])
+def test_each_kernel_script(tmp_path, script):
+    out = tmp_path / "one.json"
+    script.main(TINY + ["--t", "2", "--backends", "plain,torch,cuda", "--out", str(out)])
+    _, rows = _rows(out)
+    _assert_no_errors(rows)
+    assert len({r["op"] for r in rows}) == 1
+    assert {r["backend"] for r in rows if r["status"] == "ok"} == {"plain", "torch"}
+
+
+def test_reference_size_limit(tmp_path):
+    out = tmp_path / "lim.json"
+    bench_layer.main(TINY + ["--t", "1,4", "--backends", "torch", "--ref-max-tn", "100", "--out", str(out)])
+    _, rows = _rows(out)
+    by_t = {r["T"]: r["status"] for r in rows}
+    assert by_t[1] == "ok" and by_t[4].startswith("skipped")
+
+
+def test_time_budget_skips_and_notes(tmp_path):
+    out = tmp_path / "b.json"
+    bench_layer.main(TINY + ["--t", "1", "--backends", "plain", "--time-budget", "0.000001", "--out", str(out)])
+    data, rows = _rows(out)
+    assert not rows and any("time budget" in n for n in data["notes"])
+
+
+def test_e2e_and_report(tmp_path):
+    out = tmp_path / "e.json"
+    bench_e2e.main(["--device", "cpu", "--out", str(out), "--layers", "1", "--peft-layers", "1", "--peft-n", "3",
+                    "--n-adapters", "8", "--batches", "1,2", "--decode-steps", "2", "--prefill-len", "8",
+                    "--backends", "base,triton,cuda,torch"])
+    data, rows = _rows(out)
+    _assert_no_errors(rows)
+    assert all(v == "ok" for v in data["checks"].values()), data["checks"]
+    ok = {(r["model"], r["backend"], r["phase"], r["batch"]) for r in rows if r["status"] == "ok"}
+    main_model = rows[0]["model"]
+    for backend in ("base", "lag-torch"):
+        assert (main_model, backend, "prefill", 1) in ok
+        assert (main_model, backend, "decode", 1) in ok
+    assert (main_model, "base", "decode", 2) in ok
+    assert any(b == "peft-arrow" and p == "prefill" for _, b, p, _ in ok)
+    assert all(r["tokens_per_s"] > 0 for r in rows if r["status"] == "ok")
+
+    # report: markdown + README block + PNG (from the kernel JSON, which has layer rows)
+    k = tmp_path / "k.json"
+    bench_layer.main(TINY + ["--t", "1", "--backends", "plain,torch", "--out", str(k)])
+    merged = json.loads(k.read_text())
+    merged["rows"] += data["rows"]
+    merged["checks"] = data["checks"]
+    both = tmp_path / "both.json"
+    both.write_text(json.dumps(merged))
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\nintro\n\n<!-- bench:start -->\nold\n<!-- bench:end -->\n\ntail\n")
+    report.main([str(both), "--readme", str(readme)])
+    text = readme.read_text()
+    assert text.startswith("# x\n\nintro\n\n<!-- bench:start -->\n") and text.endswith("<!-- bench:end -->\n\ntail\n")
+    assert "old" not in text and "Per layer" in text and "End to end" in text and "peft-arrow" in text
+    pytest.importorskip("matplotlib")
+    assert both.with_suffix(".png").stat().st_size > 1000
