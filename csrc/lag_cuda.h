@@ -1,0 +1,53 @@
+// Plain C declarations of the launchers implemented in the .cu files.
+//
+// Included by the .cu files (so a signature mismatch is a compile error) and by binding.cpp,
+// which must not see any CUDA header: streams travel as void* (a cudaStream_t), dtypes as the
+// small integer codes below, tensors as raw pointers. Every launcher returns a cudaError_t as
+// int (0 = success); lag_cuda_error_string() turns it into text. None of them synchronises.
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// dtype codes shared with binding.cpp
+#define LAG_DTYPE_F32 0
+#define LAG_DTYPE_F16 1
+#define LAG_DTYPE_BF16 2
+
+// arrow_topk supports k <= LAG_ARROW_MAX_K (the Python side falls back to the reference beyond).
+#define LAG_ARROW_MAX_K 128
+
+const char* lag_cuda_error_string(int err);
+
+// Bytes of scratch the arrow top-k needs on `device` (0 when the N split is not used).
+size_t lag_arrow_topk_workspace_bytes(int64_t T, int64_t N, int64_t k, int device);
+
+// x [T, d_in], prototypes [N, d_in], both of dtype x_dtype == p_dtype (the Python side promotes
+// mixed dtypes exactly, to fp32) -> idx [T, k] int32, scores [T, k] fp32.
+int lag_arrow_topk_launch(const void* x, int x_dtype, const void* prototypes, int p_dtype, int64_t T,
+                          int64_t N, int64_t d_in, int64_t k, void* workspace, size_t workspace_bytes,
+                          int32_t* idx, float* scores, int device, void* stream);
+
+// x [T, d_in], a_star [N, r, d_in], candidates [T, k] int32, candidate_scores [T, k] fp32 or NULL.
+// Scratch: z_all [T, k, r] fp32, key_all [T, k] fp32. Outputs: sel [T, m] int32, w [T, m] fp32,
+// z [T, m, r] fp32. combine_uniform: 1 for "uniform", 0 for "softmax"; uniform_weight = (float)(1.0/m).
+int lag_spectr_rerank_launch(const void* x, int x_dtype, const void* a_star, int a_dtype,
+                             const int32_t* candidates, const float* candidate_scores, int64_t T,
+                             int64_t N, int64_t r, int64_t d_in, int64_t k, int64_t m,
+                             int combine_uniform, float temperature, float uniform_weight,
+                             float* z_all, float* key_all, int32_t* sel, float* w, float* z,
+                             int device, void* stream);
+
+// y [T, d_out] (y_dtype, updated in place), b_star [N, d_out, r] (b_dtype), sel [T, m] int32,
+// w [T, m] fp32, z [T, m, r] fp32.
+int lag_lora_apply_launch(void* y, int y_dtype, const void* b_star, int b_dtype, const int32_t* sel,
+                          const float* w, const float* z, int64_t T, int64_t N, int64_t d_out,
+                          int64_t r, int64_t m, int device, void* stream);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,99 @@
+// Gather-BGMV apply: y[t] += sum_j w[t, j] * (B*[sel[t, j]] @ z[t, j]), in fp32, written back in
+// y's dtype, in place.
+//
+// Block = (tile of kOut outputs, tile of kTok consecutive tokens). Each thread owns kOpt outputs
+// strided by the block size (so a warp reads one contiguous run of B*[n] rows of r elements:
+// fully used sectors whatever r is) and reuses every z value it loads across them. The block
+// walks its tokens one after another: consecutive tokens routed to the same adapter (the common
+// case in prefill, where a prompt mostly picks the same few adapters) find that adapter's
+// kOut x r tile of B* in L1 instead of re-reading it from L2/HBM - a cheap stand-in for SGMV
+// segment grouping that needs no sort and no scratch. y is read and written exactly once.
+#include "lag_common.cuh"
+
+namespace lag {
+namespace {
+
+constexpr int kOpt = 4;
+constexpr int kOut = kThreads * kOpt;  // outputs per block
+constexpr int kTok = 8;                // tokens per block
+
+template <typename TY, typename TB>
+__global__ void __launch_bounds__(kThreads)
+lora_apply_kernel(TY* __restrict__ y, const TB* __restrict__ B, const int32_t* __restrict__ sel,
+                  const float* __restrict__ w, const float* __restrict__ z, int64_t T, int N,
+                  int d_out, int r, int m) {
+  const int o0 = blockIdx.x * kOut + threadIdx.x;
+  const int64_t slab = static_cast<int64_t>(d_out) * r;
+  for (int64_t tile = blockIdx.y; tile * kTok < T; tile += gridDim.y) {
+    const int64_t t_end = (tile + 1) * kTok < T ? (tile + 1) * kTok : T;
+    for (int64_t t = tile * kTok; t < t_end; ++t) {
+      float acc[kOpt];
+#pragma unroll
+      for (int i = 0; i < kOpt; ++i) acc[i] = 0.f;
+      for (int j = 0; j < m; ++j) {
+        int n = __ldg(sel + t * m + j);
+        n = n < 0 ? 0 : (n >= N ? N - 1 : n);  // memory safety only: sel is in range by contract
+        const float wj = __ldg(w + t * m + j);
+        const float* zj = z + (t * m + j) * r;
+        const TB* b = B + n * slab;
+        float s[kOpt];
+#pragma unroll
+        for (int i = 0; i < kOpt; ++i) s[i] = 0.f;
+#pragma unroll 2
+        for (int c = 0; c < r; ++c) {
+          const float zc = __ldg(zj + c);
+#pragma unroll
+          for (int i = 0; i < kOpt; ++i) {
+            const int o = o0 + i * kThreads;
+            if (o < d_out) s[i] = fmaf(to_f(b[static_cast<int64_t>(o) * r + c]), zc, s[i]);
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < kOpt; ++i) acc[i] += wj * s[i];
+      }
+#pragma unroll
+      for (int i = 0; i < kOpt; ++i) {
+        const int o = o0 + i * kThreads;
+        if (o < d_out) {
+          TY* p = y + t * d_out + o;
+          *p = from_f<TY>(to_f(*p) + acc[i]);
+        }
+      }
+    }
+  }
+}
+
+template <typename TY, typename TB>
+void launch_apply(void* y, const void* B, const int32_t* sel, const float* w, const float* z, int64_t T,
+                  int N, int d_out, int r, int m, cudaStream_t stream) {
+  const int64_t tiles = (T + kTok - 1) / kTok;
+  dim3 grid((d_out + kOut - 1) / kOut, static_cast<unsigned>(tiles < 65535 ? tiles : 65535));
+  lora_apply_kernel<TY, TB><<<grid, kThreads, 0, stream>>>(static_cast<TY*>(y), static_cast<const TB*>(B), sel,
+                                                           w, z, T, N, d_out, r, m);
+}
+
+}  // namespace
+}  // namespace lag
+
+extern "C" int lag_lora_apply_launch(void* y, int y_dtype, const void* b_star, int b_dtype, const int32_t* sel,
+                                     const float* w, const float* z, int64_t T, int64_t N, int64_t d_out,
+                                     int64_t r, int64_t m, int device, void* stream_ptr) {
+  using namespace lag;
+  if (T == 0 || d_out == 0) return 0;
+  if (N <= 0 || r < 0 || m < 0 || d_out < 0 || N > 0x7fffffffLL || d_out > 0x7fffffffLL ||
+      r > 0x7fffffffLL || m > 0x7fffffffLL)
+    return static_cast<int>(cudaErrorInvalidValue);
+  DeviceGuard guard(device);
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  const int Ni = static_cast<int>(N), Do = static_cast<int>(d_out), Ri = static_cast<int>(r), Mi = static_cast<int>(m);
+  int rc = dispatch_dtype(y_dtype, [&](auto ty) {
+    typedef typename decltype(ty)::type TY;
+    return dispatch_dtype(b_dtype, [&](auto tb) {
+      typedef typename decltype(tb)::type TB;
+      launch_apply<TY, TB>(y, b_star, sel, w, z, T, Ni, Do, Ri, Mi, stream);
+      return 0;
+    });
+  });
+  if (rc != 0) return rc;
+  return finish_launch();
+}

@@ -1,0 +1,201 @@
+"""CUDA C++ backend (``backend="cuda"``): the three LAG ops from ``csrc/`` (DESIGN §3).
+
+Same signatures and semantics as ``lag_triton.kernels.reference``. The kernels live in
+``csrc/*.cu`` (CUDA headers only) behind a small torch binding (``csrc/binding.cpp``). The
+extension comes from, in order of preference:
+
+1. a module prebuilt by ``setup.py`` (``lag_triton._lag_cuda``), when importable;
+2. a JIT build with ``torch.utils.cpp_extension.load`` (ninja + nvcc) on first use, cached by
+   torch in its extensions directory.
+
+``extension_unavailable_reason()`` never compiles anything unless torch is a CUDA build with a
+visible device; it returns why the backend cannot run, or None. No op does a host
+synchronisation: outputs are allocated with ``torch.empty`` and kernels are launched on the
+caller's current stream, so a patched forward stays capturable in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from .. import reference
+from ..common import check_apply_args, check_rerank_args, check_topk_args
+
+__all__ = ["arrow_topk", "spectr_rerank", "lora_apply", "extension_unavailable_reason", "csrc_dir", "SOURCES"]
+
+#: largest k the fused arrow top-k kernel handles; larger k falls back to the reference op
+ARROW_MAX_K = 128
+PREBUILT_MODULE = "lag_triton._lag_cuda"
+JIT_NAME = "lag_triton_cuda_ext"
+SOURCES = ("binding.cpp", "arrow_topk.cu", "spectr_rerank.cu", "lora_apply.cu")
+EXTRA_CUDA_CFLAGS = ["-O3", "-lineinfo"]
+
+_lock = threading.Lock()
+_ext: ModuleType | None = None
+_error: str | None = None
+
+
+def csrc_dir() -> Path:
+    """The csrc/ folder: next to the lag_triton package in the repository (or LAG_TRITON_CSRC)."""
+    override = os.environ.get("LAG_TRITON_CSRC")
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parents[3] / "csrc"
+
+
+def _nvcc_available() -> bool:
+    from torch.utils import cpp_extension
+
+    cuda_home = cpp_extension.CUDA_HOME
+    if cuda_home and (Path(cuda_home) / "bin" / "nvcc").exists():
+        return True
+    return shutil.which("nvcc") is not None
+
+
+def _precondition_reason() -> str | None:
+    """Why no extension can be used here, checked without compiling anything."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU build (torch.version.cuda is None)"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available (torch.cuda.is_available() is False)"
+    return None
+
+
+def _load() -> ModuleType:
+    """Import the prebuilt extension or JIT-build it; raises RuntimeError with the reason."""
+    global _ext, _error
+    if _ext is not None:
+        return _ext
+    with _lock:
+        if _ext is not None:
+            return _ext
+        if _error is not None:
+            raise RuntimeError(_error)
+        reason = _precondition_reason()
+        if reason is not None:  # not cached: a device may appear later (e.g. CUDA_VISIBLE_DEVICES)
+            raise RuntimeError(reason)
+        try:
+            import importlib
+
+            _ext = importlib.import_module(PREBUILT_MODULE)
+            return _ext
+        except ImportError:
+            pass
+        src = csrc_dir()
+        missing = [name for name in SOURCES if not (src / name).is_file()]
+        if missing:
+            _error = f"CUDA sources not found in {src} (missing {', '.join(missing)}); set LAG_TRITON_CSRC"
+            raise RuntimeError(_error)
+        from torch.utils import cpp_extension
+
+        if not _nvcc_available():
+            _error = "nvcc not found (install the CUDA toolkit or set CUDA_HOME) and no prebuilt extension"
+            raise RuntimeError(_error)
+        if not cpp_extension.is_ninja_available():
+            _error = "ninja not found (pip install ninja), needed to JIT-build the CUDA extension"
+            raise RuntimeError(_error)
+        try:
+            _ext = cpp_extension.load(
+                name=JIT_NAME,
+                sources=[str(src / name) for name in SOURCES],
+                extra_include_paths=[str(src)],
+                extra_cuda_cflags=EXTRA_CUDA_CFLAGS,
+                verbose=False,
+            )
+        except Exception as exc:  # noqa: BLE001 - the build log is the reason we report
+            _error = f"building the CUDA extension failed: {type(exc).__name__}: {exc}"
+            raise RuntimeError(_error) from exc
+        return _ext
+
+
+def extension_unavailable_reason() -> str | None:
+    """Why the cuda backend cannot run here (None when it can). May JIT-build on first call."""
+    try:
+        _load()
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
+def _ext_for(*tensors: torch.Tensor) -> ModuleType:
+    for t in tensors:
+        if t.device.type != "cuda":
+            raise ValueError(f"the cuda backend needs CUDA tensors, got a tensor on {t.device}")
+    try:
+        return _load()
+    except RuntimeError as exc:
+        raise RuntimeError(f"lag_triton cuda backend is unavailable: {exc}") from None
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def arrow_topk(x: torch.Tensor, prototypes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Arrow retrieval: idx [T, k] int32 (best first, ties -> lower index) and scores [T, k] fp32."""
+    check_topk_args(x, prototypes, k)
+    ext = _ext_for(x, prototypes)
+    if k > ARROW_MAX_K:  # the fused kernel keeps at most 128 candidates per token
+        return reference.arrow_topk(x, prototypes, k)
+    if x.dtype != prototypes.dtype:  # exact promotion: fp16/bf16 -> fp32 loses nothing
+        x, prototypes = x.float(), prototypes.float()
+    x = x.contiguous()
+    prototypes = prototypes.contiguous()
+    t = x.shape[0]
+    idx = torch.empty((t, k), dtype=torch.int32, device=x.device)
+    scores = torch.empty((t, k), dtype=torch.float32, device=x.device)
+    ext.arrow_topk(x, prototypes, k, idx, scores, _stream(x.device))
+    return idx, scores
+
+
+def spectr_rerank(
+    x: torch.Tensor,
+    a_star: torch.Tensor,
+    candidates: torch.Tensor,
+    top_m: int,
+    combine: str = "softmax",
+    temperature: float = 1.0,
+    candidate_scores: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SpectR rerank: sel [T, m] int32, w [T, m] fp32, z [T, m, r] fp32 (see the reference)."""
+    check_rerank_args(x, a_star, candidates, top_m, combine, temperature, candidate_scores)
+    ext = _ext_for(x, a_star, candidates)
+    x = x.contiguous()
+    a_star = a_star.contiguous()
+    candidates = candidates.contiguous()
+    if candidate_scores is not None:
+        candidate_scores = candidate_scores.to(device=x.device, dtype=torch.float32).contiguous()
+    t, r = x.shape[0], a_star.shape[1]
+    sel = torch.empty((t, top_m), dtype=torch.int32, device=x.device)
+    w = torch.empty((t, top_m), dtype=torch.float32, device=x.device)
+    z = torch.empty((t, top_m, r), dtype=torch.float32, device=x.device)
+    ext.spectr_rerank(
+        x, a_star, candidates, top_m, combine == "uniform", float(temperature), candidate_scores, sel, w, z,
+        _stream(x.device),
+    )
+    return sel, w, z
+
+
+def lora_apply(
+    y: torch.Tensor, b_star: torch.Tensor, sel: torch.Tensor, w: torch.Tensor, z: torch.Tensor
+) -> torch.Tensor:
+    """y += sum_j w[:, j] * (B*[sel[:, j]] @ z[:, j]) in fp32, written in y's dtype, in place."""
+    check_apply_args(y, b_star, sel, w, z)
+    ext = _ext_for(y, b_star, sel, w, z)
+    b_star = b_star.contiguous()
+    sel = sel.contiguous()
+    w = w.contiguous()
+    z = z.contiguous()
+    if y.is_contiguous():
+        ext.lora_apply(y, b_star, sel, w, z, _stream(y.device))
+        return y
+    out = y.contiguous()
+    ext.lora_apply(out, b_star, sel, w, z, _stream(y.device))
+    y.copy_(out)
+    return y
