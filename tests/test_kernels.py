@@ -1,0 +1,319 @@
+"""Backend-generic kernel tests: every compiled backend against lag_triton.kernels.reference.
+
+Runs the Triton kernels under TRITON_INTERPRET=1 on CPU tensors when there is no GPU (see
+conftest.py); the "cuda" backend is skipped, with the reason, wherever it cannot run.
+Tolerances come from the dtype: the expected error of an fp32 reduction over d terms,
+measured against an fp64 evaluation of the same (low-precision) inputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lag_triton.kernels import get_ops, reference, resolve_backend
+from lag_triton.routing import RoutingConfig, route_and_apply
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EPS32 = torch.finfo(torch.float32).eps
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(params=["triton", "cuda"])
+def ops(request):
+    try:
+        return get_ops(resolve_backend(request.param, DEVICE))
+    except (RuntimeError, ImportError) as exc:
+        pytest.skip(f"backend {request.param!r} unavailable here: {exc}")
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(*shape, dtype=torch.float32, seed=0) -> torch.Tensor:
+    return torch.randn(*shape, generator=_gen(seed)).to(dtype).to(DEVICE)
+
+
+def _candidates(t: int, n: int, k: int, seed: int = 0) -> torch.Tensor:
+    g = _gen(seed)
+    return torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(t)]).to(torch.int32).to(DEVICE)
+
+
+def _mixed_rank(lib: torch.Tensor, rank_dim: int, seed: int) -> torch.Tensor:
+    """Zero the rows/cols beyond each adapter's own rank (a mixed-rank library padded to r_max)."""
+    n, r = lib.shape[0], lib.shape[rank_dim]
+    ranks = torch.randint(1, r + 1, (n,), generator=_gen(seed)).to(lib.device)
+    keep = torch.arange(r, device=lib.device)[None, :] < ranks[:, None]  # [N, r]
+    keep = keep[:, :, None] if rank_dim == 1 else keep[:, None, :]
+    return lib * keep.to(lib.dtype)
+
+
+def _red_tol(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Error bound of fp32 dot products of a's and b's rows (reduction over the last dim), x a safety factor."""
+    d = a.shape[-1]
+    mag = (a.double().abs().amax() * b.double().abs().amax()).item()
+    return 16 * EPS32 * d * mag
+
+
+def _assert_same_ranking(idx, ref_idx, true_key, tol):
+    """idx equals ref_idx except where the two picks' exact keys are within tol (fp32 near-ties)."""
+    idx, ref_idx = idx.long().cpu(), ref_idx.long().cpu()
+    true_key = true_key.double().cpu()
+    diff = idx != ref_idx
+    if diff.any():
+        gap = (true_key.gather(1, idx) - true_key.gather(1, ref_idx)).abs()
+        assert (gap[diff] <= tol).all(), f"ranking differs beyond tolerance {tol}: {gap[diff].max()}"
+
+
+def _poison_allocator() -> None:
+    """Fill then free a block so that torch.empty outputs are likely to start as NaN."""
+    junk = torch.full((1 << 20,), float("nan"), device=DEVICE)
+    del junk
+
+
+# ----------------------------------------------------------------------------- arrow_topk
+
+ARROW_CASES = [  # T, N, d_in, k
+    (1, 1001, 2049, 20),
+    (7, 64, 40, 1),
+    (133, 96, 24, 96),  # k = N
+    (3, 300, 33, 128),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t,n,d,k", ARROW_CASES)
+def test_arrow_topk_matches_reference(ops, dtype, t, n, d, k):
+    x, p = _randn(t, d, dtype=dtype, seed=1), _randn(n, d, dtype=dtype, seed=2)
+    _poison_allocator()
+    idx, scores = ops.arrow_topk(x, p, k)
+    ref_idx, ref_scores = reference.arrow_topk(x, p, k)
+    assert idx.dtype == torch.int32 and scores.dtype == torch.float32
+    assert idx.shape == (t, k) and scores.shape == (t, k)
+    true = (x.double() @ p.double().T).abs()
+    tol = _red_tol(x, p)
+    _assert_same_ranking(idx, ref_idx, true, tol)
+    assert torch.isfinite(scores).all()
+    torch.testing.assert_close(scores.double(), true.gather(1, idx.long()), atol=tol, rtol=0)
+    torch.testing.assert_close(scores, ref_scores, atol=2 * tol, rtol=0)
+    assert (idx.sort(dim=1).values.diff(dim=1) > 0).all(), "duplicate indices in a row"
+
+
+def test_arrow_topk_exact_ties_lower_index_wins(ops):
+    n, d = 40, 32
+    p = _randn(n, d, seed=3)
+    p[17] = p[4]
+    p[29] = -p[4]  # |p.x| ties under a sign flip too
+    p[9] = p[4]
+    x = p[4:5].clone() * 3
+    idx, scores = ops.arrow_topk(x, p, 6)
+    assert idx[0, :4].tolist() == [4, 9, 17, 29]
+    assert torch.equal(idx, reference.arrow_topk(x, p, 6)[0])
+    # all-equal scores: the lowest indices, in order
+    idx0, _ = ops.arrow_topk(torch.zeros(2, d, device=DEVICE), p, 5)
+    assert idx0.tolist() == [[0, 1, 2, 3, 4]] * 2
+
+
+def test_arrow_topk_nan_inf(ops):
+    n, d, k = 50, 24, 20
+    p = _randn(n, d, seed=4)
+    p[7] = float("nan")
+    x = _randn(4, d, seed=5)
+    x[1, 3] = float("nan")
+    x[2, 5] = float("inf")
+    x[3] = float("-inf")
+    idx, scores = ops.arrow_topk(x, p, k)
+    ref_idx, ref_scores = reference.arrow_topk(x, p, k)
+    assert ((idx >= 0) & (idx < n)).all()
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(scores, ref_scores, equal_nan=True)
+    assert 7 not in idx[0].tolist()  # the NaN prototype ranks below every number
+
+
+# ----------------------------------------------------------------------------- spectr_rerank
+
+RERANK_CASES = [  # T, N, d_in, r, k, m, combine, with_scores
+    (1, 1001, 2049, 6, 20, 1, "softmax", False),  # decode: split-d path
+    (7, 64, 40, 16, 20, 3, "softmax", False),
+    (133, 48, 24, 1, 20, 3, "uniform", False),  # many tokens: adapter-grouped path
+    (70, 30, 33, 6, 30, 3, "softmax", False),  # k = N, grouped
+    (5, 30, 33, 6, 30, 3, "softmax", True),  # arrow router: rank / weight by candidate_scores
+    (20, 40, 17, 6, 1, 1, "softmax", False),  # k = 1
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t,n,d,r,k,m,combine,with_scores", RERANK_CASES)
+def test_spectr_rerank_matches_reference(ops, dtype, t, n, d, r, k, m, combine, with_scores):
+    x = _randn(t, d, dtype=dtype, seed=6)
+    a = _mixed_rank(_randn(n, r, d, dtype=dtype, seed=7), 1, seed=8)
+    cand = _candidates(t, n, k, seed=9)
+    scores = torch.rand(t, k, generator=_gen(10)).to(DEVICE) if with_scores else None
+    temperature = 0.7
+    _poison_allocator()
+    sel, w, z = ops.spectr_rerank(x, a, cand, m, combine, temperature, scores)
+    ref_sel, ref_w, ref_z = reference.spectr_rerank(x, a, cand, m, combine, temperature, scores)
+    assert sel.shape == (t, m) and sel.dtype == torch.int32
+    assert w.shape == (t, m) and w.dtype == torch.float32
+    assert z.shape == (t, m, r) and z.dtype == torch.float32
+    for out in (w, z):
+        assert torch.isfinite(out).all()
+    z64_all = torch.einsum("nrd,td->tnr", a.double(), x.double())  # [T, N, r]
+    tol = _red_tol(x, a.reshape(n * r, d)) * r ** 0.5
+    true_key = z64_all.norm(dim=-1) if scores is None else scores.double().expand(t, k).new_zeros(t, n).scatter(
+        1, cand.long(), scores.double())
+    _assert_same_ranking(sel, ref_sel, true_key, 0 if scores is not None else tol)
+    z64 = z64_all.gather(1, sel.long()[:, :, None].expand(-1, -1, r))
+    torch.testing.assert_close(z.double(), z64, atol=tol, rtol=0)
+    torch.testing.assert_close(w, ref_w, atol=max(1e-5, 4 * tol), rtol=1e-4)
+    assert torch.allclose(w.sum(-1), torch.ones(t, device=DEVICE), atol=1e-5)
+
+
+def test_spectr_rerank_ties_lower_adapter_index(ops):
+    n, r, d = 16, 4, 20
+    a = _randn(n, r, d, seed=11) * 0.01
+    for i in (9, 5, 2):
+        a[i] = a[0] * 0 + _randn(r, d, seed=12)  # identical, largest-norm adapters
+    x = _randn(3, d, seed=13)
+    cand = torch.tensor([[9, 5, 2, 0, 1], [2, 9, 5, 7, 3], [1, 5, 9, 2, 6]], dtype=torch.int32, device=DEVICE)
+    sel, w, z = ops.spectr_rerank(x, a, cand, 3, "uniform", 1.0)
+    assert sel.tolist() == [[2, 5, 9]] * 3
+    assert torch.equal(sel, reference.spectr_rerank(x, a, cand, 3, "uniform", 1.0)[0])
+    sel1, w1, _ = ops.spectr_rerank(x, a, cand, 1)
+    assert sel1.tolist() == [[2]] * 3 and (w1 == 1).all()
+
+
+def test_spectr_rerank_nan_inf(ops):
+    n, r, d, k = 24, 6, 16, 8
+    a = _randn(n, r, d, seed=14)
+    a[3, 0, 0] = float("nan")
+    x = _randn(4, d, seed=15)
+    x[1, 2] = float("nan")
+    x[2, 4] = float("inf")
+    cand = _candidates(4, n, k, seed=16)
+    cand[0, 0] = 3
+    for m, combine in ((1, "softmax"), (3, "softmax"), (3, "uniform")):
+        sel, w, z = ops.spectr_rerank(x, a, cand, m, combine, 1.0)
+        ref_sel, ref_w, ref_z = reference.spectr_rerank(x, a, cand, m, combine, 1.0)
+        assert ((sel >= 0) & (sel < n)).all()
+        assert torch.equal(sel, ref_sel)
+        torch.testing.assert_close(w, ref_w, equal_nan=True)
+        torch.testing.assert_close(z, ref_z, equal_nan=True)
+
+
+# ----------------------------------------------------------------------------- lora_apply
+
+APPLY_CASES = [(1, 1001, 2049, 6, 1), (7, 50, 64, 16, 3), (133, 20, 100, 1, 1), (133, 9, 70, 6, 3), (40, 5, 33, 6, 2)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t,n,d_out,r,m", APPLY_CASES)
+def test_lora_apply_matches_reference(ops, dtype, t, n, d_out, r, m):
+    b = _mixed_rank(_randn(n, d_out, r, dtype=dtype, seed=17), 2, seed=18)
+    sel = _candidates(t, n, m, seed=19)
+    w = torch.rand(t, m, generator=_gen(20)).to(DEVICE)
+    z = _randn(t, m, r, seed=21)
+    y0 = _randn(t, d_out, dtype=dtype, seed=22)
+    y = y0.clone()
+    out = ops.lora_apply(y, b, sel, w, z)
+    assert out is y or out.data_ptr() == y.data_ptr()
+    exact = y0.double() + torch.einsum("tm,tmor,tmr->to", w.double(), b[sel.long()].double(), z.double())
+    y_ref = reference.lora_apply(y0.clone(), b, sel, w, z)
+    # fp32 sum error, plus one rounding to the output dtype
+    ulp = torch.finfo(dtype).eps * exact.abs() + _red_tol(z, b) * m
+    assert ((y.double() - exact).abs() <= ulp + (y_ref.double() - exact).abs()).all()
+    assert torch.isfinite(y).all()
+
+
+def test_lora_apply_every_element_poisoned_output_row(ops):
+    """Only selected rows change by their delta; rows with zero weight stay bit-identical (incl. NaN rows)."""
+    t, n, d_out, r = 9, 4, 50, 6
+    b = _randn(n, d_out, r, seed=23)
+    sel = _candidates(t, n, 2, seed=24)
+    w = torch.rand(t, 2, generator=_gen(25)).to(DEVICE)
+    w[3] = 0
+    z = _randn(t, 2, r, seed=26)
+    y0 = _randn(t, d_out, seed=27)
+    y0[5] = float("nan")
+    y = y0.clone()
+    ops.lora_apply(y, b, sel, w, z)
+    y_ref = reference.lora_apply(y0.clone(), b, sel, w, z)
+    torch.testing.assert_close(y, y_ref, equal_nan=True)
+    assert torch.equal(y[3], y0[3])
+    assert torch.isnan(y[5]).all()
+
+
+# ----------------------------------------------------------------------------- composed router
+
+@pytest.mark.parametrize("router", ["lag", "arrow", "spectr"])
+@pytest.mark.parametrize("top_m", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_route_and_apply_matches_reference(ops, router, top_m, dtype):
+    t, n, d_in, d_out, r = 11, 37, 48, 40, 6
+    x = _randn(t, d_in, dtype=dtype, seed=28)
+    a = _mixed_rank(_randn(n, r, d_in, dtype=dtype, seed=29), 1, seed=30)
+    b = _randn(n, d_out, r, dtype=dtype, seed=31)
+    protos = a[:, 0].contiguous()
+    cfg = RoutingConfig(k=8, top_m=top_m, router=router, temperature=0.5)
+    y0 = _randn(t, d_out, dtype=dtype, seed=32)
+    y, y_ref = y0.clone(), y0.clone()
+    sel = route_and_apply(x, y, a, b, protos, cfg, ops)
+    ref_sel = route_and_apply(x, y_ref, a, b, protos, cfg, reference)
+    agree = (sel == ref_sel).all(dim=1)
+    assert agree.float().mean() >= 0.9, "routing disagrees with the reference beyond near-ties"
+    atol = 1e-4 if dtype == torch.float32 else 0.05
+    torch.testing.assert_close(y[agree].float(), y_ref[agree].float(), atol=atol, rtol=1e-2)
+
+
+# ----------------------------------------------------------------------------- GPU-only, real sizes
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real-size cases need a GPU")
+class TestRealSizes:
+    @pytest.mark.parametrize("n", [1000, 10000])
+    @pytest.mark.parametrize("t", [1, 32, 2048])
+    def test_route_and_apply_real_size(self, ops, n, t):
+        d_in, d_out, r, dtype = 3072, 8192, 6, torch.bfloat16
+        x = _randn(t, d_in, dtype=dtype, seed=40)
+        a = _randn(n, r, d_in, dtype=dtype, seed=41) / d_in ** 0.5
+        b = _randn(n, d_out, r, dtype=dtype, seed=42) / r
+        protos = a[:, 0].contiguous()
+        cfg = RoutingConfig(k=20, top_m=1)
+        idx, _ = ops.arrow_topk(x, protos, 20)
+        ref_idx, _ = reference.arrow_topk(x, protos, 20)
+        true = (x.double() @ protos.double().T).abs()
+        _assert_same_ranking(idx, ref_idx, true, _red_tol(x, protos))
+        y0 = _randn(t, d_out, dtype=dtype, seed=43)
+        y, y_ref = y0.clone(), y0.clone()
+        sel = route_and_apply(x, y, a, b, protos, cfg, ops)
+        ref_sel = route_and_apply(x, y_ref, a, b, protos, cfg, reference)
+        agree = (sel == ref_sel).all(dim=1)
+        assert agree.float().mean() >= 0.99
+        torch.testing.assert_close(y[agree].float(), y_ref[agree].float(), atol=0.05, rtol=2e-2)
+        torch.cuda.synchronize()
+
+    def test_cuda_graph_capture_replay(self, ops):
+        t, n, d_in, d_out, r, dtype = 16, 1000, 3072, 8192, 6, torch.bfloat16
+        x = _randn(t, d_in, dtype=dtype, seed=50)
+        a = _randn(n, r, d_in, dtype=dtype, seed=51) / d_in ** 0.5
+        b = _randn(n, d_out, r, dtype=dtype, seed=52) / r
+        protos = a[:, 0].contiguous()
+        y0 = _randn(t, d_out, dtype=dtype, seed=53)
+        for top_m in (1, 3):
+            cfg = RoutingConfig(k=20, top_m=top_m)
+            y = y0.clone()
+            route_and_apply(x, y, a, b, protos, cfg, ops)  # warm-up: compile outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            y.copy_(y0)
+            with torch.cuda.graph(graph):
+                sel = route_and_apply(x, y, a, b, protos, cfg, ops)
+            y.copy_(y0)
+            x2 = _randn(t, d_in, dtype=dtype, seed=54)
+            x.copy_(x2)
+            graph.replay()
+            torch.cuda.synchronize()
+            y_ref = y0.clone()
+            ref_sel = route_and_apply(x2, y_ref, a, b, protos, cfg, reference)
+            assert torch.equal(sel, ref_sel)
+            torch.testing.assert_close(y.float(), y_ref.float(), atol=0.05, rtol=2e-2)
