@@ -1,9 +1,10 @@
 // Gather-BGMV apply: y[t] += sum_j w[t, j] * (B*[sel[t, j]] @ z[t, j]), in fp32, written back in
 // y's dtype, in place.
 //
-// Block = (tile of kOut outputs, tile of kTok consecutive tokens). Each thread owns kOpt outputs
+// Block = (tile of outputs, tile of kTok consecutive tokens). Each thread owns OPT outputs
 // strided by the block size (so a warp reads one contiguous run of B*[n] rows of r elements:
-// fully used sectors whatever r is) and reuses every z value it loads across them. The block
+// fully used sectors whatever r is) and reuses every z value it loads across them. For r <= 8
+// and r <= 16 the rank loop is unrolled so all of a thread's loads are in flight at once. The block
 // walks its tokens one after another: consecutive tokens routed to the same adapter (the common
 // case in prefill, where a prompt mostly picks the same few adapters) find that adapter's
 // kOut x r tile of B* in L1 instead of re-reading it from L2/HBM - a cheap stand-in for SGMV
@@ -13,46 +14,62 @@
 namespace lag {
 namespace {
 
-constexpr int kOpt = 4;
-constexpr int kOut = kThreads * kOpt;  // outputs per block
-constexpr int kTok = 8;                // tokens per block
+constexpr int kTok = 8;  // tokens per block
 
-template <typename TY, typename TB>
+// RB > 0: r <= RB, the r loop is fully unrolled (every load of a thread is issued up front);
+// RB == 0: any r, runtime loop. OPT outputs per thread, strided by the block size.
+template <typename TY, typename TB, int RB, int OPT>
 __global__ void __launch_bounds__(kThreads)
 lora_apply_kernel(TY* __restrict__ y, const TB* __restrict__ B, const int32_t* __restrict__ sel,
                   const float* __restrict__ w, const float* __restrict__ z, int64_t T, int N,
                   int d_out, int r, int m) {
-  const int o0 = blockIdx.x * kOut + threadIdx.x;
+  const int o0 = blockIdx.x * (kThreads * OPT) + threadIdx.x;
   const int64_t slab = static_cast<int64_t>(d_out) * r;
   for (int64_t tile = blockIdx.y; tile * kTok < T; tile += gridDim.y) {
     const int64_t t_end = (tile + 1) * kTok < T ? (tile + 1) * kTok : T;
     for (int64_t t = tile * kTok; t < t_end; ++t) {
-      float acc[kOpt];
+      float acc[OPT];
 #pragma unroll
-      for (int i = 0; i < kOpt; ++i) acc[i] = 0.f;
+      for (int i = 0; i < OPT; ++i) acc[i] = 0.f;
       for (int j = 0; j < m; ++j) {
         int n = __ldg(sel + t * m + j);
         n = n < 0 ? 0 : (n >= N ? N - 1 : n);  // memory safety only: sel is in range by contract
         const float wj = __ldg(w + t * m + j);
         const float* zj = z + (t * m + j) * r;
         const TB* b = B + n * slab;
-        float s[kOpt];
+        float s[OPT];
 #pragma unroll
-        for (int i = 0; i < kOpt; ++i) s[i] = 0.f;
-#pragma unroll 2
-        for (int c = 0; c < r; ++c) {
-          const float zc = __ldg(zj + c);
+        for (int i = 0; i < OPT; ++i) s[i] = 0.f;
+        if (RB > 0) {
+          float zc[RB > 0 ? RB : 1];
 #pragma unroll
-          for (int i = 0; i < kOpt; ++i) {
+          for (int c = 0; c < RB; ++c) zc[c] = c < r ? __ldg(zj + c) : 0.f;
+#pragma unroll
+          for (int i = 0; i < OPT; ++i) {
             const int o = o0 + i * kThreads;
-            if (o < d_out) s[i] = fmaf(to_f(b[static_cast<int64_t>(o) * r + c]), zc, s[i]);
+            if (o < d_out) {
+              const TB* row = b + static_cast<int64_t>(o) * r;
+#pragma unroll
+              for (int c = 0; c < RB; ++c)
+                if (c < r) s[i] = fmaf(to_f(row[c]), zc[c], s[i]);
+            }
+          }
+        } else {
+#pragma unroll 4
+          for (int c = 0; c < r; ++c) {
+            const float zv = __ldg(zj + c);
+#pragma unroll
+            for (int i = 0; i < OPT; ++i) {
+              const int o = o0 + i * kThreads;
+              if (o < d_out) s[i] = fmaf(to_f(b[static_cast<int64_t>(o) * r + c]), zv, s[i]);
+            }
           }
         }
 #pragma unroll
-        for (int i = 0; i < kOpt; ++i) acc[i] += wj * s[i];
+        for (int i = 0; i < OPT; ++i) acc[i] += wj * s[i];
       }
 #pragma unroll
-      for (int i = 0; i < kOpt; ++i) {
+      for (int i = 0; i < OPT; ++i) {
         const int o = o0 + i * kThreads;
         if (o < d_out) {
           TY* p = y + t * d_out + o;
@@ -63,13 +80,21 @@ lora_apply_kernel(TY* __restrict__ y, const TB* __restrict__ B, const int32_t* _
   }
 }
 
+template <typename TY, typename TB, int RB, int OPT>
+void launch_apply_rb(void* y, const void* B, const int32_t* sel, const float* w, const float* z, int64_t T,
+                     int N, int d_out, int r, int m, cudaStream_t stream) {
+  const int64_t tiles = (T + kTok - 1) / kTok;
+  dim3 grid((d_out + kThreads * OPT - 1) / (kThreads * OPT), static_cast<unsigned>(tiles < 65535 ? tiles : 65535));
+  lora_apply_kernel<TY, TB, RB, OPT><<<grid, kThreads, 0, stream>>>(
+      static_cast<TY*>(y), static_cast<const TB*>(B), sel, w, z, T, N, d_out, r, m);
+}
+
 template <typename TY, typename TB>
 void launch_apply(void* y, const void* B, const int32_t* sel, const float* w, const float* z, int64_t T,
                   int N, int d_out, int r, int m, cudaStream_t stream) {
-  const int64_t tiles = (T + kTok - 1) / kTok;
-  dim3 grid((d_out + kOut - 1) / kOut, static_cast<unsigned>(tiles < 65535 ? tiles : 65535));
-  lora_apply_kernel<TY, TB><<<grid, kThreads, 0, stream>>>(static_cast<TY*>(y), static_cast<const TB*>(B), sel,
-                                                           w, z, T, N, d_out, r, m);
+  if (r <= 8) launch_apply_rb<TY, TB, 8, 4>(y, B, sel, w, z, T, N, d_out, r, m, stream);
+  else if (r <= 16) launch_apply_rb<TY, TB, 16, 2>(y, B, sel, w, z, T, N, d_out, r, m, stream);
+  else launch_apply_rb<TY, TB, 0, 4>(y, B, sel, w, z, T, N, d_out, r, m, stream);
 }
 
 }  // namespace

@@ -1,0 +1,280 @@
+"""GPU-only tests specific to the CUDA C++ backend (skipped without a CUDA device).
+
+The backend-generic equivalence suite is tests/test_kernels.py; this file adds what is specific
+to csrc/: the N-split + merge path of the arrow top-k, the scalar (unaligned / odd d_in) load
+paths, k > 128 fallback, spectr-size k, exact ties / NaN ordering, binding error messages,
+CUDA-graph capture and a bigger shape. Set LAG_TRITON_BENCH=1 to also print timings vs Triton.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from lag_triton.kernels import reference as ref
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def cu():
+    from lag_triton.kernels import cuda
+
+    reason = cuda.extension_unavailable_reason()
+    if reason is not None:
+        pytest.fail(f"CUDA device present but the extension is unavailable: {reason}")
+    return cuda
+
+
+def _tol(dtype):
+    """y is rounded to its dtype after an fp32 sum: allow one ulp of that dtype."""
+    return {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=2e-3, atol=2e-3),
+            torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2)}[dtype]
+
+
+def _check_topk(idx, scores, x, p, k):
+    """idx/scores vs the reference, tolerating order swaps only between (near-)equal scores."""
+    ridx, rscores = ref.arrow_topk(x, p, k)
+    assert idx.dtype == torch.int32 and scores.dtype == torch.float32
+    assert idx.shape == ridx.shape and scores.shape == rscores.shape
+    assert bool(((idx >= 0) & (idx < p.shape[0])).all())
+    full = (x.float() @ p.float().T).abs()
+    mine = full.gather(1, idx.long())
+    torch.testing.assert_close(scores, mine, rtol=1e-4, atol=1e-4, equal_nan=True)
+    torch.testing.assert_close(scores, rscores, rtol=1e-4, atol=1e-4, equal_nan=True)
+    # rows have distinct indices
+    assert bool((idx.sort(dim=1).values.diff(dim=1) != 0).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t,n,d,k", [(1, 20, 64, 20), (1, 3000, 256, 20), (5, 700, 72, 128), (33, 300, 128, 7),
+                                      (2, 50, 37, 10), (300, 1000, 96, 20)])
+def test_arrow_topk_matches_reference(cu, dtype, t, n, d, k):
+    g = torch.Generator(device="cuda").manual_seed(t * 1000 + n)
+    x = torch.randn(t, d, device="cuda", generator=g).to(dtype)
+    p = torch.randn(n, d, device="cuda", generator=g).to(dtype)
+    idx, scores = cu.arrow_topk(x, p, k)
+    _check_topk(idx, scores, x, p, k)
+
+
+@pytest.mark.parametrize("t,n", [(1, 1000), (3, 257), (20, 5000), (64, 100)])
+def test_arrow_exact_ties_and_nan(cu, t, n):
+    """Integer data: exact scores, many ties -> exactly the reference order (lower index first)."""
+    g = torch.Generator(device="cuda").manual_seed(n)
+    x = torch.randint(-2, 3, (t, 16), device="cuda", generator=g).float()
+    p = torch.randint(-2, 3, (n, 16), device="cuda", generator=g).float()
+    p[n // 2, 3] = float("nan")
+    p[7, 0] = float("nan")
+    for k in (1, 20, 128):
+        idx, scores = cu.arrow_topk(x, p, k)
+        ridx, rscores = ref.arrow_topk(x, p, k)
+        assert torch.equal(idx, ridx), k
+        torch.testing.assert_close(scores, rscores, equal_nan=True)
+    # all NaN: indices must still be valid (0..k-1)
+    idx, scores = cu.arrow_topk(x, torch.full_like(p, float("nan")), 5)
+    assert torch.equal(idx, torch.arange(5, device="cuda", dtype=torch.int32).expand(t, 5))
+    assert bool(scores.isnan().all())
+
+
+def test_arrow_unaligned_and_mixed_dtypes(cu):
+    buf = torch.randn(3 * 64 + 1, device="cuda", dtype=torch.bfloat16)
+    x = buf[1:].view(3, 64)  # contiguous but not 16-byte aligned
+    p = torch.randn(90, 64, device="cuda", dtype=torch.float32)
+    idx, scores = cu.arrow_topk(x, p, 9)
+    _check_topk(idx, scores, x, p, 9)
+
+
+def test_arrow_large_k_falls_back(cu):
+    x = torch.randn(4, 32, device="cuda")
+    p = torch.randn(400, 32, device="cuda")
+    idx, scores = cu.arrow_topk(x, p, 200)
+    _check_topk(idx, scores, x, p, 200)
+
+
+def _rerank_case(dtype, t, n, r, d, k, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(t, d, device="cuda", generator=g).to(dtype)
+    a = torch.randn(n, r, d, device="cuda", generator=g).to(dtype)
+    cand = torch.stack([torch.randperm(n, device="cuda", generator=g)[:k] for _ in range(t)]).int()
+    return x, a, cand
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("combine", ["softmax", "uniform"])
+@pytest.mark.parametrize("t,n,r,d,k,m", [(1, 50, 6, 64, 20, 1), (7, 40, 6, 72, 20, 3), (64, 300, 16, 128, 300, 4),
+                                          (3, 30, 9, 33, 12, 12), (2, 10, 130, 40, 5, 2)])
+def test_spectr_rerank_matches_reference(cu, dtype, combine, t, n, r, d, k, m):
+    x, a, cand = _rerank_case(dtype, t, n, r, d, k, seed=t + n)
+    sel, w, z = cu.spectr_rerank(x, a, cand, m, combine, 0.7)
+    rsel, rw, rz = ref.spectr_rerank(x, a, cand, m, combine, 0.7)
+    assert sel.dtype == torch.int32 and w.dtype == torch.float32 and z.dtype == torch.float32
+    assert torch.equal(sel, rsel)  # random data: no near-ties among norms
+    torch.testing.assert_close(z, rz, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(w, rw, rtol=1e-4, atol=1e-5)
+
+
+def test_spectr_rerank_candidate_scores_ties_nan(cu):
+    x, a, cand = _rerank_case(torch.float32, 4, 60, 6, 32, 16, seed=3)
+    scores = torch.randint(-2, 3, (4, 16), device="cuda").float()
+    scores[0, 3] = float("nan")
+    scores[1, 5] = float("-inf")
+    scores[2, 0] = -0.0
+    for m in (1, 5, 16):
+        sel, w, z = cu.spectr_rerank(x, a, cand, m, "softmax", 2.0, scores)
+        rsel, rw, rz = ref.spectr_rerank(x, a, cand, m, "softmax", 2.0, scores)
+        assert torch.equal(sel, rsel), m
+        torch.testing.assert_close(w, rw, equal_nan=True)
+        torch.testing.assert_close(z, rz, rtol=1e-4, atol=1e-4)
+    # duplicate candidates: ties broken by slot, as the reference's stable sort does
+    cand2 = cand.clone()
+    cand2[:, 1] = cand2[:, 0]
+    s2 = torch.zeros(4, 16, device="cuda")
+    sel, _, _ = cu.spectr_rerank(x, a, cand2, 4, "uniform", 1.0, s2)
+    rsel, _, _ = ref.spectr_rerank(x, a, cand2, 4, "uniform", 1.0, s2)
+    assert torch.equal(sel, rsel)
+
+
+@pytest.mark.parametrize("ydtype", DTYPES)
+@pytest.mark.parametrize("t,n,dout,r,m", [(1, 20, 8192, 6, 1), (5, 7, 100, 6, 2), (70, 30, 1000, 16, 3),
+                                           (3, 4, 33, 1, 1), (2, 5, 64, 130, 2)])
+def test_lora_apply_matches_reference(cu, ydtype, t, n, dout, r, m):
+    g = torch.Generator(device="cuda").manual_seed(t + dout)
+    y = torch.randn(t, dout, device="cuda", generator=g).to(ydtype)
+    b = torch.randn(n, dout, r, device="cuda", generator=g).to(ydtype)
+    sel = torch.randint(0, n, (t, m), device="cuda", generator=g).int()
+    w = torch.rand(t, m, device="cuda", generator=g)
+    z = torch.randn(t, m, r, device="cuda", generator=g)
+    expect = ref.lora_apply(y.clone(), b, sel, w, z)
+    out = y.clone()
+    ret = cu.lora_apply(out, b, sel, w, z)
+    assert ret.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, expect, **_tol(ydtype))
+
+
+def test_lora_apply_noncontiguous_y_and_mixed_dtype(cu):
+    y = torch.randn(10, 64, device="cuda", dtype=torch.bfloat16).t()  # [64, 10], not contiguous
+    assert not y.is_contiguous()
+    b = torch.randn(3, 10, 6, device="cuda", dtype=torch.float32)
+    sel = torch.randint(0, 3, (64, 1), device="cuda").int()
+    w = torch.ones(64, 1, device="cuda")
+    z = torch.randn(64, 1, 6, device="cuda")
+    expect = ref.lora_apply(y.clone(), b, sel, w, z)
+    ret = cu.lora_apply(y, b, sel, w, z)
+    assert ret is y
+    torch.testing.assert_close(y, expect, **_tol(torch.bfloat16))
+
+
+def test_binding_error_messages(cu):
+    ext = cu._load()
+    s = torch.cuda.current_stream().cuda_stream
+    x = torch.randn(2, 16, device="cuda")
+    p = torch.randn(8, 16, device="cuda")
+    idx = torch.empty(2, 3, device="cuda", dtype=torch.int64)
+    sc = torch.empty(2, 3, device="cuda")
+    with pytest.raises(RuntimeError, match="idx must be Int"):
+        ext.arrow_topk(x, p, 3, idx, sc, s)
+    with pytest.raises(RuntimeError, match="prototypes must be contiguous"):
+        ext.arrow_topk(x, torch.randn(16, 8, device="cuda").t(), 3, idx.int(), sc, s)
+    with pytest.raises(RuntimeError, match="scores must have shape"):
+        ext.arrow_topk(x, p, 3, idx.int(), torch.empty(2, 4, device="cuda"), s)
+    with pytest.raises(RuntimeError, match="prototypes must be a CUDA tensor"):
+        ext.arrow_topk(x, p.cpu(), 3, idx.int(), sc, s)
+    with pytest.raises(RuntimeError, match="k <= 128"):
+        ext.arrow_topk(x, torch.randn(300, 16, device="cuda"), 200, idx.int(), sc, s)
+    y = torch.randn(2, 8, device="cuda")
+    b = torch.randn(4, 8, 3, device="cuda")
+    with pytest.raises(RuntimeError, match="z must have shape"):
+        ext.lora_apply(y, b, torch.zeros(2, 1, device="cuda", dtype=torch.int32), torch.ones(2, 1, device="cuda"),
+                       torch.zeros(2, 1, 4, device="cuda"), s)
+    with pytest.raises(RuntimeError, match="b_star has dtype"):
+        ext.lora_apply(y, b.double(), torch.zeros(2, 1, device="cuda", dtype=torch.int32),
+                       torch.ones(2, 1, device="cuda"), torch.zeros(2, 1, 3, device="cuda"), s)
+
+
+def test_empty_batch(cu):
+    x = torch.randn(0, 16, device="cuda")
+    p = torch.randn(8, 16, device="cuda")
+    idx, sc = cu.arrow_topk(x, p, 3)
+    assert idx.shape == (0, 3)
+    sel, w, z = cu.spectr_rerank(x, torch.randn(8, 2, 16, device="cuda"), idx, 2)
+    assert z.shape == (0, 2, 2)
+    y = torch.randn(0, 5, device="cuda")
+    cu.lora_apply(y, torch.randn(8, 5, 2, device="cuda"), sel, w, z)
+
+
+def test_cuda_graph_capture(cu):
+    """No host sync on the forward path: the three ops capture and replay in a CUDA graph."""
+    t, n, d, r, dout, k = 4, 200, 128, 6, 256, 20
+    x = torch.randn(t, d, device="cuda", dtype=torch.bfloat16)
+    p = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(n, r, d, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, dout, r, device="cuda", dtype=torch.bfloat16)
+    y = torch.zeros(t, dout, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        idx, _ = cu.arrow_topk(x, p, k)
+        sel, w, z = cu.spectr_rerank(x, a, idx, 2)
+        y.zero_()
+        cu.lora_apply(y, b, sel, w, z)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()  # warm-up (and JIT) outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    idx, _ = ref.arrow_topk(x, p, k)
+    sel, w, z = ref.spectr_rerank(x, a, idx, 2)
+    expect = ref.lora_apply(torch.zeros_like(y), b, sel, w, z)
+    torch.testing.assert_close(y, expect, **_tol(torch.bfloat16))
+
+
+@pytest.mark.skipif(os.environ.get("LAG_TRITON_BENCH", "0") in ("", "0"), reason="set LAG_TRITON_BENCH=1")
+@pytest.mark.parametrize("t", [1, 8, 32, 512, 2048])
+def test_bench_vs_triton(cu, t):
+    """Timings (H100 target shape: bf16, d_in=3072, d_out=8192, r=6, k=20, N=1000). Prints only."""
+    n, d, dout, r, k = 1000, 3072, 8192, 6, 20
+    dt = torch.bfloat16
+    x = torch.randn(t, d, device="cuda", dtype=dt)
+    p = torch.randn(n, d, device="cuda", dtype=dt)
+    a = torch.randn(n, r, d, device="cuda", dtype=dt)
+    b = torch.randn(n, dout, r, device="cuda", dtype=dt)
+    y = torch.randn(t, dout, device="cuda", dtype=dt)
+    backends = {"cuda": cu}
+    try:
+        from lag_triton.kernels import get_ops
+
+        backends["triton"] = get_ops("triton")
+    except Exception as exc:  # noqa: BLE001
+        print(f"triton unavailable: {exc}")
+
+    def timeit(fn, reps=50):
+        for _ in range(3):
+            fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / reps * 1e3  # us
+
+    for name, ops in backends.items():
+        idx, _ = ops.arrow_topk(x, p, k)
+        sel, w, z = ops.spectr_rerank(x, a, idx, 1)
+        t_topk = timeit(lambda: ops.arrow_topk(x, p, k))
+        t_rr = timeit(lambda: ops.spectr_rerank(x, a, idx, 1))
+        t_ap = timeit(lambda: ops.lora_apply(y, b, sel, w, z))
+        print(f"\n[{name}] T={t}: arrow_topk {t_topk:8.1f} us  spectr_rerank {t_rr:8.1f} us  lora_apply {t_ap:8.1f} us")
