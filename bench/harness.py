@@ -446,89 +446,94 @@ def run_kernel_tables(ops_to_run: Iterable[str], argv=None, description: str = "
         log(f"  {op:14s} {d_in}->{d_out} N={n:<7d} T={t:<5d} {backend:7s} {shown}{pct}")
 
     skipped_budget = 0
-    for shape in shapes:
-        d_in, d_out = shape
-        for n in ns:
-            k, m = min(k_req, n), min(m_req, min(k_req, n))
-            if budget.expired():
-                skipped_budget += len(ts) * len(ops_to_run)
-                continue
-            need_a = any(o in ("layer", "spectr_rerank", "lora_apply") for o in ops_to_run)  # apply needs real sel/z
-            need_b = any(o in ("layer", "lora_apply") for o in ops_to_run)
-            try:
-                protos, a_star, b_star = _random_library(n, r, d_in, d_out, dtype, device, gen, need_a, need_b)
-            except Exception as exc:  # noqa: BLE001 (OOM at the largest N)
-                for t in ts:
-                    for op in ops_to_run:
-                        for b in wanted:
-                            record(op, shape, n, t, k, m, b, f"error: building data: {short_error(exc)}")
-                free_memory(device)
-                continue
-            for t in ts:
+    # The per-layer table first (over the whole sweep), then the per-kernel tables: a time budget
+    # that runs out cuts the least important rows.
+    all_ops = ops_to_run
+    passes = [["layer"], [o for o in all_ops if o != "layer"]] if "layer" in all_ops else [all_ops]
+    for ops_to_run in [p for p in passes if p]:
+        for shape in shapes:
+            d_in, d_out = shape
+            for n in ns:
+                k, m = min(k_req, n), min(m_req, min(k_req, n))
                 if budget.expired():
-                    skipped_budget += len(ops_to_run)
+                    skipped_budget += len(ts) * len(ops_to_run)
                     continue
-                # Inputs, rotated: x, y and the per-buffer routing results the later ops consume.
-                sets = []
-                for _ in range(max(1, args.rotate)):
-                    x = torch.randn(t, d_in, generator=gen, device=device, dtype=torch.float32).to(dtype)
-                    y = torch.randn(t, d_out, generator=gen, device=device, dtype=torch.float32).to(dtype)
-                    cand, _ = plain_arrow_topk(x, protos, k)
-                    s = {"x": x, "y": y, "cand": cand}
-                    if a_star is not None:
-                        s["sel"], s["w"], s["z"] = plain_spectr_rerank(x, a_star, cand, m)
-                    sets.append(s)
-                uniq_cand = int(torch.unique(sets[0]["cand"]).numel())
-                uniq_sel = int(torch.unique(sets[0]["sel"]).numel()) if "sel" in sets[0] else 0
-                ref_ok = t * n <= args.ref_max_tn
-                ref_sel = None
-                for op in ops_to_run:
-                    nbytes = kernel_bytes(op, n=n, r=r, d_in=d_in, d_out=d_out, t=t, k=k, m=m, elt=elt,
-                                          uniq_cand=uniq_cand, uniq_sel=uniq_sel)
-                    extra = {"unique_candidates": uniq_cand, "unique_selected": uniq_sel}
-                    for b in wanted:
-                        ops, why = backends[b]
-                        if why:
-                            record(op, shape, n, t, k, m, b, why, nbytes=nbytes, extra=extra)
-                            continue
-                        if b == "torch" and not ref_ok:
-                            record(op, shape, n, t, k, m, b,
-                                   f"skipped: reference not run above T*N={args.ref_max_tn:.3g} (slow by design)",
-                                   nbytes=nbytes, extra=extra)
-                            continue
-                        rot = Rotator(sets)
-                        cfg = RoutingConfig(k=k, top_m=m)
-                        fn = _make_fn(op, b, ops, rot, a_star, b_star, protos, k, m, cfg, route_and_apply)
-                        row_extra = dict(extra)
-                        try:
-                            if op == "layer":
-                                # Correctness signal: does this backend pick what the reference picks?
-                                s0 = sets[0]
-                                y0 = s0["y"].clone()
-                                if b == "plain":
-                                    sel = plain_layer(s0["x"], y0, a_star, b_star, protos, k, m).to(torch.int32)
-                                else:
-                                    sel = route_and_apply(s0["x"], y0, a_star, b_star, protos, cfg, ops)
-                                if b == "torch":
-                                    ref_sel = sel.clone()
-                                elif ref_sel is not None and ref_sel.shape == sel.shape:
-                                    row_extra["sel_match_ref"] = float((ref_sel == sel).all(dim=1).float().mean())
-                            ms = bench(fn, device, args.warmup_ms, args.rep_ms)
-                            record(op, shape, n, t, k, m, b, "ok", ms, nbytes, row_extra)
-                        except Exception as exc:  # noqa: BLE001
-                            traceback.print_exc()
-                            record(op, shape, n, t, k, m, b, f"error: {short_error(exc)}", nbytes=nbytes,
-                                   extra=row_extra)
-                            if cuda_context_broken(device):
-                                results.note(f"CUDA context broken after {b} {op} N={n} T={t}; stopping this stage")
-                                sys.exit(3)
-                            free_memory(device)
-                del sets
+                need_a = any(o in ("layer", "spectr_rerank", "lora_apply") for o in ops_to_run)  # apply needs real sel/z
+                need_b = any(o in ("layer", "lora_apply") for o in ops_to_run)
+                try:
+                    protos, a_star, b_star = _random_library(n, r, d_in, d_out, dtype, device, gen, need_a, need_b)
+                except Exception as exc:  # noqa: BLE001 (OOM at the largest N)
+                    for t in ts:
+                        for op in ops_to_run:
+                            for b in wanted:
+                                record(op, shape, n, t, k, m, b, f"error: building data: {short_error(exc)}")
+                    free_memory(device)
+                    continue
+                for t in ts:
+                    if budget.expired():
+                        skipped_budget += len(ops_to_run)
+                        continue
+                    # Inputs, rotated: x, y and the per-buffer routing results the later ops consume.
+                    sets = []
+                    for _ in range(max(1, args.rotate)):
+                        x = torch.randn(t, d_in, generator=gen, device=device, dtype=torch.float32).to(dtype)
+                        y = torch.randn(t, d_out, generator=gen, device=device, dtype=torch.float32).to(dtype)
+                        cand, _ = plain_arrow_topk(x, protos, k)
+                        s = {"x": x, "y": y, "cand": cand}
+                        if a_star is not None:
+                            s["sel"], s["w"], s["z"] = plain_spectr_rerank(x, a_star, cand, m)
+                        sets.append(s)
+                    uniq_cand = int(torch.unique(sets[0]["cand"]).numel())
+                    uniq_sel = int(torch.unique(sets[0]["sel"]).numel()) if "sel" in sets[0] else 0
+                    ref_ok = t * n <= args.ref_max_tn
+                    ref_sel = None
+                    for op in ops_to_run:
+                        nbytes = kernel_bytes(op, n=n, r=r, d_in=d_in, d_out=d_out, t=t, k=k, m=m, elt=elt,
+                                              uniq_cand=uniq_cand, uniq_sel=uniq_sel)
+                        extra = {"unique_candidates": uniq_cand, "unique_selected": uniq_sel}
+                        for b in wanted:
+                            ops, why = backends[b]
+                            if why:
+                                record(op, shape, n, t, k, m, b, why, nbytes=nbytes, extra=extra)
+                                continue
+                            if b == "torch" and not ref_ok:
+                                record(op, shape, n, t, k, m, b,
+                                       f"skipped: reference not run above T*N={args.ref_max_tn:.3g} (slow by design)",
+                                       nbytes=nbytes, extra=extra)
+                                continue
+                            rot = Rotator(sets)
+                            cfg = RoutingConfig(k=k, top_m=m)
+                            fn = _make_fn(op, b, ops, rot, a_star, b_star, protos, k, m, cfg, route_and_apply)
+                            row_extra = dict(extra)
+                            try:
+                                if op == "layer":
+                                    # Correctness signal: does this backend pick what the reference picks?
+                                    s0 = sets[0]
+                                    y0 = s0["y"].clone()
+                                    if b == "plain":
+                                        sel = plain_layer(s0["x"], y0, a_star, b_star, protos, k, m).to(torch.int32)
+                                    else:
+                                        sel = route_and_apply(s0["x"], y0, a_star, b_star, protos, cfg, ops)
+                                    if b == "torch":
+                                        ref_sel = sel.clone()
+                                    elif ref_sel is not None and ref_sel.shape == sel.shape:
+                                        row_extra["sel_match_ref"] = float((ref_sel == sel).all(dim=1).float().mean())
+                                ms = bench(fn, device, args.warmup_ms, args.rep_ms)
+                                record(op, shape, n, t, k, m, b, "ok", ms, nbytes, row_extra)
+                            except Exception as exc:  # noqa: BLE001
+                                traceback.print_exc()
+                                record(op, shape, n, t, k, m, b, f"error: {short_error(exc)}", nbytes=nbytes,
+                                       extra=row_extra)
+                                if cuda_context_broken(device):
+                                    results.note(f"CUDA context broken after {b} {op} N={n} T={t}; stopping this stage")
+                                    sys.exit(3)
+                                free_memory(device)
+                    del sets
+                    free_memory(device)
+                del protos, a_star, b_star
                 free_memory(device)
-            del protos, a_star, b_star
-            free_memory(device)
     if skipped_budget:
-        results.note(f"kernel tables {ops_to_run}: {skipped_budget} (op, N, T) cells skipped, "
+        results.note(f"kernel tables {all_ops}: {skipped_budget} (op, N, T) cells skipped, "
                      f"time budget {args.time_budget}s spent")
     log(f"wrote {results.path} ({budget.elapsed():.1f}s)")
     return results.path

@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# The one prepared GPU script: versions, CUDA-extension build, GPU tests, compute-sanitizer
+# memcheck, kernel benchmarks, end-to-end benchmark, report. Run from anywhere:
+#
+#     OUT=/some/dir bash bench/gpu_check.sh
+#
+# Every stage runs under `timeout`, sized from one global deadline (BUDGET_S, default 345 s) so a
+# hang or a slow stage cannot eat the budget of the stages after it. The benchmark scripts also
+# get a soft --time-budget a little under their timeout, and rewrite their JSON after every row,
+# so a stage cut short still leaves its results. Files written (6, at most 2 directories deep):
+#
+#   $OUT/log.txt                          everything (stage headers, versions, bench output, summary)
+#   $OUT/pytest.txt                       pytest output
+#   $OUT/sanitizer.txt                    compute-sanitizer memcheck output
+#   $OUT/report.md                        markdown tables (bench/report.py)
+#   $OUT/bench/results/<card>-<date>.json every row + card, driver, versions, copy bandwidth
+#   $OUT/bench/results/<card>-<date>.png  per-layer time vs N plot
+#
+# Knobs (environment): BUDGET_S, QUICK=1 (quick kernel + e2e sweeps), PYTEST_ARGS (default
+# "tests/ -x -q"), KERNEL_ARGS / E2E_ARGS (extra flags appended, e.g. E2E_ARGS="--layers 8"),
+# SKIP="build pytest sanitize kernels e2e" (any subset), PYTHON (default python3).
+# On a machine without nvidia-smi it runs the same stages on CPU at tiny sizes (for debugging).
+
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+export MAX_JOBS="${MAX_JOBS:-16}"
+OUT="${OUT:-/tmp/lag_gpu_check}"
+PY="${PYTHON:-python3}"
+BUDGET_S="${BUDGET_S:-345}"
+QUICK="${QUICK:-0}"
+SKIP="${SKIP:-}"
+PYTEST_ARGS="${PYTEST_ARGS:-tests/ -x -q}"
+mkdir -p "$OUT/bench/results"
+LOG="$OUT/log.txt"
+: > "$LOG"
+T0=$(date +%s)
+SUMMARY=""
+FAILED=0
+
+say() { echo "$*" | tee -a "$LOG"; }
+now() { echo $(( $(date +%s) - T0 )); }
+
+# stage NAME CAP RESERVE CMD...: run CMD (output appended to $LOG) under a timeout of
+# min(CAP, time left - RESERVE), RESERVE being what the later stages need at least.
+stage() {
+    local name=$1 cap=$2 reserve=$3; shift 3
+    local left=$(( BUDGET_S - $(now) - reserve ))
+    local t=$(( cap < left ? cap : left ))
+    if [[ " $SKIP " == *" $name "* ]]; then
+        say "=== [$name] skipped (SKIP)"; SUMMARY+="$name: skipped (SKIP)\n"; return 0
+    fi
+    if (( t < 10 )); then
+        say "=== [$name] skipped: only ${t}s left in the ${BUDGET_S}s budget"
+        SUMMARY+="$name: skipped (budget)\n"; FAILED=1; return 0
+    fi
+    export STAGE_T=$t
+    say "=== [$name] start at $(now)s, timeout ${t}s: $*"
+    local s=$(date +%s)
+    timeout -k 5 "$t" "$@" 2>&1 | tee -a "$LOG" > /dev/null
+    local rc=$?
+    local d=$(( $(date +%s) - s ))
+    [[ $rc == 124 || $rc == 137 ]] && say "=== [$name] TIMED OUT after ${d}s" || say "=== [$name] rc=$rc in ${d}s"
+    SUMMARY+="$name: rc=$rc ${d}s (timeout ${t}s)\n"
+    (( rc != 0 )) && FAILED=1
+    return 0
+}
+
+# ---- versions -----------------------------------------------------------------------------------
+GPU=0
+if command -v nvidia-smi > /dev/null 2>&1 && nvidia-smi > /dev/null 2>&1; then GPU=1; fi
+say "=== lag_triton gpu_check.sh  $(date -Is)  budget ${BUDGET_S}s  quick=$QUICK  gpu=$GPU  out=$OUT"
+say "git: $(git rev-parse --short HEAD 2>/dev/null) $(git status --porcelain 2>/dev/null | wc -l) changed file(s)"
+if (( GPU )); then
+    timeout 15 nvidia-smi 2>&1 | tee -a "$LOG" > /dev/null
+    CARD=$(timeout 10 nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+else
+    CARD=cpu
+fi
+timeout 60 "$PY" - <<'EOF' 2>&1 | tee -a "$LOG" > /dev/null
+import importlib, platform, shutil, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "cuda", torch.version.cuda,
+      "| device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
+for m in ("triton", "transformers", "peft", "numpy", "matplotlib", "safetensors"):
+    try:
+        print(m, importlib.import_module(m).__version__)
+    except Exception as e:
+        print(m, "MISSING", e)
+print("nvcc", shutil.which("nvcc"), "| ninja", shutil.which("ninja"), "| compute-sanitizer", shutil.which("compute-sanitizer"))
+EOF
+SLUG=$(echo "$CARD" | tr 'A-Z' 'a-z' | sed -E 's/[^a-z0-9]+/-/g; s/^-+//; s/-+$//')
+RESULTS="$OUT/bench/results/${SLUG:-unknown}-$(date +%F).json"
+say "results: $RESULTS"
+
+# ---- CUDA extension build (JIT, cached for every later stage) -----------------------------------
+if (( GPU )); then
+    stage build 120 200 "$PY" -c "
+import time; t = time.time()
+from lag_triton.kernels.cuda import extension_unavailable_reason
+print('cuda extension:', extension_unavailable_reason() or 'ok', f'({time.time() - t:.1f}s)')"
+fi
+
+# ---- GPU tests ------------------------------------------------------------------------------------
+# shellcheck disable=SC2086
+stage pytest 90 170 bash -c "$PY -m pytest $PYTEST_ARGS > '$OUT/pytest.txt' 2>&1; rc=\$?; tail -n 25 '$OUT/pytest.txt'; exit \$rc"
+
+# ---- compute-sanitizer memcheck over one small run of each kernel --------------------------------
+SAN=$(command -v compute-sanitizer || true)
+[[ -z "$SAN" && -x /usr/local/cuda/bin/compute-sanitizer ]] && SAN=/usr/local/cuda/bin/compute-sanitizer
+if (( GPU )) && [[ -n "$SAN" ]]; then
+    stage sanitize 60 140 bash -c "'$SAN' --tool memcheck --error-exitcode 1 --print-limit 20 $PY bench/sanitize_kernels.py > '$OUT/sanitizer.txt' 2>&1; rc=\$?; grep -E 'sanitize|ERROR SUMMARY|Invalid|error' '$OUT/sanitizer.txt' | tail -n 40; exit \$rc"
+else
+    say "=== [sanitize] compute-sanitizer not found or no GPU: running bench/sanitize_kernels.py --small without it"
+    stage sanitize 60 140 bash -c "$PY bench/sanitize_kernels.py --small > '$OUT/sanitizer.txt' 2>&1; rc=\$?; cat '$OUT/sanitizer.txt'; exit \$rc"
+fi
+
+# ---- kernel tables ---------------------------------------------------------------------------------
+KQ=""; EQ=""
+(( QUICK )) && { KQ="--quick"; EQ="--quick"; }
+export PY KQ EQ RESULTS KERNEL_ARGS="${KERNEL_ARGS:-}" E2E_ARGS="${E2E_ARGS:-}"
+# shellcheck disable=SC2016
+stage kernels 95 80 bash -c '"$PY" bench/bench_kernels.py $KQ --out "$RESULTS" --time-budget $(( STAGE_T - 15 )) $KERNEL_ARGS'
+
+# ---- end to end -------------------------------------------------------------------------------------
+# shellcheck disable=SC2016
+stage e2e 110 12 bash -c '"$PY" bench/bench_e2e.py $EQ --out "$RESULTS" --time-budget $(( STAGE_T - 25 )) $E2E_ARGS'
+
+# ---- report -------------------------------------------------------------------------------------------
+if [[ -f "$RESULTS" ]]; then
+    timeout 30 "$PY" bench/report.py "$RESULTS" --md "$OUT/report.md" --png "${RESULTS%.json}.png" 2>&1 | tee -a "$LOG" > /dev/null
+    cat "$OUT/report.md" >> "$LOG" 2>/dev/null
+fi
+
+say "=== summary (total $(now)s of ${BUDGET_S}s)"
+say "$(printf "$SUMMARY")"
+exit $FAILED

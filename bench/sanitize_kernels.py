@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""One small run of every kernel of every GPU backend, for ``compute-sanitizer --tool memcheck``.
+
+Shapes are deliberately not multiples of any block size (ragged d_in / d_out / N / T), and cover
+decode (T=1), a few tokens, and a prefill-sized T, the split-N top-k path (large N, T=1), every
+router mode ("lag", "arrow" with candidate scores, "spectr" with k=N), top_m > 1 and fp32/bf16.
+Results are compared with the torch reference computed on CPU (so the sanitizer does not have to
+instrument cuBLAS); mismatches are printed, not fatal: memcheck is the point here.
+
+    compute-sanitizer --tool memcheck --error-exitcode 1 python3 bench/sanitize_kernels.py [--backends triton,cuda]
+    python3 bench/sanitize_kernels.py --device cpu      # the same code path on CPU (Triton interpreter)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from bench.harness import backend_ops, log, short_error  # noqa: E402
+
+# (d_in, d_out, N, T, k, top_m, router)
+CASES = [
+    (96, 80, 50, 1, 20, 1, "lag"),
+    (96, 80, 50, 7, 20, 2, "lag"),
+    (72, 136, 300, 130, 20, 1, "lag"),
+    (136, 72, 3001, 1, 20, 1, "lag"),
+    (96, 80, 50, 5, 3, 3, "arrow"),
+    (64, 40, 37, 3, 37, 1, "spectr"),
+]
+SMALL_CASES = [CASES[0], CASES[1], CASES[4]]
+
+
+def run_case(ops, ref, case, dtype, device, gen) -> str:
+    from lag_triton.routing import RoutingConfig, route
+
+    d_in, d_out, n, t, k, m, router = case
+    x = torch.randn(t, d_in, generator=gen).to(dtype)
+    a = torch.randn(n, 6, d_in, generator=gen) * d_in ** -0.5
+    a = a.to(dtype)
+    b = (torch.randn(n, d_out, 6, generator=gen) * 0.05).to(dtype)
+    p = a[:, 0].contiguous()
+    y = torch.randn(t, d_out, generator=gen).to(dtype)
+    cfg = RoutingConfig(k=k, top_m=m, router=router, combine="softmax")
+    # GPU run: the three ops, as route() composes them, then the apply.
+    xd, ad, bd, pd, yd = (v.to(device, copy=True) for v in (x, a, b, p, y))
+    sel, w, z = route(xd, ad, pd, cfg, ops)
+    ops.lora_apply(yd, bd, sel, w, z)
+    if router == "lag":  # the top-k op on its own as well (idx + scores)
+        idx, scores = ops.arrow_topk(xd, pd, min(k, n))
+        idx_ref, _ = ref.arrow_topk(x, p, min(k, n))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    # CPU reference
+    sel_r, w_r, z_r = route(x, a, p, cfg, ref)
+    y_r = y.clone()
+    ref.lora_apply(y_r, b, sel_r, w_r, z_r)
+    sel_match = float((sel.cpu() == sel_r).all(dim=1).float().mean())
+    err = float((yd.cpu().float() - y_r.float()).abs().max())
+    msg = f"sel match {sel_match:.2f}, max |y - y_ref| {err:.3g}"
+    if router == "lag":
+        msg += f", top-k idx match {float((idx.cpu() == idx_ref).float().mean()):.2f}"
+    return msg
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backends", default="triton,cuda")
+    p.add_argument("--small", action="store_true", help="only three small cases")
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    from lag_triton.kernels import get_ops
+
+    ref = get_ops("torch")
+    failures = 0
+    cases = SMALL_CASES if a.small else CASES
+    for backend in [b.strip() for b in a.backends.split(",") if b.strip()]:
+        ops, why = backend_ops(backend, device)
+        if why:
+            log(f"sanitize {backend}: {why}")
+            continue
+        for dtype in (torch.bfloat16, torch.float32):
+            for case in cases:
+                gen = torch.Generator().manual_seed(hash(case) % 2**31)
+                t0 = time.perf_counter()
+                try:
+                    msg = run_case(ops, ref, case, dtype, device, gen)
+                    log(f"sanitize {backend} {str(dtype)[6:]:8s} {case}: ok ({msg}) {time.perf_counter() - t0:.1f}s")
+                except Exception as exc:  # noqa: BLE001
+                    failures += 1
+                    log(f"sanitize {backend} {str(dtype)[6:]:8s} {case}: ERROR {short_error(exc, 400)}")
+    log(f"sanitize: done, {failures} failing case(s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
