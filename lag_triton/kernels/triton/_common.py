@@ -15,14 +15,17 @@ real word (even NaN) and decodes to an out-of-range index that is never written 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from .. import triton_interpreter_enabled
 
-EMPTY_SLOT = -9223372036854775808  # INT64_MIN
-NO_ADAPTER = 2147483647  # int32 max: "no adapter" marker inside tiles
+# Globals read inside @triton.jit code must be tl.constexpr (compiled Triton rejects plain globals).
+EMPTY_SLOT = tl.constexpr(-9223372036854775808)  # INT64_MIN
+NO_ADAPTER = tl.constexpr(2147483647)  # int32 max: "no adapter" marker inside tiles
 
 
 def interpreting() -> bool:
@@ -44,9 +47,14 @@ def rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 4  # interpreter: a few programs per launch keep CPU runs short
 
 
@@ -103,7 +111,9 @@ def _topk_by_rank(words, K_PAD: tl.constexpr):
 @triton.jit
 def topk_words(words, K_PAD: tl.constexpr):
     """Top-K_PAD of packed words [ROWS, C] (C >= K_PAD, powers of two), best first."""
-    if USE_BITONIC:
+    if K_PAD == 1:  # tl.topk(x, 1) fails to compile for [1, C] tiles
+        return tl.max(words, axis=1, keep_dims=True)
+    elif USE_BITONIC:
         return tl.topk(words, K_PAD)
     else:
         return _topk_by_rank(words, K_PAD)

@@ -117,9 +117,10 @@ def _config(t: int, n: int, d: int, k_pad: int, device: torch.device) -> dict:
         cfg = dict(BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4, num_stages=1)
     else:
         block_t = 16 if t <= 16 else (32 if t <= 64 else 64)
-        block_n = max(k_pad, 64 if block_t <= 32 else 64)
+        block_n = max(k_pad, 64)
         block_d = 128 if block_t <= 32 else 64
-        cfg = dict(BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4, num_stages=3)
+        warps = 8 if block_t * (block_n + 2 * k_pad) >= 8192 else 4  # int64 top-k words live in registers
+        cfg = dict(BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=3)
     return cfg
 
 
