@@ -95,7 +95,7 @@ say "results: $RESULTS"
 
 # ---- CUDA extension build (JIT, cached for every later stage) -----------------------------------
 if (( GPU )); then
-    stage build 120 200 "$PY" -c "
+    stage build 110 218 "$PY" -c "
 import time; t = time.time()
 from lag_triton.kernels.cuda import extension_unavailable_reason
 print('cuda extension:', extension_unavailable_reason() or 'ok', f'({time.time() - t:.1f}s)')"
@@ -103,16 +103,16 @@ fi
 
 # ---- GPU tests ------------------------------------------------------------------------------------
 # shellcheck disable=SC2086
-stage pytest 90 170 bash -c "$PY -m pytest $PYTEST_ARGS > '$OUT/pytest.txt' 2>&1; rc=\$?; tail -n 25 '$OUT/pytest.txt'; exit \$rc"
+stage pytest 75 178 bash -c "$PY -m pytest $PYTEST_ARGS > '$OUT/pytest.txt' 2>&1; rc=\$?; tail -n 25 '$OUT/pytest.txt'; exit \$rc"
 
 # ---- compute-sanitizer memcheck over one small run of each kernel --------------------------------
 SAN=$(command -v compute-sanitizer || true)
 [[ -z "$SAN" && -x /usr/local/cuda/bin/compute-sanitizer ]] && SAN=/usr/local/cuda/bin/compute-sanitizer
 if (( GPU )) && [[ -n "$SAN" ]]; then
-    stage sanitize 60 140 bash -c "'$SAN' --tool memcheck --error-exitcode 1 --print-limit 20 $PY bench/sanitize_kernels.py > '$OUT/sanitizer.txt' 2>&1; rc=\$?; grep -E 'sanitize|ERROR SUMMARY|Invalid|error' '$OUT/sanitizer.txt' | tail -n 40; exit \$rc"
+    stage sanitize 45 148 bash -c "'$SAN' --tool memcheck --error-exitcode 1 --print-limit 20 $PY bench/sanitize_kernels.py --dtypes bf16 > '$OUT/sanitizer.txt' 2>&1; rc=\$?; grep -E 'sanitize|ERROR SUMMARY|Invalid|error' '$OUT/sanitizer.txt' | tail -n 40; exit \$rc"
 else
     say "=== [sanitize] compute-sanitizer not found or no GPU: running bench/sanitize_kernels.py --small without it"
-    stage sanitize 60 140 bash -c "$PY bench/sanitize_kernels.py --small > '$OUT/sanitizer.txt' 2>&1; rc=\$?; cat '$OUT/sanitizer.txt'; exit \$rc"
+    stage sanitize 45 148 bash -c "$PY bench/sanitize_kernels.py --small > '$OUT/sanitizer.txt' 2>&1; rc=\$?; cat '$OUT/sanitizer.txt'; exit \$rc"
 fi
 
 # ---- kernel tables ---------------------------------------------------------------------------------
@@ -120,11 +120,11 @@ KQ=""; EQ=""
 (( QUICK )) && { KQ="--quick"; EQ="--quick"; }
 export PY KQ EQ RESULTS KERNEL_ARGS="${KERNEL_ARGS:-}" E2E_ARGS="${E2E_ARGS:-}"
 # shellcheck disable=SC2016
-stage kernels 95 80 bash -c '"$PY" bench/bench_kernels.py $KQ --out "$RESULTS" --time-budget $(( STAGE_T - 15 )) $KERNEL_ARGS'
+stage kernels 90 78 bash -c '"$PY" bench/bench_kernels.py $KQ --out "$RESULTS" --time-budget $(( STAGE_T - 15 )) $KERNEL_ARGS'
 
 # ---- end to end -------------------------------------------------------------------------------------
 # shellcheck disable=SC2016
-stage e2e 110 12 bash -c '"$PY" bench/bench_e2e.py $EQ --out "$RESULTS" --time-budget $(( STAGE_T - 25 )) $E2E_ARGS'
+stage e2e 110 8 bash -c '"$PY" bench/bench_e2e.py $EQ --out "$RESULTS" --time-budget $(( STAGE_T - 25 )) $E2E_ARGS'
 
 # ---- report -------------------------------------------------------------------------------------------
 if [[ -f "$RESULTS" ]]; then

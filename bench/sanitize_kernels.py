@@ -73,19 +73,22 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backends", default="triton,cuda")
     p.add_argument("--small", action="store_true", help="only three small cases")
+    p.add_argument("--dtypes", default="bf16,fp32", help="comma list out of bf16, fp16, fp32")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     from lag_triton.kernels import get_ops
 
     ref = get_ops("torch")
     failures = 0
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    dtypes = [names[d.strip()] for d in a.dtypes.split(",") if d.strip()]
     cases = SMALL_CASES if a.small else CASES
     for backend in [b.strip() for b in a.backends.split(",") if b.strip()]:
         ops, why = backend_ops(backend, device)
         if why:
             log(f"sanitize {backend}: {why}")
             continue
-        for dtype in (torch.bfloat16, torch.float32):
+        for dtype in dtypes:
             for case in cases:
                 gen = torch.Generator().manual_seed(hash(case) % 2**31)
                 t0 = time.perf_counter()
