@@ -323,6 +323,11 @@ def time_decode(model, batch: int, a, device, graphs: bool, gen) -> tuple[float,
         for _ in range(steps):
             fn()
         ms = (time.perf_counter() - t0) * 1e3 / steps
+    # The graph must advance its own position on every replay: check once, after timing.
+    expected = a.decode_ctx + warm + 1 + steps
+    got = int(dec.pos.item())
+    if got != expected:
+        raise RuntimeError(f"decode position is {got} after the timed steps, expected {expected} ({mode})")
     del graph, dec
     return ms, mode
 

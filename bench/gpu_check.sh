@@ -58,7 +58,7 @@ stage() {
     export STAGE_T=$t
     say "=== [$name] start at $(now)s, timeout ${t}s: $*"
     local s=$(date +%s)
-    timeout -k 5 "$t" "$@" 2>&1 | tee -a "$LOG" > /dev/null
+    timeout -k 5 "$t" "$@" 2>&1 | tee -a "$LOG"
     local rc=$?
     local d=$(( $(date +%s) - s ))
     [[ $rc == 124 || $rc == 137 ]] && say "=== [$name] TIMED OUT after ${d}s" || say "=== [$name] rc=$rc in ${d}s"
@@ -128,8 +128,8 @@ stage e2e 110 8 bash -c '"$PY" bench/bench_e2e.py $EQ --out "$RESULTS" --time-bu
 
 # ---- report -------------------------------------------------------------------------------------------
 if [[ -f "$RESULTS" ]]; then
-    timeout 30 "$PY" bench/report.py "$RESULTS" --md "$OUT/report.md" --png "${RESULTS%.json}.png" 2>&1 | tee -a "$LOG" > /dev/null
-    cat "$OUT/report.md" >> "$LOG" 2>/dev/null
+    timeout 30 "$PY" bench/report.py "$RESULTS" --md "$OUT/report.md" --png "${RESULTS%.json}.png" 2>&1 | tee -a "$LOG"
+    [[ -f "$OUT/report.md" ]] && tee -a "$LOG" < "$OUT/report.md"
 fi
 
 say "=== summary (total $(now)s of ${BUDGET_S}s)"

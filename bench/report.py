@@ -103,7 +103,7 @@ def kernel_tables(rows: list[dict]) -> list[str]:
             for b in ("triton", "cuda"):
                 if b in backends:
                     pct = (by_b.get(b) or {}).get("pct_bw")
-                    line.append(f"{pct:.0f}%" if pct is not None else "")
+                    line.append("" if pct is None else (f"{pct:.0f}%" if pct >= 10 else f"{pct:.1f}%"))
             out.append("| " + " | ".join(line) + " |")
         out.append("")
         out.extend(notes.render())
@@ -174,7 +174,10 @@ def e2e_table(rows: list[dict]) -> list[str]:
            + ", ms per decode step; tokens/s = batch / step time. *decode mode*: CUDA graph or eager.", "",
            "| model | backend | N | " + " | ".join(cols.values()) + " | decode mode |",
            "|---|---|---:|" + "---:|" * len(cols) + "---|"]
-    for (model, backend, n), g in groups.items():
+    model_order = list(OrderedDict.fromkeys(k[0] for k in groups))
+    rank = {b: i for i, b in enumerate(("base", "lag-triton", "lag-cuda", "lag-torch", "peft-arrow"))}
+    ordered = sorted(groups.items(), key=lambda kv: (model_order.index(kv[0][0]), rank.get(kv[0][1], 99)))
+    for (model, backend, n), g in ordered:
         cells = []
         for col in cols:
             r = g["cells"].get(col)
@@ -293,7 +296,11 @@ def main(argv=None) -> str:
     if not a.no_png:
         png = Path(a.png) if a.png else path.with_suffix(".png")
         if plot(data, png):
-            md += f"\n![per-layer time vs N]({png.name})\n" if not a.readme else ""
+            if a.md and not a.readme:
+                import os
+
+                rel = os.path.relpath(png.resolve(), Path(a.md).resolve().parent)
+                md += f"\n![per-layer time vs N]({rel})\n"
             print(f"wrote {png}", file=sys.stderr)
     if a.md:
         Path(a.md).write_text(md)
