@@ -20,6 +20,9 @@ loaded by PEFT, bf16 kept) runs on a --peft-layers model (default 2 layers, same
 --peft-n adapters, eager (its forward builds a tensor from a Python list every call), beside
 base and LAG triton on the same small model and adapter count.
 
+Order: base, LAG triton, LAG cuda, the PEFT comparison, then the (slow) torch reference, so that a
+--time-budget that runs out cuts the least important rows; skipped rows say so.
+
     PYTHONPATH=. python3 bench/bench_e2e.py [--quick] [--device cpu] [--layers 28] [--n-adapters 1000] ...
 """
 
