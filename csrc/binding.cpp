@@ -3,6 +3,14 @@
 // passes raw pointers plus the caller's stream (an integer from Python,
 // torch.cuda.current_stream(device).cuda_stream) to the extern "C" launchers of the .cu files.
 // Outputs are allocated by the Python wrapper (lag_triton/kernels/cuda/__init__.py).
+//
+// Error contract: no C++ exception ever crosses into pybind11. Every bound function returns a
+// std::string, empty on success, otherwise the error message; the Python wrapper raises
+// RuntimeError(message). Validation builds messages with c10::str and never throws (no
+// TORCH_CHECK: on the H100 machine a c10::Error thrown out of this JIT-built module through
+// pybind11's exception translation took the whole interpreter down with a segfault). The only
+// calls that can still throw (torch::empty for scratch, data_ptr) run inside a try block that
+// converts any exception to the returned message.
 #include <torch/extension.h>
 
 #include <string>
@@ -11,157 +19,218 @@
 
 namespace {
 
-int dtype_code(const torch::Tensor& t, const char* name) {
+const char* const kPrefix = "lag_triton cuda backend: ";
+
+template <typename... Args> std::string err(const Args&... args) { return c10::str(kPrefix, args...); }
+
+// Each check returns "" when fine, else the message.
+std::string dtype_code(const torch::Tensor& t, const char* name, int* code) {
   switch (t.scalar_type()) {
-    case torch::kFloat32: return LAG_DTYPE_F32;
-    case torch::kFloat16: return LAG_DTYPE_F16;
-    case torch::kBFloat16: return LAG_DTYPE_BF16;
-    default: TORCH_CHECK(false, "lag_triton cuda backend: ", name, " has dtype ", t.scalar_type(),
-                         "; expected float32, float16 or bfloat16");
+    case torch::kFloat32: *code = LAG_DTYPE_F32; return {};
+    case torch::kFloat16: *code = LAG_DTYPE_F16; return {};
+    case torch::kBFloat16: *code = LAG_DTYPE_BF16; return {};
+    default:
+      *code = -1;
+      return err(name, " has dtype ", t.scalar_type(), "; expected float32, float16 or bfloat16");
   }
-  return -1;
 }
 
-void check_tensor(const torch::Tensor& t, const char* name, int64_t dim, const torch::Device& device) {
-  TORCH_CHECK(t.defined(), "lag_triton cuda backend: ", name, " is undefined");
-  TORCH_CHECK(t.is_cuda(), "lag_triton cuda backend: ", name, " must be a CUDA tensor, got device ", t.device());
-  TORCH_CHECK(t.device() == device, "lag_triton cuda backend: ", name, " is on ", t.device(), " but x is on ",
-              device);
-  TORCH_CHECK(t.dim() == dim, "lag_triton cuda backend: ", name, " must have ", dim, " dims, got shape ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), "lag_triton cuda backend: ", name, " must be contiguous (shape ", t.sizes(),
-              ", strides ", t.strides(), ")");
+std::string check_tensor(const torch::Tensor& t, const char* name, int64_t dim, const torch::Device& device) {
+  if (!t.defined()) return err(name, " is undefined");
+  if (!t.is_cuda()) return err(name, " must be a CUDA tensor, got device ", t.device());
+  if (t.device() != device) return err(name, " is on ", t.device(), " but x is on ", device);
+  if (t.dim() != dim) return err(name, " must have ", dim, " dims, got shape ", t.sizes());
+  if (!t.is_contiguous())
+    return err(name, " must be contiguous (shape ", t.sizes(), ", strides ", t.strides(), ")");
+  return {};
 }
 
-void check_dtype(const torch::Tensor& t, const char* name, torch::ScalarType want) {
-  TORCH_CHECK(t.scalar_type() == want, "lag_triton cuda backend: ", name, " must be ", want, ", got ",
-              t.scalar_type());
+std::string check_dtype(const torch::Tensor& t, const char* name, torch::ScalarType want) {
+  if (t.scalar_type() != want) return err(name, " must be ", want, ", got ", t.scalar_type());
+  return {};
 }
 
-void check_shape(const torch::Tensor& t, const char* name, std::vector<int64_t> want) {
-  TORCH_CHECK(t.sizes() == c10::IntArrayRef(want), "lag_triton cuda backend: ", name, " must have shape ",
-              c10::IntArrayRef(want), ", got ", t.sizes());
+std::string check_shape(const torch::Tensor& t, const char* name, std::initializer_list<int64_t> want) {
+  const c10::IntArrayRef w(want);
+  if (t.sizes() != w) return err(name, " must have shape ", w, ", got ", t.sizes());
+  return {};
 }
 
 void* as_stream(int64_t stream) { return reinterpret_cast<void*>(static_cast<intptr_t>(stream)); }
 
-void check_launch(int rc, const char* op) {
-  TORCH_CHECK(rc == 0, "lag_triton cuda backend: ", op, " launch failed: ", lag_cuda_error_string(rc));
+std::string launch_status(int rc, const char* op) {
+  if (rc == 0) return {};
+  const char* s = lag_cuda_error_string(rc);
+  return err(op, " launch failed: ", s != nullptr ? s : "unknown CUDA error");
 }
 
-void arrow_topk(const torch::Tensor& x, const torch::Tensor& prototypes, int64_t k, torch::Tensor& idx,
-                torch::Tensor& scores, int64_t stream) {
+#define LAG_TRY(expr)                   \
+  do {                                  \
+    std::string lag_msg_ = (expr);      \
+    if (!lag_msg_.empty()) return lag_msg_; \
+  } while (0)
+
+// Runs body() and turns any exception into the returned message: nothing escapes to pybind11.
+template <typename F> std::string guarded(const char* op, F&& body) {
+  try {
+    return body();
+  } catch (const c10::Error& e) {
+    return err(op, ": ", e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    return err(op, ": ", e.what());
+  } catch (...) {
+    return err(op, ": unknown C++ exception");
+  }
+}
+
+std::string arrow_topk_impl(const torch::Tensor& x, const torch::Tensor& prototypes, int64_t k,
+                            const torch::Tensor& idx, const torch::Tensor& scores, int64_t stream) {
+  if (!x.defined()) return err("x is undefined");
   const torch::Device device = x.device();
-  check_tensor(x, "x", 2, device);
-  check_tensor(prototypes, "prototypes", 2, device);
-  const int x_dt = dtype_code(x, "x"), p_dt = dtype_code(prototypes, "prototypes");
-  TORCH_CHECK(x_dt == p_dt, "lag_triton cuda backend: arrow_topk needs x and prototypes of one dtype, got ",
-              x.scalar_type(), " and ", prototypes.scalar_type(), " (the Python wrapper promotes them)");
+  LAG_TRY(check_tensor(x, "x", 2, device));
+  LAG_TRY(check_tensor(prototypes, "prototypes", 2, device));
+  int x_dt = -1, p_dt = -1;
+  LAG_TRY(dtype_code(x, "x", &x_dt));
+  LAG_TRY(dtype_code(prototypes, "prototypes", &p_dt));
+  if (x_dt != p_dt)
+    return err("arrow_topk needs x and prototypes of one dtype, got ", x.scalar_type(), " and ",
+               prototypes.scalar_type(), " (the Python wrapper promotes them)");
   const int64_t T = x.size(0), d_in = x.size(1), N = prototypes.size(0);
-  TORCH_CHECK(prototypes.size(1) == d_in, "lag_triton cuda backend: prototypes has d_in=", prototypes.size(1),
-              " but x has d_in=", d_in);
-  TORCH_CHECK(k >= 1 && k <= N, "lag_triton cuda backend: k must be in [1, N=", N, "], got ", k);
-  TORCH_CHECK(k <= LAG_ARROW_MAX_K, "lag_triton cuda backend: arrow_topk supports k <= ", LAG_ARROW_MAX_K,
-              ", got ", k);
-  check_tensor(idx, "idx", 2, device);
-  check_dtype(idx, "idx", torch::kInt32);
-  check_shape(idx, "idx", {T, k});
-  check_tensor(scores, "scores", 2, device);
-  check_dtype(scores, "scores", torch::kFloat32);
-  check_shape(scores, "scores", {T, k});
-  if (T == 0) return;
+  if (prototypes.size(1) != d_in) return err("prototypes has d_in=", prototypes.size(1), " but x has d_in=", d_in);
+  if (k < 1 || k > N) return err("k must be in [1, N=", N, "], got ", k);
+  if (k > LAG_ARROW_MAX_K) return err("arrow_topk supports k <= ", LAG_ARROW_MAX_K, ", got ", k);
+  LAG_TRY(check_tensor(idx, "idx", 2, device));
+  LAG_TRY(check_dtype(idx, "idx", torch::kInt32));
+  LAG_TRY(check_shape(idx, "idx", {T, k}));
+  LAG_TRY(check_tensor(scores, "scores", 2, device));
+  LAG_TRY(check_dtype(scores, "scores", torch::kFloat32));
+  LAG_TRY(check_shape(scores, "scores", {T, k}));
+  if (T == 0) return {};
   const int dev = device.index();
   const size_t ws_bytes = lag_arrow_topk_workspace_bytes(T, N, k, dev);
   torch::Tensor ws;
   if (ws_bytes > 0) ws = torch::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(torch::kUInt8));
   const int rc = lag_arrow_topk_launch(x.data_ptr(), x_dt, prototypes.data_ptr(), p_dt, T, N, d_in, k,
                                        ws_bytes > 0 ? ws.data_ptr() : nullptr, ws_bytes,
-                                       idx.data_ptr<int32_t>(), scores.data_ptr<float>(), dev, as_stream(stream));
-  check_launch(rc, "arrow_topk");
+                                       static_cast<int32_t*>(idx.data_ptr()), static_cast<float*>(scores.data_ptr()),
+                                       dev, as_stream(stream));
+  return launch_status(rc, "arrow_topk");
 }
 
-void spectr_rerank(const torch::Tensor& x, const torch::Tensor& a_star, const torch::Tensor& candidates,
-                   int64_t top_m, bool combine_uniform, double temperature,
-                   const c10::optional<torch::Tensor>& candidate_scores, torch::Tensor& sel, torch::Tensor& w,
-                   torch::Tensor& z, int64_t stream) {
+std::string spectr_rerank_impl(const torch::Tensor& x, const torch::Tensor& a_star, const torch::Tensor& candidates,
+                               int64_t top_m, bool combine_uniform, double temperature,
+                               const c10::optional<torch::Tensor>& candidate_scores, const torch::Tensor& sel,
+                               const torch::Tensor& w, const torch::Tensor& z, int64_t stream) {
+  if (!x.defined()) return err("x is undefined");
   const torch::Device device = x.device();
-  check_tensor(x, "x", 2, device);
-  check_tensor(a_star, "a_star", 3, device);
-  check_tensor(candidates, "candidates", 2, device);
-  const int x_dt = dtype_code(x, "x"), a_dt = dtype_code(a_star, "a_star");
-  check_dtype(candidates, "candidates", torch::kInt32);
+  LAG_TRY(check_tensor(x, "x", 2, device));
+  LAG_TRY(check_tensor(a_star, "a_star", 3, device));
+  LAG_TRY(check_tensor(candidates, "candidates", 2, device));
+  int x_dt = -1, a_dt = -1;
+  LAG_TRY(dtype_code(x, "x", &x_dt));
+  LAG_TRY(dtype_code(a_star, "a_star", &a_dt));
+  LAG_TRY(check_dtype(candidates, "candidates", torch::kInt32));
   const int64_t T = x.size(0), d_in = x.size(1), N = a_star.size(0), r = a_star.size(1);
-  TORCH_CHECK(a_star.size(2) == d_in, "lag_triton cuda backend: a_star has d_in=", a_star.size(2),
-              " but x has d_in=", d_in);
-  TORCH_CHECK(N >= 1, "lag_triton cuda backend: a_star holds no adapters (N=0)");
-  TORCH_CHECK(candidates.size(0) == T, "lag_triton cuda backend: candidates must be [T=", T, ", k], got shape ",
-              candidates.sizes());
+  if (a_star.size(2) != d_in) return err("a_star has d_in=", a_star.size(2), " but x has d_in=", d_in);
+  if (N < 1) return err("a_star holds no adapters (N=0)");
+  if (candidates.size(0) != T) return err("candidates must be [T=", T, ", k], got shape ", candidates.sizes());
   const int64_t k = candidates.size(1);
-  TORCH_CHECK(top_m >= 1 && top_m <= k, "lag_triton cuda backend: top_m must be in [1, k=", k, "], got ", top_m);
-  TORCH_CHECK(temperature > 0, "lag_triton cuda backend: temperature must be > 0, got ", temperature);
+  if (top_m < 1 || top_m > k) return err("top_m must be in [1, k=", k, "], got ", top_m);
+  if (!(temperature > 0)) return err("temperature must be > 0, got ", temperature);
   const float* cs = nullptr;
   if (candidate_scores.has_value() && candidate_scores->defined()) {
     const torch::Tensor& s = *candidate_scores;
-    check_tensor(s, "candidate_scores", 2, device);
-    check_dtype(s, "candidate_scores", torch::kFloat32);
-    check_shape(s, "candidate_scores", {T, k});
-    cs = s.data_ptr<float>();
+    LAG_TRY(check_tensor(s, "candidate_scores", 2, device));
+    LAG_TRY(check_dtype(s, "candidate_scores", torch::kFloat32));
+    LAG_TRY(check_shape(s, "candidate_scores", {T, k}));
+    cs = static_cast<const float*>(s.data_ptr());
   }
-  check_tensor(sel, "sel", 2, device);
-  check_dtype(sel, "sel", torch::kInt32);
-  check_shape(sel, "sel", {T, top_m});
-  check_tensor(w, "w", 2, device);
-  check_dtype(w, "w", torch::kFloat32);
-  check_shape(w, "w", {T, top_m});
-  check_tensor(z, "z", 3, device);
-  check_dtype(z, "z", torch::kFloat32);
-  check_shape(z, "z", {T, top_m, r});
-  if (T == 0) return;
+  LAG_TRY(check_tensor(sel, "sel", 2, device));
+  LAG_TRY(check_dtype(sel, "sel", torch::kInt32));
+  LAG_TRY(check_shape(sel, "sel", {T, top_m}));
+  LAG_TRY(check_tensor(w, "w", 2, device));
+  LAG_TRY(check_dtype(w, "w", torch::kFloat32));
+  LAG_TRY(check_shape(w, "w", {T, top_m}));
+  LAG_TRY(check_tensor(z, "z", 3, device));
+  LAG_TRY(check_dtype(z, "z", torch::kFloat32));
+  LAG_TRY(check_shape(z, "z", {T, top_m, r}));
+  if (T == 0) return {};
   torch::Tensor z_all = torch::empty({T, k, r}, x.options().dtype(torch::kFloat32));
   torch::Tensor key_all = torch::empty({T, k}, x.options().dtype(torch::kFloat32));
   const int rc = lag_spectr_rerank_launch(
-      x.data_ptr(), x_dt, a_star.data_ptr(), a_dt, candidates.data_ptr<int32_t>(), cs, T, N, r, d_in, k, top_m,
-      combine_uniform ? 1 : 0, static_cast<float>(temperature), static_cast<float>(1.0 / static_cast<double>(top_m)),
-      z_all.data_ptr<float>(), key_all.data_ptr<float>(), sel.data_ptr<int32_t>(), w.data_ptr<float>(),
-      z.data_ptr<float>(), device.index(), as_stream(stream));
-  check_launch(rc, "spectr_rerank");
+      x.data_ptr(), x_dt, a_star.data_ptr(), a_dt, static_cast<const int32_t*>(candidates.data_ptr()), cs, T, N, r,
+      d_in, k, top_m, combine_uniform ? 1 : 0, static_cast<float>(temperature),
+      static_cast<float>(1.0 / static_cast<double>(top_m)), static_cast<float*>(z_all.data_ptr()),
+      static_cast<float*>(key_all.data_ptr()), static_cast<int32_t*>(sel.data_ptr()), static_cast<float*>(w.data_ptr()),
+      static_cast<float*>(z.data_ptr()), device.index(), as_stream(stream));
+  return launch_status(rc, "spectr_rerank");
 }
 
-void lora_apply(torch::Tensor& y, const torch::Tensor& b_star, const torch::Tensor& sel, const torch::Tensor& w,
-                const torch::Tensor& z, int64_t stream) {
+std::string lora_apply_impl(const torch::Tensor& y, const torch::Tensor& b_star, const torch::Tensor& sel,
+                            const torch::Tensor& w, const torch::Tensor& z, int64_t stream) {
+  if (!y.defined()) return err("y is undefined");
   const torch::Device device = y.device();
-  check_tensor(y, "y", 2, device);
-  check_tensor(b_star, "b_star", 3, device);
-  const int y_dt = dtype_code(y, "y"), b_dt = dtype_code(b_star, "b_star");
+  LAG_TRY(check_tensor(y, "y", 2, device));
+  LAG_TRY(check_tensor(b_star, "b_star", 3, device));
+  int y_dt = -1, b_dt = -1;
+  LAG_TRY(dtype_code(y, "y", &y_dt));
+  LAG_TRY(dtype_code(b_star, "b_star", &b_dt));
   const int64_t T = y.size(0), d_out = y.size(1), N = b_star.size(0), r = b_star.size(2);
-  TORCH_CHECK(b_star.size(1) == d_out, "lag_triton cuda backend: b_star has d_out=", b_star.size(1),
-              " but y has d_out=", d_out);
-  TORCH_CHECK(N >= 1, "lag_triton cuda backend: b_star holds no adapters (N=0)");
-  check_tensor(sel, "sel", 2, device);
-  check_dtype(sel, "sel", torch::kInt32);
-  TORCH_CHECK(sel.size(0) == T, "lag_triton cuda backend: sel must be [T=", T, ", m], got shape ", sel.sizes());
+  if (b_star.size(1) != d_out) return err("b_star has d_out=", b_star.size(1), " but y has d_out=", d_out);
+  if (N < 1) return err("b_star holds no adapters (N=0)");
+  LAG_TRY(check_tensor(sel, "sel", 2, device));
+  LAG_TRY(check_dtype(sel, "sel", torch::kInt32));
+  if (sel.size(0) != T) return err("sel must be [T=", T, ", m], got shape ", sel.sizes());
   const int64_t m = sel.size(1);
-  check_tensor(w, "w", 2, device);
-  check_dtype(w, "w", torch::kFloat32);
-  check_shape(w, "w", {T, m});
-  check_tensor(z, "z", 3, device);
-  check_dtype(z, "z", torch::kFloat32);
-  check_shape(z, "z", {T, m, r});
-  if (T == 0 || d_out == 0) return;
-  const int rc = lag_lora_apply_launch(y.data_ptr(), y_dt, b_star.data_ptr(), b_dt, sel.data_ptr<int32_t>(),
-                                       w.data_ptr<float>(), z.data_ptr<float>(), T, N, d_out, r, m, device.index(),
-                                       as_stream(stream));
-  check_launch(rc, "lora_apply");
+  LAG_TRY(check_tensor(w, "w", 2, device));
+  LAG_TRY(check_dtype(w, "w", torch::kFloat32));
+  LAG_TRY(check_shape(w, "w", {T, m}));
+  LAG_TRY(check_tensor(z, "z", 3, device));
+  LAG_TRY(check_dtype(z, "z", torch::kFloat32));
+  LAG_TRY(check_shape(z, "z", {T, m, r}));
+  if (T == 0 || d_out == 0) return {};
+  const int rc = lag_lora_apply_launch(y.data_ptr(), y_dt, b_star.data_ptr(), b_dt,
+                                       static_cast<const int32_t*>(sel.data_ptr()),
+                                       static_cast<const float*>(w.data_ptr()), static_cast<const float*>(z.data_ptr()),
+                                       T, N, d_out, r, m, device.index(), as_stream(stream));
+  return launch_status(rc, "lora_apply");
+}
+
+#undef LAG_TRY
+
+// Bound entry points: all tensors by const reference (a Tensor is a handle; the kernels write
+// through its data pointer), result = "" or the error message.
+std::string arrow_topk(const torch::Tensor& x, const torch::Tensor& prototypes, int64_t k, const torch::Tensor& idx,
+                       const torch::Tensor& scores, int64_t stream) {
+  return guarded("arrow_topk", [&] { return arrow_topk_impl(x, prototypes, k, idx, scores, stream); });
+}
+
+std::string spectr_rerank(const torch::Tensor& x, const torch::Tensor& a_star, const torch::Tensor& candidates,
+                          int64_t top_m, bool combine_uniform, double temperature,
+                          const c10::optional<torch::Tensor>& candidate_scores, const torch::Tensor& sel,
+                          const torch::Tensor& w, const torch::Tensor& z, int64_t stream) {
+  return guarded("spectr_rerank", [&] {
+    return spectr_rerank_impl(x, a_star, candidates, top_m, combine_uniform, temperature, candidate_scores, sel, w,
+                              z, stream);
+  });
+}
+
+std::string lora_apply(const torch::Tensor& y, const torch::Tensor& b_star, const torch::Tensor& sel,
+                       const torch::Tensor& w, const torch::Tensor& z, int64_t stream) {
+  return guarded("lora_apply", [&] { return lora_apply_impl(y, b_star, sel, w, z, stream); });
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "lag_triton CUDA C++ backend (raw-pointer launchers in csrc/*.cu)";
-  m.def("arrow_topk", &arrow_topk, "Arrow scoring + fused top-k (writes idx, scores)", py::arg("x"),
-        py::arg("prototypes"), py::arg("k"), py::arg("idx"), py::arg("scores"), py::arg("stream"));
-  m.def("spectr_rerank", &spectr_rerank, "SpectR rerank (writes sel, w, z)", py::arg("x"), py::arg("a_star"),
-        py::arg("candidates"), py::arg("top_m"), py::arg("combine_uniform"), py::arg("temperature"),
-        py::arg("candidate_scores"), py::arg("sel"), py::arg("w"), py::arg("z"), py::arg("stream"));
-  m.def("lora_apply", &lora_apply, "gather-BGMV apply, y updated in place", py::arg("y"), py::arg("b_star"),
-        py::arg("sel"), py::arg("w"), py::arg("z"), py::arg("stream"));
+  m.doc() = "lag_triton CUDA C++ backend (raw-pointer launchers in csrc/*.cu); every op returns '' or an error";
+  m.attr("ERROR_CONTRACT") = "return-string";  // the Python wrapper raises RuntimeError(message)
+  m.def("arrow_topk", &arrow_topk, "Arrow scoring + fused top-k (writes idx, scores); returns '' or an error",
+        py::arg("x"), py::arg("prototypes"), py::arg("k"), py::arg("idx"), py::arg("scores"), py::arg("stream"));
+  m.def("spectr_rerank", &spectr_rerank, "SpectR rerank (writes sel, w, z); returns '' or an error", py::arg("x"),
+        py::arg("a_star"), py::arg("candidates"), py::arg("top_m"), py::arg("combine_uniform"),
+        py::arg("temperature"), py::arg("candidate_scores"), py::arg("sel"), py::arg("w"), py::arg("z"),
+        py::arg("stream"));
+  m.def("lora_apply", &lora_apply, "gather-BGMV apply, y updated in place; returns '' or an error", py::arg("y"),
+        py::arg("b_star"), py::arg("sel"), py::arg("w"), py::arg("z"), py::arg("stream"));
 }

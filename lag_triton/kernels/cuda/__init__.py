@@ -27,7 +27,10 @@ import torch
 from .. import reference
 from ..common import check_apply_args, check_rerank_args, check_topk_args
 
-__all__ = ["arrow_topk", "spectr_rerank", "lora_apply", "extension_unavailable_reason", "csrc_dir", "SOURCES"]
+__all__ = [
+    "arrow_topk", "spectr_rerank", "lora_apply", "extension_unavailable_reason", "csrc_dir", "SOURCES",
+    "raise_on_error",
+]
 
 #: largest k the fused arrow top-k kernel handles; larger k falls back to the reference op
 ARROW_MAX_K = 128
@@ -137,6 +140,15 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
+def raise_on_error(result: object) -> None:
+    """Binding ops return '' on success or the error message (they never throw: csrc/binding.cpp).
+
+    Raises RuntimeError(message) for a non-empty string. None (an older prebuilt module) is success.
+    """
+    if result:
+        raise RuntimeError(str(result))
+
+
 def arrow_topk(x: torch.Tensor, prototypes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Arrow retrieval: idx [T, k] int32 (best first, ties -> lower index) and scores [T, k] fp32."""
     check_topk_args(x, prototypes, k)
@@ -150,7 +162,7 @@ def arrow_topk(x: torch.Tensor, prototypes: torch.Tensor, k: int) -> tuple[torch
     t = x.shape[0]
     idx = torch.empty((t, k), dtype=torch.int32, device=x.device)
     scores = torch.empty((t, k), dtype=torch.float32, device=x.device)
-    ext.arrow_topk(x, prototypes, k, idx, scores, _stream(x.device))
+    raise_on_error(ext.arrow_topk(x, prototypes, k, idx, scores, _stream(x.device)))
     return idx, scores
 
 
@@ -175,10 +187,10 @@ def spectr_rerank(
     sel = torch.empty((t, top_m), dtype=torch.int32, device=x.device)
     w = torch.empty((t, top_m), dtype=torch.float32, device=x.device)
     z = torch.empty((t, top_m, r), dtype=torch.float32, device=x.device)
-    ext.spectr_rerank(
+    raise_on_error(ext.spectr_rerank(
         x, a_star, candidates, top_m, combine == "uniform", float(temperature), candidate_scores, sel, w, z,
         _stream(x.device),
-    )
+    ))
     return sel, w, z
 
 
@@ -193,9 +205,9 @@ def lora_apply(
     w = w.contiguous()
     z = z.contiguous()
     if y.is_contiguous():
-        ext.lora_apply(y, b_star, sel, w, z, _stream(y.device))
+        raise_on_error(ext.lora_apply(y, b_star, sel, w, z, _stream(y.device)))
         return y
     out = y.contiguous()
-    ext.lora_apply(out, b_star, sel, w, z, _stream(y.device))
+    raise_on_error(ext.lora_apply(out, b_star, sel, w, z, _stream(y.device)))
     y.copy_(out)
     return y
