@@ -233,6 +233,8 @@ def spectr_rerank(
     interp = interpreting()
     block_k = max(m_pad, 64 if interp else 16)
     block_d = 128 if interp else 64
+    # Keep the [BLOCK_K|M_PAD, R_PAD, BLOCK_D] gather tile within ~8K fp32 values (large r_max).
+    block_d = max(16, min(block_d, triton.next_power_of_2(8192 // (max(m_pad, 16) * r_pad) + 1) // 2 or 16))
     softmax = m > 1 and combine == "softmax"
     uniform_w = 1.0 / m
     sms = num_sms(dev)
