@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# What the session's one GPU call runs (writes under $OUT): the CUDA extension builds in the
+# background while the GPU test files run in parallel workers (Triton compilation is CPU-bound),
+# then bench/gpu_check.sh runs the sanitizer, kernel tables, end-to-end benchmark and report.
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH=. PYTHONUNBUFFERED=1 MAX_JOBS=16
+OUT="${OUT:-/tmp/lag_gpu_run}"
+mkdir -p "$OUT"
+python3 -c "import time; t=time.time(); from lag_triton.kernels.cuda import extension_unavailable_reason as r; print('cuda extension:', r() or 'ok', f'{time.time()-t:.0f}s')" > "$OUT/build.txt" 2>&1 &
+timeout -k 5 "${PYTEST_S:-150}" python3 -m pytest tests/test_kernels.py tests/test_cuda_backend.py \
+    tests/test_backends_model.py -n "${WORKERS:-12}" -q -rfE --tb=short -p no:cacheprovider > "$OUT/pytest.txt" 2>&1
+echo "pytest rc=$?" >> "$OUT/pytest.txt"
+tail -n 30 "$OUT/pytest.txt"
+wait
+cat "$OUT/build.txt"
+SKIP="build pytest" BUDGET_S="${BENCH_S:-250}" OUT="$OUT" bash bench/gpu_check.sh
