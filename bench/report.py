@@ -70,10 +70,12 @@ def _cell(row, notes: Footnotes) -> str:
     return f"{tag} {notes.ref(label)}"
 
 
-def kernel_tables(rows: list[dict]) -> list[str]:
+def kernel_tables(rows: list[dict], ops: list[str] | None = None) -> list[str]:
     out = []
     krows = [r for r in rows if r.get("section") == "kernel"]
     for op, title in OP_TITLES.items():
+        if ops is not None and op not in ops:
+            continue
         op_rows = [r for r in krows if r["op"] == op]
         if not op_rows:
             continue
@@ -212,9 +214,9 @@ def header(data: dict) -> list[str]:
     return [line, ""]
 
 
-def render(data: dict) -> str:
+def render(data: dict, ops: list[str] | None = None) -> str:
     rows = data.get("rows", [])
-    out = header(data) + target_table(rows) + kernel_tables(rows) + e2e_table(rows)
+    out = header(data) + target_table(rows) + kernel_tables(rows, ops) + e2e_table(rows)
     checks = data.get("checks")
     if checks:
         out += ["", "Checks: " + ", ".join(f"{k} = {v}" for k, v in checks.items())]
@@ -289,6 +291,8 @@ def main(argv=None) -> str:
     p.add_argument("--png", help="plot path (default: beside the JSON, .png)")
     p.add_argument("--no-png", action="store_true")
     p.add_argument("--readme", help="README to update between the bench markers")
+    p.add_argument("--readme-ops", default="layer",
+                   help="comma-separated kernel tables for the README block (the --md report has them all)")
     a = p.parse_args(argv)
     path = Path(a.results)
     data = json.loads(path.read_text())
@@ -306,7 +310,7 @@ def main(argv=None) -> str:
         Path(a.md).write_text(md)
         print(f"wrote {a.md}", file=sys.stderr)
     if a.readme:
-        update_readme(Path(a.readme), md)
+        update_readme(Path(a.readme), render(data, a.readme_ops.split(",")))
         print(f"updated {a.readme}", file=sys.stderr)
     if not a.md and not a.readme:
         print(md)
