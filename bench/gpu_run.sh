@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What the session's one GPU call runs (writes under $OUT): the CUDA extension builds in the
 # background while the GPU test files run in parallel workers (Triton compilation is CPU-bound),
-# then bench/gpu_check.sh runs the sanitizer, kernel tables, end-to-end benchmark and report.
+# then bench/gpu_check.sh runs the sanitizer, kernel tables, end-to-end benchmark and report, and
+# bench/profile_layer.py splits one layer's time into kernels.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1 MAX_JOBS=16
@@ -15,3 +16,5 @@ tail -n 30 "$OUT/pytest.txt"
 wait
 cat "$OUT/build.txt"
 SKIP="build pytest" BUDGET_S="${BENCH_S:-250}" OUT="$OUT" bash bench/gpu_check.sh
+# per-kernel device time vs host time of one layer (what limits the per-layer figures)
+timeout -k 5 "${PROFILE_S:-60}" python3 bench/profile_layer.py --n 1000,10000 --t 1,32,2048 > "$OUT/profile.txt" 2>&1

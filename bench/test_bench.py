@@ -125,3 +125,15 @@ def test_static_decode_with_triton_backend():
     lib = bench_e2e.build_library(model, 8, a.rank, device, torch.float32, 0)
     lag_triton.patch(model, lib, k=4, top_m=1, backend="triton")
     assert bench_e2e.check_static_decode(model, device, a.vocab, ctx=4, steps=3) == "ok"
+
+
+def test_profile_layer_reports_kernels_per_call(tmp_path, capsys):
+    from bench import profile_layer
+
+    out = tmp_path / "profile.json"
+    profile_layer.main(["--device", "cpu", "--backends", "torch", "--n", "9", "--t", "3", "--d-in", "16",
+                        "--d-out", "12", "--k", "4", "--iters", "2", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["backend"] == "torch" and rows[0]["host_us_per_call"] > 0
+    assert any("mm" in k["name"] for k in rows[0]["kernels"])
+    assert "torch  N=9 T=3 16->12" in capsys.readouterr().out
