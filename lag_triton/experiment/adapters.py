@@ -109,11 +109,11 @@ def train_adapters(model, per_doc_questions: list[list], steps: int, seed: int, 
             loss.backward()
             opt.step()
             if log is not None and (step + 1) % max(1, steps // 4) == 0:
-                log(f"  adapters step {step + 1}/{steps}: mean loss {float(loss) / n:.4f}")
+                log(f"  adapters step {step + 1}/{steps}: mean loss {float(loss.detach()) / n:.4f}")
     finally:
         _unwrap(model, wrapped)
     weights = {name: (m.lora_A.detach().cpu().clone(), m.lora_B.detach().cpu().clone()) for name, m in wrapped.items()}
-    info = {"final_loss_per_adapter": float(loss) / n,
+    info = {"final_loss_per_adapter": float(loss.detach()) / n,
             # How much of A is still its random init (cosine, mean over adapters): near 1 means the
             # adapter's input subspace -- all that Arrow and SpectR can see -- is mostly noise.
             "a_cos_with_init": {name: float(nn.functional.cosine_similarity(

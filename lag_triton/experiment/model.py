@@ -61,7 +61,7 @@ def pretrain(model: LlamaForCausalLM, corpus: list[tuple[int, ...]], steps: int,
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if log is not None and (step + 1) % max(1, steps // 4) == 0:
             log(f"  pre-train step {step + 1}/{steps}: loss {losses[-1]:.3f}")
     model.eval()

@@ -48,11 +48,11 @@ class ExperimentConfig:
     device: str = "cpu"
     entities_per_doc: int = 3
     pretrain_entities: int = 96
-    hidden: int = 64
+    hidden: int = 128
     layers: int = 2
     heads: int = 4
-    intermediate: int = 192
-    pretrain_steps: int = 300
+    intermediate: int = 384
+    pretrain_steps: int = 600
     adapter_steps: int = 100
     adapter_lr: float = 1e-2
     a_init_scale: float = 0.01    # 1.0 = PEFT's default LoRA init (see README / report for why not)
