@@ -89,7 +89,7 @@ def run(args) -> int:
         g = c["generate_vs_teacher_forced"]
         print(f"[checks] model.generate agrees with the teacher-forced greedy score on "
               f"{g['agree_with_teacher_forced']}/{g['questions']} questions ({g['method']})")
-    exp.write_outputs(result, args.out)
+    exp.write_outputs(result, args.out, stem=getattr(args, "stem", "lag_demo"))
     print(f"[time] {result['timings']['demo_total_s']:.1f} s total")
     ok = check["ok"] and c.get("lag_k1_selects_as_arrow_top1", True) and c.get("lag_kN_selects_as_spectr", True)
     return 0 if ok else 1

@@ -214,7 +214,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | None = None, adapters_d
     record("oracle", oracle)
 
     routers = [("arrow top-1", dict(router="arrow", top_m=1)), (f"spectr k=N", dict(router="spectr"))]
-    routers += [(f"lag k={k}", dict(router="lag", k=min(k, n))) for k in cfg.ks]
+    ks = sorted({min(k, n) for k in cfg.ks} | {n})  # k = N always: LAG's SpectR limit, checked below
+    routers += [(f"lag k={k}", dict(router="lag", k=k)) for k in ks]
     gen_check = {}
     for name, kw in routers:
         lag_triton.patch(model, lib, backend=cfg.backend, **kw)
@@ -364,6 +365,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--a-init-scale", type=float, default=d.a_init_scale,
                    help="scale of LoRA A's Kaiming init (1.0 = PEFT default)")
     p.add_argument("--backend", default=d.backend)
+    p.add_argument("--stem", default="lag_demo", help="file name stem of the JSON and PNG")
     p.add_argument("--keep-adapters", action="store_true", help="write the PEFT folders under OUT/adapters")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
 
@@ -384,9 +386,10 @@ def main(argv=None) -> int:
     cfg = config_from_args(args)
     cfg.extra["command"] = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "lag_triton.experiment.run"]
                                     + list(sys.argv[1:] if argv is None else argv))
-    result = run_experiment(cfg, out_dir=args.out,
+    result = run_experiment(cfg, out_dir=None,
                             adapters_dir=os.path.join(args.out, "adapters") if args.keep_adapters else None)
     print(format_table(result))
+    write_outputs(result, args.out, stem=args.stem)
     return 0
 
 
