@@ -60,6 +60,20 @@ def peft_equivalence_check(adapters: int = 4, seed: int = 0, hidden: int = 64, l
     return results
 
 
+def format_routing_by_layer(result: dict) -> str:
+    """Per-layer routing accuracy of every routed method (from ``lag_triton.trace``)."""
+    routed = {name: row["routing"] for name, row in result["rows"].items() if row.get("routing")}
+    layers = list(next(iter(routed.values()))["per_layer"])
+    head = " | ".join(f"{layer} question / answer pos" for layer in layers)
+    lines = ["routing accuracy by layer (share of tokens routed to the gold adapter)",
+             f"| method | {head} |", "|---|" + "---:|" * len(layers)]
+    for name, r in routed.items():
+        cells = " | ".join(f"{r['per_layer'][layer]:.1%} / {r['per_layer_answer_position'][layer]:.1%}"
+                           for layer in layers)
+        lines.append(f"| {name} | {cells} |")
+    return "\n".join(lines)
+
+
 def run(args) -> int:
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
@@ -80,6 +94,8 @@ def run(args) -> int:
     result["timings"]["demo_total_s"] = time.perf_counter() - t0
     print()
     print(exp.format_table(result))
+    print()
+    print(format_routing_by_layer(result))
     print()
     c = result["checks"]
     print(f"[checks] PEFT loaded the written folders exactly (max |weight diff| {c['peft_loaded_weights_max_abs_diff']:.1e}); "

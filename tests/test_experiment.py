@@ -70,3 +70,12 @@ def test_one_adapter_library_matches_peft():
     check = peft_equivalence_check(adapters=2, seed=1, backend="torch")
     assert check["adapter_effect_max_abs"] > 1e-3  # the adapter does change the logits
     assert check["ok"], check
+
+
+def test_demo_prints_routing_by_layer(result):
+    from lag_triton.demo import format_routing_by_layer
+
+    text = format_routing_by_layer(result)
+    routed = [name for name, row in result["rows"].items() if row.get("routing")]
+    assert len(routed) >= 6 and all(f"| {name} |" in text for name in routed)
+    assert "layer0 question / answer pos" in text and "layer1 question / answer pos" in text
