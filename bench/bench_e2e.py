@@ -95,6 +95,8 @@ def parse_args(argv=None):
     p.add_argument("--ref-batches", default="1", help="decode batch sizes for the slow torch reference backend")
     p.add_argument("--ref-prefill-len", type=int, default=None, help="prefill length for the reference (default = --prefill-len)")
     p.add_argument("--no-graphs", action="store_true", help="decode eagerly (no CUDA graph)")
+    p.add_argument("--eager-batches", default=None,
+                   help="decode batch sizes also timed eagerly next to the CUDA-graph decode (GPU; '' for none)")
     p.add_argument("--check", action="store_true",
                    help="verify the static-cache decode step against full recomputation (default on CPU)")
     # PEFT Arrow comparison
@@ -102,28 +104,31 @@ def parse_args(argv=None):
     p.add_argument("--peft-n", type=int, default=None, help="adapters for the PEFT Arrow comparison")
     p.add_argument("--peft-layers", type=int, default=None)
     p.add_argument("--peft-batches", default=None, help="decode batch sizes for the PEFT comparison")
+    p.add_argument("--peft-prefill-len", type=int, default=None,
+                   help="prefill length of the PEFT comparison (all its rows run eagerly, as PEFT must)")
     a = p.parse_args(argv)
 
     cpu = torch.device(a.device).type != "cuda"
     if cpu:  # tiny model, everything exercised, seconds
         d = dict(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=256, n_adapters=16,
                  prefill_len=16, prefill_reps=1, batches="1,2", decode_ctx=6, decode_steps=3, peft_n=4,
-                 peft_layers=2, peft_batches="1", dtype="fp32")
+                 peft_layers=2, peft_batches="1", peft_prefill_len=16, eager_batches="", dtype="fp32")
         a.check = True
     elif a.quick:
         d = dict(layers=4, hidden=3072, intermediate=8192, heads=24, kv_heads=8, vocab=128256, n_adapters=1000,
                  prefill_len=2048, prefill_reps=2, batches="1,32", decode_ctx=128, decode_steps=16, peft_n=50,
-                 peft_layers=2, peft_batches="1", dtype="bf16")
+                 peft_layers=2, peft_batches="1", peft_prefill_len=512, eager_batches="1", dtype="bf16")
     else:
         d = dict(layers=28, hidden=3072, intermediate=8192, heads=24, kv_heads=8, vocab=128256, n_adapters=1000,
                  prefill_len=2048, prefill_reps=3, batches="1,8,32", decode_ctx=256, decode_steps=32, peft_n=100,
-                 peft_layers=2, peft_batches="1,8", dtype="bf16")
+                 peft_layers=2, peft_batches="1,8", peft_prefill_len=512, eager_batches="1,8", dtype="bf16")
     for key, value in d.items():
         if getattr(a, key, None) is None:
             setattr(a, key, value)
     a.batches = [int(b) for b in str(a.batches).split(",") if b.strip()]
     a.ref_batches = [int(b) for b in str(a.ref_batches).split(",") if b.strip()]
     a.peft_batches = [int(b) for b in str(a.peft_batches).split(",") if b.strip()]
+    a.eager_batches = [int(b) for b in str(a.eager_batches).split(",") if b.strip()]
     a.backends = [b.strip() for b in a.backends.split(",") if b.strip()]
     if a.ref_prefill_len is None:
         a.ref_prefill_len = a.prefill_len
@@ -355,7 +360,7 @@ class E2E:
             f"  {row.get('mode', '')}")
 
     def measure(self, model, model_name: str, backend: str, n_adapters: int, prefill_len: int,
-                batches: list[int], graphs: bool, layers: int):
+                batches: list[int], graphs: bool, layers: int, eager_batches: list[int] = ()):
         a, device = self.a, self.device
         base = dict(model=model_name, layers=layers, N=n_adapters, backend=backend, k=a.k, top_m=a.top_m)
         # prefill
@@ -369,17 +374,19 @@ class E2E:
                 self.row(**base, phase="prefill", batch=1, tokens=prefill_len, status="ok", ms=ms, mode="eager")
             except Exception as exc:  # noqa: BLE001
                 self._failed(base, "prefill", 1, prefill_len, exc)
-        # decode
-        for b in batches:
+        # decode (CUDA-graph replay when asked and possible), then the eager extras
+        extra = list(eager_batches) if graphs and device.type == "cuda" else []
+        for b, use_graphs in [(b, graphs) for b in batches] + [(b, False) for b in extra]:
+            tag = {} if use_graphs == graphs else {"eager_extra": True}
             if self.budget.expired():
-                self.row(**base, phase="decode", batch=b, tokens=b, status="skipped: time budget")
+                self.row(**base, **tag, phase="decode", batch=b, tokens=b, status="skipped: time budget")
                 continue
             try:
-                ms, mode = time_decode(model, b, a, device, graphs, self.gen)
-                self.row(**base, phase="decode", batch=b, tokens=b, status="ok", ms=ms, mode=mode,
+                ms, mode = time_decode(model, b, a, device, use_graphs, self.gen)
+                self.row(**base, **tag, phase="decode", batch=b, tokens=b, status="ok", ms=ms, mode=mode,
                          decode_ctx=a.decode_ctx)
             except Exception as exc:  # noqa: BLE001
-                self._failed(base, "decode", b, b, exc)
+                self._failed(dict(base, **tag), "decode", b, b, exc)
             free_memory(device)
 
     def _failed(self, base, phase, batch, tokens, exc):
@@ -399,10 +406,16 @@ def lag_backend_or_reason(backend: str, device) -> str | None:
 
 
 def run_backends(e2e: E2E, model, lib, model_name: str, backends: list[str], n: int, layers: int,
-                 batches: list[int], ref_batches: list[int]):
+                 batches: list[int], ref_batches: list[int], *, graphs: bool | None = None,
+                 prefill_len: int | None = None, eager_batches: list[int] | None = None):
+    """Measure ``model`` unpatched ("base") and patched with each LAG backend. graphs / prefill_len /
+    eager_batches default to the command line's."""
     import lag_triton
 
     a = e2e.a
+    graphs = (not a.no_graphs) if graphs is None else graphs
+    prefill_len = a.prefill_len if prefill_len is None else prefill_len
+    eager_batches = a.eager_batches if eager_batches is None else eager_batches
     for backend in backends:
         label = backend if backend == "base" else f"lag-{backend}"
         if backend != "base":
@@ -424,8 +437,8 @@ def run_backends(e2e: E2E, model, lib, model_name: str, backends: list[str], n: 
         try:
             ref = backend == "torch"
             e2e.measure(model, model_name, label, n if backend != "base" else 0,
-                        a.ref_prefill_len if ref else a.prefill_len,
-                        ref_batches if ref else batches, not a.no_graphs, layers)
+                        a.ref_prefill_len if ref else prefill_len,
+                        ref_batches if ref else batches, graphs, layers, [] if ref else eager_batches)
         finally:
             if backend != "base":
                 lag_triton.unpatch(model)
@@ -467,7 +480,9 @@ def run_peft(e2e: E2E):
     lag_backends = [b for b in a.backends if b in ("base", "triton")]
     try:
         lib = build_library(model, n, a.rank, device, dtype, a.seed)
-        run_backends(e2e, model, lib, name, lag_backends, n, layers, a.peft_batches, a.ref_batches)
+        # PEFT's forward cannot be graph-captured: every row of this comparison runs eagerly.
+        run_backends(e2e, model, lib, name, lag_backends, n, layers, a.peft_batches, a.ref_batches,
+                     graphs=False, prefill_len=a.peft_prefill_len, eager_batches=[])
         del lib
         free_memory(device)
         if e2e.budget.expired():
@@ -487,7 +502,7 @@ def run_peft(e2e: E2E):
             peft_model.eval()
             e2e.results.note(f"PEFT Arrow: {n} adapters x {layers} layers written and loaded via "
                              f"create_arrow_model in {time.perf_counter() - t0:.1f}s; decode eager")
-            e2e.measure(peft_model, name, "peft-arrow", n, a.prefill_len, a.peft_batches, False, layers)
+            e2e.measure(peft_model, name, "peft-arrow", n, a.peft_prefill_len, a.peft_batches, False, layers)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     except Exception as exc:  # noqa: BLE001

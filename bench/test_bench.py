@@ -137,3 +137,19 @@ def test_profile_layer_reports_kernels_per_call(tmp_path, capsys):
     assert len(rows) == 1 and rows[0]["backend"] == "torch" and rows[0]["host_us_per_call"] > 0
     assert any("mm" in k["name"] for k in rows[0]["kernels"])
     assert "torch  N=9 T=3 16->12" in capsys.readouterr().out
+
+
+def test_e2e_table_puts_eager_extras_in_their_own_columns():
+    def row(backend, batch, mode, ms, **kw):
+        return {"section": "e2e", "model": "m", "backend": backend, "N": 5, "phase": "decode", "batch": batch,
+                "tokens": batch, "status": "ok", "ms": ms, "ms_per_token": ms, "tokens_per_s": batch * 1e3 / ms,
+                "mode": mode, "decode_ctx": 8, **kw}
+
+    lines = report.e2e_table([row("base", 1, "cuda-graph", 2.0), row("base", 1, "eager", 4.0, eager_extra=True),
+                              row("lag-triton", 1, "cuda-graph", 3.0)])
+    header = next(line for line in lines if line.startswith("| model"))
+    assert "| decode B=1 | eager decode B=1 | decode mode |" in header
+    base = next(line for line in lines if "| base |" in line)
+    assert "| 2.00 (500) | 4.00 (250) | cuda-graph |" in base
+    lag = next(line for line in lines if "| lag-triton |" in line)
+    assert lag.endswith("| 3.00 (333) |  | cuda-graph |")
