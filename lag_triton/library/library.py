@@ -151,11 +151,11 @@ class Library:
         row_of = {m: {a: i for i, a in enumerate(rows)} for m, (rows, _, _) in layout.items()}
         for index, adapter in enumerate(tqdm(adapters, desc="aligning adapters", disable=not progress)):
             factors = adapter.load_factors()
-            by_rank: dict[int, list[str]] = {}
+            batches: dict[tuple[int, int, int], list[str]] = {}  # modules alignable in one batched call
             for module, f in adapter.modules.items():
-                by_rank.setdefault(f.rank, []).append(module)
-            for modules in by_rank.values():
-                _align_group(adapter, modules, factors, store, row_of, index)
+                batches.setdefault((f.rank, f.d_in, f.d_out), []).append(module)
+            for modules in batches.values():
+                _align_into(store, adapter, index, modules, factors, row_of)
             del factors
         base_models = {a.base_model for a in adapters if a.base_model}
         weights = {m: store[m].finish(rows) for m, (rows, _, _) in layout.items()}
@@ -229,27 +229,23 @@ def _module_layout(adapters: list[PeftAdapter]) -> dict[str, tuple[list[int], in
     return dict(sorted(layout.items()))
 
 
-def _align_group(adapter, modules, factors, store, row_of, index) -> None:
-    """Align the modules of one adapter that share a shape and rank in one batched call."""
-    by_shape: dict[tuple[int, int], list[str]] = {}
-    for m in modules:
-        by_shape.setdefault((store[m].a_star.shape[2], store[m].b_star.shape[1]), []).append(m)
-    for group in by_shape.values():
-        a = torch.stack([factors[m][0] for m in group])
-        b = torch.stack([factors[m][1] for m in group])
-        s = torch.tensor([adapter.modules[m].scaling for m in group], dtype=torch.float64)
-        try:
-            a_star, b_star = align_lora(a, b, s)
-        except ValueError:
-            bad = next(m for m in group if not (factors[m][0].isfinite().all() and factors[m][1].isfinite().all()))
-            raise adapter.error(f"module {bad!r} has non-finite values in lora_A/lora_B") from None
-        rank = a.shape[1]
-        for j, m in enumerate(group):
-            row = row_of[m][index]
-            buf = store[m]
-            buf.a_star[row, :rank] = a_star[j]
-            buf.b_star[row, :, :rank] = b_star[j]
-            buf.ranks[row] = rank
+def _align_into(store: dict[str, _ModuleBuffer], adapter: PeftAdapter, index: int, modules: list[str],
+                factors: dict[str, tuple[torch.Tensor, torch.Tensor]], row_of: dict[str, dict[int, int]]) -> None:
+    """Align ``modules`` of adapter ``index`` (one rank, one shape) in one batched call and store them."""
+    a = torch.stack([factors[m][0] for m in modules])
+    b = torch.stack([factors[m][1] for m in modules])
+    s = torch.tensor([adapter.modules[m].scaling for m in modules], dtype=torch.float64)
+    try:
+        a_star, b_star = align_lora(a, b, s)
+    except ValueError:
+        bad = next(m for m in modules if not (factors[m][0].isfinite().all() and factors[m][1].isfinite().all()))
+        raise adapter.error(f"module {bad!r} has non-finite values in lora_A/lora_B") from None
+    rank = a.shape[1]
+    for j, m in enumerate(modules):
+        row, buf = row_of[m][index], store[m]
+        buf.a_star[row, :rank] = a_star[j]
+        buf.b_star[row, :, :rank] = b_star[j]
+        buf.ranks[row] = rank
 
 
 def _mmap_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
