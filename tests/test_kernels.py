@@ -131,6 +131,63 @@ def test_arrow_topk_nan_inf(ops):
     assert 7 not in idx[0].tolist()  # the NaN prototype ranks below every number
 
 
+def _int_tensor(*shape, lo=-3, hi=4, dtype=torch.float32, seed=0) -> torch.Tensor:
+    """Small integers: every fp32 dot product of them is exact, so ties are exact in any summation order."""
+    return torch.randint(lo, hi, shape, generator=_gen(seed)).to(dtype).to(DEVICE)
+
+
+def _force_sms(ops, monkeypatch, sms: int) -> None:
+    """Make the Triton launcher size its N-splits for `sms` SMs (the interpreter otherwise reports 4)."""
+    mod = __import__("sys").modules.get(ops.__name__ + ".arrow_topk")
+    if mod is not None and hasattr(mod, "num_sms"):
+        monkeypatch.setattr(mod, "num_sms", lambda device: sms)
+
+
+SPLIT_CASES = [  # T, N, k, sms: T <= 16 runs 1..16-row tiles; sms sets the number of N-splits
+    (1, 2000, 20, 64),  # 16 splits of one tile each
+    (1, 2000, 20, 2),  # 2 splits of 8 tiles: later tiles hit the early exit
+    (1, 3000, 100, 64),  # 24 splits * 128 words: the 1-row merge reads several chunks
+    (2, 2000, 20, 64),
+    (3, 2000, 20, 3),  # ROWS = 4 with one padding row
+    (5, 1100, 1, 64),  # k = 1 (K_PAD = 1, tl.max path)
+    (8, 2000, 20, 64),
+    (13, 2000, 2, 5),
+    (16, 2000, 20, 64),  # 16-row merge tiles, several chunks
+    (17, 2000, 20, 64),  # T > 16: full tiles again
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t,n,k,sms", SPLIT_CASES)
+def test_arrow_topk_small_t_splits_ties_nan(ops, monkeypatch, dtype, t, n, k, sms):
+    """Decode-sized T with many N-splits or many tiles per split, exact ties across tiles and
+    splits, NaN prototypes and tokens: identical to the reference (integer data, so no near-ties)."""
+    _force_sms(ops, monkeypatch, sms)
+    d = 48
+    p = _int_tensor(n, d, dtype=dtype, seed=60)
+    # Scores shrink with the index (tile 0 dominates), so the running top-k settles early and most
+    # later tiles are skipped; the duplicates below must still win or lose by index.
+    weight = 1 + (n - 1 - torch.arange(n, device=DEVICE)) * 8 // n
+    p = p * weight[:, None].to(dtype)
+    p[n - 500] = p[7]
+    p[n // 2] = -p[7]
+    p[300] = p[2]
+    p[3] = p[2]
+    p[0, 0] = float("nan")
+    p[129, 5] = float("nan")
+    p[200, 9] = float("inf")  # score +inf for real tokens, 0 * inf = NaN in the dot's padding rows
+    x = _int_tensor(t, d, dtype=dtype, seed=61)
+    x[:, 9] = 1
+    if t >= 3:
+        x[1] = 0  # all scores tie at 0 (NaN prototypes below them)
+        x[2, 7] = float("nan")  # all scores NaN: indices 0..k-1
+    _poison_allocator()
+    idx, scores = ops.arrow_topk(x, p, k)
+    ref_idx, ref_scores = reference.arrow_topk(x, p, k)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(scores, ref_scores, equal_nan=True, atol=0, rtol=0)
+
+
 # ----------------------------------------------------------------------------- spectr_rerank
 
 RERANK_CASES = [  # T, N, d_in, r, k, m, combine, with_scores
@@ -204,7 +261,13 @@ def test_spectr_rerank_nan_inf(ops):
 
 # ----------------------------------------------------------------------------- lora_apply
 
-APPLY_CASES = [(1, 1001, 2049, 6, 1), (7, 50, 64, 16, 3), (133, 20, 100, 1, 1), (133, 9, 70, 6, 3), (40, 5, 33, 6, 2)]
+APPLY_CASES = [  # T, N, d_out, r, m
+    (1, 1001, 2049, 6, 1), (7, 50, 64, 16, 3), (133, 20, 100, 1, 1), (133, 9, 70, 6, 3), (40, 5, 33, 6, 2),
+    (33, 500, 130, 16, 3),  # nearly one adapter per row, top_m = 3
+    (133, 700, 72, 128, 3),  # r > 16: the rank is covered in chunks
+    (2, 40, 300, 1, 1),
+    (16, 300, 257, 6, 2),
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -24,13 +24,16 @@ L = sys.modules[__package__ + ".lora_apply"]
 
 def _cases():
     for dt in ("bf16", "fp16", "fp32"):
-        for bt, bn, bd, kp, split, splits in [(16, 64, 128, 32, True, 8), (64, 64, 64, 32, False, 1),
-                                                (64, 128, 64, 128, True, 8), (16, 64, 128, 1, False, 1)]:
+        # ROWS < BLOCK_T: decode tiles (1..8 real rows of the 16-row dot), incl. K_PAD 1 / 2 on 1-row tiles
+        for bt, rows, bn, bd, kp, split, splits in [
+                (16, 16, 64, 128, 32, True, 8), (64, 64, 64, 64, 32, False, 1), (64, 64, 128, 64, 128, True, 8),
+                (16, 16, 64, 128, 1, False, 1), (16, 1, 64, 128, 32, True, 132), (16, 1, 64, 128, 1, True, 132),
+                (16, 1, 64, 128, 2, False, 1), (16, 2, 64, 128, 32, True, 66), (16, 8, 128, 128, 128, True, 16)]:
             sig = {"x_ptr": "*" + dt, "p_ptr": "*" + dt, "idx_ptr": "*i32", "score_ptr": "*fp32", "part_ptr": "*i64",
                    "T": "i32", "N": "i32", "D": "i32", "K": "i32", "n_per_split": "i32", "stride_xt": "i32",
                    "stride_pn": "i32"}
-            consts = {"SPLIT": split, "SPLITS": splits, "BLOCK_T": bt, "BLOCK_N": bn, "BLOCK_D": bd, "K_PAD": kp,
-                      "UPCAST": False}
+            consts = {"SPLIT": split, "SPLITS": splits, "BLOCK_T": bt, "ROWS": rows, "BLOCK_N": bn, "BLOCK_D": bd,
+                      "K_PAD": kp, "UPCAST": False}
             yield f"arrow_topk {dt} {consts}", A._arrow_topk_kernel, sig, consts, (8 if bt * (bn + 2 * kp) >= 8192 else 4)
         sig = {"x_ptr": "*" + dt, "a_ptr": "*" + dt, "cand_ptr": "*i32", "zp_ptr": "*fp32", "T": "i32", "N": "i32",
                "R": "i32", "D": "i32", "K": "i32", "d_per_split": "i32", "stride_xt": "i32", "stride_an": "i32",
@@ -54,15 +57,20 @@ def _cases():
                       "M_PAD": mp, "BLOCK_K": max(16, mp), "BLOCK_D": 64 if rp <= 8 else 16}
             yield f"select {dt} {consts}", S._select_kernel, sig, consts, 4
         sig = {"y_ptr": "*" + dt, "b_ptr": "*" + dt, "sel_ptr": "*i32", "w_ptr": "*fp32", "z_ptr": "*fp32",
-               "perm_ptr": "*i64", "T": "i32", "N": "i32", "DOUT": "i32", "R": "i32", "M": "i32", "stride_yt": "i32",
+               "T": "i32", "N": "i32", "DOUT": "i32", "R": "i32", "M": "i32", "stride_yt": "i32",
                "stride_bn": "i32", "stride_bo": "i32"}
-        for srt, bt, bo, rp in [(False, 16, 64, 16), (True, 64, 128, 16), (True, 64, 128, 128)]:
-            yield (f"lora_apply {dt} sorted={srt} r{rp}", L._lora_apply_kernel, sig,
-                   {"SORTED": srt, "BLOCK_T": bt, "BLOCK_O": bo, "R_PAD": rp}, 4)
+        # (BLOCK_T, BLOCK_R, BLOCK_O) as lora_apply._config picks them (BLOCK_O shrinks to 32 at small T)
+        for bt, br, bo in [(1, 8, 32), (1, 16, 256), (2, 1, 256), (2, 16, 32), (4, 8, 128), (8, 8, 64),
+                           (8, 16, 32), (8, 1, 256)]:
+            yield (f"lora_apply {dt} T{bt} R{br} O{bo}", L._lora_apply_kernel, sig,
+                   {"BLOCK_T": bt, "BLOCK_O": bo, "BLOCK_R": br}, 4)
     sig = {"part_ptr": "*i64", "idx_ptr": "*i32", "score_ptr": "*fp32", "T": "i32", "K": "i32"}
-    for kp in (1, 32, 128):
-        yield (f"topk merge k{kp}", A._merge_kernel, sig,
-               {"SPLITS": 132, "K_PAD": kp, "BLOCK_T": 16, "BLOCK_C": max(kp, 256)}, 4)
+    for rows in (1, 2, 16):  # merge tiles of next_pow2(T) <= 16 rows
+        for kp in (1, 2, 32, 128):
+            splits = 132
+            yield (f"topk merge rows{rows} k{kp}", A._merge_kernel, sig,
+                   {"SPLITS": splits, "K_PAD": kp, "BLOCK_T": rows,
+                    "BLOCK_C": A._merge_block_c(rows, splits * kp, kp)}, 4)
 
 
 def main(capability: int = 90) -> int:

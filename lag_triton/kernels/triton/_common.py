@@ -128,3 +128,20 @@ def merge_topk(best, cand, K_PAD: tl.constexpr):
         cand = topk_words(cand, K_PAD)
     both = tl.reshape(tl.join(best, cand), [ROWS, 2 * K_PAD])
     return topk_words(both, K_PAD)
+
+
+@triton.jit
+def merge_topk_if_better(best, cand, K_PAD: tl.constexpr):
+    """merge_topk(best, cand), skipped when no candidate word beats its row's worst kept word.
+
+    Exact: real words are unique (distinct indices) and best is a top-K_PAD list, so a block whose
+    words are all <= min(best) per row cannot change it (EMPTY_SLOT ties change nothing either).
+    One scalar branch per block (any row may trigger it) saves the sorting network on the blocks
+    that come after the running top-K_PAD has settled.
+    """
+    worst = tl.min(best, axis=1, keep_dims=True)  # [ROWS, 1]
+    improves = tl.max(tl.max((cand > worst).to(tl.int32), axis=1), axis=0)
+    if improves > 0:
+        best = merge_topk(best, cand, K_PAD)
+    return best
+

@@ -1,18 +1,16 @@
-"""Gather-BGMV / SGMV apply on Triton.
+"""Gather-BGMV apply on Triton.
 
     y[t] += sum_j w[t, j] * B*[sel[t, j]] @ z[t, j]        y [T, d_out], B* [N, d_out, r],
                                                            sel/w [T, m], z [T, m, r] fp32
 summed in fp32, rounded once into y's dtype, in place.
 
 One kernel, grid (cdiv(T, BLOCK_T), cdiv(d_out, BLOCK_O)). A program owns BLOCK_T token rows
-(so each y element is read and written exactly once: no atomics, any top_m) and, for every
-choice j and every distinct adapter a among its rows' sel[:, j], does one
-[BLOCK_T, R_PAD] x [R_PAD, BLOCK_O] tl.dot of the (w-scaled, row-masked) z with B*_a^T.
-
-* BGMV path (few tokens): rows are the tokens in order.
-* SGMV path (many tokens): rows are the tokens sorted on the GPU by their first choice
-  (torch.sort, no host sync), so a tile's rows share few adapters and each B*_a tile is loaded
-  once for all of them. Choices j >= 1 fall back to per-adapter loads inside the tile.
+and BLOCK_O outputs, so each y element is read and written exactly once (no atomics, any
+top_m). Per choice j it gathers each row's own adapter tile B*[sel[t, j], o-block, r-chunk]
+([BLOCK_T, BLOCK_O, BLOCK_R], row-specific base offsets), multiplies it by the row's w_j z_j
+chunk ([BLOCK_T, 1, BLOCK_R]) and sums over r: no tl.dot, no sort, no loop over the distinct
+adapters of a tile. Rows that share an adapter read the same B* bytes, which L2 serves. The
+cost is the B* bytes of T * m adapter tiles, the same at every T.
 """
 
 from __future__ import annotations
@@ -22,53 +20,61 @@ import triton
 import triton.language as tl
 
 from ..common import check_apply_args
-from ._common import NO_ADAPTER, interpreting, next_pow2, rows_contiguous
+from ._common import interpreting, next_pow2, num_sms
 
 
 @triton.jit
 def _lora_apply_kernel(
-    y_ptr,  # y [T, DOUT], row stride stride_yt (read-modify-write)
-    b_ptr,  # B* [N, DOUT, R]
-    sel_ptr,  # sel [T, M] int32
-    w_ptr,  # w [T, M] fp32
-    z_ptr,  # z [T, M, R] fp32
-    perm_ptr,  # token order [T] int64 (SORTED)
+    y_ptr,  # y [T, DOUT], row stride stride_yt, unit inner stride (read-modify-write)
+    b_ptr,  # B* [N, DOUT, R], strides (stride_bn, stride_bo, 1)
+    sel_ptr,  # sel [T, M] int32, contiguous
+    w_ptr,  # w [T, M] fp32, contiguous
+    z_ptr,  # z [T, M, R] fp32, contiguous
     T, N, DOUT, R, M,
     stride_yt, stride_bn, stride_bo,
-    SORTED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr,
-    R_PAD: tl.constexpr,  # >= 16 (tl.dot)
+    BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # rank chunk (power of two); R is covered in cdiv(R, BLOCK_R) steps
 ):
-    """y[rows, o-block] += sum_j sum_a (w_j z_j masked to rows of adapter a) @ B*_a[o-block]^T."""
-    offs = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_mask = offs < T
-    if SORTED:
-        tok = tl.load(perm_ptr + offs, mask=row_mask, other=0)
-    else:
-        tok = offs.to(tl.int64)
+    """y[rows, o-block] += sum_j sum_r B*[sel[rows, j], o-block, r] * (w[rows, j] z[rows, j, r]), in fp32."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_mask = rows < T
     offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     o_mask = offs_o < DOUT
-    offs_r = tl.arange(0, R_PAD)
-    r_mask = offs_r < R
+    offs_r0 = tl.arange(0, BLOCK_R)
     acc = tl.zeros([BLOCK_T, BLOCK_O], dtype=tl.float32)
     for j in range(0, M):
-        ad = tl.load(sel_ptr + tok * M + j, mask=row_mask, other=NO_ADAPTER)
-        ad = tl.where(row_mask & (ad >= 0) & (ad < N), ad, NO_ADAPTER)
-        wj = tl.load(w_ptr + tok * M + j, mask=row_mask, other=0.0)
-        zj = tl.load(z_ptr + (tok[:, None] * M + j) * R + offs_r[None, :],
-                     mask=row_mask[:, None] & r_mask[None, :], other=0.0)  # [BLOCK_T, R_PAD]
-        zj = zj * wj[:, None]
-        cur = tl.min(ad, axis=0)
-        while cur < NO_ADAPTER:
-            zm = tl.where((ad == cur)[:, None], zj, 0.0)
-            bt = tl.load(b_ptr + cur.to(tl.int64) * stride_bn + offs_o[None, :].to(tl.int64) * stride_bo
-                         + offs_r[:, None],
-                         mask=r_mask[:, None] & o_mask[None, :], other=0.0)  # [R_PAD, BLOCK_O] = B*_a^T tile
-            acc = tl.dot(zm, bt.to(tl.float32), acc, input_precision="ieee")
-            cur = tl.min(tl.where(ad > cur, ad, NO_ADAPTER), axis=0)
-    y_ptrs = y_ptr + tok[:, None] * stride_yt + offs_o[None, :]
+        ad = tl.load(sel_ptr + rows * M + j, mask=row_mask, other=0)
+        ok = row_mask & (ad >= 0) & (ad < N)  # an out-of-range index contributes nothing (never read)
+        wj = tl.load(w_ptr + rows * M + j, mask=ok, other=0.0)
+        base = ad.to(tl.int64) * stride_bn  # row-specific adapter base: the gather
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + offs_r0
+            r_mask = offs_r < R
+            zj = tl.load(z_ptr + (rows[:, None] * M + j) * R + offs_r[None, :],
+                         mask=ok[:, None] & r_mask[None, :], other=0.0) * wj[:, None]  # [BLOCK_T, BLOCK_R]
+            bt = tl.load(b_ptr + base[:, None, None] + offs_o[None, :, None].to(tl.int64) * stride_bo
+                         + offs_r[None, None, :],
+                         mask=ok[:, None, None] & o_mask[None, :, None] & r_mask[None, None, :],
+                         other=0.0)  # [BLOCK_T, BLOCK_O, BLOCK_R]: B*[sel[t, j], o-block, r-chunk] per row
+            acc += tl.sum(bt.to(tl.float32) * zj[:, None, :], axis=2)
+    y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_yt + offs_o[None, :]
     mask = row_mask[:, None] & o_mask[None, :]
     yv = tl.load(y_ptrs, mask=mask, other=0.0)
     tl.store(y_ptrs, (yv.to(tl.float32) + acc).to(yv.dtype), mask=mask)
+
+
+def _config(t: int, d_out: int, r: int, device: torch.device) -> dict:
+    """Block sizes from shapes only. The gathered [BLOCK_T, BLOCK_O, BLOCK_R] tile is bounded
+    (~4K fp32 products: 32 per thread at 4 warps) so it stays in registers at any r; r beyond
+    BLOCK_R = 16 is looped over."""
+    block_r = min(next_pow2(r), 16)
+    block_t = min(next_pow2(t), 1 if t == 1 else 8)
+    block_o = max(16, min(256, 4096 // (block_t * block_r)))
+    if not interpreting():
+        # Few tokens: narrower o-blocks so the grid still covers the SMs (decode: T = 1).
+        while block_o > 32 and triton.cdiv(t, block_t) * triton.cdiv(d_out, block_o) < 2 * num_sms(device):
+            block_o //= 2
+    return dict(BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_R=block_r, num_warps=4)
 
 
 def lora_apply(
@@ -86,18 +92,10 @@ def lora_apply(
     sel = sel.contiguous()
     w = w.contiguous()
     z = z.contiguous()
-    interp = interpreting()
-    sorted_path = t >= 32
-    if sorted_path:
-        perm = torch.sort(sel[:, 0], stable=False).indices  # int64, on device, no sync
-    else:
-        perm = sel  # unused dummy pointer
-    block_t = 16 if t <= 16 else (32 if interp else 64)
-    block_o = 128 if interp else (64 if t <= 16 else 128)
-    grid = (triton.cdiv(t, block_t), triton.cdiv(d_out, block_o))
+    cfg = _config(t, d_out, r, y.device)
+    grid = (triton.cdiv(t, cfg["BLOCK_T"]), triton.cdiv(d_out, cfg["BLOCK_O"]))
     _lora_apply_kernel[grid](
-        target, b_star, sel, w, z, perm, t, n, d_out, r, m, target.stride(0), b_star.stride(0), b_star.stride(1),
-        SORTED=sorted_path, BLOCK_T=block_t, BLOCK_O=block_o, R_PAD=max(16, next_pow2(r)), num_warps=4)
+        target, b_star, sel, w, z, t, n, d_out, r, m, target.stride(0), b_star.stride(0), b_star.stride(1), **cfg)
     if target is not y:
         y.copy_(target)
     return y
