@@ -41,7 +41,10 @@ def _lora_apply_kernel(
     offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     o_mask = offs_o < DOUT
     offs_r0 = tl.arange(0, BLOCK_R)
-    acc = tl.zeros([BLOCK_T, BLOCK_O], dtype=tl.float32)
+    # Tiles are laid out [BLOCK_O, BLOCK_T(, BLOCK_R)], o before t: Triton orders the dims of equal
+    # (unknown) contiguity by position, so this puts a warp's threads on neighbouring outputs of one
+    # row (r fastest, then o: one contiguous run of B* per row) instead of on 4 different rows.
+    acc = tl.zeros([BLOCK_O, BLOCK_T], dtype=tl.float32)
     for j in range(0, M):
         ad = tl.load(sel_ptr + rows * M + j, mask=row_mask, other=0)
         ok = row_mask & (ad >= 0) & (ad < N)  # an out-of-range index contributes nothing (never read)
@@ -52,13 +55,13 @@ def _lora_apply_kernel(
             r_mask = offs_r < R
             zj = tl.load(z_ptr + (rows[:, None] * M + j) * R + offs_r[None, :],
                          mask=ok[:, None] & r_mask[None, :], other=0.0) * wj[:, None]  # [BLOCK_T, BLOCK_R]
-            bt = tl.load(b_ptr + base[:, None, None] + offs_o[None, :, None].to(tl.int64) * stride_bo
+            bt = tl.load(b_ptr + base[None, :, None] + offs_o[:, None, None].to(tl.int64) * stride_bo
                          + offs_r[None, None, :],
-                         mask=ok[:, None, None] & o_mask[None, :, None] & r_mask[None, None, :],
-                         other=0.0)  # [BLOCK_T, BLOCK_O, BLOCK_R]: B*[sel[t, j], o-block, r-chunk] per row
-            acc += tl.sum(bt.to(tl.float32) * zj[:, None, :], axis=2)
-    y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_yt + offs_o[None, :]
-    mask = row_mask[:, None] & o_mask[None, :]
+                         mask=o_mask[:, None, None] & ok[None, :, None] & r_mask[None, None, :],
+                         other=0.0)  # [BLOCK_O, BLOCK_T, BLOCK_R]: B*[sel[t, j], o-block, r-chunk] per row
+            acc += tl.sum(bt.to(tl.float32) * zj[None, :, :], axis=2)
+    y_ptrs = y_ptr + rows[None, :].to(tl.int64) * stride_yt + offs_o[:, None]  # [BLOCK_O, BLOCK_T]
+    mask = o_mask[:, None] & row_mask[None, :]
     yv = tl.load(y_ptrs, mask=mask, other=0.0)
     tl.store(y_ptrs, (yv.to(tl.float32) + acc).to(yv.dtype), mask=mask)
 
