@@ -7,8 +7,8 @@ summed in fp32, rounded once into y's dtype, in place.
 One kernel, grid (cdiv(T, BLOCK_T), cdiv(d_out, BLOCK_O)). A program owns BLOCK_T token rows
 and BLOCK_O outputs, so each y element is read and written exactly once (no atomics, any
 top_m). Per choice j it gathers each row's own adapter tile B*[sel[t, j], o-block, r-chunk]
-([BLOCK_T, BLOCK_O, BLOCK_R], row-specific base offsets), multiplies it by the row's w_j z_j
-chunk ([BLOCK_T, 1, BLOCK_R]) and sums over r: no tl.dot, no sort, no loop over the distinct
+([BLOCK_O, BLOCK_T, BLOCK_R], row-specific base offsets), multiplies it by the row's w_j z_j
+chunk ([1, BLOCK_T, BLOCK_R]) and sums over r: no tl.dot, no sort, no loop over the distinct
 adapters of a tile. Rows that share an adapter read the same B* bytes, which L2 serves. The
 cost is the B* bytes of T * m adapter tiles, the same at every T.
 """
@@ -67,7 +67,7 @@ def _lora_apply_kernel(
 
 
 def _config(t: int, d_out: int, r: int, device: torch.device) -> dict:
-    """Block sizes from shapes only. The gathered [BLOCK_T, BLOCK_O, BLOCK_R] tile is bounded
+    """Block sizes from shapes only. The gathered [BLOCK_O, BLOCK_T, BLOCK_R] tile is bounded
     (~4K fp32 products: 32 per thread at 4 warps) so it stays in registers at any r; r beyond
     BLOCK_R = 16 is looped over."""
     block_r = min(next_pow2(r), 16)
