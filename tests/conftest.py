@@ -11,5 +11,3 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-torch.use_deterministic_algorithms(False)
