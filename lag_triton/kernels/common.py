@@ -81,6 +81,21 @@ def check_apply_args(
     _check_same_device(y=y, b_star=b_star, sel=sel, w=w, z=z)
 
 
+def empty_topk_outputs(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised (idx [T, k] int32, scores [T, k] fp32) on x's device: arrow_topk's output contract."""
+    t = x.shape[0]
+    return (torch.empty((t, k), dtype=torch.int32, device=x.device),
+            torch.empty((t, k), dtype=torch.float32, device=x.device))
+
+
+def empty_rerank_outputs(x: torch.Tensor, top_m: int, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Uninitialised (sel [T, m] int32, w [T, m] fp32, z [T, m, r] fp32): spectr_rerank's output contract."""
+    t = x.shape[0]
+    return (torch.empty((t, top_m), dtype=torch.int32, device=x.device),
+            torch.empty((t, top_m), dtype=torch.float32, device=x.device),
+            torch.empty((t, top_m, r), dtype=torch.float32, device=x.device))
+
+
 def selection_weights(selected_keys: torch.Tensor, combine: str, temperature: float) -> torch.Tensor:
     """Mixing weights of the top_m picks, from their ranking keys [T, m] (DESIGN §1).
 

@@ -25,7 +25,8 @@ from types import ModuleType
 import torch
 
 from .. import reference
-from ..common import check_apply_args, check_rerank_args, check_topk_args
+from ..common import (check_apply_args, check_rerank_args, check_topk_args, empty_rerank_outputs,
+                      empty_topk_outputs)
 
 __all__ = [
     "arrow_topk", "spectr_rerank", "lora_apply", "extension_unavailable_reason", "csrc_dir", "SOURCES",
@@ -159,9 +160,7 @@ def arrow_topk(x: torch.Tensor, prototypes: torch.Tensor, k: int) -> tuple[torch
         x, prototypes = x.float(), prototypes.float()
     x = x.contiguous()
     prototypes = prototypes.contiguous()
-    t = x.shape[0]
-    idx = torch.empty((t, k), dtype=torch.int32, device=x.device)
-    scores = torch.empty((t, k), dtype=torch.float32, device=x.device)
+    idx, scores = empty_topk_outputs(x, k)
     raise_on_error(ext.arrow_topk(x, prototypes, k, idx, scores, _stream(x.device)))
     return idx, scores
 
@@ -183,10 +182,7 @@ def spectr_rerank(
     candidates = candidates.contiguous()
     if candidate_scores is not None:
         candidate_scores = candidate_scores.to(device=x.device, dtype=torch.float32).contiguous()
-    t, r = x.shape[0], a_star.shape[1]
-    sel = torch.empty((t, top_m), dtype=torch.int32, device=x.device)
-    w = torch.empty((t, top_m), dtype=torch.float32, device=x.device)
-    z = torch.empty((t, top_m, r), dtype=torch.float32, device=x.device)
+    sel, w, z = empty_rerank_outputs(x, top_m, a_star.shape[1])
     raise_on_error(ext.spectr_rerank(
         x, a_star, candidates, top_m, combine == "uniform", float(temperature), candidate_scores, sel, w, z,
         _stream(x.device),

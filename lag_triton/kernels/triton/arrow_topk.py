@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import check_topk_args
+from ..common import check_topk_args, empty_topk_outputs
 from ._common import (EMPTY_SLOT, interpreting, key_to_float, merge_topk_if_better, next_pow2, num_sms, order_key,
                       pack, rows_contiguous, unpack_index, unpack_key, upcast_dot)
 
@@ -179,8 +179,7 @@ def arrow_topk(x: torch.Tensor, prototypes: torch.Tensor, k: int) -> tuple[torch
     prototypes = rows_contiguous(prototypes)
     t, d = x.shape
     n = prototypes.shape[0]
-    idx = torch.empty((t, k), dtype=torch.int32, device=x.device)
-    scores = torch.empty((t, k), dtype=torch.float32, device=x.device)
+    idx, scores = empty_topk_outputs(x, k)
     if t == 0:
         return idx, scores
     if prototypes.dtype != x.dtype:

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import check_rerank_args
+from ..common import check_rerank_args, empty_rerank_outputs
 from ._common import (EMPTY_SLOT, NO_ADAPTER, interpreting, merge_topk, next_pow2, num_sms, order_key, pack,
                       rows_contiguous, unpack_index, upcast_dot)
 
@@ -218,9 +218,7 @@ def spectr_rerank(
     k = candidates.shape[1]
     m = top_m
     dev = x.device
-    sel = torch.empty((t, m), dtype=torch.int32, device=dev)
-    w = torch.empty((t, m), dtype=torch.float32, device=dev)
-    z = torch.empty((t, m, r), dtype=torch.float32, device=dev)
+    sel, w, z = empty_rerank_outputs(x, m, r)
     if t == 0 or r == 0:
         if r == 0 and t > 0:  # degenerate library: every norm is 0, lowest adapter ids win
             return spectr_rerank(x, torch.zeros((n, 1, d), dtype=x.dtype, device=dev), candidates, top_m,
