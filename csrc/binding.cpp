@@ -6,14 +6,18 @@
 //
 // Error contract: no C++ exception ever crosses into pybind11. Every bound function returns a
 // std::string, empty on success, otherwise the error message; the Python wrapper raises
-// RuntimeError(message). Validation builds messages with c10::str and never throws (no
-// TORCH_CHECK: on the H100 machine a c10::Error thrown out of this JIT-built module through
-// pybind11's exception translation took the whole interpreter down with a segfault). The only
-// calls that can still throw (torch::empty for scratch, data_ptr) run inside a try block that
-// converts any exception to the returned message.
+// RuntimeError(message). Validation never throws (no TORCH_CHECK: on the H100 machine a
+// c10::Error thrown out of this JIT-built module took the interpreter down with a segfault). The
+// only calls that can still throw (torch::empty for scratch, data_ptr) run inside a try block
+// that converts any exception to the returned message.
+//
+// Messages are built from std::string and std::to_string only, never iostreams (c10::str,
+// operator<<): on that machine the first message with a number in it (formatted through an
+// ostringstream) segfaulted, while messages made of strings only came back fine.
 #include <torch/extension.h>
 
 #include <string>
+#include <type_traits>
 
 #include "lag_cuda.h"
 
@@ -21,7 +25,24 @@ namespace {
 
 const char* const kPrefix = "lag_triton cuda backend: ";
 
-template <typename... Args> std::string err(const Args&... args) { return c10::str(kPrefix, args...); }
+std::string fmt(const char* s) { return s; }
+std::string fmt(const std::string& s) { return s; }
+std::string fmt(c10::ScalarType t) { return c10::toString(t); }
+std::string fmt(const c10::Device& d) { return d.str(); }
+std::string fmt(c10::IntArrayRef a) {
+  std::string s = "[";
+  for (size_t i = 0; i < a.size(); ++i) s += (i ? ", " : "") + std::to_string(a[i]);
+  return s + "]";
+}
+template <typename T, typename = std::enable_if_t<std::is_arithmetic<T>::value>> std::string fmt(T v) {
+  return std::to_string(v);
+}
+
+template <typename... Args> std::string err(const Args&... args) {
+  std::string msg = kPrefix;
+  ((msg += fmt(args)), ...);
+  return msg;
+}
 
 // Each check returns "" when fine, else the message.
 std::string dtype_code(const torch::Tensor& t, const char* name, int* code) {
