@@ -1,15 +1,28 @@
 """Compile every Triton kernel of this backend for an NVIDIA target without a GPU (CI guard).
 
-    python -m lag_triton.kernels.triton._aot_check [capability=90]
+    python -m lag_triton.kernels.triton._aot_check [--capability 90] [--jobs N] [--resources]
 
 Runs the full Triton pipeline (TTIR -> TTGIR -> LLVM -> PTX -> ptxas cubin) for the
 configurations the launchers pick, so a kernel that only works under TRITON_INTERPRET=1 fails
 here. Must run with TRITON_INTERPRET unset (the interpreter swaps the top-k implementation).
+
+Every configuration is compiled twice, as a launch specialises it: *aligned* (pointers and the
+strides / widths that are multiples of 16 on real model shapes, e.g. d_in = 3072, carry Triton's
+divisibility-16 attribute, which is what lets loads vectorise and the d-loops pipeline) and
+*unaligned* (no attribute: the odd-size path, e.g. d_in = 2049). ``--resources`` prints what
+ptxas reports per configuration (registers per thread, spill bytes, shared memory): static
+evidence about the compiled kernels that needs no GPU.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
+import re
+import subprocess
 import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -20,6 +33,10 @@ from . import arrow_topk as _unused  # noqa: F401  (ensure modules are imported)
 A = sys.modules[__package__ + ".arrow_topk"]
 S = sys.modules[__package__ + ".spectr_rerank"]
 L = sys.modules[__package__ + ".lora_apply"]
+
+# Integer arguments that are multiples of 16 on aligned shapes (pointers always are: torch allocations).
+ALIGNED_INTS = {"D", "DOUT", "n_per_split", "d_per_split", "stride_xt", "stride_pn", "stride_an", "stride_ar",
+                "stride_yt", "stride_bn", "stride_bo"}
 
 
 def _cases():
@@ -73,20 +90,70 @@ def _cases():
                     "BLOCK_C": A._merge_block_c(rows, splits * kp, kp)}, 4)
 
 
-def main(capability: int = 90) -> int:
-    target = GPUTarget("cuda", capability, 32)
+def _ptxas_resources(ptx: str, capability: int) -> dict:
+    """Registers, spill bytes and stack of the kernel in `ptx`, as ``ptxas -v`` reports them."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        arch = f"sm_{capability}a" if capability == 90 else f"sm_{capability}"
+        log = subprocess.run([get_ptxas(capability).path, "-v", f"--gpu-name={arch}", src, "-o",
+                              os.path.join(tmp, "k.cubin")], capture_output=True, text=True).stderr
+    num = lambda pattern: int(m.group(1)) if (m := re.search(pattern, log)) else -1  # noqa: E731
+    return dict(regs=num(r"Used (\d+) registers"), spill_stores=num(r"(\d+) bytes spill stores"),
+                spill_loads=num(r"(\d+) bytes spill loads"))
+
+
+def _compile(job):
+    """Compile case `index` of _cases() (aligned or not); returns (name, error or None, resources or None)."""
+    index, aligned, capability, resources = job
+    name, fn, sig, consts, warps = list(_cases())[index]
+    name = f"{name} {'aligned' if aligned else 'unaligned'}"
+    full_sig = dict(sig, **{k: "constexpr" for k in consts})
+    attrs = {}
+    if aligned:
+        attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]]
+                 for a, ty in sig.items() if ty.startswith("*") or a in ALIGNED_INTS}
+    try:
+        kernel = triton.compile(ASTSource(fn=fn, signature=full_sig, constexprs=consts, attrs=attrs),
+                                target=GPUTarget("cuda", capability, 32), options=dict(num_warps=warps, num_stages=3))
+    except Exception as exc:  # noqa: BLE001 - report every failing config
+        return name, repr(exc)[-2000:], None
+    res = None
+    if resources:
+        res = _ptxas_resources(kernel.asm["ptx"], capability)
+        res["smem"] = kernel.metadata.shared
+        res["warps"] = warps
+    return name, None, res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("capability", nargs="?", type=int, default=90, help="compute capability (90 = H100)")
+    ap.add_argument("--capability", dest="capability_opt", type=int, default=None)
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiler processes")
+    ap.add_argument("--resources", action="store_true", help="print ptxas registers / spills / shared memory")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("unset TRITON_INTERPRET: the interpreter build of these kernels is not what a GPU compiles")
+        return 2
+    capability = args.capability_opt or args.capability
+    jobs = [(i, aligned, capability, args.resources) for i in range(len(list(_cases()))) for aligned in (True, False)]
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        results = list(pool.map(_compile, jobs))
     failures = 0
-    for name, fn, sig, consts, warps in _cases():
-        full_sig = dict(sig, **{k: "constexpr" for k in consts})
-        try:
-            triton.compile(ASTSource(fn=fn, signature=full_sig, constexprs=consts), target=target,
-                           options=dict(num_warps=warps, num_stages=3))
-        except Exception as exc:  # noqa: BLE001 - report every failing config
+    for name, error, res in results:
+        if error is not None:
             failures += 1
-            print(f"FAIL {name}: {exc!r}"[-2000:])
-    print(f"{failures} failures")
+            print(f"FAIL {name}: {error}")
+        elif res is not None:
+            print(f"{res['regs']:4d} regs {res['spill_stores']:6d} B spill-st {res['spill_loads']:6d} B spill-ld "
+                  f"{res['smem']:6d} B smem {res['warps']} warps  {name}")
+    print(f"{len(results)} compiles for sm_{capability}, {failures} failures")
     return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(int(sys.argv[1]) if len(sys.argv) > 1 else 90))
+    sys.exit(main())
