@@ -18,7 +18,7 @@
 #
 # Knobs (environment): BUDGET_S, QUICK=1 (quick kernel + e2e sweeps), PYTEST_ARGS (default
 # "tests/ -x -q"), KERNEL_ARGS / E2E_ARGS (extra flags appended, e.g. E2E_ARGS="--layers 8"),
-# SKIP="build pytest sanitize kernels e2e" (any subset), PYTHON (default python3).
+# SKIP="build pytest sanitize kernels topics e2e" (any subset), PYTHON (default python3).
 # On a machine without nvidia-smi it runs the same stages on CPU at tiny sizes (for debugging).
 
 set -u -o pipefail
@@ -120,7 +120,13 @@ KQ=""; EQ=""
 (( QUICK )) && { KQ="--quick"; EQ="--quick"; }
 export PY KQ EQ RESULTS KERNEL_ARGS="${KERNEL_ARGS:-}" E2E_ARGS="${E2E_ARGS:-}"
 # shellcheck disable=SC2016
-stage kernels 90 78 bash -c '"$PY" bench/bench_kernels.py $KQ --out "$RESULTS" --time-budget $(( STAGE_T - 15 )) $KERNEL_ARGS'
+stage kernels 90 98 bash -c '"$PY" bench/bench_kernels.py $KQ --out "$RESULTS" --time-budget $(( STAGE_T - 15 )) $KERNEL_ARGS'
+# prefill whose routing concentrates on a few adapters (a prompt about 4 documents): what grouping tokens by adapter buys
+TOPIC_SWEEP="--n 1000,100000 --t 2048 --shapes 3072:8192"
+(( GPU )) || TOPIC_SWEEP="--n 64 --t 80 --shapes 64:128"
+export TOPIC_SWEEP
+# shellcheck disable=SC2016
+stage topics 30 70 bash -c '"$PY" bench/bench_kernels.py --ops layer,lora_apply $TOPIC_SWEEP --prompt-topics 4 --out "$RESULTS" --time-budget $(( STAGE_T - 8 ))'
 
 # ---- end to end -------------------------------------------------------------------------------------
 # shellcheck disable=SC2016

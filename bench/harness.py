@@ -336,6 +336,10 @@ def add_kernel_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--top-m", type=int, default=1)
     p.add_argument("--rotate", type=int, default=4, help="input buffers cycled per measurement")
+    p.add_argument("--prompt-topics", type=int, default=0,
+                   help="0: i.i.d. random token rows (routing spread over the library); K > 0: each row leans "
+                        "towards one of K adapters, in contiguous runs (a prompt about K documents), so "
+                        "routing concentrates on K adapters")
     p.add_argument("--warmup-ms", type=float, default=5)
     p.add_argument("--rep-ms", type=float, default=20)
     p.add_argument("--ref-max-tn", type=float, default=2048 * 10000,
@@ -380,6 +384,21 @@ def _random_library(n, r, d_in, d_out, dtype, device, gen, need_a=True, need_b=T
     a_star = randn(n, r, d_in, scale=d_in ** -0.5) if need_a else None
     b_star = randn(n, d_out, r, scale=0.02) if need_b else None
     return prototypes, a_star, b_star
+
+
+def _topic_directions(protos, a_star, t, topics, strength=8.0):
+    """[t, d_in] fp32 offsets that make row i lean towards adapter c(i): `topics` adapters spread over the
+    library, in contiguous runs of rows. Adds `strength` x the unit prototype of c(i) (Arrow ranks it
+    first: random rows score ~N(0, 1) against unit prototypes) and, when A* is given, `strength` x the
+    unit first row of A*_c(i) (SpectR's norm then prefers it too, as in a real library where the
+    prototype is that row)."""
+    n = protos.shape[0]
+    which = (torch.arange(t, device=protos.device) * topics // t) * max(1, n // topics) % n
+    unit = lambda v: v.float() / v.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)  # noqa: E731
+    out = strength * unit(protos[which])
+    if a_star is not None and a_star.shape[1] > 0:
+        out += strength * unit(a_star[which, 0])
+    return out
 
 
 def kernel_bytes(op: str, *, n, r, d_in, d_out, t, k, m, elt, uniq_cand, uniq_sel) -> int:
@@ -432,6 +451,8 @@ def run_kernel_tables(ops_to_run: Iterable[str], argv=None, description: str = "
         row = {"section": "kernel", "op": op, "shape": f"{d_in}->{d_out}", "d_in": d_in, "d_out": d_out,
                "N": n, "T": t, "k": k, "top_m": m, "rank": r, "dtype": args.dtype, "backend": backend,
                "status": status, "ms": ms, "bytes": nbytes}
+        if args.prompt_topics:
+            row["prompt_topics"] = args.prompt_topics
         if nbytes is not None:
             floor = nbytes / (copy_gbps * 1e9) * 1e3
             row["floor_ms"] = floor
@@ -476,7 +497,10 @@ def run_kernel_tables(ops_to_run: Iterable[str], argv=None, description: str = "
                     # Inputs, rotated: x, y and the per-buffer routing results the later ops consume.
                     sets = []
                     for _ in range(max(1, args.rotate)):
-                        x = torch.randn(t, d_in, generator=gen, device=device, dtype=torch.float32).to(dtype)
+                        x = torch.randn(t, d_in, generator=gen, device=device, dtype=torch.float32)
+                        if args.prompt_topics > 0:
+                            x += _topic_directions(protos, a_star, t, args.prompt_topics)
+                        x = x.to(dtype)
                         y = torch.randn(t, d_out, generator=gen, device=device, dtype=torch.float32).to(dtype)
                         cand, _ = plain_arrow_topk(x, protos, k)
                         s = {"x": x, "y": y, "cand": cand}

@@ -76,48 +76,56 @@ def kernel_tables(rows: list[dict], ops: list[str] | None = None) -> list[str]:
     for op, title in OP_TITLES.items():
         if ops is not None and op not in ops:
             continue
-        op_rows = [r for r in krows if r["op"] == op]
-        if not op_rows:
-            continue
-        notes = Footnotes()
-        cells: "OrderedDict[tuple, dict]" = OrderedDict()
-        for r in op_rows:
-            key = (r["shape"], r["N"], r["T"])
-            cells.setdefault(key, {})[r["backend"]] = r  # later rows (reruns) win
-        backends = [b for b in KERNEL_BACKENDS if any(b in v for v in cells.values())]
-        any_r = op_rows[0]
-        out.append(f"### {title}")
+        for topics in sorted({r.get("prompt_topics", 0) for r in krows if r["op"] == op}):
+            op_rows = [r for r in krows if r["op"] == op and r.get("prompt_topics", 0) == topics]
+            out.extend(_kernel_table(op_rows, title, topics))
+    return out
+
+
+def _kernel_table(op_rows: list[dict], title: str, topics: int) -> list[str]:
+    """One op's table: (shape, N, T) rows x backend columns."""
+    out = []
+    notes = Footnotes()
+    cells: "OrderedDict[tuple, dict]" = OrderedDict()
+    for r in op_rows:
+        key = (r["shape"], r["N"], r["T"])
+        cells.setdefault(key, {})[r["backend"]] = r  # later rows (reruns) win
+    backends = [b for b in KERNEL_BACKENDS if any(b in v for v in cells.values())]
+    any_r = op_rows[0]
+    if topics:
+        title += f" — prompts about {topics} adapters (routing concentrated, `--prompt-topics {topics}`)"
+    out.append(f"### {title}")
+    out.append("")
+    out.append(f"{any_r['dtype']}, rank {any_r['rank']}, k={any_r['k']}, top_m={any_r['top_m']}; times in ms "
+               "(median). *floor* = bytes that must move (see bench/harness.py `kernel_bytes`) at the measured "
+               "copy bandwidth; *%BW* = floor / time.")
+    out.append("")
+    head = ["shape", "N", "T"] + [BACKEND_TITLES[b] for b in backends] + ["floor", "MB moved"]
+    head += [f"{b} %BW" for b in ("triton", "cuda") if b in backends]
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|")
+    shape_order = list(OrderedDict.fromkeys(k[0] for k in cells))
+    for (shape, n, t), by_b in sorted(cells.items(), key=lambda kv: (shape_order.index(kv[0][0]), kv[0][1], kv[0][2])):
+        anyrow = next(iter(by_b.values()))
+        line = [shape, f"{n:,}", str(t)] + [_cell(by_b.get(b), notes) for b in backends]
+        line.append(_fmt_ms(anyrow.get("floor_ms")))
+        line.append(f"{anyrow['bytes'] / 1e6:.1f}" if anyrow.get("bytes") else "")
+        for b in ("triton", "cuda"):
+            if b in backends:
+                pct = (by_b.get(b) or {}).get("pct_bw")
+                line.append("" if pct is None else (f"{pct:.0f}%" if pct >= 10 else f"{pct:.1f}%"))
+        out.append("| " + " | ".join(line) + " |")
+    out.append("")
+    out.extend(notes.render())
+    if notes.items:
         out.append("")
-        out.append(f"{any_r['dtype']}, rank {any_r['rank']}, k={any_r['k']}, top_m={any_r['top_m']}; times in ms "
-                   "(median). *floor* = bytes that must move (see bench/harness.py `kernel_bytes`) at the measured "
-                   "copy bandwidth; *%BW* = floor / time.")
-        out.append("")
-        head = ["shape", "N", "T"] + [BACKEND_TITLES[b] for b in backends] + ["floor", "MB moved"]
-        head += [f"{b} %BW" for b in ("triton", "cuda") if b in backends]
-        out.append("| " + " | ".join(head) + " |")
-        out.append("|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|")
-        shape_order = list(OrderedDict.fromkeys(k[0] for k in cells))
-        for (shape, n, t), by_b in sorted(cells.items(), key=lambda kv: (shape_order.index(kv[0][0]), kv[0][1], kv[0][2])):
-            anyrow = next(iter(by_b.values()))
-            line = [shape, f"{n:,}", str(t)] + [_cell(by_b.get(b), notes) for b in backends]
-            line.append(_fmt_ms(anyrow.get("floor_ms")))
-            line.append(f"{anyrow['bytes'] / 1e6:.1f}" if anyrow.get("bytes") else "")
-            for b in ("triton", "cuda"):
-                if b in backends:
-                    pct = (by_b.get(b) or {}).get("pct_bw")
-                    line.append("" if pct is None else (f"{pct:.0f}%" if pct >= 10 else f"{pct:.1f}%"))
-            out.append("| " + " | ".join(line) + " |")
-        out.append("")
-        out.extend(notes.render())
-        if notes.items:
-            out.append("")
     return out
 
 
 def target_table(rows: list[dict]) -> list[str]:
     layer = {}
-    for r in rows:
-        if r.get("section") == "kernel" and r["op"] == "layer":
+    for r in rows:  # the targets are stated for i.i.d. random inputs
+        if r.get("section") == "kernel" and r["op"] == "layer" and not r.get("prompt_topics"):
             layer[(r["shape"], r["N"], r["T"], r["backend"])] = r
     shapes = list(OrderedDict.fromkeys(k[0] for k in layer))
     if not shapes or not any(k[3] == "triton" for k in layer):
@@ -241,7 +249,8 @@ def plot(data: dict, png: Path) -> bool:
     except ImportError:
         print("matplotlib not installed: no plot", file=sys.stderr)
         return False
-    rows = [r for r in data.get("rows", []) if r.get("section") == "kernel" and r["op"] == "layer"]
+    rows = [r for r in data.get("rows", [])
+            if r.get("section") == "kernel" and r["op"] == "layer" and not r.get("prompt_topics")]
     if not rows:
         return False
     shapes = list(OrderedDict.fromkeys(r["shape"] for r in rows))

@@ -270,6 +270,19 @@ APPLY_CASES = [  # T, N, d_out, r, m
 ]
 
 
+def _check_apply(ops, b, sel, w, z, y0):
+    """ops.lora_apply in place on a copy of y0, within one output rounding + the fp32 sum error of exact."""
+    m, dtype = sel.shape[1], y0.dtype
+    y = y0.clone()
+    out = ops.lora_apply(y, b, sel, w, z)
+    assert out is y or out.data_ptr() == y.data_ptr()
+    exact = y0.double() + torch.einsum("tm,tmor,tmr->to", w.double(), b[sel.long()].double(), z.double())
+    y_ref = reference.lora_apply(y0.clone(), b, sel, w, z)
+    ulp = torch.finfo(dtype).eps * exact.abs() + _red_tol(z, b) * m
+    assert ((y.double() - exact).abs() <= ulp + (y_ref.double() - exact).abs()).all()
+    assert torch.isfinite(y).all()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("t,n,d_out,r,m", APPLY_CASES)
 def test_lora_apply_matches_reference(ops, dtype, t, n, d_out, r, m):
@@ -277,16 +290,28 @@ def test_lora_apply_matches_reference(ops, dtype, t, n, d_out, r, m):
     sel = _candidates(t, n, m, seed=19)
     w = torch.rand(t, m, generator=_gen(20)).to(DEVICE)
     z = _randn(t, m, r, seed=21)
-    y0 = _randn(t, d_out, dtype=dtype, seed=22)
-    y = y0.clone()
-    out = ops.lora_apply(y, b, sel, w, z)
-    assert out is y or out.data_ptr() == y.data_ptr()
-    exact = y0.double() + torch.einsum("tm,tmor,tmr->to", w.double(), b[sel.long()].double(), z.double())
-    y_ref = reference.lora_apply(y0.clone(), b, sel, w, z)
-    # fp32 sum error, plus one rounding to the output dtype
-    ulp = torch.finfo(dtype).eps * exact.abs() + _red_tol(z, b) * m
-    assert ((y.double() - exact).abs() <= ulp + (y_ref.double() - exact).abs()).all()
-    assert torch.isfinite(y).all()
+    _check_apply(ops, b, sel, w, z, _randn(t, d_out, dtype=dtype, seed=22))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t,n,runs,m", [(133, 7, 3, 2), (64, 1, 1, 1), (200, 50, 5, 1), (97, 30, 97, 3)])
+def test_lora_apply_grouped_tokens(ops, dtype, t, n, runs, m):
+    """Prefill routing concentrated on a few adapters (a prompt about one document): first choices in
+    `runs` shuffled runs, so sorted tiles share one adapter (the Triton shared-segment path), mixed
+    tiles sit at run borders, and choices j >= 1 stay scattered."""
+    g = _gen(31)
+    first = (torch.arange(t) * runs // t)[torch.randperm(t, generator=g)] % n
+    others = torch.stack([torch.randperm(n, generator=g)[:m] for _ in range(t)])
+    sel = others.clone()
+    if m > 1:  # keep the choices of a row distinct: swap `first` into column 0
+        hit = (others == first[:, None]).nonzero()
+        sel[hit[:, 0], hit[:, 1]] = others[hit[:, 0], 0]
+    sel[:, 0] = first
+    sel = sel.to(torch.int32).to(DEVICE)
+    b = _mixed_rank(_randn(n, 70, 6, dtype=dtype, seed=32), 2, seed=33)
+    w = torch.rand(t, m, generator=_gen(34)).to(DEVICE)
+    z = _randn(t, m, 6, seed=35)
+    _check_apply(ops, b, sel, w, z, _randn(t, 70, dtype=dtype, seed=36))
 
 
 def test_lora_apply_every_element_poisoned_output_row(ops):

@@ -74,13 +74,15 @@ def _cases():
                       "M_PAD": mp, "BLOCK_K": max(16, mp), "BLOCK_D": 64 if rp <= 8 else 16}
             yield f"select {dt} {consts}", S._select_kernel, sig, consts, 4
         sig = {"y_ptr": "*" + dt, "b_ptr": "*" + dt, "sel_ptr": "*i32", "w_ptr": "*fp32", "z_ptr": "*fp32",
-               "T": "i32", "N": "i32", "DOUT": "i32", "R": "i32", "M": "i32", "stride_yt": "i32",
-               "stride_bn": "i32", "stride_bo": "i32"}
-        # (BLOCK_T, BLOCK_R, BLOCK_O) as lora_apply._config picks them (BLOCK_O shrinks to 32 at small T)
+               "order_ptr": "*i64", "T": "i32", "N": "i32", "DOUT": "i32", "R": "i32", "M": "i32",
+               "stride_yt": "i32", "stride_bn": "i32", "stride_bo": "i32"}
+        # (BLOCK_T, BLOCK_R, BLOCK_O) as lora_apply._config picks them (BLOCK_O shrinks to 32 at small T);
+        # tokens sorted by adapter from T = SORT_MIN_T (8-row tiles) on
         for bt, br, bo in [(1, 8, 32), (1, 16, 256), (2, 1, 256), (2, 16, 32), (4, 8, 128), (8, 8, 64),
                            (8, 16, 32), (8, 1, 256)]:
-            yield (f"lora_apply {dt} T{bt} R{br} O{bo}", L._lora_apply_kernel, sig,
-                   {"BLOCK_T": bt, "BLOCK_O": bo, "BLOCK_R": br}, 4)
+            for sort in ((False, True) if bt == 8 else (False,)):
+                yield (f"lora_apply {dt} T{bt} R{br} O{bo} sorted={sort}", L._lora_apply_kernel, sig,
+                       {"SORTED": sort, "BLOCK_T": bt, "BLOCK_O": bo, "BLOCK_R": br}, 4)
     sig = {"part_ptr": "*i64", "idx_ptr": "*i32", "score_ptr": "*fp32", "T": "i32", "K": "i32"}
     for rows in (1, 2, 16):  # merge tiles of next_pow2(T) <= 16 rows
         for kp in (1, 2, 32, 128):
