@@ -128,7 +128,7 @@ std::string arrow_topk_impl(const torch::Tensor& x, const torch::Tensor& prototy
   LAG_TRY(check_shape(scores, "scores", {T, k}));
   if (T == 0) return {};
   const int dev = device.index();
-  const size_t ws_bytes = lag_arrow_topk_workspace_bytes(T, N, k, dev);
+  const size_t ws_bytes = lag_arrow_topk_workspace_bytes(T, N, k, x_dt, dev);
   torch::Tensor ws;
   if (ws_bytes > 0) ws = torch::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(torch::kUInt8));
   const int rc = lag_arrow_topk_launch(x.data_ptr(), x_dt, prototypes.data_ptr(), p_dt, T, N, d_in, k,

@@ -150,19 +150,23 @@ struct DeviceGuard {
   }
 };
 
-inline int sm_count(int device) {
+// A device attribute, cached per device (read once: launchers stay cheap); `fallback` if unreadable.
+template <cudaDeviceAttr Attr> inline int device_attr(int device, int fallback) {
   static int cache[64] = {0};
   if (device < 0) cudaGetDevice(&device);
   const int slot = (device >= 0 && device < 64) ? device : -1;
   if (slot >= 0 && cache[slot] > 0) return cache[slot];
   int v = 0;
-  if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || v <= 0) {
-    cudaGetLastError();  // clear, fall back to a typical count
-    v = 108;
+  if (cudaDeviceGetAttribute(&v, Attr, device) != cudaSuccess || v <= 0) {
+    cudaGetLastError();  // clear it
+    return fallback;
   }
   if (slot >= 0) cache[slot] = v;
   return v;
 }
+
+inline int sm_count(int device) { return device_attr<cudaDevAttrMultiProcessorCount>(device, 108); }
+inline int cc_major(int device) { return device_attr<cudaDevAttrComputeCapabilityMajor>(device, 0); }
 
 inline int pow2_ceil(long long v) {
   int p = 1;

@@ -23,8 +23,8 @@ extern "C" {
 
 const char* lag_cuda_error_string(int err);
 
-// Bytes of scratch the arrow top-k needs on `device` (0 when the N split is not used).
-size_t lag_arrow_topk_workspace_bytes(int64_t T, int64_t N, int64_t k, int device);
+// Bytes of scratch the arrow top-k needs for x of `dtype` on `device` (0 when the N split is not used).
+size_t lag_arrow_topk_workspace_bytes(int64_t T, int64_t N, int64_t k, int dtype, int device);
 
 // x [T, d_in], prototypes [N, d_in], both of dtype x_dtype == p_dtype (the Python side promotes
 // mixed dtypes exactly, to fp32) -> idx [T, k] int32, scores [T, k] fp32.

@@ -86,6 +86,25 @@ def test_arrow_exact_ties_and_nan(cu, t, n):
     assert bool(scores.isnan().all())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("t,n,d,k,x_off", [(16, 1000, 64, 20, 0), (33, 257, 61, 128, 0), (133, 1001, 96, 20, 1),
+                                           (17, 5000, 48, 7, 0), (2048, 300, 40, 1, 3), (40, 129, 8, 128, 0)])
+def test_arrow_tensor_core_path_exact(cu, dtype, t, n, d, k, x_off):
+    """fp16/bf16 with T >= 16 runs the WMMA kernel. Small integers are exact in both dtypes and their
+    dot products exact in fp32, so idx must equal the reference's exactly (ties -> lower index, NaN
+    last), across ragged d_in (scalar staging), unaligned x (x_off), partial sub-tiles and N splits."""
+    g = torch.Generator(device="cuda").manual_seed(t * 31 + n + d)
+    xb = torch.randint(-2, 3, (t * d + x_off,), device="cuda", generator=g).to(dtype)
+    x = xb[x_off:].view(t, d)
+    p = torch.randint(-2, 3, (n, d), device="cuda", generator=g).to(dtype)
+    p[n // 2, d // 2] = float("nan")
+    x[t // 2, 0] = float("nan")  # every score of that token is NaN: indices 0..k-1
+    idx, scores = cu.arrow_topk(x, p, k)
+    ridx, rscores = ref.arrow_topk(x, p, k)
+    assert torch.equal(idx, ridx), _topk_report(idx, scores, x, p, k)
+    torch.testing.assert_close(scores, rscores, equal_nan=True)
+
+
 def test_arrow_unaligned_and_mixed_dtypes(cu):
     buf = torch.randn(3 * 64 + 1, device="cuda", dtype=torch.bfloat16)
     x = buf[1:].view(3, 64)  # contiguous but not 16-byte aligned

@@ -33,7 +33,7 @@ TORCH_NVCC_DEFINES = [
     "-D__CUDA_NO_HALF2_OPERATORS__",
 ]
 ALLOWED_KERNEL_INCLUDES = {
-    "cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h", "stdint.h", "stddef.h", "string.h",
+    "cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h", "mma.h", "stdint.h", "stddef.h", "string.h", "type_traits",
     "lag_common.cuh", "lag_cuda.h",
 }
 
