@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # What the session's one GPU call runs (writes under $OUT): the CUDA extension builds in the
 # background while the GPU test files run in parallel workers (Triton compilation is CPU-bound),
-# then bench/gpu_check.sh runs the sanitizer, kernel tables, end-to-end benchmark and report, and
-# bench/profile_layer.py splits one layer's time into kernels.
+# then bench/gpu_check.sh runs the sanitizer, kernel tables, end-to-end benchmark and report;
+# bench/profile_layer.py splits one layer's time into kernels and bench/probe_topk.py times one
+# top-k merge step by tile shape.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1 MAX_JOBS=16
@@ -18,3 +19,7 @@ cat "$OUT/build.txt"
 SKIP="build pytest" BUDGET_S="${BENCH_S:-280}" OUT="$OUT" bash bench/gpu_check.sh
 # per-kernel device time vs host time of one layer (what limits the per-layer figures)
 timeout -k 5 "${PROFILE_S:-60}" python3 bench/profile_layer.py --n 1000,10000 --t 1,32,2048 > "$OUT/profile.txt" 2>&1
+# cost of one running top-k merge step by tile shape (what the Arrow kernel repeats per tile / merge chunk)
+RESULTS=$(ls "$OUT"/bench/results/*.json 2>/dev/null | head -1)
+timeout -k 5 "${PROBE_S:-45}" python3 bench/probe_topk.py ${RESULTS:+--out "$RESULTS"} > "$OUT/probe_topk.txt" 2>&1
+[[ -n "$RESULTS" ]] && python3 bench/report.py "$RESULTS" --md "$OUT/report.md" > /dev/null 2>&1

@@ -213,6 +213,28 @@ def e2e_table(rows: list[dict]) -> list[str]:
     return out
 
 
+def probe_table(rows: list[dict]) -> list[str]:
+    """bench/probe_topk.py: device microseconds per running top-k merge step, by tile shape."""
+    prows = [r for r in rows if r.get("section") == "probe_topk"]
+    if not prows:
+        return []
+    progs = sorted({r["programs"] for r in prows})
+    out = ["### Top-k merge step inside a Triton program (`bench/probe_topk.py`)", "",
+           "Device µs per merge of a [rows, C] block into a running top-K_PAD list (median launch / "
+           f"{prows[0]['iters']} dependent merges).", "",
+           "| rows x C -> K_PAD | dtype | " + " | ".join(f"{p} program{'s' if p > 1 else ''}" for p in progs) + " |",
+           "|---|---|" + "---:|" * len(progs)]
+    cells: "OrderedDict[tuple, dict]" = OrderedDict()
+    for r in prows:
+        cells.setdefault((r["rows"], r["C"], r["K_PAD"], r["dtype"]), {})[r["programs"]] = r
+    for (rows_, c, kp, dt), by_p in cells.items():
+        vals = [(f"{by_p[p]['us_per_merge']:.2f}" if by_p.get(p, {}).get("us_per_merge") is not None
+                 else (by_p.get(p) or {}).get("status", "").split(":")[0]) for p in progs]
+        out.append(f"| {rows_} x {c} -> {kp} | {dt} | " + " | ".join(vals) + " |")
+    out.append("")
+    return out
+
+
 def header(data: dict) -> list[str]:
     env = data.get("env", {})
     bw = data.get("copy_bandwidth") or {}
@@ -230,7 +252,7 @@ def header(data: dict) -> list[str]:
 
 def render(data: dict, ops: list[str] | None = None) -> str:
     rows = data.get("rows", [])
-    out = header(data) + target_table(rows) + kernel_tables(rows, ops) + e2e_table(rows)
+    out = header(data) + target_table(rows) + kernel_tables(rows, ops) + e2e_table(rows) + probe_table(rows)
     checks = data.get("checks")
     if checks:
         out += ["", "Checks: " + ", ".join(f"{k} = {v}" for k, v in checks.items())]

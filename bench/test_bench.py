@@ -153,3 +153,17 @@ def test_e2e_table_puts_eager_extras_in_their_own_columns():
     assert "| 2.00 (500) | 4.00 (250) | cuda-graph |" in base
     lag = next(line for line in lines if "| lag-triton |" in line)
     assert lag.endswith("| 3.00 (333) |  | cuda-graph |")
+
+
+def test_probe_topk_rows_and_report(tmp_path):
+    """The merge-step probe runs (interpreter) and the report renders its table; the interpreter's
+    timings mean nothing, only the plumbing is checked."""
+    from bench import probe_topk
+
+    out = tmp_path / "probe.json"
+    probe_topk.main(["--device", "cpu", "--iters", "1", "--shapes", "1x32x16,4x32x32", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 * 2 * 2  # shapes x dtypes x (1 program, one per SM)
+    assert all(r["status"] == "ok" and r["us_per_merge"] > 0 for r in rows), rows
+    md = report.render(json.loads(out.read_text()))
+    assert "Top-k merge step" in md and "| 4 x 32 -> 32 | int64 words |" in md
