@@ -380,8 +380,9 @@ class TestRealSizes:
         torch.testing.assert_close(y[agree].float(), y_ref[agree].float(), atol=0.05, rtol=2e-2)
         torch.cuda.synchronize()
 
-    def test_cuda_graph_capture_replay(self, ops):
-        t, n, d_in, d_out, r, dtype = 16, 1000, 3072, 8192, 6, torch.bfloat16
+    @pytest.mark.parametrize("t", [16, 80])  # 80: prefill paths (adapter-sorted apply, grouped rerank)
+    def test_cuda_graph_capture_replay(self, ops, t):
+        n, d_in, d_out, r, dtype = 1000, 3072, 8192, 6, torch.bfloat16
         x = _randn(t, d_in, dtype=dtype, seed=50)
         a = _randn(n, r, d_in, dtype=dtype, seed=51) / d_in ** 0.5
         b = _randn(n, d_out, r, dtype=dtype, seed=52) / r
