@@ -32,7 +32,7 @@ import triton.language as tl  # noqa: E402
 from lag_triton.kernels.triton._common import merge_topk  # noqa: E402
 
 # (ROWS, C, K_PAD): decode tiles (1 row), the 16-row dot tile, the 64-row prefill tile, merge chunks
-DEFAULT_SHAPES = "1x64x32,1x2048x32,16x64x32,16x256x32,64x64x32,1x128x128"
+DEFAULT_SHAPES = "1x64x32,1x2048x32,16x64x32,16x256x32,64x64x32"
 
 
 @triton.jit
