@@ -16,7 +16,7 @@ echo "pytest rc=$?" >> "$OUT/pytest.txt"
 tail -n 30 "$OUT/pytest.txt"
 wait
 cat "$OUT/build.txt"
-SKIP="build pytest" BUDGET_S="${BENCH_S:-280}" OUT="$OUT" bash bench/gpu_check.sh
+SKIP="build pytest ${SKIP:-}" BUDGET_S="${BENCH_S:-280}" OUT="$OUT" bash bench/gpu_check.sh
 # per-kernel device time vs host time of one layer (what limits the per-layer figures)
 timeout -k 5 "${PROFILE_S:-60}" python3 bench/profile_layer.py --n 1000,10000 --t 1,32,2048 > "$OUT/profile.txt" 2>&1
 # cost of one running top-k merge step by tile shape (what the Arrow kernel repeats per tile / merge chunk)
