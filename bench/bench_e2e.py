@@ -29,10 +29,7 @@ Order: base, LAG triton, LAG cuda, the PEFT comparison, then the (slow) torch re
 from __future__ import annotations
 
 import argparse
-import contextlib
 import inspect
-import json
-import math
 import shutil
 import sys
 import tempfile

@@ -7,7 +7,6 @@ library matches PEFT's LoRA forward.
 """
 
 import pytest
-import torch
 
 from lag_triton.experiment import ExperimentConfig, run_experiment
 

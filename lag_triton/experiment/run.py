@@ -213,7 +213,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | None = None, adapters_d
         oracle[m] = exact_match(peft_model, ids[m], plen[m], alen[m], cfg.eval_batch, dev)
     record("oracle", oracle)
 
-    routers = [("arrow top-1", dict(router="arrow", top_m=1)), (f"spectr k=N", dict(router="spectr"))]
+    routers = [("arrow top-1", dict(router="arrow", top_m=1)), ("spectr k=N", dict(router="spectr"))]
     ks = sorted({min(k, n) for k in cfg.ks} | {n})  # k = N always: LAG's SpectR limit, checked below
     routers += [(f"lag k={k}", dict(router="lag", k=k)) for k in ks]
     gen_check = {}

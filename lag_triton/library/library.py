@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .align import align_lora
-from .peft_reader import AdapterError, PeftAdapter
+from .peft_reader import PeftAdapter
 
 FORMAT = "lag_triton.library"
 FORMAT_VERSION = 1
