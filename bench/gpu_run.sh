@@ -3,23 +3,26 @@
 # background while the GPU test files run in parallel workers (Triton compilation is CPU-bound),
 # then bench/gpu_check.sh runs the sanitizer, kernel tables, end-to-end benchmark and report;
 # bench/profile_layer.py splits one layer's time into kernels and bench/probe_topk.py times one
-# top-k merge step by tile shape.
+# top-k merge step by tile shape. It writes 7 files (the device tool returns at most 8): log.txt,
+# pytest.txt (with the extension build line), sanitizer.txt, probes.txt (profile + top-k probe),
+# report.md and bench/results/<card>-<date>.{json,png}.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1 MAX_JOBS=16
 OUT="${OUT:-/tmp/lag_gpu_run}"
 mkdir -p "$OUT"
-python3 -c "import time; t=time.time(); from lag_triton.kernels.cuda import extension_unavailable_reason as r; print('cuda extension:', r() or 'ok', f'{time.time()-t:.0f}s')" > "$OUT/build.txt" 2>&1 &
+python3 -c "import time; t=time.time(); from lag_triton.kernels.cuda import extension_unavailable_reason as r; print('cuda extension:', r() or 'ok', f'{time.time()-t:.0f}s')" > "$OUT/build.log" 2>&1 &
 timeout -k 5 "${PYTEST_S:-150}" python3 -m pytest tests/test_kernels.py tests/test_cuda_backend.py \
     tests/test_backends_model.py -n "${WORKERS:-12}" -q -rfE --tb=short -p no:cacheprovider > "$OUT/pytest.txt" 2>&1
 echo "pytest rc=$?" >> "$OUT/pytest.txt"
 tail -n 30 "$OUT/pytest.txt"
 wait
-cat "$OUT/build.txt"
+cat "$OUT/build.log" | tee -a "$OUT/pytest.txt"
+rm -f "$OUT/build.log"
 SKIP="build pytest ${SKIP:-}" BUDGET_S="${BENCH_S:-280}" OUT="$OUT" bash bench/gpu_check.sh
 # per-kernel device time vs host time of one layer (what limits the per-layer figures)
-timeout -k 5 "${PROFILE_S:-60}" python3 bench/profile_layer.py --n 1000,10000 --t 1,32,2048 > "$OUT/profile.txt" 2>&1
+timeout -k 5 "${PROFILE_S:-60}" python3 bench/profile_layer.py --n 1000,10000 --t 1,32,2048 > "$OUT/probes.txt" 2>&1
 # cost of one running top-k merge step by tile shape (what the Arrow kernel repeats per tile / merge chunk)
 RESULTS=$(ls "$OUT"/bench/results/*.json 2>/dev/null | head -1)
-timeout -k 5 "${PROBE_S:-45}" python3 bench/probe_topk.py ${RESULTS:+--out "$RESULTS"} > "$OUT/probe_topk.txt" 2>&1
+timeout -k 5 "${PROBE_S:-45}" python3 bench/probe_topk.py ${RESULTS:+--out "$RESULTS"} >> "$OUT/probes.txt" 2>&1
 [[ -n "$RESULTS" ]] && python3 bench/report.py "$RESULTS" --md "$OUT/report.md" > /dev/null 2>&1
