@@ -1,12 +1,30 @@
-"""Shared benchmark harness: timing, input rotation, bytes model, results JSON, kernel tables.
+"""Shared benchmark harness: timing, input rotation, cost model, results JSON, kernel tables.
 
-Timing: on CUDA, ``triton.testing.do_bench`` (median of CUDA-event timings after warm-up, L2
-flushed before every call); on CPU, a wall-clock median. Every timed function cycles through
-several input buffers (``Rotator``) so repeated calls do not hit in cache on small sizes.
+Timing of a kernel-table cell (``time_cell``). On CUDA, two numbers per cell:
 
-Bytes model: each op is charged the bytes it must move at least once (DESIGN §2, "memory traffic
-is the cost model"); ``floor_ms`` is those bytes at the copy bandwidth measured at the start of
-the same run (device-to-device copy, bytes read + written / time), and ``pct_bw`` = floor / time.
+- ``ms``: device time of a CUDA-graph replay. One graph is captured per rotated input set
+  (``--rotate``, so repeated calls do not hit in cache on small sizes), the graphs are replayed
+  cyclically, each replay timed alone by CUDA events, median of >= 10 samples. Before every timed
+  replay the L2 is flushed by a *read* of a buffer larger than L2 (a sum, outside the events: a
+  memset would leave dirty lines for the timed replay to write back). Host launch overhead is
+  not in this number. Where capture fails (a backend that syncs, say) ``ms`` falls back to the
+  eager time and the row says ``timing: "eager"`` (with ``graph_error``), else ``"cuda-graph"``.
+- ``eager_ms``: ``triton.testing.do_bench`` (median of CUDA-event timings of eager calls after
+  warm-up, L2 zeroed before each call): host launch overhead included.
+
+On CPU both are one wall-clock median of eager calls (``timing: "wall"``).
+
+Cost model (DESIGN §2): each op is charged the bytes it must move at least once
+(``kernel_bytes``) and the FLOPs it must do (``kernel_flops``). ``floor_ms`` = max(bytes / copy
+bandwidth, FLOPs / bf16 GEMM rate), both measured at the start of the results file (a
+device-to-device copy kernel, bytes read + written / time; an 8192^3 bf16 matmul on CUDA, a small
+fp32 one on CPU), timed like the cells, the faster of graph and eager taken; ``bound`` says which
+term is larger, ``pct_floor`` = floor / ms.
+
+Baselines measured in the same run: ``plain`` (the obvious PyTorch user code, ranking fp32
+scores as the reference does) and ``plain-compile`` (the same functions under
+``torch.compile(dynamic=False)``, default mode; CUDA only, "unavailable: cpu" on CPU). Random
+libraries are built like real ones: unit-norm A* rows, prototypes = A*[:, 0] (DESIGN §1).
 
 Kernel table rows are long-format dicts (one per op x shape x N x T x backend), appended to a
 results JSON that is rewritten after every row, so a stage killed by ``timeout`` keeps what it
@@ -17,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import json
 import math
 import os
@@ -27,6 +46,7 @@ import subprocess
 import sys
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -40,7 +60,10 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-BACKENDS = ("plain", "torch", "triton", "cuda")  # "plain" = the obvious user code, written below
+# "plain" = the obvious user code (written below), "plain-compile" = the same under torch.compile.
+# The compiled baseline comes last in each cell: its compile time must not delay the others under a budget.
+BACKENDS = ("plain", "torch", "triton", "cuda", "plain-compile")
+PLAIN_BACKENDS = ("plain", "plain-compile")
 KERNEL_OPS = ("layer", "arrow_topk", "spectr_rerank", "lora_apply")
 # Llama-3.2-3B MLP shapes: gate/up 3072 -> 8192, down 8192 -> 3072.
 GPU_SHAPES = ((3072, 8192), (8192, 3072))
@@ -111,7 +134,7 @@ class Budget:
 # ----------------------------------------------------------------------------------------------
 def bench(fn: Callable[[], object], device: torch.device, warmup_ms: float = 5, rep_ms: float = 20,
           max_reps: int = 50) -> float:
-    """Median milliseconds of ``fn()`` on ``device``."""
+    """Median milliseconds of eager ``fn()`` calls on ``device`` (host launch overhead included)."""
     if device.type == "cuda":
         import triton.testing
 
@@ -150,20 +173,123 @@ def time_events(fn: Callable[[], object], device: torch.device, reps: int, warmu
     return statistics.median(times)
 
 
+_FLUSH_BUFFERS: dict = {}
+
+
+def flush_l2(device: torch.device) -> None:
+    """Evict the L2 by *reading* a buffer of max(256 MiB, 2 x L2) (a sum). A read leaves no dirty
+    lines behind, unlike a memset, whose write-backs the next timed kernel would pay for."""
+    buf = _FLUSH_BUFFERS.get(device)
+    if buf is None:
+        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
+        nbytes = max(256 << 20, 2 * l2)
+        buf = _FLUSH_BUFFERS[device] = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    buf.sum()
+
+
+def capture_graphs(fns: list[Callable[[], object]], device: torch.device) -> list:
+    """One CUDA graph per callable (after a warm-up call of each on a side stream). The graphs share
+    one memory pool: safe because they are replayed in capture order, one at a time."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    pool = torch.cuda.graph_pool_handle()
+    graphs = []
+    for fn in fns:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            fn()
+        graphs.append(graph)
+    return graphs
+
+
+def graph_replay_ms(fns: list[Callable[[], object]], device: torch.device, rep_ms: float = 20,
+                    est_ms: float = 0.1, min_samples: int = 10, max_samples: int = 100) -> float:
+    """Median device ms of one CUDA-graph replay: a graph per callable (per input set), replayed
+    cyclically, each replay timed alone by CUDA events after an L2 flush outside the events."""
+    graphs = capture_graphs(fns, device)
+    for graph in graphs:  # the first replay uploads the graph
+        graph.replay()
+    n = max(min_samples, min(max_samples, int(rep_ms / max(est_ms, 1e-3))))
+    n = -(-n // len(graphs)) * len(graphs)  # every graph replayed equally often
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+    for i, (start, end) in enumerate(events):
+        flush_l2(device)
+        start.record()
+        graphs[i % len(graphs)].replay()
+        end.record()
+    torch.cuda.synchronize(device)
+    times = [start.elapsed_time(end) for start, end in events]
+    del graphs
+    return statistics.median(times)
+
+
+def time_cell(fns: list[Callable[[], object]], device: torch.device, warmup_ms: float = 5,
+              rep_ms: float = 20) -> dict:
+    """Time one benchmark cell; ``fns`` holds one zero-argument call per rotated input set.
+
+    Returns {"ms", "eager_ms", "timing"} (+ "graph_error" when capture failed): see the module
+    docstring. A broken CUDA context is re-raised; any other capture failure falls back to eager.
+    """
+    rot = Rotator(fns)
+    eager = bench(lambda: rot.next()(), device, warmup_ms, rep_ms)
+    if device.type != "cuda":
+        return {"ms": eager, "eager_ms": eager, "timing": "wall"}
+    try:
+        ms = graph_replay_ms(fns, device, rep_ms, est_ms=eager)
+        return {"ms": ms, "eager_ms": eager, "timing": "cuda-graph"}
+    except Exception as exc:  # noqa: BLE001 (a backend that syncs or allocates on the host cannot be captured)
+        if cuda_context_broken(device):
+            raise
+        free_memory(device)
+        return {"ms": eager, "eager_ms": eager, "timing": "eager", "graph_error": short_error(exc, 200)}
+
+
+def _best_ms(t: dict) -> float:
+    """The faster of the graph and eager timings of a roofline measurement: a floor must not exceed what
+    was achieved (sustained GEMMs drop the clocks, so which of the two is faster varies)."""
+    return min(t["ms"], t["eager_ms"])
+
+
 def measure_copy_bandwidth(device: torch.device, nbytes: int | None = None) -> dict:
-    """Device-to-device copy bandwidth, bytes read + written per second (the roofline for every op)."""
+    """Device-to-device copy bandwidth, bytes read + written per second (the memory roofline).
+
+    The copy is an elementwise kernel (x * 1): inside a CUDA graph a plain ``copy_`` becomes a memcpy
+    node that the copy engines serve at ~2/3 of the bandwidth (H200: 2.7 vs 4.3 TB/s)."""
     if nbytes is None:
         nbytes = (1 << 30) if device.type == "cuda" else (64 << 20)
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src), device, warmup_ms=10, rep_ms=50)
+    t = time_cell([lambda: torch.mul(src, 1.0, out=dst)], device, warmup_ms=10, rep_ms=50)
     del src, dst
     free_memory(device)
-    return {"bytes": 2 * nbytes, "ms": ms, "gbps": 2 * nbytes / (ms * 1e-3) / 1e9}
+    ms = _best_ms(t)
+    return {"bytes": 2 * nbytes, "ms": ms, "graph_ms": t["ms"], "eager_ms": t["eager_ms"], "timing": t["timing"],
+            "gbps": 2 * nbytes / (ms * 1e-3) / 1e9}
+
+
+def measure_gemm_rate(device: torch.device, size: int | None = None) -> dict:
+    """Dense matmul rate (the compute roofline): size^3 bf16 on CUDA (8192 by default), fp32 on CPU (256)."""
+    cuda = device.type == "cuda"
+    size = size or (8192 if cuda else 256)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    t = time_cell([lambda: torch.mm(a, b, out=out)], device, warmup_ms=10, rep_ms=50)
+    del a, b, out
+    free_memory(device)
+    flops, ms = 2 * size**3, _best_ms(t)
+    return {"m": size, "n": size, "k": size, "dtype": str(dtype).replace("torch.", ""), "flops": flops, "ms": ms,
+            "graph_ms": t["ms"], "eager_ms": t["eager_ms"], "timing": t["timing"], "tflops": flops / (ms * 1e-3) / 1e12}
 
 
 class Rotator:
-    """Cycles through several pre-built input sets so consecutive calls touch different memory."""
+    """Cycles through several pre-built items (input sets, or calls bound to them) so consecutive
+    calls touch different memory."""
 
     def __init__(self, items: list):
         self.items = items
@@ -223,7 +349,7 @@ def default_results_path(device: torch.device) -> Path:
 
 
 class Results:
-    """The results JSON: env + copy bandwidth + rows; rewritten (atomically) after every change."""
+    """The results JSON: env + copy bandwidth + GEMM rate + rows; rewritten (atomically) after every change."""
 
     def __init__(self, path: str | Path, device: torch.device):
         self.path = Path(path)
@@ -244,6 +370,16 @@ class Results:
             log(f"copy bandwidth ({self.device}): {self.copy_gbps:.1f} GB/s (read+write)")
             self.save()
         return self.copy_gbps
+
+    def ensure_gemm_rate(self) -> float:
+        """The matmul rate of the compute floor, measured once per results file (``gemm_tflops``)."""
+        if not self.data.get("gemm_tflops"):
+            self.data["gemm"] = measure_gemm_rate(self.device)
+            self.data["gemm_tflops"] = self.data["gemm"]["tflops"]
+            log(f"GEMM rate ({self.device}, {self.data['gemm']['dtype']} {self.data['gemm']['m']}^3): "
+                f"{self.data['gemm_tflops']:.2f} TFLOP/s")
+            self.save()
+        return self.data["gemm_tflops"]
 
     def add(self, row: dict) -> dict:
         self.data["rows"].append(row)
@@ -281,18 +417,51 @@ def backend_ops(name: str, device: torch.device):
 
 
 # --- plain PyTorch: what a user would write without our kernels (deliberately not our reference) ---
+# Scores and z are ranked in fp32, as the reference ranks them (DESIGN §1): torch.mm / torch.bmm with
+# out_dtype=fp32 where this torch has it for the device and dtype (CUDA bf16/fp16), else an upcast.
+FP32_OUT: dict = {}  # (device type, dtype) -> does mm/bmm(out_dtype=torch.float32) work? (probe_fp32_out)
+
+
+def probe_fp32_out(device: torch.device, dtype: torch.dtype) -> bool:
+    """Fill FP32_OUT for (device, dtype); call before the plain functions (and before compiling them)."""
+    key = (device.type, dtype)
+    if key not in FP32_OUT:
+        try:
+            a = torch.ones(1, 2, 2, device=device, dtype=dtype)
+            torch.bmm(a, a, out_dtype=torch.float32)
+            torch.mm(a[0], a[0], out_dtype=torch.float32)
+            FP32_OUT[key] = True
+        except (RuntimeError, NotImplementedError, TypeError):  # CPU: "Could not run 'aten::mm.dtype'"
+            FP32_OUT[key] = False
+    return FP32_OUT[key]
+
+
+def _mm32(a, b):
+    """a @ b (2-D, or batched 3-D) with fp32 results."""
+    if FP32_OUT.get((a.device.type, a.dtype)):
+        return (torch.mm if a.dim() == 2 else torch.bmm)(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def _plain_z(x, a_star, cand):
+    """z [T, k, r] fp32 = A*[cand] x (gathers the candidates' A*: [T, k, r, d_in])."""
+    t, k = cand.shape
+    r, d_in = a_star.shape[1], a_star.shape[2]
+    return _mm32(a_star[cand].reshape(t, k * r, d_in), x[:, :, None]).view(t, k, r)
+
+
 def plain_arrow_topk(x, prototypes, k):
-    scores = (x @ prototypes.T).abs()
-    top = scores.topk(k, dim=1)
-    return top.indices.to(torch.int32), top.values.float()
+    top = _mm32(x, prototypes.T).abs().topk(k, dim=1)
+    return top.indices.to(torch.int32), top.values
 
 
 def plain_spectr_rerank(x, a_star, cand, top_m):
-    z = torch.einsum("td,tkrd->tkr", x, a_star[cand.long()]).float()  # gathers [T, k, r, d_in]
+    cand = cand.long()
+    z = _plain_z(x, a_star, cand)
     best = z.norm(dim=-1).topk(top_m, dim=1).indices
-    sel = cand.long().gather(1, best)
+    sel = cand.gather(1, best)
     z_sel = z.gather(1, best[..., None].expand(-1, -1, z.shape[-1]))
-    w = torch.ones(sel.shape, dtype=torch.float32, device=x.device) / top_m
+    w = torch.full(sel.shape, 1.0 / top_m, dtype=torch.float32, device=x.device)
     return sel.to(torch.int32), w, z_sel
 
 
@@ -302,17 +471,58 @@ def plain_lora_apply(y, b_star, sel, w, z):
 
 
 def plain_layer(x, y, a_star, b_star, prototypes, k, top_m):
-    cand = (x @ prototypes.T).abs().topk(k, dim=1).indices  # [T, k]
-    z = torch.einsum("td,tkrd->tkr", x, a_star[cand])  # [T, k, r]
-    best = z.float().norm(dim=-1).topk(top_m, dim=1).indices  # [T, m]
+    cand = _mm32(x, prototypes.T).abs().topk(k, dim=1).indices  # [T, k]
+    z = _plain_z(x, a_star, cand)  # [T, k, r] fp32
+    best = z.norm(dim=-1).topk(top_m, dim=1).indices  # [T, m]
     sel = cand.gather(1, best)
     z_sel = z.gather(1, best[..., None].expand(-1, -1, z.shape[-1]))
-    y += torch.einsum("tmor,tmr->to", b_star[sel], z_sel)
+    y += torch.einsum("tmor,tmr->to", b_star[sel], z_sel.to(y.dtype))
     return sel
 
 
+PLAIN = {"arrow_topk": plain_arrow_topk, "spectr_rerank": plain_spectr_rerank, "lora_apply": plain_lora_apply,
+         "layer": plain_layer}
+
+
+@functools.lru_cache(maxsize=None)
+def _routing_config(k: int, top_m: int):
+    from lag_triton.routing import RoutingConfig
+
+    return RoutingConfig(k=k, top_m=top_m)
+
+
+def ours_impl(ops) -> dict:
+    """Our backend's ops with the plain functions' signatures (op name -> callable)."""
+    from lag_triton.routing import route_and_apply
+
+    def spectr_rerank(x, a_star, cand, top_m):
+        return ops.spectr_rerank(x, a_star, cand, top_m, "softmax", 1.0, None)
+
+    def layer(x, y, a_star, b_star, prototypes, k, top_m):
+        return route_and_apply(x, y, a_star, b_star, prototypes, _routing_config(k, top_m), ops)
+
+    return {"arrow_topk": ops.arrow_topk, "spectr_rerank": spectr_rerank, "lora_apply": ops.lora_apply,
+            "layer": layer}
+
+
+def resolve_backends(names: list[str], device: torch.device) -> dict:
+    """name -> (op name -> callable, None) or (None, "unavailable: <reason>")."""
+    out = {}
+    for name in names:
+        if name == "plain":
+            out[name] = (PLAIN, None)
+        elif name == "plain-compile":  # compiled per cell (KernelRun.op_callable); slow to compile on CPU
+            out[name] = (PLAIN, None) if device.type == "cuda" else (None, "unavailable: cpu")
+        else:
+            ops, why = backend_ops(name, device)
+            out[name] = (ours_impl(ops) if ops else None, why)
+        if out[name][1]:
+            log(f"backend {name}: {out[name][1]}")
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
-# kernel tables
+# kernel tables: flags, sweep, data, cost model
 # ----------------------------------------------------------------------------------------------
 def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -335,7 +545,7 @@ def add_kernel_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, default=6)
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--top-m", type=int, default=1)
-    p.add_argument("--rotate", type=int, default=4, help="input buffers cycled per measurement")
+    p.add_argument("--rotate", type=int, default=4, help="input sets cycled per measurement (one CUDA graph each)")
     p.add_argument("--prompt-topics", type=int, default=0,
                    help="0: i.i.d. random token rows (routing spread over the library); K > 0: each row leans "
                         "towards one of K adapters, in contiguous runs (a prompt about K documents), so "
@@ -344,6 +554,9 @@ def add_kernel_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rep-ms", type=float, default=20)
     p.add_argument("--ref-max-tn", type=float, default=2048 * 10000,
                    help="run the torch reference backend only where T*N <= this (it is slow by design)")
+    p.add_argument("--compile-budget", type=float, default=None,
+                   help="seconds of torch.compile time (plain-compile recompiles per cell) after which "
+                        "plain-compile cells are skipped; default a third of --time-budget, else unlimited")
 
 
 def _ints(text: str) -> list[int]:
@@ -370,35 +583,37 @@ def kernel_sweep(args) -> tuple[list[tuple[int, int]], list[int], list[int]]:
     return shapes, ns, ts
 
 
+def _random_rows(shape, dtype, device, gen, unit=False, scale=1.0) -> torch.Tensor:
+    """Gaussian tensor (unit-norm along the last dim if ``unit``, else x scale), built in chunks (low peak)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    chunk = max(1, (1 << 26) // max(1, math.prod(shape[1:])))
+    for s in range(0, shape[0], chunk):
+        part = out[s:s + chunk]
+        v = torch.randn(part.shape, generator=gen, device=device, dtype=torch.float32)
+        part.copy_(v / v.norm(dim=-1, keepdim=True) if unit else v * scale)
+    return out
+
+
 def _random_library(n, r, d_in, d_out, dtype, device, gen, need_a=True, need_b=True):
-    """Random factors at LoRA-like scale: unit-norm prototypes/A* rows, small B*. Built in chunks (low peak)."""
-    def randn(*shape, scale=1.0):
-        out = torch.empty(shape, dtype=dtype, device=device)
-        chunk = max(1, (1 << 26) // max(1, math.prod(shape[1:])))
-        for s in range(0, shape[0], chunk):
-            part = out[s:s + chunk]
-            part.copy_(torch.randn(part.shape, generator=gen, device=device, dtype=torch.float32) * scale)
-        return out
-
-    prototypes = randn(n, d_in, scale=d_in ** -0.5)
-    a_star = randn(n, r, d_in, scale=d_in ** -0.5) if need_a else None
-    b_star = randn(n, d_out, r, scale=0.02) if need_b else None
-    return prototypes, a_star, b_star
+    """(prototypes, A*, B*) built like a real library (DESIGN §1): A* rows unit-norm (random rows in
+    d_in >> r dimensions are near-orthogonal, like the orthonormal V^T), prototypes = A*[:, 0] (a
+    contiguous copy, as Library stores them), small B*. Without A* (need_a False) the prototypes are
+    drawn directly as unit rows: the same distribution."""
+    a_star = _random_rows((n, r, d_in), dtype, device, gen, unit=True) if need_a else None
+    protos = a_star[:, 0].contiguous() if need_a else _random_rows((n, d_in), dtype, device, gen, unit=True)
+    b_star = _random_rows((n, d_out, r), dtype, device, gen, scale=0.02) if need_b else None
+    return protos, a_star, b_star
 
 
-def _topic_directions(protos, a_star, t, topics, strength=8.0):
+def _topic_directions(protos, t, topics, strength=8.0):
     """[t, d_in] fp32 offsets that make row i lean towards adapter c(i): `topics` adapters spread over the
-    library, in contiguous runs of rows. Adds `strength` x the unit prototype of c(i) (Arrow ranks it
-    first: random rows score ~N(0, 1) against unit prototypes) and, when A* is given, `strength` x the
-    unit first row of A*_c(i) (SpectR's norm then prefers it too, as in a real library where the
-    prototype is that row)."""
+    library, in contiguous runs of rows. Adds `strength` x the unit prototype of c(i): Arrow ranks it first
+    (random rows score ~N(0, 1) against unit prototypes) and, the prototype being A*_c(i)[0], SpectR's
+    norm prefers it too."""
     n = protos.shape[0]
     which = (torch.arange(t, device=protos.device) * topics // t) * max(1, n // topics) % n
-    unit = lambda v: v.float() / v.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)  # noqa: E731
-    out = strength * unit(protos[which])
-    if a_star is not None and a_star.shape[1] > 0:
-        out += strength * unit(a_star[which, 0])
-    return out
+    p = protos[which].float()
+    return strength * p / p.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def kernel_bytes(op: str, *, n, r, d_in, d_out, t, k, m, elt, uniq_cand, uniq_sel) -> int:
@@ -417,176 +632,245 @@ def kernel_bytes(op: str, *, n, r, d_in, d_out, t, k, m, elt, uniq_cand, uniq_se
     raise ValueError(op)
 
 
+def kernel_flops(op: str, *, n, r, d_in, d_out, t, k, m) -> int:
+    """FLOPs an op must do (2 per multiply-add): Arrow scores T x N prototypes, SpectR projects T x k
+    candidates onto their r A* rows, the apply multiplies T x m chosen B* by z; the layer does all three."""
+    flops = {"arrow_topk": 2 * t * n * d_in, "spectr_rerank": 2 * t * k * r * d_in, "lora_apply": 2 * t * m * r * d_out}
+    if op == "layer":
+        return sum(flops.values())
+    if op not in flops:
+        raise ValueError(op)
+    return flops[op]
+
+
+def roofline(nbytes: int, flops: int, copy_gbps: float, gemm_tflops: float | None) -> dict:
+    """floor_ms = max(bytes / copy bandwidth, FLOPs / GEMM rate), and which term it is (``bound``)."""
+    mem = nbytes / (copy_gbps * 1e9) * 1e3
+    comp = flops / (gemm_tflops * 1e12) * 1e3 if gemm_tflops else 0.0
+    return {"floor_mem_ms": mem, "floor_compute_ms": comp, "floor_ms": max(mem, comp),
+            "bound": "memory" if mem >= comp else "compute"}
+
+
+@dataclass
+class Cell:
+    """One (shape, N, T) point of the sweep: the library, the rotated input sets, what they route to."""
+
+    d_in: int
+    d_out: int
+    n: int
+    t: int
+    k: int
+    m: int
+    protos: torch.Tensor | None = None
+    a_star: torch.Tensor | None = None
+    b_star: torch.Tensor | None = None
+    sets: list = field(default_factory=list)  # dicts: x, y, cand (+ sel, w, z when A* exists)
+    uniq_cand: int = 0
+    uniq_sel: int = 0
+    ref_sel: torch.Tensor | None = None  # the torch reference's layer selections, once measured
+
+
+def bind(op: str, fn: Callable, cell: Cell) -> Callable[[dict], object]:
+    """The timed call of ``fn`` (one backend's implementation of ``op``) on one input set of ``cell``."""
+    if op == "arrow_topk":
+        return lambda s: fn(s["x"], cell.protos, cell.k)
+    if op == "spectr_rerank":
+        return lambda s: fn(s["x"], cell.a_star, s["cand"], cell.m)
+    if op == "lora_apply":
+        return lambda s: fn(s["y"], cell.b_star, s["sel"], s["w"], s["z"])
+    if op == "layer":
+        return lambda s: fn(s["x"], s["y"], cell.a_star, cell.b_star, cell.protos, cell.k, cell.m)
+    raise ValueError(op)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernel tables: the run
+# ----------------------------------------------------------------------------------------------
 def run_kernel_tables(ops_to_run: Iterable[str], argv=None, description: str = "") -> Path:
     """Benchmark ``ops_to_run`` (subset of KERNEL_OPS) over the sweep; returns the results path."""
-    from lag_triton.routing import RoutingConfig, route_and_apply
-
     p = argparse.ArgumentParser(description=description)
     add_kernel_args(p)
     args = p.parse_args(argv)
-    ops_to_run = [o for o in KERNEL_OPS if o in set(ops_to_run)]
-    device = torch.device(args.device)
-    dtype = DTYPES[args.dtype]
-    elt = torch.finfo(dtype).bits // 8
-    budget = Budget(args.time_budget)
-    results = Results(args.out or default_results_path(device), device)
-    copy_gbps = results.ensure_copy_bandwidth()
-    shapes, ns, ts = kernel_sweep(args)
-    wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
-    backends = {}
-    for b in wanted:
-        if b == "plain":
-            backends[b] = (None, None)
-        else:
-            backends[b] = backend_ops(b, device)
-            if backends[b][1]:
-                log(f"backend {b}: {backends[b][1]}")
-    gen = torch.Generator(device=device)
-    gen.manual_seed(args.seed)
-    r, k_req, m_req = args.rank, args.k, args.top_m
-    log(f"kernel tables {ops_to_run} on {device} {args.dtype}: shapes={shapes} N={ns} T={ts} backends={wanted}")
+    return KernelRun(args).run([o for o in KERNEL_OPS if o in set(ops_to_run)])
 
-    def record(op, shape, n, t, k, m, backend, status, ms=None, nbytes=None, extra=None):
+
+class KernelRun:
+    """One invocation of the kernel tables: flags, device, results file, backends, the sweep loop."""
+
+    def __init__(self, args):
+        self.args = args
+        self.device = torch.device(args.device)
+        self.dtype = DTYPES[args.dtype]
+        self.budget = Budget(args.time_budget)
+        self.compile_budget = args.compile_budget
+        if self.compile_budget is None and args.time_budget:
+            self.compile_budget = args.time_budget / 3
+        self.compile_spent = 0.0
+        self.skipped = 0
+        self.results = Results(args.out or default_results_path(self.device), self.device)
+        self.copy_gbps = self.results.ensure_copy_bandwidth()
+        self.gemm_tflops = self.results.ensure_gemm_rate()
+        self.wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
+        self.impls = resolve_backends(self.wanted, self.device)
+        probe_fp32_out(self.device, self.dtype)
+        self.gen = torch.Generator(device=self.device)
+        self.gen.manual_seed(args.seed)
+
+    def run(self, ops: list[str]) -> Path:
+        shapes, ns, ts = kernel_sweep(self.args)
+        log(f"kernel tables {ops} on {self.device} {self.args.dtype}: shapes={shapes} N={ns} T={ts} "
+            f"backends={self.wanted}")
+        # The per-layer table first (over the whole sweep), then the per-kernel tables: a time budget
+        # that runs out cuts the least important rows.
+        passes = [["layer"], [o for o in ops if o != "layer"]] if "layer" in ops else [ops]
+        for pass_ops in [p for p in passes if p]:
+            for shape in shapes:
+                for n in ns:
+                    self.run_library(pass_ops, shape, n, ts)
+        if self.skipped:
+            self.results.note(f"kernel tables {ops}: {self.skipped} (op, N, T) cells skipped, "
+                              f"time budget {self.args.time_budget}s spent")
+        log(f"wrote {self.results.path} ({self.budget.elapsed():.1f}s)")
+        return self.results.path
+
+    def run_library(self, ops: list[str], shape: tuple[int, int], n: int, ts: list[int]) -> None:
+        """One random library (shape, N), then every T over it."""
         d_in, d_out = shape
-        row = {"section": "kernel", "op": op, "shape": f"{d_in}->{d_out}", "d_in": d_in, "d_out": d_out,
-               "N": n, "T": t, "k": k, "top_m": m, "rank": r, "dtype": args.dtype, "backend": backend,
-               "status": status, "ms": ms, "bytes": nbytes}
-        if args.prompt_topics:
-            row["prompt_topics"] = args.prompt_topics
-        if nbytes is not None:
-            floor = nbytes / (copy_gbps * 1e9) * 1e3
-            row["floor_ms"] = floor
-            if ms:
-                row["gbps"] = nbytes / (ms * 1e-3) / 1e9
-                row["pct_bw"] = 100.0 * floor / ms
-        if extra:
-            row.update(extra)
-        results.add(row)
-        shown = f"{ms:9.4f} ms" if ms is not None else status
-        pct = f"  {row['pct_bw']:5.1f}% BW" if row.get("pct_bw") else ""
-        log(f"  {op:14s} {d_in}->{d_out} N={n:<7d} T={t:<5d} {backend:7s} {shown}{pct}")
+        k, m = min(self.args.k, n), min(self.args.top_m, self.args.k, n)
+        if self.budget.expired():
+            self.skipped += len(ts) * len(ops)
+            return
+        need_a = any(o in ("layer", "spectr_rerank", "lora_apply") for o in ops)  # apply needs real sel/z
+        need_b = any(o in ("layer", "lora_apply") for o in ops)
+        try:
+            lib = _random_library(n, self.args.rank, d_in, d_out, self.dtype, self.device, self.gen, need_a, need_b)
+        except Exception as exc:  # noqa: BLE001 (OOM at the largest N)
+            for t in ts:
+                for op in ops:
+                    for b in self.wanted:
+                        self.record(op, Cell(d_in, d_out, n, t, k, m), b, f"error: building data: {short_error(exc)}")
+            free_memory(self.device)
+            return
+        for t in ts:
+            if self.budget.expired():
+                self.skipped += len(ops)
+                continue
+            cell = self.make_cell(Cell(d_in, d_out, n, t, k, m, *lib))
+            for op in ops:
+                self.run_op(op, cell)
+            del cell
+            free_memory(self.device)
+        del lib
+        free_memory(self.device)
 
-    skipped_budget = 0
-    # The per-layer table first (over the whole sweep), then the per-kernel tables: a time budget
-    # that runs out cuts the least important rows.
-    all_ops = ops_to_run
-    passes = [["layer"], [o for o in all_ops if o != "layer"]] if "layer" in all_ops else [all_ops]
-    for ops_to_run in [p for p in passes if p]:
-        for shape in shapes:
-            d_in, d_out = shape
-            for n in ns:
-                k, m = min(k_req, n), min(m_req, min(k_req, n))
-                if budget.expired():
-                    skipped_budget += len(ts) * len(ops_to_run)
-                    continue
-                need_a = any(o in ("layer", "spectr_rerank", "lora_apply") for o in ops_to_run)  # apply needs real sel/z
-                need_b = any(o in ("layer", "lora_apply") for o in ops_to_run)
-                try:
-                    protos, a_star, b_star = _random_library(n, r, d_in, d_out, dtype, device, gen, need_a, need_b)
-                except Exception as exc:  # noqa: BLE001 (OOM at the largest N)
-                    for t in ts:
-                        for op in ops_to_run:
-                            for b in wanted:
-                                record(op, shape, n, t, k, m, b, f"error: building data: {short_error(exc)}")
-                    free_memory(device)
-                    continue
-                for t in ts:
-                    if budget.expired():
-                        skipped_budget += len(ops_to_run)
-                        continue
-                    # Inputs, rotated: x, y and the per-buffer routing results the later ops consume.
-                    sets = []
-                    for _ in range(max(1, args.rotate)):
-                        x = torch.randn(t, d_in, generator=gen, device=device, dtype=torch.float32)
-                        if args.prompt_topics > 0:
-                            x += _topic_directions(protos, a_star, t, args.prompt_topics)
-                        x = x.to(dtype)
-                        y = torch.randn(t, d_out, generator=gen, device=device, dtype=torch.float32).to(dtype)
-                        cand, _ = plain_arrow_topk(x, protos, k)
-                        s = {"x": x, "y": y, "cand": cand}
-                        if a_star is not None:
-                            s["sel"], s["w"], s["z"] = plain_spectr_rerank(x, a_star, cand, m)
-                        sets.append(s)
-                    uniq_cand = int(torch.unique(sets[0]["cand"]).numel())
-                    uniq_sel = int(torch.unique(sets[0]["sel"]).numel()) if "sel" in sets[0] else 0
-                    ref_ok = t * n <= args.ref_max_tn
-                    ref_sel = None
-                    for op in ops_to_run:
-                        nbytes = kernel_bytes(op, n=n, r=r, d_in=d_in, d_out=d_out, t=t, k=k, m=m, elt=elt,
-                                              uniq_cand=uniq_cand, uniq_sel=uniq_sel)
-                        extra = {"unique_candidates": uniq_cand, "unique_selected": uniq_sel}
-                        for b in wanted:
-                            ops, why = backends[b]
-                            if why:
-                                record(op, shape, n, t, k, m, b, why, nbytes=nbytes, extra=extra)
-                                continue
-                            if b == "torch" and not ref_ok:
-                                record(op, shape, n, t, k, m, b,
-                                       f"skipped: reference not run above T*N={args.ref_max_tn:.3g} (slow by design)",
-                                       nbytes=nbytes, extra=extra)
-                                continue
-                            rot = Rotator(sets)
-                            cfg = RoutingConfig(k=k, top_m=m)
-                            fn = _make_fn(op, b, ops, rot, a_star, b_star, protos, k, m, cfg, route_and_apply)
-                            row_extra = dict(extra)
-                            try:
-                                if op == "layer":
-                                    # Correctness signal: does this backend pick what the reference picks?
-                                    s0 = sets[0]
-                                    y0 = s0["y"].clone()
-                                    if b == "plain":
-                                        sel = plain_layer(s0["x"], y0, a_star, b_star, protos, k, m).to(torch.int32)
-                                    else:
-                                        sel = route_and_apply(s0["x"], y0, a_star, b_star, protos, cfg, ops)
-                                    if b == "torch":
-                                        ref_sel = sel.clone()
-                                    elif ref_sel is not None and ref_sel.shape == sel.shape:
-                                        row_extra["sel_match_ref"] = float((ref_sel == sel).all(dim=1).float().mean())
-                                ms = bench(fn, device, args.warmup_ms, args.rep_ms)
-                                record(op, shape, n, t, k, m, b, "ok", ms, nbytes, row_extra)
-                            except Exception as exc:  # noqa: BLE001
-                                traceback.print_exc()
-                                record(op, shape, n, t, k, m, b, f"error: {short_error(exc)}", nbytes=nbytes,
-                                       extra=row_extra)
-                                if cuda_context_broken(device):
-                                    results.note(f"CUDA context broken after {b} {op} N={n} T={t}; stopping this stage")
-                                    sys.exit(3)
-                                free_memory(device)
-                    del sets
-                    free_memory(device)
-                del protos, a_star, b_star
-                free_memory(device)
-    if skipped_budget:
-        results.note(f"kernel tables {all_ops}: {skipped_budget} (op, N, T) cells skipped, "
-                     f"time budget {args.time_budget}s spent")
-    log(f"wrote {results.path} ({budget.elapsed():.1f}s)")
-    return results.path
+    def make_cell(self, cell: Cell) -> Cell:
+        """Rotated input sets: x, y and the routing results (by the plain code) the later ops consume."""
+        for _ in range(max(1, self.args.rotate)):
+            x = torch.randn(cell.t, cell.d_in, generator=self.gen, device=self.device, dtype=torch.float32)
+            if self.args.prompt_topics > 0:
+                x += _topic_directions(cell.protos, cell.t, self.args.prompt_topics)
+            x = x.to(self.dtype)
+            y = torch.randn(cell.t, cell.d_out, generator=self.gen, device=self.device, dtype=torch.float32)
+            s = {"x": x, "y": y.to(self.dtype), "cand": plain_arrow_topk(x, cell.protos, cell.k)[0]}
+            if cell.a_star is not None:
+                s["sel"], s["w"], s["z"] = plain_spectr_rerank(x, cell.a_star, s["cand"], cell.m)
+            cell.sets.append(s)
+        cell.uniq_cand = int(torch.unique(cell.sets[0]["cand"]).numel())
+        cell.uniq_sel = int(torch.unique(cell.sets[0]["sel"]).numel()) if "sel" in cell.sets[0] else 0
+        return cell
 
+    def cost(self, op: str, cell: Cell) -> dict:
+        """Bytes, FLOPs and the floor they set for ``op`` on ``cell``."""
+        dims = dict(n=cell.n, r=self.args.rank, d_in=cell.d_in, d_out=cell.d_out, t=cell.t, k=cell.k, m=cell.m)
+        nbytes = kernel_bytes(op, **dims, elt=torch.finfo(self.dtype).bits // 8, uniq_cand=cell.uniq_cand,
+                              uniq_sel=cell.uniq_sel)
+        flops = kernel_flops(op, **dims)
+        return {"bytes": nbytes, "flops": flops, **roofline(nbytes, flops, self.copy_gbps, self.gemm_tflops),
+                "unique_candidates": cell.uniq_cand, "unique_selected": cell.uniq_sel}
 
-def _make_fn(op, b, ops, rot, a_star, b_star, protos, k, m, cfg, route_and_apply):
-    if op == "arrow_topk":
-        if b == "plain":
-            return lambda: plain_arrow_topk(rot.next()["x"], protos, k)
-        return lambda: ops.arrow_topk(rot.next()["x"], protos, k)
-    if op == "spectr_rerank":
-        def spectr():
-            s = rot.next()
-            if b == "plain":
-                return plain_spectr_rerank(s["x"], a_star, s["cand"], m)
-            return ops.spectr_rerank(s["x"], a_star, s["cand"], m, "softmax", 1.0, None)
-        return spectr
-    if op == "lora_apply":
-        def apply():
-            s = rot.next()
-            if b == "plain":
-                return plain_lora_apply(s["y"], b_star, s["sel"], s["w"], s["z"])
-            return ops.lora_apply(s["y"], b_star, s["sel"], s["w"], s["z"])
-        return apply
-    if op == "layer":
-        def layer():
-            s = rot.next()
-            if b == "plain":
-                return plain_layer(s["x"], s["y"], a_star, b_star, protos, k, m)
-            return route_and_apply(s["x"], s["y"], a_star, b_star, protos, cfg, ops)
-        return layer
-    raise ValueError(op)
+    def run_op(self, op: str, cell: Cell) -> None:
+        cost = self.cost(op, cell)
+        for b in self.wanted:
+            why = self.skip_reason(b, cell)
+            if why:
+                self.record(op, cell, b, why, cost)
+            else:
+                self.run_backend(op, b, cell, cost)
+
+    def skip_reason(self, b: str, cell: Cell) -> str | None:
+        why = self.impls[b][1]
+        if not why and b == "torch" and cell.t * cell.n > self.args.ref_max_tn:
+            why = f"skipped: reference not run above T*N={self.args.ref_max_tn:.3g} (slow by design)"
+        if not why and b == "plain-compile" and self.compile_budget is not None \
+                and self.compile_spent >= self.compile_budget:
+            why = f"skipped: compile budget {self.compile_budget:.0f}s spent"
+        return why
+
+    def op_callable(self, op: str, b: str) -> Callable:
+        fn = self.impls[b][0][op]
+        if b == "plain-compile":
+            torch._dynamo.reset()  # compile afresh per cell: dynamic=False specialises, no recompile limit
+            fn = torch.compile(fn, dynamic=False)
+        return fn
+
+    def run_backend(self, op: str, b: str, cell: Cell, cost: dict) -> None:
+        extra = {}
+        try:
+            call = bind(op, self.op_callable(op, b), cell)
+            extra.update(self.first_call(op, b, call, cell))
+            timing = time_cell([functools.partial(call, s) for s in cell.sets], self.device,
+                               self.args.warmup_ms, self.args.rep_ms)
+            self.record(op, cell, b, "ok", cost, {**timing, **extra})
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
+            self.record(op, cell, b, f"error: {short_error(exc)}", cost, extra)
+            if cuda_context_broken(self.device):
+                self.results.note(f"CUDA context broken after {b} {op} N={cell.n} T={cell.t}; stopping this stage")
+                sys.exit(3)
+            free_memory(self.device)
+
+    def first_call(self, op: str, b: str, call: Callable, cell: Cell) -> dict:
+        """One untimed call on a copy of input set 0 (compiles plain-compile: ``compile_s``); for the layer,
+        the share of tokens whose selections match the torch reference's (``sel_match_ref``)."""
+        t0 = time.perf_counter()
+        out = call(dict(cell.sets[0], y=cell.sets[0]["y"].clone()))
+        sync(self.device)
+        extra = {}
+        if b == "plain-compile":
+            extra["compile_s"] = time.perf_counter() - t0
+            self.compile_spent += extra["compile_s"]
+        if op == "layer":
+            sel = out.to(torch.int32)
+            if b == "torch":
+                cell.ref_sel = sel
+            elif cell.ref_sel is not None and cell.ref_sel.shape == sel.shape:
+                extra["sel_match_ref"] = float((cell.ref_sel == sel).all(dim=1).float().mean())
+        return extra
+
+    def record(self, op: str, cell: Cell, backend: str, status: str, cost: dict | None = None,
+               extra: dict | None = None) -> dict:
+        a = self.args
+        row = {"section": "kernel", "op": op, "shape": f"{cell.d_in}->{cell.d_out}", "d_in": cell.d_in,
+               "d_out": cell.d_out, "N": cell.n, "T": cell.t, "k": cell.k, "top_m": cell.m, "rank": a.rank,
+               "dtype": a.dtype, "backend": backend, "status": status, "ms": None, "eager_ms": None, "timing": None}
+        if a.prompt_topics:
+            row["prompt_topics"] = a.prompt_topics
+        row.update(cost or {})
+        row.update(extra or {})
+        if row["ms"] and row.get("bytes") is not None:
+            row["gbps"] = row["bytes"] / (row["ms"] * 1e-3) / 1e9
+            row["pct_bw"] = 100.0 * row["floor_mem_ms"] / row["ms"]
+            row["pct_floor"] = 100.0 * row["floor_ms"] / row["ms"]
+        self.results.add(row)
+        self._log_row(row)
+        return row
+
+    @staticmethod
+    def _log_row(row: dict) -> None:
+        if row["ms"] is None:
+            shown = row["status"]
+        else:
+            shown = f"{row['ms']:9.4f} ms ({row['timing']}) eager {row['eager_ms']:9.4f} ms"
+            if row.get("pct_floor"):
+                shown += f"  {row['pct_floor']:5.1f}% of {row['bound']} floor"
+        log(f"  {row['op']:14s} {row['shape']} N={row['N']:<7d} T={row['T']:<5d} {row['backend']:13s} {shown}")

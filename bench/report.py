@@ -17,8 +17,10 @@ from collections import OrderedDict
 from pathlib import Path
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
-KERNEL_BACKENDS = ("triton", "cuda", "plain", "torch")
-BACKEND_TITLES = {"triton": "triton", "cuda": "cuda", "plain": "plain PyTorch", "torch": "torch ref"}
+KERNEL_BACKENDS = ("triton", "cuda", "plain", "plain-compile", "torch")
+BACKEND_TITLES = {"triton": "triton", "cuda": "cuda", "plain": "plain PyTorch", "plain-compile": "compiled plain",
+                  "torch": "torch ref"}
+PCT_BACKENDS = ("triton", "cuda")  # backends with a % of floor column
 OP_TITLES = OrderedDict([
     ("layer", "Per layer: Arrow top-k + SpectR rerank + apply (`route_and_apply`)"),
     ("arrow_topk", "Arrow scoring + fused top-k"),
@@ -59,15 +61,55 @@ class Footnotes:
         return [f"[{i}] {t}  " for t, i in self.items.items()]
 
 
+def _ok(row) -> bool:
+    return bool(row) and row.get("status") == "ok" and row.get("ms") is not None
+
+
 def _cell(row, notes: Footnotes) -> str:
+    """A backend's time: device (graph) time; a footnote where capture failed and it is the eager time."""
     if row is None:
         return ""
-    if row.get("status") == "ok" and row.get("ms") is not None:
+    if _ok(row):
+        if row.get("timing") == "eager":
+            why = row.get("graph_error", "graph capture failed")
+            return f"{_fmt_ms(row['ms'])} {notes.ref(row['backend'] + ': eager time (no CUDA graph: ' + why + ')')}"
         return _fmt_ms(row["ms"])
     status = row.get("status", "?")
     tag = status.split(":", 1)[0]
     label = row["backend"] + ": " + status
     return f"{tag} {notes.ref(label)}"
+
+
+def _pct(row) -> str:
+    """floor / time, from the row's own floor (old files: the bytes floor, then the only one)."""
+    if not _ok(row) or not row.get("floor_ms"):
+        return ""
+    pct = 100.0 * row["floor_ms"] / row["ms"]
+    return f"{pct:.0f}%" if pct >= 10 else f"{pct:.1f}%"
+
+
+def _graph_timed(rows: list[dict]) -> bool:
+    """Rows from a run that timed CUDA-graph replays (device time + a separate eager time)."""
+    return any(r.get("timing") in ("cuda-graph", "eager") for r in rows)
+
+
+def _timing_text(rows: list[dict]) -> str:
+    if _graph_timed(rows):
+        return ("times in ms: device time of one CUDA-graph replay (median of >= 10 replays cycling over the "
+                "rotated input sets, L2 flushed by a read before each); *eager*: median of eager calls "
+                "(`do_bench`), host launch overhead included.")
+    if any(r.get("timing") == "wall" for r in rows):
+        return "times in ms: wall-clock median of eager calls (CPU)."
+    return "times in ms: median of eager calls (`do_bench`, host launch overhead included)."
+
+
+def _floor_text(rows: list[dict]) -> str:
+    if any(r.get("flops") for r in rows):
+        return ("*floor* = max(bytes that must move / measured copy bandwidth, FLOPs / measured GEMM rate) "
+                "(bench/harness.py `kernel_bytes`, `kernel_flops`), *bound* = the larger term; "
+                "*%floor* = floor / time.")
+    return ("*floor* = bytes that must move (see bench/harness.py `kernel_bytes`) at the measured copy "
+            "bandwidth; *%floor* = floor / time.")
 
 
 def kernel_tables(rows: list[dict], ops: list[str] | None = None) -> list[str]:
@@ -83,25 +125,25 @@ def kernel_tables(rows: list[dict], ops: list[str] | None = None) -> list[str]:
 
 
 def _kernel_table(op_rows: list[dict], title: str, topics: int) -> list[str]:
-    """One op's table: (shape, N, T) rows x backend columns."""
-    out = []
+    """One op's table: (shape, N, T) rows x backend columns (device time, then floor, %floor, eager)."""
     notes = Footnotes()
     cells: "OrderedDict[tuple, dict]" = OrderedDict()
     for r in op_rows:
         key = (r["shape"], r["N"], r["T"])
         cells.setdefault(key, {})[r["backend"]] = r  # later rows (reruns) win
     backends = [b for b in KERNEL_BACKENDS if any(b in v for v in cells.values())]
+    has = {key: any(r.get(key) is not None for r in op_rows) for key in ("bound", "flops")}
+    eager = [b for b in backends if _graph_timed(op_rows) and any(_ok(v.get(b)) for v in cells.values())]
+    pct = [b for b in PCT_BACKENDS if b in backends]
     any_r = op_rows[0]
     if topics:
         title += f" — prompts about {topics} adapters (routing concentrated, `--prompt-topics {topics}`)"
-    out.append(f"### {title}")
-    out.append("")
-    out.append(f"{any_r['dtype']}, rank {any_r['rank']}, k={any_r['k']}, top_m={any_r['top_m']}; times in ms "
-               "(median). *floor* = bytes that must move (see bench/harness.py `kernel_bytes`) at the measured "
-               "copy bandwidth; *%BW* = floor / time.")
-    out.append("")
-    head = ["shape", "N", "T"] + [BACKEND_TITLES[b] for b in backends] + ["floor", "MB moved"]
-    head += [f"{b} %BW" for b in ("triton", "cuda") if b in backends]
+    out = [f"### {title}", "",
+           f"{any_r['dtype']}, rank {any_r['rank']}, k={any_r['k']}, top_m={any_r['top_m']}; "
+           + _timing_text(op_rows) + " " + _floor_text(op_rows), ""]
+    head = ["shape", "N", "T"] + [BACKEND_TITLES[b] for b in backends] + ["floor"]
+    head += ["bound"] * has["bound"] + ["MB moved"] + ["GFLOP"] * has["flops"]
+    head += [f"{b} %floor" for b in pct] + [f"{BACKEND_TITLES[b]} eager" for b in eager]
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|")
     shape_order = list(OrderedDict.fromkeys(k[0] for k in cells))
@@ -109,11 +151,14 @@ def _kernel_table(op_rows: list[dict], title: str, topics: int) -> list[str]:
         anyrow = next(iter(by_b.values()))
         line = [shape, f"{n:,}", str(t)] + [_cell(by_b.get(b), notes) for b in backends]
         line.append(_fmt_ms(anyrow.get("floor_ms")))
+        if has["bound"]:
+            line.append(anyrow.get("bound") or "")
         line.append(f"{anyrow['bytes'] / 1e6:.1f}" if anyrow.get("bytes") else "")
-        for b in ("triton", "cuda"):
-            if b in backends:
-                pct = (by_b.get(b) or {}).get("pct_bw")
-                line.append("" if pct is None else (f"{pct:.0f}%" if pct >= 10 else f"{pct:.1f}%"))
+        if has["flops"]:
+            gflop = None if anyrow.get("flops") is None else anyrow["flops"] / 1e9
+            line.append("" if gflop is None else (f"{gflop:,.0f}" if gflop >= 100 else f"{gflop:.3g}"))
+        line += [_pct(by_b.get(b)) for b in pct]
+        line += [_fmt_ms((by_b.get(b) or {}).get("eager_ms")) if _ok(by_b.get(b)) else "" for b in eager]
         out.append("| " + " | ".join(line) + " |")
     out.append("")
     out.extend(notes.render())
@@ -122,7 +167,22 @@ def _kernel_table(op_rows: list[dict], title: str, topics: int) -> list[str]:
     return out
 
 
+def _target_goal(tgt: dict, row: dict | None) -> tuple[float | None, str]:
+    if "ms" in tgt:
+        return tgt["ms"], f"{tgt['ms']} ms"
+    floor = (row or {}).get("floor_ms")
+    goal = None if floor is None else tgt["floor_x"] * floor
+    return goal, f"{tgt['floor_x']}x floor" + (f" = {_fmt_ms(goal)} ms" if goal else "")
+
+
+def _time_or_status(row: dict | None, key: str = "ms") -> str:
+    if _ok(row):
+        return _fmt_ms(row.get(key))
+    return (row or {}).get("status", "not run").split(":")[0]
+
+
 def target_table(rows: list[dict]) -> list[str]:
+    """The per-layer goals against triton's time: the CUDA-graph device time where measured (else eager)."""
     layer = {}
     for r in rows:  # the targets are stated for i.i.d. random inputs
         if r.get("section") == "kernel" and r["op"] == "layer" and not r.get("prompt_topics"):
@@ -130,28 +190,25 @@ def target_table(rows: list[dict]) -> list[str]:
     shapes = list(OrderedDict.fromkeys(k[0] for k in layer))
     if not shapes or not any(k[3] == "triton" for k in layer):
         return []
+    graph = _graph_timed(list(layer.values()))
+    compiled = any(k[3] == "plain-compile" for k in layer)
+    head = ["shape", "N", "T", "target", "plain PyTorch (known / here)"] + ["compiled plain"] * compiled
+    head += ["triton (device)" if graph else "triton"] + ["triton eager"] * graph + ["met"]
     out = ["### Per-layer targets (triton)", "",
-           "| shape | N | T | target | plain PyTorch (known / here) | triton | met |",
-           "|---|---:|---:|---:|---:|---:|:---:|"]
+           "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 2) + ":---:|"]
     for shape in shapes:
         for tgt in TARGETS:
-            tri = layer.get((shape, tgt["N"], tgt["T"], "triton"))
-            plain = layer.get((shape, tgt["N"], tgt["T"], "plain"))
+            by_b = {b: layer.get((shape, tgt["N"], tgt["T"], b)) for b in ("triton", "plain", "plain-compile")}
+            tri, plain = by_b["triton"], by_b["plain"]
             if tri is None and plain is None:
                 continue
-            if "ms" in tgt:
-                goal, goal_txt = tgt["ms"], f"{tgt['ms']} ms"
-            else:
-                floor = (tri or plain or {}).get("floor_ms")
-                goal = None if floor is None else tgt["floor_x"] * floor
-                goal_txt = f"{tgt['floor_x']}x floor" + (f" = {_fmt_ms(goal)} ms" if goal else "")
-            tms = tri.get("ms") if tri and tri.get("status") == "ok" else None
-            met = "" if tms is None or goal is None else ("yes" if tms <= goal else "no")
-            known = tgt.get("plain_known")
-            here = plain.get("ms") if plain and plain.get("status") == "ok" else None
-            plain_txt = f"{known if known else '-'} / {_fmt_ms(here) or '-'}"
-            tri_txt = _fmt_ms(tms) if tms is not None else ((tri or {}).get("status", "not run").split(":")[0])
-            out.append(f"| {shape} | {tgt['N']:,} | {tgt['T']} | {goal_txt} | {plain_txt} | {tri_txt} | {met} |")
+            goal, goal_txt = _target_goal(tgt, tri or plain)
+            met = "" if not _ok(tri) or goal is None else ("yes" if tri["ms"] <= goal else "no")
+            here = _fmt_ms(plain["ms"]) if _ok(plain) else "-"
+            line = [shape, f"{tgt['N']:,}", str(tgt["T"]), goal_txt, f"{tgt.get('plain_known') or '-'} / {here}"]
+            line += [_time_or_status(by_b["plain-compile"])] * compiled
+            line += [_time_or_status(tri)] + [_time_or_status(tri, "eager_ms")] * graph + [met]
+            out.append("| " + " | ".join(line) + " |")
     if len(out) == 4:
         return []
     out.append("")
@@ -247,6 +304,10 @@ def header(data: dict) -> list[str]:
     line = ", ".join(parts) + f"; {env.get('date', '')}."
     if bw:
         line += f" Measured device copy bandwidth: **{bw['gbps']:.0f} GB/s** (read + write)."
+    gemm = data.get("gemm") or {}
+    if data.get("gemm_tflops"):
+        size = f", {gemm.get('dtype', '')} {gemm['m']}^3".rstrip() if gemm.get("m") else ""
+        line += f" Measured GEMM rate: **{data['gemm_tflops']:.3g} TFLOP/s**{size}."
     return [line, ""]
 
 
@@ -278,7 +339,7 @@ def plot(data: dict, png: Path) -> bool:
     shapes = list(OrderedDict.fromkeys(r["shape"] for r in rows))
     ts = sorted({r["T"] for r in rows})
     fig, axes = plt.subplots(len(shapes), len(ts), figsize=(4.2 * len(ts), 3.4 * len(shapes)), squeeze=False)
-    styles = {"triton": "o-", "cuda": "s-", "plain": "^-", "torch": "v-"}
+    styles = {"triton": "o-", "cuda": "s-", "plain": "^-", "plain-compile": "d-", "torch": "v-"}
     for i, shape in enumerate(shapes):
         for j, t in enumerate(ts):
             ax = axes[i][j]
@@ -289,7 +350,7 @@ def plot(data: dict, png: Path) -> bool:
                     ax.plot(*zip(*pts), styles[b], label=BACKEND_TITLES[b])
             floor = sorted({(r["N"], r["floor_ms"]) for r in sub if r.get("floor_ms")})
             if floor:
-                ax.plot(*zip(*floor), "k--", marker="_", markersize=12, label="bytes floor")
+                ax.plot(*zip(*floor), "k--", marker="_", markersize=12, label="floor")
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_title(f"{shape}, T={t}", fontsize=9)

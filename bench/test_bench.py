@@ -6,11 +6,13 @@ on CPU) must show up as "unavailable: ..." rather than fail; no row may be an "e
 """
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 
 from bench import bench_arrow_topk, bench_e2e, bench_kernels, bench_layer, bench_lora_apply, bench_spectr_rerank
-from bench import report
+from bench import harness, report
 
 TINY = ["--device", "cpu", "--shapes", "32:48", "--n", "40", "--rep-ms", "1", "--warmup-ms", "0", "--rotate", "2"]
 
@@ -39,15 +41,107 @@ def test_kernel_tables(tmp_path):
             assert len(mine) == 2 and all(r["status"] == "ok" and r["ms"] > 0 for r in mine), mine
     cuda = [r for r in rows if r["backend"] == "cuda"]
     assert cuda and all(r["status"].startswith("unavailable") for r in cuda)
+    compiled = [r for r in rows if r["backend"] == "plain-compile"]
+    assert len(compiled) == 8 and all(r["status"] == "unavailable: cpu" for r in compiled)
+    assert data["gemm_tflops"] > 0 and data["gemm"]["tflops"] == data["gemm_tflops"]
     for r in rows:
-        assert r["bytes"] > 0 and r["floor_ms"] > 0
+        assert r["bytes"] > 0 and r["floor_ms"] > 0 and r["flops"] > 0
         assert 1 <= r["unique_candidates"] <= r["N"]
+        # the floor is the larger of the bytes term and the FLOPs term, each at its measured rate
+        mem = r["bytes"] / (data["copy_bandwidth"]["gbps"] * 1e9) * 1e3
+        comp = r["flops"] / (data["gemm_tflops"] * 1e12) * 1e3
+        assert r["floor_mem_ms"] == pytest.approx(mem) and r["floor_compute_ms"] == pytest.approx(comp)
+        assert r["floor_ms"] == max(mem, comp) and r["bound"] == ("memory" if mem >= comp else "compute")
+        if r["status"] == "ok":  # CPU: one wall-clock timing, no CUDA graph
+            assert r["timing"] == "wall" and r["eager_ms"] == r["ms"]
+            assert r["pct_floor"] == pytest.approx(100 * r["floor_ms"] / r["ms"])
     # the layer row charges prototypes + candidates' A* + chosen B* + activations
     layer = next(r for r in rows if r["op"] == "layer" and r["T"] == 3)
     d_in, d_out, n, rank = layer["d_in"], layer["d_out"], layer["N"], layer["rank"]
     want = 2 * (n * d_in + layer["unique_candidates"] * rank * d_in + layer["unique_selected"] * d_out * rank
                 + 3 * d_in + 2 * 3 * d_out)
     assert layer["bytes"] == want
+
+
+def test_kernel_flops_and_floor():
+    dims = dict(n=1000, r=6, d_in=3072, d_out=8192, t=32, k=20, m=2)
+    parts = {"arrow_topk": 2 * 32 * 1000 * 3072, "spectr_rerank": 2 * 32 * 20 * 6 * 3072,
+             "lora_apply": 2 * 32 * 2 * 6 * 8192}
+    for op, want in parts.items():
+        assert harness.kernel_flops(op, **dims) == want
+    assert harness.kernel_flops("layer", **dims) == sum(parts.values())
+    mem = harness.roofline(3_000_000, 10**9, copy_gbps=3000, gemm_tflops=1000)  # 1 us of bytes, 1 us of FLOPs
+    assert mem["bound"] == "memory" and mem["floor_ms"] == pytest.approx(1e-3)
+    comp = harness.roofline(3_000, 10**9, copy_gbps=3000, gemm_tflops=100)
+    assert comp["bound"] == "compute" and comp["floor_ms"] == pytest.approx(1e-2) == comp["floor_compute_ms"]
+    assert comp["floor_mem_ms"] == pytest.approx(1e-6)
+
+
+def test_library_is_built_like_a_real_one():
+    gen = torch.Generator().manual_seed(0)
+    protos, a_star, b_star = harness._random_library(50, 4, 64, 24, torch.bfloat16, torch.device("cpu"), gen)
+    assert protos.is_contiguous() and torch.equal(protos, a_star[:, 0])  # prototype = A*[:, 0] (DESIGN §1)
+    assert torch.allclose(a_star.float().norm(dim=-1), torch.ones(50, 4), atol=1e-2)
+    assert b_star.shape == (50, 24, 4)
+    protos, a_star, b_star = harness._random_library(50, 4, 64, 24, torch.float32, torch.device("cpu"), gen,
+                                                     need_a=False, need_b=False)
+    assert a_star is None and b_star is None and torch.allclose(protos.norm(dim=-1), torch.ones(50))
+
+
+def test_plain_ranks_fp32_scores_like_the_reference():
+    from lag_triton.kernels import get_ops
+
+    cpu = torch.device("cpu")
+    assert harness.probe_fp32_out(cpu, torch.bfloat16) is False  # CPU torch has no mm(out_dtype=...): upcast
+    gen = torch.Generator().manual_seed(1)
+    protos, a_star, _ = harness._random_library(300, 4, 64, 8, torch.bfloat16, cpu, gen, need_b=False)
+    x = torch.randn(5, 64, generator=gen).to(torch.bfloat16)
+    idx, scores = harness.plain_arrow_topk(x, protos, 10)
+    ref_idx, ref_scores = get_ops("torch").arrow_topk(x, protos, 10)
+    assert scores.dtype == torch.float32 and torch.equal(idx, ref_idx)
+    sel, w, z = harness.plain_spectr_rerank(x, a_star, idx, 1)
+    ref_sel, _, ref_z = get_ops("torch").spectr_rerank(x, a_star, idx, 1, "softmax", 1.0, None)
+    assert z.dtype == torch.float32 and torch.equal(sel, ref_sel) and torch.allclose(z, ref_z, atol=1e-5)
+
+
+def test_time_cell_falls_back_to_eager_when_capture_fails(monkeypatch):
+    """The CUDA path's contract, faked on CPU: a failed capture gives the eager time, flagged, no crash."""
+    def no_graph(*a, **k):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(harness, "bench", lambda fn, device, *a, **k: (fn(), 0.5)[1])
+    monkeypatch.setattr(harness, "graph_replay_ms", no_graph)
+    monkeypatch.setattr(harness, "cuda_context_broken", lambda device: False)
+    monkeypatch.setattr(harness, "free_memory", lambda device: None)
+    calls = []
+    t = harness.time_cell([lambda: calls.append(0), lambda: calls.append(1)], torch.device("cuda"))
+    assert t["ms"] == t["eager_ms"] == 0.5 and t["timing"] == "eager" and "capturing" in t["graph_error"]
+    monkeypatch.setattr(harness, "graph_replay_ms", lambda fns, device, *a, **k: 0.125)
+    assert harness.time_cell([lambda: None], torch.device("cuda")) == {"ms": 0.125, "eager_ms": 0.5,
+                                                                       "timing": "cuda-graph"}
+    assert harness.time_cell([lambda: None], torch.device("cpu"), rep_ms=0)["timing"] == "wall"
+
+
+def test_report_renders_graph_timed_rows_and_old_files():
+    def row(backend, ms, eager, timing="cuda-graph", **kw):
+        return {"section": "kernel", "op": "layer", "shape": "3072->8192", "N": 1000, "T": 1, "k": 20, "top_m": 1,
+                "rank": 6, "dtype": "bf16", "backend": backend, "status": "ok", "ms": ms, "eager_ms": eager,
+                "timing": timing, "bytes": 7e6, "flops": 6.2e6, "floor_ms": 0.002, "bound": "memory", **kw}
+
+    md = report.render({"env": {"card": "H200"}, "copy_bandwidth": {"gbps": 4300}, "gemm_tflops": 780.0,
+                        "gemm": {"m": 8192, "dtype": "bfloat16", "tflops": 780.0},
+                        "rows": [row("triton", 0.010, 0.030), row("plain", 0.2, 0.5, timing="eager",
+                                                                  graph_error="RuntimeError: capture failed"),
+                                 row("plain-compile", 0.05, 0.09)]})
+    assert "GEMM rate: **780 TFLOP/s**" in md and "device time of one CUDA-graph replay" in md
+    assert "| triton (device) | triton eager | met |" in md and "| 0.0100 | 0.0300 | yes |" in md
+    table = md[md.index("### Per layer:"):]
+    assert "| triton | plain PyTorch | compiled plain | floor | bound | MB moved | GFLOP | triton %floor |" in table
+    assert "| 0.0100 | 0.200 [1] | 0.0500 | 0.0020 | memory | 7.0 | 0.0062 | 20% | 0.0300 | 0.500 | 0.0900 |" in table
+    assert "[1] plain: eager time (no CUDA graph: RuntimeError: capture failed)" in table
+    old = Path(report.__file__).parent / "results" / "nvidia-h100-80gb-hbm3-2026-11-26.json"  # rows without the new keys
+    md = report.render(json.loads(old.read_text()))
+    assert "Per-layer targets" in md and "| 3072->8192 | 1,000 | 1 | 0.226 |" in md
 
 
 @pytest.mark.parametrize("script", [bench_layer, bench_arrow_topk, bench_spectr_rerank, bench_lora_apply])
