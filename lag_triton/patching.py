@@ -1,16 +1,27 @@
-"""Attach LAG libraries to a model in place: ``patch``, ``unpatch`` and ``trace`` (DESIGN §4).
+"""Attach LAG libraries to a model in place: ``patch`` and ``unpatch`` (DESIGN §4).
 
 Each targeted nn.Linear (or transformers' Conv1D) is swapped for a :class:`LagLinear` that runs
-the original module and then adds, per attached library, the routed adapter output. Patching
-validates every module of every library before changing anything, and ``unpatch`` puts the
-original module objects back.
+the original module and then adds, per attached library, the routed adapter output.
+
+What a patched model promises:
+- ``patch`` checks every module of every library, and copies the library tensors it keeps,
+  before changing anything: on any error the model is untouched, and afterwards it never reads
+  the library file again.
+- Its ``state_dict()`` (so ``save_pretrained``) holds the base model's own keys and values and
+  loads into the unpatched class; a base checkpoint loads into it. The library is not model
+  state: save it with ``Library.save`` and patch again after loading.
+- It deep-copies, pickles and ``torch.save``s; it runs under ``torch.autocast`` and after
+  ``model.double()``/``.half()``/``.to(device)``.
+- ``unpatch`` puts the original module objects back.
 """
 
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
-from typing import Iterator, Sequence, Union
+import numbers
+import os
+import warnings
+from typing import Sequence, Union
 
 import torch
 from torch import nn
@@ -18,13 +29,27 @@ from torch import nn
 from .kernels import get_ops, resolve_backend
 from .library import Library
 from .routing import RoutingConfig, route_and_apply
+from .tracing import Trace, active_traces, trace
 
-LibraryLike = Union[Library, str, Path]
+__all__ = ["LagLinear", "LibraryRoute", "LibraryNotSavedWarning", "patch", "unpatch", "trace", "Trace"]
+
+LibraryLike = Union[Library, str, os.PathLike]
 
 try:  # GPT-2 style layers keep weight as [d_in, d_out]
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency, but keep patching usable without it
     Conv1D = ()
+
+# Layer dtypes patch accepts. The kernels route in fp32/fp16/bf16; an fp64 layer routes in fp32.
+_LAYER_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+class LibraryNotSavedWarning(UserWarning):
+    """A patched model's state_dict (and save_pretrained) holds the base model only, not the library."""
+
+
+def _route_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype == torch.float64 else dtype
 
 
 def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -37,27 +62,69 @@ def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
 
 
 class LibraryRoute(nn.Module):
-    """One library's factors for one module, on the module's device and dtype, plus how to route them."""
+    """One library's factors for one module, on the module's device, plus how to route them.
+
+    Holds the backend's name, not its module (modules do not pickle): ``ops`` looks it up.
+    """
 
     def __init__(self, library_index: int, weights, config: RoutingConfig, backend: str):
         super().__init__()
         self.library_index = library_index
         self.config = config
         self.backend = backend
-        self.ops = get_ops(backend)
         # Buffers (not parameters, not in state_dict) so that model.to(...) carries them along.
         self.register_buffer("a_star", weights.a_star, persistent=False)
         self.register_buffer("b_star", weights.b_star, persistent=False)
         self.register_buffer("prototypes", weights.prototypes, persistent=False)
         self.register_buffer("adapter_ids", weights.adapter_ids, persistent=False)
 
+    @property
+    def ops(self):
+        return get_ops(self.backend)
+
+    def _apply(self, fn, recurse=True):
+        # model.double() casts every float buffer; the kernels route in fp32 at most, so fp64
+        # factors go back to fp32 (exactly: they were fp32 before).
+        super()._apply(fn, recurse)
+        for name in ("a_star", "b_star", "prototypes"):
+            t = getattr(self, name)
+            if t.dtype == torch.float64:
+                setattr(self, name, t.float())
+        return self
+
+    def add_to(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """y [T, d_out] + this library's routed output for x [T, d_in] (in place when y has the
+        factors' dtype). Returns (y, sel)."""
+        dtype = self.a_star.dtype
+        xr = x if x.dtype == dtype else x.to(dtype)
+        if y.dtype == dtype:
+            return y, route_and_apply(xr, y, self.a_star, self.b_star, self.prototypes, self.config, self.ops)
+        # fp64 layers, or autocast's low-precision output of an fp32 layer: the kernels write
+        # into a buffer of the factors' dtype, added in y's dtype.
+        delta = torch.zeros(y.shape, dtype=dtype, device=y.device)
+        sel = route_and_apply(xr, delta, self.a_star, self.b_star, self.prototypes, self.config, self.ops)
+        return y + delta.to(y.dtype), sel
+
     def extra_repr(self) -> str:
         n, r, d_in = self.a_star.shape
         return f"library={self.library_index}, adapters={n}, r={r}, backend={self.backend}, {self.config}"
 
 
+def _autocast_off(device_type: str):
+    """Routing runs in the factors' dtype: autocast would turn z into bf16 and break the ops."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except (TypeError, RuntimeError):  # older torch: only the CUDA flag without an argument
+        enabled = torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+    return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
+
+
 class LagLinear(nn.Module):
-    """A linear layer plus the routed LoRA output of every attached library."""
+    """A linear layer plus the routed LoRA output of every attached library.
+
+    Its state_dict is the base layer's, under this module's own name, so a patched model saves
+    and loads exactly like the unpatched one.
+    """
 
     def __init__(self, base_layer: nn.Module, name: str):
         super().__init__()
@@ -65,26 +132,56 @@ class LagLinear(nn.Module):
         self.module_name = name
         self.in_features, self.out_features = _linear_shape(base_layer)
         self.routes = nn.ModuleList()
-        self.tracer: Trace | None = None
+        self._trace_count = 0  # traces covering this layer, in any thread (see tracing)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         x2 = x.reshape(-1, self.in_features)
         y2 = y.reshape(-1, self.out_features)
-        for route in self.routes:
-            xr = x2 if x2.dtype == route.a_star.dtype else x2.to(route.a_star.dtype)
-            sel = route_and_apply(xr, y2, route.a_star, route.b_star, route.prototypes, route.config, route.ops)
-            if self.tracer is not None:
-                self.tracer.record(self.module_name, route.library_index, route.adapter_ids[sel.long()])
+        with _autocast_off(x.device.type):
+            for route in self.routes:
+                y2, sel = route.add_to(x2, y2)
+                if self._trace_count:
+                    for tracer in active_traces(self):
+                        tracer.record(self.module_name, route.library_index, route.adapter_ids[sel.long()])
         return y2.view(y.shape)
 
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self._trace_count = 0  # a copy is covered by no open trace
 
-def _as_libraries(libraries: LibraryLike | Sequence[LibraryLike]) -> list[Library]:
-    if isinstance(libraries, (Library, str, Path)):
+    # -- state: the base layer's keys, under this module's name -------------------------------------
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        return self.base_layer.state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # The checkpoint has the base layer's keys at this module's name (as the unpatched model
+        # saves them): move them under base_layer, where load_state_dict's recursion looks next.
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            head = key[len(prefix):].split(".", 1)[0]
+            if head not in self._modules:
+                state_dict[prefix + "base_layer." + key[len(prefix):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+def _warn_library_not_saved(module, prefix, keep_vars) -> None:
+    warnings.warn("state_dict()/save_pretrained() of a LAG-patched model holds the base model's weights only: "
+                  "the LAG library is not model state. Save it with Library.save and call lag_triton.patch "
+                  "again after loading the model.", LibraryNotSavedWarning, stacklevel=3)
+
+
+# -- argument checks -------------------------------------------------------------------------------
+def _as_libraries(libraries) -> list[Library]:
+    if isinstance(libraries, (Library, str, os.PathLike)):
         libraries = [libraries]
+    elif isinstance(libraries, (dict, bytes)) or not isinstance(libraries, (list, tuple)):
+        raise TypeError("patch() takes a lag_triton.Library, a path to a saved library, or a list or tuple of "
+                        f"them; got {type(libraries).__name__}")
     out = []
     for lib in libraries:
-        if isinstance(lib, (str, Path)):
+        if isinstance(lib, (str, os.PathLike)):
             lib = Library.load(lib)
         if not isinstance(lib, Library):
             raise TypeError(f"expected a lag_triton.Library or a path to one, got {type(lib).__name__}")
@@ -94,47 +191,91 @@ def _as_libraries(libraries: LibraryLike | Sequence[LibraryLike]) -> list[Librar
     return out
 
 
+def _as_int(value):
+    """Python ints and integer scalars of numpy/torch; anything else is left for RoutingConfig to refuse."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() \
+            and value.dtype != torch.bool:
+        return int(value.item())
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return value
+
+
+def _as_float(name: str, value):
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool:
+        return float(value.item())
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise ValueError(f"{name} must be a number > 0, got {value!r}")
+
+
+def _check_layer(lib: Library, name: str, module: nn.Module | None, weights, model: nn.Module) -> torch.Tensor:
+    """The base layer's weight, after checking that ``weights`` can route this layer."""
+    if module is None:
+        raise ValueError(f"library {lib.label} targets module {name!r}, which {type(model).__name__} "
+                         "does not have (was it built for another base model?)")
+    base = module.base_layer if isinstance(module, LagLinear) else module
+    shape = _linear_shape(base)
+    if shape is None:
+        raise TypeError(f"library {lib.label} targets module {name!r} of type {type(base).__name__}; "
+                        "LAG wraps nn.Linear and transformers' Conv1D only")
+    if shape != (weights.d_in, weights.d_out):
+        raise ValueError(f"library {lib.label}, module {name!r}: adapters are {weights.d_in} -> "
+                         f"{weights.d_out} but the model's layer is {shape[0]} -> {shape[1]}")
+    weight = base.weight
+    if weight.device.type == "meta":
+        raise ValueError(f"module {name!r} is on the meta device (no weights yet): load the model's weights "
+                         "(e.g. to_empty + load_state_dict) before patching")
+    if weight.dtype not in _LAYER_DTYPES:
+        raise TypeError(f"module {name!r} has a {weight.dtype} weight (quantized?); LAG needs a float32, "
+                        "float16, bfloat16 or float64 layer")
+    if weights.device.type == "meta":
+        raise ValueError(f"library {lib.label}, module {name!r}: the library tensors are on the meta device")
+    return weight
+
+
+# -- patch / unpatch -------------------------------------------------------------------------------
 def patch(model: nn.Module, libraries: LibraryLike | Sequence[LibraryLike], *, k: int = 20, top_m: int = 1,
           router: str = "lag", temperature: float = 1.0, combine: str = "softmax",
           backend: str = "auto") -> nn.Module:
     """Route ``libraries`` (a Library, a saved library path, or a list of them) through ``model`` in place.
 
     Every module a library targets gets LAG routing with the given settings; several libraries
-    add their contributions. Library tensors are moved to each module's device and dtype here,
-    once. All checks run before the model is touched: on any error the model is unchanged.
-    Calling ``patch`` again attaches more libraries. Returns ``model``.
+    add their contributions. The library tensors are copied once, to each module's device and
+    dtype (fp32 for an fp64 layer). Everything is checked before the model is touched, values
+    included (ids in range, finite factors): on any error the model is unchanged. Calling
+    ``patch`` again attaches more libraries. Returns ``model``.
     """
-    config = RoutingConfig(k=k, top_m=top_m, router=router, temperature=temperature, combine=combine)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch() needs a torch.nn.Module, got {type(model).__name__}")
+    config = RoutingConfig(k=_as_int(k), top_m=_as_int(top_m), router=router,
+                           temperature=_as_float("temperature", temperature), combine=combine)
     libs = _as_libraries(libraries)
     already = getattr(model, "_lag_num_libraries", 0)
     modules = dict(model.named_modules())
-    plan = []  # (module name, library index, weights on target device/dtype, backend)
+    plan = []  # (module name, library index, weights, backend, layer weight)
     for offset, lib in enumerate(libs):
         for name, weights in lib.modules.items():
-            module = modules.get(name)
-            if module is None:
-                raise ValueError(f"library {lib.label} targets module {name!r}, which {type(model).__name__} "
-                                 "does not have (was it built for another base model?)")
-            base = module.base_layer if isinstance(module, LagLinear) else module
-            shape = _linear_shape(base)
-            if shape is None:
-                raise TypeError(f"library {lib.label} targets module {name!r} of type {type(base).__name__}; "
-                                "LAG wraps nn.Linear and transformers' Conv1D only")
-            if shape != (weights.d_in, weights.d_out):
-                raise ValueError(f"library {lib.label}, module {name!r}: adapters are {weights.d_in} -> "
-                                 f"{weights.d_out} but the model's layer is {shape[0]} -> {shape[1]}")
-            weight = base.weight
-            if not weight.is_floating_point():
-                raise TypeError(f"module {name!r} has a {weight.dtype} weight (quantized?); LAG needs a float layer")
+            weight = _check_layer(lib, name, modules.get(name), weights, model)
             plan.append((name, already + offset, weights, resolve_backend(backend, weight.device), weight))
-    # Move everything first (this is where memory can run out), then swap modules: all-or-nothing.
-    moved = [(name, idx, w.to(weight.device, weight.dtype), be) for name, idx, w, be, weight in plan]
+    # Copy everything first (this is where memory can run out, and where values are checked on
+    # the copies the model will keep), then swap modules: all-or-nothing.
+    moved = []
+    for name, idx, w, be, weight in plan:
+        copy = w.to(weight.device, _route_dtype(weight.dtype), copy=True)
+        try:
+            copy.check_values(len(libs[idx - already].names))
+        except ValueError as e:
+            raise ValueError(f"library {libs[idx - already].label}, module {name!r}: {e}") from None
+        moved.append((name, idx, copy, be))
     for name, idx, weights, be in moved:
         module = model.get_submodule(name)
         if not isinstance(module, LagLinear):
             module = LagLinear(module, name)
             _set_submodule(model, name, module)
         module.routes.append(LibraryRoute(idx, weights, config, be))
+    if not already:
+        model.register_state_dict_pre_hook(_warn_library_not_saved)
     model._lag_num_libraries = already + len(libs)
     return model
 
@@ -146,56 +287,12 @@ def unpatch(model: nn.Module) -> nn.Module:
             _set_submodule(model, name, module.base_layer)
     if hasattr(model, "_lag_num_libraries"):
         del model._lag_num_libraries
+    hooks = getattr(model, "_state_dict_pre_hooks", {})
+    for key in [k for k, hook in hooks.items() if hook is _warn_library_not_saved]:
+        del hooks[key]
     return model
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
-class Trace:
-    """Which adapters each token used: filled by ``with lag_triton.trace(model) as tr``.
-
-    ``selections[module]`` is a LongTensor [tokens, top_m] of indices into the library's
-    ``names``, concatenated over every forward call in order. When several libraries route the
-    same module, that module is in ``library_selections[i]`` (i = order of attachment) only.
-    """
-
-    def __init__(self) -> None:
-        self._records: dict[tuple[str, int], list[torch.Tensor]] = {}
-        self.library_selections: dict[int, dict[str, torch.Tensor]] = {}
-        self.selections: dict[str, torch.Tensor] = {}
-
-    def record(self, module: str, library_index: int, selection: torch.Tensor) -> None:
-        # Kept on the device: copying to the host here would synchronise every layer.
-        self._records.setdefault((module, library_index), []).append(selection)
-
-    def _finish(self) -> None:
-        libraries_per_module: dict[str, int] = {}
-        for (module, lib), chunks in self._records.items():
-            sel = torch.cat(chunks).cpu()
-            self.library_selections.setdefault(lib, {})[module] = sel
-            libraries_per_module[module] = libraries_per_module.get(module, 0) + 1
-        for lib_sel in self.library_selections.values():
-            for module, sel in lib_sel.items():
-                if libraries_per_module[module] == 1:
-                    self.selections[module] = sel
-        self._records.clear()
-
-
-@contextlib.contextmanager
-def trace(model: nn.Module) -> Iterator[Trace]:
-    """Record the adapters selected by every patched module of ``model`` inside the block."""
-    tracer = Trace()
-    layers = [m for m in model.modules() if isinstance(m, LagLinear)]
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no LAG-patched modules; call lag_triton.patch first")
-    for m in layers:
-        m.tracer = tracer
-    try:
-        yield tracer
-    finally:
-        for m in layers:
-            m.tracer = None
-        tracer._finish()

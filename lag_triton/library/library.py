@@ -1,88 +1,50 @@
-"""The LAG adapter library: aligned factors per targeted module, built from PEFT folders,
-saved to and memory-mapped from one safetensors file.
+"""The LAG adapter library: aligned factors per targeted module (:mod:`.weights`), built from PEFT
+folders, saved to and memory-mapped from one safetensors file.
 
-Per module m with N_m adapters (r = the library's r_max, rank padding is zero rows/columns):
-
-    a_star      [N_m, r, d_in]   A* = V^T, orthonormal rows, sigma descending
-    b_star      [N_m, d_out, r]  B* = U Sigma (scaling folded in)
-    prototypes  [N_m, d_in]      A*[:, 0], contiguous (the Arrow prototypes)
-    adapter_ids [N_m] int64      row -> index into Library.names
-    ranks       [N_m] int32      each adapter's true rank at this module
+File layout: tensors ``<module>::<field>`` (fields in :mod:`.weights`), and string metadata
+``format`` = "lag_triton.library", ``format_version``, and ``library`` = a JSON object with
+``names`` (the adapters, in id order), ``modules``, ``base_model``, ``r_max`` and ``dtype``.
+``load`` checks every one of these it uses and raises :class:`LibraryFormatError` naming the file
+and the field; ``save`` replaces the target atomically and writes equal libraries to equal bytes.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
-import struct
-from dataclasses import dataclass, fields, replace
+import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from . import safetensors_io as sio
 from .align import align_lora
 from .peft_reader import PeftAdapter
+from .weights import FACTOR_DTYPES, FACTORS, FIELDS, ModuleWeights
 
 FORMAT = "lag_triton.library"
 FORMAT_VERSION = 1
-_TENSOR_FIELDS = ("a_star", "b_star", "prototypes", "adapter_ids", "ranks")
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32}
+_TENSOR_FIELDS = FIELDS
+_FILE_DTYPES = {**{f: ("F64", "F32", "F16", "BF16") for f in FACTORS},
+                "adapter_ids": ("I64", "I32"), "ranks": ("I32", "I64")}
 
 
 class LibraryFormatError(ValueError):
-    """A file that is not a (complete) lag_triton library."""
+    """A file that is not a (complete, consistent) lag_triton library."""
 
 
-@dataclass(frozen=True)
-class ModuleWeights:
-    """The aligned factors of every adapter that targets one module (shapes in the module docstring)."""
-
-    a_star: torch.Tensor
-    b_star: torch.Tensor
-    prototypes: torch.Tensor
-    adapter_ids: torch.Tensor
-    ranks: torch.Tensor | None = None
-
-    def __post_init__(self) -> None:
-        n, r, d_in = self.a_star.shape
-        expected = {"b_star": (n, None, r), "prototypes": (n, d_in), "adapter_ids": (n,), "ranks": (n,)}
-        for name, shape in expected.items():
-            t = getattr(self, name)
-            if t is None:
-                continue
-            if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
-                raise ValueError(f"ModuleWeights.{name} has shape {tuple(t.shape)}; expected "
-                                 f"{tuple('d_out' if s is None else s for s in shape)} for a_star {tuple(self.a_star.shape)}")
-
-    @property
-    def num_adapters(self) -> int:
-        return self.a_star.shape[0]
-
-    @property
-    def d_in(self) -> int:
-        return self.a_star.shape[2]
-
-    @property
-    def d_out(self) -> int:
-        return self.b_star.shape[1]
-
-    @property
-    def rank(self) -> int:
-        return self.a_star.shape[1]
-
-    def to(self, device=None, dtype: torch.dtype | None = None) -> "ModuleWeights":
-        """Move to ``device``; cast the factor tensors (not the integer maps) to ``dtype``."""
-        def move(name: str, t: torch.Tensor | None):
-            if t is None:
-                return None
-            cast = dtype if (dtype is not None and t.is_floating_point()) else None
-            return t.to(device=device, dtype=cast)
-
-        return replace(self, **{f.name: move(f.name, getattr(self, f.name)) for f in fields(self)})
+def _check_names(names) -> list[str]:
+    if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
+        raise TypeError(f"adapter names must be a list of strings, got {type(names).__name__}")
+    names = list(names)
+    if not all(isinstance(n, str) for n in names):
+        bad = next(n for n in names if not isinstance(n, str))
+        raise TypeError(f"adapter names must be strings, got {bad!r} ({type(bad).__name__})")
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"adapter names must be unique; repeated: {dup[:10]}")
+    return names
 
 
 class Library:
@@ -90,14 +52,26 @@ class Library:
 
     def __init__(self, names: Sequence[str], modules: dict[str, ModuleWeights], *,
                  base_model: str | None = None, source: str | None = None):
-        self.names = list(names)
+        self.names = _check_names(names)
+        if not isinstance(modules, dict) or not modules:
+            raise ValueError("a library needs at least one module (a dict of module name -> ModuleWeights)")
+        for name, m in modules.items():
+            if not isinstance(name, str) or not isinstance(m, ModuleWeights):
+                raise TypeError(f"library modules must map str -> ModuleWeights, got {name!r} -> {type(m).__name__}")
         self.modules = dict(modules)
+        if base_model is not None and not isinstance(base_model, str):
+            raise TypeError(f"base_model must be a string or None, got {type(base_model).__name__}")
         self.base_model = base_model
         self.source = source  # where it was loaded from, for error messages
-        if len(set(self.names)) != len(self.names):
-            raise ValueError("adapter names must be unique")
-        if not self.modules:
-            raise ValueError("a library needs at least one module")
+
+    def check(self) -> None:
+        """Check every value routing relies on (reads all the data): adapter ids index ``names`` once
+        per module, ranks lie in [1, r], factors are finite. Raises ValueError naming module and field."""
+        for name, m in self.modules.items():
+            try:
+                m.check_values(len(self.names))
+            except ValueError as e:
+                raise ValueError(f"library {self.label}, module {name!r}: {e}") from None
 
     # -- description ---------------------------------------------------------------------------
     def __repr__(self) -> str:
@@ -121,29 +95,36 @@ class Library:
         return sum(getattr(m, f).nbytes for m in self.modules.values() for f in _TENSOR_FIELDS
                    if getattr(m, f) is not None)
 
-    def to(self, device=None, dtype: torch.dtype | None = None) -> "Library":
-        modules = {name: m.to(device, dtype) for name, m in self.modules.items()}
+    def to(self, device=None, dtype: torch.dtype | None = None, *, copy: bool = False) -> "Library":
+        """Move/cast the factors; ``copy=True`` gives tensors that share nothing with this library."""
+        modules = {name: m.to(device, dtype, copy=copy) for name, m in self.modules.items()}
         return Library(self.names, modules, base_model=self.base_model, source=self.source)
 
     # -- building --------------------------------------------------------------------------------
     @classmethod
-    def from_peft(cls, paths: Iterable[str | Path], names: Sequence[str] | None = None, *,
-                  dtype: torch.dtype = torch.float32, progress: bool = True) -> "Library":
-        """Align PEFT LoRA folders into a library.
+    def from_peft(cls, paths: str | os.PathLike | Iterable[str | os.PathLike], names: Sequence[str] | None = None,
+                  *, dtype: torch.dtype = torch.float32, progress: bool = True) -> "Library":
+        """Align PEFT LoRA folders (a list of them, or one folder) into a library.
 
-        Reads every folder's config and tensor shapes first (so a bad adapter fails before any
+        Reads every folder's config and tensor headers first (so a bad adapter fails before any
         work), then loads, aligns and stores one adapter at a time: the raw adapters are never
-        all in memory together.
+        all in memory together. Raises :class:`AdapterError` naming the folder, file and field.
         """
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        paths = list(paths)
+        for p in paths:
+            if not isinstance(p, (str, os.PathLike)):
+                raise TypeError(f"adapter folders must be paths (str or os.PathLike), got {p!r:.60} "
+                                f"({type(p).__name__})")
         paths = [Path(p) for p in paths]
         if not paths:
             raise ValueError("Library.from_peft needs at least one adapter folder")
-        names = [p.name for p in paths] if names is None else list(names)
+        if dtype not in FACTOR_DTYPES:
+            raise ValueError(f"dtype {dtype} is not a factor dtype; choose one of {FACTOR_DTYPES}")
+        names = _check_names([p.name for p in paths] if names is None else names)
         if len(names) != len(paths):
             raise ValueError(f"{len(names)} names for {len(paths)} adapter folders")
-        if len(set(names)) != len(names):
-            dup = sorted({n for n in names if names.count(n) > 1})
-            raise ValueError(f"adapter names must be unique; repeated: {dup} (pass names=...)")
         adapters = [PeftAdapter.open(p) for p in paths]
         layout = _module_layout(adapters)
         r_max = max(f.rank for a in adapters for f in a.modules.values())
@@ -162,40 +143,104 @@ class Library:
         return cls(names, weights, base_model=base_models.pop() if len(base_models) == 1 else None)
 
     # -- files -------------------------------------------------------------------------------------
-    def save(self, path: str | Path) -> None:
-        tensors = {}
-        for module, m in self.modules.items():
-            for f in _TENSOR_FIELDS:
-                t = getattr(m, f)
-                if t is not None:
-                    t = t.detach().cpu().contiguous()
-                    # prototypes may be a view of a_star; safetensors refuses shared storage
-                    tensors[f"{module}::{f}"] = t.clone() if f == "prototypes" else t
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the library to one safetensors file, atomically (``path`` keeps its old content
+        until the new file is complete and synced), with the same bytes for equal libraries."""
+        tensors = {f"{module}::{f}": getattr(m, f) for module, m in self.modules.items() for f in _TENSOR_FIELDS
+                   if getattr(m, f) is not None}
         header = {"names": self.names, "base_model": self.base_model, "modules": sorted(self.modules),
                   "r_max": self.r_max, "dtype": str(self.dtype).removeprefix("torch.")}
-        save_file(tensors, str(path), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION),
-                                                "library": json.dumps(header)})
+        metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
+                    "library": json.dumps(header, sort_keys=True, separators=(",", ":"))}
+        sio.write(Path(path), tensors, metadata)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Library":
-        """Memory-map a library saved by :meth:`save` (tensors stay on disk until touched or moved)."""
+    def load(cls, path: str | os.PathLike) -> "Library":
+        """Memory-map a library saved by :meth:`save` after checking all of it.
+
+        The factors stay in the file's private memory map (``patch`` copies what it keeps); every
+        value is read once here to check it. Raises FileNotFoundError / IsADirectoryError for a bad
+        path and :class:`LibraryFormatError`, naming the file and the field, for bad content.
+        """
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"a library path must be a str or os.PathLike, got {type(path).__name__}")
         path = Path(path)
-        tensors, metadata = _mmap_safetensors(path)
-        if metadata.get("format") != FORMAT:
-            raise LibraryFormatError(f"{str(path)!r} is a safetensors file but not a lag_triton library "
-                                     f"(metadata format={metadata.get('format')!r})")
-        if int(metadata.get("format_version", -1)) > FORMAT_VERSION:
-            raise LibraryFormatError(f"{str(path)!r} has library format version {metadata['format_version']}; "
-                                     f"this lag_triton reads up to {FORMAT_VERSION}: upgrade lag_triton")
-        header = json.loads(metadata["library"])
-        modules = {}
-        for module in header["modules"]:
-            parts = {f: tensors.get(f"{module}::{f}") for f in _TENSOR_FIELDS}
-            missing = [f for f in _TENSOR_FIELDS[:4] if parts[f] is None]
-            if missing:
-                raise LibraryFormatError(f"{str(path)!r}: module {module!r} lacks tensors {missing}")
-            modules[module] = ModuleWeights(**parts)
-        return cls(header["names"], modules, base_model=header.get("base_model"), source=str(path))
+        if path.is_dir():
+            raise IsADirectoryError(f"library file {str(path)!r} is a directory, not a library file")
+        if not path.is_file():
+            raise FileNotFoundError(f"library file {str(path)!r} does not exist")
+        return _load(path)
+
+
+def _load(path: Path) -> Library:
+    def fail(message: str) -> LibraryFormatError:
+        return LibraryFormatError(f"library file {str(path)!r}: {message}")
+
+    try:
+        header = sio.read_header(path)
+    except sio.SafetensorsProblem as e:
+        raise fail(str(e)) from None
+    meta = header.metadata
+    if meta.get("format") != FORMAT:
+        raise fail(f"a safetensors file but not a lag_triton library (metadata format={meta.get('format')!r})")
+    version = meta.get("format_version")
+    if not (isinstance(version, str) and version.isdigit() and int(version) >= 1):
+        raise fail(f"metadata field 'format_version' must be a positive integer, got {version!r:.40}")
+    if int(version) > FORMAT_VERSION:
+        raise fail(f"library format version {version}; this lag_triton reads up to {FORMAT_VERSION}: "
+                   "upgrade lag_triton")
+    if "library" not in meta:
+        raise fail("metadata has no 'library' field")
+    try:
+        info = json.loads(meta["library"])
+    except json.JSONDecodeError as e:
+        raise fail(f"metadata field 'library' is not JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise fail(f"metadata field 'library' must be a JSON object, got a {type(info).__name__}")
+    for field in ("names", "modules"):
+        if field not in info:
+            raise fail(f"metadata field 'library' has no {field!r}")
+    try:
+        names = _check_names(info["names"])
+    except (TypeError, ValueError) as e:
+        raise fail(f"'names': {e}") from None
+    modules = info["modules"]
+    if not (isinstance(modules, list) and modules and all(isinstance(m, str) for m in modules)
+            and len(set(modules)) == len(modules)):
+        raise fail(f"'modules' must be a non-empty list of distinct module names, got {modules!r:.80}")
+    base_model = info.get("base_model")
+    if base_model is not None and not isinstance(base_model, str):
+        raise fail(f"'base_model' must be a string or null, got {base_model!r:.40}")
+    expected = {f"{m}::{f}": (m, f) for m in modules for f in _TENSOR_FIELDS}
+    stray = sorted(set(header.entries) - set(expected))
+    if stray:
+        raise fail(f"tensor {stray[0]!r} belongs to no module listed in 'modules'")
+    for name, entry in header.entries.items():
+        module, field = expected[name]
+        if entry.dtype not in _FILE_DTYPES[field]:
+            raise fail(f"module {module!r}: tensor {field!r} has dtype {entry.dtype}; expected one of "
+                       f"{_FILE_DTYPES[field]}")
+    tensors = sio.map_tensors(path, header)
+    weights = {}
+    for module in modules:
+        parts = {f: tensors.get(f"{module}::{f}") for f in _TENSOR_FIELDS}
+        missing = [f for f in _TENSOR_FIELDS[:4] if parts[f] is None]
+        if missing:
+            raise fail(f"module {module!r} lacks tensors {missing}")
+        parts["adapter_ids"] = parts["adapter_ids"].to(torch.int64, copy=True)
+        if parts["ranks"] is not None:
+            parts["ranks"] = parts["ranks"].to(torch.int32, copy=True)
+        try:
+            weights[module] = ModuleWeights(**parts)
+        except ValueError as e:
+            raise fail(f"module {module!r}: {e}") from None
+    lib = Library(names, weights, base_model=base_model, source=str(path))
+    for module, m in weights.items():
+        try:
+            m.check_values(len(names))
+        except ValueError as e:
+            raise fail(f"module {module!r}: {e}") from None
+    return lib
 
 
 class _ModuleBuffer:
@@ -238,48 +283,17 @@ def _align_into(store: dict[str, _ModuleBuffer], adapter: PeftAdapter, index: in
     try:
         a_star, b_star = align_lora(a, b, s)
     except ValueError:
-        bad = next(m for m in modules if not (factors[m][0].isfinite().all() and factors[m][1].isfinite().all()))
-        raise adapter.error(f"module {bad!r} has non-finite values in lora_A/lora_B") from None
+        for m in modules:
+            if not (factors[m][0].isfinite().all() and factors[m][1].isfinite().all()):
+                raise adapter.error(f"module {m!r} has non-finite values in lora_A/lora_B") from None
+        raise adapter.error(f"modules {modules[:4]}: the update s*B*A overflows float64 (scalings "
+                            f"{s.tolist()[:4]})") from None
     rank = a.shape[1]
     for j, m in enumerate(modules):
         row, buf = row_of[m][index], store[m]
         buf.a_star[row, :rank] = a_star[j]
         buf.b_star[row, :, :rank] = b_star[j]
         buf.ranks[row] = rank
-
-
-def _mmap_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Parse a safetensors file ourselves so that every defect gets a precise error, and
-    return zero-copy tensors over a private (copy-on-write) memory map."""
-    if not path.is_file():
-        raise FileNotFoundError(f"library file {str(path)!r} does not exist")
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        prefix = fh.read(8)
-        if len(prefix) < 8:
-            raise LibraryFormatError(f"{str(path)!r} is too short to be a safetensors file ({size} bytes)")
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > size - 8:
-            raise LibraryFormatError(f"{str(path)!r} is truncated or not a safetensors file "
-                                     f"(header of {header_len} bytes in a {size}-byte file)")
-        try:
-            header = json.loads(fh.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise LibraryFormatError(f"{str(path)!r} is not a safetensors file (unreadable header)") from None
-        buffer = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else b""
-    metadata = header.pop("__metadata__", None) or {}
-    data_start = 8 + header_len
-    tensors = {}
-    for name, info in header.items():
-        begin, end = info["data_offsets"]
-        dtype = _DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise LibraryFormatError(f"{str(path)!r}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        if data_start + end > size:
-            raise LibraryFormatError(f"{str(path)!r} is truncated: tensor {name!r} ends at byte "
-                                     f"{data_start + end} of {size}")
-        count = end - begin
-        t = (torch.frombuffer(buffer, dtype=dtype, offset=data_start + begin, count=count // dtype.itemsize)
-             if count else torch.empty(0, dtype=dtype))
-        tensors[name] = t.view(info["shape"])
-    return tensors, metadata
+        if not bool(buf.b_star[row].isfinite().all()):
+            raise adapter.error(f"module {m!r}: the aligned update overflows {buf.b_star.dtype} (its largest "
+                                f"singular value is {b_star[j].norm(dim=0).max().item():.3g}); build in float32")

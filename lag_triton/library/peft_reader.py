@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+
+from . import safetensors_io as sio
+from .weights import FACTOR_DTYPES
 
 
 class AdapterError(ValueError):
@@ -38,12 +40,23 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<factor>[AB
 _WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
+_CONFIG = "adapter_config.json"
+
+
 def _pattern_value(patterns: dict, module: str, default):
     """PEFT's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key)."""
     for pattern, value in patterns.items():
         if re.match(rf"(.*\.)?({pattern})$", module):
             return value
     return default
+
+
+def _is_positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _is_positive_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
 @dataclass
@@ -68,42 +81,70 @@ class PeftAdapter:
 
     @property
     def base_model(self) -> str | None:
-        return self.config.get("base_model_name_or_path")
+        value = self.config.get("base_model_name_or_path")
+        return value if isinstance(value, str) else None
 
     def error(self, message: str) -> AdapterError:
         return AdapterError(f"adapter {str(self.path)!r}: {message}")
 
     @classmethod
     def open(cls, path: str | Path) -> "PeftAdapter":
-        """Read the config and tensor shapes (not the tensor data) and validate them."""
+        """Read the config and tensor headers (not the tensor data) and validate them."""
         path = Path(path)
         adapter = cls(path=path, config={})
-        config_file = path / "adapter_config.json"
+        config_file = path / _CONFIG
         if not path.is_dir():
             raise adapter.error("is not a directory")
         if not config_file.is_file():
-            raise adapter.error("has no adapter_config.json")
+            raise adapter.error(f"has no {_CONFIG}")
         try:
-            adapter.config = json.loads(config_file.read_text())
+            config = json.loads(config_file.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise adapter.error(f"adapter_config.json is not valid JSON ({e})") from None
+            raise adapter.error(f"{_CONFIG} is not valid JSON ({e})") from None
+        except OSError as e:
+            raise adapter.error(f"{_CONFIG} cannot be read ({e.strerror or e})") from None
+        if not isinstance(config, dict):
+            raise adapter.error(f"{_CONFIG} must hold a JSON object, got a {type(config).__name__}: {config!r:.60}")
+        adapter.config = config
         adapter._check_config()
         adapter._index_weights(adapter._read_shapes())
         return adapter
 
+    def _field_error(self, name: str, message: str) -> AdapterError:
+        return self.error(f"{_CONFIG} field {name}={self.config.get(name)!r:.80} {message}")
+
     def _check_config(self) -> None:
         cfg = self.config
         if cfg.get("peft_type", "LORA") != "LORA":
-            raise self.error(f"peft_type={cfg.get('peft_type')!r}; only LoRA adapters are supported")
+            raise self._field_error("peft_type", "is refused: only LoRA adapters are supported")
         for name, fine, why in _REFUSED_CONFIG:
             value = cfg.get(name)
             if isinstance(value, list):
                 value = tuple(value)
-            if value not in fine:
-                raise self.error(f"adapter_config.json field {name}={cfg.get(name)!r} is refused: {why}")
-        for name in ("r", "lora_alpha"):
-            if not isinstance(cfg.get(name), (int, float)) or cfg[name] <= 0:
-                raise self.error(f"adapter_config.json field {name}={cfg.get(name)!r} must be a positive number")
+            if not isinstance(value, (dict, set)) and value in fine:
+                continue
+            raise self._field_error(name, f"is refused: {why}")
+        if not _is_positive_int(cfg.get("r")):
+            raise self._field_error("r", "must be a positive integer")
+        if not _is_positive_number(cfg.get("lora_alpha")):
+            raise self._field_error("lora_alpha", "must be a finite positive number")
+        if not isinstance(cfg.get("use_rslora"), (bool, type(None))):
+            raise self._field_error("use_rslora", "must be true or false")
+        for name, valid, what in (("rank_pattern", _is_positive_int, "a positive integer"),
+                                  ("alpha_pattern", _is_positive_number, "a finite positive number")):
+            patterns = cfg.get(name)
+            if patterns is None:
+                continue
+            if not isinstance(patterns, dict):
+                raise self._field_error(name, "must be an object mapping module patterns to values")
+            for pattern, value in patterns.items():
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise self._field_error(name, f"has key {pattern!r}, which is not a valid regular "
+                                                  f"expression ({e})") from None
+                if not valid(value):
+                    raise self._field_error(name, f"maps {pattern!r} to {value!r:.40}; expected {what}")
 
     def weights_file(self) -> Path:
         for name in _WEIGHT_FILES:
@@ -111,22 +152,45 @@ class PeftAdapter:
                 return self.path / name
         raise self.error(f"has no weights file ({' or '.join(_WEIGHT_FILES)})")
 
+    def _tensor_error(self, file: Path, key: str, message: str) -> AdapterError:
+        return self.error(f"{file.name}: tensor {key!r} {message}")
+
     def _read_shapes(self) -> dict[str, tuple[int, ...]]:
         file = self.weights_file()
         if file.suffix == ".bin":
             return {k: tuple(v.shape) for k, v in self._load_bin().items()}
+        header = self._safetensors_header(file)
+        for key, entry in header.entries.items():
+            if entry.torch_dtype not in FACTOR_DTYPES:
+                raise self._tensor_error(file, key, f"has dtype {entry.dtype}; LoRA factors must be F64, F32, "
+                                                    "F16 or BF16")
+        return {k: e.shape for k, e in header.entries.items()}
+
+    def _safetensors_header(self, file: Path) -> sio.Header:
         try:
-            with safe_open(str(file), framework="pt") as f:
-                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        except (SafetensorError, OSError) as e:
-            raise self.error(f"{file.name} is unreadable (truncated or not safetensors?): {e}") from None
+            return sio.read_header(file)
+        except sio.SafetensorsProblem as e:
+            raise self.error(f"{file.name}: {e}") from None
+        except OSError as e:
+            raise self.error(f"{file.name} cannot be read ({e.strerror or e})") from None
 
     def _load_bin(self) -> dict[str, torch.Tensor]:
         file = self.path / "adapter_model.bin"
         try:  # weights_only: never unpickle arbitrary objects from an adapter file
-            return torch.load(file, map_location="cpu", weights_only=True)
+            tensors = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any failure here means an unusable file
             raise self.error(f"{file.name} cannot be loaded with torch.load(weights_only=True): {e}") from None
+        if not isinstance(tensors, dict):
+            raise self.error(f"{file.name} holds a {type(tensors).__name__}; expected a dict of tensor name -> tensor")
+        for key, value in tensors.items():
+            if not isinstance(key, str):
+                raise self.error(f"{file.name} has a key {key!r:.40} ({type(key).__name__}); tensor names must be strings")
+            if not isinstance(value, torch.Tensor):
+                raise self._tensor_error(file, key, f"is a {type(value).__name__}, not a tensor")
+            if value.dtype not in FACTOR_DTYPES:
+                raise self._tensor_error(file, key, f"has dtype {value.dtype}; LoRA factors must be float64, "
+                                                    "float32, float16 or bfloat16")
+        return tensors
 
     def _index_weights(self, shapes: dict[str, tuple[int, ...]]) -> None:
         cfg = self.config
@@ -140,7 +204,11 @@ class PeftAdapter:
             if match is None:
                 raise self.error(f"tensor {key!r} is not a LoRA A/B weight (modules_to_save, biases and other "
                                  "extra tensors are refused)")
-            keys.setdefault(match["module"], {})[match["factor"]] = key
+            pair = keys.setdefault(match["module"], {})
+            if match["factor"] in pair:
+                raise self.error(f"module {match['module']!r} has two lora_{match['factor']} tensors: "
+                                 f"{pair[match['factor']]!r} and {key!r}")
+            pair[match["factor"]] = key
         if not keys:
             raise self.error("contains no LoRA weights")
         for module, pair in sorted(keys.items()):
@@ -165,9 +233,22 @@ class PeftAdapter:
         file = self.weights_file()
         if file.suffix == ".bin":
             tensors = self._load_bin()
-            return {m: (tensors[f.key_a], tensors[f.key_b]) for m, f in self.modules.items()}
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                return {m: (f.get_tensor(mf.key_a), f.get_tensor(mf.key_b)) for m, mf in self.modules.items()}
-        except (SafetensorError, OSError) as e:
-            raise self.error(f"{file.name} could not be read (truncated?): {e}") from None
+        else:
+            header = self._safetensors_header(file)
+            wanted = [k for f in self.modules.values() for k in (f.key_a, f.key_b)]
+            missing = [k for k in wanted if k not in header.entries]
+            if missing:
+                raise self.error(f"{file.name} changed while reading: tensor {missing[0]!r} is gone")
+            try:
+                tensors = sio.read_tensors(file, header, wanted)
+            except sio.SafetensorsProblem as e:
+                raise self.error(f"{file.name}: {e}") from None
+            except OSError as e:
+                raise self.error(f"{file.name} could not be read ({e.strerror or e})") from None
+        out = {}
+        for m, f in self.modules.items():
+            a, b = tensors[f.key_a], tensors[f.key_b]
+            if a.shape != (f.rank, f.d_in) or b.shape != (f.d_out, f.rank):
+                raise self.error(f"module {m!r}: tensors changed shape while reading (file rewritten?)")
+            out[m] = (a, b)
+        return out
