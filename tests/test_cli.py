@@ -1,22 +1,39 @@
-"""``python -m lag_triton build / info``."""
+"""``python -m lag_triton build / info / demo``: output, and one line per error with the documented exit code."""
 
 from __future__ import annotations
 
+import errno
+import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from factories import make_adapter, tiny_model
 from lag_triton import Library
-from lag_triton.__main__ import main
+from lag_triton.__main__ import EXIT_FAILED, EXIT_USAGE, main
 
 
-def test_build_then_info(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
     model = tiny_model("llama")
-    dirs = [make_adapter(model, tmp_path / f"doc{i}", seed=i, r=2 + i) for i in range(3)]
+    return [make_adapter(model, tmp / f"doc{i}", seed=i, r=2 + i) for i in range(3)]
+
+
+def _one_line_error(capsys, *needles: str) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], (needle, err)
+    return lines[0]
+
+
+def test_build_then_info(adapters, tmp_path, capsys):
     out = tmp_path / "lib.safetensors"
-    assert main(["build", *map(str, dirs), "-o", str(out), "--dtype", "bfloat16", "-q"]) == 0
+    assert main(["build", *map(str, adapters), "-o", str(out), "--dtype", "bfloat16", "-q"]) == 0
     lib = Library.load(out)
     assert lib.names == ["doc0", "doc1", "doc2"] and lib.dtype == torch.bfloat16
     capsys.readouterr()
@@ -28,13 +45,96 @@ def test_build_then_info(tmp_path, capsys):
     assert "2: doc2" in text
 
 
-def test_errors_exit_2_with_a_message(tmp_path, capsys):
-    assert main(["info", str(tmp_path / "missing.safetensors")]) == 2
-    assert "missing.safetensors" in capsys.readouterr().err
-    assert main(["build", str(tmp_path), "-o", str(tmp_path / "x"), "-q"]) == 2
-    assert "has no adapter_config.json" in capsys.readouterr().err
+def test_failed_work_exits_1_with_one_line(adapters, tmp_path, capsys):
+    assert main(["info", str(tmp_path / "missing.safetensors")]) == EXIT_FAILED
+    _one_line_error(capsys, "missing.safetensors", "does not exist")
+    assert main(["build", str(tmp_path), "-o", str(tmp_path / "x"), "-q"]) == EXIT_FAILED
+    _one_line_error(capsys, "has no adapter_config.json", str(tmp_path))
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00[1, 2, 3]       ")
+    assert main(["info", str(bad)]) == EXIT_FAILED
+    _one_line_error(capsys, str(bad), "JSON list")
 
 
-def test_module_entry_point_runs():
+def _fail_if_aligning(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("alignment ran before the output path was checked")
+
+    monkeypatch.setattr(Library, "from_peft", boom)
+
+
+@pytest.mark.parametrize("case", ["missing_folder", "directory", "under_a_file", "read_only"])
+def test_build_checks_the_output_path_before_any_work(adapters, tmp_path, capsys, monkeypatch, case):
+    target = {"missing_folder": tmp_path / "nope" / "lib.safetensors", "directory": tmp_path,
+              "under_a_file": tmp_path / "file" / "lib.safetensors",
+              "read_only": tmp_path / "ro" / "lib.safetensors"}[case]
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "ro").mkdir()
+    real_open = os.open
+
+    def read_only_open(path, flags, *args, **kwargs):  # tests run as root, where chmod cannot deny writes
+        if str(path).startswith(str(tmp_path / "ro")) and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only_open)
+    _fail_if_aligning(monkeypatch)
+    assert main(["build", *map(str, adapters), "-o", str(target), "-q"]) == EXIT_USAGE
+    needle = {"missing_folder": "does not exist", "directory": "is a directory", "under_a_file": "is not a folder",
+              "read_only": "Read-only file system"}[case]
+    _one_line_error(capsys, str(target), needle)
+    assert sorted(p.name for p in (tmp_path / "ro").iterdir()) == []
+
+
+def test_names_count_is_a_usage_error(adapters, tmp_path, capsys, monkeypatch):
+    _fail_if_aligning(monkeypatch)
+    assert main(["build", *map(str, adapters), "--names", "a", "-o", str(tmp_path / "l"), "-q"]) == EXIT_USAGE
+    _one_line_error(capsys, "--names gives 1 names for 3 adapter folders")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--adapters", "0"], "--adapters must be >= 1, got 0"),
+    (["--adapters", "-3"], "--adapters must be >= 1, got -3"),
+    (["--hidden", "30"], "--hidden must be a positive multiple of 4"),
+    (["--ks", "1,x"], "--ks must be comma-separated integers"),
+    (["--backend", "gpu"], "--backend must be one of"),
+    (["--device", "foo"], "--device 'foo' is not a torch device"),
+    pytest.param(["--device", "cuda"], "CPU-only build",
+                 marks=pytest.mark.skipif(torch.version.cuda is not None, reason="needs a CPU-only torch")),
+    (["--out", "{file}"], "exists and is not a folder"),
+])
+def test_demo_usage_errors_exit_2_before_any_work(tmp_path, capsys, monkeypatch, args, needle):
+    from lag_triton import demo
+
+    monkeypatch.setattr(demo, "run", lambda a: pytest.fail("the demo ran"))
+    (tmp_path / "file").write_text("x")
+    args = [a.format(file=tmp_path / "file") for a in args]
+    assert main(["demo", *args]) == EXIT_USAGE
+    _one_line_error(capsys, needle)
+
+
+def test_argparse_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["build", "-q"])
+    assert info.value.code == EXIT_USAGE
+
+
+def test_unexpected_exceptions_are_one_line_unless_debug(tmp_path, capsys, monkeypatch):
+    def crash(path):
+        raise KeyError("names")
+
+    monkeypatch.setattr(Library, "load", crash)
+    assert main(["info", str(tmp_path / "x")]) == EXIT_FAILED
+    _one_line_error(capsys, "KeyError: 'names'", "--debug")
+    assert main(["info", str(tmp_path / "x"), "--debug"]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "KeyError" in err
+    assert main(["--debug", "info", str(tmp_path / "x")]) == EXIT_FAILED
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_module_entry_point_exit_codes(tmp_path):
     out = subprocess.run([sys.executable, "-m", "lag_triton", "--help"], capture_output=True, text=True, check=True)
     assert "build" in out.stdout and "demo" in out.stdout
+    run = subprocess.run([sys.executable, "-m", "lag_triton", "info", str(tmp_path)], capture_output=True, text=True)
+    assert run.returncode == EXIT_FAILED and run.stderr.count("\n") == 1 and "is a directory" in run.stderr
