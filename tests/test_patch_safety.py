@@ -1,0 +1,302 @@
+"""A patched model saves, loads, copies, traces and refuses safely (issue 11, items 1, 2, 4-7, 12)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import pickle
+import shutil
+import threading
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from factories import VOCAB, make_adapter, peft_logits, tiny_model
+import lag_triton
+from lag_triton import Library, ModuleWeights
+from lag_triton.patching import LagLinear, LibraryNotSavedWarning
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _unpatched(model) -> bool:
+    return not any(isinstance(m, LagLinear) for m in model.modules())
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("adapters")
+    model = tiny_model("llama")
+    return [make_adapter(model, tmp / f"a{i}", seed=i, r=2 + i % 3) for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def library(adapter_dirs):
+    return Library.from_peft(adapter_dirs, progress=False)
+
+
+IDS = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+
+
+# -- 1. state_dict / save_pretrained carry the base model ------------------------------------------
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_save_pretrained_of_a_patched_model_loads_into_the_plain_class(arch, tmp_path):
+    model = tiny_model(arch)
+    lib = Library.from_peft([make_adapter(model, tmp_path / "a", seed=1, arch=arch)], progress=False)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    base = _logits(model, IDS)
+    lag_triton.patch(model, lib, k=1)
+    patched = _logits(model, IDS)
+    assert (patched - base).abs().max() > 1e-3
+    with pytest.warns(LibraryNotSavedWarning, match="Library.save"):
+        state = model.state_dict()
+    assert list(state) == list(base_state)
+    assert all(torch.equal(state[k], base_state[k]) for k in state)
+    with pytest.warns(LibraryNotSavedWarning):
+        model.save_pretrained(tmp_path / "saved")
+    fresh = type(model).from_pretrained(tmp_path / "saved").eval()
+    torch.testing.assert_close(_logits(fresh, IDS), base, rtol=0, atol=0)
+    lag_triton.patch(fresh, lib, k=1)
+    torch.testing.assert_close(_logits(fresh, IDS), patched, rtol=0, atol=0)
+
+
+def test_state_dicts_load_both_ways_strictly(tmp_path):
+    model, other = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    lib = Library.from_peft([make_adapter(tiny_model("llama"), tmp_path / "a", seed=0)], progress=False)
+    lag_triton.patch(model, lib, k=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LibraryNotSavedWarning)
+        fresh = tiny_model("llama", seed=2)
+        assert not fresh.load_state_dict(model.state_dict(), strict=True).missing_keys
+        assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
+    # a base checkpoint (other weights) loaded into the patched model == that model, patched
+    result = model.load_state_dict(other.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    want = _logits(lag_triton.patch(other, lib, k=1), IDS)
+    torch.testing.assert_close(_logits(model, IDS), want, rtol=0, atol=0)
+
+
+def test_unpatched_model_no_longer_warns(tmp_path):
+    model = tiny_model("llama")
+    lib = Library.from_peft([make_adapter(tiny_model("llama"), tmp_path / "a", seed=0)], progress=False)
+    lag_triton.unpatch(lag_triton.patch(model, lib))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LibraryNotSavedWarning)
+        model.state_dict()
+
+
+# -- 2. the patched model owns its library tensors -------------------------------------------------
+def test_patched_model_never_reads_the_library_file_again(library, adapter_dirs, tmp_path):
+    path, other = tmp_path / "live.lag", tmp_path / "other.lag"
+    library.save(path)
+    Library.from_peft(adapter_dirs[::-1], names=[f"b{i}" for i in range(4)], progress=False).save(other)
+    assert os.path.getsize(path) == os.path.getsize(other)
+    model = lag_triton.patch(tiny_model("llama"), path, k=2)
+    want = _logits(model, IDS)
+    shutil.copyfile(other, path)  # same size, other adapters: a live map would now read them
+    torch.testing.assert_close(_logits(model, IDS), want, rtol=0, atol=0)
+    os.truncate(path, 100)  # a live map would now SIGBUS
+    torch.testing.assert_close(_logits(model, IDS), want, rtol=0, atol=0)
+
+
+def test_patched_model_shares_no_memory_with_the_library(adapter_dirs):
+    lib = Library.from_peft(adapter_dirs, progress=False)
+    model = lag_triton.patch(tiny_model("llama"), lib, k=2)
+    want = _logits(model, IDS)
+    for m in lib.modules.values():
+        for t in (m.a_star, m.b_star, m.prototypes):
+            t.mul_(-3.0)
+        m.adapter_ids.copy_(m.adapter_ids.flip(0))
+    torch.testing.assert_close(_logits(model, IDS), want, rtol=0, atol=0)
+
+
+# -- 4. copies ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_patched_model_copies(library, how):
+    model = lag_triton.patch(tiny_model("llama"), library, k=2, top_m=2)
+    want = _logits(model, IDS)
+    if how == "deepcopy":
+        clone = copy.deepcopy(model)
+    elif how == "pickle":
+        clone = pickle.loads(pickle.dumps(model))
+    else:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        clone = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(_logits(clone, IDS), want, rtol=0, atol=0)
+    with lag_triton.trace(clone) as tr:
+        _logits(clone, IDS)
+    assert tr.selections["model.layers.0.mlp.up_proj"].shape == (IDS.numel(), 2)
+    lag_triton.unpatch(clone)
+    assert _unpatched(clone)
+
+
+# -- 5. autocast ---------------------------------------------------------------------------------------
+def test_autocast_forward_is_as_close_to_fp32_as_peft_under_autocast(adapter_dirs):
+    """One adapter, k=1 (no routing to flip): our autocast error vs the fp32 PEFT forward is PEFT's own."""
+    truth = peft_logits(tiny_model("llama"), adapter_dirs[0], IDS)
+    model = lag_triton.patch(tiny_model("llama"), Library.from_peft(adapter_dirs[:1], progress=False), k=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        peft_err = (peft_logits(tiny_model("llama"), adapter_dirs[0], IDS).float() - truth).abs().max()
+        got = _logits(model, IDS)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - truth).abs().max() <= 2 * peft_err + 1e-3
+
+
+def test_autocast_routes_every_token_in_the_library_dtype(library):
+    model = lag_triton.patch(tiny_model("llama"), library, k=2)
+    with lag_triton.trace(model) as full:
+        _logits(model, IDS)
+    with torch.autocast("cpu", dtype=torch.bfloat16), lag_triton.trace(model) as tr:
+        _logits(model, IDS)
+    assert tr.selections.keys() == full.selections.keys()
+    agree = torch.cat([(tr.selections[n] == s).flatten() for n, s in full.selections.items()]).float().mean()
+    assert agree > 0.8  # bf16 activations move near-ties only
+
+
+# -- 6. dtypes, devices and values the forward needs ------------------------------------------------------
+def test_fp64_model_and_double_after_patching_match_peft(adapter_dirs):
+    want = peft_logits(tiny_model("llama", dtype=torch.float64), adapter_dirs[0], IDS)
+    lib = Library.from_peft(adapter_dirs[:1], progress=False)
+    model = lag_triton.patch(tiny_model("llama", dtype=torch.float64), lib, k=1)
+    assert model.model.layers[0].mlp.up_proj.routes[0].a_star.dtype == torch.float32
+    got = _logits(model, IDS)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    later = lag_triton.patch(tiny_model("llama"), lib, k=1).double()
+    torch.testing.assert_close(_logits(later, IDS), want, rtol=1e-5, atol=1e-5)
+    half = copy.deepcopy(later).to(torch.bfloat16)
+    assert half.model.layers[0].mlp.up_proj.routes[0].a_star.dtype == torch.bfloat16
+    assert _logits(half, IDS).dtype == torch.bfloat16
+
+
+def test_weights_that_cannot_route_are_refused_on_construction(library):
+    m = library.modules["model.layers.0.mlp.up_proj"]
+    with pytest.raises(ValueError, match=r"a_star has dtype torch.int32"):
+        ModuleWeights(m.a_star.to(torch.int32), m.b_star, m.prototypes, m.adapter_ids)
+    with pytest.raises(ValueError, match="no adapters"):
+        ModuleWeights(m.a_star[:0], m.b_star[:0], m.prototypes[:0], m.adapter_ids[:0])
+    with pytest.raises(ValueError, match="adapter_ids has dtype torch.float64"):
+        ModuleWeights(m.a_star, m.b_star, m.prototypes, m.adapter_ids.double())
+
+
+@pytest.mark.parametrize("defect,needle", [
+    ("nan", "a_star holds NaN or inf"),
+    ("id_out_of_range", "adapter_ids holds 9, outside"),
+    ("negative_id", "adapter_ids holds -1, outside"),
+    ("meta_library", "meta device"),
+])
+def test_library_values_the_forward_needs_are_checked_before_patching(library, defect, needle):
+    modules = dict(library.modules)
+    name = "model.layers.1.self_attn.v_proj"
+    m = modules[name]
+    if defect == "nan":
+        a = m.a_star.clone()
+        a[1, 0, 3] = float("nan")
+        modules[name] = ModuleWeights(a, m.b_star, m.prototypes, m.adapter_ids, m.ranks)
+    elif defect in ("id_out_of_range", "negative_id"):
+        ids = m.adapter_ids.clone()
+        ids[-1] = 9 if defect == "id_out_of_range" else -1
+        modules[name] = ModuleWeights(m.a_star, m.b_star, m.prototypes, ids, m.ranks)
+    bad = Library(library.names, modules)
+    if defect == "meta_library":
+        bad = library.to("meta")
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=needle):
+        lag_triton.patch(model, bad)
+    assert _unpatched(model)
+
+
+def test_meta_and_quantized_models_are_refused(library):
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        meta = LlamaForCausalLM(tiny_model("llama").config)
+    with pytest.raises(ValueError, match=r"meta device .* before patching"):
+        lag_triton.patch(meta, library)
+    assert _unpatched(meta)
+    model = tiny_model("llama")
+    model.model.layers[1].mlp.down_proj.to(torch.float8_e4m3fn)
+    with pytest.raises(TypeError, match=r"'model.layers.1.mlp.down_proj' has a torch.float8_e4m3fn weight"):
+        lag_triton.patch(model, library)
+    assert _unpatched(model)
+
+
+# -- 7. traces nest and are per thread ----------------------------------------------------------------------
+def test_nested_traces_each_get_their_whole_block(library):
+    model = lag_triton.patch(tiny_model("llama"), library, k=2)
+    name = "model.layers.1.mlp.down_proj"
+    with lag_triton.trace(model) as outer:
+        _logits(model, IDS)
+        with lag_triton.trace(model) as inner:
+            _logits(model, IDS[:, :4])
+        _logits(model, IDS[:1])
+    assert inner.selections[name].shape[0] == 2 * 4
+    assert outer.selections[name].shape[0] == 2 * 9 + 2 * 4 + 9
+    assert torch.equal(outer.selections[name][18:26], inner.selections[name])
+
+
+def test_each_thread_gets_its_own_trace(library):
+    model = lag_triton.patch(tiny_model("llama"), library, k=2)
+    name = "model.layers.0.self_attn.q_proj"
+    inputs = {"a": IDS, "b": IDS[:1, :5]}
+    alone = {}
+    for key, ids in inputs.items():
+        with lag_triton.trace(model) as tr:
+            _logits(model, ids)
+        alone[key] = tr.selections[name]
+    barrier, results, errors = threading.Barrier(2), {}, []
+
+    def work(key):
+        try:
+            with lag_triton.trace(model) as tr:
+                barrier.wait()
+                for _ in range(3):
+                    _logits(model, inputs[key])
+                barrier.wait()  # neither trace closes before both threads have run every forward
+            results[key] = tr.selections[name]
+        except BaseException as e:  # noqa: BLE001 - reported in the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(key,)) for key in inputs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for key in inputs:
+        assert torch.equal(results[key], alone[key].repeat(3, 1)), key
+    assert all(m._trace_count == 0 for m in model.modules() if isinstance(m, LagLinear))
+
+
+# -- 12. argument messages -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model_arg,libraries,error,needle", [
+    ("model", None, TypeError, "patch() takes a lag_triton.Library, a path to a saved library, or a list"),
+    ("model", {"a": 1}, TypeError, "got dict"),
+    ("model", [3], TypeError, "expected a lag_triton.Library or a path to one, got int"),
+    ("model", [], ValueError, "at least one library"),
+    ("object", "library", TypeError, "patch() needs a torch.nn.Module, got object"),
+])
+def test_bad_arguments_name_what_is_wrong(library, model_arg, libraries, error, needle):
+    model = tiny_model("llama") if model_arg == "model" else object()
+    with pytest.raises(error) as info:
+        lag_triton.patch(model, library if libraries == "library" else libraries)
+    assert needle in str(info.value)
+
+
+def test_numpy_and_tensor_scalars_are_accepted(library):
+    want = _logits(lag_triton.patch(tiny_model("llama"), library, k=3, top_m=2, temperature=0.5), IDS)
+    for k, top_m, temperature in [(np.int64(3), np.int32(2), np.float32(0.5)),
+                                  (torch.tensor(3), 2, torch.tensor(0.5)), (3, 2, np.float64(0.5))]:
+        model = lag_triton.patch(tiny_model("llama"), library, k=k, top_m=top_m, temperature=temperature)
+        torch.testing.assert_close(_logits(model, IDS), want, rtol=0, atol=0)
+    for bad in (True, "1", None):
+        with pytest.raises(ValueError, match="temperature"):
+            lag_triton.patch(tiny_model("llama"), library, temperature=bad)
