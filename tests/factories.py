@@ -51,3 +51,38 @@ def peft_logits(model, adapter: Path, input_ids: torch.Tensor) -> torch.Tensor:
         out = peft_model(input_ids=input_ids).logits
     peft_model.unload()
     return out
+
+
+# -- raw safetensors files, for tests that damage them on purpose ------------------------------------
+def read_raw(path: Path) -> tuple[dict, bytes]:
+    """(header JSON object, data bytes) of a safetensors file."""
+    import json
+    import struct
+
+    raw = Path(path).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def write_raw(path: Path, header, data: bytes, *, header_bytes: bytes | None = None) -> Path:
+    """Write a safetensors-shaped file from a header (any JSON value) and data, unchecked."""
+    import json
+    import struct
+
+    raw = json.dumps(header).encode() if header_bytes is None else header_bytes
+    Path(path).write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return Path(path)
+
+
+def library_info(header: dict) -> dict:
+    """The parsed ``library`` metadata JSON of a library file's header."""
+    import json
+
+    return json.loads(header["__metadata__"]["library"])
+
+
+def set_library_info(header: dict, info) -> dict:
+    import json
+
+    header["__metadata__"]["library"] = json.dumps(info)
+    return header

@@ -196,7 +196,7 @@ def _load(path: Path) -> Library:
     except json.JSONDecodeError as e:
         raise fail(f"metadata field 'library' is not JSON ({e})") from None
     if not isinstance(info, dict):
-        raise fail(f"metadata field 'library' must be a JSON object, got a {type(info).__name__}")
+        raise fail(f"metadata field 'library' must be a JSON object, got a JSON {sio.json_type(info)}")
     for field in ("names", "modules"):
         if field not in info:
             raise fail(f"metadata field 'library' has no {field!r}")

@@ -104,7 +104,8 @@ class PeftAdapter:
         except OSError as e:
             raise adapter.error(f"{_CONFIG} cannot be read ({e.strerror or e})") from None
         if not isinstance(config, dict):
-            raise adapter.error(f"{_CONFIG} must hold a JSON object, got a {type(config).__name__}: {config!r:.60}")
+            raise adapter.error(f"{_CONFIG} must hold a JSON object, got a JSON {sio.json_type(config)}: "
+                                f"{config!r:.60}")
         adapter.config = config
         adapter._check_config()
         adapter._index_weights(adapter._read_shapes())

@@ -59,6 +59,14 @@ class Header:
     size: int
 
 
+def json_type(value) -> str:
+    """The JSON name of a parsed JSON value's type, for messages."""
+    if value is None:
+        return "null"
+    return {bool: "boolean", int: "number", float: "number", str: "string", list: "list", dict: "object"}.get(
+        type(value), type(value).__name__)
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -80,7 +88,7 @@ def read_header(path: Path) -> Header:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SafetensorsProblem(f"not a safetensors file: its header is not JSON ({e})") from None
     if not isinstance(header, dict):
-        raise SafetensorsProblem(f"not a safetensors file: its header is a JSON {type(header).__name__}, "
+        raise SafetensorsProblem(f"not a safetensors file: its header is a JSON {json_type(header)}, "
                                  "not an object")
     metadata = header.pop("__metadata__", None)
     if metadata is None:
@@ -96,7 +104,7 @@ def read_header(path: Path) -> Header:
 def _check_entry(name: str, info, data_size: int) -> Entry:
     where = f"tensor {name!r}"
     if not isinstance(info, dict):
-        raise SafetensorsProblem(f"{where}: header entry is a {type(info).__name__}, not an object")
+        raise SafetensorsProblem(f"{where}: header entry is a JSON {json_type(info)}, not an object")
     for field in ("dtype", "shape", "data_offsets"):
         if field not in info:
             raise SafetensorsProblem(f"{where}: header entry has no {field!r}")
@@ -177,8 +185,7 @@ def _serialised_header(tensors: dict[str, torch.Tensor], metadata: dict[str, str
     return struct.pack("<Q", len(raw)) + raw, order
 
 
-def check_output_path(path: Path) -> None:
-    """Raise OSError (naming ``path``) unless a file can be written and renamed to ``path``."""
+def _check_target(path: Path) -> None:
     if path.is_dir():
         raise IsADirectoryError(f"cannot write {str(path)!r}: it is a directory")
     parent = path.parent
@@ -186,6 +193,11 @@ def check_output_path(path: Path) -> None:
         raise FileNotFoundError(f"cannot write {str(path)!r}: folder {str(parent)!r} does not exist")
     if not parent.is_dir():
         raise NotADirectoryError(f"cannot write {str(path)!r}: {str(parent)!r} is not a folder")
+
+
+def check_output_path(path: Path) -> None:
+    """Raise OSError (naming ``path``) unless a file can be written and renamed to ``path``."""
+    _check_target(path)
     fd, temp = _open_temp(path)  # the only reliable test for read-only mounts, ACLs, quotas
     os.close(fd)
     os.unlink(temp)
@@ -249,8 +261,7 @@ def write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
         if t.dtype not in DTYPE_NAMES:
             raise TypeError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store here")
     head, order = _serialised_header(tensors, metadata)
-    if path.is_dir():
-        raise IsADirectoryError(f"cannot write {str(path)!r}: it is a directory")
+    _check_target(path)
     _remove_stale_temps(path)
     fd, temp = _open_temp(path)
     try:
