@@ -97,7 +97,7 @@ def read_header(path: Path) -> Header:
         raise SafetensorsProblem(f"header field '__metadata__' must be an object of strings, got {metadata!r:.80}")
     data_start = 8 + header_len
     entries = {name: _check_entry(name, info, size - data_start) for name, info in header.items()}
-    _check_no_overlap(entries.values())
+    _check_layout(entries.values(), size - data_start)
     return Header(entries, metadata, data_start, size)
 
 
@@ -109,8 +109,8 @@ def _check_entry(name: str, info, data_size: int) -> Entry:
         if field not in info:
             raise SafetensorsProblem(f"{where}: header entry has no {field!r}")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in DTYPES:
-        raise SafetensorsProblem(f"{where}: unsupported dtype {dtype!r}")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise SafetensorsProblem(f"{where}: unsupported dtype {dtype!r:.40}")
     if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
         raise SafetensorsProblem(f"{where}: 'shape' must be a list of non-negative integers, got {shape!r:.80}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
@@ -127,11 +127,19 @@ def _check_entry(name: str, info, data_size: int) -> Entry:
     return Entry(name, dtype, tuple(shape), begin, end)
 
 
-def _check_no_overlap(entries) -> None:
+def _check_layout(entries, data_size: int) -> None:
+    """The tensors tile the data exactly, as the format requires: no shared bytes, no gaps."""
     spans = sorted((e.begin, e.end, e.name) for e in entries if e.end > e.begin)
-    for (_, prev_end, prev), (begin, _, name) in zip(spans, spans[1:]):
-        if begin < prev_end:
-            raise SafetensorsProblem(f"tensors {prev!r} and {name!r} overlap ('data_offsets' share bytes)")
+    position, previous = 0, None
+    for begin, end, name in spans:
+        if begin < position:
+            raise SafetensorsProblem(f"tensors {previous!r} and {name!r} overlap ('data_offsets' share bytes)")
+        if begin > position:
+            raise SafetensorsProblem(f"data bytes [{position}, {begin}) before tensor {name!r} belong to no tensor")
+        position, previous = end, name
+    if position != data_size:
+        raise SafetensorsProblem(f"{data_size - position} data bytes after the last tensor belong to no tensor "
+                                 "(truncated header or appended data?)")
 
 
 def map_tensors(path: Path, header: Header) -> dict[str, torch.Tensor]:
