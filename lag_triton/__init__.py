@@ -8,9 +8,10 @@
 """
 
 from .library import AdapterError, Library, LibraryFormatError, ModuleWeights
-from .patching import LagLinear, Trace, patch, trace, unpatch
+from .patching import LagLinear, LibraryNotSavedWarning, patch, unpatch
+from .tracing import Trace, trace
 from .routing import RoutingConfig
 
 __version__ = "0.1.0"
-__all__ = ["Library", "ModuleWeights", "AdapterError", "LibraryFormatError", "RoutingConfig",
-           "patch", "unpatch", "trace", "Trace", "LagLinear", "__version__"]
+__all__ = ["Library", "ModuleWeights", "AdapterError", "LibraryFormatError", "LibraryNotSavedWarning",
+           "RoutingConfig", "patch", "unpatch", "trace", "Trace", "LagLinear", "__version__"]

@@ -161,6 +161,20 @@ def test_autocast_routes_every_token_in_the_library_dtype(library):
     assert agree > 0.8  # bf16 activations move near-ties only
 
 
+def test_patched_forward_compiles_whole_with_and_without_a_trace(library):
+    """autocast guard, trace hook and backend lookup stay inside one torch.compile graph."""
+    model = lag_triton.patch(tiny_model("llama"), library, k=2, backend="torch")
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(5, 48, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager = mlp(x)
+        compiled = torch.compile(mlp, fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(x), eager, rtol=0, atol=0)
+        with lag_triton.trace(model) as tr:
+            compiled(x)
+    assert tr.selections["model.layers.0.mlp.up_proj"].shape == (5, 1)
+
+
 # -- 6. dtypes, devices and values the forward needs ------------------------------------------------------
 def test_fp64_model_and_double_after_patching_match_peft(adapter_dirs):
     want = peft_logits(tiny_model("llama", dtype=torch.float64), adapter_dirs[0], IDS)
