@@ -112,7 +112,7 @@ def _demo(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.a_init_scale) and args.a_init_scale > 0):
         raise UsageError(f"--a-init-scale must be a finite number > 0, got {args.a_init_scale}")
     ks = str(args.ks).split(",")
-    if not all(k.strip().isdigit() and int(k) >= 1 for k in ks):
+    if not all(k.strip().isascii() and k.strip().isdigit() and int(k) >= 1 for k in ks):
         raise UsageError(f"--ks must be comma-separated integers >= 1, got {args.ks!r}")
     if args.backend not in _BACKENDS:
         raise UsageError(f"--backend must be one of {', '.join(_BACKENDS)}, got {args.backend!r}")

@@ -86,3 +86,18 @@ def set_library_info(header: dict, info) -> dict:
 
     header["__metadata__"]["library"] = json.dumps(info)
     return header
+
+
+def replace_tensor(header: dict, data: bytes, name: str, raw: bytes, **entry) -> tuple[dict, bytes]:
+    """Give tensor ``name`` new bytes (and entry fields such as dtype/shape), laying the data out
+    again so that the tensors still tile it, as the format requires."""
+    chunks, position = [], 0
+    for key in sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0]):
+        e = header[key]
+        chunk = raw if key == name else data[e["data_offsets"][0]:e["data_offsets"][1]]
+        if key == name:
+            e.update(entry)
+        e["data_offsets"] = [position, position + len(chunk)]
+        chunks.append(chunk)
+        position += len(chunk)
+    return header, b"".join(chunks)

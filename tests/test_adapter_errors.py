@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from factories import make_adapter, read_raw, tiny_model, write_raw
+from factories import make_adapter, read_raw, replace_tensor, tiny_model, write_raw
 from lag_triton import AdapterError, Library
 
 UP_A = "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"
@@ -108,8 +108,7 @@ def test_non_float_lora_tensors_are_refused(adapter, dtype, relabel):
     else:
         torch_dtype = {"I32": torch.int32, "BOOL": torch.bool, "U8": torch.uint8}[dtype]
         raw = torch.ones(entry["shape"], dtype=torch_dtype).numpy().tobytes()
-        entry.update(dtype=dtype, data_offsets=[len(data), len(data) + len(raw)])
-        data += raw
+        header, data = replace_tensor(header, data, UP_A, raw, dtype=dtype)
     write_raw(file, header, data)
     _raises(adapter, "adapter_model.safetensors", f"tensor {UP_A!r} has dtype {dtype}; LoRA factors must be")
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from factories import library_info, make_adapter, read_raw, set_library_info, tiny_model, write_raw
+from factories import library_info, make_adapter, read_raw, replace_tensor, set_library_info, tiny_model, write_raw
 from lag_triton import Library, LibraryFormatError, ModuleWeights
 from lag_triton.library import safetensors_io
 
@@ -161,14 +161,10 @@ def _mutate_info(**changes):
 _DROP = object()
 
 
-def _set_ids(values, dtype="I64"):
+def _set_ids(values, dtype="I64", field="adapter_ids"):
     def mutate(header, data):
-        e = _entry(header, "adapter_ids")
         t = torch.tensor(values, dtype={"I64": torch.int64, "F64": torch.float64}[dtype])
-        raw = t.numpy().tobytes()
-        begin = len(data)
-        e.update(dtype=dtype, shape=[len(values)], data_offsets=[begin, begin + len(raw)])
-        return header, data + raw
+        return replace_tensor(header, data, f"{UP}::{field}", t.numpy().tobytes(), dtype=dtype, shape=[len(values)])
     return mutate
 
 
@@ -224,7 +220,11 @@ CORRUPTIONS = {
     "string names": (_mutate_info(names="a0a1a2"), "'names': adapter names must be a list of strings, got str"),
     "repeated names": (_mutate_info(names=["a", "b", "a"]), "'names': adapter names must be unique"),
     "number names": (_mutate_info(names=["a", 1, "c"]), "'names': adapter names must be strings"),
+    "rank past int32": (_set_ids([2, 3, 2**32 + 2], field="ranks"), "ranks must lie in [1, r=4]"),
     "overlapping offsets": (_overlap, "overlap"),
+    "appended bytes": (lambda header, data: (header, data + b"\0" * 8), "8 data bytes after the last tensor"),
+    "tensor entry removed": (lambda header, data: (header, data) if header.pop(f"{UP}::a_star") else None,
+                             "belong to no tensor"),
     "NaN factor": (_nan_factor, "b_star holds NaN or inf"),
     # item 9: malformed headers
     "no data_offsets": (_set_entry("a_star", data_offsets=_DROP), "header entry has no 'data_offsets'"),
@@ -248,6 +248,7 @@ CORRUPTIONS = {
     "header is null": (_whole_header(None), "its header is a JSON null"),
     "metadata is a list": (_set_meta(), None),  # replaced below: __metadata__ = []
     "format_version abc": (_set_meta(format_version="abc"), "'format_version' must be a positive integer, got 'abc'"),
+    "format_version not ASCII": (_set_meta(format_version="\u00b2"), "'format_version' must be a positive integer"),
     "newer format": (_set_meta(format_version="7"), "upgrade lag_triton"),
     "library not JSON": (_set_meta(library="{names"), "metadata field 'library' is not JSON"),
     "library is a list": (_set_meta(library="[1]"), "'library' must be a JSON object"),

@@ -184,7 +184,7 @@ def _load(path: Path) -> Library:
     if meta.get("format") != FORMAT:
         raise fail(f"a safetensors file but not a lag_triton library (metadata format={meta.get('format')!r})")
     version = meta.get("format_version")
-    if not (isinstance(version, str) and version.isdigit() and int(version) >= 1):
+    if not (isinstance(version, str) and version.isascii() and version.isdigit() and int(version) >= 1):
         raise fail(f"metadata field 'format_version' must be a positive integer, got {version!r:.40}")
     if int(version) > FORMAT_VERSION:
         raise fail(f"library format version {version}; this lag_triton reads up to {FORMAT_VERSION}: "
@@ -229,7 +229,7 @@ def _load(path: Path) -> Library:
             raise fail(f"module {module!r} lacks tensors {missing}")
         parts["adapter_ids"] = parts["adapter_ids"].to(torch.int64, copy=True)
         if parts["ranks"] is not None:
-            parts["ranks"] = parts["ranks"].to(torch.int32, copy=True)
+            parts["ranks"] = parts["ranks"].clone()  # no cast: a narrowing cast could wrap a bad value into range
         try:
             weights[module] = ModuleWeights(**parts)
         except ValueError as e:
