@@ -8,9 +8,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import ModuleType
-
 import torch
+
+from .kernels import Backend
 
 ROUTERS = ("lag", "arrow", "spectr")
 COMBINES = ("softmax", "uniform")
@@ -52,7 +52,7 @@ def route(
     a_star: torch.Tensor,
     prototypes: torch.Tensor,
     config: RoutingConfig,
-    ops: ModuleType,
+    ops: Backend,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Choose adapters for every row of x [T, d_in]: returns (sel [T, m] int32, w [T, m], z [T, m, r])."""
     n = a_star.shape[0]
@@ -74,7 +74,7 @@ def route_and_apply(
     b_star: torch.Tensor,
     prototypes: torch.Tensor,
     config: RoutingConfig,
-    ops: ModuleType,
+    ops: Backend,
 ) -> torch.Tensor:
     """y [T, d_out] += the routed adapters' output for x [T, d_in], in place. Returns sel [T, m]."""
     sel, w, z = route(x, a_star, prototypes, config, ops)

@@ -138,7 +138,7 @@ def _int_tensor(*shape, lo=-3, hi=4, dtype=torch.float32, seed=0) -> torch.Tenso
 
 def _force_sms(ops, monkeypatch, sms: int) -> None:
     """Make the Triton launcher size its N-splits for `sms` SMs (the interpreter otherwise reports 4)."""
-    mod = __import__("sys").modules.get(ops.__name__ + ".arrow_topk")
+    mod = __import__("sys").modules.get(ops.module.__name__ + ".arrow_topk")
     if mod is not None and hasattr(mod, "num_sms"):
         monkeypatch.setattr(mod, "num_sms", lambda device: sms)
 
@@ -186,6 +186,72 @@ def test_arrow_topk_small_t_splits_ties_nan(ops, monkeypatch, dtype, t, n, k, sm
     ref_idx, ref_scores = reference.arrow_topk(x, p, k)
     assert torch.equal(idx, ref_idx)
     torch.testing.assert_close(scores, ref_scores, equal_nan=True, atol=0, rtol=0)
+
+
+def _triton_select_module(ops):
+    mod = __import__("sys").modules.get(ops.module.__name__ + ".arrow_topk")
+    if mod is None or not hasattr(mod, "select_config"):
+        pytest.skip("filtered k-select internals are the Triton backend's")
+    return mod
+
+
+def _planted_scores(t, n, winners, seed):
+    """Integer prototypes whose scores against x = e_0 are small noise except for `winners`
+    (descending, with exact ties), so the expected top-k is known exactly."""
+    p = _int_tensor(n, 8, lo=-2, hi=3, seed=seed)
+    p[:, 0] = torch.randint(-5, 6, (n,), generator=_gen(seed + 1)).float().to(DEVICE)
+    for rank, i in enumerate(winners):
+        p[i, 0] = 1000 - 10 * (rank // 2)  # pairs of equal scores: the lower index must come first
+    x = torch.zeros(t, 8, device=DEVICE)
+    x[:, 0] = 1
+    return x, p
+
+
+@pytest.mark.parametrize("order", ["ascending", "descending", "equal", "ulps", "planted"])
+@pytest.mark.parametrize("t,n,k,sms", [(1, 1001, 20, 4), (3, 700, 5, 64), (9, 257, 16, 1), (2, 2049, 1, 16)])
+def test_arrow_select_buffer_flushes_and_splits(ops, monkeypatch, order, t, n, k, sms):
+    """The filtered select against the reference on orders that stress it: ascending scores (every
+    value survives the threshold, the buffer fills and flushes on every few blocks), descending
+    (nothing survives after the first block), all equal (ties by index only), and winners planted
+    at split boundaries and in the last, partial split."""
+    mod = _triton_select_module(ops)
+    monkeypatch.setattr(mod, "num_sms", lambda device: sms)
+    block = mod.select_config(1 << max(0, (k - 1).bit_length()))["BLOCK"]
+    if order == "planted":
+        splits, per_split = mod.split_plan(t, n, block, sms)
+        edges = [s * per_split for s in range(1, splits)] + [n - 1, n - 2, 0]
+        winners = sorted({min(n - 1, max(0, e + d)) for e in edges for d in (-1, 0)}, reverse=True)[:k + 3]
+        x, p = _planted_scores(t, n, winners, seed=70)
+    else:
+        d = 4
+        ramp = {"ascending": torch.arange(n).float(), "descending": (n - torch.arange(n)).float(),
+                "equal": torch.ones(n),
+                # one ulp apart: the first block's k-th best is 1 + (block - k) ulps, every later value is one
+                # ulp above it (a threshold off by one ulp drops the last winner)
+                "ulps": 1 + EPS32 * torch.minimum(torch.arange(n), torch.tensor(block - k + 1)).float()}[order]
+        p = torch.zeros(n, d)
+        p[:, 0] = ramp
+        p = p.to(DEVICE)
+        x = torch.zeros(t, d, device=DEVICE)
+        x[:, 0] = 1
+    idx, scores = ops.arrow_topk(x, p, k)
+    ref_idx, ref_scores = reference.arrow_topk(x, p, k)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(scores, ref_scores, atol=0, rtol=0)
+
+
+def test_arrow_select_row_chunks_and_large_k(ops, monkeypatch):
+    """Scores produced in several row chunks (bounded scratch) and a k beyond the register-resident
+    select (ranked by the reference's sort) give the reference's answer."""
+    mod = _triton_select_module(ops)
+    x, p = _int_tensor(37, 24, seed=72), _int_tensor(300, 24, seed=73)
+    monkeypatch.setattr(mod, "SCORE_CHUNK_BYTES", 300 * 4 * 5)  # 5 rows per chunk, the last one partial
+    for k in (7, 200):
+        monkeypatch.setattr(mod, "MAX_K_PAD", 1024 if k == 7 else 64)
+        idx, scores = ops.arrow_topk(x, p, k)
+        ref_idx, ref_scores = reference.arrow_topk(x, p, k)
+        assert torch.equal(idx, ref_idx)
+        torch.testing.assert_close(scores, ref_scores, atol=0, rtol=0)
 
 
 # ----------------------------------------------------------------------------- spectr_rerank

@@ -1,23 +1,73 @@
-"""Kernel backends. Each backend module exposes the same three ops with the same signatures:
+"""Kernel backends: the three LAG ops, one implementation per backend, one contract (``Backend``).
 
     arrow_topk(x, prototypes, k) -> (idx, scores)
     spectr_rerank(x, a_star, candidates, top_m, combine, temperature, candidate_scores) -> (sel, w, z)
     lora_apply(y, b_star, sel, w, z) -> y
 
 ``reference`` (backend "torch") is the definition; ``triton`` and ``cuda`` are tested against it.
+``get_ops(name)`` returns an :class:`Ops`: plain calls go straight to the backend's functions;
+while ``torch.compile`` traces, they go through the ``torch.ops.lag_triton`` custom ops
+(``custom_ops``), which the compiler treats as opaque, so a patched model compiles with
+``fullgraph=True``.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
-from types import ModuleType
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
+from .custom_ops import backend_module
+
 BACKENDS = ("triton", "cuda", "torch")
-_MODULES = {"torch": ".reference", "triton": ".triton", "cuda": ".cuda"}
 ENV_OVERRIDE = "LAG_TRITON_BACKEND"
+
+
+class Backend(Protocol):
+    """What a backend provides: the reference's three functions, same signatures and contracts."""
+
+    def arrow_topk(self, x: torch.Tensor, prototypes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ...
+
+    def spectr_rerank(self, x: torch.Tensor, a_star: torch.Tensor, candidates: torch.Tensor, top_m: int,
+                      combine: str = "softmax", temperature: float = 1.0,
+                      candidate_scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ...
+
+    def lora_apply(self, y: torch.Tensor, b_star: torch.Tensor, sel: torch.Tensor, w: torch.Tensor,
+                   z: torch.Tensor) -> torch.Tensor:
+        ...
+
+
+@dataclass(frozen=True)
+class Ops:
+    """Backend ``name``'s ops (a :class:`Backend`). Holds only the name: it pickles and deep-copies."""
+
+    name: str
+
+    @property
+    def module(self):
+        """The module that implements this backend."""
+        return backend_module(self.name)
+
+    def arrow_topk(self, x, prototypes, k):
+        if torch.compiler.is_compiling():
+            return torch.ops.lag_triton.arrow_topk(x, prototypes, k, self.name)
+        return self.module.arrow_topk(x, prototypes, k)
+
+    def spectr_rerank(self, x, a_star, candidates, top_m, combine="softmax", temperature=1.0, candidate_scores=None):
+        if torch.compiler.is_compiling():
+            return torch.ops.lag_triton.spectr_rerank(x, a_star, candidates, top_m, combine, float(temperature),
+                                                      candidate_scores, self.name)
+        return self.module.spectr_rerank(x, a_star, candidates, top_m, combine, temperature, candidate_scores)
+
+    def lora_apply(self, y, b_star, sel, w, z):
+        if torch.compiler.is_compiling():
+            torch.ops.lag_triton.lora_apply(y, b_star, sel, w, z, self.name)
+            return y
+        return self.module.lora_apply(y, b_star, sel, w, z)
 
 
 def triton_interpreter_enabled() -> bool:
@@ -62,8 +112,8 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     return backend
 
 
-def get_ops(backend: str) -> ModuleType:
-    """The module implementing ``backend``'s three ops (imports it on first use)."""
-    if backend not in _MODULES:
+def get_ops(backend: str) -> Ops:
+    """Backend ``backend``'s three ops (its module is imported on first use)."""
+    if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    return importlib.import_module(_MODULES[backend], __name__)
+    return Ops(backend)

@@ -81,6 +81,27 @@ def check_apply_args(
     _check_same_device(y=y, b_star=b_star, sel=sel, w=w, z=z)
 
 
+def _fp32_out_mm_supported(x: torch.Tensor) -> bool:
+    """torch.mm(a, b, out_dtype=torch.float32) exists for fp16/bf16 CUDA tensors from torch 2.8 on."""
+    return (x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16)
+            and hasattr(torch.ops.aten.mm, "dtype"))
+
+
+def prototype_scores(x: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """x [T, d_in] @ prototypes [N, d_in]^T in fp32, [T, N] (signed: Arrow ranks |.|).
+
+    On CUDA with fp16/bf16 activations this is one tensor-core GEMM with fp32 accumulation and
+    fp32 output (cuBLAS through ``torch.mm(out_dtype=...)``): the products of low-precision
+    inputs are exact in fp32, so it computes the reference's x.float() @ P.float().T up to the
+    order of the fp32 sums. Elsewhere (CPU, fp32, torch < 2.8) the operands are upcast first.
+    """
+    if _fp32_out_mm_supported(x):
+        return torch.mm(x, prototypes.T, out_dtype=torch.float32)
+    if x.dtype == torch.float32 and prototypes.dtype == torch.float32:
+        return x @ prototypes.T
+    return x.float() @ prototypes.float().T
+
+
 def empty_topk_outputs(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Uninitialised (idx [T, k] int32, scores [T, k] fp32) on x's device: arrow_topk's output contract."""
     t = x.shape[0]

@@ -43,8 +43,12 @@ def arrow_topk(x: torch.Tensor, prototypes: torch.Tensor, k: int) -> tuple[torch
     Returns (idx [T, k] int32, scores [T, k] fp32); the scores are the a_i of idx (NaN kept).
     """
     check_topk_args(x, prototypes, k)
-    scores = (x.float() @ prototypes.float().T).abs()  # [T, N]
-    adapter = torch.arange(scores.shape[1], device=x.device).expand_as(scores)
+    return topk_of_scores((x.float() @ prototypes.float().T).abs(), k)
+
+
+def topk_of_scores(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest of each row of fp32 scores [T, N] in the ranking order above: (idx int32, values)."""
+    adapter = torch.arange(scores.shape[1], device=scores.device).expand_as(scores)
     order = _descending_by_key_then_index(_rank_key(scores), adapter)[:, :k]
     return order.to(torch.int32), scores.gather(1, order)
 

@@ -35,23 +35,12 @@ S = sys.modules[__package__ + ".spectr_rerank"]
 L = sys.modules[__package__ + ".lora_apply"]
 
 # Integer arguments that are multiples of 16 on aligned shapes (pointers always are: torch allocations).
-ALIGNED_INTS = {"D", "DOUT", "n_per_split", "d_per_split", "stride_xt", "stride_pn", "stride_an", "stride_ar",
+ALIGNED_INTS = {"D", "DOUT", "n_per_split", "stride_s", "d_per_split", "stride_xt", "stride_pn", "stride_an", "stride_ar",
                 "stride_yt", "stride_bn", "stride_bo"}
 
 
 def _cases():
     for dt in ("bf16", "fp16", "fp32"):
-        # ROWS < BLOCK_T: decode tiles (1..8 real rows of the 16-row dot), incl. K_PAD 1 / 2 on 1-row tiles
-        for bt, rows, bn, bd, kp, split, splits in [
-                (16, 16, 64, 128, 32, True, 8), (64, 64, 64, 64, 32, False, 1), (64, 64, 128, 64, 128, True, 8),
-                (16, 16, 64, 128, 1, False, 1), (16, 1, 64, 128, 32, True, 132), (16, 1, 64, 128, 1, True, 132),
-                (16, 1, 64, 128, 2, False, 1), (16, 2, 64, 128, 32, True, 66), (16, 8, 128, 128, 128, True, 16)]:
-            sig = {"x_ptr": "*" + dt, "p_ptr": "*" + dt, "idx_ptr": "*i32", "score_ptr": "*fp32", "part_ptr": "*i64",
-                   "T": "i32", "N": "i32", "D": "i32", "K": "i32", "n_per_split": "i32", "stride_xt": "i32",
-                   "stride_pn": "i32"}
-            consts = {"SPLIT": split, "SPLITS": splits, "BLOCK_T": bt, "ROWS": rows, "BLOCK_N": bn, "BLOCK_D": bd,
-                      "K_PAD": kp, "UPCAST": False}
-            yield f"arrow_topk {dt} {consts}", A._arrow_topk_kernel, sig, consts, (8 if bt * (bn + 2 * kp) >= 8192 else 4)
         sig = {"x_ptr": "*" + dt, "a_ptr": "*" + dt, "cand_ptr": "*i32", "zp_ptr": "*fp32", "T": "i32", "N": "i32",
                "R": "i32", "D": "i32", "K": "i32", "d_per_split": "i32", "stride_xt": "i32", "stride_an": "i32",
                "stride_ar": "i32"}
@@ -83,6 +72,15 @@ def _cases():
             for sort in ((False, True) if bt == 8 else (False,)):
                 yield (f"lora_apply {dt} T{bt} R{br} O{bo} sorted={sort}", L._lora_apply_kernel, sig,
                        {"SORTED": sort, "BLOCK_T": bt, "BLOCK_O": bo, "BLOCK_R": br}, 4)
+    # the Arrow select reads fp32 scores whatever the activation dtype; configs from the launcher's select_config
+    sig = {"s_ptr": "*fp32", "buf_ptr": "*i64", "idx_ptr": "*i32", "score_ptr": "*fp32", "part_ptr": "*i64",
+           "N": "i32", "K": "i32", "n_per_split": "i32", "stride_s": "i32"}
+    for kp in (1, 2, 32, 128, A.MAX_K_PAD):
+        for split in (False, True):
+            cfg = A.select_config(kp)
+            warps = cfg.pop("num_warps")
+            yield (f"arrow select k{kp} split={split}", A._select_kernel, sig,
+                   dict(cfg, SPLIT=split, SPLITS=24 if split else 1, K_PAD=kp), warps)
     sig = {"part_ptr": "*i64", "idx_ptr": "*i32", "score_ptr": "*fp32", "T": "i32", "K": "i32"}
     for rows in (1, 2, 16):  # merge tiles of next_pow2(T) <= 16 rows
         for kp in (1, 2, 32, 128):

@@ -1,24 +1,27 @@
-"""Arrow retrieval on Triton: prototype scoring GEMM with a fused streaming top-k epilogue.
+"""Arrow retrieval on Triton: a tensor-core scoring GEMM, then a filtered per-row k-select.
 
-    scores[t, i] = |P[i] . x[t]|   (fp32 accumulation)          x [T, d_in], P [N, d_in]
-    idx[t]       = the k adapters with the largest score, best first (ties -> lower index,
-                   NaN ranks like -inf)                          idx [T, k] int32, scores [T, k] fp32
+    scores[t, i] = P[i] . x[t]   (fp32)                           x [T, d_in], P [N, d_in]
+    idx[t]       = the k adapters with the largest |scores[t, i]|, best first (ties -> lower
+                   index, NaN ranks like -inf)                    idx [T, k] int32, |scores| [T, k] fp32
 
-The T x N score matrix never reaches global memory: each program keeps a running top-K_PAD
-(K_PAD = next_pow2(k)) of packed (score, index) int64 words in registers and merges every
-[ROWS, BLOCK_N] score tile into it with ``tl.topk`` (skipping tiles that cannot change it).
+Scoring is a GEMM at full tensor-core rate with fp32 output (``common.prototype_scores``: cuBLAS
+on CUDA). Selecting k of N per row is then a streaming problem over an fp32 [T, N] matrix, built
+like FAISS GPU's WarpSelect / raft's ``warp_sort_filtered``: every value is compared with the
+running k-th best and almost all are dropped; survivors are appended to a per-row buffer
+(compacted with a prefix sum), and the top k is recomputed only when the buffer would overflow,
+and once at the end. On i.i.d. scores the first merge (after CAP values) sets a threshold that
+lets through ~k * N / CAP values of the rest, and the next one ~k, so a row of N = 100k costs
+one pass of loads and compares plus ~3 merges, where the previous design ran a ``tl.topk``
+sorting network on every tile (~85% of its time).
 
-Grid: (cdiv(T, ROWS), SPLITS). A program owns ROWS tokens. ``tl.dot`` needs >= 16 rows, so
-for T < 16 (decode) the dot runs on BLOCK_T = 16 rows of which only ROWS = next_pow2(T) are
-real, and the padding rows are dropped before the top-k epilogue: the sorting network, the
-costly part of the epilogue, then works on 1-row tiles at T = 1 instead of 16-row ones.
+Exactness: the comparison is on the packed (score, index) order of ``_common`` (``key > kth``,
+or equal key and lower index), so a filtered-out value can never belong to the top k, ties keep
+the reference's order and NaN never enters ahead of a number.
 
-When T alone gives too few programs (decode: T = 1, N up to 1e6) the N axis is split into
-SPLITS contiguous ranges of whole BLOCK_N tiles, sized for ~1-2 programs per SM (enough to
-stream P at bandwidth, and no more: every split adds K_PAD words to merge). Every split writes
-its packed partial top-K_PAD to a [T, SPLITS, K_PAD] int64 scratch, and ``_merge_kernel``
-reduces it to the final top-k (FAISS-style two-pass top-k) with tiles of next_pow2(T) <= 16
-rows.
+Grid: (T, SPLITS); a program owns one row and N-range. When T alone leaves SMs idle (decode),
+N is split into contiguous ranges of whole BLOCKs; each split writes its packed top-K_PAD words
+to a [T, SPLITS, K_PAD] int64 scratch and ``_merge_kernel`` reduces them (two-pass top-k).
+The [T, N] scores are produced and consumed in row chunks of at most SCORE_CHUNK_BYTES.
 """
 
 from __future__ import annotations
@@ -27,9 +30,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import check_topk_args, empty_topk_outputs
+from ..common import check_topk_args, empty_topk_outputs, prototype_scores
+from ..reference import topk_of_scores
 from ._common import (EMPTY_SLOT, interpreting, key_to_float, merge_topk_if_better, next_pow2, num_sms, order_key,
-                      pack, rows_contiguous, unpack_index, unpack_key, upcast_dot)
+                      pack, rows_contiguous, unpack_index, unpack_key)
+
+SCORE_CHUNK_BYTES = 256 << 20  # fp32 scores alive at once: bounds the scratch at N = 1e6 (~64 rows)
+#: largest padded k the select keeps in registers; a larger k (a rerank of > 1024 candidates per
+#: token, far from LAG's k ~ 20) ranks the scores with the reference's sort instead
+MAX_K_PAD = 1024
 
 
 @triton.jit
@@ -46,86 +55,101 @@ def _store_topk(best, rows, row_mask, idx_ptr, score_ptr, stride_o, K, K_PAD: tl
 
 
 @triton.jit
-def _first_rows(acc, ROWS: tl.constexpr):
-    """Rows [0, ROWS) of a [BLOCK_T, C] tile (ROWS divides BLOCK_T), bit-exact.
+def _top_of(best, cand, K_PAD: tl.constexpr):
+    """Top-K_PAD of the words of best [1, K_PAD] and cand [1, C], best first.
 
-    Viewed as [BLOCK_T // ROWS, ROWS, C], group 0 holds the wanted rows; the other groups are
-    replaced by 0.0 (they may hold 0 * inf = NaN) and summed in, which leaves every value as is.
+    K_PAD rounds of "take the largest word, blank it": real words are unique (one per index), so
+    each round removes exactly one. A loop of reductions rather than a sorting network: it
+    compiles in seconds at any C (a tl.topk network over 2K int64 words took minutes), runs as
+    is under the interpreter, and a flush needs only the k winners, not a sorted buffer.
     """
-    BLOCK_T: tl.constexpr = acc.shape[0]
-    C: tl.constexpr = acc.shape[1]
-    if ROWS == BLOCK_T:
-        out = acc
-    else:
-        g = tl.reshape(acc, [BLOCK_T // ROWS, ROWS, C])
-        first = tl.arange(0, BLOCK_T // ROWS)[:, None, None] == 0
-        out = tl.sum(tl.where(first, g, 0.0), axis=0)
+    out = tl.full([1, K_PAD], EMPTY_SLOT, tl.int64)
+    slot = tl.arange(0, K_PAD)[None, :]
+    for i in range(K_PAD):
+        top = tl.maximum(tl.max(best, axis=1, keep_dims=True), tl.max(cand, axis=1, keep_dims=True))  # [1, 1]
+        out = tl.where(slot == i, top, out)
+        best = tl.where(best == top, EMPTY_SLOT, best)
+        cand = tl.where(cand == top, EMPTY_SLOT, cand)
     return out
 
 
 @triton.jit
-def _arrow_topk_kernel(
-    x_ptr,  # x [T, d_in], row stride stride_xt, unit inner stride
-    p_ptr,  # prototypes [N, d_in], row stride stride_pn, unit inner stride
-    idx_ptr,  # out: idx [T, K] int32 (when not SPLIT)
-    score_ptr,  # out: scores [T, K] fp32 (when not SPLIT)
-    part_ptr,  # out: packed partial top-K_PAD [T, SPLITS, K_PAD] int64 (when SPLIT)
-    T, N, D, K,
-    n_per_split,  # adapters per split (multiple of BLOCK_N)
-    stride_xt, stride_pn,
-    SPLIT: tl.constexpr, SPLITS: tl.constexpr,
-    BLOCK_T: tl.constexpr,  # rows of the tl.dot tile (>= 16)
-    ROWS: tl.constexpr,  # tokens per program (power of two <= BLOCK_T): the real rows of the dot tile
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, K_PAD: tl.constexpr,
-    UPCAST: tl.constexpr,  # interpreter + bf16: fp32 tiles before tl.dot
-):
-    """Running top-K_PAD of |P x| over adapters [pid_s * n_per_split, +n_per_split) for ROWS tokens.
+def _flush(best, buf, count, K_PAD: tl.constexpr, CAP: tl.constexpr):
+    """Merge the `count` buffered words at `buf` into best [1, K_PAD]."""
+    cols = tl.arange(0, CAP)[None, :]
+    tl.debug_barrier()  # the words were stored by other threads of this program
+    words = tl.load(buf + cols, mask=cols < count, other=EMPTY_SLOT, cache_modifier=".cg")
+    best = _top_of(best, words, K_PAD)
+    tl.debug_barrier()  # every thread has read the buffer before it is overwritten
+    return best
 
-    Per BLOCK_N tile: acc [BLOCK_T, BLOCK_N] = X [BLOCK_T, d_in] @ P_tile^T (tl.dot, BLOCK_D at a
-    time), keep the ROWS real rows, pack (|acc|, index) words, merge into best [ROWS, K_PAD].
-    """
-    pid_t = tl.program_id(0)
+
+@triton.jit
+def _beats(keys, offs, kth):
+    """word(keys, offs) > kth, without building the int64 words of the values that lose."""
+    kth_key = unpack_key(kth)
+    return (keys > kth_key) | ((keys == kth_key) & (offs < unpack_index(kth)))
+
+
+@triton.jit
+def _select_kernel(
+    s_ptr,  # scores [T, N] fp32, row stride stride_s, unit inner stride (ranked by |s|)
+    buf_ptr,  # scratch [T, SPLITS, CAP] int64: survivors waiting for a merge
+    idx_ptr,  # out: idx [T, K] int32 (when not SPLIT)
+    score_ptr,  # out: |scores| [T, K] fp32 (when not SPLIT)
+    part_ptr,  # out: packed partial top-K_PAD [T, SPLITS, K_PAD] int64 (when SPLIT)
+    N, K,
+    n_per_split,  # columns per split (multiple of BLOCK)
+    stride_s,
+    SPLIT: tl.constexpr, SPLITS: tl.constexpr,
+    BLOCK: tl.constexpr,  # columns loaded per step
+    CAP: tl.constexpr,  # buffer words per (row, split) (>= BLOCK)
+    K_PAD: tl.constexpr,
+):
+    """Top-K_PAD of |s[t, n]| over n in [pid_s * n_per_split, +n_per_split) for t = pid_t."""
+    t = tl.program_id(0)
     pid_s = tl.program_id(1)
-    rows = pid_t * ROWS + tl.arange(0, ROWS)
-    row_mask = rows < T
-    dot_rows = pid_t * ROWS + tl.arange(0, BLOCK_T)
-    dot_mask = (tl.arange(0, BLOCK_T) < ROWS) & (dot_rows < T)  # rows >= ROWS only pad the dot to 16
     n_lo = pid_s * n_per_split
     n_hi = tl.minimum(N, n_lo + n_per_split)
-    offs_d0 = tl.arange(0, BLOCK_D)
-    best = tl.full([ROWS, K_PAD], EMPTY_SLOT, tl.int64)
-    for n0 in range(n_lo, n_hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < n_hi
-        acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + offs_d0
-            d_mask = offs_d < D
-            xt = tl.load(x_ptr + dot_rows[:, None] * stride_xt + offs_d[None, :],
-                         mask=dot_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_T, BLOCK_D]
-            pt = tl.load(p_ptr + offs_n[None, :].to(tl.int64) * stride_pn + offs_d[:, None],
-                         mask=n_mask[None, :] & d_mask[:, None], other=0.0)  # [BLOCK_D, BLOCK_N] = P^T tile
-            if UPCAST:
-                xt = xt.to(tl.float32)
-                pt = pt.to(tl.float32)
-            acc = tl.dot(xt, pt, acc, input_precision="ieee")
-        acc = _first_rows(acc, ROWS)  # [ROWS, BLOCK_N]
-        words = pack(order_key(tl.abs(acc)), offs_n[None, :])
-        words = tl.where(row_mask[:, None] & n_mask[None, :], words, EMPTY_SLOT)
-        best = merge_topk_if_better(best, words, K_PAD)
+    row = s_ptr + t.to(tl.int64) * stride_s
+    buf = buf_ptr + (t.to(tl.int64) * SPLITS + pid_s) * CAP
+    cols = tl.arange(0, BLOCK)[None, :]  # [1, BLOCK]
+
+    # An empty running top-K_PAD (kth = EMPTY_SLOT) lets everything through until the buffer first fills.
+    best = tl.full([1, K_PAD], EMPTY_SLOT, tl.int64)
+    kth = tl.min(best, axis=1, keep_dims=True)
+    count = pid_s * 0  # int32 scalar carried through the loop
+    for n0 in range(n_lo, n_hi, BLOCK):
+        offs = n0 + cols
+        mask = offs < n_hi
+        keys = order_key(tl.abs(tl.load(row + offs, mask=mask, other=0.0)))
+        survives = mask & _beats(keys, offs, kth)
+        hits = tl.sum(survives.to(tl.int32))
+        if count + hits > CAP:  # no room: merge the buffer, tighten the threshold, filter again
+            best = _flush(best, buf, count, K_PAD, CAP)
+            kth = tl.min(best, axis=1, keep_dims=True)
+            count = count * 0
+            survives = mask & _beats(keys, offs, kth)
+            hits = tl.sum(survives.to(tl.int32))
+        if hits > 0:
+            slot = count + tl.cumsum(survives.to(tl.int32), axis=1) - 1
+            tl.store(buf + slot, pack(keys, offs), mask=survives)
+            count += hits
+    if count > 0:
+        best = _flush(best, buf, count, K_PAD, CAP)
+
+    rows = t + tl.arange(0, 1)
     if SPLIT:
-        cols = tl.arange(0, K_PAD)
-        offs = (rows[:, None] * SPLITS + pid_s) * K_PAD + cols[None, :]
-        tl.store(part_ptr + offs, best, mask=row_mask[:, None])
+        tl.store(part_ptr + (rows[:, None] * SPLITS + pid_s) * K_PAD + tl.arange(0, K_PAD)[None, :], best)
     else:
-        _store_topk(best, rows, row_mask, idx_ptr, score_ptr, K, K, K_PAD)
+        _store_topk(best, rows, rows >= 0, idx_ptr, score_ptr, K, K, K_PAD)
 
 
 @triton.jit
 def _merge_kernel(
     part_ptr,  # packed partial top-K_PAD lists [T, SPLITS, K_PAD] int64
     idx_ptr,  # out: idx [T, K] int32
-    score_ptr,  # out: scores [T, K] fp32
+    score_ptr,  # out: |scores| [T, K] fp32
     T, K,
     SPLITS: tl.constexpr, K_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr,  # tokens per program: next_pow2(T) capped at 16 (1 row at decode)
@@ -145,21 +169,23 @@ def _merge_kernel(
     _store_topk(best, rows, row_mask, idx_ptr, score_ptr, K, K, K_PAD)
 
 
-def _config(t: int, k_pad: int) -> dict:
-    """Block sizes keyed on shape (fixed, no autotune: a launch stays capturable and deterministic)."""
-    if interpreting():
-        block_t = 16  # the interpreter's rank-count top-k builds [ROWS, C, C] tiles (<= 2^20 elements)
-        block_n = max(k_pad, 128)
-        block_d = 512
-        cfg = dict(BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4, num_stages=1)
-    else:
-        block_t = 16 if t <= 16 else (32 if t <= 64 else 64)
-        block_n = max(k_pad, 64)
-        block_d = 128 if block_t <= 32 else 64
-        warps = 8 if block_t * (block_n + 2 * k_pad) >= 8192 else 4  # int64 top-k words live in registers
-        cfg = dict(BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=3)
-    cfg["ROWS"] = min(cfg["BLOCK_T"], next_pow2(t))
-    return cfg
+def select_config(k_pad: int) -> dict:
+    """Block sizes of the select (fixed: a launch stays capturable and deterministic).
+
+    BLOCK fp32 values per step (8 per thread in flight); CAP = 2 * BLOCK buffered words per
+    merge. The interpreter gets small blocks so that the tests exercise many buffer merges.
+    """
+    block = 64 if interpreting() else 1024
+    return dict(BLOCK=block, CAP=2 * block, num_warps=4)
+
+
+def split_plan(t: int, n: int, block: int, sms: int) -> tuple[int, int]:
+    """(splits, columns per split): split N only when T rows leave SMs idle, ~2 programs per SM in
+    all, and never below 4 blocks per split (each split adds a partial list to the merge)."""
+    n_blocks = triton.cdiv(n, block)
+    want = min(triton.cdiv(2 * sms, t), max(1, n_blocks // 4))
+    per_split = triton.cdiv(n_blocks, max(1, want)) * block
+    return triton.cdiv(n, per_split), per_split
 
 
 def _merge_block_c(rows: int, words: int, k_pad: int) -> int:
@@ -172,39 +198,39 @@ def _merge_block_c(rows: int, words: int, k_pad: int) -> int:
     return max(k_pad, min(next_pow2(words), cap))
 
 
+def _select(scores: torch.Tensor, k: int, idx: torch.Tensor, out_scores: torch.Tensor) -> None:
+    """idx / out_scores [t, k] = the filtered top-k of |scores| [t, n] per row (launches 1 or 2 kernels)."""
+    t, n = scores.shape
+    k_pad = next_pow2(k)
+    if k_pad > MAX_K_PAD:
+        idx_sorted, values = topk_of_scores(scores.abs(), k)
+        idx.copy_(idx_sorted)
+        out_scores.copy_(values)
+        return
+    cfg = select_config(k_pad)
+    splits, per_split = split_plan(t, n, cfg["BLOCK"], num_sms(scores.device))
+    buf = torch.empty((t, splits, cfg["CAP"]), dtype=torch.int64, device=scores.device)
+    part = torch.empty((t, splits, k_pad) if splits > 1 else (1,), dtype=torch.int64, device=scores.device)
+    _select_kernel[(t, splits)](scores, buf, idx, out_scores, part, n, k, per_split, scores.stride(0),
+                                SPLIT=splits > 1, SPLITS=splits, K_PAD=k_pad, **cfg)
+    if splits > 1:
+        merge_t = min(16, next_pow2(t))
+        block_c = _merge_block_c(merge_t, splits * k_pad, k_pad)
+        _merge_kernel[(triton.cdiv(t, merge_t),)](
+            part, idx, out_scores, t, k, SPLITS=splits, K_PAD=k_pad, BLOCK_T=merge_t, BLOCK_C=block_c, num_warps=4)
+
+
 def arrow_topk(x: torch.Tensor, prototypes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Arrow retrieval: the k adapters with the largest |p_i . x|, best first. See module docstring."""
     check_topk_args(x, prototypes, k)
     x = rows_contiguous(x)
     prototypes = rows_contiguous(prototypes)
-    t, d = x.shape
-    n = prototypes.shape[0]
-    idx, scores = empty_topk_outputs(x, k)
-    if t == 0:
-        return idx, scores
     if prototypes.dtype != x.dtype:
         prototypes = prototypes.to(x.dtype)
-    k_pad = next_pow2(k)
-    cfg = _config(t, k_pad)
-    rows, block_n = cfg["ROWS"], cfg["BLOCK_N"]
-    t_blocks = triton.cdiv(t, rows)
-    n_blocks = triton.cdiv(n, block_n)
-    # Split N when the token tiles alone leave SMs idle: each split takes floor(n_blocks / want)
-    # whole tiles, so there are between `want` and 2 * `want` splits (~1-2 programs per SM in all),
-    # as few partial lists as that allows.
-    want = triton.cdiv(num_sms(x.device), t_blocks)
-    blocks_per_split = max(1, n_blocks // want)
-    splits = triton.cdiv(n_blocks, blocks_per_split)
-    n_per_split = blocks_per_split * block_n
-    split = splits > 1
-    part = (torch.empty((t, splits, k_pad), dtype=torch.int64, device=x.device) if split
-            else torch.empty((1,), dtype=torch.int64, device=x.device))
-    _arrow_topk_kernel[(t_blocks, splits)](
-        x, prototypes, idx, scores, part, t, n, d, k, n_per_split, x.stride(0), prototypes.stride(0),
-        SPLIT=split, SPLITS=splits, K_PAD=k_pad, UPCAST=upcast_dot(x.dtype), **cfg)
-    if split:
-        merge_t = min(16, next_pow2(t))
-        block_c = _merge_block_c(merge_t, splits * k_pad, k_pad)
-        _merge_kernel[(triton.cdiv(t, merge_t),)](
-            part, idx, scores, t, k, SPLITS=splits, K_PAD=k_pad, BLOCK_T=merge_t, BLOCK_C=block_c, num_warps=4)
+    t, n = x.shape[0], prototypes.shape[0]
+    idx, scores = empty_topk_outputs(x, k)
+    chunk = max(1, SCORE_CHUNK_BYTES // (4 * n))
+    for t0 in range(0, t, chunk):
+        rows = slice(t0, min(t, t0 + chunk))
+        _select(prototype_scores(x[rows], prototypes), k, idx[rows], scores[rows])
     return idx, scores

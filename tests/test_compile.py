@@ -1,0 +1,104 @@
+"""torch.compile takes a patched model whole: the three ops are opaque custom ops
+(lag_triton/kernels/custom_ops.py), so ``fullgraph=True`` finds no graph break, and the compiled
+forward equals the eager one.
+
+On CPU the graphs are compiled with the ``aot_eager`` backend (fake-tensor tracing,
+functionalisation of the in-place apply, no C++ code generation: seconds, not minutes); on a GPU
+with inductor, also under CUDA graphs (``mode="reduce-overhead"``).
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+from factories import VOCAB, make_adapter, tiny_model
+import lag_triton
+from lag_triton import Library
+from lag_triton.kernels import get_ops, resolve_backend
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("adapters")
+    model = tiny_model("llama")
+    return Library.from_peft([make_adapter(model, tmp / f"a{i}", seed=i, r=2 + i % 3) for i in range(7)],
+                             progress=False)
+
+
+def _backends():
+    names = []
+    for name in ("torch", "triton", "cuda"):
+        try:
+            resolve_backend(name, DEVICE)
+            names.append(name)
+        except RuntimeError:
+            pass
+    return names
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("routing", [dict(k=4, top_m=2), dict(router="arrow", top_m=1)], ids=["lag", "arrow"])
+def test_compiled_patched_model_fullgraph_equals_eager(library, backend, routing):
+    model = tiny_model("llama").to(DEVICE)
+    lag_triton.patch(model, library, backend=backend, **routing)
+    ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    compiled = torch.compile(model, fullgraph=True, dynamic=False,
+                             backend="inductor" if DEVICE.type == "cuda" else "aot_eager")
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        got = compiled(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("backend", [b for b in _backends() if b != "torch"])
+def test_compiled_decode_step_replays_in_cuda_graphs(library, backend):
+    model = tiny_model("llama", dtype=torch.bfloat16).to(DEVICE)
+    lag_triton.patch(model, library, backend=backend, k=4, top_m=1)
+    mlp = model.model.layers[0].mlp
+    step = torch.compile(mlp, fullgraph=True, mode="reduce-overhead")
+    with torch.no_grad():
+        for seed in range(4):  # warm-up, record, then replays with new inputs
+            x = torch.randn(1, 48, device=DEVICE, dtype=torch.bfloat16, generator=torch.Generator(DEVICE).manual_seed(seed))
+            torch.testing.assert_close(step(x).clone(), mlp(x), rtol=1e-2, atol=1e-2)
+
+
+def test_fake_implementations_give_the_backends_shapes():
+    """The meta functions the compiler traces with agree with what a backend returns."""
+    x, p = torch.randn(5, 16), torch.randn(9, 16)
+    a, b = torch.randn(9, 3, 16), torch.randn(9, 12, 3)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fx, fp, fa = mode.from_tensor(x), mode.from_tensor(p), mode.from_tensor(a)
+        idx, scores = torch.ops.lag_triton.arrow_topk(fx, fp, 4, "torch")
+        sel, w, z = torch.ops.lag_triton.spectr_rerank(fx, fa, idx, 2, "softmax", 1.0, None, "torch")
+    real = get_ops("torch")
+    ridx, rscores = real.arrow_topk(x, p, 4)
+    rsel, rw, rz = real.spectr_rerank(x, a, ridx, 2)
+    for fake_t, real_t in [(idx, ridx), (scores, rscores), (sel, rsel), (w, rw), (z, rz)]:
+        assert fake_t.shape == real_t.shape and fake_t.dtype == real_t.dtype
+    y = torch.zeros(5, 12)
+    torch.ops.lag_triton.lora_apply(y, b, rsel, rw, rz, "torch")
+    assert torch.equal(y, real.lora_apply(torch.zeros(5, 12), b, rsel, rw, rz))
+    with pytest.raises(ValueError, match="k must be"):
+        with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+            torch.ops.lag_triton.arrow_topk(mode.from_tensor(x), mode.from_tensor(p), 10, "torch")
+
+
+def test_ops_handle_pickles_and_copies():
+    ops = get_ops("torch")
+    assert pickle.loads(pickle.dumps(ops)) == ops == copy.deepcopy(ops)
+    with pytest.raises(ValueError, match="unknown backend"):
+        get_ops("tpu")
