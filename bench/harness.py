@@ -34,6 +34,7 @@ measured. ``bench/report.py`` turns the JSON into markdown and a PNG.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import functools
 import json
@@ -500,7 +501,7 @@ def ours_impl(ops) -> dict:
         return route_and_apply(x, y, a_star, b_star, prototypes, _routing_config(k, top_m), ops)
 
     return {"arrow_topk": ops.arrow_topk, "spectr_rerank": spectr_rerank, "lora_apply": ops.lora_apply,
-            "layer": layer}
+            "layer": layer, "prepare_b_star": ops.prepare_b_star}
 
 
 def resolve_backends(names: list[str], device: torch.device) -> dict:
@@ -814,6 +815,9 @@ class KernelRun:
     def run_backend(self, op: str, b: str, cell: Cell, cost: dict) -> None:
         extra = {}
         try:
+            prepare = self.impls[b][0].get("prepare_b_star")
+            if prepare is not None and cell.b_star is not None:  # B* in the layout patch() gives this backend
+                cell = dataclasses.replace(cell, b_star=prepare(cell.b_star))
             call = bind(op, self.op_callable(op, b), cell)
             extra.update(self.first_call(op, b, call, cell))
             timing = time_cell([functools.partial(call, s) for s in cell.sets], self.device,

@@ -74,7 +74,7 @@ class LibraryRoute(nn.Module):
         self.backend = backend
         # Buffers (not parameters, not in state_dict) so that model.to(...) carries them along.
         self.register_buffer("a_star", weights.a_star, persistent=False)
-        self.register_buffer("b_star", weights.b_star, persistent=False)
+        self.register_buffer("b_star", get_ops(backend).prepare_b_star(weights.b_star), persistent=False)
         self.register_buffer("prototypes", weights.prototypes, persistent=False)
         self.register_buffer("adapter_ids", weights.adapter_ids, persistent=False)
 

@@ -336,17 +336,28 @@ APPLY_CASES = [  # T, N, d_out, r, m
 ]
 
 
+def _layouts(ops, b):
+    """B* as given ([N, d_out, r] contiguous, a library file's layout), in the backend's preferred
+    layout (what patch() stores), and as a strided slice of a wider tensor: every layout is accepted."""
+    wide = torch.zeros(b.shape[0], b.shape[1], b.shape[2] + 3, dtype=b.dtype, device=b.device)
+    wide[..., 1:b.shape[2] + 1] = b
+    return {"given": b, "prepared": ops.prepare_b_star(b), "strided": wide[..., 1:b.shape[2] + 1]}
+
+
 def _check_apply(ops, b, sel, w, z, y0):
-    """ops.lora_apply in place on a copy of y0, within one output rounding + the fp32 sum error of exact."""
+    """ops.lora_apply in place on a copy of y0, within one output rounding + the fp32 sum error of exact,
+    for every layout of B*."""
     m, dtype = sel.shape[1], y0.dtype
-    y = y0.clone()
-    out = ops.lora_apply(y, b, sel, w, z)
-    assert out is y or out.data_ptr() == y.data_ptr()
     exact = y0.double() + torch.einsum("tm,tmor,tmr->to", w.double(), b[sel.long()].double(), z.double())
     y_ref = reference.lora_apply(y0.clone(), b, sel, w, z)
     ulp = torch.finfo(dtype).eps * exact.abs() + _red_tol(z, b) * m
-    assert ((y.double() - exact).abs() <= ulp + (y_ref.double() - exact).abs()).all()
-    assert torch.isfinite(y).all()
+    for layout, bl in _layouts(ops, b).items():
+        assert torch.equal(bl, b), layout
+        y = y0.clone()
+        out = ops.lora_apply(y, bl, sel, w, z)
+        assert out is y or out.data_ptr() == y.data_ptr()
+        assert ((y.double() - exact).abs() <= ulp + (y_ref.double() - exact).abs()).all(), layout
+        assert torch.isfinite(y).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -40,6 +40,11 @@ class Backend(Protocol):
                    z: torch.Tensor) -> torch.Tensor:
         ...
 
+    def prepare_b_star(self, b_star: torch.Tensor) -> torch.Tensor:
+        """B* [N, d_out, r] in the memory layout this backend's apply reads fastest (same shape and
+        values; ``patch`` stores it so, once). Every backend accepts any layout."""
+        ...
+
 
 @dataclass(frozen=True)
 class Ops:
@@ -68,6 +73,10 @@ class Ops:
             torch.ops.lag_triton.lora_apply(y, b_star, sel, w, z, self.name)
             return y
         return self.module.lora_apply(y, b_star, sel, w, z)
+
+    def prepare_b_star(self, b_star):
+        prepare = getattr(self.module, "prepare_b_star", None)
+        return b_star if prepare is None else prepare(b_star)
 
 
 def triton_interpreter_enabled() -> bool:

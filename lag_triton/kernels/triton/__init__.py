@@ -1,7 +1,7 @@
 """Triton backend: the three LAG ops with the reference signatures (see ..reference)."""
 
 from .arrow_topk import arrow_topk
-from .lora_apply import lora_apply
+from .lora_apply import lora_apply, prepare_b_star
 from .spectr_rerank import spectr_rerank
 
-__all__ = ["arrow_topk", "spectr_rerank", "lora_apply"]
+__all__ = ["arrow_topk", "spectr_rerank", "lora_apply", "prepare_b_star"]

@@ -31,6 +31,7 @@ from triton.compiler import ASTSource
 from . import arrow_topk as _unused  # noqa: F401  (ensure modules are imported)
 
 A = sys.modules[__package__ + ".arrow_topk"]
+HOPPER_SMS = 132  # launch configurations are enumerated as the launchers pick them on an H100 / H200
 S = sys.modules[__package__ + ".spectr_rerank"]
 L = sys.modules[__package__ + ".lora_apply"]
 
@@ -64,14 +65,14 @@ def _cases():
             yield f"select {dt} {consts}", S._select_kernel, sig, consts, 4
         sig = {"y_ptr": "*" + dt, "b_ptr": "*" + dt, "sel_ptr": "*i32", "w_ptr": "*fp32", "z_ptr": "*fp32",
                "order_ptr": "*i64", "T": "i32", "N": "i32", "DOUT": "i32", "R": "i32", "M": "i32",
-               "stride_yt": "i32", "stride_bn": "i32", "stride_bo": "i32"}
-        # (BLOCK_T, BLOCK_R, BLOCK_O) as lora_apply._config picks them (BLOCK_O shrinks to 32 at small T);
-        # tokens sorted by adapter from T = SORT_MIN_T (8-row tiles) on
-        for bt, br, bo in [(1, 8, 32), (1, 16, 256), (2, 1, 256), (2, 16, 32), (4, 8, 128), (8, 8, 64),
-                           (8, 16, 32), (8, 1, 256)]:
-            for sort in ((False, True) if bt == 8 else (False,)):
-                yield (f"lora_apply {dt} T{bt} R{br} O{bo} sorted={sort}", L._lora_apply_kernel, sig,
-                       {"SORTED": sort, "BLOCK_T": bt, "BLOCK_O": bo, "BLOCK_R": br}, 4)
+               "stride_yt": "i32", "stride_bn": "i32", "stride_bo": "i32", "stride_br": "i32"}
+        # (T, d_out) -> configs as lora_apply.apply_config picks them on a 132-SM GPU; tokens sorted by
+        # adapter from T = SORT_MIN_T on
+        for t, d_out in [(1, 8192), (1, 3072), (2, 3072), (4, 8192), (32, 8192), (2048, 3072)]:
+            cfg = L.apply_config(t, d_out, HOPPER_SMS)
+            warps = cfg.pop("num_warps")
+            yield (f"lora_apply {dt} T{t} d_out{d_out} {cfg}", L._lora_apply_kernel, sig,
+                   dict(cfg, SORTED=t >= L.SORT_MIN_T), warps)
     # the Arrow select reads fp32 scores whatever the activation dtype; configs from the launcher's select_config
     sig = {"s_ptr": "*fp32", "buf_ptr": "*i64", "idx_ptr": "*i32", "score_ptr": "*fp32", "part_ptr": "*i64",
            "N": "i32", "K": "i32", "n_per_split": "i32", "stride_s": "i32"}
