@@ -1,4 +1,4 @@
-"""Command line: ``python -m lag_triton {build,info,demo}``."""
+"""Command line: ``python -m lag_triton {build,add,remove,info,demo}``."""
 
 from __future__ import annotations
 
@@ -49,33 +49,75 @@ def _check_output_folder(path: Path, option: str) -> None:
         raise UsageError(f"{option} {str(path)!r}: folder {str(existing)!r} is not writable")
 
 
+def _check_workers(workers) -> None:
+    if workers is not None and workers < 0:
+        raise UsageError(f"--workers must be >= 0 (0 = align in this process), got {workers}")
+
+
 def _build(args: argparse.Namespace) -> int:
-    from .library import Library
+    from .library import build_library
 
     if args.names is not None and len(args.names) != len(args.adapters):
         raise UsageError(f"--names gives {len(args.names)} names for {len(args.adapters)} adapter folders")
+    _check_workers(args.workers)
     _check_output_file(args.output)
-    lib = Library.from_peft(args.adapters, names=args.names, dtype=_DTYPES[args.dtype], progress=not args.quiet)
-    lib.save(args.output)
-    print(f"wrote {args.output}: {lib}")
+    report = build_library(args.adapters, args.output, names=args.names, dtype=_DTYPES[args.dtype],
+                           workers=args.workers, progress=not args.quiet)
+    print(f"wrote {report}")
     return 0
+
+
+def _add(args: argparse.Namespace) -> int:
+    from .library import add_adapters
+
+    if args.names is not None and len(args.names) != len(args.adapters):
+        raise UsageError(f"--names gives {len(args.names)} names for {len(args.adapters)} adapter folders")
+    _check_workers(args.workers)
+    _check_output_file(args.output or args.library)
+    report = add_adapters(args.library, args.adapters, names=args.names, output=args.output, workers=args.workers,
+                          progress=not args.quiet)
+    print(f"wrote {report}")
+    return 0
+
+
+def _remove(args: argparse.Namespace) -> int:
+    from .library import remove_adapters
+
+    _check_output_file(args.output or args.library)
+    print(f"wrote {remove_adapters(args.library, args.names, output=args.output)}")
+    return 0
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"
 
 
 def _info(args: argparse.Namespace) -> int:
     from .library import Library
+    from .library.stored import existing_library_path, read_stored
 
-    lib = Library.load(args.library)
+    stored = read_stored(existing_library_path(args.library))
+    if args.check:
+        Library.load(args.library)  # reads and checks every value
+    modules = {name: (m, stored.index_maps(name)) for name, m in stored.modules.items()}
+    dtypes = ", ".join(sorted(str(d).removeprefix("torch.") for d in stored.factor_dtypes))
+    r_max = max(m.rank for m in stored.modules.values())
     print(f"library     {args.library}")
-    print(f"base model  {lib.base_model or 'unknown'}")
-    print(f"adapters    {len(lib.names)}  (r_max {lib.r_max}, dtype {str(lib.dtype).removeprefix('torch.')})")
-    print(f"size        {lib.nbytes:,} bytes")
-    print(f"modules     {len(lib.modules)}")
-    for name, m in lib.modules.items():
-        ranks = sorted(set(m.ranks.tolist())) if m.ranks is not None else [m.rank]
-        print(f"  {name}: {m.num_adapters} adapters, {m.d_in} -> {m.d_out}, ranks {ranks}")
+    print(f"base model  {stored.base_model or 'unknown'}")
+    print(f"adapters    {len(stored.names)}  (r_max {r_max}, dtype {dtypes})")
+    print(f"size        {sum(m.nbytes for m in stored.modules.values()):,} bytes")
+    print(f"modules     {len(stored.modules)}")
+    for name, (m, (_, ranks)) in modules.items():
+        rank_set = sorted(set(ranks.tolist())) if ranks is not None else [m.rank]
+        print(f"  {name}: {m.num_adapters} adapters, {m.d_in} -> {m.d_out}, ranks {rank_set}, {_size(m.nbytes)}")
+    print("values      " + ("checked (ids, ranks, finite factors)" if args.check else
+                           "ids and ranks checked; factors not read (--check reads them all)"))
     if args.adapters:
         print("adapter names:")
-        for i, n in enumerate(lib.names):
+        for i, n in enumerate(stored.names):
             print(f"  {i}: {n}")
     return 0
 
@@ -123,6 +165,12 @@ def _demo(args: argparse.Namespace) -> int:
     return demo.run(args)
 
 
+def _workers_and_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes aligning adapters in parallel (default: one per core for 16+ adapters; 0: none)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
 def _parser() -> argparse.ArgumentParser:
     debug = argparse.ArgumentParser(add_help=False)
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -136,12 +184,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, type=Path, help="library file to write (.safetensors)")
     p.add_argument("--names", nargs="+", help="adapter names (default: folder names)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="storage dtype")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _workers_and_quiet(p)
     p.set_defaults(func=_build)
 
-    p = sub.add_parser("info", parents=[debug], help="describe a library file", epilog=_EPILOG)
+    p = sub.add_parser("add", parents=[debug], epilog=_EPILOG,
+                       help="append PEFT LoRA folders to a library file (existing adapters are not re-aligned)")
+    p.add_argument("library", type=Path, help="library file, replaced atomically unless -o is given")
+    p.add_argument("adapters", nargs="+", type=Path, help="PEFT adapter folders to add")
+    p.add_argument("-o", "--output", type=Path, help="write the grown library here instead")
+    p.add_argument("--names", nargs="+", help="names of the new adapters (default: folder names)")
+    _workers_and_quiet(p)
+    p.set_defaults(func=_add)
+
+    p = sub.add_parser("remove", parents=[debug], help="drop adapters from a library file", epilog=_EPILOG)
+    p.add_argument("library", type=Path, help="library file, replaced atomically unless -o is given")
+    p.add_argument("names", nargs="+", help="names of the adapters to drop")
+    p.add_argument("-o", "--output", type=Path, help="write the smaller library here instead")
+    p.set_defaults(func=_remove)
+
+    p = sub.add_parser("info", parents=[debug], help="describe a library file (sizes per module)", epilog=_EPILOG)
     p.add_argument("library", type=Path)
     p.add_argument("--adapters", action="store_true", help="also list every adapter name")
+    p.add_argument("--check", action="store_true", help="read and check every factor value (reads the whole file)")
     p.set_defaults(func=_info)
 
     from .experiment.run import add_arguments

@@ -57,10 +57,13 @@ def test_failed_work_exits_1_with_one_line(adapters, tmp_path, capsys):
 
 
 def _fail_if_aligning(monkeypatch):
+    from lag_triton.library import build
+
     def boom(*args, **kwargs):
-        raise AssertionError("alignment ran before the output path was checked")
+        raise AssertionError("adapters were read before the output path was checked")
 
     monkeypatch.setattr(Library, "from_peft", boom)
+    monkeypatch.setattr(build, "plan_adapters", boom)
 
 
 @pytest.mark.parametrize("case", ["missing_folder", "directory", "under_a_file", "read_only"])
@@ -120,10 +123,13 @@ def test_argparse_errors_exit_2(capsys):
 
 
 def test_unexpected_exceptions_are_one_line_unless_debug(tmp_path, capsys, monkeypatch):
+    from lag_triton.library import stored
+
     def crash(path):
         raise KeyError("names")
 
-    monkeypatch.setattr(Library, "load", crash)
+    monkeypatch.setattr(stored, "read_stored", crash)
+    (tmp_path / "x").write_text("x")
     assert main(["info", str(tmp_path / "x")]) == EXIT_FAILED
     _one_line_error(capsys, "KeyError: 'names'", "--debug")
     assert main(["info", str(tmp_path / "x"), "--debug"]) == EXIT_FAILED

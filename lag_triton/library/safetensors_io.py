@@ -177,20 +177,54 @@ def _tensor(buffer, offset: int, e: Entry) -> torch.Tensor:
 
 
 # -- writing -------------------------------------------------------------------------------------
-def _serialised_header(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[bytes, list[str]]:
-    # Larger items first keeps every tensor aligned to its item size (as safetensors orders them);
-    # names break ties, so equal inputs give equal bytes whatever the dict order.
-    order = sorted(tensors, key=lambda n: (-tensors[n].dtype.itemsize, n))
+@dataclass(frozen=True)
+class Layout:
+    """Where everything goes in a safetensors file, known before any tensor data exists.
+
+    ``head`` is the 8-byte length plus the JSON header; ``offsets[name]`` is (begin, end) of the
+    tensor's bytes relative to ``data_start``; ``order`` is the order of the tensors in the data.
+    """
+
+    head: bytes
+    order: list[str]
+    offsets: dict[str, tuple[int, int]]
+
+    @property
+    def data_start(self) -> int:
+        return len(self.head)
+
+    @property
+    def size(self) -> int:
+        return self.data_start + max((end for _, end in self.offsets.values()), default=0)
+
+
+def plan_layout(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> Layout:
+    """The layout of a file holding tensors ``name -> (dtype, shape)`` and ``metadata``.
+
+    Larger items first keeps every tensor aligned to its item size (as safetensors orders them);
+    names break ties, so equal inputs give equal bytes whatever the dict order. A streaming writer
+    and :func:`write` share this, so both produce the same bytes for the same tensors.
+    """
+    for name, (dtype, _) in specs.items():
+        if dtype not in DTYPE_NAMES:
+            raise TypeError(f"tensor {name!r} has dtype {dtype}, which safetensors cannot store here")
+    order = sorted(specs, key=lambda n: (-specs[n][0].itemsize, n))
     header: dict = {"__metadata__": dict(sorted(metadata.items()))}
-    offset = 0
+    offsets, offset = {}, 0
     for name in order:
-        t = tensors[name]
-        nbytes = t.numel() * t.dtype.itemsize
-        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        dtype, shape = specs[name]
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offsets[name] = (offset, offset + nbytes)
         offset += nbytes
     raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
-    return struct.pack("<Q", len(raw)) + raw, order
+    return Layout(struct.pack("<Q", len(raw)) + raw, order, offsets)
+
+
+def _serialised_header(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[bytes, list[str]]:
+    layout = plan_layout({n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}, metadata)
+    return layout.head, layout.order
 
 
 def _check_target(path: Path) -> None:

@@ -1,0 +1,220 @@
+"""Align PEFT adapters into a library, one adapter at a time, into memory or straight into a file.
+
+The file build (:func:`build_library`) reads every folder's config and tensor headers first, which
+fixes the whole file layout (:mod:`.plan`); then each adapter is loaded, aligned and its rows are
+written where they belong, by this process or by worker processes that write into the same
+(temp) file. Memory holds a few adapters, whatever N is; the target appears only when complete.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .align import align_lora
+from .peft_reader import PeftAdapter
+from .plan import LibraryPlan, check_folder_names, plan_adapters, single_base_model
+from .weights import FACTOR_DTYPES, ModuleWeights
+from .writer import LibraryWriter
+
+# Below this many adapters, starting worker processes costs more than it saves.
+_MIN_ADAPTERS_FOR_WORKERS = 16
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    """What a build, ``add`` or ``remove`` wrote."""
+
+    path: Path
+    adapters: int  # in the library written
+    aligned: int  # adapters aligned by this call (add: only the new ones)
+    modules: int
+    nbytes: int  # file size
+    seconds: float
+
+    def __str__(self) -> str:
+        rate = f", {self.aligned / self.seconds:.1f} adapters/s" if self.aligned and self.seconds > 0 else ""
+        return (f"{self.path}: {self.adapters} adapters, {self.modules} modules, {self.nbytes:,} bytes "
+                f"({self.aligned} aligned in {self.seconds:.1f} s{rate})")
+
+
+# -- one adapter ----------------------------------------------------------------------------------
+def align_adapter(adapter: PeftAdapter, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """module -> (A* [rank, d_in], B* [d_out, rank]) in ``dtype``, aligned in float64.
+
+    Modules of one rank and shape are aligned in one batched call. Raises AdapterError naming the
+    module for non-finite factors or an update that overflows ``dtype``.
+    """
+    factors = adapter.load_factors()
+    batches: dict[tuple[int, int, int], list[str]] = {}
+    for module, f in adapter.modules.items():
+        batches.setdefault((f.rank, f.d_in, f.d_out), []).append(module)
+    out = {}
+    for modules in batches.values():
+        a = torch.stack([factors[m][0] for m in modules])
+        b = torch.stack([factors[m][1] for m in modules])
+        s = torch.tensor([adapter.modules[m].scaling for m in modules], dtype=torch.float64)
+        try:
+            a_star, b_star = align_lora(a, b, s)
+        except ValueError:
+            for m in modules:
+                if not (factors[m][0].isfinite().all() and factors[m][1].isfinite().all()):
+                    raise adapter.error(f"module {m!r} has non-finite values in lora_A/lora_B") from None
+            raise adapter.error(f"modules {modules[:4]}: the update s*B*A overflows float64 (scalings "
+                                f"{s.tolist()[:4]})") from None
+        for j, m in enumerate(modules):
+            a_j, b_j = a_star[j].to(dtype), b_star[j].to(dtype)
+            if not bool(b_j.isfinite().all()):
+                raise adapter.error(f"module {m!r}: the aligned update overflows {dtype} (its largest singular "
+                                    f"value is {b_star[j].norm(dim=0).max().item():.3g}); build in float32")
+            out[m] = (a_j, b_j)
+    return out
+
+
+Job = tuple[Path, list[tuple[str, int, int]]]  # adapter folder, its (module, row, rank) in the plan
+
+
+def align_and_write(target, job: Job) -> None:
+    """Open, check against the plan, align and write one adapter (in this process or a worker)."""
+    path, rows = job
+    adapter = PeftAdapter.open(path)
+    planned = {m: rank for m, _, rank in rows}
+    found = {m: f.rank for m, f in adapter.modules.items()}
+    if found != planned:
+        changed = sorted(set(found.items()) ^ set(planned.items()))[:3]
+        raise adapter.error(f"changed while the library was being built (modules/ranks {changed})")
+    aligned = align_adapter(adapter, target.dtype)
+    for module, row, _ in rows:
+        target.write_row(module, row, *aligned[module])
+
+
+# -- many adapters: in this process or over worker processes ------------------------------------------
+_worker_target = None
+
+
+def _init_worker(target) -> None:
+    global _worker_target
+    torch.set_num_threads(1)  # one core per worker: the workers are the parallelism
+    _worker_target = target
+
+
+def _worker_job(job: Job) -> None:
+    align_and_write(_worker_target, job)
+
+
+def default_workers(jobs: int) -> int:
+    """Worker processes for ``jobs`` adapters: one per available core, none for small builds."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 0 if jobs < _MIN_ADAPTERS_FOR_WORKERS or cores < 2 else min(cores, jobs)
+
+
+def run_jobs(target, jobs: list[Job], *, workers: int | None, progress: bool, desc: str) -> None:
+    """Align and write every job; ``workers`` = 0 aligns here, None picks :func:`default_workers`."""
+    workers = default_workers(len(jobs)) if workers is None else workers
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"workers must be an int >= 0 (0 = align in this process), got {workers!r}")
+    with tqdm(total=len(jobs), desc=desc, unit=" adapters", disable=not progress, smoothing=0.1) as bar:
+        if workers == 0:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # r x r and r x d matrices: more threads only contend (3x slower on 2 busy cores)
+            try:
+                for job in jobs:
+                    align_and_write(target, job)
+                    bar.update(1)
+            finally:
+                torch.set_num_threads(threads)
+            return
+        context = multiprocessing.get_context("forkserver")  # no fork of a process with OpenMP threads
+        context.set_forkserver_preload(["lag_triton.library.build"])  # import torch once, in the server
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(target,)) as pool:
+            pending: deque = deque()
+            try:
+                for job in jobs:  # at most 2 jobs per worker in flight: memory stays bounded
+                    pending.append(pool.submit(_worker_job, job))
+                    if len(pending) >= 2 * workers:
+                        pending.popleft().result()
+                        bar.update(1)
+                while pending:
+                    pending.popleft().result()
+                    bar.update(1)
+            except BrokenProcessPool as e:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise RuntimeError(f"a worker process aligning adapters died ({e}); a script that builds with "
+                                   "workers must guard its top level with `if __name__ == '__main__':` (workers "
+                                   "import it), or pass workers=0") from None
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+
+
+# -- entry points ------------------------------------------------------------------------------------
+def check_dtype(dtype) -> torch.dtype:
+    if dtype not in FACTOR_DTYPES:
+        raise ValueError(f"dtype {dtype} is not a factor dtype; choose one of {FACTOR_DTYPES}")
+    return dtype
+
+
+def plan_build(paths, names, dtype) -> tuple[list[Path], LibraryPlan]:
+    paths, names = check_folder_names(paths, names)
+    dtype = check_dtype(dtype)
+    modules, base_models = plan_adapters(paths)
+    return paths, LibraryPlan(names, dtype, modules, single_base_model(base_models))
+
+
+def jobs_for(plan: LibraryPlan, paths: list[Path], first_index: int = 0) -> list[Job]:
+    """One job per adapter index >= first_index (``paths[j]`` is adapter ``first_index + j``)."""
+    rows = plan.rows_of_adapters()
+    return [(paths[i - first_index], [(m, r, plan.modules[m].ranks[r]) for m, r in rows[i]])
+            for i in range(first_index, len(plan.names))]
+
+
+def build_library(paths, output, *, names=None, dtype: torch.dtype = torch.float32, workers: int | None = None,
+                  progress: bool = True) -> BuildReport:
+    """Align PEFT folders straight into the library file ``output`` (see the module docstring).
+
+    The file has the same bytes as ``Library.from_peft(paths, names, dtype=dtype).save(output)``.
+    ``workers``: processes aligning in parallel (0: this process; None: one per core for 16+
+    adapters). ``output`` keeps its old content until the new file is complete.
+    """
+    start = time.perf_counter()
+    paths, plan = plan_build(paths, names, dtype)
+    with LibraryWriter(Path(output), plan) as writer:
+        run_jobs(writer.target, jobs_for(plan, paths), workers=workers, progress=progress, desc="aligning adapters")
+    return BuildReport(Path(output), len(plan.names), len(plan.names), len(plan.modules), writer.layout.size,
+                       time.perf_counter() - start)
+
+
+class MemoryTarget:
+    """Rows kept in memory (``Library.from_peft`` without an output file), zero-padded to r_max."""
+
+    def __init__(self, plan: LibraryPlan):
+        self.plan, self.dtype, r = plan, plan.dtype, plan.r_max
+        self.a = {m: torch.zeros(p.num_adapters, r, p.d_in, dtype=self.dtype) for m, p in plan.modules.items()}
+        self.b = {m: torch.zeros(p.num_adapters, p.d_out, r, dtype=self.dtype) for m, p in plan.modules.items()}
+
+    def write_row(self, module: str, row: int, a_star: torch.Tensor, b_star: torch.Tensor) -> None:
+        rank = a_star.shape[0]
+        self.a[module][row, :rank] = a_star
+        self.b[module][row, :, :rank] = b_star
+
+    def weights(self) -> dict[str, ModuleWeights]:
+        index = self.plan.index_tensors()
+        return {m: ModuleWeights(a_star=self.a[m], b_star=self.b[m], prototypes=self.a[m][:, 0].clone(),
+                                 adapter_ids=index[f"{m}::adapter_ids"], ranks=index[f"{m}::ranks"])
+                for m in self.plan.modules}
+
+
+def build_in_memory(paths, names, dtype, progress: bool) -> tuple[LibraryPlan, dict[str, ModuleWeights]]:
+    paths, plan = plan_build(paths, names, dtype)
+    target = MemoryTarget(plan)
+    run_jobs(target, jobs_for(plan, paths), workers=0, progress=progress, desc="aligning adapters")
+    return plan, target.weights()

@@ -1,0 +1,125 @@
+"""Grow or shrink a library file in place: ``add`` appends adapters, ``remove`` drops some.
+
+Neither re-aligns an adapter already in the library: its rows are copied from the old file (by
+the kernel, ``copy_file_range``, when the rank padding is unchanged; re-padded otherwise), and
+only new adapters are aligned. The result has the same bytes as building the library from
+scratch from the same folders in the same order (``add``: old adapters, then the new ones), as
+long as the old file was built by lag_triton (ascending rows, true ranks recorded).
+
+Both write a complete new file next to the old one and rename it over it: the library is
+replaced atomically, and the disk must hold a second copy while the call runs.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from .build import BuildReport, jobs_for, run_jobs
+from .plan import LibraryPlan, ModulePlan, check_folder_names, plan_adapters, single_base_model
+from .stored import StoredLibrary, check_names, existing_library_path, read_stored
+from .writer import LibraryWriter, RowSource
+
+
+def _factor_dtype(stored: StoredLibrary) -> torch.dtype:
+    dtypes = stored.factor_dtypes
+    if len(dtypes) != 1:
+        raise ValueError(f"library file {str(stored.path)!r} mixes factor dtypes {sorted(map(str, dtypes))}; "
+                         "add/remove need one dtype (load it, cast with .to(dtype=...) and save it first)")
+    return dtypes.pop()
+
+
+def _module_plans(stored: StoredLibrary) -> dict[str, tuple[ModulePlan, list[int]]]:
+    """module -> (its plan as stored, the stored adapter ids) from the file's checked index maps."""
+    out = {}
+    for name, m in stored.modules.items():
+        ids, ranks = stored.index_maps(name)
+        ranks = ranks.tolist() if ranks is not None else [m.rank] * m.num_adapters
+        out[name] = (ModulePlan(m.d_in, m.d_out, ids.tolist(), ranks), ids.tolist())
+    return out
+
+
+def add_adapters(library, paths, *, names=None, output=None, workers: int | None = None,
+                 progress: bool = True) -> BuildReport:
+    """Append the PEFT folders ``paths`` to the library file ``library`` (replaced atomically, or
+    written to ``output``). New adapters are aligned into the library's dtype; existing ones are
+    copied. Raises ValueError for a name already in the library, AdapterError for an adapter whose
+    module shapes differ from the library's (or from each other), LibraryFormatError for a bad file.
+    """
+    start = time.perf_counter()
+    src = existing_library_path(library)
+    out = src if output is None else Path(output)
+    stored = read_stored(src)
+    paths, new_names = check_folder_names(paths, names)
+    taken = sorted(set(new_names) & set(stored.names))
+    if taken:
+        raise ValueError(f"library file {str(src)!r} already has adapters named {taken[:10]}: names must be unique "
+                         "(remove the old ones first, or give other --names)")
+    dtype = _factor_dtype(stored)
+    modules = {name: plan for name, (plan, _) in _module_plans(stored).items()}
+    old_rows = {name: plan.num_adapters for name, plan in modules.items()}
+    first = len(stored.names)
+    modules, base_models = plan_adapters(paths, first_index=first, modules=modules,
+                                         known_base_models={stored.base_model} if stored.base_model else set())
+    plan = LibraryPlan(stored.names + new_names, dtype, modules, single_base_model(base_models))
+    source = RowSource(stored)
+    try:
+        with LibraryWriter(out, plan) as writer:
+            for name, count in old_rows.items():
+                writer.copy_rows(name, 0, source, 0, count)
+            run_jobs(writer.target, jobs_for(plan, paths, first), workers=workers, progress=progress,
+                     desc="aligning new adapters")
+    finally:
+        source.close()
+    return BuildReport(out, len(plan.names), len(new_names), len(plan.modules), writer.layout.size,
+                       time.perf_counter() - start)
+
+
+def remove_adapters(library, names, *, output=None) -> BuildReport:
+    """Drop the adapters ``names`` from the library file ``library`` (replaced atomically, or
+    written to ``output``); a module no remaining adapter targets disappears, and the rank padding
+    shrinks to the largest remaining rank. Raises ValueError for an unknown name or for removing
+    every adapter."""
+    start = time.perf_counter()
+    src = existing_library_path(library)
+    out = src if output is None else Path(output)
+    stored = read_stored(src)
+    removed = set(check_names([names] if isinstance(names, str) else names))
+    unknown = sorted(removed - set(stored.names))
+    if unknown:
+        raise ValueError(f"library file {str(src)!r} has no adapters named {unknown[:10]}")
+    kept = [i for i, n in enumerate(stored.names) if n not in removed]
+    if not kept:
+        raise ValueError(f"removing {len(removed)} adapters would leave library file {str(src)!r} empty")
+    new_id = {old: new for new, old in enumerate(kept)}
+    modules, runs = {}, []
+    for name, (plan, ids) in _module_plans(stored).items():
+        rows = [r for r, i in enumerate(ids) if i in new_id]
+        if rows:
+            modules[name] = ModulePlan(plan.d_in, plan.d_out, [new_id[ids[r]] for r in rows],
+                                       [plan.ranks[r] for r in rows])
+            runs += [(name, dst, src_row, count) for dst, src_row, count in _runs(rows)]
+    plan = LibraryPlan([stored.names[i] for i in kept], _factor_dtype(stored), dict(sorted(modules.items())),
+                       stored.base_model)
+    source = RowSource(stored)
+    try:
+        with LibraryWriter(out, plan) as writer:
+            for name, dst, src_row, count in runs:
+                writer.copy_rows(name, dst, source, src_row, count)
+    finally:
+        source.close()
+    return BuildReport(out, len(plan.names), 0, len(plan.modules), writer.layout.size, time.perf_counter() - start)
+
+
+def _runs(rows: list[int]) -> list[tuple[int, int, int]]:
+    """Consecutive stretches of kept source rows: (destination row, source row, count)."""
+    out: list[tuple[int, int, int]] = []
+    for dst, row in enumerate(rows):
+        if out and out[-1][1] + out[-1][2] == row:
+            d, s, c = out[-1]
+            out[-1] = (d, s, c + 1)
+        else:
+            out.append((dst, row, 1))
+    return out

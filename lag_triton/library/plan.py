@@ -1,0 +1,142 @@
+"""What a library file will hold, known before any adapter is aligned (:class:`LibraryPlan`).
+
+A plan lists, per module, which adapter fills each row, that adapter's true rank, and the shapes;
+from it follow the file's header, the byte offset of every row, and the small index tensors. The
+streaming build, ``add`` and ``remove`` all write a plan's file, so a library grown in place has
+the same plan, hence the same header and layout, as one built from scratch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import safetensors_io as sio
+from .peft_reader import PeftAdapter
+from .stored import FORMAT, FORMAT_VERSION, check_names
+
+
+@dataclass
+class ModulePlan:
+    """Rows of one module: ``ids[row]`` (index into the names) and ``ranks[row]`` (its true rank)."""
+
+    d_in: int
+    d_out: int
+    ids: list[int] = field(default_factory=list)
+    ranks: list[int] = field(default_factory=list)
+
+    @property
+    def num_adapters(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class LibraryPlan:
+    """Names, dtype, base model and every module's rows; every module is padded to ``r_max``."""
+
+    names: list[str]
+    dtype: torch.dtype
+    modules: dict[str, ModulePlan]
+    base_model: str | None = None
+
+    @property
+    def r_max(self) -> int:
+        return max(max(m.ranks) for m in self.modules.values())
+
+    def specs(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """Tensor name -> (dtype, shape), as :meth:`Library.save` would write this library."""
+        r, out = self.r_max, {}
+        for name, m in self.modules.items():
+            n = m.num_adapters
+            out.update({f"{name}::a_star": (self.dtype, (n, r, m.d_in)),
+                        f"{name}::b_star": (self.dtype, (n, m.d_out, r)),
+                        f"{name}::prototypes": (self.dtype, (n, m.d_in)),
+                        f"{name}::adapter_ids": (torch.int64, (n,)),
+                        f"{name}::ranks": (torch.int32, (n,))})
+        return out
+
+    def metadata(self) -> dict[str, str]:
+        return library_metadata(self.names, self.base_model, list(self.modules), self.r_max, self.dtype)
+
+    def layout(self) -> sio.Layout:
+        return sio.plan_layout(self.specs(), self.metadata())
+
+    def index_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, m in self.modules.items():
+            out[f"{name}::adapter_ids"] = torch.tensor(m.ids, dtype=torch.int64)
+            out[f"{name}::ranks"] = torch.tensor(m.ranks, dtype=torch.int32)
+        return out
+
+    def rows_of_adapters(self) -> list[list[tuple[str, int]]]:
+        """For every adapter index: the (module, row) pairs it fills."""
+        rows: list[list[tuple[str, int]]] = [[] for _ in self.names]
+        for name, m in self.modules.items():
+            for row, adapter in enumerate(m.ids):
+                rows[adapter].append((name, row))
+        return rows
+
+
+def library_metadata(names, base_model, modules, r_max: int, dtype: torch.dtype) -> dict[str, str]:
+    """The file's string metadata (shared with ``Library.save``, so both write the same header)."""
+    header = {"names": list(names), "base_model": base_model, "modules": sorted(modules), "r_max": r_max,
+              "dtype": str(dtype).removeprefix("torch.")}
+    return {"format": FORMAT, "format_version": str(FORMAT_VERSION),
+            "library": json.dumps(header, sort_keys=True, separators=(",", ":"))}
+
+
+def plan_adapters(paths: list[Path], first_index: int = 0, modules: dict[str, ModulePlan] | None = None,
+                  known_base_models: set[str] | None = None) -> tuple[dict[str, ModulePlan], set[str]]:
+    """Read every folder's config and tensor headers (no tensor data) and add its rows to ``modules``
+    (the modules of an existing library, for ``add``; one adapter is in memory at a time).
+
+    Adapter ``j`` gets index ``first_index + j``. A module's d_in x d_out must agree across
+    adapters and with ``modules``: else :class:`AdapterError` naming both sides.
+    Returns (modules sorted by name, the base models declared so far).
+    """
+    modules = {} if modules is None else modules
+    origin = {m: "the library" for m in modules}
+    base_models = set(known_base_models or ())
+    for j, path in enumerate(paths):
+        adapter = PeftAdapter.open(path)
+        if adapter.base_model:
+            base_models.add(adapter.base_model)
+        for module, f in adapter.modules.items():
+            plan = modules.get(module)
+            if plan is None:
+                plan = modules[module] = ModulePlan(f.d_in, f.d_out)
+                origin[module] = f"adapter {str(adapter.path)!r}"
+            if (f.d_in, f.d_out) != (plan.d_in, plan.d_out):
+                raise adapter.error(f"module {module!r} has d_in x d_out = {f.d_in} x {f.d_out} "
+                                    f"(lora_A {f.key_a!r}) but {origin[module]} has "
+                                    f"{plan.d_in} x {plan.d_out}: all adapters must share one base model")
+            plan.ids.append(first_index + j)
+            plan.ranks.append(f.rank)
+    return dict(sorted(modules.items())), base_models
+
+
+def check_folder_names(paths, names) -> tuple[list[Path], list[str]]:
+    """(paths as Path, names: folder names by default), checked: unique names, one per folder."""
+    from os import PathLike
+
+    paths = [paths] if isinstance(paths, (str, PathLike)) else list(paths)
+    for p in paths:
+        if not isinstance(p, (str, PathLike)):
+            raise TypeError(f"adapter folders must be paths (str or os.PathLike), got {p!r:.60} "
+                            f"({type(p).__name__})")
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ValueError("at least one adapter folder is needed")
+    names = check_names([p.name for p in paths] if names is None else names)
+    if len(names) != len(paths):
+        raise ValueError(f"{len(names)} names for {len(paths)} adapter folders")
+    return paths, names
+
+
+def single_base_model(base_models: set[str]) -> str | None:
+    """The base model when every adapter that names one names the same, else None (as ``from_peft``)."""
+    return next(iter(base_models)) if len(base_models) == 1 else None
+

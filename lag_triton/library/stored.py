@@ -1,0 +1,203 @@
+"""The library file format, read without reading the factors: header, names, modules, index maps.
+
+File layout: tensors ``<module>::<field>`` (fields in :mod:`.weights`), and string metadata
+``format`` = "lag_triton.library", ``format_version``, and ``library`` = a JSON object with
+``names`` (the adapters, in id order), ``modules``, ``base_model``, ``r_max`` and ``dtype``.
+
+:func:`read_stored` checks every header field it uses and raises :class:`LibraryFormatError`
+naming the file and the field. ``Library.load``, ``lag_triton info`` and the in-place
+``add``/``remove`` all start here, so they accept and refuse exactly the same files.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from . import safetensors_io as sio
+from .weights import FIELDS
+
+FORMAT = "lag_triton.library"
+FORMAT_VERSION = 1
+FILE_DTYPES = {**{f: ("F64", "F32", "F16", "BF16") for f in ("a_star", "b_star", "prototypes")},
+               "adapter_ids": ("I64", "I32"), "ranks": ("I32", "I64")}
+REQUIRED_FIELDS = FIELDS[:4]  # ranks is optional
+
+
+class LibraryFormatError(ValueError):
+    """A file that is not a (complete, consistent) lag_triton library."""
+
+
+def check_names(names) -> list[str]:
+    """``names`` as a list of unique strings, else TypeError/ValueError saying what is wrong."""
+    if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
+        raise TypeError(f"adapter names must be a list of strings, got {type(names).__name__}")
+    names = list(names)
+    if not all(isinstance(n, str) for n in names):
+        bad = next(n for n in names if not isinstance(n, str))
+        raise TypeError(f"adapter names must be strings, got {bad!r} ({type(bad).__name__})")
+    if len(set(names)) != len(names):
+        seen: set[str] = set()
+        dup = sorted({n for n in names if n in seen or seen.add(n)})
+        raise ValueError(f"adapter names must be unique; repeated: {dup[:10]}")
+    return names
+
+
+@dataclass(frozen=True)
+class StoredModule:
+    """One module's tensors in a library file (header entries; no data read)."""
+
+    name: str
+    entries: dict[str, sio.Entry]  # field -> entry; "ranks" may be absent
+
+    @property
+    def num_adapters(self) -> int:
+        return self.entries["a_star"].shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.entries["a_star"].shape[1]
+
+    @property
+    def d_in(self) -> int:
+        return self.entries["a_star"].shape[2]
+
+    @property
+    def d_out(self) -> int:
+        return self.entries["b_star"].shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.end - e.begin for e in self.entries.values())
+
+
+@dataclass(frozen=True)
+class StoredLibrary:
+    """A library file's checked header: what ``info`` prints and what ``add``/``remove`` rewrite."""
+
+    path: Path
+    header: sio.Header
+    names: list[str]
+    modules: dict[str, StoredModule]  # in the order of the metadata's 'modules'
+    base_model: str | None
+
+    def fail(self, message: str) -> LibraryFormatError:
+        return LibraryFormatError(f"library file {str(self.path)!r}: {message}")
+
+    @property
+    def factor_dtypes(self) -> set[torch.dtype]:
+        return {m.entries[f].torch_dtype for m in self.modules.values() for f in ("a_star", "b_star", "prototypes")}
+
+    def index_maps(self, module: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(adapter_ids int64, ranks int64 or None) of ``module``, read from the file and checked:
+        ids index ``names`` once each, ranks lie in [1, r]."""
+        m = self.modules[module]
+        wanted = [f"{module}::adapter_ids"] + ([f"{module}::ranks"] if "ranks" in m.entries else [])
+        try:
+            tensors = sio.read_tensors(self.path, self.header, wanted)
+        except sio.SafetensorsProblem as e:
+            raise self.fail(str(e)) from None
+        ids = tensors[wanted[0]].to(torch.int64)
+        ranks = tensors[wanted[1]].to(torch.int64) if len(wanted) > 1 else None
+        n = len(self.names)
+        bad = ids[(ids < 0) | (ids >= n)]
+        if bad.numel():
+            raise self.fail(f"module {module!r}: adapter_ids holds {bad[0].item()}, outside [0, {n}) (the "
+                            f"library has {n} names)")
+        if ids.unique().numel() != ids.numel():
+            raise self.fail(f"module {module!r}: adapter_ids repeats an adapter: {ids.tolist()[:20]}")
+        if ranks is not None and ((ranks < 1) | (ranks > m.rank)).any():
+            raise self.fail(f"module {module!r}: ranks must lie in [1, r={m.rank}], got {ranks.tolist()[:20]}")
+        return ids, ranks
+
+
+def read_stored(path: Path) -> StoredLibrary:
+    """Read and check a library file's header and metadata (not its tensor data)."""
+    def fail(message: str) -> LibraryFormatError:
+        return LibraryFormatError(f"library file {str(path)!r}: {message}")
+
+    try:
+        header = sio.read_header(path)
+    except sio.SafetensorsProblem as e:
+        raise fail(str(e)) from None
+    info = _library_metadata(header.metadata, fail)
+    try:
+        names = check_names(info["names"])
+    except (TypeError, ValueError) as e:
+        raise fail(f"'names': {e}") from None
+    modules = info["modules"]
+    if not (isinstance(modules, list) and modules and all(isinstance(m, str) for m in modules)
+            and len(set(modules)) == len(modules)):
+        raise fail(f"'modules' must be a non-empty list of distinct module names, got {modules!r:.80}")
+    base_model = info.get("base_model")
+    if base_model is not None and not isinstance(base_model, str):
+        raise fail(f"'base_model' must be a string or null, got {base_model!r:.40}")
+    expected = {f"{m}::{f}": (m, f) for m in modules for f in FIELDS}
+    stray = sorted(set(header.entries) - set(expected))
+    if stray:
+        raise fail(f"tensor {stray[0]!r} belongs to no module listed in 'modules'")
+    per_module: dict[str, dict[str, sio.Entry]] = {m: {} for m in modules}
+    for name, entry in header.entries.items():
+        module, field = expected[name]
+        if entry.dtype not in FILE_DTYPES[field]:
+            raise fail(f"module {module!r}: tensor {field!r} has dtype {entry.dtype}; expected one of "
+                       f"{FILE_DTYPES[field]}")
+        per_module[module][field] = entry
+    for module, entries in per_module.items():
+        missing = [f for f in REQUIRED_FIELDS if f not in entries]
+        if missing:
+            raise fail(f"module {module!r} lacks tensors {missing}")
+        _check_shapes(module, entries, fail)
+    return StoredLibrary(path, header, names, {m: StoredModule(m, per_module[m]) for m in modules}, base_model)
+
+
+def _library_metadata(meta: dict[str, str], fail) -> dict:
+    if meta.get("format") != FORMAT:
+        raise fail(f"a safetensors file but not a lag_triton library (metadata format={meta.get('format')!r})")
+    version = meta.get("format_version")
+    if not (isinstance(version, str) and version.isascii() and version.isdigit() and int(version) >= 1):
+        raise fail(f"metadata field 'format_version' must be a positive integer, got {version!r:.40}")
+    if int(version) > FORMAT_VERSION:
+        raise fail(f"library format version {version}; this lag_triton reads up to {FORMAT_VERSION}: "
+                   "upgrade lag_triton")
+    if "library" not in meta:
+        raise fail("metadata has no 'library' field")
+    try:
+        info = json.loads(meta["library"])
+    except json.JSONDecodeError as e:
+        raise fail(f"metadata field 'library' is not JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise fail(f"metadata field 'library' must be a JSON object, got a JSON {sio.json_type(info)}")
+    for field in ("names", "modules"):
+        if field not in info:
+            raise fail(f"metadata field 'library' has no {field!r}")
+    return info
+
+
+def _check_shapes(module: str, entries: dict[str, sio.Entry], fail) -> None:
+    """The shape rules of :class:`.weights.ModuleWeights`, checked on header entries (same messages)."""
+    from .weights import ModuleWeights
+
+    meta = {f: torch.empty(e.shape, dtype=e.torch_dtype, device="meta") for f, e in entries.items()}
+    try:
+        ModuleWeights(**meta)
+    except ValueError as e:
+        raise fail(f"module {module!r}: {e}") from None
+
+
+def existing_library_path(path) -> Path:
+    """``path`` as a Path to an existing file, else TypeError / IsADirectoryError / FileNotFoundError."""
+    import os
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"a library path must be a str or os.PathLike, got {type(path).__name__}")
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"library file {str(path)!r} is a directory, not a library file")
+    if not path.is_file():
+        raise FileNotFoundError(f"library file {str(path)!r} does not exist")
+    return path
