@@ -1,7 +1,9 @@
 """Attach LAG libraries to a model in place: ``patch`` and ``unpatch`` (DESIGN §4).
 
-Each targeted nn.Linear (or transformers' Conv1D) is swapped for a :class:`LagLinear` that runs
-the original module and then adds, per attached library, the routed adapter output.
+Each targeted linear-like layer (nn.Linear, transformers' Conv1D, or a quantised layer such as
+bitsandbytes' Linear4bit or a GPTQ QuantLinear: see :mod:`.layers`) is swapped for a
+:class:`LagLinear` that runs the original module and then adds, per attached library, the routed
+adapter output.
 
 What a patched model promises:
 - ``patch`` checks every module of every library, and copies the library tensors it keeps,
@@ -27,6 +29,8 @@ import torch
 from torch import nn
 
 from .kernels import get_ops, resolve_backend
+from .layers import LayerInfo, activation_dtype, describe_layer
+from .layers import linear_shape as _linear_shape, route_dtype as _route_dtype
 from .library import Library
 from .routing import RoutingConfig, route_and_apply
 from .tracing import Trace, active_traces, trace
@@ -35,30 +39,9 @@ __all__ = ["LagLinear", "LibraryRoute", "LibraryNotSavedWarning", "patch", "unpa
 
 LibraryLike = Union[Library, str, os.PathLike]
 
-try:  # GPT-2 style layers keep weight as [d_in, d_out]
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency, but keep patching usable without it
-    Conv1D = ()
-
-# Layer dtypes patch accepts. The kernels route in fp32/fp16/bf16; an fp64 layer routes in fp32.
-_LAYER_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
 
 class LibraryNotSavedWarning(UserWarning):
     """A patched model's state_dict (and save_pretrained) holds the base model only, not the library."""
-
-
-def _route_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype == torch.float64 else dtype
-
-
-def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
-    """(d_in, d_out) of a module LAG can wrap, else None."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    if Conv1D and isinstance(module, Conv1D):
-        return module.weight.shape[0], module.weight.shape[1]
-    return None
 
 
 class LibraryRoute(nn.Module):
@@ -209,29 +192,23 @@ def _as_float(name: str, value):
     raise ValueError(f"{name} must be a number > 0, got {value!r}")
 
 
-def _check_layer(lib: Library, name: str, module: nn.Module | None, weights, model: nn.Module) -> torch.Tensor:
-    """The base layer's weight, after checking that ``weights`` can route this layer."""
+def _check_layer(lib: Library, name: str, module: nn.Module | None, weights, model: nn.Module) -> LayerInfo:
+    """The base layer's sizes, device and compute dtype (``.device``, ``.dtype``), after checking
+    that ``weights`` can route this layer. Which layers qualify and which dtype: :mod:`.layers`."""
     if module is None:
         raise ValueError(f"library {lib.label} targets module {name!r}, which {type(model).__name__} "
                          "does not have (was it built for another base model?)")
     base = module.base_layer if isinstance(module, LagLinear) else module
-    shape = _linear_shape(base)
-    if shape is None:
-        raise TypeError(f"library {lib.label} targets module {name!r} of type {type(base).__name__}; "
-                        "LAG wraps nn.Linear and transformers' Conv1D only")
-    if shape != (weights.d_in, weights.d_out):
+    try:
+        layer = describe_layer(name, base, lambda: activation_dtype(model))
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"library {lib.label}: {e}") from None  # e names the module
+    if (layer.d_in, layer.d_out) != (weights.d_in, weights.d_out):
         raise ValueError(f"library {lib.label}, module {name!r}: adapters are {weights.d_in} -> "
-                         f"{weights.d_out} but the model's layer is {shape[0]} -> {shape[1]}")
-    weight = base.weight
-    if weight.device.type == "meta":
-        raise ValueError(f"module {name!r} is on the meta device (no weights yet): load the model's weights "
-                         "(e.g. to_empty + load_state_dict) before patching")
-    if weight.dtype not in _LAYER_DTYPES:
-        raise TypeError(f"module {name!r} has a {weight.dtype} weight (quantized?); LAG needs a float32, "
-                        "float16, bfloat16 or float64 layer")
+                         f"{weights.d_out} but the model's layer is {layer.d_in} -> {layer.d_out}")
     if weights.device.type == "meta":
         raise ValueError(f"library {lib.label}, module {name!r}: the library tensors are on the meta device")
-    return weight
+    return layer
 
 
 # -- patch / unpatch -------------------------------------------------------------------------------
@@ -253,7 +230,7 @@ def patch(model: nn.Module, libraries: LibraryLike | Sequence[LibraryLike], *, k
     libs = _as_libraries(libraries)
     already = getattr(model, "_lag_num_libraries", 0)
     modules = dict(model.named_modules())
-    plan = []  # (module name, library index, weights, backend, layer weight)
+    plan = []  # (module name, library index, weights, backend, LayerInfo: .device, compute .dtype)
     for offset, lib in enumerate(libs):
         for name, weights in lib.modules.items():
             weight = _check_layer(lib, name, modules.get(name), weights, model)

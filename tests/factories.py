@@ -101,3 +101,106 @@ def replace_tensor(header: dict, data: bytes, name: str, raw: bytes, **entry) ->
         chunks.append(chunk)
         position += len(chunk)
     return header, b"".join(chunks)
+
+
+# -- quantised base layers (issue 15): a stand-in that always runs, and the real libraries ----------------
+class QuantLinear(torch.nn.Module):
+    """Stand-in for a GPTQ/AWQ-style layer: integer weights, float scales, a dequantising forward.
+
+    ``bits=8``: int8 weight [d_out, d_in] (the logical shape, but not a float), one scale per
+    output. ``bits=4``: values 0..15 (zero point 8) packed eight to an int32 along d_in, as GPTQ
+    stores ``qweight`` [d_in / 8, d_out], one scale per group of ``group_size`` inputs and output.
+    The forward dequantises in float32 and multiplies in ``compute_dtype`` when it is set (as
+    bitsandbytes' Linear4bit does), else in the input's dtype; it returns the input's dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bits: int = 4, group_size: int = 16,
+                 scale_dtype: torch.dtype = torch.float16, bias: bool = True, compute_dtype=None):
+        super().__init__()
+        if bits not in (4, 8) or in_features % (8 if bits == 4 else 1) or in_features % group_size:
+            raise ValueError(f"QuantLinear: bits={bits}, in_features={in_features}, group_size={group_size}")
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        self.compute_dtype = compute_dtype
+        if bits == 8:
+            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+            self.register_buffer("scales", torch.ones(out_features, dtype=scale_dtype))
+        else:
+            self.register_buffer("qweight", torch.zeros(in_features // 8, out_features, dtype=torch.int32))
+            self.register_buffer("scales", torch.ones(in_features // group_size, out_features, dtype=scale_dtype))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=scale_dtype) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, **kwargs) -> "QuantLinear":
+        q = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, **kwargs)
+        w = linear.weight.detach().float()  # [d_out, d_in]
+        if q.bits == 8:
+            scale = (w.abs().amax(1) / 127).clamp_min(1e-8).to(q.scales.dtype)
+            q.qweight.copy_(torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8))
+            q.scales.copy_(scale)
+        else:
+            groups = w.t().reshape(-1, q.group_size, q.out_features)  # [d_in / g, g, d_out]
+            scale = (groups.abs().amax(1) / 7).clamp_min(1e-8).to(q.scales.dtype)
+            values = (torch.round(groups / scale.float()[:, None]).clamp(-8, 7) + 8).to(torch.int64)
+            words = values.reshape(-1, 8, q.out_features) << (4 * torch.arange(8))[None, :, None]
+            packed = words.sum(1)  # < 2**32: wrap into int32 as the packed word's bits
+            q.qweight.copy_(torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32))
+            q.scales.copy_(scale)
+        if linear.bias is not None:
+            q.bias.copy_(linear.bias.detach())
+        return q
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight as float32 [d_out, d_in]."""
+        if self.bits == 8:
+            return self.qweight.float() * self.scales.float()[:, None]
+        shifts = (4 * torch.arange(8, device=self.qweight.device))[None, :, None]
+        values = ((self.qweight[:, None, :] >> shifts) & 15).reshape(self.in_features, self.out_features)
+        scales = self.scales.float().repeat_interleave(self.group_size, 0)
+        return ((values.float() - 8) * scales).t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype or x.dtype
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return torch.nn.functional.linear(x.to(dtype), self.dequantize().to(dtype), bias).to(x.dtype)
+
+
+def quantize_linears(model, kind: str, targets, *, compute_dtype=None):
+    """Replace every nn.Linear of ``model`` whose last name part is in ``targets`` by a quantised
+    layer of ``kind``, in place; returns {name: new module}. Kinds: ``standin-int8`` /
+    ``standin-int4`` (:class:`QuantLinear`), ``torchao-int8wo`` (torchao int8 weight-only),
+    ``bnb-int8`` (bitsandbytes Linear8bitLt), ``bnb-nf4`` (bitsandbytes Linear4bit, NF4).
+    torchao and bitsandbytes are imported only for their kinds."""
+    names = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and n.rsplit(".", 1)[-1] in targets]
+    if kind == "torchao-int8wo":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: fqn in names)
+        return {n: model.get_submodule(n) for n in names}
+    out = {}
+    for name in names:
+        linear = model.get_submodule(name)
+        if kind.startswith("standin-"):
+            new = QuantLinear.from_linear(linear, bits=int(kind[-1]), compute_dtype=compute_dtype)
+        elif kind == "bnb-int8":
+            import bitsandbytes as bnb
+
+            new = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                      has_fp16_weights=False)
+            new.weight = bnb.nn.Int8Params(linear.weight.detach().clone(), requires_grad=False,
+                                           has_fp16_weights=False)
+        elif kind == "bnb-nf4":
+            import bitsandbytes as bnb
+
+            new = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                    compute_dtype=compute_dtype, quant_type="nf4")
+            new.weight = bnb.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False, quant_type="nf4")
+        else:
+            raise ValueError(f"unknown quantisation kind {kind!r}")
+        if kind.startswith("bnb-"):
+            if linear.bias is not None:
+                new.bias = torch.nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+            new = new.to(linear.weight.device)  # bitsandbytes quantises when the weight is moved
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+        out[name] = new
+    return out
