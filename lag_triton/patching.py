@@ -214,7 +214,7 @@ def _check_layer(lib: Library, name: str, module: nn.Module | None, weights, mod
 # -- patch / unpatch -------------------------------------------------------------------------------
 def patch(model: nn.Module, libraries: LibraryLike | Sequence[LibraryLike], *, k: int = 20, top_m: int = 1,
           router: str = "lag", temperature: float = 1.0, combine: str = "softmax",
-          backend: str = "auto") -> nn.Module:
+          backend: str = "auto", process_group=None) -> nn.Module:
     """Route ``libraries`` (a Library, a saved library path, or a list of them) through ``model`` in place.
 
     Every module a library targets gets LAG routing with the given settings; several libraries
@@ -222,12 +222,19 @@ def patch(model: nn.Module, libraries: LibraryLike | Sequence[LibraryLike], *, k
     dtype (fp32 for an fp64 layer). Everything is checked before the model is touched, values
     included (ids in range, finite factors): on any error the model is unchanged. Calling
     ``patch`` again attaches more libraries. Returns ``model``.
+
+    With ``process_group`` (a ``torch.distributed`` group; every rank calls ``patch`` alike), each
+    rank keeps ~1/P of every module's adapters and the ranks route together (:mod:`.sharding`).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch() needs a torch.nn.Module, got {type(model).__name__}")
     config = RoutingConfig(k=_as_int(k), top_m=_as_int(top_m), router=router,
                            temperature=_as_float("temperature", temperature), combine=combine)
     libs = _as_libraries(libraries)
+    if process_group is not None:  # sharded over ranks: lag_triton.sharding owns that path
+        from .sharding import patch_sharded
+
+        return patch_sharded(model, libs, config, backend, process_group)
     already = getattr(model, "_lag_num_libraries", 0)
     modules = dict(model.named_modules())
     plan = []  # (module name, library index, weights, backend, LayerInfo: .device, compute .dtype)

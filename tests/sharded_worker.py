@@ -1,0 +1,138 @@
+"""What each spawned rank of tests/test_sharding.py runs (kept light: no peft import, fast spawn).
+
+Every rank builds the same tiny Llama, patches it with the whole library (the single-device
+reference) on its own batch, then with ``process_group=`` (sharded), and checks that selections
+are equal and logits equal up to fp32 rounding, for every router setting it is given. Failures
+raise, which ``torch.multiprocessing.spawn`` turns into a test failure with the rank's traceback.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import lag_triton
+from lag_triton import Library
+from lag_triton.library import ModuleWeights
+from lag_triton.sharding import ShardedRoute, shard_bounds, traffic
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)  # the same weights on every rank (and as tests/factories.py's tiny_model)
+    config = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaForCausalLM(config).eval()
+
+
+def _init(rank: int, world: int, store: str, backend: str) -> torch.device:
+    torch.set_num_threads(1)  # forked from a process whose OpenMP pool may be running; P ranks share the cores
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        return torch.device("cuda", rank)
+    return torch.device("cpu")
+
+
+def _forward(model, ids):
+    with torch.no_grad(), lag_triton.trace(model) as tr:
+        logits = model(input_ids=ids).logits
+    return logits, tr.selections
+
+
+def _remote_picks(model, selections, rank: int, world: int) -> dict[str, int]:
+    """Per module: picks of this rank's tokens whose adapter row lives on another rank."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, lag_triton.LagLinear):
+            route = module.routes[0]
+            rows = torch.searchsorted(route.adapter_ids.cpu(), selections[name])  # ids ascending: row = position
+            owner = torch.bucketize(rows, torch.tensor(shard_bounds(route.n_total, world)), right=True) - 1
+            out[name] = int((owner != rank).sum())
+    return out
+
+
+def check_model(rank: int, world: int, store: str, backend: str, lib_path: str, settings: list[dict]) -> None:
+    device = _init(rank, world, store, backend)
+    model = tiny_llama().to(device)
+    lib = Library.load(lib_path)
+    g = torch.Generator().manual_seed(100 + rank)
+    ids = torch.randint(0, 97, (1 + rank % 2, 4 + 3 * rank), generator=g).to(device)  # uneven batches
+    tokens = [(1 + p % 2) * (4 + 3 * p) for p in range(world)]
+    for kw in settings:
+        lag_triton.patch(model, lib, **kw)
+        want, want_sel = _forward(model, ids)
+        lag_triton.unpatch(model)
+        lag_triton.patch(model, lib, process_group=dist.group.WORLD, **kw)
+        got, got_sel = _forward(model, ids)
+        routes = {n: m.routes[0] for n, m in model.named_modules() if isinstance(m, lag_triton.LagLinear)}
+        assert all(isinstance(r, ShardedRoute) for r in routes.values())
+        assert set(got_sel) == set(want_sel), kw
+        for name in want_sel:
+            assert torch.equal(got_sel[name], want_sel[name]), (kw, name, got_sel[name], want_sel[name])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{kw}: {m}")
+        _check_traffic(model, routes, got_sel, rank, world, tokens, kw)
+        lag_triton.unpatch(model)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _check_traffic(model, routes, selections, rank, world, tokens, kw) -> None:
+    """What each module call sent equals the documented formula (summed over ranks)."""
+    remote = _remote_picks(model, selections, rank, world)
+    for name, route in sorted(routes.items()):
+        sent = torch.tensor([route.last_traffic[p] for p in sorted(route.last_traffic)] + [remote[name]])
+        dist.all_reduce(sent)
+        n = route.n_total
+        cands = [min(route.config.sizes(n)[0 if route.config.router == "lag" else 1],
+                     shard_bounds(n, world)[p + 1] - shard_bounds(n, world)[p]) for p in range(world)]
+        want = traffic(tokens=tokens, d_in=route.a_star.shape[2], d_out=route.b_star.shape[1],
+                       itemsize=route.a_star.element_size(), cands=cands, router=route.config.router,
+                       remote_picks=int(sent[-1]))
+        got = dict(zip(sorted(route.last_traffic), sent[:-1].tolist()))
+        assert got == want, (kw, name, got, want)
+
+
+def tie_library() -> Library:
+    """5 adapters on one 8 -> 4 layer with dyadic values (every score and norm exact in fp32);
+    adapters 1 and 4 are identical, so they tie exactly and land on different shards."""
+    a = torch.zeros(5, 2, 8)
+    for i in range(5):
+        a[i, 0, i] = 1.0
+        a[i, 1, (i + 3) % 8] = 0.5
+    a[1, 0, 7] = a[4, 0, 7] = 4.0  # 1 and 4: the largest prototype weight on feature 7
+    a[4] = a[1]
+    b = torch.arange(5 * 4 * 2, dtype=torch.float32).view(5, 4, 2) / 8
+    b[4] = b[1] + 1  # same routing keys, different outputs: the winner is visible in y
+    weights = ModuleWeights(a_star=a, b_star=b, prototypes=a[:, 0].clone(), adapter_ids=torch.arange(5),
+                            ranks=torch.full((5,), 2, dtype=torch.int32))
+    return Library([f"t{i}" for i in range(5)], {"0": weights})
+
+
+def check_ties(rank: int, world: int, store: str, backend: str) -> None:
+    """Exact ties across shards go to the lower adapter id; a rank may have no tokens at all."""
+    device = _init(rank, world, store, backend)
+    lib = tie_library()
+    x = torch.zeros(0 if rank == world - 1 else 6, 8, device=device)  # the last rank has no tokens
+    if x.shape[0]:
+        x[:3, 7] = 1.0  # tokens 0-2: adapters 1 and 4 tie on every key
+        x[3:5] = 0.25  # all features: more ties
+    for kw in ({"router": "lag", "k": 2}, {"router": "lag", "k": 3, "top_m": 2}, {"router": "arrow", "top_m": 2},
+               {"router": "spectr", "top_m": 1}, {"router": "spectr", "top_m": 3, "combine": "uniform"}):
+        outs = []
+        for group in (None, dist.group.WORLD):
+            torch.manual_seed(1)
+            model = nn.Sequential(nn.Linear(8, 4)).to(device)
+            lag_triton.patch(model, lib, process_group=group, **kw)
+            with torch.no_grad(), lag_triton.trace(model) as tr:
+                y = model(x)
+            outs.append((y, tr.selections["0"]))
+        (want, want_sel), (got, got_sel) = outs
+        assert torch.equal(got_sel, want_sel), (kw, got_sel, want_sel)
+        if x.shape[0]:
+            assert (got_sel[:3, 0] == 1).all(), (kw, got_sel)  # the tie went to the lower id
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    dist.barrier()
+    dist.destroy_process_group()

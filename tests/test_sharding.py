@@ -1,0 +1,102 @@
+"""Sharded routing (issue 13, item 3): ranks holding ~1/P of every module's adapters select and
+output what one device holding the whole library does, over gloo in 2 and 3 spawned processes
+(and NCCL when several GPUs are present)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import lag_triton
+from factories import make_adapter, tiny_model
+from lag_triton import Library
+from lag_triton.sharding import shard_bounds, traffic
+
+import sharded_worker
+
+# Every router and top_m, with k below, at and above N (k is clamped per module).
+SETTINGS = [
+    {"router": "lag", "k": 2, "top_m": 1},
+    {"router": "lag", "k": 3, "top_m": 2},
+    {"router": "lag", "k": 20, "top_m": 3, "combine": "uniform"},
+    {"router": "arrow", "top_m": 1},
+    {"router": "arrow", "top_m": 2, "temperature": 0.5},
+    {"router": "spectr", "top_m": 1},
+    {"router": "spectr", "top_m": 2},
+]
+
+
+@pytest.fixture(scope="module")
+def library_file(tmp_path_factory):
+    """N = 5 (odd: uneven shards); q_proj has one adapter, so some ranks hold none of it."""
+    tmp = tmp_path_factory.mktemp("sharded")
+    model = tiny_model("llama")
+    paths = [make_adapter(model, tmp / f"a{i}", seed=i, r=2 + i % 3, targets=["up_proj", "down_proj", "v_proj"])
+             for i in range(4)]
+    paths.append(make_adapter(model, tmp / "a4", seed=4, r=3, targets=["q_proj", "up_proj"]))
+    path = tmp / "lib.safetensors"
+    Library.from_peft(paths, progress=False).save(path)
+    return path
+
+
+def test_shard_bounds_are_balanced_and_cover_every_row():
+    for n in range(0, 12):
+        for world in (1, 2, 3, 4):
+            b = shard_bounds(n, world)
+            assert b[0] == 0 and b[-1] == n and all(0 <= b[p + 1] - b[p] - n // world <= 1 for p in range(world))
+    assert shard_bounds(1, 3) == [0, 0, 0, 1]  # ranks 0 and 1 hold nothing of a 1-adapter module
+
+
+def test_traffic_formula_terms():
+    t = traffic(tokens=[3, 5], d_in=48, d_out=80, itemsize=4, cands=[2, 3], router="lag", remote_picks=4)
+    assert t == {"sizes": 16, "activations": 8 * 48 * 4, "candidates": 12 * (2 * 5 + 3 * 3), "counts": 16,
+                 "requests": 32, "outputs": 4 * 80 * 4}
+
+
+def _start(fn, world: int, *args, method: str = "fork") -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` new processes; a failure re-raises with its traceback.
+    On CPU they fork (they start at once, with torch and transformers already imported; each sets
+    one thread); CUDA needs "spawn"."""
+    mp.start_processes(fn, args=(world, *args), nprocs=world, join=True, start_method=method)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_equals_single_device_over_gloo(library_file, tmp_path, world):
+    _start(sharded_worker.check_model, world, str(tmp_path / "store"), "gloo", str(library_file), SETTINGS)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_exact_ties_across_shards_go_to_the_lower_id(tmp_path, world):
+    _start(sharded_worker.check_ties, world, str(tmp_path / "store"), "gloo")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2+ CUDA devices")
+def test_sharded_equals_single_device_over_nccl(library_file, tmp_path):
+    world = min(torch.cuda.device_count(), 3)
+    _start(sharded_worker.check_model, world, str(tmp_path / "store"), "nccl", str(library_file), SETTINGS,
+           method="spawn")
+
+
+def test_patch_with_a_group_refuses_without_torch_distributed(library_file):
+    model = tiny_model("llama")
+    assert not dist.is_initialized()
+    with pytest.raises(ValueError, match="torch.distributed is not initialised"):
+        lag_triton.patch(model, library_file, process_group=object())
+    assert not any(isinstance(m, lag_triton.LagLinear) for m in model.modules())
+
+
+def test_a_sharded_model_refuses_to_pickle(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = nn.Sequential(nn.Linear(8, 4))
+        lag_triton.patch(model, sharded_worker.tie_library(), process_group=dist.group.WORLD)
+        with pytest.raises(TypeError, match="cannot be pickled or deep-copied"):
+            torch.save(model, tmp_path / "m.pt")
+        with pytest.raises(TypeError, match="ProcessGroup"):
+            lag_triton.patch(nn.Sequential(nn.Linear(8, 4)), sharded_worker.tie_library(), process_group="world")
+    finally:
+        dist.destroy_process_group()
