@@ -11,8 +11,8 @@ What is checked, for every kind of layer that runs on this machine:
 
 Kinds: a stand-in GPTQ/AWQ-style ``QuantLinear`` (tests/factories.py; int8, and int4 packed in
 int32 words) always runs. torchao int8 weight-only and bitsandbytes Linear8bitLt / Linear4bit
-(NF4) run when those optional packages are installed and work on this CPU; otherwise they skip
-with the reason.
+(NF4) run when those optional packages are installed (``pip install -e .[test-quant]``) and work on
+this CPU; otherwise they skip with the reason.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _unavailable(kind: str) -> str | None:
     try:
         __import__(package)
     except Exception as e:  # not installed, or built for another torch
-        return f"{package} is not importable ({type(e).__name__}: {e}); it is optional: pip install {package}"
+        return f"{package} is not importable ({type(e).__name__}: {e}); optional: pip install -e .[test-quant]"
     try:
         probe = nn.Sequential(nn.Linear(64, 64))
         quantize_linears(probe, kind, ["0"])
