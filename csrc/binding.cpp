@@ -180,8 +180,7 @@ std::string spectr_rerank_impl(const torch::Tensor& x, const torch::Tensor& a_st
   torch::Tensor key_all = torch::empty({T, k}, x.options().dtype(torch::kFloat32));
   const int rc = lag_spectr_rerank_launch(
       x.data_ptr(), x_dt, a_star.data_ptr(), a_dt, static_cast<const int32_t*>(candidates.data_ptr()), cs, T, N, r,
-      d_in, k, top_m, combine_uniform ? 1 : 0, static_cast<float>(temperature),
-      static_cast<float>(1.0 / static_cast<double>(top_m)), static_cast<float*>(z_all.data_ptr()),
+      d_in, k, top_m, combine_uniform ? 1 : 0, static_cast<float>(temperature), static_cast<float*>(z_all.data_ptr()),
       static_cast<float*>(key_all.data_ptr()), static_cast<int32_t*>(sel.data_ptr()), static_cast<float*>(w.data_ptr()),
       static_cast<float*>(z.data_ptr()), device.index(), as_stream(stream));
   return launch_status(rc, "spectr_rerank");

@@ -34,11 +34,12 @@ int lag_arrow_topk_launch(const void* x, int x_dtype, const void* prototypes, in
 
 // x [T, d_in], a_star [N, r, d_in], candidates [T, k] int32, candidate_scores [T, k] fp32 or NULL.
 // Scratch: z_all [T, k, r] fp32, key_all [T, k] fp32. Outputs: sel [T, m] int32, w [T, m] fp32,
-// z [T, m, r] fp32. combine_uniform: 1 for "uniform", 0 for "softmax"; uniform_weight = (float)(1.0/m).
+// z [T, m, r] fp32. combine_uniform: 1 for "uniform", 0 for "softmax". A candidate -1 is no candidate:
+// never picked; picks past the valid candidates get sel -1, w 0, z 0 and the weights spread over the rest.
 int lag_spectr_rerank_launch(const void* x, int x_dtype, const void* a_star, int a_dtype,
                              const int32_t* candidates, const float* candidate_scores, int64_t T,
                              int64_t N, int64_t r, int64_t d_in, int64_t k, int64_t m,
-                             int combine_uniform, float temperature, float uniform_weight,
+                             int combine_uniform, float temperature,
                              float* z_all, float* key_all, int32_t* sel, float* w, float* z,
                              int device, void* stream);
 

@@ -32,8 +32,8 @@ lora_apply_kernel(TY* __restrict__ y, const TB* __restrict__ B, const int32_t* _
 #pragma unroll
       for (int i = 0; i < OPT; ++i) acc[i] = 0.f;
       for (int j = 0; j < m; ++j) {
-        int n = __ldg(sel + t * m + j);
-        n = n < 0 ? 0 : (n >= N ? N - 1 : n);  // memory safety only: sel is in range by contract
+        const int n = __ldg(sel + t * m + j);
+        if (n < 0 || n >= N) continue;  // -1: no adapter for this pick (a scope); never read out of range
         const float wj = __ldg(w + t * m + j);
         const float* zj = z + (t * m + j) * r;
         const TB* b = B + n * slab;

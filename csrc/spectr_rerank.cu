@@ -9,7 +9,8 @@
 // Kernel 2 (rerank_select_kernel): one warp per token; m rounds of a warp arg-max over the k
 //   slots (each round takes the best slot strictly worse than the previous pick), gathers z of
 //   the picks, then the weights (1/m, or softmax(key / temperature) with NaN propagation as in
-//   torch.softmax). Any k, any m <= k, any r.
+//   torch.softmax). Any k, any m <= k, any r. A candidate -1 (a scope left fewer than k) is never
+//   picked; picks past the valid candidates get sel -1, w 0, z 0, weights over the valid picks.
 #include "lag_common.cuh"
 
 namespace lag {
@@ -112,7 +113,7 @@ __device__ __forceinline__ float nan_max(float a, float b) {
 __global__ void __launch_bounds__(kThreads)
 rerank_select_kernel(const int32_t* __restrict__ cand, const float* __restrict__ cand_scores,
                      const float* __restrict__ key_all, const float* __restrict__ z_all, int64_t T,
-                     int k, int r, int m, int uniform, float temperature, float uniform_w,
+                     int k, int r, int m, int uniform, float temperature,
                      int32_t* __restrict__ sel, float* __restrict__ w, float* __restrict__ z) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
@@ -127,6 +128,7 @@ rerank_select_kernel(const int32_t* __restrict__ cand, const float* __restrict__
     u64 best_k = 0ull;   // below every real key
     int best_p = 0x7fffffff;
     for (int p = lane; p < k; p += 32) {
+      if (ct[p] < 0) continue;  // -1: no candidate (a scope left fewer than k)
       const u64 kk = pack_key(keys[p], ct[p]);
       const bool eligible = i == 0 || better(prev_k, prev_p, kk, p);
       if (eligible && better(kk, p, best_k, best_p)) {
@@ -145,30 +147,39 @@ rerank_select_kernel(const int32_t* __restrict__ cand, const float* __restrict__
     }
     prev_k = best_k;
     prev_p = best_p;
-    const int bp = best_p < k ? best_p : k - 1;  // always < k since m <= k; defensive
+    const bool found = best_k != 0ull && best_p < k;  // real keys are never 0; none left: pick i is empty
+    const int bp = found ? best_p : 0;
     if (lane == 0) {
-      sel[t * m + i] = ct[bp];
-      wt[i] = keys[bp];  // raw key, turned into a weight below
+      sel[t * m + i] = found ? ct[bp] : -1;
+      wt[i] = found ? keys[bp] : 0.f;  // raw key, turned into a weight below
     }
     const float* zs = z_all + (t * k + bp) * r;
     float* zd = z + (t * m + i) * r;
-    for (int c = lane; c < r; c += 32) zd[c] = zs[c];
+    for (int c = lane; c < r; c += 32) zd[c] = found ? zs[c] : 0.f;
   }
   __syncwarp();
 
+  // Weights over the picks that found a candidate (all of them unless a scope left fewer); others 0.
+  const int32_t* st = sel + t * m;
+  float valid = 0.f;
+  for (int i = lane; i < m; i += 32) valid += st[i] >= 0 ? 1.f : 0.f;
+  valid = warp_sum(valid);
   if (m == 1 || uniform) {
-    for (int i = lane; i < m; i += 32) wt[i] = uniform_w;
+    for (int i = lane; i < m; i += 32) wt[i] = st[i] >= 0 ? 1.f / valid : 0.f;
     return;
   }
   // softmax(key / temperature) as torch computes it: exp(v - max(v)) / sum; NaN propagates.
   float mx = -INFINITY;
-  for (int i = lane; i < m; i += 32) mx = nan_max(mx, wt[i] / temperature);
+  for (int i = lane; i < m; i += 32)
+    if (st[i] >= 0) mx = nan_max(mx, wt[i] / temperature);
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) mx = nan_max(mx, __shfl_xor_sync(kFull, mx, o));
   float sum = 0.f;
-  for (int i = lane; i < m; i += 32) sum += expf(wt[i] / temperature - mx);
+  for (int i = lane; i < m; i += 32)
+    if (st[i] >= 0) sum += expf(wt[i] / temperature - mx);
   sum = warp_sum(sum);
-  for (int i = lane; i < m; i += 32) wt[i] = expf(wt[i] / temperature - mx) / sum;
+  __syncwarp();
+  for (int i = lane; i < m; i += 32) wt[i] = st[i] >= 0 ? expf(wt[i] / temperature - mx) / sum : 0.f;
 }
 
 template <typename TX, typename TW>
@@ -188,7 +199,7 @@ extern "C" int lag_spectr_rerank_launch(const void* x, int x_dtype, const void* 
                                         const int32_t* candidates, const float* candidate_scores,
                                         int64_t T, int64_t N, int64_t r, int64_t d_in, int64_t k,
                                         int64_t m, int combine_uniform, float temperature,
-                                        float uniform_weight, float* z_all, float* key_all,
+                                        float* z_all, float* key_all,
                                         int32_t* sel, float* w, float* z, int device, void* stream_ptr) {
   using namespace lag;
   if (T == 0) return 0;
@@ -219,6 +230,6 @@ extern "C" int lag_spectr_rerank_launch(const void* x, int x_dtype, const void* 
   const int64_t blocks = (T + kWarps - 1) / kWarps;
   rerank_select_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
       candidates, candidate_scores, key_all, z_all, T, Ki, Ri, static_cast<int>(m), combine_uniform,
-      temperature, uniform_weight, sel, w, z);
+      temperature, sel, w, z);
   return finish_launch();
 }

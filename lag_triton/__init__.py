@@ -4,14 +4,17 @@
     lag_triton.patch(model, lib, k=20, top_m=1)
     with lag_triton.trace(model) as tr:
         model.generate(...)
+    with lag_triton.scope(model, [["doc-a", "doc-b"], ["doc-c"]]):  # per batch row
+        model.generate(...)
     lag_triton.unpatch(model)
 """
 
 from .library import AdapterError, Library, LibraryFormatError, ModuleWeights
 from .patching import LagLinear, LibraryNotSavedWarning, patch, unpatch
+from .scopes import scope
 from .tracing import Trace, trace
 from .routing import RoutingConfig
 
 __version__ = "0.1.0"
 __all__ = ["Library", "ModuleWeights", "AdapterError", "LibraryFormatError", "LibraryNotSavedWarning",
-           "RoutingConfig", "patch", "unpatch", "trace", "Trace", "LagLinear", "__version__"]
+           "RoutingConfig", "patch", "unpatch", "scope", "trace", "Trace", "LagLinear", "__version__"]

@@ -75,17 +75,20 @@ class LibraryRoute(nn.Module):
                 setattr(self, name, t.float())
         return self
 
-    def add_to(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_to(self, x: torch.Tensor, y: torch.Tensor, allowed: torch.Tensor | None = None,
+               scope: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """y [T, d_out] + this library's routed output for x [T, d_in] (in place when y has the
-        factors' dtype). Returns (y, sel)."""
+        factors' dtype), each token limited to ``allowed[scope[t]]`` when scoped. Returns (y, sel)."""
         dtype = self.a_star.dtype
         xr = x if x.dtype == dtype else x.to(dtype)
         if y.dtype == dtype:
-            return y, route_and_apply(xr, y, self.a_star, self.b_star, self.prototypes, self.config, self.ops)
+            return y, route_and_apply(xr, y, self.a_star, self.b_star, self.prototypes, self.config, self.ops,
+                                      allowed, scope)
         # fp64 layers, or autocast's low-precision output of an fp32 layer: the kernels write
         # into a buffer of the factors' dtype, added in y's dtype.
         delta = torch.zeros(y.shape, dtype=dtype, device=y.device)
-        sel = route_and_apply(xr, delta, self.a_star, self.b_star, self.prototypes, self.config, self.ops)
+        sel = route_and_apply(xr, delta, self.a_star, self.b_star, self.prototypes, self.config, self.ops,
+                              allowed, scope)
         return y + delta.to(y.dtype), sel
 
     def extra_repr(self) -> str:
@@ -116,6 +119,7 @@ class LagLinear(nn.Module):
         self.in_features, self.out_features = _linear_shape(base_layer)
         self.routes = nn.ModuleList()
         self._trace_count = 0  # traces covering this layer, in any thread (see tracing)
+        self._scope = None  # the lag_triton.scope in force, if any (see scopes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -123,15 +127,19 @@ class LagLinear(nn.Module):
         y2 = y.reshape(-1, self.out_features)
         with _autocast_off(x.device.type):
             for route in self.routes:
-                y2, sel = route.add_to(x2, y2)
+                allowed, rows = (None, None) if self._scope is None else \
+                    self._scope.for_route(route, x, self.module_name)
+                y2, sel = route.add_to(x2, y2, allowed, rows)
                 if self._trace_count:
+                    ids = torch.where(sel >= 0, route.adapter_ids[sel.long().clamp(min=0)], -1)  # -1: no adapter
                     for tracer in active_traces(self):
-                        tracer.record(self.module_name, route.library_index, route.adapter_ids[sel.long()])
+                        tracer.record(self.module_name, route.library_index, ids)
         return y2.view(y.shape)
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
         self._trace_count = 0  # a copy is covered by no open trace
+        self._scope = None  # nor by a scope
 
     # -- state: the base layer's keys, under this module's name -------------------------------------
     def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
@@ -261,6 +269,9 @@ def patch(model: nn.Module, libraries: LibraryLike | Sequence[LibraryLike], *, k
     if not already:
         model.register_state_dict_pre_hook(_warn_library_not_saved)
     model._lag_num_libraries = already + len(libs)
+    # adapter names per attached library, for lag_triton.scope to resolve
+    model._lag_library_names = {**getattr(model, "_lag_library_names", {}),
+                                **{already + i: list(lib.names) for i, lib in enumerate(libs)}}
     return model
 
 
@@ -269,8 +280,9 @@ def unpatch(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, LagLinear):
             _set_submodule(model, name, module.base_layer)
-    if hasattr(model, "_lag_num_libraries"):
-        del model._lag_num_libraries
+    for attr in ("_lag_num_libraries", "_lag_library_names"):
+        if hasattr(model, attr):
+            delattr(model, attr)
     hooks = getattr(model, "_state_dict_pre_hooks", {})
     for key in [k for k, hook in hooks.items() if hook is _warn_library_not_saved]:
         del hooks[key]

@@ -53,15 +53,25 @@ def route(
     prototypes: torch.Tensor,
     config: RoutingConfig,
     ops: Backend,
+    allowed: torch.Tensor | None = None,
+    scope: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Choose adapters for every row of x [T, d_in]: returns (sel [T, m] int32, w [T, m], z [T, m, r])."""
+    """Choose adapters for every row of x [T, d_in]: returns (sel [T, m] int32, w [T, m], z [T, m, r]).
+
+    With a scope, token t may only be routed to adapters i with ``allowed[scope[t], i]`` (allowed
+    [S, N] bool, scope [T] int32): Arrow never retrieves the others, and picks that find no allowed
+    adapter are sel -1 with weight 0 (no adapter output: an empty scope is the base model).
+    """
     n = a_star.shape[0]
     k, m = config.sizes(n)
     scores = None
     if config.router == "spectr":
-        candidates = torch.arange(n, device=x.device, dtype=torch.int32).expand(x.shape[0], n).contiguous()
+        candidates = torch.arange(n, device=x.device, dtype=torch.int32).expand(x.shape[0], n)
+        if allowed is not None:
+            candidates = torch.where(allowed[scope.long()], candidates, -1)
+        candidates = candidates.contiguous()
     else:
-        candidates, scores = ops.arrow_topk(x, prototypes, k)
+        candidates, scores = ops.arrow_topk(x, prototypes, k, allowed, scope)
         if config.router == "lag":
             scores = None  # LAG reranks the Arrow candidates by SpectR norm, not by a_i
     return ops.spectr_rerank(x, a_star, candidates, m, config.combine, config.temperature, scores)
@@ -75,8 +85,11 @@ def route_and_apply(
     prototypes: torch.Tensor,
     config: RoutingConfig,
     ops: Backend,
+    allowed: torch.Tensor | None = None,
+    scope: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y [T, d_out] += the routed adapters' output for x [T, d_in], in place. Returns sel [T, m]."""
-    sel, w, z = route(x, a_star, prototypes, config, ops)
+    """y [T, d_out] += the routed adapters' output for x [T, d_in], in place. Returns sel [T, m]
+    (-1 where a scope left no adapter)."""
+    sel, w, z = route(x, a_star, prototypes, config, ops, allowed, scope)
     ops.lora_apply(y, b_star, sel, w, z)
     return sel

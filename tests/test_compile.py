@@ -82,7 +82,7 @@ def test_fake_implementations_give_the_backends_shapes():
     a, b = torch.randn(9, 3, 16), torch.randn(9, 12, 3)
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
         fx, fp, fa = mode.from_tensor(x), mode.from_tensor(p), mode.from_tensor(a)
-        idx, scores = torch.ops.lag_triton.arrow_topk(fx, fp, 4, "torch")
+        idx, scores = torch.ops.lag_triton.arrow_topk(fx, fp, 4, None, None, "torch")
         sel, w, z = torch.ops.lag_triton.spectr_rerank(fx, fa, idx, 2, "softmax", 1.0, None, "torch")
     real = get_ops("torch")
     ridx, rscores = real.arrow_topk(x, p, 4)
@@ -94,7 +94,7 @@ def test_fake_implementations_give_the_backends_shapes():
     assert torch.equal(y, real.lora_apply(torch.zeros(5, 12), b, rsel, rw, rz))
     with pytest.raises(ValueError, match="k must be"):
         with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
-            torch.ops.lag_triton.arrow_topk(mode.from_tensor(x), mode.from_tensor(p), 10, "torch")
+            torch.ops.lag_triton.arrow_topk(mode.from_tensor(x), mode.from_tensor(p), 10, None, None, "torch")
 
 
 def test_ops_handle_pickles_and_copies():

@@ -254,6 +254,85 @@ def test_arrow_select_row_chunks_and_large_k(ops, monkeypatch):
         torch.testing.assert_close(scores, ref_scores, atol=0, rtol=0)
 
 
+def _scope_masks(s_rows, n, k, seed):
+    """[S, N] bool: row 0 allows nothing, row 1 fewer than k adapters, row 2 every adapter, the rest a
+    random ~30% (so some rows have fewer than k allowed too)."""
+    g = _gen(seed)
+    allowed = torch.rand(s_rows, n, generator=g) < 0.3
+    allowed[0] = False
+    allowed[1] = False
+    allowed[1, torch.randperm(n, generator=g)[:max(1, k // 2)]] = True
+    allowed[2] = True
+    return allowed.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t,n,k,sms", [(1, 1001, 20, 4), (7, 300, 5, 64), (40, 200, 16, 4), (5, 64, 64, 2),
+                                       (13, 2049, 1, 16)])
+def test_arrow_topk_scoped_matches_reference(ops, monkeypatch, dtype, t, n, k, sms):
+    """A scope restricts each token to allowed[scope[t]] inside the top-k (splits and merges
+    included): disallowed adapters never appear, tokens with fewer than k allowed get -1 / NaN."""
+    _force_sms(ops, monkeypatch, sms)
+    x, p = _int_tensor(t, 24, dtype=dtype, seed=80), _int_tensor(n, 24, dtype=dtype, seed=81)
+    allowed = _scope_masks(5, n, k, seed=82)
+    scope = (torch.arange(t) % 5).to(torch.int32).to(DEVICE)
+    _poison_allocator()
+    idx, scores = ops.arrow_topk(x, p, k, allowed, scope)
+    ref_idx, ref_scores = reference.arrow_topk(x, p, k, allowed, scope)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(scores, ref_scores, equal_nan=True, atol=0, rtol=0)
+    ok = idx >= 0
+    assert allowed[scope.long()[:, None].expand_as(idx)[ok], idx[ok].long()].all()
+    assert (ok.sum(1).cpu() == allowed[scope.long()].sum(1).clamp(max=k).cpu()).all()
+    # every adapter allowed: the unscoped answer
+    everyone = torch.ones(1, n, dtype=torch.bool, device=DEVICE)
+    zeros = torch.zeros(t, dtype=torch.int32, device=DEVICE)
+    assert torch.equal(ops.arrow_topk(x, p, k, everyone, zeros)[0], ops.arrow_topk(x, p, k)[0])
+
+
+@pytest.mark.parametrize("m,combine,with_scores", [(1, "softmax", False), (3, "softmax", False),
+                                                   (3, "uniform", False), (2, "softmax", True)])
+def test_spectr_rerank_missing_candidates(ops, m, combine, with_scores):
+    """Candidates -1 (a scope left fewer than k) are never selected, wherever they sit in the row;
+    picks past the valid candidates are sel -1, w 0, z 0, and weights sum to 1 over the valid ones."""
+    t, n, r, d, k = 9, 40, 6, 33, 6
+    x, a = _randn(t, d, seed=83), _randn(n, r, d, seed=84)
+    cand = _candidates(t, n, k, seed=85)
+    cand[0] = -1  # no candidate at all
+    cand[1, 1:] = -1  # one
+    cand[2, ::2] = -1  # scattered (the "spectr" router masks its arange)
+    cand[3, 0] = -1
+    scores = torch.rand(t, k, generator=_gen(86)).to(DEVICE) if with_scores else None
+    if scores is not None:
+        scores[cand < 0] = float("nan")  # what a scoped arrow_topk returns beside a -1
+    sel, w, z = ops.spectr_rerank(x, a, cand, m, combine, 0.8, scores)
+    ref_sel, ref_w, ref_z = reference.spectr_rerank(x, a, cand, m, combine, 0.8, scores)
+    assert torch.equal(sel, ref_sel)
+    torch.testing.assert_close(w, ref_w, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(z, ref_z, atol=1e-4, rtol=1e-4)
+    assert (sel[0] == -1).all() and (w[0] == 0).all() and (z[0] == 0).all()
+    valid = (cand >= 0).sum(1).clamp(max=m)
+    assert ((sel >= 0).sum(1) == valid).all()
+    assert torch.allclose(w.sum(1)[valid > 0], torch.ones_like(w.sum(1)[valid > 0]), atol=1e-5)
+
+
+def test_lora_apply_skips_missing_picks(ops):
+    """sel -1 (no adapter) contributes nothing, even next to an adapter holding inf."""
+    t, n, d_out, r = 6, 5, 40, 6
+    b = _randn(n, d_out, r, seed=87)
+    b[n - 1, 0, 0] = float("inf")  # what a negative index would wrap around to
+    b[0, 0, 0] = float("inf")  # and what a clamp to 0 would read
+    sel = torch.tensor([[1, -1], [-1, -1], [2, 3], [-1, 2], [1, 2], [3, -1]], dtype=torch.int32, device=DEVICE)
+    w = torch.where(sel >= 0, 0.5, 0.0).to(DEVICE)
+    z = torch.where((sel >= 0)[..., None], _randn(t, 2, r, seed=88), 0.0)
+    y0 = _randn(t, d_out, seed=89)
+    for layout, bl in _layouts(ops, b).items():
+        y = ops.lora_apply(y0.clone(), bl, sel, w, z)
+        torch.testing.assert_close(y, reference.lora_apply(y0.clone(), b, sel, w, z), atol=1e-5, rtol=1e-5)
+        assert torch.equal(y[1], y0[1]), layout
+        assert torch.isfinite(y).all(), layout
+
+
 # ----------------------------------------------------------------------------- spectr_rerank
 
 RERANK_CASES = [  # T, N, d_in, r, k, m, combine, with_scores

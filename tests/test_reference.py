@@ -25,24 +25,29 @@ def random_library(n: int, d_in: int, d_out: int, ranks: list[int], seed: int = 
     return a_star, b_star, a_star[:, 0].contiguous()
 
 
-def naive_layer(x, a_star, b_star, prototypes, cfg: RoutingConfig):
-    """One token at a time, one adapter at a time, in float64, straight from DESIGN §1."""
+def naive_layer(x, a_star, b_star, prototypes, cfg: RoutingConfig, allowed_rows=None):
+    """One token at a time, one adapter at a time, in float64, straight from DESIGN §1.
+
+    ``allowed_rows[t]``: the adapters token t may use (a scope); picks it cannot fill are -1."""
     x, a_star, b_star, prototypes = (t.double() for t in (x, a_star, b_star, prototypes))
     n = a_star.shape[0]
     out, picks = [], []
     for t in range(x.shape[0]):
         xt = x[t]
-        arrow = [abs(float(prototypes[i] @ xt)) for i in range(n)]
-        by_arrow = sorted(range(n), key=lambda i: (-arrow[i], i))
+        pool = range(n) if allowed_rows is None else sorted(allowed_rows[t])
+        arrow = {i: abs(float(prototypes[i] @ xt)) for i in pool}
+        by_arrow = sorted(pool, key=lambda i: (-arrow[i], i))
         if cfg.router == "arrow":
             chosen = by_arrow[: cfg.top_m]
             keys = [arrow[i] for i in chosen]
         else:
-            cands = by_arrow[: min(cfg.k, n)] if cfg.router == "lag" else list(range(n))
+            cands = by_arrow[: min(cfg.k, n)] if cfg.router == "lag" else list(pool)
             norms = {c: float((a_star[c] @ xt).norm()) for c in cands}
             chosen = sorted(cands, key=lambda c: (-norms[c], c))[: cfg.top_m]
             keys = [norms[c] for c in chosen]
-        if len(chosen) == 1 or cfg.combine == "uniform":
+        if not chosen:
+            weights = []
+        elif len(chosen) == 1 or cfg.combine == "uniform":
             weights = [1.0 / len(chosen)] * len(chosen)
         else:
             ex = [math.exp((kv - max(keys)) / cfg.temperature) for kv in keys]
@@ -51,7 +56,7 @@ def naive_layer(x, a_star, b_star, prototypes, cfg: RoutingConfig):
         for w, c in zip(weights, chosen):
             y += w * (b_star[c] @ (a_star[c] @ xt))
         out.append(y)
-        picks.append(chosen)
+        picks.append(chosen + [-1] * (min(cfg.top_m, cfg.sizes(n)[0]) - len(chosen)))
     return torch.stack(out), picks
 
 
@@ -129,3 +134,25 @@ def test_apply_writes_in_activation_dtype_with_fp32_accumulation():
     reference.lora_apply(y, b_star, sel, w, z)
     assert y.dtype == torch.float16
     torch.testing.assert_close(y.double(), want, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("router,top_m,k", [(r, m, k) for r, m, k in ROUTER_CASES if k in (5, 13)])
+@pytest.mark.parametrize("combine", ["softmax", "uniform"])
+def test_scoped_reference_router_matches_naive_loop(router, top_m, k, combine):
+    """A scope: each token routed among its row's allowed adapters only (rows with none, with
+    fewer than k or top_m, and with all of them), picks it cannot fill are -1 and add nothing."""
+    n, d_in, d_out, t = 13, 24, 20, 10
+    a_star, b_star, protos = random_library(n, d_in, d_out, ranks=[1, 4, 6, 3], seed=k + top_m)
+    x = torch.randn(t, d_in, generator=torch.Generator().manual_seed(k * top_m))
+    allowed = torch.zeros(4, n, dtype=torch.bool)
+    allowed[1, [3]] = True
+    allowed[2, [0, 5, 7, 8, 11, 12]] = True
+    allowed[3] = True
+    scope = torch.tensor([0, 1, 2, 3, 2, 1, 3, 0, 2, 2], dtype=torch.int32)
+    cfg = RoutingConfig(k=k, top_m=top_m, router=router, combine=combine, temperature=0.7)
+    y = torch.zeros(t, d_out)
+    sel = route_and_apply(x, y, a_star, b_star, protos, cfg, reference, allowed, scope)
+    rows = [set(allowed[s].nonzero().flatten().tolist()) for s in scope.tolist()]
+    want_y, want_picks = naive_layer(x, a_star, b_star, protos, cfg, rows)
+    assert sel.tolist() == want_picks
+    torch.testing.assert_close(y.double(), want_y, rtol=1e-5, atol=1e-5)

@@ -1,6 +1,6 @@
 """Kernel backends: the three LAG ops, one implementation per backend, one contract (``Backend``).
 
-    arrow_topk(x, prototypes, k) -> (idx, scores)
+    arrow_topk(x, prototypes, k, allowed=None, scope=None) -> (idx, scores)
     spectr_rerank(x, a_star, candidates, top_m, combine, temperature, candidate_scores) -> (sel, w, z)
     lora_apply(y, b_star, sel, w, z) -> y
 
@@ -28,7 +28,8 @@ ENV_OVERRIDE = "LAG_TRITON_BACKEND"
 class Backend(Protocol):
     """What a backend provides: the reference's three functions, same signatures and contracts."""
 
-    def arrow_topk(self, x: torch.Tensor, prototypes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def arrow_topk(self, x: torch.Tensor, prototypes: torch.Tensor, k: int, allowed: torch.Tensor | None = None,
+                   scope: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         ...
 
     def spectr_rerank(self, x: torch.Tensor, a_star: torch.Tensor, candidates: torch.Tensor, top_m: int,
@@ -57,10 +58,10 @@ class Ops:
         """The module that implements this backend."""
         return backend_module(self.name)
 
-    def arrow_topk(self, x, prototypes, k):
+    def arrow_topk(self, x, prototypes, k, allowed=None, scope=None):
         if torch.compiler.is_compiling():
-            return torch.ops.lag_triton.arrow_topk(x, prototypes, k, self.name)
-        return self.module.arrow_topk(x, prototypes, k)
+            return torch.ops.lag_triton.arrow_topk(x, prototypes, k, allowed, scope, self.name)
+        return self.module.arrow_topk(x, prototypes, k, allowed, scope)
 
     def spectr_rerank(self, x, a_star, candidates, top_m, combine="softmax", temperature=1.0, candidate_scores=None):
         if torch.compiler.is_compiling():

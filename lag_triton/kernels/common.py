@@ -28,12 +28,20 @@ def _check_same_device(**tensors: torch.Tensor) -> None:
     _require(len(set(devices.values())) == 1, f"tensors are on different devices: {devices}")
 
 
-def check_topk_args(x: torch.Tensor, prototypes: torch.Tensor, k: int) -> None:
+def check_topk_args(x: torch.Tensor, prototypes: torch.Tensor, k: int, allowed: torch.Tensor | None = None,
+                    scope: torch.Tensor | None = None) -> None:
     _require(prototypes.dim() == 2, f"prototypes must be [N, d_in], got shape {tuple(prototypes.shape)}")
     _check_x(x, prototypes.shape[1], "prototypes")
     _check_same_device(x=x, prototypes=prototypes)
     n = prototypes.shape[0]
     _require(isinstance(k, int) and 1 <= k <= n, f"k must be an int in [1, N={n}], got {k!r}")
+    _require((allowed is None) == (scope is None), "allowed and scope go together: give both or neither")
+    if allowed is not None:
+        _require(allowed.dim() == 2 and allowed.shape[1] == n and allowed.dtype == torch.bool,
+                 f"allowed must be bool [S, N={n}], got {allowed.dtype} {tuple(allowed.shape)}")
+        _require(scope.shape == (x.shape[0],) and scope.dtype == torch.int32,
+                 f"scope must be int32 [T={x.shape[0]}], got {scope.dtype} {tuple(scope.shape)}")
+        _check_same_device(x=x, allowed=allowed, scope=scope)
 
 
 def check_rerank_args(
@@ -117,12 +125,18 @@ def empty_rerank_outputs(x: torch.Tensor, top_m: int, r: int) -> tuple[torch.Ten
             torch.empty((t, top_m, r), dtype=torch.float32, device=x.device))
 
 
-def selection_weights(selected_keys: torch.Tensor, combine: str, temperature: float) -> torch.Tensor:
+def selection_weights(selected_keys: torch.Tensor, combine: str, temperature: float,
+                      picked: torch.Tensor | None = None) -> torch.Tensor:
     """Mixing weights of the top_m picks, from their ranking keys [T, m] (DESIGN §1).
 
-    One pick gets weight 1; several get softmax(key / temperature) or 1 / top_m.
+    One pick gets weight 1; several get softmax(key / temperature) or 1 / top_m. Picks that are
+    not ``picked`` ([T, m] bool: no candidate left, under a scope) get 0, and the weights spread
+    over the others.
     """
     t, m = selected_keys.shape
+    if picked is None:
+        picked = torch.ones((t, m), dtype=torch.bool, device=selected_keys.device)
     if m == 1 or combine == "uniform":
-        return torch.full((t, m), 1.0 / m, dtype=torch.float32, device=selected_keys.device)
-    return torch.softmax(selected_keys.float() / temperature, dim=-1)
+        return picked.float() / picked.sum(-1, keepdim=True).clamp(min=1)
+    logits = torch.where(picked, selected_keys.float() / temperature, float("-inf"))
+    return torch.where(picked, torch.softmax(logits, dim=-1), 0.0)

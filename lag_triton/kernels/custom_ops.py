@@ -1,7 +1,7 @@
 """The three ops as ``torch.library`` custom ops, so ``torch.compile(fullgraph=True)`` takes a
 patched model whole (DESIGN §2).
 
-    torch.ops.lag_triton.arrow_topk(x, prototypes, k, backend)                     -> (idx, scores)
+    torch.ops.lag_triton.arrow_topk(x, prototypes, k, allowed, scope, backend)     -> (idx, scores)
     torch.ops.lag_triton.spectr_rerank(x, a_star, candidates, top_m, combine,
                                        temperature, candidate_scores, backend)     -> (sel, w, z)
     torch.ops.lag_triton.lora_apply(y!, b_star, sel, w, z, backend)                -> ()   (y mutated)
@@ -33,13 +33,14 @@ def backend_module(name: str):
 
 
 @torch.library.custom_op("lag_triton::arrow_topk", mutates_args=())
-def arrow_topk(x: torch.Tensor, prototypes: torch.Tensor, k: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return backend_module(backend).arrow_topk(x, prototypes, k)
+def arrow_topk(x: torch.Tensor, prototypes: torch.Tensor, k: int, allowed: torch.Tensor | None,
+               scope: torch.Tensor | None, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return backend_module(backend).arrow_topk(x, prototypes, k, allowed, scope)
 
 
 @arrow_topk.register_fake
-def _(x, prototypes, k, backend):
-    check_topk_args(x, prototypes, k)
+def _(x, prototypes, k, allowed, scope, backend):
+    check_topk_args(x, prototypes, k, allowed, scope)
     return empty_topk_outputs(x, k)
 
 

@@ -25,8 +25,8 @@ from types import ModuleType
 import torch
 
 from .. import reference
-from ..common import (check_apply_args, check_rerank_args, check_topk_args, empty_rerank_outputs,
-                      empty_topk_outputs)
+from ..common import (check_apply_args, check_rerank_args, check_topk_args, empty_rerank_outputs, empty_topk_outputs,
+                      prototype_scores)
 
 __all__ = [
     "arrow_topk", "spectr_rerank", "lora_apply", "extension_unavailable_reason", "csrc_dir", "SOURCES",
@@ -150,10 +150,17 @@ def raise_on_error(result: object) -> None:
         raise RuntimeError(str(result))
 
 
-def arrow_topk(x: torch.Tensor, prototypes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Arrow retrieval: idx [T, k] int32 (best first, ties -> lower index) and scores [T, k] fp32."""
-    check_topk_args(x, prototypes, k)
+def arrow_topk(x: torch.Tensor, prototypes: torch.Tensor, k: int, allowed: torch.Tensor | None = None,
+               scope: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Arrow retrieval: idx [T, k] int32 (best first, ties -> lower index) and scores [T, k] fp32.
+
+    A scoped call (``allowed`` / ``scope``, see the reference) ranks the GEMM's scores with the
+    reference's sort: the fused CUDA kernel has no mask input.
+    """
+    check_topk_args(x, prototypes, k, allowed, scope)
     ext = _ext_for(x, prototypes)
+    if allowed is not None:
+        return reference.topk_of_scores(prototype_scores(x, prototypes).abs(), k, allowed[scope.long()])
     if k > ARROW_MAX_K:  # the fused kernel keeps at most 128 candidates per token
         return reference.arrow_topk(x, prototypes, k)
     if x.dtype != prototypes.dtype:  # exact promotion: fp16/bf16 -> fp32 loses nothing

@@ -36,7 +36,7 @@ S = sys.modules[__package__ + ".spectr_rerank"]
 L = sys.modules[__package__ + ".lora_apply"]
 
 # Integer arguments that are multiples of 16 on aligned shapes (pointers always are: torch allocations).
-ALIGNED_INTS = {"D", "DOUT", "n_per_split", "stride_s", "d_per_split", "stride_xt", "stride_pn", "stride_an", "stride_ar",
+ALIGNED_INTS = {"D", "DOUT", "n_per_split", "stride_s", "stride_allowed", "d_per_split", "stride_xt", "stride_pn", "stride_an", "stride_ar",
                 "stride_yt", "stride_bn", "stride_bo"}
 
 
@@ -56,7 +56,7 @@ def _cases():
                    {"R_PAD": rp, "BLOCK_P": 64, "BLOCK_D": 64, "UPCAST": False}, 4)
         sig = {"x_ptr": "*" + dt, "a_ptr": "*" + dt, "cand_ptr": "*i32", "cs_ptr": "*fp32", "zp_ptr": "*fp32",
                "sel_ptr": "*i32", "w_ptr": "*fp32", "z_ptr": "*fp32", "T": "i32", "N": "i32", "R": "i32", "D": "i32",
-               "K": "i32", "M": "i32", "temperature": "fp32", "uniform_w": "fp32", "stride_xt": "i32",
+               "K": "i32", "M": "i32", "temperature": "fp32", "stride_xt": "i32",
                "stride_an": "i32", "stride_ar": "i32", "stride_cs": "i32"}
         for zm, hs, sm, mp, rp in [(0, False, False, 1, 8), (1, False, True, 4, 8), (0, True, True, 4, 1),
                                    (1, False, False, 1, 16), (1, False, True, 16, 128)]:
@@ -75,13 +75,14 @@ def _cases():
                    dict(cfg, SORTED=t >= L.SORT_MIN_T), warps)
     # the Arrow select reads fp32 scores whatever the activation dtype; configs from the launcher's select_config
     sig = {"s_ptr": "*fp32", "buf_ptr": "*i64", "idx_ptr": "*i32", "score_ptr": "*fp32", "part_ptr": "*i64",
-           "N": "i32", "K": "i32", "n_per_split": "i32", "stride_s": "i32"}
+           "allowed_ptr": "*u8", "scope_ptr": "*i32", "N": "i32", "K": "i32", "S": "i32", "n_per_split": "i32",
+           "stride_s": "i32", "stride_allowed": "i32"}
     for kp in (1, 2, 32, 128, A.MAX_K_PAD):
-        for split in (False, True):
+        for split, scoped in ((False, False), (True, False), (False, True), (True, True)):
             cfg = A.select_config(kp)
             warps = cfg.pop("num_warps")
-            yield (f"arrow select k{kp} split={split}", A._select_kernel, sig,
-                   dict(cfg, SPLIT=split, SPLITS=24 if split else 1, K_PAD=kp), warps)
+            yield (f"arrow select k{kp} split={split} scoped={scoped}", A._select_kernel, sig,
+                   dict(cfg, HAS_SCOPE=scoped, SPLIT=split, SPLITS=24 if split else 1, K_PAD=kp), warps)
     sig = {"part_ptr": "*i64", "idx_ptr": "*i32", "score_ptr": "*fp32", "T": "i32", "K": "i32"}
     for rows in (1, 2, 16):  # merge tiles of next_pow2(T) <= 16 rows
         for kp in (1, 2, 32, 128):

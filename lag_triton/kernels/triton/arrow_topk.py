@@ -45,9 +45,10 @@ MAX_K_PAD = 1024
 def _store_topk(best, rows, row_mask, idx_ptr, score_ptr, stride_o, K, K_PAD: tl.constexpr):
     """Decode packed words [ROWS, K_PAD] and write the first K columns of idx / scores."""
     cols = tl.arange(0, K_PAD)
-    idx = unpack_index(best)
+    empty = best == EMPTY_SLOT  # fewer candidates than K (a scope): idx -1, score NaN
+    idx = tl.where(empty, -1, unpack_index(best))
     score = key_to_float(unpack_key(best))
-    score = tl.where(score == float("-inf"), float("nan"), score)  # |p.x| is never -inf: that key was NaN
+    score = tl.where((score == float("-inf")) | empty, float("nan"), score)  # |p.x| is never -inf: that key was NaN
     offs = rows[:, None] * stride_o + cols[None, :]
     mask = row_mask[:, None] & (cols[None, :] < K)
     tl.store(idx_ptr + offs, idx, mask=mask)
@@ -98,9 +99,12 @@ def _select_kernel(
     idx_ptr,  # out: idx [T, K] int32 (when not SPLIT)
     score_ptr,  # out: |scores| [T, K] fp32 (when not SPLIT)
     part_ptr,  # out: packed partial top-K_PAD [T, SPLITS, K_PAD] int64 (when SPLIT)
-    N, K,
+    allowed_ptr,  # scope masks [S, N] uint8 (when HAS_SCOPE): adapters token t may use are allowed[scope[t]]
+    scope_ptr,  # scope row of each token [T] int32 (when HAS_SCOPE)
+    N, K, S,
     n_per_split,  # columns per split (multiple of BLOCK)
-    stride_s,
+    stride_s, stride_allowed,
+    HAS_SCOPE: tl.constexpr,
     SPLIT: tl.constexpr, SPLITS: tl.constexpr,
     BLOCK: tl.constexpr,  # columns loaded per step
     CAP: tl.constexpr,  # buffer words per (row, split) (>= BLOCK)
@@ -114,6 +118,10 @@ def _select_kernel(
     row = s_ptr + t.to(tl.int64) * stride_s
     buf = buf_ptr + (t.to(tl.int64) * SPLITS + pid_s) * CAP
     cols = tl.arange(0, BLOCK)[None, :]  # [1, BLOCK]
+    if HAS_SCOPE:  # a scope row out of [0, S) allows nothing
+        srow = tl.load(scope_ptr + t)
+        n_hi = tl.where((srow >= 0) & (srow < S), n_hi, n_lo)
+        allowed_row = allowed_ptr + srow.to(tl.int64) * stride_allowed
 
     # An empty running top-K_PAD (kth = EMPTY_SLOT) lets everything through until the buffer first fills.
     best = tl.full([1, K_PAD], EMPTY_SLOT, tl.int64)
@@ -122,6 +130,8 @@ def _select_kernel(
     for n0 in range(n_lo, n_hi, BLOCK):
         offs = n0 + cols
         mask = offs < n_hi
+        if HAS_SCOPE:  # a disallowed adapter is never a candidate: no extra pass, one byte per score
+            mask &= tl.load(allowed_row + offs, mask=mask, other=0) != 0
         keys = order_key(tl.abs(tl.load(row + offs, mask=mask, other=0.0)))
         survives = mask & _beats(keys, offs, kth)
         hits = tl.sum(survives.to(tl.int32))
@@ -198,12 +208,15 @@ def _merge_block_c(rows: int, words: int, k_pad: int) -> int:
     return max(k_pad, min(next_pow2(words), cap))
 
 
-def _select(scores: torch.Tensor, k: int, idx: torch.Tensor, out_scores: torch.Tensor) -> None:
-    """idx / out_scores [t, k] = the filtered top-k of |scores| [t, n] per row (launches 1 or 2 kernels)."""
+def _select(scores: torch.Tensor, k: int, idx: torch.Tensor, out_scores: torch.Tensor,
+            allowed: torch.Tensor | None, scope: torch.Tensor | None) -> None:
+    """idx / out_scores [t, k] = the filtered top-k of |scores| [t, n] per row, among the adapters
+    ``allowed[scope[row]]`` when scoped (launches 1 or 2 kernels)."""
     t, n = scores.shape
     k_pad = next_pow2(k)
     if k_pad > MAX_K_PAD:
-        idx_sorted, values = topk_of_scores(scores.abs(), k)
+        valid = None if allowed is None else allowed[scope.long()]
+        idx_sorted, values = topk_of_scores(scores.abs(), k, valid)
         idx.copy_(idx_sorted)
         out_scores.copy_(values)
         return
@@ -211,8 +224,12 @@ def _select(scores: torch.Tensor, k: int, idx: torch.Tensor, out_scores: torch.T
     splits, per_split = split_plan(t, n, cfg["BLOCK"], num_sms(scores.device))
     buf = torch.empty((t, splits, cfg["CAP"]), dtype=torch.int64, device=scores.device)
     part = torch.empty((t, splits, k_pad) if splits > 1 else (1,), dtype=torch.int64, device=scores.device)
-    _select_kernel[(t, splits)](scores, buf, idx, out_scores, part, n, k, per_split, scores.stride(0),
-                                SPLIT=splits > 1, SPLITS=splits, K_PAD=k_pad, **cfg)
+    scoped = allowed is not None
+    allowed_u8 = rows_contiguous(allowed).view(torch.uint8) if scoped else part  # part: an unread placeholder
+    _select_kernel[(t, splits)](
+        scores, buf, idx, out_scores, part, allowed_u8, scope if scoped else part, n, k,
+        allowed.shape[0] if scoped else 0, per_split, scores.stride(0), allowed_u8.stride(0) if scoped else 0,
+        HAS_SCOPE=scoped, SPLIT=splits > 1, SPLITS=splits, K_PAD=k_pad, **cfg)
     if splits > 1:
         merge_t = min(16, next_pow2(t))
         block_c = _merge_block_c(merge_t, splits * k_pad, k_pad)
@@ -220,9 +237,11 @@ def _select(scores: torch.Tensor, k: int, idx: torch.Tensor, out_scores: torch.T
             part, idx, out_scores, t, k, SPLITS=splits, K_PAD=k_pad, BLOCK_T=merge_t, BLOCK_C=block_c, num_warps=4)
 
 
-def arrow_topk(x: torch.Tensor, prototypes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Arrow retrieval: the k adapters with the largest |p_i . x|, best first. See module docstring."""
-    check_topk_args(x, prototypes, k)
+def arrow_topk(x: torch.Tensor, prototypes: torch.Tensor, k: int, allowed: torch.Tensor | None = None,
+               scope: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Arrow retrieval: the k adapters with the largest |p_i . x|, best first (among
+    ``allowed[scope[t]]`` when scoped; -1 / NaN past them). See module docstring."""
+    check_topk_args(x, prototypes, k, allowed, scope)
     x = rows_contiguous(x)
     prototypes = rows_contiguous(prototypes)
     if prototypes.dtype != x.dtype:
@@ -232,5 +251,6 @@ def arrow_topk(x: torch.Tensor, prototypes: torch.Tensor, k: int) -> tuple[torch
     chunk = max(1, SCORE_CHUNK_BYTES // (4 * n))
     for t0 in range(0, t, chunk):
         rows = slice(t0, min(t, t0 + chunk))
-        _select(prototype_scores(x[rows], prototypes), k, idx[rows], scores[rows])
+        _select(prototype_scores(x[rows], prototypes), k, idx[rows], scores[rows], allowed,
+                None if scope is None else scope[rows])
     return idx, scores

@@ -131,7 +131,7 @@ def _select_kernel(
     w_ptr,  # out: w [T, M] fp32
     z_ptr,  # out: z [T, M, R] fp32
     T, N, R, D, K, M,
-    temperature, uniform_w,
+    temperature,
     stride_xt, stride_an, stride_ar, stride_cs,
     Z_MODE: tl.constexpr, Z_SPLITS: tl.constexpr, HAS_SCORES: tl.constexpr, SOFTMAX: tl.constexpr,
     R_PAD: tl.constexpr, M_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -158,7 +158,7 @@ def _select_kernel(
                                  mask=k_mask[:, None] & r_mask[None, :], other=0.0)
             key = tl.sqrt(tl.sum(z * z, axis=1))
         words = pack(order_key(key), cand)
-        words = tl.where(k_mask, words, EMPTY_SLOT)
+        words = tl.where(k_mask & (cand >= 0) & (cand < N), words, EMPTY_SLOT)  # -1: no candidate (a scope)
         best = merge_topk(best, tl.reshape(words, [1, BLOCK_K]), M_PAD)
     # Winners (adapter ids), then their position in the candidate row (for scores / precomputed z).
     sel = tl.reshape(unpack_index(best), [M_PAD])
@@ -185,14 +185,15 @@ def _select_kernel(
         skey = tl.load(cs_ptr + t * stride_cs + pos, mask=ok, other=0.0).to(tl.float32)
     else:
         skey = tl.sqrt(tl.sum(zs * zs, axis=1))
+    # Weights over the valid picks only (fewer than M when a scope left fewer candidates); others 0.
     if SOFTMAX:
-        v = tl.where(m_mask, skey / temperature, float("-inf"))
-        e = tl.exp(v - tl.max(v, axis=0))
-        e = tl.where(m_mask, e, 0.0)
-        w = e / tl.sum(e, axis=0)
+        v = tl.where(ok, skey / temperature, float("-inf"))
+        e = tl.where(ok, tl.exp(v - tl.max(v, axis=0)), 0.0)
+        total = tl.sum(e, axis=0)
+        w = tl.where(ok, e / tl.where(total > 0, total, 1.0), 0.0)
     else:
-        w = tl.full([M_PAD], 1.0, tl.float32) * uniform_w
-    tl.store(sel_ptr + t * M + offs_m, sel, mask=m_mask)
+        w = tl.where(ok, 1.0 / tl.maximum(tl.sum(ok.to(tl.float32), axis=0), 1.0), 0.0)
+    tl.store(sel_ptr + t * M + offs_m, tl.where(ok, sel, -1), mask=m_mask)
     tl.store(w_ptr + t * M + offs_m, w, mask=m_mask)
     tl.store(z_ptr + (t * M + offs_m[:, None]) * R + offs_r[None, :], zs, mask=m_mask[:, None] & r_mask[None, :])
 
@@ -234,7 +235,6 @@ def spectr_rerank(
     # Keep the [BLOCK_K|M_PAD, R_PAD, BLOCK_D] gather tile within ~8K fp32 values (large r_max).
     block_d = max(16, min(block_d, triton.next_power_of_2(8192 // (max(m_pad, 16) * r_pad) + 1) // 2 or 16))
     softmax = m > 1 and combine == "softmax"
-    uniform_w = 1.0 / m
     sms = num_sms(dev)
     k_blocks = triton.cdiv(k, block_k)
     grouped = (not has_scores) and t >= 64 and t * k >= n
@@ -264,7 +264,7 @@ def spectr_rerank(
             R_PAD=r_pad, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4)
         z_mode = 1
     _select_kernel[(t,)](
-        x, a_star, candidates, cs, zp, sel, w, z, t, n, r, d, k, m, float(temperature), uniform_w,
+        x, a_star, candidates, cs, zp, sel, w, z, t, n, r, d, k, m, float(temperature),
         x.stride(0), a_star.stride(0), a_star.stride(1), k,
         Z_MODE=z_mode, Z_SPLITS=z_splits, HAS_SCORES=has_scores, SOFTMAX=softmax,
         R_PAD=r_pad, M_PAD=m_pad, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4)

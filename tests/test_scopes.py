@@ -1,0 +1,213 @@
+"""lag_triton.scope: per batch row, the adapters its tokens may be routed to, and no others.
+
+On CPU every test runs the torch reference backend and the Triton kernels under the interpreter
+(the masked path of the Arrow select); on a GPU, the Triton and CUDA backends.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from factories import VOCAB, make_adapter, tiny_model
+import lag_triton
+from lag_triton import Library
+from lag_triton.kernels import resolve_backend
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+N_ADAPTERS = 7
+
+
+def _backends():
+    names = []
+    for name in ("torch", "triton", "cuda"):
+        try:
+            resolve_backend(name, DEVICE)
+            names.append(name)
+        except RuntimeError:
+            pass
+    return names
+
+
+@pytest.fixture(scope="module")
+def libraries(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("adapters")
+    model = tiny_model("llama")
+    docs = Library.from_peft([make_adapter(model, tmp / f"doc{i}", seed=i, r=2 + i % 3)
+                              for i in range(N_ADAPTERS)], progress=False)
+    tasks = Library.from_peft([make_adapter(model, tmp / f"task{i}", seed=50 + i, targets=["q_proj", "up_proj"])
+                               for i in range(3)], progress=False)
+    return docs, tasks
+
+
+def _patched(library, backend="torch", **routing):
+    model = tiny_model("llama").to(DEVICE)
+    lag_triton.patch(model, library, backend=backend, **routing)
+    return model
+
+
+def _ids(rows, length, seed=0):
+    return torch.randint(1, VOCAB, (rows, length), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+def _routed(model, ids, allowed=None):
+    """(logits, trace selections) of one forward, inside a scope when ``allowed`` is given."""
+    ctx = lag_triton.scope(model, allowed) if allowed is not None else torch.no_grad()
+    with torch.no_grad(), ctx, lag_triton.trace(model) as tr:
+        logits = model(input_ids=ids).logits
+    return logits, tr.selections
+
+
+def _assert_within(selections, rows_allowed, length):
+    """Every token of row b picked only adapters in rows_allowed[b] (indices), or -1 (none)."""
+    for module, sel in selections.items():
+        per_row = sel.reshape(len(rows_allowed), length, -1)
+        for b, allowed in enumerate(rows_allowed):
+            picked = set(per_row[b].flatten().tolist()) - {-1}
+            assert picked <= set(allowed), (module, b, sorted(picked), sorted(allowed))
+
+
+@settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_no_token_is_routed_outside_its_rows_set(libraries, data):
+    """Property: for random routers, k, top_m and per-row sets (empty ones and ones smaller than k
+    included), no token of a row uses an adapter outside that row's set."""
+    docs, _ = libraries
+    backend = data.draw(st.sampled_from(_backends()))
+    router = data.draw(st.sampled_from(["lag", "arrow", "spectr"]))
+    k = data.draw(st.integers(1, N_ADAPTERS))
+    top_m = data.draw(st.integers(1, k if router == "lag" else 3))
+    rows = data.draw(st.integers(1, 3))
+    sets = [sorted(data.draw(st.sets(st.integers(0, N_ADAPTERS - 1), max_size=N_ADAPTERS))) for _ in range(rows)]
+    model = _patched(docs, backend, router=router, k=k, top_m=top_m)
+    _, selections = _routed(model, _ids(rows, 5, seed=len(sets[0])), sets)
+    _assert_within(selections, sets, 5)
+    for module, sel in selections.items():
+        per_row = sel.reshape(rows, 5, -1)
+        for b, allowed in enumerate(sets):
+            want = min(len(allowed), top_m)  # picks that find an adapter: all, unless the set is smaller
+            assert ((per_row[b] >= 0).sum(-1) == want).all(), (module, b)
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("router", ["lag", "arrow", "spectr"])
+def test_every_adapter_allowed_is_the_unscoped_model(libraries, backend, router):
+    docs, _ = libraries
+    model = _patched(docs, backend, router=router, k=3, top_m=2)
+    ids = _ids(2, 6)
+    want, want_sel = _routed(model, ids)
+    everyone = [None, docs.names]
+    got, got_sel = _routed(model, ids, everyone)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert all(torch.equal(got_sel[m], want_sel[m]) for m in want_sel)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_an_empty_set_is_the_base_model_for_that_row(libraries, backend):
+    docs, _ = libraries
+    base = tiny_model("llama").to(DEVICE)
+    model = _patched(docs, backend, k=3, top_m=1)
+    ids = _ids(2, 7, seed=3)
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits
+    logits, sel = _routed(model, ids, [[], ["doc1", "doc4"]])
+    torch.testing.assert_close(logits[0], base_logits[0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits[1], base_logits[1], atol=1e-3)
+    assert all((s.reshape(2, 7, -1)[0] == -1).all() for s in sel.values())
+
+
+def test_a_mask_and_names_and_indices_are_the_same_scope(libraries):
+    docs, _ = libraries
+    model = _patched(docs, k=2, top_m=1)
+    ids = _ids(2, 5, seed=4)
+    mask = torch.zeros(2, N_ADAPTERS, dtype=torch.bool)
+    mask[0, [1, 2]] = True
+    mask[1, 5] = True
+    by_mask, _ = _routed(model, ids, mask)
+    by_name, _ = _routed(model, ids, [["doc1", "doc2"], ["doc5"]])
+    by_index, _ = _routed(model, ids, [[1, 2], [5]])
+    by_dict, _ = _routed(model, ids, {0: [{1, 2}, (5,)]})
+    for other in (by_name, by_index, by_dict):
+        torch.testing.assert_close(other, by_mask, rtol=0, atol=0)
+
+
+def test_several_libraries_use_the_names_each_has(libraries):
+    docs, tasks = libraries
+    model = _patched([docs, tasks], k=2, top_m=1)
+    ids = _ids(2, 4, seed=5)
+    with torch.no_grad(), lag_triton.scope(model, [["doc3", "task1"], ["doc0"]]), lag_triton.trace(model) as tr:
+        model(input_ids=ids)
+    for module, sel in tr.library_selections[0].items():
+        _assert_within({module: sel}, [[3], [0]], 4)
+    for module, sel in tr.library_selections[1].items():  # row 1 names no task adapter: none used
+        _assert_within({module: sel}, [[1], []], 4)
+    with torch.no_grad(), lag_triton.scope(model, {1: [[0], [2]]}), lag_triton.trace(model) as tr:
+        model(input_ids=ids)  # library 0 unrestricted, library 1 by index
+    for module, sel in tr.library_selections[1].items():
+        _assert_within({module: sel}, [[0], [2]], 4)
+
+
+def test_generate_with_left_padding_stays_in_scope(libraries):
+    """Prefill and cached decode steps alike: every token of a row is routed inside its set."""
+    docs, _ = libraries
+    model = _patched(docs, k=3, top_m=2)
+    ids = _ids(3, 6, seed=6)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    ids[0, :3] = 0
+    sets = [[0, 3], [6], [1, 2, 4]]
+    with torch.no_grad(), lag_triton.scope(model, sets), lag_triton.trace(model) as tr:
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                             pad_token_id=0)
+    assert out.shape == (3, 10)
+    # one prefill forward of [3, 6] tokens, then 3 cached steps of [3, 1], row-major within each call
+    for module, sel in tr.selections.items():
+        assert sel.shape[0] == 3 * 6 + 3 * 3, module
+        prefill, steps = sel[:18].reshape(3, 6, -1), sel[18:].reshape(-1, 3, sel.shape[-1])
+        for b, allowed in enumerate(sets):
+            picked = set(prefill[b].flatten().tolist()) | set(steps[:, b].flatten().tolist())
+            assert picked - {-1} <= set(allowed), (module, b)
+
+
+def test_scopes_nest_and_restore(libraries):
+    docs, _ = libraries
+    model = _patched(docs, k=2, top_m=1)
+    ids = _ids(1, 5, seed=7)
+    free, _ = _routed(model, ids)
+    with torch.no_grad(), lag_triton.scope(model, [["doc2"]]):
+        outer = model(input_ids=ids).logits
+        with lag_triton.scope(model, [["doc5"]]):
+            inner = model(input_ids=ids).logits
+        again = model(input_ids=ids).logits
+    torch.testing.assert_close(again, outer, rtol=0, atol=0)
+    assert not torch.allclose(inner, outer)
+    torch.testing.assert_close(_routed(model, ids)[0], free, rtol=0, atol=0)
+
+
+def test_scope_errors_name_what_is_wrong(libraries):
+    docs, tasks = libraries
+    model = _patched(docs, k=2)
+    with pytest.raises(ValueError, match="no attached library has: \\['nope'\\]"):
+        with lag_triton.scope(model, [["doc1", "nope"]]):
+            pass
+    with pytest.raises(ValueError, match="2 batch rows, but layer .*\\(3 rows\\)"):
+        with torch.no_grad(), lag_triton.scope(model, [["doc1"], ["doc2"]]):
+            model(input_ids=_ids(3, 4))
+    with pytest.raises(ValueError, match="out of range"):
+        with lag_triton.scope(model, [[N_ADAPTERS]]):
+            pass
+    with pytest.raises(ValueError, match="bool \\[B, N=7\\]"):
+        with lag_triton.scope(model, torch.ones(2, 3, dtype=torch.bool)):
+            pass
+    with pytest.raises(TypeError, match="collection of adapter names"):
+        with lag_triton.scope(model, ["doc1"]):  # a row must be a collection, not a bare name
+            pass
+    with pytest.raises(ValueError, match="no LAG-patched modules"):
+        with lag_triton.scope(tiny_model("llama"), [None]):
+            pass
+    both = _patched([docs, tasks], k=2)
+    with pytest.raises(TypeError, match="ambiguous"):
+        with lag_triton.scope(both, [[1]]):
+            pass
