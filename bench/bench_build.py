@@ -7,8 +7,9 @@ Writes synthetic PEFT folders (adapter_config.json + adapter_model.safetensors, 
 builds the library with ``lag_triton.library.build_library`` (or, with ``--in-memory``, with
 ``Library.from_peft`` + ``save``) and records in bench/results/build-<mode>-<date>-n<N>.json:
 wall time, adapters/s, the peak RSS of the build process and of its worker processes (sampled
-from /proc every 50 ms, summed over the process tree, and the kernel's ru_maxrss), the bytes in
-and out and the disk space. ``--cold`` evicts the adapter files from the page cache first
+from /proc every 50 ms, summed over the process tree: the workers are children of the
+multiprocessing fork server, a child of the build process), the bytes in and out, the disk space
+and the load average. ``--cold`` evicts the adapter files from the page cache first
 (posix_fadvise DONTNEED), so the build reads them from disk.
 """
 
@@ -134,6 +135,7 @@ def run(args) -> dict:
     output = args.workdir / "library.safetensors"
     disk_free = shutil.disk_usage(args.workdir).free
     rss_before = TreeRss._rss(os.getpid())
+    load_before = os.getloadavg()[0]  # other work on the machine slows the build: recorded beside it
     with TreeRss() as rss:
         t0 = time.perf_counter()
         if args.in_memory:
@@ -160,7 +162,7 @@ def run(args) -> dict:
         "peak_rss_largest_worker_mib": _mib(rss.peak_child),
         "peak_rss_process_tree_mib": _mib(rss.peak_total),
         "ru_maxrss_self_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "ru_maxrss_children_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+        "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
     if not args.keep:
         output.unlink()

@@ -144,3 +144,42 @@ def test_module_entry_point_exit_codes(tmp_path):
     assert "build" in out.stdout and "demo" in out.stdout
     run = subprocess.run([sys.executable, "-m", "lag_triton", "info", str(tmp_path)], capture_output=True, text=True)
     assert run.returncode == EXIT_FAILED and run.stderr.count("\n") == 1 and "is a directory" in run.stderr
+
+
+# -- add / remove / info sizes (issue 13) ------------------------------------------------------------
+def test_build_add_remove_info_sizes(adapters, tmp_path, capsys):
+    lib, scratch = tmp_path / "lib.safetensors", tmp_path / "scratch.safetensors"
+    assert main(["build", *map(str, adapters), "-o", str(scratch), "--workers", "0", "-q"]) == 0
+    assert main(["build", str(adapters[0]), "-o", str(lib), "-q"]) == 0
+    assert main(["add", str(lib), *map(str, adapters[1:]), "-q"]) == 0
+    assert "3 adapters" in capsys.readouterr().out
+    assert lib.read_bytes() == scratch.read_bytes()
+    assert main(["info", str(lib), "--check"]) == 0
+    text = capsys.readouterr().out
+    up = Library.load(lib).modules["model.layers.1.mlp.up_proj"]
+    size = sum(getattr(up, f).nbytes for f in ("a_star", "b_star", "prototypes", "adapter_ids", "ranks"))
+    assert f"model.layers.1.mlp.up_proj: 3 adapters, 48 -> 80, ranks [2, 3, 4], {size / 1024:.1f} KiB" in text
+    assert "values      checked" in text
+    assert main(["remove", str(lib), "doc1", "-o", str(tmp_path / "small.safetensors")]) == 0
+    assert Library.load(tmp_path / "small.safetensors").names == ["doc0", "doc2"]
+    assert main(["info", str(tmp_path / "small.safetensors")]) == 0
+    assert "factors not read (--check reads them all)" in capsys.readouterr().out
+
+
+def test_add_and_remove_errors_are_one_line(adapters, tmp_path, capsys, monkeypatch):
+    lib = tmp_path / "lib.safetensors"
+    assert main(["build", *map(str, adapters[:2]), "-o", str(lib), "-q"]) == 0
+    before = lib.read_bytes()
+    capsys.readouterr()
+    assert main(["add", str(lib), str(adapters[1]), "-q"]) == EXIT_FAILED
+    _one_line_error(capsys, "already has adapters named ['doc1']")
+    assert main(["remove", str(lib), "doc7"]) == EXIT_FAILED
+    _one_line_error(capsys, "has no adapters named ['doc7']")
+    _fail_if_aligning(monkeypatch)
+    assert main(["add", str(lib), str(adapters[2]), "--names", "a", "b", "-q"]) == EXIT_USAGE
+    _one_line_error(capsys, "--names gives 2 names for 1 adapter folders")
+    assert main(["build", str(adapters[2]), "-o", str(tmp_path / "x"), "--workers", "-1", "-q"]) == EXIT_USAGE
+    _one_line_error(capsys, "--workers must be >= 0")
+    assert main(["add", str(lib), str(adapters[2]), "-o", str(tmp_path / "no" / "x"), "-q"]) == EXIT_USAGE
+    _one_line_error(capsys, "does not exist")
+    assert lib.read_bytes() == before

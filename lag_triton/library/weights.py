@@ -26,6 +26,14 @@ FACTOR_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
+_CHECK_CHUNK = 2**24  # elements per isfinite pass: its bool temporary stays at 16 MB for any library size
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    rows = max(1, _CHECK_CHUNK // max(1, t[0].numel())) if t.shape[0] else 1
+    return all(bool(torch.isfinite(t[i:i + rows]).all()) for i in range(0, t.shape[0], rows))
+
+
 @dataclass(frozen=True)
 class ModuleWeights:
     """The aligned factors of every adapter that targets one module (shapes in the module docstring)."""
@@ -108,7 +116,7 @@ class ModuleWeights:
             if ((ranks < 1) | (ranks > self.rank)).any():
                 raise ValueError(f"ranks must lie in [1, r={self.rank}], got {ranks.tolist()[:20]}")
         for f in FACTORS:
-            if not bool(torch.isfinite(getattr(self, f)).all()):
+            if not _all_finite(getattr(self, f)):
                 raise ValueError(f"{f} holds NaN or inf")
 
     def to(self, device=None, dtype: torch.dtype | None = None, *, copy: bool = False) -> "ModuleWeights":

@@ -1,0 +1,180 @@
+"""Streaming library build (issue 13, item 1): straight into the file, same bytes as the in-memory
+build and save, flat peak memory as N grows, parallel workers, and no corrupt output when killed."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from factories import make_adapter, tiny_model
+from lag_triton import AdapterError, Library
+from lag_triton.library import build_library
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """Five adapters: mixed ranks, subsets of modules, one module only one adapter targets."""
+    tmp = tmp_path_factory.mktemp("adapters")
+    model = tiny_model("llama")
+    specs = [dict(r=4), dict(r=2, targets=["up_proj", "down_proj"]), dict(r=3, targets=["up_proj", "q_proj"]),
+             dict(r=6, targets=["v_proj"]), dict(r=2, use_rslora=True)]
+    return [make_adapter(model, tmp / f"a{i}", seed=i, **s) for i, s in enumerate(specs)]
+
+
+def _saved_bytes(paths, tmp_path, dtype=torch.bfloat16) -> bytes:
+    Library.from_peft(paths, dtype=dtype, progress=False).save(tmp_path / "memory.safetensors")
+    return (tmp_path / "memory.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_streamed_file_has_the_bytes_of_the_in_memory_build(adapters, tmp_path, dtype):
+    out = tmp_path / "lib.safetensors"
+    report = build_library(adapters, out, dtype=dtype, workers=0, progress=False)
+    assert out.read_bytes() == _saved_bytes(adapters, tmp_path, dtype)
+    assert (report.adapters, report.aligned, report.modules, report.nbytes) == (5, 5, 8, out.stat().st_size)
+    loaded = Library.from_peft(adapters, dtype=dtype, progress=False, output=tmp_path / "again.safetensors")
+    assert loaded.source == str(tmp_path / "again.safetensors") and loaded.names == ["a0", "a1", "a2", "a3", "a4"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again.safetensors", "lib.safetensors", "memory.safetensors"]
+
+
+def test_worker_processes_write_the_same_file_and_report_errors(adapters, tmp_path):
+    build_library(adapters, tmp_path / "par.safetensors", dtype=torch.bfloat16, workers=2, progress=False)
+    assert (tmp_path / "par.safetensors").read_bytes() == _saved_bytes(adapters, tmp_path)
+    # an adapter that fails inside a worker: its error, naming it, and no output and no temp file
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in adapters[1].iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    from safetensors.torch import load_file
+
+    weights = load_file(str(bad / "adapter_model.safetensors"))
+    key = next(k for k in weights if k.endswith("lora_B.weight"))
+    weights[key][0, 0] = float("nan")
+    save_file(weights, str(bad / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match=r"bad'.*non-finite values"):
+        build_library([*adapters, bad], tmp_path / "never.safetensors", workers=2, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "memory.safetensors", "par.safetensors"]
+
+
+def test_bad_arguments_fail_before_any_file_is_written(adapters, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="workers must be an int >= 0"):
+        build_library(adapters, tmp_path / "x", workers=-1, progress=False)
+    with pytest.raises(ValueError, match="is not a factor dtype"):
+        build_library(adapters, tmp_path / "x", dtype=torch.int8, progress=False)
+    with pytest.raises(ValueError, match=r"repeated: \['a'\]"):
+        build_library(adapters[:2], tmp_path / "x", names=["a", "a"], progress=False)
+
+    def full_disk(fd, offset, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full_disk)
+    with pytest.raises(OSError, match=r"x': it needs [\d,]+ bytes and [\d,]+ are free"):
+        build_library(adapters, tmp_path / "x", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- memory ------------------------------------------------------------------------------------------
+def _big_adapters(root, n: int) -> list:
+    """n PEFT folders of 4 modules 1024 -> 4096 at rank 16 (1.3 MB of float32 each)."""
+    paths = []
+    config = {"peft_type": "LORA", "r": 16, "lora_alpha": 16, "bias": "none"}
+    for i in range(n):
+        path = root / f"big{i:03d}"
+        paths.append(path)
+        if path.exists():
+            continue
+        path.mkdir(parents=True)
+        g = torch.Generator().manual_seed(i)
+        tensors = {}
+        for m in range(4):
+            tensors[f"base_model.model.layer{m}.lora_A.weight"] = torch.randn(16, 1024, generator=g)
+            tensors[f"base_model.model.layer{m}.lora_B.weight"] = torch.randn(4096, 16, generator=g)
+        save_file(tensors, str(path / "adapter_model.safetensors"))
+        (path / "adapter_config.json").write_text(json.dumps(config))
+    return paths
+
+
+def _peak_rss_growth(fn) -> int:
+    """Peak resident memory of this process during fn() minus before it (sampled every 2 ms)."""
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    base, peak, done = rss(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    return max(peak[0], rss()) - base
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads RSS from /proc")
+def test_streaming_peak_memory_stays_flat_as_n_grows(tmp_path):
+    paths = _big_adapters(tmp_path / "adapters", 40)
+    build_library(paths[:2], tmp_path / "warm.safetensors", workers=0, progress=False)  # warm the allocator
+    small = _peak_rss_growth(lambda: build_library(paths[:8], tmp_path / "s.safetensors", workers=0, progress=False))
+    large = _peak_rss_growth(lambda: build_library(paths, tmp_path / "l.safetensors", workers=0, progress=False))
+    in_memory = _peak_rss_growth(lambda: Library.from_peft(paths, progress=False))
+    library_mib = (tmp_path / "l.safetensors").stat().st_size / 2**20  # 53 MiB for 40 adapters
+    mib = 2**20
+    # five times the adapters: the streaming build's peak grows by less than 2 adapters' worth,
+    # while building in memory holds the whole library (the test would see a leak of that size)
+    assert large - small < 4 * mib, (small / mib, large / mib)
+    assert in_memory > 0.8 * library_mib * mib, (in_memory / mib, library_mib)
+
+
+# -- a killed build ---------------------------------------------------------------------------------------
+_KILLED_BUILD = textwrap.dedent("""
+    import sys, time
+    from lag_triton.library import build, build_library
+
+    real, count = build.align_and_write, [0]
+    def slow(target, job):
+        real(target, job)
+        count[0] += 1
+        if count[0] == 2:
+            print("ready", flush=True)
+            time.sleep(60)
+    build.align_and_write = slow
+    build_library(sys.argv[2:], sys.argv[1], workers=0, progress=False)
+""")
+
+
+def test_a_killed_build_leaves_the_old_library_intact_and_the_next_build_cleans_up(adapters, tmp_path):
+    out = tmp_path / "lib.safetensors"
+    build_library(adapters[:2], out, workers=0, progress=False)
+    before = out.read_bytes()
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_BUILD, str(out), *map(str, adapters)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        temps = [p for p in tmp_path.iterdir() if p.name != out.name]
+        assert len(temps) == 1 and temps[0].name.endswith(".lag-tmp")  # the rows go to a temp file
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert out.read_bytes() == before
+    Library.load(out)
+    build_library(adapters, out, workers=0, progress=False)  # removes the dead build's temp file
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+    assert Library.load(out).names == [p.name for p in adapters]
