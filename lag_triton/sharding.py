@@ -148,7 +148,11 @@ class ShardedRoute(LibraryRoute):
         lo, hi = self.bounds[self.rank], self.bounds[self.rank + 1]
         return f"{super().extra_repr()}, rows [{lo}, {hi}) of {self.n_total} on rank {self.rank}/{self.world}"
 
-    def add_to(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_to(self, x: torch.Tensor, y: torch.Tensor, allowed: torch.Tensor | None = None,
+               scope: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if allowed is not None:
+            raise NotImplementedError("lag_triton.scope does not restrict sharded routing (patch(..., "
+                                      "process_group=)) yet: scope an unsharded model")
         xr = x if x.dtype == self.a_star.dtype else x.to(self.a_star.dtype)
         ex = _Exchange(self.group, self.rank, self.world)
         delta, sel = self._route(xr, ex)
@@ -265,12 +269,18 @@ def _fingerprint(libs, plan, config) -> str:
     return json.dumps([[lib.names for lib in libs], desc, repr(config)], sort_keys=True)
 
 
-def _check_same_everywhere(text: str, group, rank: int, world: int, device) -> None:
-    digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
+def _agree(text: str | None, group, rank: int, world: int, device) -> None:
+    """Raise on every rank unless every rank passed its checks (``text`` not None) with the same
+    ``text``: a rank that raised alone would leave the others waiting in the first collective."""
+    digest = -1 if text is None else int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
     out = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
     dist.all_gather(out, torch.tensor([digest], dtype=torch.int64, device=device), group=group)
-    differ = [p for p, t in enumerate(out) if int(t.item()) != digest]
-    if differ:
+    digests = [int(t.item()) for t in out]
+    failed = [p for p, d in enumerate(digests) if d == -1]
+    if failed and text is not None:
+        raise ValueError(f"rank {rank}: ranks {failed} failed their patch checks (their errors name the cause)")
+    differ = [p for p, d in enumerate(digests) if d != digest]
+    if differ and text is not None:
         raise ValueError(f"rank {rank}: ranks {differ} patch with other libraries, modules or settings; every rank "
                          "of the process group must patch the same model with the same libraries and settings")
 
@@ -284,32 +294,42 @@ def _local_rows(weights, lo: int, hi: int, device, dtype):
                            prototypes=rows(weights.prototypes))
 
 
-def patch_sharded(model, libs, config, backend: str, group):
-    """``patch`` with a process group (called by :func:`lag_triton.patch`): checks like ``patch``, then
-    each rank copies only its rows of every module. Every rank must call it with the same arguments."""
-    rank, world, comm = _group_info(group)
-    already = getattr(model, "_lag_num_libraries", 0)
+def _plan(model, libs, backend: str, comm: str, already: int) -> list:
+    """``patch``'s checks, per module: (name, library index, weights, backend, layer info)."""
     modules = dict(model.named_modules())
     plan = []
     for offset, lib in enumerate(libs):
         for name, weights in lib.modules.items():
-            weight = _check_layer(lib, name, modules.get(name), weights, model)
-            if (weight.device.type == "cuda") != (comm == "nccl"):
-                raise ValueError(f"module {name!r} is on {weight.device} but the process group uses {comm}: "
+            layer = _check_layer(lib, name, modules.get(name), weights, model)
+            if (layer.device.type == "cuda") != (comm == "nccl"):
+                raise ValueError(f"module {name!r} is on {layer.device} but the process group uses {comm}: "
                                  "use gloo for CPU models and nccl for CUDA models")
-            plan.append((name, already + offset, weights, resolve_backend(backend, weight.device), weight))
-    comm_device = plan[0][4].device if comm == "nccl" else torch.device("cpu")
-    _check_same_everywhere(_fingerprint(libs, plan, config), group, rank, world, comm_device)
+            try:  # the whole module: ids and ranks must index the same names on every rank
+                weights.check_values(len(lib.names))
+            except ValueError as e:
+                raise ValueError(f"library {lib.label}, module {name!r}: {e}") from None
+            plan.append((name, already + offset, weights, resolve_backend(backend, layer.device), layer))
+    return plan
+
+
+def patch_sharded(model, libs, config, backend: str, group):
+    """``patch`` with a process group (called by :func:`lag_triton.patch`): checks like ``patch``, then
+    each rank copies only its rows of every module. Every rank must call it with the same arguments;
+    an error on one rank is raised on every rank."""
+    rank, world, comm = _group_info(group)
+    already = getattr(model, "_lag_num_libraries", 0)
+    comm_device = torch.device("cuda", torch.cuda.current_device()) if comm == "nccl" else torch.device("cpu")
+    try:
+        plan = _plan(model, libs, backend, comm, already)
+    except BaseException:
+        _agree(None, group, rank, world, comm_device)
+        raise
+    _agree(_fingerprint(libs, plan, config), group, rank, world, comm_device)
     routes = []
-    for name, idx, w, be, weight in plan:
-        lib = libs[idx - already]
-        try:
-            w.check_values(len(lib.names))  # the whole module: ids and ranks index the same names everywhere
-        except ValueError as e:
-            raise ValueError(f"library {lib.label}, module {name!r}: {e}") from None
+    for name, idx, w, be, layer in plan:
         lo, hi = shard_bounds(w.num_adapters, world)[rank:rank + 2]
-        local = _local_rows(w, lo, hi, weight.device, _route_dtype(weight.dtype))
-        ids = w.adapter_ids.to(weight.device, torch.int64, copy=True)
+        local = _local_rows(w, lo, hi, layer.device, _route_dtype(layer.dtype))
+        ids = w.adapter_ids.to(layer.device, torch.int64, copy=True)
         routes.append((name, ShardedRoute(idx, local, ids, w.num_adapters, config, be, group, rank, world)))
     for name, route in routes:
         module = model.get_submodule(name)
@@ -320,4 +340,6 @@ def patch_sharded(model, libs, config, backend: str, group):
     if not already:
         model.register_state_dict_pre_hook(_warn_library_not_saved)
     model._lag_num_libraries = already + len(libs)
+    model._lag_library_names = {**getattr(model, "_lag_library_names", {}),
+                                **{already + i: list(lib.names) for i, lib in enumerate(libs)}}
     return model

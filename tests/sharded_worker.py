@@ -136,3 +136,31 @@ def check_ties(rank: int, world: int, store: str, backend: str) -> None:
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def check_disagreement(rank: int, world: int, store: str, backend: str) -> None:
+    """A rank whose checks fail, or whose library differs, makes ``patch`` raise on every rank
+    (instead of leaving the others waiting in a collective), and leaves every model unpatched."""
+    device = _init(rank, world, store, backend)
+    lib = tie_library()
+    other = Library([f"other{i}" for i in range(5)], lib.modules)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(8, 4)).to(device)
+    mine = other if rank == world - 1 else lib
+    try:
+        lag_triton.patch(model, mine, process_group=dist.group.WORLD)
+    except ValueError as e:
+        assert f"ranks [{world - 1}] patch with other libraries" in str(e) or rank == world - 1, e
+    else:
+        raise AssertionError("patch accepted different libraries on different ranks")
+    wrong = nn.Sequential(nn.Linear(8, 5)).to(device) if rank == 0 else model  # rank 0: 8 -> 5, not 8 -> 4
+    try:
+        lag_triton.patch(wrong, lib, process_group=dist.group.WORLD)
+    except ValueError as e:
+        assert ("adapters are 8 -> 4 but the model's layer is 8 -> 5" in str(e)) == (rank == 0), e
+        assert rank == 0 or "ranks [0] failed their patch checks" in str(e), e
+    else:
+        raise AssertionError("patch went ahead although rank 0 failed its checks")
+    assert not any(isinstance(m, lag_triton.LagLinear) for m in (*model.modules(), *wrong.modules()))
+    dist.barrier()
+    dist.destroy_process_group()

@@ -4,6 +4,8 @@ output what one device holding the whole library does, over gloo in 2 and 3 spaw
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -56,11 +58,17 @@ def test_traffic_formula_terms():
                  "requests": 32, "outputs": 4 * 80 * 4}
 
 
-def _start(fn, world: int, *args, method: str = "fork") -> None:
-    """Run ``fn(rank, world, *args)`` in ``world`` new processes; a failure re-raises with its traceback.
-    On CPU they fork (they start at once, with torch and transformers already imported; each sets
-    one thread); CUDA needs "spawn"."""
-    mp.start_processes(fn, args=(world, *args), nprocs=world, join=True, start_method=method)
+def _start(fn, world: int, *args, method: str = "fork", timeout: float = 120.0) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` new processes; a failure re-raises with its traceback,
+    a hang (a collective some rank never joined) fails after ``timeout``. On CPU they fork (they start
+    at once, with torch and transformers already imported; each sets one thread); CUDA needs "spawn"."""
+    context = mp.start_processes(fn, args=(world, *args), nprocs=world, join=False, start_method=method)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{fn.__name__} in {world} processes did not finish within {timeout} s (deadlock?)")
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -71,6 +79,11 @@ def test_sharded_equals_single_device_over_gloo(library_file, tmp_path, world):
 @pytest.mark.parametrize("world", [2, 3])
 def test_exact_ties_across_shards_go_to_the_lower_id(tmp_path, world):
     _start(sharded_worker.check_ties, world, str(tmp_path / "store"), "gloo")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_rank_that_fails_or_differs_makes_every_rank_raise(tmp_path, world):
+    _start(sharded_worker.check_disagreement, world, str(tmp_path / "store"), "gloo")
 
 
 @pytest.mark.gpu
@@ -96,6 +109,9 @@ def test_a_sharded_model_refuses_to_pickle(tmp_path):
         lag_triton.patch(model, sharded_worker.tie_library(), process_group=dist.group.WORLD)
         with pytest.raises(TypeError, match="cannot be pickled or deep-copied"):
             torch.save(model, tmp_path / "m.pt")
+        with pytest.raises(NotImplementedError, match="does not restrict sharded routing"):
+            with lag_triton.scope(model, [["t1"]]), torch.no_grad():
+                model(torch.ones(1, 8))
         with pytest.raises(TypeError, match="ProcessGroup"):
             lag_triton.patch(nn.Sequential(nn.Linear(8, 4)), sharded_worker.tie_library(), process_group="world")
     finally:
