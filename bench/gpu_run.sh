@@ -13,13 +13,13 @@ OUT="${OUT:-/tmp/lag_gpu_run}"
 mkdir -p "$OUT"
 python3 -c "import time; t=time.time(); from lag_triton.kernels.cuda import extension_unavailable_reason as r; print('cuda extension:', r() or 'ok', f'{time.time()-t:.0f}s')" > "$OUT/build.log" 2>&1 &
 timeout -k 5 "${PYTEST_S:-150}" python3 -m pytest tests/test_kernels.py tests/test_cuda_backend.py \
-    tests/test_backends_model.py -n "${WORKERS:-12}" -q -rfE --tb=short -p no:cacheprovider > "$OUT/pytest.txt" 2>&1
+    tests/test_backends_model.py tests/test_compile.py tests/test_scopes.py -n "${WORKERS:-12}" -q -rfE --tb=short -p no:cacheprovider > "$OUT/pytest.txt" 2>&1
 echo "pytest rc=$?" >> "$OUT/pytest.txt"
 tail -n 30 "$OUT/pytest.txt"
 wait
 cat "$OUT/build.log" | tee -a "$OUT/pytest.txt"
 rm -f "$OUT/build.log"
-SKIP="build pytest ${SKIP:-}" BUDGET_S="${BENCH_S:-280}" OUT="$OUT" bash bench/gpu_check.sh
+SKIP="build pytest ${SKIP:-}" BUDGET_S="${BENCH_S:-300}" OUT="$OUT" bash bench/gpu_check.sh
 # per-kernel device time vs host time of one layer (what limits the per-layer figures)
 timeout -k 5 "${PROFILE_S:-60}" python3 bench/profile_layer.py --n 1000,10000 --t 1,32,2048 > "$OUT/probes.txt" 2>&1
 # cost of one running top-k merge step by tile shape (what the Arrow kernel repeats per tile / merge chunk)

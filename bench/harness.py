@@ -449,8 +449,14 @@ def _plain_z(x, a_star, cand):
     return _mm32(a_star[cand].reshape(t, k * r, d_in), x[:, :, None]).view(t, k, r)
 
 
-def plain_arrow_topk(x, prototypes, k):
-    top = _mm32(x, prototypes.T).abs().topk(k, dim=1)
+def _plain_scores(x, prototypes, allowed=None, scope=None):
+    """|x . p| in fp32; under a scope, disallowed adapters scored -1 (below every |x . p|)."""
+    scores = _mm32(x, prototypes.T).abs()
+    return scores if allowed is None else scores.masked_fill(~allowed[scope.long()], -1.0)
+
+
+def plain_arrow_topk(x, prototypes, k, allowed=None, scope=None):
+    top = _plain_scores(x, prototypes, allowed, scope).topk(k, dim=1)
     return top.indices.to(torch.int32), top.values
 
 
@@ -469,8 +475,8 @@ def plain_lora_apply(y, b_star, sel, w, z):
     return y
 
 
-def plain_layer(x, y, a_star, b_star, prototypes, k, top_m):
-    cand = _mm32(x, prototypes.T).abs().topk(k, dim=1).indices  # [T, k]
+def plain_layer(x, y, a_star, b_star, prototypes, k, top_m, allowed=None, scope=None):
+    cand = _plain_scores(x, prototypes, allowed, scope).topk(k, dim=1).indices  # [T, k]
     z = _plain_z(x, a_star, cand)  # [T, k, r] fp32
     best = z.norm(dim=-1).topk(top_m, dim=1).indices  # [T, m]
     sel = cand.gather(1, best)
@@ -497,8 +503,8 @@ def ours_impl(ops) -> dict:
     def spectr_rerank(x, a_star, cand, top_m):
         return ops.spectr_rerank(x, a_star, cand, top_m, "softmax", 1.0, None)
 
-    def layer(x, y, a_star, b_star, prototypes, k, top_m):
-        return route_and_apply(x, y, a_star, b_star, prototypes, _routing_config(k, top_m), ops)
+    def layer(x, y, a_star, b_star, prototypes, k, top_m, allowed=None, scope=None):
+        return route_and_apply(x, y, a_star, b_star, prototypes, _routing_config(k, top_m), ops, allowed, scope)
 
     return {"arrow_topk": ops.arrow_topk, "spectr_rerank": spectr_rerank, "lora_apply": ops.lora_apply,
             "layer": layer, "prepare_b_star": ops.prepare_b_star}
@@ -549,6 +555,10 @@ def add_kernel_args(p: argparse.ArgumentParser) -> None:
                    help="0: i.i.d. random token rows (routing spread over the library); K > 0: each row leans "
                         "towards one of K adapters, in contiguous runs (a prompt about K documents), so "
                         "routing concentrates on K adapters")
+    p.add_argument("--scope-fraction", type=float, default=0.0,
+                   help="0: no scope; F in (0, 1]: arrow_topk and the layer run under a lag_triton scope of "
+                        "min(T, 8) batch rows, each allowing a random fraction F of the adapters (the cost of "
+                        "a scope: compare with F = 0 on the same shapes)")
     p.add_argument("--warmup-ms", type=float, default=5)
     p.add_argument("--rep-ms", type=float, default=20)
     p.add_argument("--ref-max-tn", type=float, default=2048 * 10000,
@@ -667,18 +677,21 @@ class Cell:
     uniq_cand: int = 0
     uniq_sel: int = 0
     ref_sel: torch.Tensor | None = None  # the torch reference's layer selections, once measured
+    allowed: torch.Tensor | None = None  # --scope-fraction: [S, N] bool, the adapters each scope row may use
+    scope: torch.Tensor | None = None  # [T] int32: the scope row of each token (contiguous runs, like batch rows)
 
 
 def bind(op: str, fn: Callable, cell: Cell) -> Callable[[dict], object]:
     """The timed call of ``fn`` (one backend's implementation of ``op``) on one input set of ``cell``."""
     if op == "arrow_topk":
-        return lambda s: fn(s["x"], cell.protos, cell.k)
+        return lambda s: fn(s["x"], cell.protos, cell.k, cell.allowed, cell.scope)
     if op == "spectr_rerank":
         return lambda s: fn(s["x"], cell.a_star, s["cand"], cell.m)
     if op == "lora_apply":
         return lambda s: fn(s["y"], cell.b_star, s["sel"], s["w"], s["z"])
     if op == "layer":
-        return lambda s: fn(s["x"], s["y"], cell.a_star, cell.b_star, cell.protos, cell.k, cell.m)
+        return lambda s: fn(s["x"], s["y"], cell.a_star, cell.b_star, cell.protos, cell.k, cell.m, cell.allowed,
+                            cell.scope)
     raise ValueError(op)
 
 
@@ -774,6 +787,10 @@ class KernelRun:
             if cell.a_star is not None:
                 s["sel"], s["w"], s["z"] = plain_spectr_rerank(x, cell.a_star, s["cand"], cell.m)
             cell.sets.append(s)
+        if self.args.scope_fraction > 0:
+            rows = min(cell.t, 8)
+            cell.allowed = torch.rand(rows, cell.n, generator=self.gen, device=self.device) < self.args.scope_fraction
+            cell.scope = (torch.arange(cell.t, device=self.device) * rows // cell.t).to(torch.int32)
         cell.uniq_cand = int(torch.unique(cell.sets[0]["cand"]).numel())
         cell.uniq_sel = int(torch.unique(cell.sets[0]["sel"]).numel()) if "sel" in cell.sets[0] else 0
         return cell
@@ -857,6 +874,8 @@ class KernelRun:
                "dtype": a.dtype, "backend": backend, "status": status, "ms": None, "eager_ms": None, "timing": None}
         if a.prompt_topics:
             row["prompt_topics"] = a.prompt_topics
+        if a.scope_fraction > 0:
+            row["scope_fraction"] = a.scope_fraction
         row.update(cost or {})
         row.update(extra or {})
         if row["ms"] and row.get("bytes") is not None:

@@ -23,7 +23,7 @@ BACKEND_TITLES = {"triton": "triton", "cuda": "cuda", "plain": "plain PyTorch", 
 PCT_BACKENDS = ("triton", "cuda")  # backends with a % of floor column
 OP_TITLES = OrderedDict([
     ("layer", "Per layer: Arrow top-k + SpectR rerank + apply (`route_and_apply`)"),
-    ("arrow_topk", "Arrow scoring + fused top-k"),
+    ("arrow_topk", "Arrow retrieval: scoring + top-k"),
     ("spectr_rerank", "SpectR rerank"),
     ("lora_apply", "Gather-BGMV apply"),
 ])
@@ -118,13 +118,18 @@ def kernel_tables(rows: list[dict], ops: list[str] | None = None) -> list[str]:
     for op, title in OP_TITLES.items():
         if ops is not None and op not in ops:
             continue
-        for topics in sorted({r.get("prompt_topics", 0) for r in krows if r["op"] == op}):
-            op_rows = [r for r in krows if r["op"] == op and r.get("prompt_topics", 0) == topics]
-            out.extend(_kernel_table(op_rows, title, topics))
+        for variant in sorted({_variant(r) for r in krows if r["op"] == op}):
+            op_rows = [r for r in krows if r["op"] == op and _variant(r) == variant]
+            out.extend(_kernel_table(op_rows, title, *variant))
     return out
 
 
-def _kernel_table(op_rows: list[dict], title: str, topics: int) -> list[str]:
+def _variant(row: dict) -> tuple[int, float]:
+    """The input variant a kernel row measured: (prompt topics, scope fraction); (0, 0.0) = i.i.d., unscoped."""
+    return row.get("prompt_topics", 0), row.get("scope_fraction", 0.0)
+
+
+def _kernel_table(op_rows: list[dict], title: str, topics: int, scope_fraction: float = 0.0) -> list[str]:
     """One op's table: (shape, N, T) rows x backend columns (device time, then floor, %floor, eager)."""
     notes = Footnotes()
     cells: "OrderedDict[tuple, dict]" = OrderedDict()
@@ -138,6 +143,9 @@ def _kernel_table(op_rows: list[dict], title: str, topics: int) -> list[str]:
     any_r = op_rows[0]
     if topics:
         title += f" — prompts about {topics} adapters (routing concentrated, `--prompt-topics {topics}`)"
+    if scope_fraction:
+        title += (f" — under a scope (each batch row may use a random {scope_fraction:.0%} of the adapters, "
+                  f"`--scope-fraction {scope_fraction:g}`)")
     out = [f"### {title}", "",
            f"{any_r['dtype']}, rank {any_r['rank']}, k={any_r['k']}, top_m={any_r['top_m']}; "
            + _timing_text(op_rows) + " " + _floor_text(op_rows), ""]
@@ -185,7 +193,7 @@ def target_table(rows: list[dict]) -> list[str]:
     """The per-layer goals against triton's time: the CUDA-graph device time where measured (else eager)."""
     layer = {}
     for r in rows:  # the targets are stated for i.i.d. random inputs
-        if r.get("section") == "kernel" and r["op"] == "layer" and not r.get("prompt_topics"):
+        if r.get("section") == "kernel" and r["op"] == "layer" and _variant(r) == (0, 0.0):
             layer[(r["shape"], r["N"], r["T"], r["backend"])] = r
     shapes = list(OrderedDict.fromkeys(k[0] for k in layer))
     if not shapes or not any(k[3] == "triton" for k in layer):
@@ -333,7 +341,7 @@ def plot(data: dict, png: Path) -> bool:
         print("matplotlib not installed: no plot", file=sys.stderr)
         return False
     rows = [r for r in data.get("rows", [])
-            if r.get("section") == "kernel" and r["op"] == "layer" and not r.get("prompt_topics")]
+            if r.get("section") == "kernel" and r["op"] == "layer" and _variant(r) == (0, 0.0)]
     if not rows:
         return False
     shapes = list(OrderedDict.fromkeys(r["shape"] for r in rows))

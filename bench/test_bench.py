@@ -261,3 +261,20 @@ def test_probe_topk_rows_and_report(tmp_path):
     assert all(r["status"] == "ok" and r["us_per_merge"] > 0 for r in rows), rows
     md = report.render(json.loads(out.read_text()))
     assert "Top-k merge step" in md and "| 4 x 32 -> 32 | int64 words |" in md
+
+
+def test_scope_fraction_rows_and_their_table(tmp_path):
+    """--scope-fraction runs arrow_topk and the layer under a scope, marks the rows, and the report
+    gives them their own tables (the cost of a scope beside the unscoped ones)."""
+    out = tmp_path / "scope.json"
+    common = TINY + ["--t", "3", "--ops", "arrow_topk,layer", "--backends", "plain,torch", "--out", str(out)]
+    bench_kernels.main(common)
+    bench_kernels.main(common + ["--scope-fraction", "0.5"])
+    _, rows = _rows(out)
+    _assert_no_errors(rows)
+    scoped = [r for r in rows if r.get("scope_fraction") == 0.5]
+    assert len(scoped) == len(rows) // 2 == 4 and all(r["status"] == "ok" for r in scoped)
+    md = tmp_path / "scope.md"
+    report.main([str(out), "--md", str(md)])
+    text = md.read_text()
+    assert text.count("under a scope") == 2 and text.count("### Arrow retrieval") == 2
