@@ -14,7 +14,7 @@ Timing of a kernel-table cell (``time_cell``). On CUDA, two numbers per cell:
 
 On CPU both are one wall-clock median of eager calls (``timing: "wall"``).
 
-Cost model (DESIGN §2): each op is charged the bytes it must move at least once
+Cost model (docs/design.md §2): each op is charged the bytes it must move at least once
 (``kernel_bytes``) and the FLOPs it must do (``kernel_flops``). ``floor_ms`` = max(bytes / copy
 bandwidth, FLOPs / bf16 GEMM rate), both measured at the start of the results file (a
 device-to-device copy kernel, bytes read + written / time; an 8192^3 bf16 matmul on CUDA, a small
@@ -24,7 +24,7 @@ term is larger, ``pct_floor`` = floor / ms.
 Baselines measured in the same run: ``plain`` (the obvious PyTorch user code, ranking fp32
 scores as the reference does) and ``plain-compile`` (the same functions under
 ``torch.compile(dynamic=False)``, default mode; CUDA only, "unavailable: cpu" on CPU). Random
-libraries are built like real ones: unit-norm A* rows, prototypes = A*[:, 0] (DESIGN §1).
+libraries are built like real ones: unit-norm A* rows, prototypes = A*[:, 0] (docs/design.md §1).
 
 Kernel table rows are long-format dicts (one per op x shape x N x T x backend), appended to a
 results JSON that is rewritten after every row, so a stage killed by ``timeout`` keeps what it
@@ -416,7 +416,7 @@ def backend_ops(name: str, device: torch.device):
 
 
 # --- plain PyTorch: what a user would write without our kernels (deliberately not our reference) ---
-# Scores and z are ranked in fp32, as the reference ranks them (DESIGN §1): torch.mm / torch.bmm with
+# Scores and z are ranked in fp32, as the reference ranks them (docs/design.md §1): torch.mm / torch.bmm with
 # out_dtype=fp32 where this torch has it for the device and dtype (CUDA bf16/fp16), else an upcast.
 FP32_OUT: dict = {}  # (device type, dtype) -> does mm/bmm(out_dtype=torch.float32) work? (probe_fp32_out)
 
@@ -604,7 +604,7 @@ def _random_rows(shape, dtype, device, gen, unit=False, scale=1.0) -> torch.Tens
 
 
 def _random_library(n, r, d_in, d_out, dtype, device, gen, need_a=True, need_b=True):
-    """(prototypes, A*, B*) built like a real library (DESIGN §1): A* rows unit-norm (random rows in
+    """(prototypes, A*, B*) built like a real library (docs/design.md §1): A* rows unit-norm (random rows in
     d_in >> r dimensions are near-orthogonal, like the orthonormal V^T), prototypes = A*[:, 0] (a
     contiguous copy, as Library stores them), small B*. Without A* (need_a False) the prototypes are
     drawn directly as unit rows: the same distribution."""

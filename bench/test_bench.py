@@ -80,7 +80,7 @@ def test_kernel_flops_and_floor():
 def test_library_is_built_like_a_real_one():
     gen = torch.Generator().manual_seed(0)
     protos, a_star, b_star = harness._random_library(50, 4, 64, 24, torch.bfloat16, torch.device("cpu"), gen)
-    assert protos.is_contiguous() and torch.equal(protos, a_star[:, 0])  # prototype = A*[:, 0] (DESIGN §1)
+    assert protos.is_contiguous() and torch.equal(protos, a_star[:, 0])  # prototype = A*[:, 0] (docs/design.md §1)
     assert torch.allclose(a_star.float().norm(dim=-1), torch.ones(50, 4), atol=1e-2)
     assert b_star.shape == (50, 24, 4)
     protos, a_star, b_star = harness._random_library(50, 4, 64, 24, torch.float32, torch.device("cpu"), gen,

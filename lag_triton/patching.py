@@ -1,4 +1,4 @@
-"""Attach LAG libraries to a model in place: ``patch`` and ``unpatch`` (DESIGN §4).
+"""Attach LAG libraries to a model in place: ``patch`` and ``unpatch`` (docs/design.md §4).
 
 Each targeted linear-like layer (nn.Linear, transformers' Conv1D, or a quantised layer such as
 bitsandbytes' Linear4bit or a GPTQ QuantLinear: see :mod:`.layers`) is swapped for a

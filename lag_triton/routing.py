@@ -1,4 +1,4 @@
-"""Per-layer LAG routing: compose the three ops for one module and one library (DESIGN §1).
+"""Per-layer LAG routing: compose the three ops for one module and one library (docs/design.md §1).
 
     "lag":    Arrow top-k over all N prototypes, SpectR rerank of those k, apply the top_m.
     "arrow":  Arrow top-top_m, weights softmax(a / temperature); z = A* x is what is applied.

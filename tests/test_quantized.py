@@ -2,7 +2,7 @@
 
 What is checked, for every kind of layer that runs on this machine:
 - a patched layer returns the quantised base layer's own output plus the LoRA term, computed
-  here independently (a per-token loop over the DESIGN §1 routing rules, in float64, applying the
+  here independently (a per-token loop over the docs/design.md §1 routing rules, in float64, applying the
   PEFT adapter's own s·B·A to the selected adapter);
 - a quantised tiny Llama, patched, generates the same tokens as that reference;
 - the library is held in the layer's compute dtype, not its storage dtype;
@@ -95,7 +95,7 @@ def lora(adapter_dirs):
 
 
 def _reference(x: torch.Tensor, weights: ModuleWeights, loras: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """The LAG LoRA term for x [..., d_in], per token, in float64 (DESIGN §1, router "lag", top_m=1):
+    """The LAG LoRA term for x [..., d_in], per token, in float64 (docs/design.md §1, router "lag", top_m=1):
     Arrow keeps the K adapters with the largest |p·x|, SpectR takes the largest ||A* x|| among
     them (ties: lower index), and that adapter's own s·B·(A·x) is added. Also returns each token's
     routing margin: the smaller relative gap of the two decisions (K-th vs next Arrow score, best

@@ -1,4 +1,4 @@
-"""The PyTorch reference router against a naive per-token loop of the DESIGN §1 equations."""
+"""The PyTorch reference router against a naive per-token loop of the docs/design.md §1 equations."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def random_library(n: int, d_in: int, d_out: int, ranks: list[int], seed: int = 
 
 
 def naive_layer(x, a_star, b_star, prototypes, cfg: RoutingConfig, allowed_rows=None):
-    """One token at a time, one adapter at a time, in float64, straight from DESIGN §1.
+    """One token at a time, one adapter at a time, in float64, straight from docs/design.md §1.
 
     ``allowed_rows[t]``: the adapters token t may use (a scope); picks it cannot fill are -1."""
     x, a_star, b_star, prototypes = (t.double() for t in (x, a_star, b_star, prototypes))

@@ -127,7 +127,7 @@ def empty_rerank_outputs(x: torch.Tensor, top_m: int, r: int) -> tuple[torch.Ten
 
 def selection_weights(selected_keys: torch.Tensor, combine: str, temperature: float,
                       picked: torch.Tensor | None = None) -> torch.Tensor:
-    """Mixing weights of the top_m picks, from their ranking keys [T, m] (DESIGN §1).
+    """Mixing weights of the top_m picks, from their ranking keys [T, m] (docs/design.md §1).
 
     One pick gets weight 1; several get softmax(key / temperature) or 1 / top_m. Picks that are
     not ``picked`` ([T, m] bool: no candidate left, under a scope) get 0, and the weights spread

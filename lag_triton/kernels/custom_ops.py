@@ -1,5 +1,5 @@
 """The three ops as ``torch.library`` custom ops, so ``torch.compile(fullgraph=True)`` takes a
-patched model whole (DESIGN §2).
+patched model whole (docs/design.md §2).
 
     torch.ops.lag_triton.arrow_topk(x, prototypes, k, allowed, scope, backend)     -> (idx, scores)
     torch.ops.lag_triton.spectr_rerank(x, a_star, candidates, top_m, combine,

@@ -1,4 +1,4 @@
-"""PyTorch reference backend: the executable definition of the three LAG ops (DESIGN §1-§2).
+"""PyTorch reference backend: the executable definition of the three LAG ops (docs/design.md §1-§2).
 
 Every other backend (Triton, CUDA) exposes the same three functions with the same signatures
 and is tested against these. They stay simple and obviously right rather than fast; scores,
@@ -86,7 +86,7 @@ def spectr_rerank(
 
     z_c = A*_c x (fp32, [r]), n_c = ||z_c||. The top_m candidates by n_c (or by
     ``candidate_scores`` when given: the "arrow" router ranks and weights by a_i) are selected;
-    weights follow DESIGN §1 (1 for a single pick, else softmax(key / temperature) or 1/top_m).
+    weights follow docs/design.md §1 (1 for a single pick, else softmax(key / temperature) or 1/top_m).
     A candidate -1 is no candidate (a scope left fewer than k): never selected; picks beyond the
     valid candidates are sel -1, w 0, z 0, and the weights spread over the valid picks only.
     """

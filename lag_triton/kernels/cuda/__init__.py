@@ -1,4 +1,4 @@
-"""CUDA C++ backend (``backend="cuda"``): the three LAG ops from ``csrc/`` (DESIGN §3).
+"""CUDA C++ backend (``backend="cuda"``): the three LAG ops from ``csrc/`` (docs/design.md §3.2).
 
 Same signatures and semantics as ``lag_triton.kernels.reference``. The kernels live in
 ``csrc/*.cu`` (CUDA headers only) behind a small torch binding (``csrc/binding.cpp``). The

@@ -1,6 +1,6 @@
 """Shared pieces of the Triton backend: launch configuration helpers and the packed sort keys.
 
-Ranking rule of every op (DESIGN §1): larger key first, equal keys -> lower adapter index,
+Ranking rule of every op (docs/design.md §1): larger key first, equal keys -> lower adapter index,
 NaN ranks like -inf (the reference maps NaN to -inf), so indices always stay in range.
 
 A (fp32 value, adapter index) pair is packed into one int64 whose signed order is that rank:
