@@ -7,8 +7,8 @@ requirements) this is a plain pure-Python ``setup()`` and the extension is JIT-b
 by lag_triton.kernels.cuda instead. Set LAG_TRITON_NO_CUDA_EXT=1 to skip the build explicitly.
 """
 
+import importlib.util
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -16,7 +16,18 @@ from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
-SOURCES = ["binding.cpp", "arrow_topk.cu", "spectr_rerank.cu", "lora_apply.cu"]
+
+
+def _build_info():
+    """lag_triton/kernels/cuda/build_info.py, loaded by path: importing lag_triton needs torch."""
+    spec = importlib.util.spec_from_file_location("_lag_build_info", ROOT / "lag_triton/kernels/cuda/build_info.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BUILD = _build_info()
+SOURCES = BUILD.SOURCES
 
 
 def _cuda_extension_kwargs():
@@ -34,16 +45,14 @@ def _cuda_extension_kwargs():
     if torch.version.cuda is None:
         print("lag_triton: torch is a CPU build; skipping the CUDA extension", file=sys.stderr)
         return {}
-    cuda_home = cpp_extension.CUDA_HOME
-    has_nvcc = bool(cuda_home and (Path(cuda_home) / "bin" / "nvcc").exists()) or shutil.which("nvcc") is not None
-    if not has_nvcc:
+    if BUILD.find_nvcc(cpp_extension.CUDA_HOME) is None:
         print("lag_triton: nvcc not found; skipping the CUDA extension", file=sys.stderr)
         return {}
     ext = cpp_extension.CUDAExtension(
         name="lag_triton._lag_cuda",
         sources=[os.path.relpath(CSRC / name, ROOT) for name in SOURCES],
         include_dirs=[str(CSRC)],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": list(BUILD.NVCC_FLAGS)},
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": cpp_extension.BuildExtension}}
 

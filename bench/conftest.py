@@ -4,10 +4,9 @@ The bench tests always run on CPU at tiny sizes; without a GPU the Triton backen
 Triton interpreter, which must be chosen before lag_triton.kernels.triton is imported.
 """
 
-import os
-
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from lag_triton.kernels import use_triton_interpreter_without_gpu
+
+use_triton_interpreter_without_gpu()
 torch.set_num_threads(min(2, torch.get_num_threads()))

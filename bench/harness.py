@@ -57,9 +57,9 @@ if str(REPO_ROOT) not in sys.path:  # `python bench/x.py` works without PYTHONPA
 
 import torch  # noqa: E402
 
-# The Triton interpreter is chosen when a kernel is defined: set it before lag_triton.kernels.triton loads.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from lag_triton.kernels import use_triton_interpreter_without_gpu  # noqa: E402
+
+use_triton_interpreter_without_gpu()  # before lag_triton.kernels.triton loads
 
 # "plain" = the obvious user code (written below), "plain-compile" = the same under torch.compile.
 # The compiled baseline comes last in each cell: its compile time must not delay the others under a budget.

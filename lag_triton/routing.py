@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 
 from .kernels import Backend
+from .kernels.common import COMBINE_MODES
 
 ROUTERS = ("lag", "arrow", "spectr")
-COMBINES = ("softmax", "uniform")
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,8 @@ class RoutingConfig:
     def __post_init__(self) -> None:
         if self.router not in ROUTERS:
             raise ValueError(f"unknown router {self.router!r}; choose one of {ROUTERS}")
-        if self.combine not in COMBINES:
-            raise ValueError(f"unknown combine {self.combine!r}; choose one of {COMBINES}")
+        if self.combine not in COMBINE_MODES:
+            raise ValueError(f"unknown combine {self.combine!r}; choose one of {COMBINE_MODES}")
         for name in ("k", "top_m"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -1,13 +1,10 @@
 """Test configuration shared by every test file.
 
 Without a GPU the Triton kernels run under the Triton interpreter on CPU tensors. The
-interpreter is chosen when a kernel is defined, so TRITON_INTERPRET must be set before any
-lag_triton.kernels.triton module is imported: that is why it is set here, at collection time.
+interpreter is chosen when a kernel is defined, so it must be selected before any
+lag_triton.kernels.triton module is imported: that is why it is done here, at collection time.
 """
 
-import os
+from lag_triton.kernels import use_triton_interpreter_without_gpu
 
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+use_triton_interpreter_without_gpu()

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from lag_triton.kernels import cuda as cuda_backend
+from lag_triton.kernels.cuda.build_info import find_nvcc
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -39,13 +40,7 @@ ALLOWED_KERNEL_INCLUDES = {
 
 
 def _nvcc() -> str | None:
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if home and (Path(home) / "bin" / "nvcc").exists():
-            return str(Path(home) / "bin" / "nvcc")
-    return None
+    return find_nvcc()
 
 
 def _includes(path: Path) -> set[str]:

@@ -84,6 +84,14 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def use_triton_interpreter_without_gpu() -> None:
+    """Without a CUDA device, run the Triton kernels under the Triton interpreter on CPU tensors
+    (tests, CPU benchmarks) unless TRITON_INTERPRET says otherwise. Triton chooses the interpreter
+    when a kernel is defined: call this before lag_triton.kernels.triton is imported."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def _unavailable_reason(name: str, device: torch.device) -> str | None:
     """Why backend ``name`` cannot run on tensors of ``device`` (None if it can)."""
     if name == "torch":

@@ -17,7 +17,6 @@ caller's current stream, so a patched forward stays capturable in a CUDA graph.
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -27,6 +26,7 @@ import torch
 from .. import reference
 from ..common import (check_apply_args, check_rerank_args, check_topk_args, empty_rerank_outputs, empty_topk_outputs,
                       prototype_scores)
+from .build_info import NVCC_FLAGS, SOURCES, find_nvcc
 
 __all__ = [
     "arrow_topk", "spectr_rerank", "lora_apply", "extension_unavailable_reason", "csrc_dir", "SOURCES",
@@ -37,8 +37,6 @@ __all__ = [
 ARROW_MAX_K = 128
 PREBUILT_MODULE = "lag_triton._lag_cuda"
 JIT_NAME = "lag_triton_cuda_ext"
-SOURCES = ("binding.cpp", "arrow_topk.cu", "spectr_rerank.cu", "lora_apply.cu")
-EXTRA_CUDA_CFLAGS = ["-O3", "-lineinfo"]
 
 _lock = threading.Lock()
 _ext: ModuleType | None = None
@@ -56,10 +54,7 @@ def csrc_dir() -> Path:
 def _nvcc_available() -> bool:
     from torch.utils import cpp_extension
 
-    cuda_home = cpp_extension.CUDA_HOME
-    if cuda_home and (Path(cuda_home) / "bin" / "nvcc").exists():
-        return True
-    return shutil.which("nvcc") is not None
+    return find_nvcc(cpp_extension.CUDA_HOME) is not None
 
 
 def _precondition_reason() -> str | None:
@@ -109,7 +104,7 @@ def _load() -> ModuleType:
                 name=JIT_NAME,
                 sources=[str(src / name) for name in SOURCES],
                 extra_include_paths=[str(src)],
-                extra_cuda_cflags=EXTRA_CUDA_CFLAGS,
+                extra_cuda_cflags=list(NVCC_FLAGS),
                 verbose=False,
             )
         except Exception as exc:  # noqa: BLE001 - the build log is the reason we report

@@ -21,25 +21,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import triton_interpreter_enabled
+# EMPTY_SLOT (INT64_MIN, the empty-slot word) is defined with the interpreter's top-k, which needs it.
+from ._interpreter import EMPTY_SLOT, USE_BITONIC, interpreting, topk_by_rank, upcast_dot  # noqa: F401
 
 # Globals read inside @triton.jit code must be tl.constexpr (compiled Triton rejects plain globals).
-EMPTY_SLOT = tl.constexpr(-9223372036854775808)  # INT64_MIN
 NO_ADAPTER = tl.constexpr(2147483647)  # int32 max: "no adapter" marker inside tiles
-
-
-def interpreting() -> bool:
-    """True when kernels run under TRITON_INTERPRET=1 (CPU tensors)."""
-    return triton_interpreter_enabled()
 
 
 def next_pow2(n: int, minimum: int = 1) -> int:
     return max(minimum, triton.next_power_of_2(max(1, int(n))))
-
-
-def upcast_dot(dtype: torch.dtype) -> bool:
-    """The interpreter's tl.dot is wrong on bf16 operands: upcast tiles to fp32 before tl.dot there."""
-    return interpreting() and dtype == torch.bfloat16
 
 
 def rows_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -90,24 +80,6 @@ def unpack_key(word):
     return (word >> 32).to(tl.int32)
 
 
-# The interpreter runs tl.topk's bitonic network one scalar combine at a time (minutes per call);
-# there, top-k is a rank count over the whole tile (numpy-fast). Compiled kernels use tl.topk.
-USE_BITONIC = tl.constexpr(not triton_interpreter_enabled())
-
-
-@triton.jit
-def _topk_by_rank(words, K_PAD: tl.constexpr):
-    """Interpreter top-k of int64 words [ROWS, C] (real words unique, EMPTY_SLOT may repeat), best first.
-
-    rank_i = #{j: w_j > w_i}; column r of the result is the word of rank r. A handful of
-    whole-tile numpy ops instead of a sorting network.
-    """
-    rank = tl.sum((words[:, None, :] > words[:, :, None]).to(tl.int32), axis=2)  # [ROWS, C]
-    cols = tl.arange(0, K_PAD)[None, None, :]
-    hit = tl.where(rank[:, :, None] == cols, words[:, :, None], EMPTY_SLOT)  # [ROWS, C, K_PAD]
-    return tl.max(hit, axis=1)
-
-
 @triton.jit
 def topk_words(words, K_PAD: tl.constexpr):
     """Top-K_PAD of packed words [ROWS, C] (C >= K_PAD, powers of two), best first."""
@@ -116,7 +88,7 @@ def topk_words(words, K_PAD: tl.constexpr):
     elif USE_BITONIC:
         return tl.topk(words, K_PAD)
     else:
-        return _topk_by_rank(words, K_PAD)
+        return topk_by_rank(words, K_PAD)
 
 
 @triton.jit
