@@ -278,3 +278,20 @@ def test_scope_fraction_rows_and_their_table(tmp_path):
     report.main([str(out), "--md", str(md)])
     text = md.read_text()
     assert text.count("under a scope") == 2 and text.count("### Arrow retrieval") == 2
+
+
+def test_tune_kernels_writes_a_table_the_launchers_accept(tmp_path):
+    """The tuning script times candidates through tuning.forced and writes a table that load_table
+    accepts, one entry per op and shape bucket (every entry here: --min-gain -1)."""
+    from bench import tune_kernels
+    from lag_triton.kernels.triton import tuning
+
+    out = tune_kernels.main(["--quick", "--out", str(tmp_path / "t.json"), "--rep-ms", "1", "--warmup-ms", "0",
+                             "--min-gain", "-1"])
+    table = tuning.load_table(out)
+    ops = sorted(e["op"] for e in table["entries"])
+    assert ops == ["arrow_select"] * 2 + ["lora_apply"] * 2
+    for e in table["entries"]:
+        assert e["measured"]["ms"] > 0 and e["measured"]["default_ms"] > 0
+        assert tuning.lookup(table["entries"], e["op"], k_pad=32, t=e["measured"]["T"],
+                             n=e["measured"]["N"], d_out=e["d_out"][0] if "d_out" in e else 0) == e["config"]

@@ -34,38 +34,57 @@ A = sys.modules[__package__ + ".arrow_topk"]
 HOPPER_SMS = 132  # launch configurations are enumerated as the launchers pick them on an H100 / H200
 S = sys.modules[__package__ + ".spectr_rerank"]
 L = sys.modules[__package__ + ".lora_apply"]
+T = sys.modules[__package__ + ".tuning"]
 
 # Integer arguments that are multiples of 16 on aligned shapes (pointers always are: torch allocations).
 ALIGNED_INTS = {"D", "DOUT", "n_per_split", "stride_s", "stride_allowed", "d_per_split", "stride_xt", "stride_pn", "stride_an", "stride_ar",
                 "stride_yt", "stride_bn", "stride_bo"}
 
 
+# (T, N, r, d_in, k, top_m, candidate_scores?) -> the plans spectr_rerank makes for them: every path
+# (split-d decode, fused, adapter-grouped prefill, arrow-router scores), ranks 1 / 6 / 128, top_m 1 / 3 / 16.
+RERANK_SHAPES = [(1, 1000, 6, 3072, 20, 1, False), (1, 1000, 6, 8192, 20, 3, False), (32, 10000, 6, 3072, 20, 1, False),
+                 (2048, 1000, 6, 3072, 20, 1, False), (2048, 100000, 6, 3072, 20, 1, False),
+                 (2048, 100000, 1, 8192, 20, 3, False), (5, 1000, 6, 3072, 20, 3, True),
+                 (1, 1000, 128, 3072, 20, 16, False), (2048, 1000, 128, 3072, 20, 1, False)]
+
+
+def _rerank_cases(dt: str):
+    """Every kernel launch of spectr_rerank's plans for RERANK_SHAPES (configs from S.rerank_plan)."""
+    x_a = {"x_ptr": "*" + dt, "a_ptr": "*" + dt}
+    strides = {"stride_xt": "i32", "stride_an": "i32", "stride_ar": "i32"}
+    for t, n, r, d, k, m, scores in RERANK_SHAPES:
+        plan = S.rerank_plan(t, n, r, d, k, m, scores, HOPPER_SMS)
+        shape = f"T{t} N{n} r{r} d{d} k{k} m{m}"
+        if plan.path == "split":
+            sig = {**x_a, "cand_ptr": "*i32", "zp_ptr": "*fp32", "T": "i32", "N": "i32", "R": "i32", "D": "i32",
+                   "K": "i32", "d_per_split": "i32", **strides}
+            yield (f"rerank partial_z {dt} {shape}", S._partial_z_kernel, sig,
+                   {"R_PAD": plan.r_pad, "BLOCK_K": plan.block_k, "BLOCK_D": plan.block_d}, 4)
+        if plan.path == "grouped":
+            sig = {**x_a, "sorted_ad_ptr": "*i32", "sorted_pair_ptr": "*i64", "z_ptr": "*fp32", "P": "i32",
+                   "N": "i32", "R": "i32", "D": "i32", "K": "i32", **strides}
+            yield (f"rerank grouped_z {dt} {shape}", S._grouped_z_kernel, sig,
+                   {"R_PAD": max(plan.r_pad, 16), "BLOCK_P": plan.block_p, "BLOCK_D": plan.grouped_block_d,
+                    "UPCAST": False}, 4)
+        sig = {**x_a, "cand_ptr": "*i32", "cs_ptr": "*fp32", "zp_ptr": "*fp32", "sel_ptr": "*i32", "w_ptr": "*fp32",
+               "z_ptr": "*fp32", "T": "i32", "N": "i32", "R": "i32", "D": "i32", "K": "i32", "M": "i32",
+               "temperature": "fp32", **strides, "stride_cs": "i32"}
+        yield (f"rerank select {dt} {shape} {plan.path}", S._select_kernel, sig,
+               {"Z_MODE": plan.z_mode, "Z_SPLITS": plan.z_splits, "HAS_SCORES": scores, "SOFTMAX": m > 1,
+                "R_PAD": plan.r_pad, "M_PAD": plan.m_pad, "BLOCK_K": plan.block_k, "BLOCK_D": plan.block_d}, 4)
+
+
+def _apply_sig(dt: str) -> dict:
+    return {"y_ptr": "*" + dt, "b_ptr": "*" + dt, "sel_ptr": "*i32", "w_ptr": "*fp32", "z_ptr": "*fp32",
+            "order_ptr": "*i64", "T": "i32", "N": "i32", "DOUT": "i32", "R": "i32", "M": "i32",
+            "stride_yt": "i32", "stride_bn": "i32", "stride_bo": "i32", "stride_br": "i32"}
+
+
 def _cases():
     for dt in ("bf16", "fp16", "fp32"):
-        sig = {"x_ptr": "*" + dt, "a_ptr": "*" + dt, "cand_ptr": "*i32", "zp_ptr": "*fp32", "T": "i32", "N": "i32",
-               "R": "i32", "D": "i32", "K": "i32", "d_per_split": "i32", "stride_xt": "i32", "stride_an": "i32",
-               "stride_ar": "i32"}
-        for rp in (1, 8, 128):
-            yield (f"partial_z {dt} r{rp}", S._partial_z_kernel, sig,
-                   {"R_PAD": rp, "BLOCK_K": 16, "BLOCK_D": 64 if rp <= 8 else 16}, 4)
-        sig = {"x_ptr": "*" + dt, "a_ptr": "*" + dt, "sorted_ad_ptr": "*i32", "sorted_pair_ptr": "*i64",
-               "z_ptr": "*fp32", "P": "i32", "N": "i32", "R": "i32", "D": "i32", "K": "i32", "stride_xt": "i32",
-               "stride_an": "i32", "stride_ar": "i32"}
-        for rp in (16, 128):
-            yield (f"grouped_z {dt} r{rp}", S._grouped_z_kernel, sig,
-                   {"R_PAD": rp, "BLOCK_P": 64, "BLOCK_D": 64, "UPCAST": False}, 4)
-        sig = {"x_ptr": "*" + dt, "a_ptr": "*" + dt, "cand_ptr": "*i32", "cs_ptr": "*fp32", "zp_ptr": "*fp32",
-               "sel_ptr": "*i32", "w_ptr": "*fp32", "z_ptr": "*fp32", "T": "i32", "N": "i32", "R": "i32", "D": "i32",
-               "K": "i32", "M": "i32", "temperature": "fp32", "stride_xt": "i32",
-               "stride_an": "i32", "stride_ar": "i32", "stride_cs": "i32"}
-        for zm, hs, sm, mp, rp in [(0, False, False, 1, 8), (1, False, True, 4, 8), (0, True, True, 4, 1),
-                                   (1, False, False, 1, 16), (1, False, True, 16, 128)]:
-            consts = {"Z_MODE": zm, "Z_SPLITS": 3 if zm else 1, "HAS_SCORES": hs, "SOFTMAX": sm, "R_PAD": rp,
-                      "M_PAD": mp, "BLOCK_K": max(16, mp), "BLOCK_D": 64 if rp <= 8 else 16}
-            yield f"select {dt} {consts}", S._select_kernel, sig, consts, 4
-        sig = {"y_ptr": "*" + dt, "b_ptr": "*" + dt, "sel_ptr": "*i32", "w_ptr": "*fp32", "z_ptr": "*fp32",
-               "order_ptr": "*i64", "T": "i32", "N": "i32", "DOUT": "i32", "R": "i32", "M": "i32",
-               "stride_yt": "i32", "stride_bn": "i32", "stride_bo": "i32", "stride_br": "i32"}
+        yield from _rerank_cases(dt)
+        sig = _apply_sig(dt)
         # (T, d_out) -> configs as lora_apply.apply_config picks them on a 132-SM GPU; tokens sorted by
         # adapter from T = SORT_MIN_T on
         for t, d_out in [(1, 8192), (1, 3072), (2, 3072), (4, 8192), (32, 8192), (2048, 3072)]:
@@ -83,11 +102,27 @@ def _cases():
             warps = cfg.pop("num_warps")
             yield (f"arrow select k{kp} split={split} scoped={scoped}", A._select_kernel, sig,
                    dict(cfg, HAS_SCOPE=scoped, SPLIT=split, SPLITS=24 if split else 1, K_PAD=kp), warps)
+    # every configuration a shipped per-GPU table (tuning.py, tuned/*.json) can choose
+    for op, tuned_cfg, entry in T.all_table_configs():
+        kp = entry.get("k_pad", 32)
+        cfg = A.select_config(kp) if op == "arrow_select" else L.apply_config(1 << 20, 8192, HOPPER_SMS)
+        cfg.update(tuned_cfg)
+        warps = cfg.pop("num_warps")
+        if op == "arrow_select":
+            for split in (False, True):
+                yield (f"tuned arrow select {entry}", A._select_kernel, sig,
+                       dict(cfg, HAS_SCOPE=False, SPLIT=split, SPLITS=24 if split else 1, K_PAD=kp), warps)
+        else:
+            for dt in ("bf16", "fp16", "fp32"):
+                yield (f"tuned lora_apply {dt} {entry}", L._lora_apply_kernel, _apply_sig(dt),
+                       dict(cfg, SORTED=True), warps)
+    # the split-N merge, as arrow_topk launches it for decode-sized T (split_plan, then tiles of next_pow2(T) <= 16)
     sig = {"part_ptr": "*i64", "idx_ptr": "*i32", "score_ptr": "*fp32", "T": "i32", "K": "i32"}
-    for rows in (1, 2, 16):  # merge tiles of next_pow2(T) <= 16 rows
+    for t, n in ((1, 100_000), (1, 1_000_000), (2, 100_000), (16, 100_000), (32, 1_000_000)):
         for kp in (1, 2, 32, 128):
-            splits = 132
-            yield (f"topk merge rows{rows} k{kp}", A._merge_kernel, sig,
+            splits, _ = A.split_plan(t, n, A.select_config(kp)["BLOCK"], HOPPER_SMS)
+            rows = min(16, A.next_pow2(t))
+            yield (f"topk merge T{t} N{n} k{kp} splits{splits}", A._merge_kernel, sig,
                    {"SPLITS": splits, "K_PAD": kp, "BLOCK_T": rows,
                     "BLOCK_C": A._merge_block_c(rows, splits * kp, kp)}, 4)
 

@@ -34,6 +34,7 @@ from ..common import check_topk_args, empty_topk_outputs, prototype_scores
 from ..reference import topk_of_scores
 from ._common import (EMPTY_SLOT, interpreting, key_to_float, merge_topk_if_better, next_pow2, num_sms, order_key,
                       pack, rows_contiguous, unpack_index, unpack_key)
+from .tuning import tuned
 
 SCORE_CHUNK_BYTES = 256 << 20  # fp32 scores alive at once: bounds the scratch at N = 1e6 (~64 rows)
 #: largest padded k the select keeps in registers; a larger k (a rerank of > 1024 candidates per
@@ -180,7 +181,7 @@ def _merge_kernel(
 
 
 def select_config(k_pad: int) -> dict:
-    """Block sizes of the select (fixed: a launch stays capturable and deterministic).
+    """Default block sizes of the select (a per-GPU table may override them: ``tuning``).
 
     BLOCK fp32 values per step (8 per thread in flight); CAP = 2 * BLOCK buffered words per
     merge. The interpreter gets small blocks so that the tests exercise many buffer merges.
@@ -220,7 +221,9 @@ def _select(scores: torch.Tensor, k: int, idx: torch.Tensor, out_scores: torch.T
         idx.copy_(idx_sorted)
         out_scores.copy_(values)
         return
-    cfg = select_config(k_pad)
+    cfg = tuned("arrow_select", scores.device, k_pad=k_pad, t=t, n=n) or select_config(k_pad)
+    if cfg["CAP"] < cfg["BLOCK"]:
+        raise ValueError(f"arrow_select config {cfg}: CAP must be >= BLOCK (a block's survivors must fit)")
     splits, per_split = split_plan(t, n, cfg["BLOCK"], num_sms(scores.device))
     buf = torch.empty((t, splits, cfg["CAP"]), dtype=torch.int64, device=scores.device)
     part = torch.empty((t, splits, k_pad) if splits > 1 else (1,), dtype=torch.int64, device=scores.device)

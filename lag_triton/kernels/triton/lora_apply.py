@@ -27,6 +27,7 @@ import triton.language as tl
 
 from ..common import check_apply_args
 from ._common import NO_ADAPTER, interpreting, next_pow2, num_sms
+from .tuning import tuned
 
 #: from this many tokens on, rows are grouped by adapter (sorted by their first choice) before the apply
 SORT_MIN_T = 64
@@ -84,8 +85,8 @@ def _lora_apply_kernel(
 
 
 def apply_config(t: int, d_out: int, sms: int) -> dict:
-    """Block sizes from shapes only (and the GPU's SM count): a [BLOCK_O, BLOCK_T] fp32 accumulator of
-    <= 16 values per thread."""
+    """Default block sizes from shapes only (and the GPU's SM count; a per-GPU table may override them:
+    ``tuning``): a [BLOCK_O, BLOCK_T] fp32 accumulator of <= 16 values per thread."""
     block_t = min(next_pow2(t), 1 if t == 1 else 8)
     block_o = 256
     if not interpreting():
@@ -119,7 +120,7 @@ def lora_apply(
     z = z.contiguous()
     sort = t >= SORT_MIN_T
     order = torch.sort(sel[:, 0]).indices if sort else sel  # sel: an unread placeholder pointer
-    cfg = apply_config(t, d_out, num_sms(y.device))
+    cfg = tuned("lora_apply", y.device, t=t, d_out=d_out, r=r) or apply_config(t, d_out, num_sms(y.device))
     grid = (triton.cdiv(t, cfg["BLOCK_T"]), triton.cdiv(d_out, cfg["BLOCK_O"]))
     _lora_apply_kernel[grid](
         target, b_star, sel, w, z, order, t, n, d_out, r, m, target.stride(0), *b_star.stride(), SORTED=sort, **cfg)

@@ -25,6 +25,8 @@ Candidate rows are expected to hold distinct adapters (arrow_topk and the router
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -198,6 +200,48 @@ def _select_kernel(
     tl.store(z_ptr + (t * M + offs_m[:, None]) * R + offs_r[None, :], zs, mask=m_mask[:, None] & r_mask[None, :])
 
 
+@dataclass(frozen=True)
+class RerankPlan:
+    """How one call runs (from shapes only): which z path, and every launch constant."""
+
+    path: str  # "scores" (rank by candidate_scores), "fused", "split" (split-d partial z) or "grouped"
+    m_pad: int
+    r_pad: int
+    block_k: int  # candidates per step of the select (and of the partial-z programs)
+    block_d: int  # d_in per step of the gather-GEMV tiles
+    z_splits: int = 1  # split path: partial z sums over d
+    d_per_split: int = 0  # split path: d_in per split (a multiple of block_d)
+    block_p: int = 0  # grouped path: sorted (token, candidate) pairs per program
+    grouped_block_d: int = 0  # grouped path: d_in per tl.dot step
+
+    @property
+    def z_mode(self) -> int:
+        """0: the select computes z itself; 1: it reads precomputed (partial) z."""
+        return 1 if self.path in ("split", "grouped") else 0
+
+
+def rerank_plan(t: int, n: int, r: int, d: int, k: int, m: int, has_scores: bool, sms: int) -> RerankPlan:
+    """The launch plan of ``spectr_rerank`` for these shapes on a GPU with ``sms`` SMs."""
+    m_pad, r_pad = next_pow2(m), next_pow2(r)
+    interp = interpreting()
+    block_k = max(m_pad, 64 if interp else 16)
+    block_d = 128 if interp else 64
+    # Keep the [BLOCK_K|M_PAD, R_PAD, BLOCK_D] gather tile within ~8K fp32 values (large r_max).
+    block_d = max(16, min(block_d, triton.next_power_of_2(8192 // (max(m_pad, 16) * r_pad) + 1) // 2 or 16))
+    base = dict(m_pad=m_pad, r_pad=r_pad, block_k=block_k, block_d=block_d)
+    if has_scores:  # ranking needs no z: the select computes only the winners' z
+        return RerankPlan("scores", **base)
+    if t >= 64 and t * k >= n:  # many tokens sharing adapters
+        return RerankPlan("grouped", **base, block_p=128 if interp else 64, grouped_block_d=128 if interp else 64)
+    k_blocks = triton.cdiv(k, block_k)
+    if t * k_blocks < 2 * sms:  # few tokens: split d across programs so that the whole GPU streams A*
+        d_blocks = triton.cdiv(d, block_d)
+        splits = max(1, min(d_blocks, triton.cdiv(4 * sms, t * k_blocks), 64))
+        per = triton.cdiv(d_blocks, splits)
+        return RerankPlan("split", **base, z_splits=triton.cdiv(d_blocks, per), d_per_split=per * block_d)
+    return RerankPlan("fused", **base)
+
+
 def spectr_rerank(
     x: torch.Tensor,
     a_star: torch.Tensor,
@@ -227,45 +271,23 @@ def spectr_rerank(
         return sel, w, z
     has_scores = candidate_scores is not None
     cs = candidate_scores.float().contiguous() if has_scores else w  # dummy pointer when absent
-    m_pad = next_pow2(m)
-    r_pad = next_pow2(r)
-    interp = interpreting()
-    block_k = max(m_pad, 64 if interp else 16)
-    block_d = 128 if interp else 64
-    # Keep the [BLOCK_K|M_PAD, R_PAD, BLOCK_D] gather tile within ~8K fp32 values (large r_max).
-    block_d = max(16, min(block_d, triton.next_power_of_2(8192 // (max(m_pad, 16) * r_pad) + 1) // 2 or 16))
-    softmax = m > 1 and combine == "softmax"
-    sms = num_sms(dev)
-    k_blocks = triton.cdiv(k, block_k)
-    grouped = (not has_scores) and t >= 64 and t * k >= n
-    z_mode, z_splits, zp = 0, 1, w
-    if has_scores:
-        pass  # ranking needs no z: the select kernel computes only the winners' z
-    elif grouped:
+    plan = rerank_plan(t, n, r, d, k, m, has_scores, num_sms(dev))
+    strides = (x.stride(0), a_star.stride(0), a_star.stride(1))
+    zp = w  # dummy pointer unless a z path writes it
+    if plan.path == "grouped":
         p = t * k
-        flat = candidates.view(-1)
-        sorted_ad, order = torch.sort(flat)
+        sorted_ad, order = torch.sort(candidates.view(-1))
         zp = torch.empty((t, k, r), dtype=torch.float32, device=dev)
-        block_p = 128 if interp else 64
-        _grouped_z_kernel[(triton.cdiv(p, block_p),)](
-            x, a_star, sorted_ad, order, zp, p, n, r, d, k, x.stride(0), a_star.stride(0), a_star.stride(1),
-            R_PAD=max(r_pad, 16), BLOCK_P=block_p, BLOCK_D=128 if interp else 64, UPCAST=upcast_dot(x.dtype),
-            num_warps=4)
-        z_mode = 1
-    elif t * k_blocks < 2 * sms:
-        # Few tokens: split d across programs so that the whole GPU streams A*.
-        d_blocks = triton.cdiv(d, block_d)
-        z_splits = max(1, min(d_blocks, triton.cdiv(4 * sms, t * k_blocks), 64))
-        per = triton.cdiv(d_blocks, z_splits)
-        z_splits = triton.cdiv(d_blocks, per)
-        zp = torch.empty((z_splits, t, k, r), dtype=torch.float32, device=dev)
-        _partial_z_kernel[(t, k_blocks, z_splits)](
-            x, a_star, candidates, zp, t, n, r, d, k, per * block_d, x.stride(0), a_star.stride(0), a_star.stride(1),
-            R_PAD=r_pad, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4)
-        z_mode = 1
+        _grouped_z_kernel[(triton.cdiv(p, plan.block_p),)](
+            x, a_star, sorted_ad, order, zp, p, n, r, d, k, *strides, R_PAD=max(plan.r_pad, 16),
+            BLOCK_P=plan.block_p, BLOCK_D=plan.grouped_block_d, UPCAST=upcast_dot(x.dtype), num_warps=4)
+    elif plan.path == "split":
+        zp = torch.empty((plan.z_splits, t, k, r), dtype=torch.float32, device=dev)
+        _partial_z_kernel[(t, triton.cdiv(k, plan.block_k), plan.z_splits)](
+            x, a_star, candidates, zp, t, n, r, d, k, plan.d_per_split, *strides,
+            R_PAD=plan.r_pad, BLOCK_K=plan.block_k, BLOCK_D=plan.block_d, num_warps=4)
     _select_kernel[(t,)](
-        x, a_star, candidates, cs, zp, sel, w, z, t, n, r, d, k, m, float(temperature),
-        x.stride(0), a_star.stride(0), a_star.stride(1), k,
-        Z_MODE=z_mode, Z_SPLITS=z_splits, HAS_SCORES=has_scores, SOFTMAX=softmax,
-        R_PAD=r_pad, M_PAD=m_pad, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4)
+        x, a_star, candidates, cs, zp, sel, w, z, t, n, r, d, k, m, float(temperature), *strides, k,
+        Z_MODE=plan.z_mode, Z_SPLITS=plan.z_splits, HAS_SCORES=has_scores, SOFTMAX=m > 1 and combine == "softmax",
+        R_PAD=plan.r_pad, M_PAD=plan.m_pad, BLOCK_K=plan.block_k, BLOCK_D=plan.block_d, num_warps=4)
     return sel, w, z
