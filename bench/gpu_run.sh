@@ -5,7 +5,7 @@
 # bench/profile_layer.py splits one layer's time into kernels and bench/probe_topk.py times one
 # top-k merge step by tile shape. It writes 7 files (the device tool returns at most 8): log.txt,
 # pytest.txt (with the extension build line), sanitizer.txt, probes.txt (profile + top-k probe),
-# report.md and bench/results/<card>-<date>.{json,png}.
+# report.md and bench/results/<card>-<date>.{json,png}; with TUNE_S > 0 also tuned.json (an 8th).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1 MAX_JOBS=16
@@ -26,3 +26,7 @@ timeout -k 5 "${PROFILE_S:-60}" python3 bench/profile_layer.py --n 1000,10000 --
 RESULTS=$(ls "$OUT"/bench/results/*.json 2>/dev/null | head -1)
 timeout -k 5 "${PROBE_S:-45}" python3 bench/probe_topk.py ${RESULTS:+--out "$RESULTS"} >> "$OUT/probes.txt" 2>&1
 [[ -n "$RESULTS" ]] && python3 bench/report.py "$RESULTS" --md "$OUT/report.md" > /dev/null 2>&1
+# optional (TUNE_S > 0): a per-GPU launch table for the Triton kernels, the 8th file (lag_triton/kernels/triton/tuned/)
+if (( ${TUNE_S:-0} > 10 )); then
+    timeout -k 5 "$TUNE_S" python3 bench/tune_kernels.py --time-budget $(( TUNE_S - 10 )) --out "$OUT/tuned.json" >> "$OUT/probes.txt" 2>&1
+fi
