@@ -171,7 +171,7 @@ def _workers_and_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(with_demo: bool = True) -> argparse.ArgumentParser:
     debug = argparse.ArgumentParser(add_help=False)
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="print the full traceback of an error")
@@ -208,17 +208,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="read and check every factor value (reads the whole file)")
     p.set_defaults(func=_info)
 
-    from .experiment.run import add_arguments
-
     p = sub.add_parser("demo", parents=[debug], epilog=_EPILOG,
                        help="the LAG knowledge-library experiment on a tiny model (offline, CPU)")
-    add_arguments(p)
+    if with_demo:  # its options come from the experiment, whose imports take seconds and ~200 MB
+        from .experiment.run import add_arguments
+
+        add_arguments(p)
     p.set_defaults(func=_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser(with_demo="demo" in argv)
     args = parser.parse_args(argv)  # exits 2 with argparse's own one-line message on a bad command line
     try:
         return args.func(args)

@@ -42,9 +42,11 @@ class BuildReport:
     seconds: float
 
     def __str__(self) -> str:
-        rate = f", {self.aligned / self.seconds:.1f} adapters/s" if self.aligned and self.seconds > 0 else ""
-        return (f"{self.path}: {self.adapters} adapters, {self.modules} modules, {self.nbytes:,} bytes "
-                f"({self.aligned} aligned in {self.seconds:.1f} s{rate})")
+        if self.aligned == self.adapters:  # a build: every adapter aligned
+            work = f"built in {self.seconds:.1f} s, {self.aligned / max(self.seconds, 1e-9):.1f} adapters/s"
+        else:  # add / remove: the other rows were copied, not aligned
+            work = f"{self.aligned} aligned, {self.adapters - self.aligned} copied, in {self.seconds:.1f} s"
+        return f"{self.path}: {self.adapters} adapters, {self.modules} modules, {self.nbytes:,} bytes ({work})"
 
 
 # -- one adapter ----------------------------------------------------------------------------------
