@@ -8,47 +8,29 @@
 //   in shared memory; every sub-tile of `sub` adapters is merged into the running top-kp of
 //   each token by a block bitonic sort of [running top-kp | new keys | zero padding].
 //   The T x N score matrix never reaches global memory.
-// Kernel 1' (arrow_score_topk_wmma_kernel), fp16/bf16 with T >= 16 on sm_80+ (prefill): the same
-//   block structure on tensor cores. A block scores 16 tokens against sub-tiles of 128 adapters
-//   (one 16 x 16 WMMA accumulator per warp, fp32), staging [16 | 128] x 32 slices of x and P in
-//   shared memory (zero-filled beyond T, N and d_in: any shape; several blocks per SM hide the
-//   load latency). The fp32 score tile then feeds the same key packing and bitonic merge as
-//   kernel 1. The CUDA-core kernel 1 reads P once per 8 tokens with FMAs;
-//   at T = 2048 it was 7-26x slower than the Triton tl.dot kernel on the H100.
+//   The Python wrapper uses it for decode (T < 16); prefill takes kernel 3 over a cuBLAS GEMM.
 // Kernel 2 (arrow_merge_kernel), only when N is split over S > 1 blocks (small T, large N, to
 //   fill the GPU): one block per token merges the S partial top-k lists the same way.
-#include <mma.h>
-
-#include <type_traits>
-
+// Kernel 3 (arrow_select_kernel): the top-k of precomputed fp32 scores [T, N] (a cuBLAS GEMM, as the
+//   Triton backend scores), FAISS-WarpSelect style: block (token, split of N); every score becomes a
+//   packed key and is compared with the running kp-th best; the few that beat it are appended to a
+//   shared-memory buffer (warp-aggregated atomics); only when a round of loads might overflow the
+//   buffer are it and the running top-kp sorted together (block bitonic), which tightens the
+//   threshold. An optional scope mask drops disallowed adapters in the same pass. Splits go through
+//   kernel 2. For prefill it replaced kernel 1 and a WMMA tensor-core variant of it, whose bitonic
+//   merge per sub-tile of 64 / 128 adapters made them 5x slower than Triton's GEMM at T = 2048
+//   on the H200 (bench/results/nvidia-h200-2026-11-30.md).
 #include "lag_common.cuh"
 
 namespace lag {
 namespace {
 
 constexpr int kSub = 64;     // adapters per sub-tile
-constexpr int kLMax = 256;   // pow2_ceil(LAG_ARROW_MAX_K + kSub), also of LAG_ARROW_MAX_K + kWmmaSub
+constexpr int kLMax = 256;   // pow2_ceil(LAG_ARROW_MAX_K + kSub)
 constexpr int kMergeL = 512; // merge buffer
 
-// Tensor-core path (kernel 1')
-constexpr int kWmmaTokens = 16;                  // tokens per block: the WMMA M dimension
-constexpr int kWmmaSub = 16 * kWarps;            // adapters per sub-tile: 16 per warp
-constexpr int kWmmaK = 32;                       // d_in per staged slice (two 16-deep MMA steps)
-constexpr int kWmmaLd = kWmmaK + 8;              // staged row pitch in elements (16-byte multiple)
-constexpr int kScoreLd = kWmmaSub + 4;           // fp32 score tile row pitch
-constexpr int kStageBytes = (kWmmaTokens + kWmmaSub) * kWmmaLd * 2 > kWmmaTokens * kScoreLd * 4
-                                ? (kWmmaTokens + kWmmaSub) * kWmmaLd * 2
-                                : kWmmaTokens * kScoreLd * 4;
-static_assert(LAG_ARROW_MAX_K + kWmmaSub <= kLMax, "sort buffer too small for the WMMA sub-tile");
-
-// fp16/bf16, enough tokens for a 16-row tile, and a GPU with bf16 tensor cores (sm_80+).
-inline bool use_wmma(int64_t T, int dtype, int device) {
-  return T >= kWmmaTokens && (dtype == LAG_DTYPE_F16 || dtype == LAG_DTYPE_BF16) && cc_major(device) >= 8;
-}
-
 struct ArrowPlan {
-  bool wmma;   // kernel 1' (tensor cores) instead of kernel 1
-  int tt;      // tokens per block (1, 2, 4, 8; kWmmaTokens with wmma)
+  int tt;      // tokens per block (1, 2, 4, 8)
   int tiles;   // token tiles
   int splits;  // S: adapter splits
   int chunk;   // adapters per split
@@ -58,14 +40,13 @@ struct ArrowPlan {
   int L;       // sort length in kernel 1
 };
 
-ArrowPlan plan_arrow(int64_t T, int64_t N, int64_t k, int dtype, int device) {
+ArrowPlan plan_arrow(int64_t T, int64_t N, int64_t k, int device) {
   ArrowPlan p;
-  p.wmma = use_wmma(T, dtype, device);
-  p.tt = p.wmma ? kWmmaTokens : T >= 8 ? 8 : T >= 4 ? 4 : T >= 2 ? 2 : 1;
+  p.tt = T >= 8 ? 8 : T >= 4 ? 4 : T >= 2 ? 2 : 1;
   const int64_t tiles = (T + p.tt - 1) / p.tt;
   p.tiles = static_cast<int>(tiles);
   const int64_t target = 2LL * sm_count(device);  // blocks wanted to fill the GPU
-  const int64_t unit = p.wmma ? kWmmaSub : kWarps;  // a split holds at least one sub-tile / one adapter per warp
+  const int64_t unit = kWarps;  // a split holds at least one adapter per warp
   const int64_t max_splits = (N + unit - 1) / unit;
   int64_t s = (target + tiles - 1) / tiles;
   if (s < 1) s = 1;
@@ -78,12 +59,17 @@ ArrowPlan plan_arrow(int64_t T, int64_t N, int64_t k, int dtype, int device) {
   p.chunk = static_cast<int>(chunk);
   p.kb = static_cast<int>(k < chunk ? k : chunk);
   p.kp = pow2_ceil(k);
-  p.sub = p.wmma ? kWmmaSub : chunk < kSub ? pow2_ceil(chunk) : kSub;
+  p.sub = chunk < kSub ? pow2_ceil(chunk) : kSub;
   p.L = pow2_ceil(p.kp + p.sub);
   return p;
 }
 
 __device__ __forceinline__ void write_result(u64 key, int N, int32_t* idx, float* score) {
+  if (key == 0ull) {  // an empty slot: fewer than k candidates (a scope), -1 / NaN
+    *idx = -1;
+    *score = __uint_as_float(0x7fc00000u);
+    return;
+  }
   int32_t i = key_index(key);
   if (i < 0 || i >= N) i = 0;  // only padding could decode out of range; never happens for k <= N
   const uint32_t hi = static_cast<uint32_t>(key >> 32);
@@ -100,26 +86,6 @@ __device__ __forceinline__ void merge_sub_tile(u64* s_buf, int rows, int kp, int
   const int tail = L - kp;
   for (int i = threadIdx.x; i < rows * tail; i += kThreads) s_buf[(i / tail) * kLMax + kp + (i % tail)] = 0ull;
   __syncthreads();
-}
-
-// Copies rows [row0, row0 + rows) x columns [d0, d0 + kWmmaK) of src ([*, d_in], rows < row_limit valid)
-// into dst [rows][kWmmaLd], zero outside. vec: d_in % 8 == 0 and 16-byte aligned src (uint4 loads).
-template <typename TX>
-__device__ __forceinline__ void stage_slice(TX* dst, const TX* __restrict__ src, int rows, int64_t row0,
-                                            int64_t row_limit, int d0, int d_in, int vec) {
-  if (vec) {
-    for (int i = threadIdx.x; i < rows * (kWmmaK / 8); i += kThreads) {
-      const int r = i / (kWmmaK / 8), c = (i % (kWmmaK / 8)) * 8;
-      uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      if (row0 + r < row_limit && d0 + c < d_in) v = __ldg(reinterpret_cast<const uint4*>(src + (row0 + r) * d_in + d0 + c));
-      *reinterpret_cast<uint4*>(dst + r * kWmmaLd + c) = v;
-    }
-  } else {
-    for (int i = threadIdx.x; i < rows * kWmmaK; i += kThreads) {
-      const int r = i / kWmmaK, c = i % kWmmaK;
-      dst[r * kWmmaLd + c] = (row0 + r < row_limit && d0 + c < d_in) ? src[(row0 + r) * d_in + d0 + c] : from_f<TX>(0.f);
-    }
-  }
 }
 
 // Writes the block's final lists: idx/scores when N is not split, else the split's top-kb keys to ws.
@@ -208,57 +174,6 @@ arrow_score_topk_kernel(const TX* __restrict__ x, const TX* __restrict__ P, int 
   store_block_topk(s_buf, TT, t0, T, N, k, kb, ws, out_idx, out_scores);
 }
 
-template <typename TX>
-__global__ void __launch_bounds__(kThreads)
-arrow_score_topk_wmma_kernel(const TX* __restrict__ x, const TX* __restrict__ P, int T, int N, int d_in,
-                             int k, int kp, int chunk, int L, int kb, int vec, u64* __restrict__ ws,
-                             int32_t* __restrict__ out_idx, float* __restrict__ out_scores) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  using namespace nvcuda;
-  __shared__ u64 s_buf[kWmmaTokens * kLMax];
-  __shared__ __align__(128) unsigned char s_stage[kStageBytes];
-  TX* xs = reinterpret_cast<TX*>(s_stage);    // [kWmmaTokens][kWmmaLd] slice of x
-  TX* ps = xs + kWmmaTokens * kWmmaLd;         // [kWmmaSub][kWmmaLd] slice of P (= P^T, column-major)
-  float* ss = reinterpret_cast<float*>(s_stage);  // [kWmmaTokens][kScoreLd] scores, after the d loop
-  const int warp = threadIdx.x >> 5;
-  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kWmmaTokens;
-  const int n_begin = blockIdx.y * chunk;
-  const int n_end = min(N, n_begin + chunk);
-
-  for (int i = threadIdx.x; i < kWmmaTokens * kLMax; i += kThreads) s_buf[i] = 0ull;
-
-  for (int base = n_begin; base < n_end; base += kWmmaSub) {
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-    wmma::fill_fragment(acc, 0.f);
-    for (int d0 = 0; d0 < d_in; d0 += kWmmaK) {
-      __syncthreads();  // the previous slice (or score tile) is no longer read
-      stage_slice(xs, x, kWmmaTokens, t0, T, d0, d_in, vec);
-      stage_slice(ps, P, kWmmaSub, base, n_end, d0, d_in, vec);
-      __syncthreads();
-#pragma unroll
-      for (int kk = 0; kk < kWmmaK; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, TX, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, TX, wmma::col_major> b;
-        wmma::load_matrix_sync(a, xs + kk, kWmmaLd);
-        wmma::load_matrix_sync(b, ps + warp * 16 * kWmmaLd + kk, kWmmaLd);
-        wmma::mma_sync(acc, a, b, acc);
-      }
-    }
-    __syncthreads();  // the last slice is read: the score tile reuses its memory
-    wmma::store_matrix_sync(ss + warp * 16, acc, kScoreLd, wmma::mem_row_major);
-    __syncthreads();
-    for (int i = threadIdx.x; i < kWmmaTokens * kWmmaSub; i += kThreads) {
-      const int tt = i / kWmmaSub, loc = i - tt * kWmmaSub;
-      const int n = base + loc;
-      s_buf[tt * kLMax + kp + loc] =
-          (n < n_end && t0 + tt < T) ? pack_key(fabsf(ss[tt * kScoreLd + loc]), n) : 0ull;
-    }
-    merge_sub_tile(s_buf, kWmmaTokens, kp, L);
-  }
-  store_block_topk(s_buf, kWmmaTokens, t0, T, N, k, kb, ws, out_idx, out_scores);
-#endif
-}
-
 __global__ void __launch_bounds__(kThreads)
 arrow_merge_kernel(const u64* __restrict__ ws, int total, int k, int kp, int L, int N,
                    int32_t* __restrict__ out_idx, float* __restrict__ out_scores) {
@@ -278,6 +193,95 @@ arrow_merge_kernel(const u64* __restrict__ ws, int total, int k, int kp, int L, 
   for (int j = threadIdx.x; j < k; j += kThreads) write_result(s_buf[j], N, out_idx + t * k + j, out_scores + t * k + j);
 }
 
+// ---------------------------------------------------------------- kernel 3: select over scores
+constexpr int kSelRound = 4 * kThreads;  // scores loaded per round (4 per thread, coalesced)
+constexpr int kSelCap = 2048;            // buffered survivors
+constexpr int kSelL = 4096;              // pow2_ceil(LAG_ARROW_MAX_K + kSelCap): [top-kp | new keys | 0]
+static_assert(LAG_ARROW_MAX_K + kSelCap <= kSelL, "select buffer too small");
+static_assert(kSelCap >= kSelRound, "a round's survivors must fit in the buffer");
+
+struct SelectPlan {
+  int kp;      // pow2_ceil(k)
+  int splits;  // S: blocks per token over N
+  int chunk;   // columns per split (a multiple of kSelRound)
+};
+
+SelectPlan plan_select(int64_t T, int64_t N, int64_t k, int device) {
+  SelectPlan p;
+  p.kp = pow2_ceil(static_cast<int>(k));
+  const int64_t rounds = (N + kSelRound - 1) / kSelRound;
+  int64_t want = (2LL * sm_count(device) + T - 1) / T;  // ~2 blocks per SM in all
+  const int64_t most = rounds / 4 > 1 ? rounds / 4 : 1;  // >= 4 rounds per split
+  if (want > most) want = most;
+  if (want < 1) want = 1;
+  const int64_t per = (rounds + want - 1) / want;
+  p.chunk = static_cast<int>(per * kSelRound);
+  p.splits = static_cast<int>((N + p.chunk - 1) / p.chunk);
+  return p;
+}
+
+// Sorts [top-kp | count new keys | 0 ...] and keeps the top-kp; returns the new threshold key.
+__device__ __forceinline__ u64 select_flush(u64* s_buf, int kp, int count) {
+  __syncthreads();
+  int L = 2;
+  while (L < kp + count) L <<= 1;
+  block_bitonic_desc(s_buf, 1, L, L);
+  for (int i = kp + threadIdx.x; i < L; i += kThreads) s_buf[i] = 0ull;
+  __syncthreads();
+  return s_buf[kp - 1];
+}
+
+__global__ void __launch_bounds__(kThreads)
+arrow_select_kernel(const float* __restrict__ scores, int64_t stride, int N, int k, int kp, int chunk,
+                    const uint8_t* __restrict__ allowed, const int32_t* __restrict__ scope, int S,
+                    int64_t allowed_stride, u64* __restrict__ ws, int32_t* __restrict__ out_idx,
+                    float* __restrict__ out_scores) {
+  __shared__ u64 s_buf[kSelL];
+  __shared__ int s_count;
+  const int64_t t = blockIdx.x;
+  const int lane = threadIdx.x & 31;
+  const unsigned below = (1u << lane) - 1u;
+  int n_lo = blockIdx.y * chunk;
+  int n_hi = n_lo + chunk < N ? n_lo + chunk : N;
+  const uint8_t* mask = nullptr;
+  if (allowed != nullptr) {  // a scope row out of [0, S) allows nothing
+    const int row = scope[t];
+    if (row < 0 || row >= S) n_hi = n_lo;
+    else mask = allowed + row * allowed_stride;
+  }
+  for (int i = threadIdx.x; i < kSelL; i += kThreads) s_buf[i] = 0ull;
+  if (threadIdx.x == 0) s_count = 0;
+  __syncthreads();
+  const float* row_scores = scores + t * stride;
+  u64 threshold = 0ull;  // below every real key: everything passes until the first flush
+  for (int r0 = n_lo; r0 < n_hi; r0 += kSelRound) {
+    if (s_count > kSelCap - kSelRound) {  // block-uniform (read after the round's barrier)
+      threshold = select_flush(s_buf, kp, s_count);
+      if (threadIdx.x == 0) s_count = 0;
+      __syncthreads();
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int n = r0 + j * kThreads + threadIdx.x;
+      u64 key = 0ull;
+      if (n < n_hi && (mask == nullptr || mask[n] != 0)) key = pack_key(fabsf(__ldg(row_scores + n)), n);
+      const bool keep = key > threshold;
+      const unsigned votes = __ballot_sync(kFull, keep);
+      int base = 0;
+      if (lane == 0 && votes != 0u) base = atomicAdd(&s_count, __popc(votes));
+      base = __shfl_sync(kFull, base, 0);
+      if (keep) s_buf[kp + base + __popc(votes & below)] = key;
+    }
+    __syncthreads();
+  }
+  if (s_count > 0) select_flush(s_buf, kp, s_count);
+  if (gridDim.y == 1) {
+    for (int j = threadIdx.x; j < k; j += kThreads) write_result(s_buf[j], N, out_idx + t * k + j, out_scores + t * k + j);
+  } else {
+    for (int j = threadIdx.x; j < kp; j += kThreads) ws[(t * gridDim.y + blockIdx.y) * kp + j] = s_buf[j];
+  }
+}
+
 template <typename TX, int TT>
 void launch_score(const ArrowPlan& p, const void* x, const void* P, int T, int N, int d_in, int k,
                   int vec, u64* ws, int32_t* idx, float* scores, cudaStream_t stream) {
@@ -287,21 +291,13 @@ void launch_score(const ArrowPlan& p, const void* x, const void* P, int T, int N
       p.kb, vec, ws, idx, scores);
 }
 
-template <typename TX>
-void launch_score_wmma(const ArrowPlan& p, const void* x, const void* P, int T, int N, int d_in, int k, int vec,
-                       u64* ws, int32_t* idx, float* scores, cudaStream_t stream) {
-  dim3 grid(p.tiles, p.splits);
-  arrow_score_topk_wmma_kernel<TX><<<grid, kThreads, 0, stream>>>(
-      static_cast<const TX*>(x), static_cast<const TX*>(P), T, N, d_in, k, p.kp, p.chunk, p.L, p.kb, vec, ws, idx,
-      scores);
-}
-
 }  // namespace
 }  // namespace lag
 
 extern "C" size_t lag_arrow_topk_workspace_bytes(int64_t T, int64_t N, int64_t k, int dtype, int device) {
   if (T <= 0 || N <= 0 || k <= 0 || k > LAG_ARROW_MAX_K) return 0;
-  const lag::ArrowPlan p = lag::plan_arrow(T, N, k, dtype, device);
+  (void)dtype;  // every dtype takes the same plan (the argument is part of the C API)
+  const lag::ArrowPlan p = lag::plan_arrow(T, N, k, device);
   if (p.splits <= 1) return 0;
   return static_cast<size_t>(T) * p.splits * p.kb * sizeof(lag::u64);
 }
@@ -317,7 +313,7 @@ extern "C" int lag_arrow_topk_launch(const void* x, int x_dtype, const void* pro
     return static_cast<int>(cudaErrorInvalidValue);
   DeviceGuard guard(device);
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  const ArrowPlan p = plan_arrow(T, N, k, x_dtype, device);
+  const ArrowPlan p = plan_arrow(T, N, k, device);
   u64* ws = static_cast<u64*>(workspace);
   if (p.splits > 1) {
     const size_t need = static_cast<size_t>(T) * p.splits * p.kb * sizeof(u64);
@@ -328,12 +324,6 @@ extern "C" int lag_arrow_topk_launch(const void* x, int x_dtype, const void* pro
   if (x_dtype != p_dtype) return static_cast<int>(cudaErrorInvalidValue);  // caller promotes
   int rc = dispatch_dtype(x_dtype, [&](auto tx) {
     typedef typename decltype(tx)::type TX;
-    if constexpr (!std::is_same<TX, float>::value) {
-      if (p.wmma) {
-        launch_score_wmma<TX>(p, x, prototypes, Ti, Ni, Di, Ki, vec, ws, idx, scores, stream);
-        return 0;
-      }
-    }
     switch (p.tt) {
       case 1: launch_score<TX, 1>(p, x, prototypes, Ti, Ni, Di, Ki, vec, ws, idx, scores, stream); break;
       case 2: launch_score<TX, 2>(p, x, prototypes, Ti, Ni, Di, Ki, vec, ws, idx, scores, stream); break;
@@ -347,6 +337,40 @@ extern "C" int lag_arrow_topk_launch(const void* x, int x_dtype, const void* pro
     const int total = p.splits * p.kb;
     const int L = pow2_ceil(p.kp + total) < kMergeL ? pow2_ceil(p.kp + total) : kMergeL;
     arrow_merge_kernel<<<static_cast<unsigned>(T), kThreads, 0, stream>>>(ws, total, Ki, p.kp, L, Ni, idx, scores);
+  }
+  return finish_launch();
+}
+
+extern "C" size_t lag_arrow_select_workspace_bytes(int64_t T, int64_t N, int64_t k, int device) {
+  if (T <= 0 || N <= 0 || k <= 0 || k > LAG_ARROW_MAX_K) return 0;
+  const lag::SelectPlan p = lag::plan_select(T, N, k, device);
+  return p.splits <= 1 ? 0 : static_cast<size_t>(T) * p.splits * p.kp * sizeof(lag::u64);
+}
+
+extern "C" int lag_arrow_select_launch(const float* scores, int64_t T, int64_t N, int64_t stride, int64_t k,
+                                       const uint8_t* allowed, const int32_t* scope, int64_t S,
+                                       int64_t allowed_stride, void* workspace, size_t workspace_bytes,
+                                       int32_t* idx, float* out_scores, int device, void* stream_ptr) {
+  using namespace lag;
+  if (T == 0) return 0;
+  if (N <= 0 || k <= 0 || k > N || k > LAG_ARROW_MAX_K || N > 0x7fffffffLL || T > 0x7fffffffLL ||
+      stride < N || (allowed != nullptr && (scope == nullptr || S <= 0 || allowed_stride < N)))
+    return static_cast<int>(cudaErrorInvalidValue);
+  DeviceGuard guard(device);
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  const SelectPlan p = plan_select(T, N, k, device);
+  u64* ws = static_cast<u64*>(workspace);
+  if (p.splits > 1 && (ws == nullptr || workspace_bytes < static_cast<size_t>(T) * p.splits * p.kp * sizeof(u64)))
+    return static_cast<int>(cudaErrorInvalidValue);
+  const int Ni = static_cast<int>(N), Ki = static_cast<int>(k);
+  dim3 grid(static_cast<unsigned>(T), static_cast<unsigned>(p.splits));
+  arrow_select_kernel<<<grid, kThreads, 0, stream>>>(scores, stride, Ni, Ki, p.kp, p.chunk, allowed, scope,
+                                                     static_cast<int>(S), allowed_stride, ws, idx, out_scores);
+  if (p.splits > 1) {
+    const int total = p.splits * p.kp;
+    const int L = pow2_ceil(p.kp + total) < kMergeL ? pow2_ceil(p.kp + total) : kMergeL;
+    arrow_merge_kernel<<<static_cast<unsigned>(T), kThreads, 0, stream>>>(ws, total, Ki, p.kp, L, Ni, idx,
+                                                                          out_scores);
   }
   return finish_launch();
 }

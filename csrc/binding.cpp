@@ -138,6 +138,48 @@ std::string arrow_topk_impl(const torch::Tensor& x, const torch::Tensor& prototy
   return launch_status(rc, "arrow_topk");
 }
 
+std::string arrow_select_impl(const torch::Tensor& scores, int64_t k, const torch::Tensor& idx,
+                              const torch::Tensor& out_scores, const c10::optional<torch::Tensor>& allowed,
+                              const c10::optional<torch::Tensor>& scope, int64_t stream) {
+  if (!scores.defined()) return err("scores is undefined");
+  const torch::Device device = scores.device();
+  LAG_TRY(check_tensor(scores, "scores", 2, device));
+  LAG_TRY(check_dtype(scores, "scores", torch::kFloat32));
+  const int64_t T = scores.size(0), N = scores.size(1);
+  if (k < 1 || k > N) return err("k must be in [1, N=", N, "], got ", k);
+  if (k > LAG_ARROW_MAX_K) return err("arrow_select supports k <= ", LAG_ARROW_MAX_K, ", got ", k);
+  LAG_TRY(check_tensor(idx, "idx", 2, device));
+  LAG_TRY(check_dtype(idx, "idx", torch::kInt32));
+  LAG_TRY(check_shape(idx, "idx", {T, k}));
+  LAG_TRY(check_tensor(out_scores, "out_scores", 2, device));
+  LAG_TRY(check_dtype(out_scores, "out_scores", torch::kFloat32));
+  LAG_TRY(check_shape(out_scores, "out_scores", {T, k}));
+  if (allowed.has_value() != scope.has_value()) return err("allowed and scope go together: give both or neither");
+  const uint8_t* allowed_ptr = nullptr;
+  const int32_t* scope_ptr = nullptr;
+  int64_t S = 0;
+  if (allowed.has_value()) {
+    LAG_TRY(check_tensor(*allowed, "allowed", 2, device));
+    LAG_TRY(check_dtype(*allowed, "allowed", torch::kUInt8));
+    if (allowed->size(1) != N) return err("allowed must be [S, N=", N, "], got shape ", allowed->sizes());
+    LAG_TRY(check_tensor(*scope, "scope", 1, device));
+    LAG_TRY(check_dtype(*scope, "scope", torch::kInt32));
+    LAG_TRY(check_shape(*scope, "scope", {T}));
+    allowed_ptr = allowed->data_ptr<uint8_t>();
+    scope_ptr = scope->data_ptr<int32_t>();
+    S = allowed->size(0);
+  }
+  if (T == 0) return {};
+  const int dev = device.index();
+  const size_t ws_bytes = lag_arrow_select_workspace_bytes(T, N, k, dev);
+  torch::Tensor ws;
+  if (ws_bytes > 0) ws = torch::empty({static_cast<int64_t>(ws_bytes)}, scores.options().dtype(torch::kUInt8));
+  const int rc = lag_arrow_select_launch(
+      scores.data_ptr<float>(), T, N, N, k, allowed_ptr, scope_ptr, S, N, ws_bytes > 0 ? ws.data_ptr() : nullptr,
+      ws_bytes, static_cast<int32_t*>(idx.data_ptr()), out_scores.data_ptr<float>(), dev, as_stream(stream));
+  return launch_status(rc, "arrow_select");
+}
+
 std::string spectr_rerank_impl(const torch::Tensor& x, const torch::Tensor& a_star, const torch::Tensor& candidates,
                                int64_t top_m, bool combine_uniform, double temperature,
                                const c10::optional<torch::Tensor>& candidate_scores, const torch::Tensor& sel,
@@ -225,6 +267,12 @@ std::string arrow_topk(const torch::Tensor& x, const torch::Tensor& prototypes, 
   return guarded("arrow_topk", [&] { return arrow_topk_impl(x, prototypes, k, idx, scores, stream); });
 }
 
+std::string arrow_select(const torch::Tensor& scores, int64_t k, const torch::Tensor& idx,
+                         const torch::Tensor& out_scores, const c10::optional<torch::Tensor>& allowed,
+                         const c10::optional<torch::Tensor>& scope, int64_t stream) {
+  return guarded("arrow_select", [&] { return arrow_select_impl(scores, k, idx, out_scores, allowed, scope, stream); });
+}
+
 std::string spectr_rerank(const torch::Tensor& x, const torch::Tensor& a_star, const torch::Tensor& candidates,
                           int64_t top_m, bool combine_uniform, double temperature,
                           const c10::optional<torch::Tensor>& candidate_scores, const torch::Tensor& sel,
@@ -247,6 +295,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("ERROR_CONTRACT") = "return-string";  // the Python wrapper raises RuntimeError(message)
   m.def("arrow_topk", &arrow_topk, "Arrow scoring + fused top-k (writes idx, scores); returns '' or an error",
         py::arg("x"), py::arg("prototypes"), py::arg("k"), py::arg("idx"), py::arg("scores"), py::arg("stream"));
+  m.def("arrow_select", &arrow_select,
+        "top-k of precomputed fp32 scores [T, N] by |score| (optionally scoped; writes idx, out_scores); returns '' "
+        "or an error", py::arg("scores"), py::arg("k"), py::arg("idx"), py::arg("out_scores"), py::arg("allowed"),
+        py::arg("scope"), py::arg("stream"));
   m.def("spectr_rerank", &spectr_rerank, "SpectR rerank (writes sel, w, z); returns '' or an error", py::arg("x"),
         py::arg("a_star"), py::arg("candidates"), py::arg("top_m"), py::arg("combine_uniform"),
         py::arg("temperature"), py::arg("candidate_scores"), py::arg("sel"), py::arg("w"), py::arg("z"),

@@ -32,6 +32,18 @@ int lag_arrow_topk_launch(const void* x, int x_dtype, const void* prototypes, in
                           int64_t N, int64_t d_in, int64_t k, void* workspace, size_t workspace_bytes,
                           int32_t* idx, float* scores, int device, void* stream);
 
+// Bytes of scratch arrow_select needs (0 when the N split is not used).
+size_t lag_arrow_select_workspace_bytes(int64_t T, int64_t N, int64_t k, int device);
+
+// scores [T, N] fp32 (row stride `stride`, e.g. a GEMM's x @ P^T) -> idx [T, k] int32, |scores| [T, k]
+// fp32 of the k largest |scores| per row, best first. With `allowed` ([S, N] uint8, row stride
+// allowed_stride) and `scope` ([T] int32), row t ranks only adapters n with allowed[scope[t]][n];
+// slots past them are -1 / NaN.
+int lag_arrow_select_launch(const float* scores, int64_t T, int64_t N, int64_t stride, int64_t k,
+                            const uint8_t* allowed, const int32_t* scope, int64_t S, int64_t allowed_stride,
+                            void* workspace, size_t workspace_bytes, int32_t* idx, float* out_scores,
+                            int device, void* stream);
+
 // x [T, d_in], a_star [N, r, d_in], candidates [T, k] int32, candidate_scores [T, k] fp32 or NULL.
 // Scratch: z_all [T, k, r] fp32, key_all [T, k] fp32. Outputs: sel [T, m] int32, w [T, m] fp32,
 // z [T, m, r] fp32. combine_uniform: 1 for "uniform", 0 for "softmax". A candidate -1 is no candidate:

@@ -89,10 +89,11 @@ def test_arrow_exact_ties_and_nan(cu, t, n):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("t,n,d,k,x_off", [(16, 1000, 64, 20, 0), (33, 257, 61, 128, 0), (133, 1001, 96, 20, 1),
                                            (17, 5000, 48, 7, 0), (2048, 300, 40, 1, 3), (40, 129, 8, 128, 0)])
-def test_arrow_tensor_core_path_exact(cu, dtype, t, n, d, k, x_off):
-    """fp16/bf16 with T >= 16 runs the WMMA kernel. Small integers are exact in both dtypes and their
-    dot products exact in fp32, so idx must equal the reference's exactly (ties -> lower index, NaN
-    last), across ragged d_in (scalar staging), unaligned x (x_off), partial sub-tiles and N splits."""
+def test_arrow_gemm_select_path_exact(cu, dtype, t, n, d, k, x_off):
+    """T >= 16 scores with one cuBLAS GEMM and takes the top-k with the filtered select kernel. Small
+    integers are exact in both dtypes and their dot products exact in fp32, so idx must equal the
+    reference's exactly (ties -> lower index, NaN last), across ragged d_in, unaligned x (x_off),
+    partial rounds and N splits."""
     g = torch.Generator(device="cuda").manual_seed(t * 31 + n + d)
     xb = torch.randint(-2, 3, (t * d + x_off,), device="cuda", generator=g).to(dtype)
     x = xb[x_off:].view(t, d)
@@ -103,6 +104,25 @@ def test_arrow_tensor_core_path_exact(cu, dtype, t, n, d, k, x_off):
     ridx, rscores = ref.arrow_topk(x, p, k)
     assert torch.equal(idx, ridx), _topk_report(idx, scores, x, p, k)
     torch.testing.assert_close(scores, rscores, equal_nan=True)
+
+
+@pytest.mark.parametrize("order", ["ascending", "equal", "ulps"])
+@pytest.mark.parametrize("t,n,k", [(16, 20000, 20), (40, 5000, 128), (300, 3000, 1)])
+def test_arrow_select_buffer_flushes_exact(cu, order, t, n, k):
+    """Score orders that stress the select: ascending (every score survives: the shared buffer fills
+    and is merged every round), all equal (ties by index only), one ulp apart (an off-by-one
+    threshold drops winners); with N splits at small T."""
+    ramp = {"ascending": torch.arange(n, device="cuda").float(), "equal": torch.ones(n, device="cuda"),
+            "ulps": 1 + torch.finfo(torch.float32).eps * torch.minimum(torch.arange(n, device="cuda"),
+                                                                       torch.tensor(3000, device="cuda")).float()}[order]
+    p = torch.zeros(n, 8, device="cuda")
+    p[:, 0] = ramp
+    x = torch.zeros(t, 8, device="cuda")
+    x[:, 0] = 1
+    idx, scores = cu.arrow_topk(x, p, k)
+    ridx, rscores = ref.arrow_topk(x, p, k)
+    assert torch.equal(idx, ridx), _topk_report(idx, scores, x, p, k)
+    torch.testing.assert_close(scores, rscores, atol=0, rtol=0)
 
 
 def test_arrow_unaligned_and_mixed_dtypes(cu):

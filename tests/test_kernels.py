@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lag_triton.kernels import get_ops, reference, resolve_backend
+from lag_triton.kernels import common, get_ops, reference, resolve_backend
 from lag_triton.routing import RoutingConfig, route_and_apply
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -245,7 +245,7 @@ def test_arrow_select_row_chunks_and_large_k(ops, monkeypatch):
     select (ranked by the reference's sort) give the reference's answer."""
     mod = _triton_select_module(ops)
     x, p = _int_tensor(37, 24, seed=72), _int_tensor(300, 24, seed=73)
-    monkeypatch.setattr(mod, "SCORE_CHUNK_BYTES", 300 * 4 * 5)  # 5 rows per chunk, the last one partial
+    monkeypatch.setattr(common, "SCORE_CHUNK_BYTES", 300 * 4 * 5)  # 5 rows per chunk, the last one partial
     for k in (7, 200):
         monkeypatch.setattr(mod, "MAX_K_PAD", 1024 if k == 7 else 64)
         idx, scores = ops.arrow_topk(x, p, k)

@@ -110,6 +110,16 @@ def prototype_scores(x: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     return x.float() @ prototypes.float().T
 
 
+#: fp32 Arrow scores alive at once (bytes): bounds the GEMM's output at large N (~64 rows at N = 1e6)
+SCORE_CHUNK_BYTES = 256 << 20
+
+
+def score_row_chunks(t: int, n: int) -> list[slice]:
+    """Row ranges of at most SCORE_CHUNK_BYTES of [t, n] fp32 scores each (shapes only: no sync)."""
+    rows = max(1, SCORE_CHUNK_BYTES // (4 * max(1, n)))
+    return [slice(t0, min(t, t0 + rows)) for t0 in range(0, t, rows)]
+
+
 def empty_topk_outputs(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Uninitialised (idx [T, k] int32, scores [T, k] fp32) on x's device: arrow_topk's output contract."""
     t = x.shape[0]

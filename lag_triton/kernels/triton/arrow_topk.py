@@ -21,7 +21,7 @@ the reference's order and NaN never enters ahead of a number.
 Grid: (T, SPLITS); a program owns one row and N-range. When T alone leaves SMs idle (decode),
 N is split into contiguous ranges of whole BLOCKs; each split writes its packed top-K_PAD words
 to a [T, SPLITS, K_PAD] int64 scratch and ``_merge_kernel`` reduces them (two-pass top-k).
-The [T, N] scores are produced and consumed in row chunks of at most SCORE_CHUNK_BYTES.
+The [T, N] scores are produced and consumed in row chunks of at most ``common.SCORE_CHUNK_BYTES``.
 """
 
 from __future__ import annotations
@@ -30,13 +30,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import check_topk_args, empty_topk_outputs, prototype_scores
+from ..common import check_topk_args, empty_topk_outputs, prototype_scores, score_row_chunks
 from ..reference import topk_of_scores
 from ._common import (EMPTY_SLOT, interpreting, key_to_float, merge_topk_if_better, next_pow2, num_sms, order_key,
                       pack, rows_contiguous, unpack_index, unpack_key)
 from .tuning import tuned
 
-SCORE_CHUNK_BYTES = 256 << 20  # fp32 scores alive at once: bounds the scratch at N = 1e6 (~64 rows)
 #: largest padded k the select keeps in registers; a larger k (a rerank of > 1024 candidates per
 #: token, far from LAG's k ~ 20) ranks the scores with the reference's sort instead
 MAX_K_PAD = 1024
@@ -251,9 +250,7 @@ def arrow_topk(x: torch.Tensor, prototypes: torch.Tensor, k: int, allowed: torch
         prototypes = prototypes.to(x.dtype)
     t, n = x.shape[0], prototypes.shape[0]
     idx, scores = empty_topk_outputs(x, k)
-    chunk = max(1, SCORE_CHUNK_BYTES // (4 * n))
-    for t0 in range(0, t, chunk):
-        rows = slice(t0, min(t, t0 + chunk))
+    for rows in score_row_chunks(t, n):
         _select(prototype_scores(x[rows], prototypes), k, idx[rows], scores[rows], allowed,
                 None if scope is None else scope[rows])
     return idx, scores
