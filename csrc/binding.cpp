@@ -104,6 +104,21 @@ template <typename F> std::string guarded(const char* op, F&& body) {
   }
 }
 
+// k in range, and the top-k outputs: idx [T, k] int32 and scores [T, k] fp32, contiguous on device.
+std::string check_topk_outputs(const char* op, int64_t k, int64_t N, const torch::Tensor& idx,
+                               const torch::Tensor& scores, const char* scores_name, int64_t T,
+                               const torch::Device& device) {
+  if (k < 1 || k > N) return err("k must be in [1, N=", N, "], got ", k);
+  if (k > LAG_ARROW_MAX_K) return err(op, " supports k <= ", LAG_ARROW_MAX_K, ", got ", k);
+  LAG_TRY(check_tensor(idx, "idx", 2, device));
+  LAG_TRY(check_dtype(idx, "idx", torch::kInt32));
+  LAG_TRY(check_shape(idx, "idx", {T, k}));
+  LAG_TRY(check_tensor(scores, scores_name, 2, device));
+  LAG_TRY(check_dtype(scores, scores_name, torch::kFloat32));
+  LAG_TRY(check_shape(scores, scores_name, {T, k}));
+  return {};
+}
+
 std::string arrow_topk_impl(const torch::Tensor& x, const torch::Tensor& prototypes, int64_t k,
                             const torch::Tensor& idx, const torch::Tensor& scores, int64_t stream) {
   if (!x.defined()) return err("x is undefined");
@@ -118,14 +133,7 @@ std::string arrow_topk_impl(const torch::Tensor& x, const torch::Tensor& prototy
                prototypes.scalar_type(), " (the Python wrapper promotes them)");
   const int64_t T = x.size(0), d_in = x.size(1), N = prototypes.size(0);
   if (prototypes.size(1) != d_in) return err("prototypes has d_in=", prototypes.size(1), " but x has d_in=", d_in);
-  if (k < 1 || k > N) return err("k must be in [1, N=", N, "], got ", k);
-  if (k > LAG_ARROW_MAX_K) return err("arrow_topk supports k <= ", LAG_ARROW_MAX_K, ", got ", k);
-  LAG_TRY(check_tensor(idx, "idx", 2, device));
-  LAG_TRY(check_dtype(idx, "idx", torch::kInt32));
-  LAG_TRY(check_shape(idx, "idx", {T, k}));
-  LAG_TRY(check_tensor(scores, "scores", 2, device));
-  LAG_TRY(check_dtype(scores, "scores", torch::kFloat32));
-  LAG_TRY(check_shape(scores, "scores", {T, k}));
+  LAG_TRY(check_topk_outputs("arrow_topk", k, N, idx, scores, "scores", T, device));
   if (T == 0) return {};
   const int dev = device.index();
   const size_t ws_bytes = lag_arrow_topk_workspace_bytes(T, N, k, x_dt, dev);
@@ -146,14 +154,7 @@ std::string arrow_select_impl(const torch::Tensor& scores, int64_t k, const torc
   LAG_TRY(check_tensor(scores, "scores", 2, device));
   LAG_TRY(check_dtype(scores, "scores", torch::kFloat32));
   const int64_t T = scores.size(0), N = scores.size(1);
-  if (k < 1 || k > N) return err("k must be in [1, N=", N, "], got ", k);
-  if (k > LAG_ARROW_MAX_K) return err("arrow_select supports k <= ", LAG_ARROW_MAX_K, ", got ", k);
-  LAG_TRY(check_tensor(idx, "idx", 2, device));
-  LAG_TRY(check_dtype(idx, "idx", torch::kInt32));
-  LAG_TRY(check_shape(idx, "idx", {T, k}));
-  LAG_TRY(check_tensor(out_scores, "out_scores", 2, device));
-  LAG_TRY(check_dtype(out_scores, "out_scores", torch::kFloat32));
-  LAG_TRY(check_shape(out_scores, "out_scores", {T, k}));
+  LAG_TRY(check_topk_outputs("arrow_select", k, N, idx, out_scores, "out_scores", T, device));
   if (allowed.has_value() != scope.has_value()) return err("allowed and scope go together: give both or neither");
   const uint8_t* allowed_ptr = nullptr;
   const int32_t* scope_ptr = nullptr;

@@ -204,3 +204,28 @@ def quantize_linears(model, kind: str, targets, *, compute_dtype=None):
         setattr(model.get_submodule(parent), child, new)
         out[name] = new
     return out
+
+
+def available_backends(device) -> list[str]:
+    """The kernel backends (of torch, triton, cuda) that can run on ``device`` here."""
+    from lag_triton.kernels import resolve_backend
+
+    names = []
+    for name in ("torch", "triton", "cuda"):
+        try:
+            resolve_backend(name, device)
+            names.append(name)
+        except RuntimeError:
+            pass
+    return names
+
+
+def tiny_library(folder: Path, n: int, *, prefix: str = "a", seed: int = 0, ranks=(2, 3, 4), arch: str = "llama",
+                 **adapter_kwargs):
+    """A Library of ``n`` random PEFT adapters ``<prefix>0``.. (mixed ranks) for ``tiny_model(arch)``."""
+    from lag_triton import Library
+
+    model = tiny_model(arch)
+    paths = [make_adapter(model, folder / f"{prefix}{i}", seed=seed + i, arch=arch, r=ranks[i % len(ranks)],
+                          **adapter_kwargs) for i in range(n)]
+    return Library.from_peft(paths, progress=False)

@@ -9,9 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from factories import VOCAB, make_adapter, tiny_model
+from factories import VOCAB, tiny_library, tiny_model
 import lag_triton
-from lag_triton import Library
 from lag_triton.kernels import resolve_backend
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -19,10 +18,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 @pytest.fixture(scope="module")
 def library(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("adapters")
-    model = tiny_model("llama")
-    return Library.from_peft([make_adapter(model, tmp / f"a{i}", seed=i, r=2 + i % 4) for i in range(9)],
-                             progress=False)
+    return tiny_library(tmp_path_factory.mktemp("adapters"), 9, ranks=(2, 3, 4, 5))
 
 
 def _require(backend: str) -> None:

@@ -15,31 +15,20 @@ import pickle
 import pytest
 import torch
 
-from factories import VOCAB, make_adapter, tiny_model
+from factories import VOCAB, available_backends, tiny_library, tiny_model
 import lag_triton
-from lag_triton import Library
-from lag_triton.kernels import get_ops, resolve_backend
+from lag_triton.kernels import get_ops
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.fixture(scope="module")
 def library(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("adapters")
-    model = tiny_model("llama")
-    return Library.from_peft([make_adapter(model, tmp / f"a{i}", seed=i, r=2 + i % 3) for i in range(7)],
-                             progress=False)
+    return tiny_library(tmp_path_factory.mktemp("adapters"), 7)
 
 
 def _backends():
-    names = []
-    for name in ("torch", "triton", "cuda"):
-        try:
-            resolve_backend(name, DEVICE)
-            names.append(name)
-        except RuntimeError:
-            pass
-    return names
+    return available_backends(DEVICE)
 
 
 @pytest.fixture(autouse=True)

@@ -11,34 +11,22 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from factories import VOCAB, make_adapter, tiny_model
+from factories import VOCAB, available_backends, tiny_library, tiny_model
 import lag_triton
-from lag_triton import Library
-from lag_triton.kernels import resolve_backend
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 N_ADAPTERS = 7
 
 
 def _backends():
-    names = []
-    for name in ("torch", "triton", "cuda"):
-        try:
-            resolve_backend(name, DEVICE)
-            names.append(name)
-        except RuntimeError:
-            pass
-    return names
+    return available_backends(DEVICE)
 
 
 @pytest.fixture(scope="module")
 def libraries(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("adapters")
-    model = tiny_model("llama")
-    docs = Library.from_peft([make_adapter(model, tmp / f"doc{i}", seed=i, r=2 + i % 3)
-                              for i in range(N_ADAPTERS)], progress=False)
-    tasks = Library.from_peft([make_adapter(model, tmp / f"task{i}", seed=50 + i, targets=["q_proj", "up_proj"])
-                               for i in range(3)], progress=False)
+    docs = tiny_library(tmp, N_ADAPTERS, prefix="doc")
+    tasks = tiny_library(tmp, 3, prefix="task", seed=50, targets=["q_proj", "up_proj"])
     return docs, tasks
 
 
