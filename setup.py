@@ -40,7 +40,9 @@ def _cuda_extension_kwargs():
         import torch
         from torch.utils import cpp_extension
     except Exception:  # isolated build (torch is not a build requirement) or broken torch
-        print("lag_triton: torch not importable at build time; CUDA extension will be JIT-built on use", file=sys.stderr)
+        print(
+            "lag_triton: torch not importable at build time; CUDA extension will be JIT-built on use", file=sys.stderr
+        )
         return {}
     if torch.version.cuda is None:
         print("lag_triton: torch is a CPU build; skipping the CUDA extension", file=sys.stderr)

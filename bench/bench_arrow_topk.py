@@ -7,7 +7,8 @@ device time + eager time per cell).
 Defaults on GPU: bf16, rank 6, k=20, top_m=1, shapes 3072->8192 and 8192->3072, N in {1000, 10000,
 100000}, T in {1, 32, 2048}. On CPU: tiny sizes (Triton under its interpreter).
 
-    PYTHONPATH=. python3 bench/bench_arrow_topk.py [--quick] [--device cpu] [--n 1000,10000] [--t 1,2048] [--out results.json]
+    PYTHONPATH=. python3 bench/bench_arrow_topk.py [--quick] \
+        [--device cpu] [--n 1000,10000] [--t 1,2048] [--out results.json]
 """
 
 import sys

@@ -33,12 +33,19 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _SHAPES = {"gate_proj": "hd", "up_proj": "hd", "down_proj": "dh"}  # (d_in, d_out) as hidden/intermediate
 
 
-def write_adapters(root: Path, n: int, layers: int, hidden: int, intermediate: int, rank: int,
-                   dtype: torch.dtype) -> list[Path]:
+def write_adapters(
+    root: Path, n: int, layers: int, hidden: int, intermediate: int, rank: int, dtype: torch.dtype
+) -> list[Path]:
     """N PEFT folders with random factors (seeded per adapter); existing complete folders are kept."""
     size = {"h": hidden, "d": intermediate}
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": sorted(_SHAPES),
-              "bias": "none", "base_model_name_or_path": "synthetic/llama-3.2-3b-shape"}
+    config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": sorted(_SHAPES),
+        "bias": "none",
+        "base_model_name_or_path": "synthetic/llama-3.2-3b-shape",
+    }
     paths = []
     for i in range(n):
         path = root / f"adapter{i:05d}"
@@ -52,7 +59,7 @@ def write_adapters(root: Path, n: int, layers: int, hidden: int, intermediate: i
             for proj, (i_in, i_out) in _SHAPES.items():
                 d_in, d_out = size[i_in], size[i_out]
                 key = f"base_model.model.model.layers.{layer}.mlp.{proj}"
-                tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, d_in, generator=g) / d_in ** 0.5).to(dtype)
+                tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, d_in, generator=g) / d_in**0.5).to(dtype)
                 tensors[f"{key}.lora_B.weight"] = (torch.randn(d_out, rank, generator=g) * 0.01).to(dtype)
         save_file(tensors, str(path / "adapter_model.safetensors"))
         (path / "adapter_config.json").write_text(json.dumps(config))
@@ -109,7 +116,7 @@ class TreeRss:
             self.peak_total = max(self.peak_total, mine + sum(kids))
             self._stop.wait(self.period)
 
-    def __enter__(self) -> "TreeRss":
+    def __enter__(self) -> TreeRss:
         self._thread.start()
         return self
 
@@ -126,8 +133,15 @@ def run(args) -> dict:
     from lag_triton.library import Library, build_library
 
     t0 = time.perf_counter()
-    paths = write_adapters(args.workdir / "adapters", args.adapters, args.layers, args.hidden, args.intermediate,
-                           args.rank, _DTYPES[args.adapter_dtype])
+    paths = write_adapters(
+        args.workdir / "adapters",
+        args.adapters,
+        args.layers,
+        args.hidden,
+        args.intermediate,
+        args.rank,
+        _DTYPES[args.adapter_dtype],
+    )
     t_write = time.perf_counter() - t0
     bytes_in = sum((p / "adapter_model.safetensors").stat().st_size for p in paths)
     if args.cold:
@@ -143,19 +157,33 @@ def run(args) -> dict:
             lib.save(output)
             del lib
         else:
-            build_library(paths, output, dtype=_DTYPES[args.library_dtype], workers=args.workers,
-                          progress=not args.quiet)
+            build_library(
+                paths, output, dtype=_DTYPES[args.library_dtype], workers=args.workers, progress=not args.quiet
+            )
         t_build = time.perf_counter() - t0
     bytes_out = output.stat().st_size
     row = {
-        "date": datetime.date.today().isoformat(), "machine": platform.node(), "cpus": os.cpu_count(),
-        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-        "mode": "in-memory" if args.in_memory else "streaming", "workers": args.workers,
-        "adapters": args.adapters, "layers": args.layers, "modules": 3 * args.layers, "hidden": args.hidden,
-        "intermediate": args.intermediate, "rank": args.rank, "adapter_dtype": args.adapter_dtype,
-        "library_dtype": args.library_dtype, "cold_cache": args.cold,
-        "adapter_bytes": bytes_in, "library_bytes": bytes_out, "disk_free_before_build": disk_free,
-        "write_adapters_s": round(t_write, 2), "build_s": round(t_build, 2),
+        "date": datetime.date.today().isoformat(),
+        "machine": platform.node(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "mode": "in-memory" if args.in_memory else "streaming",
+        "workers": args.workers,
+        "adapters": args.adapters,
+        "layers": args.layers,
+        "modules": 3 * args.layers,
+        "hidden": args.hidden,
+        "intermediate": args.intermediate,
+        "rank": args.rank,
+        "adapter_dtype": args.adapter_dtype,
+        "library_dtype": args.library_dtype,
+        "cold_cache": args.cold,
+        "adapter_bytes": bytes_in,
+        "library_bytes": bytes_out,
+        "disk_free_before_build": disk_free,
+        "write_adapters_s": round(t_write, 2),
+        "build_s": round(t_build, 2),
         "adapters_per_s": round(args.adapters / t_build, 2),
         "rss_before_build_mib": _mib(rss_before),
         "peak_rss_build_process_mib": _mib(rss.peak_self),

@@ -90,35 +90,98 @@ def parse_args(argv=None):
     p.add_argument("--decode-ctx", type=int, default=None, help="prompt tokens per sequence before decoding")
     p.add_argument("--decode-steps", type=int, default=None, help="timed decode steps per batch size")
     p.add_argument("--ref-batches", default="1", help="decode batch sizes for the slow torch reference backend")
-    p.add_argument("--ref-prefill-len", type=int, default=None, help="prefill length for the reference (default = --prefill-len)")
+    p.add_argument(
+        "--ref-prefill-len", type=int, default=None, help="prefill length for the reference (default = --prefill-len)"
+    )
     p.add_argument("--no-graphs", action="store_true", help="decode eagerly (no CUDA graph)")
-    p.add_argument("--eager-batches", default=None,
-                   help="decode batch sizes also timed eagerly next to the CUDA-graph decode (GPU; '' for none)")
-    p.add_argument("--check", action="store_true",
-                   help="verify the static-cache decode step against full recomputation (default on CPU)")
+    p.add_argument(
+        "--eager-batches",
+        default=None,
+        help="decode batch sizes also timed eagerly next to the CUDA-graph decode (GPU; '' for none)",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="verify the static-cache decode step against full recomputation (default on CPU)",
+    )
     # PEFT Arrow comparison
     p.add_argument("--no-peft", action="store_true")
     p.add_argument("--peft-n", type=int, default=None, help="adapters for the PEFT Arrow comparison")
     p.add_argument("--peft-layers", type=int, default=None)
     p.add_argument("--peft-batches", default=None, help="decode batch sizes for the PEFT comparison")
-    p.add_argument("--peft-prefill-len", type=int, default=None,
-                   help="prefill length of the PEFT comparison (all its rows run eagerly, as PEFT must)")
+    p.add_argument(
+        "--peft-prefill-len",
+        type=int,
+        default=None,
+        help="prefill length of the PEFT comparison (all its rows run eagerly, as PEFT must)",
+    )
     a = p.parse_args(argv)
 
     cpu = torch.device(a.device).type != "cuda"
     if cpu:  # tiny model, everything exercised, seconds
-        d = dict(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=256, n_adapters=16,
-                 prefill_len=16, prefill_reps=1, batches="1,2", decode_ctx=6, decode_steps=3, peft_n=4,
-                 peft_layers=2, peft_batches="1", peft_prefill_len=16, eager_batches="", dtype="fp32")
+        d = dict(
+            layers=2,
+            hidden=64,
+            intermediate=128,
+            heads=4,
+            kv_heads=2,
+            vocab=256,
+            n_adapters=16,
+            prefill_len=16,
+            prefill_reps=1,
+            batches="1,2",
+            decode_ctx=6,
+            decode_steps=3,
+            peft_n=4,
+            peft_layers=2,
+            peft_batches="1",
+            peft_prefill_len=16,
+            eager_batches="",
+            dtype="fp32",
+        )
         a.check = True
     elif a.quick:
-        d = dict(layers=4, hidden=3072, intermediate=8192, heads=24, kv_heads=8, vocab=128256, n_adapters=1000,
-                 prefill_len=2048, prefill_reps=2, batches="1,32", decode_ctx=128, decode_steps=16, peft_n=50,
-                 peft_layers=2, peft_batches="1", peft_prefill_len=512, eager_batches="1", dtype="bf16")
+        d = dict(
+            layers=4,
+            hidden=3072,
+            intermediate=8192,
+            heads=24,
+            kv_heads=8,
+            vocab=128256,
+            n_adapters=1000,
+            prefill_len=2048,
+            prefill_reps=2,
+            batches="1,32",
+            decode_ctx=128,
+            decode_steps=16,
+            peft_n=50,
+            peft_layers=2,
+            peft_batches="1",
+            peft_prefill_len=512,
+            eager_batches="1",
+            dtype="bf16",
+        )
     else:
-        d = dict(layers=28, hidden=3072, intermediate=8192, heads=24, kv_heads=8, vocab=128256, n_adapters=1000,
-                 prefill_len=2048, prefill_reps=3, batches="1,8,32", decode_ctx=256, decode_steps=32, peft_n=100,
-                 peft_layers=2, peft_batches="1,8", peft_prefill_len=512, eager_batches="1,8", dtype="bf16")
+        d = dict(
+            layers=28,
+            hidden=3072,
+            intermediate=8192,
+            heads=24,
+            kv_heads=8,
+            vocab=128256,
+            n_adapters=1000,
+            prefill_len=2048,
+            prefill_reps=3,
+            batches="1,8,32",
+            decode_ctx=256,
+            decode_steps=32,
+            peft_n=100,
+            peft_layers=2,
+            peft_batches="1,8",
+            peft_prefill_len=512,
+            eager_batches="1,8",
+            dtype="bf16",
+        )
     for key, value in d.items():
         if getattr(a, key, None) is None:
             setattr(a, key, value)
@@ -139,9 +202,16 @@ def build_model(a, layers: int, device: torch.device, dtype: torch.dtype, seed: 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate, num_hidden_layers=layers,
-        num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, head_dim=a.hidden // a.heads,
-        max_position_embeddings=8192, tie_word_embeddings=True, attn_implementation="sdpa",
+        vocab_size=a.vocab,
+        hidden_size=a.hidden,
+        intermediate_size=a.intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=a.heads,
+        num_key_value_heads=a.kv_heads,
+        head_dim=a.hidden // a.heads,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
     )
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
@@ -158,8 +228,9 @@ def build_model(a, layers: int, device: torch.device, dtype: torch.dtype, seed: 
 
 
 def target_linears(model) -> dict[str, nn.Linear]:
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS}
+    return {
+        name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS
+    }
 
 
 @torch.no_grad()
@@ -181,8 +252,11 @@ def build_library(model, n: int, r: int, device, dtype, seed: int):
         b = torch.randn(n, d_out, r, generator=gen, device=device)
         b = b / b.norm(dim=1, keepdim=True) * sigma
         modules[name] = lag_triton.ModuleWeights(
-            a_star=a.to(dtype), b_star=b.to(dtype), prototypes=a[:, 0].to(dtype).contiguous(),
-            adapter_ids=torch.arange(n, device=device))
+            a_star=a.to(dtype),
+            b_star=b.to(dtype),
+            prototypes=a[:, 0].to(dtype).contiguous(),
+            adapter_ids=torch.arange(n, device=device),
+        )
         del a, b, chol
     return lag_triton.Library(names=[f"knowledge_{i}" for i in range(n)], modules=modules)
 
@@ -237,16 +311,28 @@ class StaticDecoder:
         b, ctx = prompt.shape
         q = torch.arange(ctx, device=prompt.device)
         mask = (self.arange[None, :] <= q[:, None]).view(1, 1, ctx, self.max_len).expand(b, 1, ctx, self.max_len)
-        out = self.model(input_ids=prompt, attention_mask=mask, position_ids=q[None].expand(b, ctx),
-                         use_cache=True, **{self.cache_kw: self.cache}, **self.extra)
+        out = self.model(
+            input_ids=prompt,
+            attention_mask=mask,
+            position_ids=q[None].expand(b, ctx),
+            use_cache=True,
+            **{self.cache_kw: self.cache},
+            **self.extra,
+        )
         self.ids.copy_(out.logits[:, -1:].argmax(-1))
         self.pos.fill_(ctx)
 
     def step(self) -> None:
         b, L = self.batch, self.max_len
         mask = (self.arange <= self.pos).view(1, 1, 1, L).expand(b, 1, 1, L)
-        out = self.model(input_ids=self.ids, attention_mask=mask, position_ids=self.pos.view(1, 1).expand(b, 1),
-                         use_cache=True, **{self.cache_kw: self.cache}, **self.extra)
+        out = self.model(
+            input_ids=self.ids,
+            attention_mask=mask,
+            position_ids=self.pos.view(1, 1).expand(b, 1),
+            use_cache=True,
+            **{self.cache_kw: self.cache},
+            **self.extra,
+        )
         self.ids.copy_(out.logits[:, -1:].argmax(-1))
         self.pos.add_(1)
 
@@ -353,11 +439,23 @@ class E2E:
             row["tokens_per_s"] = tokens * 1e3 / row["ms"]
         self.results.add(row)
         ms = f"{row['ms']:9.3f} ms  {row['tokens_per_s']:10.1f} tok/s" if row.get("ms") else row["status"]
-        log(f"  e2e {row['model']:>22s} {row['backend']:12s} {row['phase']:8s} B={row['batch']:<3d} {ms}"
-            f"  {row.get('mode', '')}")
+        log(
+            f"  e2e {row['model']:>22s} {row['backend']:12s} {row['phase']:8s} B={row['batch']:<3d} {ms}"
+            f"  {row.get('mode', '')}"
+        )
 
-    def measure(self, model, model_name: str, backend: str, n_adapters: int, prefill_len: int,
-                batches: list[int], graphs: bool, layers: int, eager_batches: list[int] = ()):
+    def measure(
+        self,
+        model,
+        model_name: str,
+        backend: str,
+        n_adapters: int,
+        prefill_len: int,
+        batches: list[int],
+        graphs: bool,
+        layers: int,
+        eager_batches: list[int] = (),
+    ):
         a, device = self.a, self.device
         base = dict(model=model_name, layers=layers, N=n_adapters, backend=backend, k=a.k, top_m=a.top_m)
         # prefill
@@ -380,8 +478,17 @@ class E2E:
                 continue
             try:
                 ms, mode = time_decode(model, b, a, device, use_graphs, self.gen)
-                self.row(**base, **tag, phase="decode", batch=b, tokens=b, status="ok", ms=ms, mode=mode,
-                         decode_ctx=a.decode_ctx)
+                self.row(
+                    **base,
+                    **tag,
+                    phase="decode",
+                    batch=b,
+                    tokens=b,
+                    status="ok",
+                    ms=ms,
+                    mode=mode,
+                    decode_ctx=a.decode_ctx,
+                )
             except Exception as exc:  # noqa: BLE001
                 self._failed(dict(base, **tag), "decode", b, b, exc)
             free_memory(device)
@@ -402,9 +509,21 @@ def lag_backend_or_reason(backend: str, device) -> str | None:
     return why
 
 
-def run_backends(e2e: E2E, model, lib, model_name: str, backends: list[str], n: int, layers: int,
-                 batches: list[int], ref_batches: list[int], *, graphs: bool | None = None,
-                 prefill_len: int | None = None, eager_batches: list[int] | None = None):
+def run_backends(
+    e2e: E2E,
+    model,
+    lib,
+    model_name: str,
+    backends: list[str],
+    n: int,
+    layers: int,
+    batches: list[int],
+    ref_batches: list[int],
+    *,
+    graphs: bool | None = None,
+    prefill_len: int | None = None,
+    eager_batches: list[int] | None = None,
+):
     """Measure ``model`` unpatched ("base") and patched with each LAG backend. graphs / prefill_len /
     eager_batches default to the command line's."""
     import lag_triton
@@ -418,24 +537,40 @@ def run_backends(e2e: E2E, model, lib, model_name: str, backends: list[str], n: 
         if backend != "base":
             why = lag_backend_or_reason(backend, e2e.device)
             if why:
-                e2e.row(model=model_name, layers=layers, N=n, backend=label, phase="all", batch=0, tokens=0,
-                        status=why)
+                e2e.row(model=model_name, layers=layers, N=n, backend=label, phase="all", batch=0, tokens=0, status=why)
                 continue
             if e2e.budget.expired():
-                e2e.row(model=model_name, layers=layers, N=n, backend=label, phase="all", batch=0, tokens=0,
-                        status="skipped: time budget")
+                e2e.row(
+                    model=model_name,
+                    layers=layers,
+                    N=n,
+                    backend=label,
+                    phase="all",
+                    batch=0,
+                    tokens=0,
+                    status="skipped: time budget",
+                )
                 continue
             try:
                 lag_triton.patch(model, lib, k=a.k, top_m=a.top_m, router="lag", backend=backend)
             except Exception as exc:  # noqa: BLE001
-                e2e._failed(dict(model=model_name, layers=layers, N=n, backend=label, k=a.k, top_m=a.top_m),
-                            "patch", 0, 0, exc)
+                e2e._failed(
+                    dict(model=model_name, layers=layers, N=n, backend=label, k=a.k, top_m=a.top_m), "patch", 0, 0, exc
+                )
                 continue
         try:
             ref = backend == "torch"
-            e2e.measure(model, model_name, label, n if backend != "base" else 0,
-                        a.ref_prefill_len if ref else prefill_len,
-                        ref_batches if ref else batches, graphs, layers, [] if ref else eager_batches)
+            e2e.measure(
+                model,
+                model_name,
+                label,
+                n if backend != "base" else 0,
+                a.ref_prefill_len if ref else prefill_len,
+                ref_batches if ref else batches,
+                graphs,
+                layers,
+                [] if ref else eager_batches,
+            )
         finally:
             if backend != "base":
                 lag_triton.unpatch(model)
@@ -460,10 +595,12 @@ def write_peft_adapters(model, n: int, r: int, root: Path, seed: int) -> list[st
         config.save_pretrained(str(path))
         tensors = {}
         for name, (d_in, d_out) in linears.items():
-            tensors[f"base_model.model.{name}.lora_A.weight"] = (
-                torch.randn(r, d_in, generator=gen) * d_in ** -0.5).to(torch.bfloat16)
-            tensors[f"base_model.model.{name}.lora_B.weight"] = (
-                torch.randn(d_out, r, generator=gen) * 0.02).to(torch.bfloat16)
+            tensors[f"base_model.model.{name}.lora_A.weight"] = (torch.randn(r, d_in, generator=gen) * d_in**-0.5).to(
+                torch.bfloat16
+            )
+            tensors[f"base_model.model.{name}.lora_B.weight"] = (torch.randn(d_out, r, generator=gen) * 0.02).to(
+                torch.bfloat16
+            )
         save_file(tensors, str(path / "adapter_model.safetensors"))
         paths.append(str(path))
     return paths
@@ -478,13 +615,33 @@ def run_peft(e2e: E2E):
     try:
         lib = build_library(model, n, a.rank, device, dtype, a.seed)
         # PEFT's forward cannot be graph-captured: every row of this comparison runs eagerly.
-        run_backends(e2e, model, lib, name, lag_backends, n, layers, a.peft_batches, a.ref_batches,
-                     graphs=False, prefill_len=a.peft_prefill_len, eager_batches=[])
+        run_backends(
+            e2e,
+            model,
+            lib,
+            name,
+            lag_backends,
+            n,
+            layers,
+            a.peft_batches,
+            a.ref_batches,
+            graphs=False,
+            prefill_len=a.peft_prefill_len,
+            eager_batches=[],
+        )
         del lib
         free_memory(device)
         if e2e.budget.expired():
-            e2e.row(model=name, layers=layers, N=n, backend="peft-arrow", phase="all", batch=0, tokens=0,
-                    status="skipped: time budget")
+            e2e.row(
+                model=name,
+                layers=layers,
+                N=n,
+                backend="peft-arrow",
+                phase="all",
+                batch=0,
+                tokens=0,
+                status="skipped: time budget",
+            )
             return
         from peft import ArrowConfig, create_arrow_model
 
@@ -497,8 +654,10 @@ def run_peft(e2e: E2E):
             except TypeError:
                 peft_model = create_arrow_model(model, paths, ArrowConfig(top_k=1))
             peft_model.eval()
-            e2e.results.note(f"PEFT Arrow: {n} adapters x {layers} layers written and loaded via "
-                             f"create_arrow_model in {time.perf_counter() - t0:.1f}s; decode eager")
+            e2e.results.note(
+                f"PEFT Arrow: {n} adapters x {layers} layers written and loaded via "
+                f"create_arrow_model in {time.perf_counter() - t0:.1f}s; decode eager"
+            )
             e2e.measure(peft_model, name, "peft-arrow", n, a.peft_prefill_len, a.peft_batches, False, layers)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -519,8 +678,10 @@ def main(argv=None) -> Path:
     results.ensure_copy_bandwidth()
     e2e = E2E(a, device, dtype, results, budget)
     name = f"llama-3.2-3b-shaped {a.layers}L" if a.hidden == 3072 else f"tiny-llama {a.layers}L"
-    log(f"e2e on {device} {a.dtype}: {name}, N={a.n_adapters}, rank {a.rank}, prefill {a.prefill_len}, "
-        f"decode batches {a.batches} ctx {a.decode_ctx} x {a.decode_steps} steps, backends {a.backends}")
+    log(
+        f"e2e on {device} {a.dtype}: {name}, N={a.n_adapters}, rank {a.rank}, prefill {a.prefill_len}, "
+        f"decode batches {a.batches} ctx {a.decode_ctx} x {a.decode_steps} steps, backends {a.backends}"
+    )
 
     t0 = time.perf_counter()
     model = build_model(a, a.layers, device, dtype, a.seed)
@@ -528,8 +689,10 @@ def main(argv=None) -> Path:
     t_model = time.perf_counter() - t0
     lib = build_library(model, a.n_adapters, a.rank, device, dtype, a.seed)
     sync(device)
-    results.note(f"e2e {name}: model built in {t_model:.1f}s, library of {a.n_adapters} adapters "
-                 f"({lib.nbytes / 2**30:.2f} GiB) in {time.perf_counter() - t0 - t_model:.1f}s")
+    results.note(
+        f"e2e {name}: model built in {t_model:.1f}s, library of {a.n_adapters} adapters "
+        f"({lib.nbytes / 2**30:.2f} GiB) in {time.perf_counter() - t0 - t_model:.1f}s"
+    )
     if a.check:
         import lag_triton
 

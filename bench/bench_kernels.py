@@ -20,7 +20,7 @@ def main(argv=None):
     if "--ops" in argv:
         i = argv.index("--ops")
         ops = [o.strip() for o in argv[i + 1].split(",") if o.strip()]
-        del argv[i:i + 2]
+        del argv[i : i + 2]
     return run_kernel_tables(ops, argv, __doc__)
 
 

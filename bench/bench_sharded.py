@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -38,8 +39,13 @@ def random_library(n: int, d_in: int, d_out: int, rank: int, seed: int = 0) -> L
     g = torch.Generator().manual_seed(seed)
     a = torch.linalg.qr(torch.randn(n, d_in, rank, generator=g)).Q.transpose(1, 2).contiguous()
     b = torch.randn(n, d_out, rank, generator=g) * torch.linspace(1.0, 0.1, rank)
-    weights = ModuleWeights(a_star=a, b_star=b, prototypes=a[:, 0].clone(), adapter_ids=torch.arange(n),
-                            ranks=torch.full((n,), rank, dtype=torch.int32))
+    weights = ModuleWeights(
+        a_star=a,
+        b_star=b,
+        prototypes=a[:, 0].clone(),
+        adapter_ids=torch.arange(n),
+        ranks=torch.full((n,), rank, dtype=torch.int32),
+    )
     return Library([f"d{i}" for i in range(n)], {"0": weights})
 
 
@@ -59,19 +65,30 @@ def _rank_main(rank: int, world: int, args, store: str, out: str) -> None:
     torch.set_num_threads(max(1, args.threads))
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     full = random_library(world * args.n_per_rank, args.d_in, args.d_out, args.rank)
-    own = Library(full.names[:args.n_per_rank], {"0": ModuleWeights(**{
-        f: getattr(full.modules["0"], f)[:args.n_per_rank] for f in ("a_star", "b_star", "prototypes", "adapter_ids",
-                                                                      "ranks")})})
+    own = Library(
+        full.names[: args.n_per_rank],
+        {
+            "0": ModuleWeights(
+                **{
+                    f: getattr(full.modules["0"], f)[: args.n_per_rank]
+                    for f in ("a_star", "b_star", "prototypes", "adapter_ids", "ranks")
+                }
+            )
+        },
+    )
     x = torch.randn(args.tokens, args.d_in, generator=torch.Generator().manual_seed(rank))
     settings = dict(k=args.k, top_m=args.top_m, router=args.router)
     row = {}
     with torch.no_grad():
-        for label, lib, group in (("one_process_n", own, None), ("one_process_pn", full, None),
-                                  ("sharded_pn", full, dist.group.WORLD)):
+        for label, lib, group in (
+            ("one_process_n", own, None),
+            ("one_process_pn", full, None),
+            ("sharded_pn", full, dist.group.WORLD),
+        ):
             torch.manual_seed(0)
             layer = nn.Sequential(nn.Linear(args.d_in, args.d_out))
             lag_triton.patch(layer, lib, process_group=group, **settings)
-            row[f"{label}_ms"] = _time(lambda: layer(x), args.reps, group)
+            row[f"{label}_ms"] = _time(functools.partial(layer, x), args.reps, group)
             if group is not None:
                 route = layer[0].routes[0]
                 assert isinstance(route, ShardedRoute)
@@ -79,15 +96,25 @@ def _rank_main(rank: int, world: int, args, store: str, out: str) -> None:
                     layer(x)
                 rows = tr.selections["0"]  # ids are rows here (adapter_ids = arange)
                 owner = torch.bucketize(rows, torch.tensor(shard_bounds(route.n_total, world)), right=True) - 1
-                sent = torch.tensor([route.last_traffic[p] for p in sorted(route.last_traffic)] +
-                                    [int((owner != rank).sum())])
+                sent = torch.tensor(
+                    [route.last_traffic[p] for p in sorted(route.last_traffic)] + [int((owner != rank).sum())]
+                )
                 dist.all_reduce(sent)
                 row["bytes_measured"] = dict(zip(sorted(route.last_traffic), sent[:-1].tolist()))
-                n_rank = [shard_bounds(route.n_total, world)[p + 1] - shard_bounds(route.n_total, world)[p]
-                          for p in range(world)]
+                n_rank = [
+                    shard_bounds(route.n_total, world)[p + 1] - shard_bounds(route.n_total, world)[p]
+                    for p in range(world)
+                ]
                 cands = [min(route.config.sizes(route.n_total)[0 if args.router == "lag" else 1], n) for n in n_rank]
-                row["bytes_formula"] = traffic(tokens=[args.tokens] * world, d_in=args.d_in, d_out=args.d_out,
-                                               itemsize=4, cands=cands, router=args.router, remote_picks=int(sent[-1]))
+                row["bytes_formula"] = traffic(
+                    tokens=[args.tokens] * world,
+                    d_in=args.d_in,
+                    d_out=args.d_out,
+                    itemsize=4,
+                    cands=cands,
+                    router=args.router,
+                    remote_picks=int(sent[-1]),
+                )
     times = [torch.tensor([row[k] for k in sorted(row) if k.endswith("_ms")]) for _ in range(world)]
     dist.all_gather(times, torch.tensor([row[k] for k in sorted(row) if k.endswith("_ms")]))
     if rank == 0:
@@ -117,18 +144,39 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     tmp = args.out / f".sharded-{os.getpid()}"
     try:
-        mp.start_processes(_rank_main, args=(args.world, args, f"{tmp}.store", f"{tmp}.json"), nprocs=args.world,
-                           join=True, start_method="fork")
+        mp.start_processes(
+            _rank_main,
+            args=(args.world, args, f"{tmp}.store", f"{tmp}.json"),
+            nprocs=args.world,
+            join=True,
+            start_method="fork",
+        )
         result = json.loads(Path(f"{tmp}.json").read_text())
     finally:
         for suffix in (".store", ".json"):
             Path(f"{tmp}{suffix}").unlink(missing_ok=True)
-    row = {"date": datetime.date.today().isoformat(), "machine": platform.node(), "cpus": os.cpu_count(),
-           "torch": torch.__version__, "device": "cpu", "comm": "gloo", "world": args.world,
-           "n_per_rank": args.n_per_rank, "tokens_per_rank": args.tokens, "d_in": args.d_in, "d_out": args.d_out,
-           "rank": args.rank, "router": args.router, "k": args.k, "top_m": args.top_m, "dtype": "float32",
-           "threads_per_rank": args.threads, "reps": args.reps, **result,
-           "note": "median ms of one layer call, the slowest rank's; bytes over all ranks for one call"}
+    row = {
+        "date": datetime.date.today().isoformat(),
+        "machine": platform.node(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "device": "cpu",
+        "comm": "gloo",
+        "world": args.world,
+        "n_per_rank": args.n_per_rank,
+        "tokens_per_rank": args.tokens,
+        "d_in": args.d_in,
+        "d_out": args.d_out,
+        "rank": args.rank,
+        "router": args.router,
+        "k": args.k,
+        "top_m": args.top_m,
+        "dtype": "float32",
+        "threads_per_rank": args.threads,
+        "reps": args.reps,
+        **result,
+        "note": "median ms of one layer call, the slowest rank's; bytes over all ranks for one call",
+    }
     print(json.dumps(row, indent=2))
     stem = args.stem or f"sharded-cpu-{row['date']}"
     (args.out / f"{stem}.json").write_text(json.dumps(row, indent=2) + "\n")

@@ -47,9 +47,9 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `python bench/x.py` works without PYTHONPATH=.
@@ -133,8 +133,9 @@ class Budget:
 # ----------------------------------------------------------------------------------------------
 # timing
 # ----------------------------------------------------------------------------------------------
-def bench(fn: Callable[[], object], device: torch.device, warmup_ms: float = 5, rep_ms: float = 20,
-          max_reps: int = 50) -> float:
+def bench(
+    fn: Callable[[], object], device: torch.device, warmup_ms: float = 5, rep_ms: float = 20, max_reps: int = 50
+) -> float:
     """Median milliseconds of eager ``fn()`` calls on ``device`` (host launch overhead included)."""
     if device.type == "cuda":
         import triton.testing
@@ -207,8 +208,14 @@ def capture_graphs(fns: list[Callable[[], object]], device: torch.device) -> lis
     return graphs
 
 
-def graph_replay_ms(fns: list[Callable[[], object]], device: torch.device, rep_ms: float = 20,
-                    est_ms: float = 0.1, min_samples: int = 10, max_samples: int = 100) -> float:
+def graph_replay_ms(
+    fns: list[Callable[[], object]],
+    device: torch.device,
+    rep_ms: float = 20,
+    est_ms: float = 0.1,
+    min_samples: int = 10,
+    max_samples: int = 100,
+) -> float:
     """Median device ms of one CUDA-graph replay: a graph per callable (per input set), replayed
     cyclically, each replay timed alone by CUDA events after an L2 flush outside the events."""
     graphs = capture_graphs(fns, device)
@@ -228,8 +235,7 @@ def graph_replay_ms(fns: list[Callable[[], object]], device: torch.device, rep_m
     return statistics.median(times)
 
 
-def time_cell(fns: list[Callable[[], object]], device: torch.device, warmup_ms: float = 5,
-              rep_ms: float = 20) -> dict:
+def time_cell(fns: list[Callable[[], object]], device: torch.device, warmup_ms: float = 5, rep_ms: float = 20) -> dict:
     """Time one benchmark cell; ``fns`` holds one zero-argument call per rotated input set.
 
     Returns {"ms", "eager_ms", "timing"} (+ "graph_error" when capture failed): see the module
@@ -264,12 +270,18 @@ def measure_copy_bandwidth(device: torch.device, nbytes: int | None = None) -> d
         nbytes = (1 << 30) if device.type == "cuda" else (64 << 20)
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    t = time_cell([lambda: torch.mul(src, 1.0, out=dst)], device, warmup_ms=10, rep_ms=50)
+    t = time_cell([functools.partial(torch.mul, src, 1.0, out=dst)], device, warmup_ms=10, rep_ms=50)
     del src, dst
     free_memory(device)
     ms = _best_ms(t)
-    return {"bytes": 2 * nbytes, "ms": ms, "graph_ms": t["ms"], "eager_ms": t["eager_ms"], "timing": t["timing"],
-            "gbps": 2 * nbytes / (ms * 1e-3) / 1e9}
+    return {
+        "bytes": 2 * nbytes,
+        "ms": ms,
+        "graph_ms": t["ms"],
+        "eager_ms": t["eager_ms"],
+        "timing": t["timing"],
+        "gbps": 2 * nbytes / (ms * 1e-3) / 1e9,
+    }
 
 
 def measure_gemm_rate(device: torch.device, size: int | None = None) -> dict:
@@ -280,12 +292,22 @@ def measure_gemm_rate(device: torch.device, size: int | None = None) -> dict:
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     out = torch.empty(size, size, device=device, dtype=dtype)
-    t = time_cell([lambda: torch.mm(a, b, out=out)], device, warmup_ms=10, rep_ms=50)
+    t = time_cell([functools.partial(torch.mm, a, b, out=out)], device, warmup_ms=10, rep_ms=50)
     del a, b, out
     free_memory(device)
     flops, ms = 2 * size**3, _best_ms(t)
-    return {"m": size, "n": size, "k": size, "dtype": str(dtype).replace("torch.", ""), "flops": flops, "ms": ms,
-            "graph_ms": t["ms"], "eager_ms": t["eager_ms"], "timing": t["timing"], "tflops": flops / (ms * 1e-3) / 1e12}
+    return {
+        "m": size,
+        "n": size,
+        "k": size,
+        "dtype": str(dtype).replace("torch.", ""),
+        "flops": flops,
+        "ms": ms,
+        "graph_ms": t["ms"],
+        "eager_ms": t["eager_ms"],
+        "timing": t["timing"],
+        "tflops": flops / (ms * 1e-3) / 1e12,
+    }
 
 
 class Rotator:
@@ -315,8 +337,9 @@ def _version(module: str) -> str | None:
 
 def _nvidia_smi(query: str) -> str | None:
     try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True, text=True, timeout=20
+        )
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
     except Exception:  # noqa: BLE001
         return None
@@ -377,8 +400,10 @@ class Results:
         if not self.data.get("gemm_tflops"):
             self.data["gemm"] = measure_gemm_rate(self.device)
             self.data["gemm_tflops"] = self.data["gemm"]["tflops"]
-            log(f"GEMM rate ({self.device}, {self.data['gemm']['dtype']} {self.data['gemm']['m']}^3): "
-                f"{self.data['gemm_tflops']:.2f} TFLOP/s")
+            log(
+                f"GEMM rate ({self.device}, {self.data['gemm']['dtype']} {self.data['gemm']['m']}^3): "
+                f"{self.data['gemm_tflops']:.2f} TFLOP/s"
+            )
             self.save()
         return self.data["gemm_tflops"]
 
@@ -409,7 +434,7 @@ def backend_ops(name: str, device: torch.device):
     try:
         resolved = resolve_backend(name, device)
         ops = get_ops(resolved)
-        ops.module  # import it now: a backend that fails to import shows up as unavailable
+        _ = ops.module  # import it now: a backend that fails to import shows up as unavailable
         return ops, None
     except Exception as exc:  # noqa: BLE001
         return None, f"unavailable: {short_error(exc)}"
@@ -485,11 +510,15 @@ def plain_layer(x, y, a_star, b_star, prototypes, k, top_m, allowed=None, scope=
     return sel
 
 
-PLAIN = {"arrow_topk": plain_arrow_topk, "spectr_rerank": plain_spectr_rerank, "lora_apply": plain_lora_apply,
-         "layer": plain_layer}
+PLAIN = {
+    "arrow_topk": plain_arrow_topk,
+    "spectr_rerank": plain_spectr_rerank,
+    "lora_apply": plain_lora_apply,
+    "layer": plain_layer,
+}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _routing_config(k: int, top_m: int):
     from lag_triton.routing import RoutingConfig
 
@@ -506,8 +535,13 @@ def ours_impl(ops) -> dict:
     def layer(x, y, a_star, b_star, prototypes, k, top_m, allowed=None, scope=None):
         return route_and_apply(x, y, a_star, b_star, prototypes, _routing_config(k, top_m), ops, allowed, scope)
 
-    return {"arrow_topk": ops.arrow_topk, "spectr_rerank": spectr_rerank, "lora_apply": ops.lora_apply,
-            "layer": layer, "prepare_b_star": ops.prepare_b_star}
+    return {
+        "arrow_topk": ops.arrow_topk,
+        "spectr_rerank": spectr_rerank,
+        "lora_apply": ops.lora_apply,
+        "layer": layer,
+        "prepare_b_star": ops.prepare_b_star,
+    }
 
 
 def resolve_backends(names: list[str], device: torch.device) -> dict:
@@ -533,12 +567,13 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="a small sweep (smoke test)")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    p.add_argument("--out", default=None, help="results JSON (appended to if it exists); "
-                   "default bench/results/<card>-<date>.json")
-    p.add_argument("--backends", default=",".join(BACKENDS),
-                   help=f"comma list out of {','.join(BACKENDS)}")
-    p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds; remaining rows are skipped (and noted) once spent")
+    p.add_argument(
+        "--out", default=None, help="results JSON (appended to if it exists); default bench/results/<card>-<date>.json"
+    )
+    p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma list out of {','.join(BACKENDS)}")
+    p.add_argument(
+        "--time-budget", type=float, default=None, help="seconds; remaining rows are skipped (and noted) once spent"
+    )
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -551,21 +586,37 @@ def add_kernel_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--top-m", type=int, default=1)
     p.add_argument("--rotate", type=int, default=4, help="input sets cycled per measurement (one CUDA graph each)")
-    p.add_argument("--prompt-topics", type=int, default=0,
-                   help="0: i.i.d. random token rows (routing spread over the library); K > 0: each row leans "
-                        "towards one of K adapters, in contiguous runs (a prompt about K documents), so "
-                        "routing concentrates on K adapters")
-    p.add_argument("--scope-fraction", type=float, default=0.0,
-                   help="0: no scope; F in (0, 1]: arrow_topk and the layer run under a lag_triton scope of "
-                        "min(T, 8) batch rows, each allowing a random fraction F of the adapters (the cost of "
-                        "a scope: compare with F = 0 on the same shapes)")
+    p.add_argument(
+        "--prompt-topics",
+        type=int,
+        default=0,
+        help="0: i.i.d. random token rows (routing spread over the library); K > 0: each row leans "
+        "towards one of K adapters, in contiguous runs (a prompt about K documents), so "
+        "routing concentrates on K adapters",
+    )
+    p.add_argument(
+        "--scope-fraction",
+        type=float,
+        default=0.0,
+        help="0: no scope; F in (0, 1]: arrow_topk and the layer run under a lag_triton scope of "
+        "min(T, 8) batch rows, each allowing a random fraction F of the adapters (the cost of "
+        "a scope: compare with F = 0 on the same shapes)",
+    )
     p.add_argument("--warmup-ms", type=float, default=5)
     p.add_argument("--rep-ms", type=float, default=20)
-    p.add_argument("--ref-max-tn", type=float, default=2048 * 10000,
-                   help="run the torch reference backend only where T*N <= this (it is slow by design)")
-    p.add_argument("--compile-budget", type=float, default=None,
-                   help="seconds of torch.compile time (plain-compile recompiles per cell) after which "
-                        "plain-compile cells are skipped; default a third of --time-budget, else unlimited")
+    p.add_argument(
+        "--ref-max-tn",
+        type=float,
+        default=2048 * 10000,
+        help="run the torch reference backend only where T*N <= this (it is slow by design)",
+    )
+    p.add_argument(
+        "--compile-budget",
+        type=float,
+        default=None,
+        help="seconds of torch.compile time (plain-compile recompiles per cell) after which "
+        "plain-compile cells are skipped; default a third of --time-budget, else unlimited",
+    )
 
 
 def _ints(text: str) -> list[int]:
@@ -597,7 +648,7 @@ def _random_rows(shape, dtype, device, gen, unit=False, scale=1.0) -> torch.Tens
     out = torch.empty(shape, dtype=dtype, device=device)
     chunk = max(1, (1 << 26) // max(1, math.prod(shape[1:])))
     for s in range(0, shape[0], chunk):
-        part = out[s:s + chunk]
+        part = out[s : s + chunk]
         v = torch.randn(part.shape, generator=gen, device=device, dtype=torch.float32)
         part.copy_(v / v.norm(dim=-1, keepdim=True) if unit else v * scale)
     return out
@@ -656,8 +707,12 @@ def roofline(nbytes: int, flops: int, copy_gbps: float, gemm_tflops: float | Non
     """floor_ms = max(bytes / copy bandwidth, FLOPs / GEMM rate), and which term it is (``bound``)."""
     mem = nbytes / (copy_gbps * 1e9) * 1e3
     comp = flops / (gemm_tflops * 1e12) * 1e3 if gemm_tflops else 0.0
-    return {"floor_mem_ms": mem, "floor_compute_ms": comp, "floor_ms": max(mem, comp),
-            "bound": "memory" if mem >= comp else "compute"}
+    return {
+        "floor_mem_ms": mem,
+        "floor_compute_ms": comp,
+        "floor_ms": max(mem, comp),
+        "bound": "memory" if mem >= comp else "compute",
+    }
 
 
 @dataclass
@@ -690,8 +745,9 @@ def bind(op: str, fn: Callable, cell: Cell) -> Callable[[dict], object]:
     if op == "lora_apply":
         return lambda s: fn(s["y"], cell.b_star, s["sel"], s["w"], s["z"])
     if op == "layer":
-        return lambda s: fn(s["x"], s["y"], cell.a_star, cell.b_star, cell.protos, cell.k, cell.m, cell.allowed,
-                            cell.scope)
+        return lambda s: fn(
+            s["x"], s["y"], cell.a_star, cell.b_star, cell.protos, cell.k, cell.m, cell.allowed, cell.scope
+        )
     raise ValueError(op)
 
 
@@ -730,8 +786,10 @@ class KernelRun:
 
     def run(self, ops: list[str]) -> Path:
         shapes, ns, ts = kernel_sweep(self.args)
-        log(f"kernel tables {ops} on {self.device} {self.args.dtype}: shapes={shapes} N={ns} T={ts} "
-            f"backends={self.wanted}")
+        log(
+            f"kernel tables {ops} on {self.device} {self.args.dtype}: shapes={shapes} N={ns} T={ts} "
+            f"backends={self.wanted}"
+        )
         # The per-layer table first (over the whole sweep), then the per-kernel tables: a time budget
         # that runs out cuts the least important rows.
         passes = [["layer"], [o for o in ops if o != "layer"]] if "layer" in ops else [ops]
@@ -740,8 +798,10 @@ class KernelRun:
                 for n in ns:
                     self.run_library(pass_ops, shape, n, ts)
         if self.skipped:
-            self.results.note(f"kernel tables {ops}: {self.skipped} (op, N, T) cells skipped, "
-                              f"time budget {self.args.time_budget}s spent")
+            self.results.note(
+                f"kernel tables {ops}: {self.skipped} (op, N, T) cells skipped, "
+                f"time budget {self.args.time_budget}s spent"
+            )
         log(f"wrote {self.results.path} ({self.budget.elapsed():.1f}s)")
         return self.results.path
 
@@ -798,11 +858,17 @@ class KernelRun:
     def cost(self, op: str, cell: Cell) -> dict:
         """Bytes, FLOPs and the floor they set for ``op`` on ``cell``."""
         dims = dict(n=cell.n, r=self.args.rank, d_in=cell.d_in, d_out=cell.d_out, t=cell.t, k=cell.k, m=cell.m)
-        nbytes = kernel_bytes(op, **dims, elt=torch.finfo(self.dtype).bits // 8, uniq_cand=cell.uniq_cand,
-                              uniq_sel=cell.uniq_sel)
+        nbytes = kernel_bytes(
+            op, **dims, elt=torch.finfo(self.dtype).bits // 8, uniq_cand=cell.uniq_cand, uniq_sel=cell.uniq_sel
+        )
         flops = kernel_flops(op, **dims)
-        return {"bytes": nbytes, "flops": flops, **roofline(nbytes, flops, self.copy_gbps, self.gemm_tflops),
-                "unique_candidates": cell.uniq_cand, "unique_selected": cell.uniq_sel}
+        return {
+            "bytes": nbytes,
+            "flops": flops,
+            **roofline(nbytes, flops, self.copy_gbps, self.gemm_tflops),
+            "unique_candidates": cell.uniq_cand,
+            "unique_selected": cell.uniq_sel,
+        }
 
     def run_op(self, op: str, cell: Cell) -> None:
         cost = self.cost(op, cell)
@@ -817,8 +883,12 @@ class KernelRun:
         why = self.impls[b][1]
         if not why and b == "torch" and cell.t * cell.n > self.args.ref_max_tn:
             why = f"skipped: reference not run above T*N={self.args.ref_max_tn:.3g} (slow by design)"
-        if not why and b == "plain-compile" and self.compile_budget is not None \
-                and self.compile_spent >= self.compile_budget:
+        if (
+            not why
+            and b == "plain-compile"
+            and self.compile_budget is not None
+            and self.compile_spent >= self.compile_budget
+        ):
             why = f"skipped: compile budget {self.compile_budget:.0f}s spent"
         return why
 
@@ -837,8 +907,9 @@ class KernelRun:
                 cell = dataclasses.replace(cell, b_star=prepare(cell.b_star))
             call = bind(op, self.op_callable(op, b), cell)
             extra.update(self.first_call(op, b, call, cell))
-            timing = time_cell([functools.partial(call, s) for s in cell.sets], self.device,
-                               self.args.warmup_ms, self.args.rep_ms)
+            timing = time_cell(
+                [functools.partial(call, s) for s in cell.sets], self.device, self.args.warmup_ms, self.args.rep_ms
+            )
             self.record(op, cell, b, "ok", cost, {**timing, **extra})
         except Exception as exc:  # noqa: BLE001
             traceback.print_exc()
@@ -866,12 +937,28 @@ class KernelRun:
                 extra["sel_match_ref"] = float((cell.ref_sel == sel).all(dim=1).float().mean())
         return extra
 
-    def record(self, op: str, cell: Cell, backend: str, status: str, cost: dict | None = None,
-               extra: dict | None = None) -> dict:
+    def record(
+        self, op: str, cell: Cell, backend: str, status: str, cost: dict | None = None, extra: dict | None = None
+    ) -> dict:
         a = self.args
-        row = {"section": "kernel", "op": op, "shape": f"{cell.d_in}->{cell.d_out}", "d_in": cell.d_in,
-               "d_out": cell.d_out, "N": cell.n, "T": cell.t, "k": cell.k, "top_m": cell.m, "rank": a.rank,
-               "dtype": a.dtype, "backend": backend, "status": status, "ms": None, "eager_ms": None, "timing": None}
+        row = {
+            "section": "kernel",
+            "op": op,
+            "shape": f"{cell.d_in}->{cell.d_out}",
+            "d_in": cell.d_in,
+            "d_out": cell.d_out,
+            "N": cell.n,
+            "T": cell.t,
+            "k": cell.k,
+            "top_m": cell.m,
+            "rank": a.rank,
+            "dtype": a.dtype,
+            "backend": backend,
+            "status": status,
+            "ms": None,
+            "eager_ms": None,
+            "timing": None,
+        }
         if a.prompt_topics:
             row["prompt_topics"] = a.prompt_topics
         if a.scope_fraction > 0:

@@ -23,12 +23,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-
-from bench.harness import Results, bench, default_results_path, log  # noqa: E402
-
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from bench.harness import Results, bench, default_results_path, log  # noqa: E402
 from lag_triton.kernels.triton._common import merge_topk  # noqa: E402
 
 # (ROWS, C, K_PAD): decode tiles (1 row), the 16-row dot tile, the 64-row prefill tile, merge chunks
@@ -40,7 +38,9 @@ def _merge_loop_kernel(
     words_ptr,  # [ROWS, C] values (int64 packed words or fp32), contiguous
     out_ptr,  # out: [num_programs, ROWS, K_PAD] final running lists
     ITERS,  # dependent merges per program
-    ROWS: tl.constexpr, C: tl.constexpr, K_PAD: tl.constexpr,
+    ROWS: tl.constexpr,
+    C: tl.constexpr,
+    K_PAD: tl.constexpr,
 ):
     rows = tl.arange(0, ROWS)
     cols = tl.arange(0, C)
@@ -88,8 +88,19 @@ def main(argv=None):
                     status = "ok"
                 except Exception as exc:  # noqa: BLE001 - record and go on
                     us, status = None, f"error: {type(exc).__name__}: {str(exc)[:200]}"
-                results.add({"section": "probe_topk", "rows": rows, "C": c, "K_PAD": k_pad, "dtype": name,
-                             "programs": programs, "iters": args.iters, "us_per_merge": us, "status": status})
+                results.add(
+                    {
+                        "section": "probe_topk",
+                        "rows": rows,
+                        "C": c,
+                        "K_PAD": k_pad,
+                        "dtype": name,
+                        "programs": programs,
+                        "iters": args.iters,
+                        "us_per_merge": us,
+                        "status": status,
+                    }
+                )
                 shown = f"{us:8.2f} us/merge" if us is not None else status
                 log(f"  merge [{rows:3d} x {c:5d}] -> top-{k_pad:<4d} {name:11s} {mode:13s} {shown}")
     log(f"wrote {results.path}")

@@ -62,8 +62,14 @@ def profile_case(ops, device, n, t, d_in, d_out, rank, k, top_m, dtype, iters):
             continue
         if device.type != "cuda" and ev.self_cpu_time_total <= 0:
             continue
-        kernels.append({"name": ev.key[:90], "calls_per_iter": ev.count / iters,
-                        "device_us_per_iter": device_us / iters, "self_cpu_us_per_iter": ev.self_cpu_time_total / iters})
+        kernels.append(
+            {
+                "name": ev.key[:90],
+                "calls_per_iter": ev.count / iters,
+                "device_us_per_iter": device_us / iters,
+                "self_cpu_us_per_iter": ev.self_cpu_time_total / iters,
+            }
+        )
     kernels.sort(key=lambda r: -(r["device_us_per_iter"] or r["self_cpu_us_per_iter"]))
     return {"host_us_per_call": host_us, "kernels": kernels[:15]}
 
@@ -98,8 +104,10 @@ def main(argv=None) -> None:
                 rows.append(r)
                 print(f"\n{backend}  N={n} T={t} {a.d_in}->{a.d_out}: host {r['host_us_per_call']:.1f} us/call")
                 for kr in r["kernels"]:
-                    print(f"  {kr['device_us_per_iter']:9.1f} us dev  {kr['self_cpu_us_per_iter']:9.1f} us cpu"
-                          f"  x{kr['calls_per_iter']:.0f}  {kr['name']}")
+                    print(
+                        f"  {kr['device_us_per_iter']:9.1f} us dev  {kr['self_cpu_us_per_iter']:9.1f} us cpu"
+                        f"  x{kr['calls_per_iter']:.0f}  {kr['name']}"
+                    )
     if a.out:
         a.out.write_text(json.dumps({"env": env_info(device), "rows": rows}, indent=1, default=str))
 

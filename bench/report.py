@@ -18,15 +18,22 @@ from pathlib import Path
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 KERNEL_BACKENDS = ("triton", "cuda", "plain", "plain-compile", "torch")
-BACKEND_TITLES = {"triton": "triton", "cuda": "cuda", "plain": "plain PyTorch", "plain-compile": "compiled plain",
-                  "torch": "torch ref"}
+BACKEND_TITLES = {
+    "triton": "triton",
+    "cuda": "cuda",
+    "plain": "plain PyTorch",
+    "plain-compile": "compiled plain",
+    "torch": "torch ref",
+}
 PCT_BACKENDS = ("triton", "cuda")  # backends with a % of floor column
-OP_TITLES = OrderedDict([
-    ("layer", "Per layer: Arrow top-k + SpectR rerank + apply (`route_and_apply`)"),
-    ("arrow_topk", "Arrow retrieval: scoring + top-k"),
-    ("spectr_rerank", "SpectR rerank"),
-    ("lora_apply", "Gather-BGMV apply"),
-])
+OP_TITLES = OrderedDict(
+    [
+        ("layer", "Per layer: Arrow top-k + SpectR rerank + apply (`route_and_apply`)"),
+        ("arrow_topk", "Arrow retrieval: scoring + top-k"),
+        ("spectr_rerank", "SpectR rerank"),
+        ("lora_apply", "Gather-BGMV apply"),
+    ]
+)
 # Per-layer targets for the triton backend (ms, or a multiple of the bytes floor).
 TARGETS = [
     {"N": 1000, "T": 1, "ms": 0.020, "plain_known": 0.51},
@@ -50,7 +57,7 @@ def _fmt_ms(v):
 
 class Footnotes:
     def __init__(self):
-        self.items: "OrderedDict[str, int]" = OrderedDict()
+        self.items: OrderedDict[str, int] = OrderedDict()
 
     def ref(self, text: str) -> str:
         if text not in self.items:
@@ -95,9 +102,11 @@ def _graph_timed(rows: list[dict]) -> bool:
 
 def _timing_text(rows: list[dict]) -> str:
     if _graph_timed(rows):
-        return ("times in ms: device time of one CUDA-graph replay (median of >= 10 replays cycling over the "
-                "rotated input sets, L2 flushed by a read before each); *eager*: median of eager calls "
-                "(`do_bench`), host launch overhead included.")
+        return (
+            "times in ms: device time of one CUDA-graph replay (median of >= 10 replays cycling over the "
+            "rotated input sets, L2 flushed by a read before each); *eager*: median of eager calls "
+            "(`do_bench`), host launch overhead included."
+        )
     if any(r.get("timing") == "wall" for r in rows):
         return "times in ms: wall-clock median of eager calls (CPU)."
     return "times in ms: median of eager calls (`do_bench`, host launch overhead included)."
@@ -105,11 +114,15 @@ def _timing_text(rows: list[dict]) -> str:
 
 def _floor_text(rows: list[dict]) -> str:
     if any(r.get("flops") for r in rows):
-        return ("*floor* = max(bytes that must move / measured copy bandwidth, FLOPs / measured GEMM rate) "
-                "(bench/harness.py `kernel_bytes`, `kernel_flops`), *bound* = the larger term; "
-                "*%floor* = floor / time.")
-    return ("*floor* = bytes that must move (see bench/harness.py `kernel_bytes`) at the measured copy "
-            "bandwidth; *%floor* = floor / time.")
+        return (
+            "*floor* = max(bytes that must move / measured copy bandwidth, FLOPs / measured GEMM rate) "
+            "(bench/harness.py `kernel_bytes`, `kernel_flops`), *bound* = the larger term; "
+            "*%floor* = floor / time."
+        )
+    return (
+        "*floor* = bytes that must move (see bench/harness.py `kernel_bytes`) at the measured copy "
+        "bandwidth; *%floor* = floor / time."
+    )
 
 
 def kernel_tables(rows: list[dict], ops: list[str] | None = None) -> list[str]:
@@ -132,7 +145,7 @@ def _variant(row: dict) -> tuple[int, float]:
 def _kernel_table(op_rows: list[dict], title: str, topics: int, scope_fraction: float = 0.0) -> list[str]:
     """One op's table: (shape, N, T) rows x backend columns (device time, then floor, %floor, eager)."""
     notes = Footnotes()
-    cells: "OrderedDict[tuple, dict]" = OrderedDict()
+    cells: OrderedDict[tuple, dict] = OrderedDict()
     for r in op_rows:
         key = (r["shape"], r["N"], r["T"])
         cells.setdefault(key, {})[r["backend"]] = r  # later rows (reruns) win
@@ -144,11 +157,19 @@ def _kernel_table(op_rows: list[dict], title: str, topics: int, scope_fraction: 
     if topics:
         title += f" — prompts about {topics} adapters (routing concentrated, `--prompt-topics {topics}`)"
     if scope_fraction:
-        title += (f" — under a scope (each batch row may use a random {scope_fraction:.0%} of the adapters, "
-                  f"`--scope-fraction {scope_fraction:g}`)")
-    out = [f"### {title}", "",
-           f"{any_r['dtype']}, rank {any_r['rank']}, k={any_r['k']}, top_m={any_r['top_m']}; "
-           + _timing_text(op_rows) + " " + _floor_text(op_rows), ""]
+        title += (
+            f" — under a scope (each batch row may use a random {scope_fraction:.0%} of the adapters, "
+            f"`--scope-fraction {scope_fraction:g}`)"
+        )
+    out = [
+        f"### {title}",
+        "",
+        f"{any_r['dtype']}, rank {any_r['rank']}, k={any_r['k']}, top_m={any_r['top_m']}; "
+        + _timing_text(op_rows)
+        + " "
+        + _floor_text(op_rows),
+        "",
+    ]
     head = ["shape", "N", "T"] + [BACKEND_TITLES[b] for b in backends] + ["floor"]
     head += ["bound"] * has["bound"] + ["MB moved"] + ["GFLOP"] * has["flops"]
     head += [f"{b} %floor" for b in pct] + [f"{BACKEND_TITLES[b]} eager" for b in eager]
@@ -202,8 +223,12 @@ def target_table(rows: list[dict]) -> list[str]:
     compiled = any(k[3] == "plain-compile" for k in layer)
     head = ["shape", "N", "T", "target", "plain PyTorch (known / here)"] + ["compiled plain"] * compiled
     head += ["triton (device)" if graph else "triton"] + ["triton eager"] * graph + ["met"]
-    out = ["### Per-layer targets (triton)", "",
-           "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 2) + ":---:|"]
+    out = [
+        "### Per-layer targets (triton)",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|---|" + "---:|" * (len(head) - 2) + ":---:|",
+    ]
     for shape in shapes:
         for tgt in TARGETS:
             by_b = {b: layer.get((shape, tgt["N"], tgt["T"], b)) for b in ("triton", "plain", "plain-compile")}
@@ -228,8 +253,8 @@ def e2e_table(rows: list[dict]) -> list[str]:
     if not erows:
         return []
     notes = Footnotes()
-    groups: "OrderedDict[tuple, dict]" = OrderedDict()
-    cols: "OrderedDict[tuple, str]" = OrderedDict()
+    groups: OrderedDict[tuple, dict] = OrderedDict()
+    cols: OrderedDict[tuple, str] = OrderedDict()
     for r in erows:
         g = groups.setdefault((r["model"], r["backend"], r.get("N")), {"modes": [], "cells": {}, "status": None})
         if r["phase"] in ("all", "patch"):
@@ -247,14 +272,18 @@ def e2e_table(rows: list[dict]) -> list[str]:
             g["modes"].append(r["mode"])
     cols = OrderedDict(sorted(cols.items()))
     ctx = sorted({r.get("decode_ctx") for r in erows if r.get("decode_ctx")})
-    out = ["### End to end", "",
-           "Cells: **ms per token** (tokens/s). Prefill: one forward of the whole prompt at batch 1, "
-           "ms/token = forward time / prompt tokens. Decode: greedy with a static KV cache"
-           + (f" after a {ctx[0]}-token prompt" if len(ctx) == 1 else "")
-           + ", ms per decode step; tokens/s = batch / step time. *decode mode*: of the decode columns (CUDA graph or "
-           "eager); *eager decode* columns time the same step without a graph.", "",
-           "| model | backend | N | " + " | ".join(cols.values()) + " | decode mode |",
-           "|---|---|---:|" + "---:|" * len(cols) + "---|"]
+    out = [
+        "### End to end",
+        "",
+        "Cells: **ms per token** (tokens/s). Prefill: one forward of the whole prompt at batch 1, "
+        "ms/token = forward time / prompt tokens. Decode: greedy with a static KV cache"
+        + (f" after a {ctx[0]}-token prompt" if len(ctx) == 1 else "")
+        + ", ms per decode step; tokens/s = batch / step time. *decode mode*: of the decode columns (CUDA graph or "
+        "eager); *eager decode* columns time the same step without a graph.",
+        "",
+        "| model | backend | N | " + " | ".join(cols.values()) + " | decode mode |",
+        "|---|---|---:|" + "---:|" * len(cols) + "---|",
+    ]
     model_order = list(OrderedDict.fromkeys(k[0] for k in groups))
     rank = {b: i for i, b in enumerate(("base", "lag-triton", "lag-cuda", "lag-torch", "peft-arrow"))}
     ordered = sorted(groups.items(), key=lambda kv: (model_order.index(kv[0][0]), rank.get(kv[0][1], 99)))
@@ -284,17 +313,27 @@ def probe_table(rows: list[dict]) -> list[str]:
     if not prows:
         return []
     progs = sorted({r["programs"] for r in prows})
-    out = ["### Top-k merge step inside a Triton program (`bench/probe_topk.py`)", "",
-           "Device µs per merge of a [rows, C] block into a running top-K_PAD list (median launch / "
-           f"{prows[0]['iters']} dependent merges).", "",
-           "| rows x C -> K_PAD | dtype | " + " | ".join(f"{p} program{'s' if p > 1 else ''}" for p in progs) + " |",
-           "|---|---|" + "---:|" * len(progs)]
-    cells: "OrderedDict[tuple, dict]" = OrderedDict()
+    out = [
+        "### Top-k merge step inside a Triton program (`bench/probe_topk.py`)",
+        "",
+        "Device µs per merge of a [rows, C] block into a running top-K_PAD list (median launch / "
+        f"{prows[0]['iters']} dependent merges).",
+        "",
+        "| rows x C -> K_PAD | dtype | " + " | ".join(f"{p} program{'s' if p > 1 else ''}" for p in progs) + " |",
+        "|---|---|" + "---:|" * len(progs),
+    ]
+    cells: OrderedDict[tuple, dict] = OrderedDict()
     for r in prows:
         cells.setdefault((r["rows"], r["C"], r["K_PAD"], r["dtype"]), {})[r["programs"]] = r
     for (rows_, c, kp, dt), by_p in cells.items():
-        vals = [(f"{by_p[p]['us_per_merge']:.2f}" if by_p.get(p, {}).get("us_per_merge") is not None
-                 else (by_p.get(p) or {}).get("status", "").split(":")[0]) for p in progs]
+        vals = [
+            (
+                f"{by_p[p]['us_per_merge']:.2f}"
+                if by_p.get(p, {}).get("us_per_merge") is not None
+                else (by_p.get(p) or {}).get("status", "").split(":")[0]
+            )
+            for p in progs
+        ]
         out.append(f"| {rows_} x {c} -> {kp} | {dt} | " + " | ".join(vals) + " |")
     out.append("")
     return out
@@ -340,8 +379,11 @@ def plot(data: dict, png: Path) -> bool:
     except ImportError:
         print("matplotlib not installed: no plot", file=sys.stderr)
         return False
-    rows = [r for r in data.get("rows", [])
-            if r.get("section") == "kernel" and r["op"] == "layer" and _variant(r) == (0, 0.0)]
+    rows = [
+        r
+        for r in data.get("rows", [])
+        if r.get("section") == "kernel" and r["op"] == "layer" and _variant(r) == (0, 0.0)
+    ]
     if not rows:
         return False
     shapes = list(OrderedDict.fromkeys(r["shape"] for r in rows))
@@ -353,7 +395,9 @@ def plot(data: dict, png: Path) -> bool:
             ax = axes[i][j]
             sub = [r for r in rows if r["shape"] == shape and r["T"] == t]
             for b in KERNEL_BACKENDS:
-                pts = sorted((r["N"], r["ms"]) for r in sub if r["backend"] == b and r.get("status") == "ok" and r.get("ms"))
+                pts = sorted(
+                    (r["N"], r["ms"]) for r in sub if r["backend"] == b and r.get("status") == "ok" and r.get("ms")
+                )
                 if pts:
                     ax.plot(*zip(*pts), styles[b], label=BACKEND_TITLES[b])
             floor = sorted({(r["N"], r["floor_ms"]) for r in sub if r.get("floor_ms")})
@@ -397,8 +441,11 @@ def main(argv=None) -> str:
     p.add_argument("--png", help="plot path (default: beside the JSON, .png)")
     p.add_argument("--no-png", action="store_true")
     p.add_argument("--readme", help="README to update between the bench markers")
-    p.add_argument("--readme-ops", default="layer",
-                   help="comma-separated kernel tables for the README block (the --md report has them all)")
+    p.add_argument(
+        "--readme-ops",
+        default="layer",
+        help="comma-separated kernel tables for the README block (the --md report has them all)",
+    )
     a = p.parse_args(argv)
     path = Path(a.results)
     data = json.loads(path.read_text())

@@ -42,7 +42,7 @@ def run_case(ops, ref, case, dtype, device, gen) -> str:
 
     d_in, d_out, n, t, k, m, router = case
     x = torch.randn(t, d_in, generator=gen).to(dtype)
-    a = torch.randn(n, 6, d_in, generator=gen) * d_in ** -0.5
+    a = torch.randn(n, 6, d_in, generator=gen) * d_in**-0.5
     a = a.to(dtype)
     b = (torch.randn(n, d_out, 6, generator=gen) * 0.05).to(dtype)
     p = a[:, 0].contiguous()

@@ -11,8 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import bench_arrow_topk, bench_e2e, bench_kernels, bench_layer, bench_lora_apply, bench_spectr_rerank
-from bench import harness, report
+from bench import (
+    bench_arrow_topk,
+    bench_e2e,
+    bench_kernels,
+    bench_layer,
+    bench_lora_apply,
+    bench_spectr_rerank,
+    harness,
+    report,
+)
 
 TINY = ["--device", "cpu", "--shapes", "32:48", "--n", "40", "--rep-ms", "1", "--warmup-ms", "0", "--rotate", "2"]
 
@@ -58,15 +66,23 @@ def test_kernel_tables(tmp_path):
     # the layer row charges prototypes + candidates' A* + chosen B* + activations
     layer = next(r for r in rows if r["op"] == "layer" and r["T"] == 3)
     d_in, d_out, n, rank = layer["d_in"], layer["d_out"], layer["N"], layer["rank"]
-    want = 2 * (n * d_in + layer["unique_candidates"] * rank * d_in + layer["unique_selected"] * d_out * rank
-                + 3 * d_in + 2 * 3 * d_out)
+    want = 2 * (
+        n * d_in
+        + layer["unique_candidates"] * rank * d_in
+        + layer["unique_selected"] * d_out * rank
+        + 3 * d_in
+        + 2 * 3 * d_out
+    )
     assert layer["bytes"] == want
 
 
 def test_kernel_flops_and_floor():
     dims = dict(n=1000, r=6, d_in=3072, d_out=8192, t=32, k=20, m=2)
-    parts = {"arrow_topk": 2 * 32 * 1000 * 3072, "spectr_rerank": 2 * 32 * 20 * 6 * 3072,
-             "lora_apply": 2 * 32 * 2 * 6 * 8192}
+    parts = {
+        "arrow_topk": 2 * 32 * 1000 * 3072,
+        "spectr_rerank": 2 * 32 * 20 * 6 * 3072,
+        "lora_apply": 2 * 32 * 2 * 6 * 8192,
+    }
     for op, want in parts.items():
         assert harness.kernel_flops(op, **dims) == want
     assert harness.kernel_flops("layer", **dims) == sum(parts.values())
@@ -83,8 +99,9 @@ def test_library_is_built_like_a_real_one():
     assert protos.is_contiguous() and torch.equal(protos, a_star[:, 0])  # prototype = A*[:, 0] (docs/design.md §1)
     assert torch.allclose(a_star.float().norm(dim=-1), torch.ones(50, 4), atol=1e-2)
     assert b_star.shape == (50, 24, 4)
-    protos, a_star, b_star = harness._random_library(50, 4, 64, 24, torch.float32, torch.device("cpu"), gen,
-                                                     need_a=False, need_b=False)
+    protos, a_star, b_star = harness._random_library(
+        50, 4, 64, 24, torch.float32, torch.device("cpu"), gen, need_a=False, need_b=False
+    )
     assert a_star is None and b_star is None and torch.allclose(protos.norm(dim=-1), torch.ones(50))
 
 
@@ -106,6 +123,7 @@ def test_plain_ranks_fp32_scores_like_the_reference():
 
 def test_time_cell_falls_back_to_eager_when_capture_fails(monkeypatch):
     """The CUDA path's contract, faked on CPU: a failed capture gives the eager time, flagged, no crash."""
+
     def no_graph(*a, **k):
         raise RuntimeError("operation not permitted when stream is capturing")
 
@@ -117,29 +135,60 @@ def test_time_cell_falls_back_to_eager_when_capture_fails(monkeypatch):
     t = harness.time_cell([lambda: calls.append(0), lambda: calls.append(1)], torch.device("cuda"))
     assert t["ms"] == t["eager_ms"] == 0.5 and t["timing"] == "eager" and "capturing" in t["graph_error"]
     monkeypatch.setattr(harness, "graph_replay_ms", lambda fns, device, *a, **k: 0.125)
-    assert harness.time_cell([lambda: None], torch.device("cuda")) == {"ms": 0.125, "eager_ms": 0.5,
-                                                                       "timing": "cuda-graph"}
+    assert harness.time_cell([lambda: None], torch.device("cuda")) == {
+        "ms": 0.125,
+        "eager_ms": 0.5,
+        "timing": "cuda-graph",
+    }
     assert harness.time_cell([lambda: None], torch.device("cpu"), rep_ms=0)["timing"] == "wall"
 
 
 def test_report_renders_graph_timed_rows_and_old_files():
     def row(backend, ms, eager, timing="cuda-graph", **kw):
-        return {"section": "kernel", "op": "layer", "shape": "3072->8192", "N": 1000, "T": 1, "k": 20, "top_m": 1,
-                "rank": 6, "dtype": "bf16", "backend": backend, "status": "ok", "ms": ms, "eager_ms": eager,
-                "timing": timing, "bytes": 7e6, "flops": 6.2e6, "floor_ms": 0.002, "bound": "memory", **kw}
+        return {
+            "section": "kernel",
+            "op": "layer",
+            "shape": "3072->8192",
+            "N": 1000,
+            "T": 1,
+            "k": 20,
+            "top_m": 1,
+            "rank": 6,
+            "dtype": "bf16",
+            "backend": backend,
+            "status": "ok",
+            "ms": ms,
+            "eager_ms": eager,
+            "timing": timing,
+            "bytes": 7e6,
+            "flops": 6.2e6,
+            "floor_ms": 0.002,
+            "bound": "memory",
+            **kw,
+        }
 
-    md = report.render({"env": {"card": "H200"}, "copy_bandwidth": {"gbps": 4300}, "gemm_tflops": 780.0,
-                        "gemm": {"m": 8192, "dtype": "bfloat16", "tflops": 780.0},
-                        "rows": [row("triton", 0.010, 0.030), row("plain", 0.2, 0.5, timing="eager",
-                                                                  graph_error="RuntimeError: capture failed"),
-                                 row("plain-compile", 0.05, 0.09)]})
+    md = report.render(
+        {
+            "env": {"card": "H200"},
+            "copy_bandwidth": {"gbps": 4300},
+            "gemm_tflops": 780.0,
+            "gemm": {"m": 8192, "dtype": "bfloat16", "tflops": 780.0},
+            "rows": [
+                row("triton", 0.010, 0.030),
+                row("plain", 0.2, 0.5, timing="eager", graph_error="RuntimeError: capture failed"),
+                row("plain-compile", 0.05, 0.09),
+            ],
+        }
+    )
     assert "GEMM rate: **780 TFLOP/s**" in md and "device time of one CUDA-graph replay" in md
     assert "| triton (device) | triton eager | met |" in md and "| 0.0100 | 0.0300 | yes |" in md
-    table = md[md.index("### Per layer:"):]
+    table = md[md.index("### Per layer:") :]
     assert "| triton | plain PyTorch | compiled plain | floor | bound | MB moved | GFLOP | triton %floor |" in table
     assert "| 0.0100 | 0.200 [1] | 0.0500 | 0.0020 | memory | 7.0 | 0.0062 | 20% | 0.0300 | 0.500 | 0.0900 |" in table
     assert "[1] plain: eager time (no CUDA graph: RuntimeError: capture failed)" in table
-    old = Path(report.__file__).parent / "results" / "nvidia-h100-80gb-hbm3-2026-11-26.json"  # rows without the new keys
+    old = (
+        Path(report.__file__).parent / "results" / "nvidia-h100-80gb-hbm3-2026-11-26.json"
+    )  # rows without the new keys
     md = report.render(json.loads(old.read_text()))
     assert "Per-layer targets" in md and "| 3072->8192 | 1,000 | 1 | 0.226 |" in md
 
@@ -171,9 +220,30 @@ def test_time_budget_skips_and_notes(tmp_path):
 
 def test_e2e_and_report(tmp_path):
     out = tmp_path / "e.json"
-    bench_e2e.main(["--device", "cpu", "--out", str(out), "--layers", "1", "--peft-layers", "1", "--peft-n", "3",
-                    "--n-adapters", "8", "--batches", "1,2", "--decode-steps", "2", "--prefill-len", "8",
-                    "--backends", "base,cuda,torch"])
+    bench_e2e.main(
+        [
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--layers",
+            "1",
+            "--peft-layers",
+            "1",
+            "--peft-n",
+            "3",
+            "--n-adapters",
+            "8",
+            "--batches",
+            "1,2",
+            "--decode-steps",
+            "2",
+            "--prefill-len",
+            "8",
+            "--backends",
+            "base,cuda,torch",
+        ]
+    )
     data, rows = _rows(out)
     _assert_no_errors(rows)
     assert all(v == "ok" for v in data["checks"].values()), data["checks"]
@@ -225,8 +295,28 @@ def test_profile_layer_reports_kernels_per_call(tmp_path, capsys):
     from bench import profile_layer
 
     out = tmp_path / "profile.json"
-    profile_layer.main(["--device", "cpu", "--backends", "torch", "--n", "9", "--t", "3", "--d-in", "16",
-                        "--d-out", "12", "--k", "4", "--iters", "2", "--out", str(out)])
+    profile_layer.main(
+        [
+            "--device",
+            "cpu",
+            "--backends",
+            "torch",
+            "--n",
+            "9",
+            "--t",
+            "3",
+            "--d-in",
+            "16",
+            "--d-out",
+            "12",
+            "--k",
+            "4",
+            "--iters",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 1 and rows[0]["backend"] == "torch" and rows[0]["host_us_per_call"] > 0
     assert any("mm" in k["name"] for k in rows[0]["kernels"])
@@ -235,12 +325,30 @@ def test_profile_layer_reports_kernels_per_call(tmp_path, capsys):
 
 def test_e2e_table_puts_eager_extras_in_their_own_columns():
     def row(backend, batch, mode, ms, **kw):
-        return {"section": "e2e", "model": "m", "backend": backend, "N": 5, "phase": "decode", "batch": batch,
-                "tokens": batch, "status": "ok", "ms": ms, "ms_per_token": ms, "tokens_per_s": batch * 1e3 / ms,
-                "mode": mode, "decode_ctx": 8, **kw}
+        return {
+            "section": "e2e",
+            "model": "m",
+            "backend": backend,
+            "N": 5,
+            "phase": "decode",
+            "batch": batch,
+            "tokens": batch,
+            "status": "ok",
+            "ms": ms,
+            "ms_per_token": ms,
+            "tokens_per_s": batch * 1e3 / ms,
+            "mode": mode,
+            "decode_ctx": 8,
+            **kw,
+        }
 
-    lines = report.e2e_table([row("base", 1, "cuda-graph", 2.0), row("base", 1, "eager", 4.0, eager_extra=True),
-                              row("lag-triton", 1, "cuda-graph", 3.0)])
+    lines = report.e2e_table(
+        [
+            row("base", 1, "cuda-graph", 2.0),
+            row("base", 1, "eager", 4.0, eager_extra=True),
+            row("lag-triton", 1, "cuda-graph", 3.0),
+        ]
+    )
     header = next(line for line in lines if line.startswith("| model"))
     assert "| decode B=1 | eager decode B=1 | decode mode |" in header
     base = next(line for line in lines if "| base |" in line)
@@ -287,12 +395,22 @@ def test_tune_kernels_writes_a_table_the_launchers_accept(tmp_path):
     from bench import tune_kernels
     from lag_triton.kernels.triton import tuning
 
-    out = tune_kernels.main(["--quick", "--out", str(tmp_path / "t.json"), "--rep-ms", "1", "--warmup-ms", "0",
-                             "--min-gain=-inf"])
+    out = tune_kernels.main(
+        ["--quick", "--out", str(tmp_path / "t.json"), "--rep-ms", "1", "--warmup-ms", "0", "--min-gain=-inf"]
+    )
     table = tuning.load_table(out)
     ops = sorted(e["op"] for e in table["entries"])
     assert ops == ["arrow_select"] * 2 + ["lora_apply"] * 2
     for e in table["entries"]:
         assert e["measured"]["ms"] > 0 and e["measured"]["default_ms"] > 0
-        assert tuning.lookup(table["entries"], e["op"], k_pad=32, t=e["measured"]["T"],
-                             n=e["measured"]["N"], d_out=e["d_out"][0] if "d_out" in e else 0) == e["config"]
+        assert (
+            tuning.lookup(
+                table["entries"],
+                e["op"],
+                k_pad=32,
+                t=e["measured"]["T"],
+                n=e["measured"]["N"],
+                d_out=e["d_out"][0] if "d_out" in e else 0,
+            )
+            == e["config"]
+        )

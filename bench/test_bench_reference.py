@@ -27,8 +27,16 @@ def data():
 
 def test_reference_layer(benchmark, data):
     ops = get_ops("torch")
-    sel = benchmark(route_and_apply, data["x"], data["y"].clone(), data["a_star"], data["b_star"],
-                    data["prototypes"], RoutingConfig(k=K, top_m=1), ops)
+    sel = benchmark(
+        route_and_apply,
+        data["x"],
+        data["y"].clone(),
+        data["a_star"],
+        data["b_star"],
+        data["prototypes"],
+        RoutingConfig(k=K, top_m=1),
+        ops,
+    )
     assert sel.shape == (T, 1)
 
 

@@ -15,6 +15,7 @@ tiny sweep to check the plumbing: its timings mean nothing.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import itertools
 import json
@@ -26,10 +27,9 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import env_info, log, time_cell  # noqa: E402  (chooses the interpreter without a GPU)
-
 import torch  # noqa: E402
 
+from bench.harness import env_info, log, time_cell  # noqa: E402  (chooses the interpreter without a GPU)
 from lag_triton.kernels.triton import tuning  # noqa: E402
 
 # the modules (the package exports the op functions under the same names)
@@ -82,14 +82,21 @@ def tune_select(args, device, table: list, budget_end: float) -> None:
     for t, n in itertools.product(ts, ns):
         scores = torch.randn(t, n, device=device, dtype=torch.float32)
         idx, out = torch.empty(t, k, dtype=torch.int32, device=device), torch.empty(t, k, device=device)
-        run = lambda: arrow._select(scores, k, idx, out, None, None)  # noqa: E731
+        run = functools.partial(arrow._select, scores, k, idx, out, None, None)
         default = _time(run, device, args)
         best, best_ms = _best("arrow_select", _select_candidates(args.quick), run, device, args, budget_end)
         log(f"arrow_select T={t} N={n}: default {default:.4f} ms, best {best} {best_ms:.4f} ms")
         if best is not None and best_ms < default * (1 - args.min_gain):
-            table.append({"op": "arrow_select", "k_pad": k_pad, "t": T_BUCKETS.get(t, [t, t]),
-                          "n": N_BUCKETS.get(n, [n, n]), "config": best,
-                          "measured": {"default_ms": default, "ms": best_ms, "T": t, "N": n}})
+            table.append(
+                {
+                    "op": "arrow_select",
+                    "k_pad": k_pad,
+                    "t": T_BUCKETS.get(t, [t, t]),
+                    "n": N_BUCKETS.get(n, [n, n]),
+                    "config": best,
+                    "measured": {"default_ms": default, "ms": best_ms, "T": t, "N": n},
+                }
+            )
 
 
 def tune_apply(args, device, dtype, table: list, budget_end: float) -> None:
@@ -102,13 +109,20 @@ def tune_apply(args, device, dtype, table: list, budget_end: float) -> None:
         sel = torch.randint(0, n, (t, 1), device=device, dtype=torch.int32)
         w, z = torch.ones(t, 1, device=device), torch.randn(t, 1, r, device=device)
         y = torch.zeros(t, d_out, device=device, dtype=dtype)
-        run = lambda: apply.lora_apply(y, b, sel, w, z)  # noqa: E731
+        run = functools.partial(apply.lora_apply, y, b, sel, w, z)
         default = _time(run, device, args)
         best, best_ms = _best("lora_apply", _apply_candidates(t, args.quick), run, device, args, budget_end)
         log(f"lora_apply T={t} d_out={d_out}: default {default:.4f} ms, best {best} {best_ms:.4f} ms")
         if best is not None and best_ms < default * (1 - args.min_gain):
-            table.append({"op": "lora_apply", "t": T_BUCKETS.get(t, [t, t]), "d_out": [d_out, d_out],
-                          "config": best, "measured": {"default_ms": default, "ms": best_ms, "T": t, "N": n, "r": r}})
+            table.append(
+                {
+                    "op": "lora_apply",
+                    "t": T_BUCKETS.get(t, [t, t]),
+                    "d_out": [d_out, d_out],
+                    "config": best,
+                    "measured": {"default_ms": default, "ms": best_ms, "T": t, "N": n, "r": r},
+                }
+            )
 
 
 def main(argv=None) -> Path:
@@ -129,8 +143,13 @@ def main(argv=None) -> Path:
     tune_select(args, device, entries, end)
     tune_apply(args, device, torch.bfloat16, entries, end)
     env = env_info(device)
-    table = {"card": card, "triton": env.get("triton"), "torch": env.get("torch"), "date": env.get("date"),
-             "entries": entries}
+    table = {
+        "card": card,
+        "triton": env.get("triton"),
+        "torch": env.get("torch"),
+        "date": env.get("date"),
+        "entries": entries,
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(table, indent=1) + "\n")
     tuning.load_table(out)  # the table must be one the launchers accept

@@ -16,9 +16,11 @@ _BACKENDS = ("auto", "triton", "cuda", "torch")
 EXIT_FAILED = 1  # the work was attempted and failed (unreadable or invalid input, ...)
 EXIT_USAGE = 2  # the command line cannot be carried out as given (as argparse's own errors)
 
-_EPILOG = (f"Errors print one line (add --debug for the traceback). Exit status: 0 on success, {EXIT_FAILED} "
-           f"when the work fails (an unreadable or invalid adapter or library), {EXIT_USAGE} for a command "
-           "line that cannot be carried out (bad option values, an output path that cannot be written).")
+_EPILOG = (
+    f"Errors print one line (add --debug for the traceback). Exit status: 0 on success, {EXIT_FAILED} "
+    f"when the work fails (an unreadable or invalid adapter or library), {EXIT_USAGE} for a command "
+    "line that cannot be carried out (bad option values, an output path that cannot be written)."
+)
 
 
 class UsageError(Exception):
@@ -61,8 +63,14 @@ def _build(args: argparse.Namespace) -> int:
         raise UsageError(f"--names gives {len(args.names)} names for {len(args.adapters)} adapter folders")
     _check_workers(args.workers)
     _check_output_file(args.output)
-    report = build_library(args.adapters, args.output, names=args.names, dtype=_DTYPES[args.dtype],
-                           workers=args.workers, progress=not args.quiet)
+    report = build_library(
+        args.adapters,
+        args.output,
+        names=args.names,
+        dtype=_DTYPES[args.dtype],
+        workers=args.workers,
+        progress=not args.quiet,
+    )
     print(f"wrote {report}")
     return 0
 
@@ -74,8 +82,9 @@ def _add(args: argparse.Namespace) -> int:
         raise UsageError(f"--names gives {len(args.names)} names for {len(args.adapters)} adapter folders")
     _check_workers(args.workers)
     _check_output_file(args.output or args.library)
-    report = add_adapters(args.library, args.adapters, names=args.names, output=args.output, workers=args.workers,
-                          progress=not args.quiet)
+    report = add_adapters(
+        args.library, args.adapters, names=args.names, output=args.output, workers=args.workers, progress=not args.quiet
+    )
     print(f"wrote {report}")
     return 0
 
@@ -113,8 +122,14 @@ def _info(args: argparse.Namespace) -> int:
     for name, (m, (_, ranks)) in modules.items():
         rank_set = sorted(set(ranks.tolist())) if ranks is not None else [m.rank]
         print(f"  {name}: {m.num_adapters} adapters, {m.d_in} -> {m.d_out}, ranks {rank_set}, {_size(m.nbytes)}")
-    print("values      " + ("checked (ids, ranks, finite factors)" if args.check else
-                           "ids and ranks checked; factors not read (--check reads them all)"))
+    print(
+        "values      "
+        + (
+            "checked (ids, ranks, finite factors)"
+            if args.check
+            else "ids and ranks checked; factors not read (--check reads them all)"
+        )
+    )
     if args.adapters:
         print("adapter names:")
         for i, n in enumerate(stored.names):
@@ -166,15 +181,20 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _workers_and_quiet(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workers", type=int, default=None,
-                   help="processes aligning adapters in parallel (default: one per core for 16+ adapters; 0: none)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes aligning adapters in parallel (default: one per core for 16+ adapters; 0: none)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
 def _parser(with_demo: bool = True) -> argparse.ArgumentParser:
     debug = argparse.ArgumentParser(add_help=False)
-    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                       help="print the full traceback of an error")
+    debug.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="print the full traceback of an error"
+    )
     parser = argparse.ArgumentParser(prog="python -m lag_triton", description=__doc__, epilog=_EPILOG)
     parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -187,8 +207,12 @@ def _parser(with_demo: bool = True) -> argparse.ArgumentParser:
     _workers_and_quiet(p)
     p.set_defaults(func=_build)
 
-    p = sub.add_parser("add", parents=[debug], epilog=_EPILOG,
-                       help="append PEFT LoRA folders to a library file (existing adapters are not re-aligned)")
+    p = sub.add_parser(
+        "add",
+        parents=[debug],
+        epilog=_EPILOG,
+        help="append PEFT LoRA folders to a library file (existing adapters are not re-aligned)",
+    )
     p.add_argument("library", type=Path, help="library file, replaced atomically unless -o is given")
     p.add_argument("adapters", nargs="+", type=Path, help="PEFT adapter folders to add")
     p.add_argument("-o", "--output", type=Path, help="write the grown library here instead")
@@ -208,8 +232,12 @@ def _parser(with_demo: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="read and check every factor value (reads the whole file)")
     p.set_defaults(func=_info)
 
-    p = sub.add_parser("demo", parents=[debug], epilog=_EPILOG,
-                       help="the LAG knowledge-library experiment on a tiny model (offline, CPU)")
+    p = sub.add_parser(
+        "demo",
+        parents=[debug],
+        epilog=_EPILOG,
+        help="the LAG knowledge-library experiment on a tiny model (offline, CPU)",
+    )
     if with_demo:  # its options come from the experiment, whose imports take seconds and ~200 MB
         from .experiment.run import add_arguments
 

@@ -29,8 +29,8 @@ Routing needs float32, float16 or bfloat16; a float64 layer routes in float32.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -45,8 +45,10 @@ __all__ = ["LayerInfo", "ROUTABLE_DTYPES", "activation_dtype", "describe_layer",
 # Compute dtypes patch accepts. The kernels route in fp32/fp16/bf16; an fp64 layer routes in fp32.
 ROUTABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-SUPPORTED = ("nn.Linear (and subclasses: bitsandbytes Linear4bit/Linear8bitLt, torchao-quantised Linear), "
-             "transformers' Conv1D, or a module with integer in_features/out_features (GPTQ/AWQ QuantLinear)")
+SUPPORTED = (
+    "nn.Linear (and subclasses: bitsandbytes Linear4bit/Linear8bitLt, torchao-quantised Linear), "
+    "transformers' Conv1D, or a module with integer in_features/out_features (GPTQ/AWQ QuantLinear)"
+)
 
 
 def route_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -122,8 +124,9 @@ def activation_dtype(model: nn.Module) -> torch.dtype | None:
     return None
 
 
-def _compute_dtype(name: str, module: nn.Module, d_in: int, d_out: int,
-                   model_dtype: Callable[[], torch.dtype | None]) -> tuple[torch.dtype, str]:
+def _compute_dtype(
+    name: str, module: nn.Module, d_in: int, d_out: int, model_dtype: Callable[[], torch.dtype | None]
+) -> tuple[torch.dtype, str]:
     declared = getattr(module, "compute_dtype", None)
     if isinstance(declared, torch.dtype):
         return declared, "compute_dtype"
@@ -132,16 +135,20 @@ def _compute_dtype(name: str, module: nn.Module, d_in: int, d_out: int,
         logical = (d_in, d_out) if Conv1D and isinstance(module, Conv1D) else (d_out, d_in)
         if weight.is_floating_point() and tuple(weight.shape) == logical:
             if weight.dtype not in ROUTABLE_DTYPES:
-                raise TypeError(f"module {name!r} has a {weight.dtype} weight, so it computes in {weight.dtype}; "
-                                "LAG routes layers that compute in float32, float16, bfloat16 or float64")
+                raise TypeError(
+                    f"module {name!r} has a {weight.dtype} weight, so it computes in {weight.dtype}; "
+                    "LAG routes layers that compute in float32, float16, bfloat16 or float64"
+                )
             return weight.dtype, "weight"
         if type(module) is nn.Linear or (Conv1D and type(module) is Conv1D):
             # A plain layer multiplies by its weight as stored: with an integer weight its forward
             # cannot run at all (a weight replaced by hand, not a quantisation library's layer).
-            raise TypeError(f"module {name!r} is a plain {type(module).__name__} with a {weight.dtype} weight of "
-                            f"shape {tuple(weight.shape)}: its forward multiplies by that tensor as it is, so it "
-                            "cannot run; quantise it with a library whose layers dequantise (bitsandbytes, "
-                            "torchao, GPTQ/AWQ), or keep it float32, float16, bfloat16 or float64")
+            raise TypeError(
+                f"module {name!r} is a plain {type(module).__name__} with a {weight.dtype} weight of "
+                f"shape {tuple(weight.shape)}: its forward multiplies by that tensor as it is, so it "
+                "cannot run; quantise it with a library whose layers dequantise (bitsandbytes, "
+                "torchao, GPTQ/AWQ), or keep it float32, float16, bfloat16 or float64"
+            )
     dtype = model_dtype()
     if dtype is not None:
         return dtype, "model activations"
@@ -149,37 +156,50 @@ def _compute_dtype(name: str, module: nn.Module, d_in: int, d_out: int,
         if t.is_floating_point():
             return t.dtype, "layer's floating-point tensors"
     held = [f"{n} {t.dtype}" for n, t in list(module.named_parameters()) + list(module.named_buffers())]
-    raise TypeError(f"cannot tell the compute dtype of module {name!r} ({type(module).__name__}, holding "
-                    f"{', '.join(held[:6])}): it has no compute_dtype attribute and no floating-point tensor, and "
-                    "the model has no floating-point parameter outside its linear layers")
+    raise TypeError(
+        f"cannot tell the compute dtype of module {name!r} ({type(module).__name__}, holding "
+        f"{', '.join(held[:6])}): it has no compute_dtype attribute and no floating-point tensor, and "
+        "the model has no floating-point parameter outside its linear layers"
+    )
 
 
-def describe_layer(name: str, module: nn.Module,
-                   model_dtype: Callable[[], torch.dtype | None]) -> LayerInfo:
+def describe_layer(name: str, module: nn.Module, model_dtype: Callable[[], torch.dtype | None]) -> LayerInfo:
     """Check that LAG can wrap ``module`` (named ``name``) and say how; raise TypeError/ValueError
     naming the module otherwise. ``model_dtype()`` gives the model's activation dtype (rule 3)."""
     shape = linear_shape(module)
     if shape is None:
-        raise TypeError(f"module {name!r} of type {type(module).__name__} is not linear-like"
-                        f"{_not_linear_hint(module)}. LAG wraps modules that map [..., d_in] -> [..., d_out] "
-                        f"and name their sizes: {SUPPORTED}")
+        raise TypeError(
+            f"module {name!r} of type {type(module).__name__} is not linear-like"
+            f"{_not_linear_hint(module)}. LAG wraps modules that map [..., d_in] -> [..., d_out] "
+            f"and name their sizes: {SUPPORTED}"
+        )
     d_in, d_out = shape
     if d_in < 1 or d_out < 1:
-        raise ValueError(f"module {name!r} ({type(module).__name__}) has in_features={d_in}, out_features={d_out}; "
-                         "a lazy layer must run one forward before it is patched")
+        raise ValueError(
+            f"module {name!r} ({type(module).__name__}) has in_features={d_in}, out_features={d_out}; "
+            "a lazy layer must run one forward before it is patched"
+        )
     tensors = _tensors(module)
     if not tensors:
-        raise TypeError(f"module {name!r} ({type(module).__name__}) has no parameters or buffers, so LAG cannot "
-                        "tell which device it runs on")
+        raise TypeError(
+            f"module {name!r} ({type(module).__name__}) has no parameters or buffers, so LAG cannot "
+            "tell which device it runs on"
+        )
     devices = {t.device for t in tensors}
     if any(d.type == "meta" for d in devices):
-        raise ValueError(f"module {name!r} is on the meta device (no weights yet): load the model's weights "
-                         "(e.g. to_empty + load_state_dict) before patching")
+        raise ValueError(
+            f"module {name!r} is on the meta device (no weights yet): load the model's weights "
+            "(e.g. to_empty + load_state_dict) before patching"
+        )
     if len(devices) > 1:
-        raise ValueError(f"module {name!r} has tensors on several devices ({', '.join(sorted(map(str, devices)))}); "
-                         "LAG needs each wrapped layer on one device")
+        raise ValueError(
+            f"module {name!r} has tensors on several devices ({', '.join(sorted(map(str, devices)))}); "
+            "LAG needs each wrapped layer on one device"
+        )
     dtype, rule = _compute_dtype(name, module, d_in, d_out, model_dtype)
     if dtype not in ROUTABLE_DTYPES:
-        raise TypeError(f"module {name!r} computes in {dtype} (from its {rule}); LAG routes layers that compute in "
-                        "float32, float16, bfloat16 or float64")
+        raise TypeError(
+            f"module {name!r} computes in {dtype} (from its {rule}); LAG routes layers that compute in "
+            "float32, float16, bfloat16 or float64"
+        )
     return LayerInfo(d_in, d_out, devices.pop(), dtype, rule)

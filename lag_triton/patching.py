@@ -23,21 +23,22 @@ import contextlib
 import numbers
 import os
 import warnings
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from .kernels import get_ops, resolve_backend
 from .layers import LayerInfo, activation_dtype, describe_layer
-from .layers import linear_shape as _linear_shape, route_dtype as _route_dtype
+from .layers import linear_shape as _linear_shape
+from .layers import route_dtype as _route_dtype
 from .library import Library
 from .routing import RoutingConfig, route_and_apply
 from .tracing import Trace, active_traces, trace
 
 __all__ = ["LagLinear", "LibraryRoute", "LibraryNotSavedWarning", "patch", "unpatch", "trace", "Trace"]
 
-LibraryLike = Union[Library, str, os.PathLike]
+LibraryLike = Library | str | os.PathLike
 
 
 class LibraryNotSavedWarning(UserWarning):
@@ -75,20 +76,23 @@ class LibraryRoute(nn.Module):
                 setattr(self, name, t.float())
         return self
 
-    def add_to(self, x: torch.Tensor, y: torch.Tensor, allowed: torch.Tensor | None = None,
-               scope: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_to(
+        self, x: torch.Tensor, y: torch.Tensor, allowed: torch.Tensor | None = None, scope: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """y [T, d_out] + this library's routed output for x [T, d_in] (in place when y has the
         factors' dtype), each token limited to ``allowed[scope[t]]`` when scoped. Returns (y, sel)."""
         dtype = self.a_star.dtype
         xr = x if x.dtype == dtype else x.to(dtype)
         if y.dtype == dtype:
-            return y, route_and_apply(xr, y, self.a_star, self.b_star, self.prototypes, self.config, self.ops,
-                                      allowed, scope)
+            return y, route_and_apply(
+                xr, y, self.a_star, self.b_star, self.prototypes, self.config, self.ops, allowed, scope
+            )
         # fp64 layers, or autocast's low-precision output of an fp32 layer: the kernels write
         # into a buffer of the factors' dtype, added in y's dtype.
         delta = torch.zeros(y.shape, dtype=dtype, device=y.device)
-        sel = route_and_apply(xr, delta, self.a_star, self.b_star, self.prototypes, self.config, self.ops,
-                              allowed, scope)
+        sel = route_and_apply(
+            xr, delta, self.a_star, self.b_star, self.prototypes, self.config, self.ops, allowed, scope
+        )
         return y + delta.to(y.dtype), sel
 
     def extra_repr(self) -> str:
@@ -127,8 +131,9 @@ class LagLinear(nn.Module):
         y2 = y.reshape(-1, self.out_features)
         with _autocast_off(x.device.type):
             for route in self.routes:
-                allowed, rows = (None, None) if self._scope is None else \
-                    self._scope.for_route(route, x, self.module_name)
+                allowed, rows = (
+                    (None, None) if self._scope is None else self._scope.for_route(route, x, self.module_name)
+                )
                 y2, sel = route.add_to(x2, y2, allowed, rows)
                 if self._trace_count:
                     ids = torch.where(sel >= 0, route.adapter_ids[sel.long().clamp(min=0)], -1)  # -1: no adapter
@@ -145,22 +150,28 @@ class LagLinear(nn.Module):
     def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
         return self.base_layer.state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # The checkpoint has the base layer's keys at this module's name (as the unpatched model
         # saves them): move them under base_layer, where load_state_dict's recursion looks next.
         for key in [k for k in state_dict if k.startswith(prefix)]:
-            head = key[len(prefix):].split(".", 1)[0]
+            head = key[len(prefix) :].split(".", 1)[0]
             if head not in self._modules:
-                state_dict[prefix + "base_layer." + key[len(prefix):]] = state_dict.pop(key)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+                state_dict[prefix + "base_layer." + key[len(prefix) :]] = state_dict.pop(key)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
 
 def _warn_library_not_saved(module, prefix, keep_vars) -> None:
-    warnings.warn("state_dict()/save_pretrained() of a LAG-patched model holds the base model's weights only: "
-                  "the LAG library is not model state. Save it with Library.save and call lag_triton.patch "
-                  "again after loading the model.", LibraryNotSavedWarning, stacklevel=3)
+    warnings.warn(
+        "state_dict()/save_pretrained() of a LAG-patched model holds the base model's weights only: "
+        "the LAG library is not model state. Save it with Library.save and call lag_triton.patch "
+        "again after loading the model.",
+        LibraryNotSavedWarning,
+        stacklevel=3,
+    )
 
 
 # -- argument checks -------------------------------------------------------------------------------
@@ -168,8 +179,10 @@ def _as_libraries(libraries) -> list[Library]:
     if isinstance(libraries, (Library, str, os.PathLike)):
         libraries = [libraries]
     elif isinstance(libraries, (dict, bytes)) or not isinstance(libraries, (list, tuple)):
-        raise TypeError("patch() takes a lag_triton.Library, a path to a saved library, or a list or tuple of "
-                        f"them; got {type(libraries).__name__}")
+        raise TypeError(
+            "patch() takes a lag_triton.Library, a path to a saved library, or a list or tuple of "
+            f"them; got {type(libraries).__name__}"
+        )
     out = []
     for lib in libraries:
         if isinstance(lib, (str, os.PathLike)):
@@ -184,8 +197,12 @@ def _as_libraries(libraries) -> list[Library]:
 
 def _as_int(value):
     """Python ints and integer scalars of numpy/torch; anything else is left for RoutingConfig to refuse."""
-    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() \
-            and value.dtype != torch.bool:
+    if (
+        isinstance(value, torch.Tensor)
+        and value.dim() == 0
+        and not value.is_floating_point()
+        and value.dtype != torch.bool
+    ):
         return int(value.item())
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return int(value)
@@ -204,25 +221,38 @@ def _check_layer(lib: Library, name: str, module: nn.Module | None, weights, mod
     """The base layer's sizes, device and compute dtype (``.device``, ``.dtype``), after checking
     that ``weights`` can route this layer. Which layers qualify and which dtype: :mod:`.layers`."""
     if module is None:
-        raise ValueError(f"library {lib.label} targets module {name!r}, which {type(model).__name__} "
-                         "does not have (was it built for another base model?)")
+        raise ValueError(
+            f"library {lib.label} targets module {name!r}, which {type(model).__name__} "
+            "does not have (was it built for another base model?)"
+        )
     base = module.base_layer if isinstance(module, LagLinear) else module
     try:
         layer = describe_layer(name, base, lambda: activation_dtype(model))
     except (TypeError, ValueError) as e:
         raise type(e)(f"library {lib.label}: {e}") from None  # e names the module
     if (layer.d_in, layer.d_out) != (weights.d_in, weights.d_out):
-        raise ValueError(f"library {lib.label}, module {name!r}: adapters are {weights.d_in} -> "
-                         f"{weights.d_out} but the model's layer is {layer.d_in} -> {layer.d_out}")
+        raise ValueError(
+            f"library {lib.label}, module {name!r}: adapters are {weights.d_in} -> "
+            f"{weights.d_out} but the model's layer is {layer.d_in} -> {layer.d_out}"
+        )
     if weights.device.type == "meta":
         raise ValueError(f"library {lib.label}, module {name!r}: the library tensors are on the meta device")
     return layer
 
 
 # -- patch / unpatch -------------------------------------------------------------------------------
-def patch(model: nn.Module, libraries: LibraryLike | Sequence[LibraryLike], *, k: int = 20, top_m: int = 1,
-          router: str = "lag", temperature: float = 1.0, combine: str = "softmax",
-          backend: str = "auto", process_group=None) -> nn.Module:
+def patch(
+    model: nn.Module,
+    libraries: LibraryLike | Sequence[LibraryLike],
+    *,
+    k: int = 20,
+    top_m: int = 1,
+    router: str = "lag",
+    temperature: float = 1.0,
+    combine: str = "softmax",
+    backend: str = "auto",
+    process_group=None,
+) -> nn.Module:
     """Route ``libraries`` (a Library, a saved library path, or a list of them) through ``model`` in place.
 
     Every module a library targets gets LAG routing with the given settings; several libraries
@@ -236,8 +266,13 @@ def patch(model: nn.Module, libraries: LibraryLike | Sequence[LibraryLike], *, k
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch() needs a torch.nn.Module, got {type(model).__name__}")
-    config = RoutingConfig(k=_as_int(k), top_m=_as_int(top_m), router=router,
-                           temperature=_as_float("temperature", temperature), combine=combine)
+    config = RoutingConfig(
+        k=_as_int(k),
+        top_m=_as_int(top_m),
+        router=router,
+        temperature=_as_float("temperature", temperature),
+        combine=combine,
+    )
     libs = _as_libraries(libraries)
     if process_group is not None:  # sharded over ranks: lag_triton.sharding owns that path
         from .sharding import patch_sharded
@@ -270,8 +305,10 @@ def patch(model: nn.Module, libraries: LibraryLike | Sequence[LibraryLike], *, k
         model.register_state_dict_pre_hook(_warn_library_not_saved)
     model._lag_num_libraries = already + len(libs)
     # adapter names per attached library, for lag_triton.scope to resolve
-    model._lag_library_names = {**getattr(model, "_lag_library_names", {}),
-                                **{already + i: list(lib.names) for i, lib in enumerate(libs)}}
+    model._lag_library_names = {
+        **getattr(model, "_lag_library_names", {}),
+        **{already + i: list(lib.names) for i, lib in enumerate(libs)},
+    }
     return model
 
 

@@ -1,13 +1,14 @@
 """Per-layer LAG routing: compose the three ops for one module and one library (docs/design.md §1).
 
-    "lag":    Arrow top-k over all N prototypes, SpectR rerank of those k, apply the top_m.
-    "arrow":  Arrow top-top_m, weights softmax(a / temperature); z = A* x is what is applied.
-    "spectr": SpectR rerank over all N adapters.
+"lag":    Arrow top-k over all N prototypes, SpectR rerank of those k, apply the top_m.
+"arrow":  Arrow top-top_m, weights softmax(a / temperature); z = A* x is what is applied.
+"spectr": SpectR rerank over all N adapters.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 
 from .kernels import Backend

@@ -21,8 +21,7 @@ models feed their linear layers, in prefill and in cached decoding alike) has S 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping
-from typing import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -45,8 +44,10 @@ class _ScopeMasks:
             return None, None
         rows = x.shape[0] if x.dim() >= 2 else 1
         if rows != self.rows:
-            raise ValueError(f"lag_triton.scope was given {self.rows} batch rows, but layer {layer_name!r} got "
-                             f"an input of shape {tuple(x.shape)} ({rows} rows)")
+            raise ValueError(
+                f"lag_triton.scope was given {self.rows} batch rows, but layer {layer_name!r} got "
+                f"an input of shape {tuple(x.shape)} ({rows} rows)"
+            )
         per_row = x.numel() // max(1, rows * x.shape[-1])
         key = (rows, per_row, mask.device)
         token_rows = self._token_rows.get(key)
@@ -71,8 +72,10 @@ def _row_mask(entry, names: list[str], library: int, several: bool) -> torch.Ten
                 mask[where[item]] = True
         elif isinstance(item, int) and not isinstance(item, bool):
             if several:
-                raise TypeError("with several libraries, scope rows name adapters (or pass a dict "
-                                "{library index: rows}); an integer index is ambiguous")
+                raise TypeError(
+                    "with several libraries, scope rows name adapters (or pass a dict "
+                    "{library index: rows}); an integer index is ambiguous"
+                )
             if not 0 <= item < n:
                 raise ValueError(f"adapter index {item} is out of range for library {library} ({n} adapters)")
             mask[item] = True
@@ -85,12 +88,16 @@ def _library_masks(spec, names: list[str], library: int, several: bool) -> torch
     """One library's [B, N_library] bool mask from a tensor or a sequence of row entries."""
     if isinstance(spec, torch.Tensor):
         if spec.dtype != torch.bool or spec.dim() != 2 or spec.shape[1] != len(names):
-            raise ValueError(f"a scope mask for library {library} must be bool [B, N={len(names)}], got "
-                             f"{spec.dtype} {tuple(spec.shape)}")
+            raise ValueError(
+                f"a scope mask for library {library} must be bool [B, N={len(names)}], got "
+                f"{spec.dtype} {tuple(spec.shape)}"
+            )
         return spec.cpu()
     if isinstance(spec, (str, bytes, Mapping)) or not isinstance(spec, Iterable):
-        raise TypeError("scope() takes one entry per batch row (a list), a bool tensor [B, N], or a dict "
-                        f"{{library index: rows}}; got {type(spec).__name__}")
+        raise TypeError(
+            "scope() takes one entry per batch row (a list), a bool tensor [B, N], or a dict "
+            f"{{library index: rows}}; got {type(spec).__name__}"
+        )
     rows = list(spec)
     if not rows:
         raise ValueError("scope() needs at least one batch row")
@@ -109,8 +116,15 @@ def _resolve(allowed, library_names: dict[int, list[str]]) -> dict[int, torch.Te
         masks = {lib: _library_masks(allowed, names, lib, several) for lib, names in library_names.items()}
         if not isinstance(allowed, torch.Tensor):
             known = set().union(*library_names.values())
-            missing = sorted({item for row in allowed if row is not None for item in row
-                              if isinstance(item, str) and item not in known})
+            missing = sorted(
+                {
+                    item
+                    for row in allowed
+                    if row is not None
+                    for item in row
+                    if isinstance(item, str) and item not in known
+                }
+            )
             if missing:
                 raise ValueError(f"scope() names adapters that no attached library has: {missing[:10]}")
     rows = {m.shape[0] for m in masks.values()}

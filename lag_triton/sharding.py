@@ -66,13 +66,19 @@ def fields_of(router: str) -> int:
     return 3 if router == "lag" else 2
 
 
-def traffic(*, tokens: list[int], d_in: int, d_out: int, itemsize: int, cands: list[int], router: str,
-            remote_picks: int) -> dict[str, int]:
+def traffic(
+    *, tokens: list[int], d_in: int, d_out: int, itemsize: int, cands: list[int], router: str, remote_picks: int
+) -> dict[str, int]:
     """Bytes sent between ranks by one module call (see the module docstring), by phase."""
     p, t = len(tokens), sum(tokens)
-    return {"sizes": 8 * p * (p - 1), "activations": (p - 1) * t * d_in * itemsize,
-            "candidates": 4 * fields_of(router) * sum(c * (t - tp) for c, tp in zip(cands, tokens)),
-            "counts": 8 * p * (p - 1), "requests": 8 * remote_picks, "outputs": 4 * d_out * remote_picks}
+    return {
+        "sizes": 8 * p * (p - 1),
+        "activations": (p - 1) * t * d_in * itemsize,
+        "candidates": 4 * fields_of(router) * sum(c * (t - tp) for c, tp in zip(cands, tokens)),
+        "counts": 8 * p * (p - 1),
+        "requests": 8 * remote_picks,
+        "outputs": 4 * d_out * remote_picks,
+    }
 
 
 class _Exchange:
@@ -131,28 +137,48 @@ class ShardedRoute(LibraryRoute):
     holds the whole module's (global row -> library index, for ``trace``).
     """
 
-    def __init__(self, library_index: int, local, adapter_ids: torch.Tensor, n_total: int, config, backend: str,
-                 group, rank: int, world: int):
-        super().__init__(library_index, SimpleNamespace(a_star=local.a_star, b_star=local.b_star,
-                                                        prototypes=local.prototypes, adapter_ids=adapter_ids),
-                         config, backend)
+    def __init__(
+        self,
+        library_index: int,
+        local,
+        adapter_ids: torch.Tensor,
+        n_total: int,
+        config,
+        backend: str,
+        group,
+        rank: int,
+        world: int,
+    ):
+        super().__init__(
+            library_index,
+            SimpleNamespace(
+                a_star=local.a_star, b_star=local.b_star, prototypes=local.prototypes, adapter_ids=adapter_ids
+            ),
+            config,
+            backend,
+        )
         self.group, self.rank, self.world, self.n_total = group, rank, world, n_total
         self.bounds = shard_bounds(n_total, world)
         self.last_traffic: dict[str, int] = {}
 
     def __getstate__(self):
-        raise TypeError("a sharded LAG route holds a torch.distributed process group: a sharded model cannot be "
-                        "pickled or deep-copied (unpatch it, or patch each copy with its own group)")
+        raise TypeError(
+            "a sharded LAG route holds a torch.distributed process group: a sharded model cannot be "
+            "pickled or deep-copied (unpatch it, or patch each copy with its own group)"
+        )
 
     def extra_repr(self) -> str:
         lo, hi = self.bounds[self.rank], self.bounds[self.rank + 1]
         return f"{super().extra_repr()}, rows [{lo}, {hi}) of {self.n_total} on rank {self.rank}/{self.world}"
 
-    def add_to(self, x: torch.Tensor, y: torch.Tensor, allowed: torch.Tensor | None = None,
-               scope: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_to(
+        self, x: torch.Tensor, y: torch.Tensor, allowed: torch.Tensor | None = None, scope: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if allowed is not None:
-            raise NotImplementedError("lag_triton.scope does not restrict sharded routing (patch(..., "
-                                      "process_group=)) yet: scope an unsharded model")
+            raise NotImplementedError(
+                "lag_triton.scope does not restrict sharded routing (patch(..., "
+                "process_group=)) yet: scope an unsharded model"
+            )
         xr = x if x.dtype == self.a_star.dtype else x.to(self.a_star.dtype)
         ex = _Exchange(self.group, self.rank, self.world)
         delta, sel = self._route(xr, ex)
@@ -166,12 +192,18 @@ class ShardedRoute(LibraryRoute):
         tokens = ex.counts(x.shape[0], x.device)
         offsets = [sum(tokens[:p]) for p in range(self.world + 1)]
         x_all = ex.all_to_all("activations", x.repeat(self.world, 1), [x.shape[0]] * self.world, tokens)
-        cands = [candidates_per_token(self.config, self.n_total, self.bounds[p + 1] - self.bounds[p])
-                 for p in range(self.world)]
+        cands = [
+            candidates_per_token(self.config, self.n_total, self.bounds[p + 1] - self.bounds[p])
+            for p in range(self.world)
+        ]
         payload, rows, z = self._local_candidates(x_all, cands[self.rank])
         f = fields_of(self.config.router)
-        mine = ex.all_to_all("candidates", payload.reshape(-1), [t * cands[self.rank] * f for t in tokens],
-                             [x.shape[0] * c * f for c in cands])
+        mine = ex.all_to_all(
+            "candidates",
+            payload.reshape(-1),
+            [t * cands[self.rank] * f for t in tokens],
+            [x.shape[0] * c * f for c in cands],
+        )
         blocks = [b.view(x.shape[0], c, f) for b, c in zip(mine.split([x.shape[0] * c * f for c in cands]), cands)]
         merged = torch.cat(blocks, dim=1)  # [T_q, sum c_p, F]
         sel, w, column = self._merge(merged)
@@ -187,16 +219,20 @@ class ShardedRoute(LibraryRoute):
         f = fields_of(self.config.router)
         if c == 0 or t == 0:
             empty = torch.empty((t, c), dtype=torch.int64, device=x_all.device)
-            return (torch.empty((t, c, f), dtype=torch.int32, device=x_all.device), empty,
-                    torch.empty((t, c, r), dtype=torch.float32, device=x_all.device))
+            return (
+                torch.empty((t, c, f), dtype=torch.int32, device=x_all.device),
+                empty,
+                torch.empty((t, c, r), dtype=torch.float32, device=x_all.device),
+            )
         ops, router = self.ops, self.config.router
         scores = None
         if router == "spectr":
             idx = torch.arange(self.a_star.shape[0], device=x_all.device, dtype=torch.int32).expand(t, -1).contiguous()
         else:
             idx, scores = ops.arrow_topk(x_all, self.prototypes, c)
-        rows, _, z = ops.spectr_rerank(x_all, self.a_star, idx, c, "uniform", 1.0,
-                                       scores if router == "arrow" else None)
+        rows, _, z = ops.spectr_rerank(
+            x_all, self.a_star, idx, c, "uniform", 1.0, scores if router == "arrow" else None
+        )
         fields = [(rows.long() + self.bounds[self.rank]).to(torch.int32)]
         if scores is not None:
             fields.append(_f32_bits(_align_to(scores, idx.long(), rows.long())))
@@ -220,8 +256,16 @@ class ShardedRoute(LibraryRoute):
         w = selection_weights(chosen_keys, self.config.combine, self.config.temperature)
         return ids.gather(1, pick), w, columns.gather(1, pick)
 
-    def _fetch_outputs(self, ex: _Exchange, column: torch.Tensor, cands: list[int], token_offset: int,
-                       rows: torch.Tensor, z: torch.Tensor, device) -> torch.Tensor:
+    def _fetch_outputs(
+        self,
+        ex: _Exchange,
+        column: torch.Tensor,
+        cands: list[int],
+        token_offset: int,
+        rows: torch.Tensor,
+        z: torch.Tensor,
+        device,
+    ) -> torch.Tensor:
         """B*_j z_j (fp32 [T_q, m, d_out]) for every pick, computed by the adapter's owner."""
         t, m = column.shape
         starts = torch.tensor([sum(cands[:p]) for p in range(self.world)], device=device)
@@ -255,11 +299,15 @@ class ShardedRoute(LibraryRoute):
 # -- patch ------------------------------------------------------------------------------------------
 def _group_info(group) -> tuple[int, int, str]:
     if not dist.is_available() or not dist.is_initialized():
-        raise ValueError("process_group given but torch.distributed is not initialised "
-                         "(call torch.distributed.init_process_group first)")
+        raise ValueError(
+            "process_group given but torch.distributed is not initialised "
+            "(call torch.distributed.init_process_group first)"
+        )
     if not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup (dist.group.WORLD for the default "
-                        f"group), got {type(group).__name__}")
+        raise TypeError(
+            f"process_group must be a torch.distributed.ProcessGroup (dist.group.WORLD for the default "
+            f"group), got {type(group).__name__}"
+        )
     return dist.get_rank(group), dist.get_world_size(group), dist.get_backend(group)
 
 
@@ -281,17 +329,23 @@ def _agree(text: str | None, group, rank: int, world: int, device) -> None:
         raise ValueError(f"rank {rank}: ranks {failed} failed their patch checks (their errors name the cause)")
     differ = [p for p, d in enumerate(digests) if d != digest]
     if differ and text is not None:
-        raise ValueError(f"rank {rank}: ranks {differ} patch with other libraries, modules or settings; every rank "
-                         "of the process group must patch the same model with the same libraries and settings")
+        raise ValueError(
+            f"rank {rank}: ranks {differ} patch with other libraries, modules or settings; every rank "
+            "of the process group must patch the same model with the same libraries and settings"
+        )
 
 
 def _local_rows(weights, lo: int, hi: int, device, dtype):
     """Rows [lo, hi) of a module's ModuleWeights, copied to the device (shapes [0, ...] when empty)."""
+
     def rows(t):
-        return torch.empty((hi - lo, *t.shape[1:]), dtype=dtype if t.is_floating_point() else t.dtype,
-                           device=device).copy_(t[lo:hi])
-    return SimpleNamespace(a_star=rows(weights.a_star), b_star=rows(weights.b_star),
-                           prototypes=rows(weights.prototypes))
+        return torch.empty(
+            (hi - lo, *t.shape[1:]), dtype=dtype if t.is_floating_point() else t.dtype, device=device
+        ).copy_(t[lo:hi])
+
+    return SimpleNamespace(
+        a_star=rows(weights.a_star), b_star=rows(weights.b_star), prototypes=rows(weights.prototypes)
+    )
 
 
 def _plan(model, libs, backend: str, comm: str, already: int) -> list:
@@ -302,8 +356,10 @@ def _plan(model, libs, backend: str, comm: str, already: int) -> list:
         for name, weights in lib.modules.items():
             layer = _check_layer(lib, name, modules.get(name), weights, model)
             if (layer.device.type == "cuda") != (comm == "nccl"):
-                raise ValueError(f"module {name!r} is on {layer.device} but the process group uses {comm}: "
-                                 "use gloo for CPU models and nccl for CUDA models")
+                raise ValueError(
+                    f"module {name!r} is on {layer.device} but the process group uses {comm}: "
+                    "use gloo for CPU models and nccl for CUDA models"
+                )
             try:  # the whole module: ids and ranks must index the same names on every rank
                 weights.check_values(len(lib.names))
             except ValueError as e:
@@ -327,7 +383,7 @@ def patch_sharded(model, libs, config, backend: str, group):
     _agree(_fingerprint(libs, plan, config), group, rank, world, comm_device)
     routes = []
     for name, idx, w, be, layer in plan:
-        lo, hi = shard_bounds(w.num_adapters, world)[rank:rank + 2]
+        lo, hi = shard_bounds(w.num_adapters, world)[rank : rank + 2]
         local = _local_rows(w, lo, hi, layer.device, _route_dtype(layer.dtype))
         ids = w.adapter_ids.to(layer.device, torch.int64, copy=True)
         routes.append((name, ShardedRoute(idx, local, ids, w.num_adapters, config, be, group, rank, world)))
@@ -340,6 +396,8 @@ def patch_sharded(model, libs, config, backend: str, group):
     if not already:
         model.register_state_dict_pre_hook(_warn_library_not_saved)
     model._lag_num_libraries = already + len(libs)
-    model._lag_library_names = {**getattr(model, "_lag_library_names", {}),
-                                **{already + i: list(lib.names) for i, lib in enumerate(libs)}}
+    model._lag_library_names = {
+        **getattr(model, "_lag_library_names", {}),
+        **{already + i: list(lib.names) for i, lib in enumerate(libs)},
+    }
     return model

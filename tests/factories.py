@@ -11,17 +11,42 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 VOCAB = 97
 
 ARCHS = {
-    "llama": (LlamaForCausalLM, lambda: LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=80,
-                                                    num_hidden_layers=2, num_attention_heads=4,
-                                                    num_key_value_heads=2, max_position_embeddings=128)),
-    "qwen2": (Qwen2ForCausalLM, lambda: Qwen2Config(vocab_size=VOCAB, hidden_size=48, intermediate_size=80,
-                                                    num_hidden_layers=2, num_attention_heads=4,
-                                                    num_key_value_heads=2, max_position_embeddings=128)),
-    "gpt2": (GPT2LMHeadModel, lambda: GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=128,
-                                                 bos_token_id=0, eos_token_id=0)),
+    "llama": (
+        LlamaForCausalLM,
+        lambda: LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=48,
+            intermediate_size=80,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+        ),
+    ),
+    "qwen2": (
+        Qwen2ForCausalLM,
+        lambda: Qwen2Config(
+            vocab_size=VOCAB,
+            hidden_size=48,
+            intermediate_size=80,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+        ),
+    ),
+    "gpt2": (
+        GPT2LMHeadModel,
+        lambda: GPT2Config(
+            vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0
+        ),
+    ),
 }
-TARGETS = {"llama": ["q_proj", "v_proj", "up_proj", "down_proj"], "qwen2": ["q_proj", "v_proj", "up_proj", "down_proj"],
-           "gpt2": ["c_attn", "c_fc", "c_proj"]}
+TARGETS = {
+    "llama": ["q_proj", "v_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "v_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_fc", "c_proj"],
+}
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -30,12 +55,19 @@ def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.fl
     return cls(config()).to(dtype).eval()
 
 
-def make_adapter(model, path: Path, *, seed: int, arch: str = "llama", r: int = 4, alpha: float = 8.0,
-                 targets=None, **lora_kwargs) -> Path:
+def make_adapter(
+    model, path: Path, *, seed: int, arch: str = "llama", r: int = 4, alpha: float = 8.0, targets=None, **lora_kwargs
+) -> Path:
     """Save a PEFT LoRA adapter for ``model`` with random (non-zero) A and B."""
     torch.manual_seed(seed)
-    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets or TARGETS[arch], init_lora_weights=False,
-                        fan_in_fan_out=(arch == "gpt2"), **lora_kwargs)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=targets or TARGETS[arch],
+        init_lora_weights=False,
+        fan_in_fan_out=(arch == "gpt2"),
+        **lora_kwargs,
+    )
     peft_model = get_peft_model(model, config)
     peft_model.save_pretrained(str(path))
     peft_model.unload()  # removes the LoRA layers, leaving the base model as it was
@@ -61,7 +93,7 @@ def read_raw(path: Path) -> tuple[dict, bytes]:
 
     raw = Path(path).read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8:8 + n]), raw[8 + n:]
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
 def write_raw(path: Path, header, data: bytes, *, header_bytes: bytes | None = None) -> Path:
@@ -94,7 +126,7 @@ def replace_tensor(header: dict, data: bytes, name: str, raw: bytes, **entry) ->
     chunks, position = [], 0
     for key in sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0]):
         e = header[key]
-        chunk = raw if key == name else data[e["data_offsets"][0]:e["data_offsets"][1]]
+        chunk = raw if key == name else data[e["data_offsets"][0] : e["data_offsets"][1]]
         if key == name:
             e.update(entry)
         e["data_offsets"] = [position, position + len(chunk)]
@@ -114,8 +146,17 @@ class QuantLinear(torch.nn.Module):
     bitsandbytes' Linear4bit does), else in the input's dtype; it returns the input's dtype.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, bits: int = 4, group_size: int = 16,
-                 scale_dtype: torch.dtype = torch.float16, bias: bool = True, compute_dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bits: int = 4,
+        group_size: int = 16,
+        scale_dtype: torch.dtype = torch.float16,
+        bias: bool = True,
+        compute_dtype=None,
+    ):
         super().__init__()
         if bits not in (4, 8) or in_features % (8 if bits == 4 else 1) or in_features % group_size:
             raise ValueError(f"QuantLinear: bits={bits}, in_features={in_features}, group_size={group_size}")
@@ -130,7 +171,7 @@ class QuantLinear(torch.nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=scale_dtype) if bias else None)
 
     @classmethod
-    def from_linear(cls, linear: torch.nn.Linear, **kwargs) -> "QuantLinear":
+    def from_linear(cls, linear: torch.nn.Linear, **kwargs) -> QuantLinear:
         q = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, **kwargs)
         w = linear.weight.detach().float()  # [d_out, d_in]
         if q.bits == 8:
@@ -184,15 +225,20 @@ def quantize_linears(model, kind: str, targets, *, compute_dtype=None):
         elif kind == "bnb-int8":
             import bitsandbytes as bnb
 
-            new = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                      has_fp16_weights=False)
-            new.weight = bnb.nn.Int8Params(linear.weight.detach().clone(), requires_grad=False,
-                                           has_fp16_weights=False)
+            new = bnb.nn.Linear8bitLt(
+                linear.in_features, linear.out_features, bias=linear.bias is not None, has_fp16_weights=False
+            )
+            new.weight = bnb.nn.Int8Params(linear.weight.detach().clone(), requires_grad=False, has_fp16_weights=False)
         elif kind == "bnb-nf4":
             import bitsandbytes as bnb
 
-            new = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                    compute_dtype=compute_dtype, quant_type="nf4")
+            new = bnb.nn.Linear4bit(
+                linear.in_features,
+                linear.out_features,
+                bias=linear.bias is not None,
+                compute_dtype=compute_dtype,
+                quant_type="nf4",
+            )
             new.weight = bnb.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False, quant_type="nf4")
         else:
             raise ValueError(f"unknown quantisation kind {kind!r}")
@@ -220,12 +266,17 @@ def available_backends(device) -> list[str]:
     return names
 
 
-def tiny_library(folder: Path, n: int, *, prefix: str = "a", seed: int = 0, ranks=(2, 3, 4), arch: str = "llama",
-                 **adapter_kwargs):
+def tiny_library(
+    folder: Path, n: int, *, prefix: str = "a", seed: int = 0, ranks=(2, 3, 4), arch: str = "llama", **adapter_kwargs
+):
     """A Library of ``n`` random PEFT adapters ``<prefix>0``.. (mixed ranks) for ``tiny_model(arch)``."""
     from lag_triton import Library
 
     model = tiny_model(arch)
-    paths = [make_adapter(model, folder / f"{prefix}{i}", seed=seed + i, arch=arch, r=ranks[i % len(ranks)],
-                          **adapter_kwargs) for i in range(n)]
+    paths = [
+        make_adapter(
+            model, folder / f"{prefix}{i}", seed=seed + i, arch=arch, r=ranks[i % len(ranks)], **adapter_kwargs
+        )
+        for i in range(n)
+    ]
     return Library.from_peft(paths, progress=False)

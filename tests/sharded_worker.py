@@ -8,6 +8,8 @@ raise, which ``torch.multiprocessing.spawn`` turns into a test failure with the 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -22,8 +24,15 @@ def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)  # the same weights on every rank (and as tests/factories.py's tiny_model)
-    config = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -72,7 +81,7 @@ def check_model(rank: int, world: int, store: str, backend: str, lib_path: str, 
         assert set(got_sel) == set(want_sel), kw
         for name in want_sel:
             assert torch.equal(got_sel[name], want_sel[name]), (kw, name, got_sel[name], want_sel[name])
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{kw}: {m}")
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=functools.partial("{}: {}".format, kw))
         _check_traffic(model, routes, got_sel, rank, world, tokens, kw)
         lag_triton.unpatch(model)
     dist.barrier()
@@ -86,11 +95,22 @@ def _check_traffic(model, routes, selections, rank, world, tokens, kw) -> None:
         sent = torch.tensor([route.last_traffic[p] for p in sorted(route.last_traffic)] + [remote[name]])
         dist.all_reduce(sent)
         n = route.n_total
-        cands = [min(route.config.sizes(n)[0 if route.config.router == "lag" else 1],
-                     shard_bounds(n, world)[p + 1] - shard_bounds(n, world)[p]) for p in range(world)]
-        want = traffic(tokens=tokens, d_in=route.a_star.shape[2], d_out=route.b_star.shape[1],
-                       itemsize=route.a_star.element_size(), cands=cands, router=route.config.router,
-                       remote_picks=int(sent[-1]))
+        cands = [
+            min(
+                route.config.sizes(n)[0 if route.config.router == "lag" else 1],
+                shard_bounds(n, world)[p + 1] - shard_bounds(n, world)[p],
+            )
+            for p in range(world)
+        ]
+        want = traffic(
+            tokens=tokens,
+            d_in=route.a_star.shape[2],
+            d_out=route.b_star.shape[1],
+            itemsize=route.a_star.element_size(),
+            cands=cands,
+            router=route.config.router,
+            remote_picks=int(sent[-1]),
+        )
         got = dict(zip(sorted(route.last_traffic), sent[:-1].tolist()))
         assert got == want, (kw, name, got, want)
 
@@ -106,8 +126,13 @@ def tie_library() -> Library:
     a[4] = a[1]
     b = torch.arange(5 * 4 * 2, dtype=torch.float32).view(5, 4, 2) / 8
     b[4] = b[1] + 1  # same routing keys, different outputs: the winner is visible in y
-    weights = ModuleWeights(a_star=a, b_star=b, prototypes=a[:, 0].clone(), adapter_ids=torch.arange(5),
-                            ranks=torch.full((5,), 2, dtype=torch.int32))
+    weights = ModuleWeights(
+        a_star=a,
+        b_star=b,
+        prototypes=a[:, 0].clone(),
+        adapter_ids=torch.arange(5),
+        ranks=torch.full((5,), 2, dtype=torch.int32),
+    )
     return Library([f"t{i}" for i in range(5)], {"0": weights})
 
 
@@ -119,8 +144,13 @@ def check_ties(rank: int, world: int, store: str, backend: str) -> None:
     if x.shape[0]:
         x[:3, 7] = 1.0  # tokens 0-2: adapters 1 and 4 tie on every key
         x[3:5] = 0.25  # all features: more ties
-    for kw in ({"router": "lag", "k": 2}, {"router": "lag", "k": 3, "top_m": 2}, {"router": "arrow", "top_m": 2},
-               {"router": "spectr", "top_m": 1}, {"router": "spectr", "top_m": 3, "combine": "uniform"}):
+    for kw in (
+        {"router": "lag", "k": 2},
+        {"router": "lag", "k": 3, "top_m": 2},
+        {"router": "arrow", "top_m": 2},
+        {"router": "spectr", "top_m": 1},
+        {"router": "spectr", "top_m": 3, "combine": "uniform"},
+    ):
         outs = []
         for group in (None, dist.group.WORLD):
             torch.manual_seed(1)

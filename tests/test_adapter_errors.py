@@ -8,15 +8,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from factories import make_adapter, read_raw, replace_tensor, tiny_model, write_raw
 from lag_triton import AdapterError, Library
+
+from factories import make_adapter, read_raw, replace_tensor, tiny_model, write_raw
 
 UP_A = "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"
 
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
-    return make_adapter(tiny_model("llama"), tmp_path_factory.mktemp("good") / "a0", seed=0, targets=["q_proj", "up_proj"])
+    return make_adapter(
+        tiny_model("llama"), tmp_path_factory.mktemp("good") / "a0", seed=0, targets=["q_proj", "up_proj"]
+    )
 
 
 @pytest.fixture
@@ -39,33 +42,39 @@ def _raises(path, *needles):
         assert needle in message, (needle, message)
 
 
-@pytest.mark.parametrize("text,needle", [
-    ("[]", "must hold a JSON object, got a JSON list"),
-    ("null", "got a JSON null"),
-    ('"x"', "got a JSON string"),
-    ("3", "got a JSON number"),
-    ("{", "is not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("[]", "must hold a JSON object, got a JSON list"),
+        ("null", "got a JSON null"),
+        ('"x"', "got a JSON string"),
+        ("3", "got a JSON number"),
+        ("{", "is not valid JSON"),
+    ],
+)
 def test_config_that_is_not_an_object(adapter, text, needle):
     (adapter / "adapter_config.json").write_text(text)
     _raises(adapter, "adapter_config.json", needle)
 
 
-@pytest.mark.parametrize("changes,needle", [
-    ({"lora_alpha": float("nan")}, "field lora_alpha=nan must be a finite positive number"),
-    ({"lora_alpha": float("inf")}, "field lora_alpha=inf must be a finite positive number"),
-    ({"lora_alpha": True}, "field lora_alpha=True"),
-    ({"alpha_pattern": {"q_proj": float("nan")}}, "field alpha_pattern="),
-    ({"alpha_pattern": {"q_proj": "x"}}, "maps 'q_proj' to 'x'; expected a finite positive number"),
-    ({"r": 4.0}, "field r=4.0 must be a positive integer"),
-    ({"r": "4"}, "field r='4' must be a positive integer"),
-    ({"rank_pattern": {"q_proj(": 4}}, "has key 'q_proj(', which is not a valid regular expression"),
-    ({"rank_pattern": [1, 2]}, "field rank_pattern=[1, 2] must be an object"),
-    ({"rank_pattern": {"q_proj": 2.5}}, "maps 'q_proj' to 2.5; expected a positive integer"),
-    ({"use_rslora": "yes"}, "field use_rslora='yes' must be true or false"),
-    ({"use_dora": {"a": 1}}, "field use_dora={'a': 1} is refused"),
-    ({"peft_type": ["LORA"]}, "field peft_type=['LORA'] is refused"),
-])
+@pytest.mark.parametrize(
+    "changes,needle",
+    [
+        ({"lora_alpha": float("nan")}, "field lora_alpha=nan must be a finite positive number"),
+        ({"lora_alpha": float("inf")}, "field lora_alpha=inf must be a finite positive number"),
+        ({"lora_alpha": True}, "field lora_alpha=True"),
+        ({"alpha_pattern": {"q_proj": float("nan")}}, "field alpha_pattern="),
+        ({"alpha_pattern": {"q_proj": "x"}}, "maps 'q_proj' to 'x'; expected a finite positive number"),
+        ({"r": 4.0}, "field r=4.0 must be a positive integer"),
+        ({"r": "4"}, "field r='4' must be a positive integer"),
+        ({"rank_pattern": {"q_proj(": 4}}, "has key 'q_proj(', which is not a valid regular expression"),
+        ({"rank_pattern": [1, 2]}, "field rank_pattern=[1, 2] must be an object"),
+        ({"rank_pattern": {"q_proj": 2.5}}, "maps 'q_proj' to 2.5; expected a positive integer"),
+        ({"use_rslora": "yes"}, "field use_rslora='yes' must be true or false"),
+        ({"use_dora": {"a": 1}}, "field use_dora={'a': 1} is refused"),
+        ({"peft_type": ["LORA"]}, "field peft_type=['LORA'] is refused"),
+    ],
+)
 def test_config_fields_of_the_wrong_type_or_value(adapter, changes, needle):
     cfg = _config(adapter)
     cfg.update(changes)
@@ -80,20 +89,28 @@ def test_base_model_that_is_not_a_string_is_ignored(adapter):
     assert Library.from_peft([adapter], progress=False).base_model is None
 
 
-@pytest.mark.parametrize("content,needle", [
-    ("list", "holds a list; expected a dict of tensor name -> tensor"),
-    ("tensor", "holds a Tensor"),
-    ("int value", "is a int, not a tensor"),
-    ("int key", "has a key 7 (int); tensor names must be strings"),
-    ("nested", "is a dict, not a tensor"),
-    ("int tensor", "has dtype torch.int32; LoRA factors must be"),
-])
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        ("list", "holds a list; expected a dict of tensor name -> tensor"),
+        ("tensor", "holds a Tensor"),
+        ("int value", "is a int, not a tensor"),
+        ("int key", "has a key 7 (int); tensor names must be strings"),
+        ("nested", "is a dict, not a tensor"),
+        ("int tensor", "has dtype torch.int32; LoRA factors must be"),
+    ],
+)
 def test_bin_files_that_are_not_a_dict_of_float_tensors(adapter, content, needle):
     weights = load_file(str(adapter / "adapter_model.safetensors"))
     (adapter / "adapter_model.safetensors").unlink()
-    obj = {"list": list(weights.values()), "tensor": weights[UP_A], "int value": {**weights, UP_A: 3},
-           "int key": {**weights, 7: weights[UP_A]}, "nested": {**weights, UP_A: {"w": weights[UP_A]}},
-           "int tensor": {**weights, UP_A: weights[UP_A].to(torch.int32)}}[content]
+    obj = {
+        "list": list(weights.values()),
+        "tensor": weights[UP_A],
+        "int value": {**weights, UP_A: 3},
+        "int key": {**weights, 7: weights[UP_A]},
+        "nested": {**weights, UP_A: {"w": weights[UP_A]}},
+        "int tensor": {**weights, UP_A: weights[UP_A].to(torch.int32)},
+    }[content]
     torch.save(obj, adapter / "adapter_model.bin")
     _raises(adapter, "adapter_model.bin", needle)
 
@@ -131,12 +148,15 @@ def test_a_single_folder_is_one_adapter(adapter):
         assert torch.equal(m.a_star, listed.modules[name].a_star)
 
 
-@pytest.mark.parametrize("paths,names,error,needle", [
-    ([3], None, TypeError, "adapter folders must be paths"),
-    (["x"], "x", TypeError, "adapter names must be a list of strings, got str"),
-    (["x", "y"], ["a", "a"], ValueError, "adapter names must be unique; repeated: ['a']"),
-    (["x"], [1], TypeError, "adapter names must be strings"),
-])
+@pytest.mark.parametrize(
+    "paths,names,error,needle",
+    [
+        ([3], None, TypeError, "adapter folders must be paths"),
+        (["x"], "x", TypeError, "adapter names must be a list of strings, got str"),
+        (["x", "y"], ["a", "a"], ValueError, "adapter names must be unique; repeated: ['a']"),
+        (["x"], [1], TypeError, "adapter names must be strings"),
+    ],
+)
 def test_bad_paths_and_names(paths, names, error, needle):
     with pytest.raises(error) as info:
         Library.from_peft(paths, names=names, progress=False)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from factories import VOCAB, tiny_library, tiny_model
 import lag_triton
 from lag_triton.kernels import resolve_backend
+
+from factories import VOCAB, tiny_library, tiny_model
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -41,9 +42,16 @@ DTYPES = [torch.float32] + ([torch.bfloat16, torch.float16] if DEVICE.type == "c
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("routing", [dict(k=4, top_m=1), dict(k=5, top_m=3, combine="softmax"),
-                                     dict(router="arrow", top_m=2), dict(router="spectr", top_m=1)],
-                         ids=["lag", "lag-top3", "arrow", "spectr"])
+@pytest.mark.parametrize(
+    "routing",
+    [
+        dict(k=4, top_m=1),
+        dict(k=5, top_m=3, combine="softmax"),
+        dict(router="arrow", top_m=2),
+        dict(router="spectr", top_m=1),
+    ],
+    ids=["lag", "lag-top3", "arrow", "spectr"],
+)
 def test_patched_model_matches_reference_backend(library, backend, dtype, routing):
     _require(backend)
     ids = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(0)).to(DEVICE)

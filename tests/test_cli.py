@@ -10,9 +10,10 @@ import sys
 import pytest
 import torch
 
-from factories import make_adapter, tiny_model
 from lag_triton import Library
 from lag_triton.__main__ import EXIT_FAILED, EXIT_USAGE, main
+
+from factories import make_adapter, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +69,12 @@ def _fail_if_aligning(monkeypatch):
 
 @pytest.mark.parametrize("case", ["missing_folder", "directory", "under_a_file", "read_only"])
 def test_build_checks_the_output_path_before_any_work(adapters, tmp_path, capsys, monkeypatch, case):
-    target = {"missing_folder": tmp_path / "nope" / "lib.safetensors", "directory": tmp_path,
-              "under_a_file": tmp_path / "file" / "lib.safetensors",
-              "read_only": tmp_path / "ro" / "lib.safetensors"}[case]
+    target = {
+        "missing_folder": tmp_path / "nope" / "lib.safetensors",
+        "directory": tmp_path,
+        "under_a_file": tmp_path / "file" / "lib.safetensors",
+        "read_only": tmp_path / "ro" / "lib.safetensors",
+    }[case]
     (tmp_path / "file").write_text("x")
     (tmp_path / "ro").mkdir()
     real_open = os.open
@@ -83,8 +87,12 @@ def test_build_checks_the_output_path_before_any_work(adapters, tmp_path, capsys
     monkeypatch.setattr(os, "open", read_only_open)
     _fail_if_aligning(monkeypatch)
     assert main(["build", *map(str, adapters), "-o", str(target), "-q"]) == EXIT_USAGE
-    needle = {"missing_folder": "does not exist", "directory": "is a directory", "under_a_file": "is not a folder",
-              "read_only": "Read-only file system"}[case]
+    needle = {
+        "missing_folder": "does not exist",
+        "directory": "is a directory",
+        "under_a_file": "is not a folder",
+        "read_only": "Read-only file system",
+    }[case]
     _one_line_error(capsys, str(target), needle)
     assert sorted(p.name for p in (tmp_path / "ro").iterdir()) == []
 
@@ -95,17 +103,23 @@ def test_names_count_is_a_usage_error(adapters, tmp_path, capsys, monkeypatch):
     _one_line_error(capsys, "--names gives 1 names for 3 adapter folders")
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--adapters", "0"], "--adapters must be >= 1, got 0"),
-    (["--adapters", "-3"], "--adapters must be >= 1, got -3"),
-    (["--hidden", "30"], "--hidden must be a positive multiple of 4"),
-    (["--ks", "1,x"], "--ks must be comma-separated integers"),
-    (["--backend", "gpu"], "--backend must be one of"),
-    (["--device", "foo"], "--device 'foo' is not a torch device"),
-    pytest.param(["--device", "cuda"], "CPU-only build",
-                 marks=pytest.mark.skipif(torch.version.cuda is not None, reason="needs a CPU-only torch")),
-    (["--out", "{file}"], "exists and is not a folder"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--adapters", "0"], "--adapters must be >= 1, got 0"),
+        (["--adapters", "-3"], "--adapters must be >= 1, got -3"),
+        (["--hidden", "30"], "--hidden must be a positive multiple of 4"),
+        (["--ks", "1,x"], "--ks must be comma-separated integers"),
+        (["--backend", "gpu"], "--backend must be one of"),
+        (["--device", "foo"], "--device 'foo' is not a torch device"),
+        pytest.param(
+            ["--device", "cuda"],
+            "CPU-only build",
+            marks=pytest.mark.skipif(torch.version.cuda is not None, reason="needs a CPU-only torch"),
+        ),
+        (["--out", "{file}"], "exists and is not a folder"),
+    ],
+)
 def test_demo_usage_errors_exit_2_before_any_work(tmp_path, capsys, monkeypatch, args, needle):
     from lag_triton import demo
 

@@ -15,9 +15,10 @@ import pickle
 import pytest
 import torch
 
-from factories import VOCAB, available_backends, tiny_library, tiny_model
 import lag_triton
 from lag_triton.kernels import get_ops
+
+from factories import VOCAB, available_backends, tiny_library, tiny_model
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -44,8 +45,9 @@ def test_compiled_patched_model_fullgraph_equals_eager(library, backend, routing
     model = tiny_model("llama").to(DEVICE)
     lag_triton.patch(model, library, backend=backend, **routing)
     ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    compiled = torch.compile(model, fullgraph=True, dynamic=False,
-                             backend="inductor" if DEVICE.type == "cuda" else "aot_eager")
+    compiled = torch.compile(
+        model, fullgraph=True, dynamic=False, backend="inductor" if DEVICE.type == "cuda" else "aot_eager"
+    )
     with torch.no_grad():
         want = model(input_ids=ids).logits
         got = compiled(input_ids=ids).logits
@@ -61,7 +63,9 @@ def test_compiled_decode_step_replays_in_cuda_graphs(library, backend):
     step = torch.compile(mlp, fullgraph=True, mode="reduce-overhead")
     with torch.no_grad():
         for seed in range(4):  # warm-up, record, then replays with new inputs
-            x = torch.randn(1, 48, device=DEVICE, dtype=torch.bfloat16, generator=torch.Generator(DEVICE).manual_seed(seed))
+            x = torch.randn(
+                1, 48, device=DEVICE, dtype=torch.bfloat16, generator=torch.Generator(DEVICE).manual_seed(seed)
+            )
             torch.testing.assert_close(step(x).clone(), mlp(x), rtol=1e-2, atol=1e-2)
 
 

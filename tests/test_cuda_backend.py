@@ -8,6 +8,7 @@ CUDA-graph capture and a bigger shape. Set LAG_TRITON_BENCH=1 to also print timi
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -38,8 +39,11 @@ def cu():
 
 def _tol(dtype):
     """y is rounded to its dtype after an fp32 sum: allow one ulp of that dtype."""
-    return {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=2e-3, atol=2e-3),
-            torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2)}[dtype]
+    return {
+        torch.float32: dict(rtol=1e-4, atol=1e-4),
+        torch.float16: dict(rtol=2e-3, atol=2e-3),
+        torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
+    }[dtype]
 
 
 def _check_topk(idx, scores, x, p, k):
@@ -57,8 +61,10 @@ def _check_topk(idx, scores, x, p, k):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("t,n,d,k", [(1, 20, 64, 20), (1, 3000, 256, 20), (5, 700, 72, 128), (33, 300, 128, 7),
-                                      (2, 50, 37, 10), (300, 1000, 96, 20)])
+@pytest.mark.parametrize(
+    "t,n,d,k",
+    [(1, 20, 64, 20), (1, 3000, 256, 20), (5, 700, 72, 128), (33, 300, 128, 7), (2, 50, 37, 10), (300, 1000, 96, 20)],
+)
 def test_arrow_topk_matches_reference(cu, dtype, t, n, d, k):
     g = torch.Generator(device="cuda").manual_seed(t * 1000 + n)
     x = torch.randn(t, d, device="cuda", generator=g).to(dtype)
@@ -87,8 +93,17 @@ def test_arrow_exact_ties_and_nan(cu, t, n):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("t,n,d,k,x_off", [(16, 1000, 64, 20, 0), (33, 257, 61, 128, 0), (133, 1001, 96, 20, 1),
-                                           (17, 5000, 48, 7, 0), (2048, 300, 40, 1, 3), (40, 129, 8, 128, 0)])
+@pytest.mark.parametrize(
+    "t,n,d,k,x_off",
+    [
+        (16, 1000, 64, 20, 0),
+        (33, 257, 61, 128, 0),
+        (133, 1001, 96, 20, 1),
+        (17, 5000, 48, 7, 0),
+        (2048, 300, 40, 1, 3),
+        (40, 129, 8, 128, 0),
+    ],
+)
 def test_arrow_gemm_select_path_exact(cu, dtype, t, n, d, k, x_off):
     """T >= 16 scores with one cuBLAS GEMM and takes the top-k with the filtered select kernel. Small
     integers are exact in both dtypes and their dot products exact in fp32, so idx must equal the
@@ -112,9 +127,13 @@ def test_arrow_select_buffer_flushes_exact(cu, order, t, n, k):
     """Score orders that stress the select: ascending (every score survives: the shared buffer fills
     and is merged every round), all equal (ties by index only), one ulp apart (an off-by-one
     threshold drops winners); with N splits at small T."""
-    ramp = {"ascending": torch.arange(n, device="cuda").float(), "equal": torch.ones(n, device="cuda"),
-            "ulps": 1 + torch.finfo(torch.float32).eps * torch.minimum(torch.arange(n, device="cuda"),
-                                                                       torch.tensor(3000, device="cuda")).float()}[order]
+    ramp = {
+        "ascending": torch.arange(n, device="cuda").float(),
+        "equal": torch.ones(n, device="cuda"),
+        "ulps": 1
+        + torch.finfo(torch.float32).eps
+        * torch.minimum(torch.arange(n, device="cuda"), torch.tensor(3000, device="cuda")).float(),
+    }[order]
     p = torch.zeros(n, 8, device="cuda")
     p[:, 0] = ramp
     x = torch.zeros(t, 8, device="cuda")
@@ -137,20 +156,41 @@ def _topk_report(idx, scores, x, p, k):
     """Diagnostics for a failed top-k comparison (printed into the assertion message)."""
     ridx, rscores = ref.arrow_topk(x, p, k)
     full = (x.float() @ p.float().T).abs()
-    return (f"x {x.dtype} ptr%16={x.data_ptr() % 16} p {p.dtype} ptr%16={p.data_ptr() % 16}\n"
-            f"idx\n{idx.cpu()}\nref idx\n{ridx.cpu()}\nscores\n{scores.cpu()}\nref scores\n{rscores.cpu()}\n"
-            f"true scores of idx\n{full.gather(1, idx.long().clamp(0, p.shape[0] - 1)).cpu()}")
+    return (
+        f"x {x.dtype} ptr%16={x.data_ptr() % 16} p {p.dtype} ptr%16={p.data_ptr() % 16}\n"
+        f"idx\n{idx.cpu()}\nref idx\n{ridx.cpu()}\nscores\n{scores.cpu()}\nref scores\n{rscores.cpu()}\n"
+        f"true scores of idx\n{full.gather(1, idx.long().clamp(0, p.shape[0] - 1)).cpu()}"
+    )
 
 
 # Regression for the one failure of the first H100 run (test_arrow_unaligned_and_mixed_dtypes, details not
 # captured): T=3 -> tt=2 with a half-empty last token tile, N=90 -> 12 splits of 8 (last split: 2 adapters),
 # k=9 > kb=8 keys per split, merge of 96 keys. Each factor separately, so a failure here names the culprit.
-@pytest.mark.parametrize("xdt,pdt", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-                                     (torch.float16, torch.float16), (torch.bfloat16, torch.float32),
-                                     (torch.float32, torch.bfloat16), (torch.float16, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "xdt,pdt",
+    [
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float16, torch.float16),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.bfloat16),
+        (torch.float16, torch.bfloat16),
+    ],
+)
 @pytest.mark.parametrize("x_off,p_off", [(0, 0), (1, 0), (0, 1), (3, 5)])
-@pytest.mark.parametrize("t,n,d,k", [(3, 90, 64, 9), (3, 90, 64, 8), (3, 90, 64, 16), (1, 90, 64, 9), (2, 90, 64, 9),
-                                     (3, 90, 61, 9), (5, 97, 64, 9), (3, 17, 64, 9)])
+@pytest.mark.parametrize(
+    "t,n,d,k",
+    [
+        (3, 90, 64, 9),
+        (3, 90, 64, 8),
+        (3, 90, 64, 16),
+        (1, 90, 64, 9),
+        (2, 90, 64, 9),
+        (3, 90, 61, 9),
+        (5, 97, 64, 9),
+        (3, 17, 64, 9),
+    ],
+)
 def test_arrow_split_merge_offsets_dtypes(cu, xdt, pdt, x_off, p_off, t, n, d, k):
     g = torch.Generator(device="cuda").manual_seed(t * 7919 + n * 31 + d + k)
     xb = torch.randn(t * d + x_off, device="cuda", generator=g).to(xdt)
@@ -165,8 +205,9 @@ def test_arrow_split_merge_offsets_dtypes(cu, xdt, pdt, x_off, p_off, t, n, d, k
         raise AssertionError(f"{exc}\n{_topk_report(idx, scores, x, p, k)}") from None
     # same answer as the kernel on aligned fp32 copies (isolates the promotion / unaligned load paths)
     idx32, scores32 = cu.arrow_topk(x.float().clone(), p.float().clone(), k)
-    torch.testing.assert_close(scores, scores32, rtol=1e-4, atol=1e-4, msg=lambda m: m + "\n" + _topk_report(
-        idx32, scores32, x, p, k))
+    torch.testing.assert_close(
+        scores, scores32, rtol=1e-4, atol=1e-4, msg=lambda m: m + "\n" + _topk_report(idx32, scores32, x, p, k)
+    )
 
 
 def test_arrow_large_k_falls_back(cu):
@@ -186,8 +227,16 @@ def _rerank_case(dtype, t, n, r, d, k, seed=0):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("combine", ["softmax", "uniform"])
-@pytest.mark.parametrize("t,n,r,d,k,m", [(1, 50, 6, 64, 20, 1), (7, 40, 6, 72, 20, 3), (64, 300, 16, 128, 300, 4),
-                                          (3, 30, 9, 33, 12, 12), (2, 10, 130, 40, 5, 2)])
+@pytest.mark.parametrize(
+    "t,n,r,d,k,m",
+    [
+        (1, 50, 6, 64, 20, 1),
+        (7, 40, 6, 72, 20, 3),
+        (64, 300, 16, 128, 300, 4),
+        (3, 30, 9, 33, 12, 12),
+        (2, 10, 130, 40, 5, 2),
+    ],
+)
 def test_spectr_rerank_matches_reference(cu, dtype, combine, t, n, r, d, k, m):
     x, a, cand = _rerank_case(dtype, t, n, r, d, k, seed=t + n)
     sel, w, z = cu.spectr_rerank(x, a, cand, m, combine, 0.7)
@@ -220,8 +269,10 @@ def test_spectr_rerank_candidate_scores_ties_nan(cu):
 
 
 @pytest.mark.parametrize("ydtype", DTYPES)
-@pytest.mark.parametrize("t,n,dout,r,m", [(1, 20, 8192, 6, 1), (5, 7, 100, 6, 2), (70, 30, 1000, 16, 3),
-                                           (3, 4, 33, 1, 1), (2, 5, 64, 130, 2)])
+@pytest.mark.parametrize(
+    "t,n,dout,r,m",
+    [(1, 20, 8192, 6, 1), (5, 7, 100, 6, 2), (70, 30, 1000, 16, 3), (3, 4, 33, 1, 1), (2, 5, 64, 130, 2)],
+)
 def test_lora_apply_matches_reference(cu, ydtype, t, n, dout, r, m):
     g = torch.Generator(device="cuda").manual_seed(t + dout)
     y = torch.randn(t, dout, device="cuda", generator=g).to(ydtype)
@@ -266,7 +317,8 @@ sel1 = torch.zeros(2, 1, device="cuda", dtype=torch.int32)
 w1 = torch.ones(2, 1, device="cuda")
 cases = [
     ("idx must be Int", lambda: ext.arrow_topk(x, p, 3, idx, sc, s)),
-    ("prototypes must be contiguous", lambda: ext.arrow_topk(x, torch.randn(16, 8, device="cuda").t(), 3, idx.int(), sc, s)),
+    ("prototypes must be contiguous",
+     lambda: ext.arrow_topk(x, torch.randn(16, 8, device="cuda").t(), 3, idx.int(), sc, s)),
     ("scores must have shape", lambda: ext.arrow_topk(x, p, 3, idx.int(), torch.empty(2, 4, device="cuda"), s)),
     ("prototypes must be a CUDA tensor", lambda: ext.arrow_topk(x, p.cpu(), 3, idx.int(), sc, s)),
     ("k <= 128", lambda: ext.arrow_topk(x, torch.randn(300, 16, device="cuda"), 200, idx.int(), sc, s)),
@@ -308,9 +360,12 @@ def test_binding_error_messages():
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.setdefault("PYTHONFAULTHANDLER", "1")
-    proc = subprocess.run([sys.executable, "-c", _BINDING_ERROR_SCRIPT], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=1800)
-    report = f"exit code {proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
+    proc = subprocess.run(
+        [sys.executable, "-c", _BINDING_ERROR_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=1800
+    )
+    report = (
+        f"exit code {proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
+    )
     assert proc.returncode == 0, report
     assert "BINDING_ERRORS_OK" in proc.stdout, report
     assert proc.stdout.count("ok: lag_triton cuda backend: ") == 10, report
@@ -408,7 +463,7 @@ def test_bench_vs_triton(cu, t):
     for name, ops in backends.items():
         idx, _ = ops.arrow_topk(x, p, k)
         sel, w, z = ops.spectr_rerank(x, a, idx, 1)
-        t_topk = timeit(lambda: ops.arrow_topk(x, p, k))
-        t_rr = timeit(lambda: ops.spectr_rerank(x, a, idx, 1))
-        t_ap = timeit(lambda: ops.lora_apply(y, b, sel, w, z))
+        t_topk = timeit(functools.partial(ops.arrow_topk, x, p, k))
+        t_rr = timeit(functools.partial(ops.spectr_rerank, x, a, idx, 1))
+        t_ap = timeit(functools.partial(ops.lora_apply, y, b, sel, w, z))
         print(f"\n[{name}] T={t}: arrow_topk {t_topk:8.1f} us  spectr_rerank {t_rr:8.1f} us  lora_apply {t_ap:8.1f} us")

@@ -34,8 +34,16 @@ TORCH_NVCC_DEFINES = [
     "-D__CUDA_NO_HALF2_OPERATORS__",
 ]
 ALLOWED_KERNEL_INCLUDES = {
-    "cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h", "mma.h", "stdint.h", "stddef.h", "string.h", "type_traits",
-    "lag_common.cuh", "lag_cuda.h",
+    "cuda_runtime.h",
+    "cuda_fp16.h",
+    "cuda_bf16.h",
+    "mma.h",
+    "stdint.h",
+    "stddef.h",
+    "string.h",
+    "type_traits",
+    "lag_common.cuh",
+    "lag_cuda.h",
 }
 
 
@@ -77,8 +85,21 @@ def nvcc_objects(tmp_path_factory):
     def build(job):
         name, arch, std = job
         obj = out / f"{name}.{arch}.o"
-        cmd = [nvcc, "-c", f"-arch={arch}", f"-std={std}", "-O3", "--expt-relaxed-constexpr", *TORCH_NVCC_DEFINES,
-               f"-I{CSRC}", "-Xcompiler", "-fPIC", str(CSRC / name), "-o", str(obj)]
+        cmd = [
+            nvcc,
+            "-c",
+            f"-arch={arch}",
+            f"-std={std}",
+            "-O3",
+            "--expt-relaxed-constexpr",
+            *TORCH_NVCC_DEFINES,
+            f"-I{CSRC}",
+            "-Xcompiler",
+            "-fPIC",
+            str(CSRC / name),
+            "-o",
+            str(obj),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         return job[:2], (proc.returncode, " ".join(cmd) + "\n" + proc.stdout + proc.stderr, obj)
 
@@ -95,8 +116,13 @@ def test_cu_compiles(nvcc_objects, name, arch):
 
 
 EXPECTED_SYMBOLS = {
-    "arrow_topk.cu": ["lag_arrow_topk_launch", "lag_arrow_topk_workspace_bytes", "lag_arrow_select_launch",
-                      "lag_arrow_select_workspace_bytes", "lag_cuda_error_string"],
+    "arrow_topk.cu": [
+        "lag_arrow_topk_launch",
+        "lag_arrow_topk_workspace_bytes",
+        "lag_arrow_select_launch",
+        "lag_arrow_select_workspace_bytes",
+        "lag_cuda_error_string",
+    ],
     "spectr_rerank.cu": ["lag_spectr_rerank_launch"],
     "lora_apply.cu": ["lag_lora_apply_launch"],
 }
@@ -112,7 +138,7 @@ def test_cu_exports_c_launchers(nvcc_objects, name):
     symbols = subprocess.run([nm, "-g", "--defined-only", str(obj)], capture_output=True, text=True).stdout
     defined = {line.split()[-1] for line in symbols.splitlines() if line.strip()}
     for sym in EXPECTED_SYMBOLS[name]:
-        assert sym in defined, f"{name} does not export extern \"C\" {sym}"
+        assert sym in defined, f'{name} does not export extern "C" {sym}'
 
 
 def test_binding_compiles_against_torch_headers(tmp_path):
@@ -124,9 +150,16 @@ def test_binding_compiles_against_torch_headers(tmp_path):
     includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"], str(CSRC)]
     logs = []
     for std in ("c++17", "c++20"):  # brief asks for C++17; newer torch headers build extensions as C++20
-        cmd = [cxx, "-fsyntax-only", f"-std={std}", "-DTORCH_EXTENSION_NAME=lag_cuda_syntax_check",
-               "-DTORCH_API_INCLUDE_EXTENSION_H", "-D_GLIBCXX_USE_CXX11_ABI=" + str(int(torch.compiled_with_cxx11_abi())),
-               *[f"-I{p}" for p in includes], str(CSRC / "binding.cpp")]
+        cmd = [
+            cxx,
+            "-fsyntax-only",
+            f"-std={std}",
+            "-DTORCH_EXTENSION_NAME=lag_cuda_syntax_check",
+            "-DTORCH_API_INCLUDE_EXTENSION_H",
+            "-D_GLIBCXX_USE_CXX11_ABI=" + str(int(torch.compiled_with_cxx11_abi())),
+            *[f"-I{p}" for p in includes],
+            str(CSRC / "binding.cpp"),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if proc.returncode == 0:
             return
@@ -180,8 +213,7 @@ def test_ops_reject_cpu_tensors():
 def test_setup_skips_extension_without_cuda_torch():
     if torch.version.cuda is not None:
         pytest.skip("CUDA torch: setup.py would build the extension")
-    proc = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "lag_triton" in proc.stdout
     assert "skipping the CUDA extension" in proc.stderr

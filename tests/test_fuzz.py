@@ -22,25 +22,43 @@ from pathlib import Path
 import pytest
 import torch
 
-from factories import VOCAB, make_adapter, read_raw, tiny_model, write_raw
 import lag_triton
 from lag_triton import AdapterError, Library, LibraryFormatError
+
+from factories import VOCAB, make_adapter, read_raw, tiny_model, write_raw
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-FUZZ = settings(derandomize=True, database=None, deadline=None, print_blob=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
-                                       HealthCheck.data_too_large])
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
+FUZZ = settings(
+    derandomize=True,
+    database=None,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
+)
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True, allow_infinity=True)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
     | st.text(max_size=6),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
-    max_leaves=6)
+    max_leaves=6,
+)
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +155,21 @@ def _near_misses(value):
     if isinstance(value, int):
         return [value + 1, value - 1, value * 2, -value, float(value), str(value), 0]
     if isinstance(value, str):
-        return ["", value[:-1], value + "x", "F16", "BF16", "I32", "F64", "U8", "abc", "2", "0",
-                "model.layers.1.mlp.up_proj", "lag_triton.library"]
+        return [
+            "",
+            value[:-1],
+            value + "x",
+            "F16",
+            "BF16",
+            "I32",
+            "F64",
+            "U8",
+            "abc",
+            "2",
+            "0",
+            "model.layers.1.mlp.up_proj",
+            "lag_triton.library",
+        ]
     if isinstance(value, list):
         return [value[:-1], value + value[-1:], value[::-1], [], {}]
     return [None]
@@ -195,23 +226,36 @@ def test_fuzz_library_data_bytes(library_file, workdir, model, flips):
 def test_fuzz_truncated_library_files(library_file, workdir, cut):
     raw = library_file.read_bytes()
     path = workdir / "fuzz_cut.safetensors"
-    path.write_bytes(raw[:int(cut * len(raw))])
+    path.write_bytes(raw[: int(cut * len(raw))])
     with pytest.raises(LibraryFormatError) as info:
         Library.load(path)
     assert str(path) in str(info.value)
 
 
 # -- adapter folders -----------------------------------------------------------------------------------
-MODULE_PATTERNS = ["q_proj", "up_proj", "down_proj", "layers.0.mlp.up_proj", "layers.1.*", ".*", "mlp\\..*",
-                   "(", "q_proj(", "[a-", "model.layers.0.self_attn.q_proj"]
+MODULE_PATTERNS = [
+    "q_proj",
+    "up_proj",
+    "down_proj",
+    "layers.0.mlp.up_proj",
+    "layers.1.*",
+    ".*",
+    "mlp\\..*",
+    "(",
+    "q_proj(",
+    "[a-",
+    "model.layers.0.self_attn.q_proj",
+]
 CONFIG_FIELDS = {
     "r": st.sampled_from([3, 2, 4, 0, -3, 3.0, "3", True, None, 2**70]),
     "lora_alpha": st.sampled_from([8, 8.0, 0.5, 1e300, 0, -2, float("nan"), float("inf"), "8", None, True]),
     "use_rslora": st.sampled_from([True, False, None, 1, "yes"]),
-    "rank_pattern": st.none() | st.dictionaries(st.sampled_from(MODULE_PATTERNS),
-                                                st.sampled_from([3, 2, 4, 1, 0, 3.0, "3"]), max_size=3),
-    "alpha_pattern": st.none() | st.dictionaries(st.sampled_from(MODULE_PATTERNS),
-                                                 st.sampled_from([1, 2.5, 16, 0, -1, float("nan"), "x"]), max_size=3),
+    "rank_pattern": st.none()
+    | st.dictionaries(st.sampled_from(MODULE_PATTERNS), st.sampled_from([3, 2, 4, 1, 0, 3.0, "3"]), max_size=3),
+    "alpha_pattern": st.none()
+    | st.dictionaries(
+        st.sampled_from(MODULE_PATTERNS), st.sampled_from([1, 2.5, 16, 0, -1, float("nan"), "x"]), max_size=3
+    ),
     "use_dora": st.sampled_from([False, None, True, 0, "false"]),
     "bias": st.sampled_from(["none", "all", "lora_only", None, 0]),
     "modules_to_save": st.sampled_from([None, [], ["lm_head"], "lm_head"]),

@@ -220,15 +220,18 @@ def test_arrow_select_buffer_flushes_and_splits(ops, monkeypatch, order, t, n, k
     if order == "planted":
         splits, per_split = mod.split_plan(t, n, block, sms)
         edges = [s * per_split for s in range(1, splits)] + [n - 1, n - 2, 0]
-        winners = sorted({min(n - 1, max(0, e + d)) for e in edges for d in (-1, 0)}, reverse=True)[:k + 3]
+        winners = sorted({min(n - 1, max(0, e + d)) for e in edges for d in (-1, 0)}, reverse=True)[: k + 3]
         x, p = _planted_scores(t, n, winners, seed=70)
     else:
         d = 4
-        ramp = {"ascending": torch.arange(n).float(), "descending": (n - torch.arange(n)).float(),
-                "equal": torch.ones(n),
-                # one ulp apart: the first block's k-th best is 1 + (block - k) ulps, every later value is one
-                # ulp above it (a threshold off by one ulp drops the last winner)
-                "ulps": 1 + EPS32 * torch.minimum(torch.arange(n), torch.tensor(block - k + 1)).float()}[order]
+        ramp = {
+            "ascending": torch.arange(n).float(),
+            "descending": (n - torch.arange(n)).float(),
+            "equal": torch.ones(n),
+            # one ulp apart: the first block's k-th best is 1 + (block - k) ulps, every later value is one
+            # ulp above it (a threshold off by one ulp drops the last winner)
+            "ulps": 1 + EPS32 * torch.minimum(torch.arange(n), torch.tensor(block - k + 1)).float(),
+        }[order]
         p = torch.zeros(n, d)
         p[:, 0] = ramp
         p = p.to(DEVICE)
@@ -261,14 +264,15 @@ def _scope_masks(s_rows, n, k, seed):
     allowed = torch.rand(s_rows, n, generator=g) < 0.3
     allowed[0] = False
     allowed[1] = False
-    allowed[1, torch.randperm(n, generator=g)[:max(1, k // 2)]] = True
+    allowed[1, torch.randperm(n, generator=g)[: max(1, k // 2)]] = True
     allowed[2] = True
     return allowed.to(DEVICE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("t,n,k,sms", [(1, 1001, 20, 4), (7, 300, 5, 64), (40, 200, 16, 4), (5, 64, 64, 2),
-                                       (13, 2049, 1, 16)])
+@pytest.mark.parametrize(
+    "t,n,k,sms", [(1, 1001, 20, 4), (7, 300, 5, 64), (40, 200, 16, 4), (5, 64, 64, 2), (13, 2049, 1, 16)]
+)
 def test_arrow_topk_scoped_matches_reference(ops, monkeypatch, dtype, t, n, k, sms):
     """A scope restricts each token to allowed[scope[t]] inside the top-k (splits and merges
     included): disallowed adapters never appear, tokens with fewer than k allowed get -1 / NaN."""
@@ -290,8 +294,9 @@ def test_arrow_topk_scoped_matches_reference(ops, monkeypatch, dtype, t, n, k, s
     assert torch.equal(ops.arrow_topk(x, p, k, everyone, zeros)[0], ops.arrow_topk(x, p, k)[0])
 
 
-@pytest.mark.parametrize("m,combine,with_scores", [(1, "softmax", False), (3, "softmax", False),
-                                                   (3, "uniform", False), (2, "softmax", True)])
+@pytest.mark.parametrize(
+    "m,combine,with_scores", [(1, "softmax", False), (3, "softmax", False), (3, "uniform", False), (2, "softmax", True)]
+)
 def test_spectr_rerank_missing_candidates(ops, m, combine, with_scores):
     """Candidates -1 (a scope left fewer than k) are never selected, wherever they sit in the row;
     picks past the valid candidates are sel -1, w 0, z 0, and weights sum to 1 over the valid ones."""
@@ -362,9 +367,12 @@ def test_spectr_rerank_matches_reference(ops, dtype, t, n, d, r, k, m, combine, 
     for out in (w, z):
         assert torch.isfinite(out).all()
     z64_all = torch.einsum("nrd,td->tnr", a.double(), x.double())  # [T, N, r]
-    tol = _red_tol(x, a.reshape(n * r, d)) * r ** 0.5
-    true_key = z64_all.norm(dim=-1) if scores is None else scores.double().expand(t, k).new_zeros(t, n).scatter(
-        1, cand.long(), scores.double())
+    tol = _red_tol(x, a.reshape(n * r, d)) * r**0.5
+    true_key = (
+        z64_all.norm(dim=-1)
+        if scores is None
+        else scores.double().expand(t, k).new_zeros(t, n).scatter(1, cand.long(), scores.double())
+    )
     _assert_same_ranking(sel, ref_sel, true_key, 0 if scores is not None else tol)
     z64 = z64_all.gather(1, sel.long()[:, :, None].expand(-1, -1, r))
     torch.testing.assert_close(z.double(), z64, atol=tol, rtol=0)
@@ -407,7 +415,11 @@ def test_spectr_rerank_nan_inf(ops):
 # ----------------------------------------------------------------------------- lora_apply
 
 APPLY_CASES = [  # T, N, d_out, r, m
-    (1, 1001, 2049, 6, 1), (7, 50, 64, 16, 3), (133, 20, 100, 1, 1), (133, 9, 70, 6, 3), (40, 5, 33, 6, 2),
+    (1, 1001, 2049, 6, 1),
+    (7, 50, 64, 16, 3),
+    (133, 20, 100, 1, 1),
+    (133, 9, 70, 6, 3),
+    (40, 5, 33, 6, 2),
     (33, 500, 130, 16, 3),  # nearly one adapter per row, top_m = 3
     (133, 700, 72, 128, 3),  # r > 16: the rank is covered in chunks
     (2, 40, 300, 1, 1),
@@ -419,8 +431,8 @@ def _layouts(ops, b):
     """B* as given ([N, d_out, r] contiguous, a library file's layout), in the backend's preferred
     layout (what patch() stores), and as a strided slice of a wider tensor: every layout is accepted."""
     wide = torch.zeros(b.shape[0], b.shape[1], b.shape[2] + 3, dtype=b.dtype, device=b.device)
-    wide[..., 1:b.shape[2] + 1] = b
-    return {"given": b, "prepared": ops.prepare_b_star(b), "strided": wide[..., 1:b.shape[2] + 1]}
+    wide[..., 1 : b.shape[2] + 1] = b
+    return {"given": b, "prepared": ops.prepare_b_star(b), "strided": wide[..., 1 : b.shape[2] + 1]}
 
 
 def _check_apply(ops, b, sel, w, z, y0):
@@ -490,6 +502,7 @@ def test_lora_apply_every_element_poisoned_output_row(ops):
 
 # ----------------------------------------------------------------------------- composed router
 
+
 @pytest.mark.parametrize("router", ["lag", "arrow", "spectr"])
 @pytest.mark.parametrize("top_m", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -512,6 +525,7 @@ def test_route_and_apply_matches_reference(ops, router, top_m, dtype):
 
 # ----------------------------------------------------------------------------- GPU-only, real sizes
 
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="real-size cases need a GPU")
 class TestRealSizes:
     @pytest.mark.parametrize("n", [1000, 10000])
@@ -519,7 +533,7 @@ class TestRealSizes:
     def test_route_and_apply_real_size(self, ops, n, t):
         d_in, d_out, r, dtype = 3072, 8192, 6, torch.bfloat16
         x = _randn(t, d_in, dtype=dtype, seed=40)
-        a = _randn(n, r, d_in, dtype=dtype, seed=41) / d_in ** 0.5
+        a = _randn(n, r, d_in, dtype=dtype, seed=41) / d_in**0.5
         b = _randn(n, d_out, r, dtype=dtype, seed=42) / r
         protos = a[:, 0].contiguous()
         cfg = RoutingConfig(k=20, top_m=1)
@@ -540,7 +554,7 @@ class TestRealSizes:
     def test_cuda_graph_capture_replay(self, ops, t):
         n, d_in, d_out, r, dtype = 1000, 3072, 8192, 6, torch.bfloat16
         x = _randn(t, d_in, dtype=dtype, seed=50)
-        a = _randn(n, r, d_in, dtype=dtype, seed=51) / d_in ** 0.5
+        a = _randn(n, r, d_in, dtype=dtype, seed=51) / d_in**0.5
         b = _randn(n, d_out, r, dtype=dtype, seed=52) / r
         protos = a[:, 0].contiguous()
         y0 = _randn(t, d_out, dtype=dtype, seed=53)

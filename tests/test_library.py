@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from factories import make_adapter, tiny_model
 from lag_triton import AdapterError, Library, LibraryFormatError
 from lag_triton.library.align import align_lora
+
+from factories import make_adapter, tiny_model
 
 
 # -- alignment ---------------------------------------------------------------------------------
@@ -23,8 +24,9 @@ def test_alignment_reproduces_the_update_and_its_svd(r, d_in, d_out):
     a_star, b_star = align_lora(a, b, s)
     dense = s[:, None, None] * b @ a
     torch.testing.assert_close(b_star @ a_star, dense, rtol=0, atol=1e-10 * dense.abs().max().item())
-    torch.testing.assert_close(a_star @ a_star.transpose(1, 2), torch.eye(r, dtype=torch.float64).expand(3, r, r),
-                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        a_star @ a_star.transpose(1, 2), torch.eye(r, dtype=torch.float64).expand(3, r, r), rtol=0, atol=1e-12
+    )
     _, sigma, vh = torch.linalg.svd(dense)
     top = vh[:, 0]
     assert torch.minimum((a_star[:, 0] - top).abs().amax(-1), (a_star[:, 0] + top).abs().amax(-1)).max() < 1e-10
@@ -47,8 +49,9 @@ def test_alignment_of_degenerate_factors_falls_back_to_householder(case):
     s = torch.ones(2, dtype=torch.float64)
     a_star, b_star = align_lora(a, b, s)
     torch.testing.assert_close(b_star @ a_star, b @ a, rtol=0, atol=1e-10 * (b @ a).abs().max().item())
-    torch.testing.assert_close(a_star @ a_star.transpose(1, 2), torch.eye(4, dtype=torch.float64).expand(2, 4, 4),
-                               rtol=0, atol=1e-10)
+    torch.testing.assert_close(
+        a_star @ a_star.transpose(1, 2), torch.eye(4, dtype=torch.float64).expand(2, 4, 4), rtol=0, atol=1e-10
+    )
 
 
 def test_alignment_is_invariant_to_the_factorisation():
@@ -82,8 +85,16 @@ def _dense_update(adapter_dir, module):
 def test_from_peft_mixed_ranks_patterns_and_subsets(llama, tmp_path):
     p0 = make_adapter(llama, tmp_path / "a0", seed=0, r=4, alpha=8)
     p1 = make_adapter(llama, tmp_path / "a1", seed=1, r=2, alpha=3, use_rslora=True, targets=["up_proj", "down_proj"])
-    p2 = make_adapter(llama, tmp_path / "a2", seed=2, r=3, alpha=5, targets=["up_proj", "q_proj"],
-                      rank_pattern={"layers.1.mlp.up_proj": 6}, alpha_pattern={"q_proj": 11})
+    p2 = make_adapter(
+        llama,
+        tmp_path / "a2",
+        seed=2,
+        r=3,
+        alpha=5,
+        targets=["up_proj", "q_proj"],
+        rank_pattern={"layers.1.mlp.up_proj": 6},
+        alpha_pattern={"q_proj": 11},
+    )
     lib = Library.from_peft([p0, p1, p2], dtype=torch.float64, progress=False)
     assert lib.names == ["a0", "a1", "a2"] and lib.r_max == 6
     up1 = lib.modules["model.layers.1.mlp.up_proj"]
@@ -92,7 +103,7 @@ def test_from_peft_mixed_ranks_patterns_and_subsets(llama, tmp_path):
     assert lib.modules["model.layers.0.self_attn.q_proj"].adapter_ids.tolist() == [0, 2]
     expected_scaling = {
         ("a0", "model.layers.1.mlp.up_proj"): 8 / 4,
-        ("a1", "model.layers.1.mlp.up_proj"): 3 / 2 ** 0.5,
+        ("a1", "model.layers.1.mlp.up_proj"): 3 / 2**0.5,
         ("a2", "model.layers.1.mlp.up_proj"): 5 / 6,
         ("a2", "model.layers.0.self_attn.q_proj"): 11 / 3,
     }
@@ -114,8 +125,9 @@ def test_gpt2_conv1d_adapters_keep_linear_shapes(tmp_path):
 
 
 def test_save_load_round_trip_is_bit_exact(llama, tmp_path):
-    lib = Library.from_peft([make_adapter(llama, tmp_path / f"a{i}", seed=i) for i in range(3)],
-                            dtype=torch.bfloat16, progress=False)
+    lib = Library.from_peft(
+        [make_adapter(llama, tmp_path / f"a{i}", seed=i) for i in range(3)], dtype=torch.bfloat16, progress=False
+    )
     lib.save(tmp_path / "lib.safetensors")
     back = Library.load(tmp_path / "lib.safetensors")
     assert back.names == lib.names and back.base_model == lib.base_model and set(back.modules) == set(lib.modules)
@@ -136,14 +148,17 @@ def test_build_does_not_depend_on_folder_order_for_each_adapter(llama, tmp_path)
 
 
 # -- refused input -----------------------------------------------------------------------------
-@pytest.mark.parametrize("field,value,needle", [
-    ("use_dora", True, "use_dora"),
-    ("lora_bias", True, "lora_bias"),
-    ("bias", "all", "bias"),
-    ("modules_to_save", ["lm_head"], "modules_to_save"),
-    ("peft_type", "IA3", "peft_type"),
-    ("r", 0, "r=0"),
-])
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("use_dora", True, "use_dora"),
+        ("lora_bias", True, "lora_bias"),
+        ("bias", "all", "bias"),
+        ("modules_to_save", ["lm_head"], "modules_to_save"),
+        ("peft_type", "IA3", "peft_type"),
+        ("r", 0, "r=0"),
+    ],
+)
 def test_refused_config_fields_name_adapter_and_field(llama, tmp_path, field, value, needle):
     path = make_adapter(llama, tmp_path / "bad", seed=0)
     cfg = json.loads((path / "adapter_config.json").read_text())
@@ -154,11 +169,14 @@ def test_refused_config_fields_name_adapter_and_field(llama, tmp_path, field, va
     assert str(path) in str(info.value)
 
 
-@pytest.mark.parametrize("extra,needle", [
-    ("base_model.model.model.embed_tokens.lora_embedding_A", "embedding LoRA"),
-    ("base_model.model.model.layers.0.mlp.up_proj.lora_magnitude_vector", "DoRA"),
-    ("base_model.model.lm_head.weight", "not a LoRA A/B weight"),
-])
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        ("base_model.model.model.embed_tokens.lora_embedding_A", "embedding LoRA"),
+        ("base_model.model.model.layers.0.mlp.up_proj.lora_magnitude_vector", "DoRA"),
+        ("base_model.model.lm_head.weight", "not a LoRA A/B weight"),
+    ],
+)
 def test_refused_tensors(llama, tmp_path, extra, needle):
     path = make_adapter(llama, tmp_path / "bad", seed=0)
     weights = load_file(str(path / "adapter_model.safetensors"))

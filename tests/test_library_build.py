@@ -15,9 +15,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from factories import make_adapter, tiny_model
 from lag_triton import AdapterError, Library
 from lag_triton.library import build_library
+
+from factories import make_adapter, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +26,13 @@ def adapters(tmp_path_factory):
     """Five adapters: mixed ranks, subsets of modules, one module only one adapter targets."""
     tmp = tmp_path_factory.mktemp("adapters")
     model = tiny_model("llama")
-    specs = [dict(r=4), dict(r=2, targets=["up_proj", "down_proj"]), dict(r=3, targets=["up_proj", "q_proj"]),
-             dict(r=6, targets=["v_proj"]), dict(r=2, use_rslora=True)]
+    specs = [
+        dict(r=4),
+        dict(r=2, targets=["up_proj", "down_proj"]),
+        dict(r=3, targets=["up_proj", "q_proj"]),
+        dict(r=6, targets=["v_proj"]),
+        dict(r=2, use_rslora=True),
+    ]
     return [make_adapter(model, tmp / f"a{i}", seed=i, **s) for i, s in enumerate(specs)]
 
 
@@ -146,8 +152,13 @@ def test_streaming_peak_memory_stays_flat_as_n_grows(tmp_path):
     # a fixed mmap threshold: glibc returns each freed adapter-sized block at once instead of keeping
     # it for reuse by whichever build comes next (the dynamic threshold made the figures flaky)
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**17)}
-    run = subprocess.run([sys.executable, "-c", _PEAK_RSS_GROWTH, str(out), *map(str, paths)],
-                         capture_output=True, text=True, timeout=300, env=env)
+    run = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS_GROWTH, str(out), *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert run.returncode == 0, run.stderr
     growth = {key: value / 2**20 for key, value in json.loads(run.stdout.strip().splitlines()[-1]).items()}
     library_mib = out.stat().st_size / 2**20  # 53 MiB for 40 adapters
@@ -178,8 +189,9 @@ def test_a_killed_build_leaves_the_old_library_intact_and_the_next_build_cleans_
     out = tmp_path / "lib.safetensors"
     build_library(adapters[:2], out, workers=0, progress=False)
     before = out.read_bytes()
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED_BUILD, str(out), *map(str, adapters)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_BUILD, str(out), *map(str, adapters)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout.readline().strip() == "ready"
         temps = [p for p in tmp_path.iterdir() if p.name != out.name]

@@ -9,9 +9,10 @@ import os
 import pytest
 import torch
 
-from factories import make_adapter, tiny_model
 from lag_triton import AdapterError, Library
 from lag_triton.library import add_adapters, build, build_library, remove_adapters
+
+from factories import make_adapter, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +21,13 @@ def adapters(tmp_path_factory):
     module set, and removing them shrinks both."""
     tmp = tmp_path_factory.mktemp("adapters")
     model = tiny_model("llama")
-    specs = [dict(r=4, targets=["up_proj", "down_proj"]), dict(r=2, targets=["up_proj", "down_proj"]),
-             dict(r=3, targets=["up_proj", "v_proj"]), dict(r=6, targets=["down_proj"]),
-             dict(r=2, targets=["q_proj", "up_proj"])]
+    specs = [
+        dict(r=4, targets=["up_proj", "down_proj"]),
+        dict(r=2, targets=["up_proj", "down_proj"]),
+        dict(r=3, targets=["up_proj", "v_proj"]),
+        dict(r=6, targets=["down_proj"]),
+        dict(r=2, targets=["q_proj", "up_proj"]),
+    ]
     return [make_adapter(model, tmp / f"a{i}", seed=i, **s) for i, s in enumerate(specs)]
 
 
@@ -81,8 +86,11 @@ def test_add_refuses_duplicates_and_shape_mismatches_leaving_the_file_untouched(
     other = tiny_model("llama")
     other.model.layers[1].mlp.up_proj = torch.nn.Linear(48, 96, bias=False)
     wrong = make_adapter(other, tmp_path / "adapters" / "wrong", seed=9, targets=["up_proj"])
-    with pytest.raises(AdapterError, match=r"wrong'.*'model.layers.1.mlp.up_proj' has d_in x d_out = 48 x 96 .*but "
-                                           r"the library has 48 x 80"):
+    with pytest.raises(
+        AdapterError,
+        match=r"wrong'.*'model.layers.1.mlp.up_proj' has d_in x d_out = 48 x 96 .*but "
+        r"the library has 48 x 80",
+    ):
         add_adapters(lib, [adapters[3], wrong], progress=False)
     assert lib.read_bytes() == old
     _no_temp_files(tmp_path, "lib.safetensors")

@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
-from factories import VOCAB, make_adapter, peft_logits, tiny_model
 import lag_triton
 from lag_triton import Library
+
+from factories import VOCAB, make_adapter, peft_logits, tiny_model
 
 
 def _logits(model, ids, **kw):
@@ -19,11 +20,14 @@ def _logits(model, ids, **kw):
 
 # -- PEFT equivalence --------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
-@pytest.mark.parametrize("variant", [
-    {},
-    {"use_rslora": True},
-    {"rank_pattern": {"layers.0.mlp.up_proj": 6, "q_proj": 2}, "alpha_pattern": {"layers.1.mlp.down_proj": 3.0}},
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},
+        {"use_rslora": True},
+        {"rank_pattern": {"layers.0.mlp.up_proj": 6, "q_proj": 2}, "alpha_pattern": {"layers.1.mlp.down_proj": 3.0}},
+    ],
+)
 def test_one_adapter_library_reproduces_peft(arch, variant, tmp_path):
     model = tiny_model(arch)
     if arch == "gpt2" and "rank_pattern" in variant:
@@ -41,8 +45,7 @@ def test_one_adapter_library_reproduces_peft(arch, variant, tmp_path):
 def patched_llama(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("adapters")
     model = tiny_model("llama")
-    lib = Library.from_peft([make_adapter(model, tmp / f"a{i}", seed=i, r=2 + i % 3) for i in range(6)],
-                            progress=False)
+    lib = Library.from_peft([make_adapter(model, tmp / f"a{i}", seed=i, r=2 + i % 3) for i in range(6)], progress=False)
     lag_triton.patch(model, lib, k=3, top_m=2)
     return model
 
@@ -54,14 +57,15 @@ def test_left_padded_batch_generates_what_each_sequence_generates_alone(patched_
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = p
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = p
+        mask[i, width - len(p) :] = 1
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         batch = patched_llama.generate(input_ids=ids, attention_mask=mask, **kw)[:, width:]
         for i, p in enumerate(prompts):
-            alone = patched_llama.generate(input_ids=p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                           **kw)[0, len(p):]
+            alone = patched_llama.generate(
+                input_ids=p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), **kw
+            )[0, len(p) :]
             assert torch.equal(batch[i], alone), i
 
 
@@ -103,10 +107,12 @@ def test_low_precision_model_is_as_close_to_fp32_as_peft(dtype, tmp_path):
 
 def test_two_libraries_add_their_contributions(tmp_path):
     model = tiny_model("llama")
-    attn = Library.from_peft([make_adapter(model, tmp_path / "t", seed=1, targets=["q_proj", "v_proj", "up_proj"])],
-                             progress=False)
-    mlp = Library.from_peft([make_adapter(model, tmp_path / "k", seed=2, targets=["up_proj", "down_proj"])],
-                            progress=False)
+    attn = Library.from_peft(
+        [make_adapter(model, tmp_path / "t", seed=1, targets=["q_proj", "v_proj", "up_proj"])], progress=False
+    )
+    mlp = Library.from_peft(
+        [make_adapter(model, tmp_path / "k", seed=2, targets=["up_proj", "down_proj"])], progress=False
+    )
     ids = torch.randint(0, VOCAB, (1, 8))
     from peft import PeftModel
 
@@ -147,19 +153,23 @@ def test_unpatch_restores_modules_state_dict_and_outputs(tmp_path):
 @pytest.fixture(scope="module")
 def small_library(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lib")
-    return Library.from_peft([make_adapter(tiny_model("llama"), tmp / f"a{i}", seed=i) for i in range(2)],
-                             progress=False)
+    return Library.from_peft(
+        [make_adapter(tiny_model("llama"), tmp / f"a{i}", seed=i) for i in range(2)], progress=False
+    )
 
 
-@pytest.mark.parametrize("kwargs,error,needle", [
-    ({"k": 0}, ValueError, "k must be an int >= 1"),
-    ({"top_m": 4, "k": 2}, ValueError, "top_m=4 > k=2"),
-    ({"router": "moe"}, ValueError, "unknown router 'moe'"),
-    ({"combine": "max"}, ValueError, "unknown combine"),
-    ({"temperature": 0.0}, ValueError, "temperature"),
-    ({"backend": "cuda"}, RuntimeError, "backend 'cuda' is unavailable"),
-    ({"backend": "nope"}, RuntimeError, "unknown backend"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,needle",
+    [
+        ({"k": 0}, ValueError, "k must be an int >= 1"),
+        ({"top_m": 4, "k": 2}, ValueError, "top_m=4 > k=2"),
+        ({"router": "moe"}, ValueError, "unknown router 'moe'"),
+        ({"combine": "max"}, ValueError, "unknown combine"),
+        ({"temperature": 0.0}, ValueError, "temperature"),
+        ({"backend": "cuda"}, RuntimeError, "backend 'cuda' is unavailable"),
+        ({"backend": "nope"}, RuntimeError, "unknown backend"),
+    ],
+)
 def test_bad_settings_raise_and_leave_model_unpatched(small_library, kwargs, error, needle):
     model = tiny_model("llama")
     with pytest.raises(error, match=needle):

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from factories import VOCAB, make_adapter, peft_logits, tiny_model
 import lag_triton
 from lag_triton import Library, ModuleWeights
 from lag_triton.patching import LagLinear, LibraryNotSavedWarning
+
+from factories import VOCAB, make_adapter, peft_logits, tiny_model
 
 
 def _logits(model, ids):
@@ -201,12 +202,15 @@ def test_weights_that_cannot_route_are_refused_on_construction(library):
         ModuleWeights(m.a_star, m.b_star, m.prototypes, m.adapter_ids.double())
 
 
-@pytest.mark.parametrize("defect,needle", [
-    ("nan", "a_star holds NaN or inf"),
-    ("id_out_of_range", "adapter_ids holds 9, outside"),
-    ("negative_id", "adapter_ids holds -1, outside"),
-    ("meta_library", "meta device"),
-])
+@pytest.mark.parametrize(
+    "defect,needle",
+    [
+        ("nan", "a_star holds NaN or inf"),
+        ("id_out_of_range", "adapter_ids holds 9, outside"),
+        ("negative_id", "adapter_ids holds -1, outside"),
+        ("meta_library", "meta device"),
+    ],
+)
 def test_library_values_the_forward_needs_are_checked_before_patching(library, defect, needle):
     modules = dict(library.modules)
     name = "model.layers.1.self_attn.v_proj"
@@ -291,13 +295,16 @@ def test_each_thread_gets_its_own_trace(library):
 
 
 # -- 12. argument messages -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("model_arg,libraries,error,needle", [
-    ("model", None, TypeError, "patch() takes a lag_triton.Library, a path to a saved library, or a list"),
-    ("model", {"a": 1}, TypeError, "got dict"),
-    ("model", [3], TypeError, "expected a lag_triton.Library or a path to one, got int"),
-    ("model", [], ValueError, "at least one library"),
-    ("object", "library", TypeError, "patch() needs a torch.nn.Module, got object"),
-])
+@pytest.mark.parametrize(
+    "model_arg,libraries,error,needle",
+    [
+        ("model", None, TypeError, "patch() takes a lag_triton.Library, a path to a saved library, or a list"),
+        ("model", {"a": 1}, TypeError, "got dict"),
+        ("model", [3], TypeError, "expected a lag_triton.Library or a path to one, got int"),
+        ("model", [], ValueError, "at least one library"),
+        ("object", "library", TypeError, "patch() needs a torch.nn.Module, got object"),
+    ],
+)
 def test_bad_arguments_name_what_is_wrong(library, model_arg, libraries, error, needle):
     model = tiny_model("llama") if model_arg == "model" else object()
     with pytest.raises(error) as info:
@@ -307,8 +314,11 @@ def test_bad_arguments_name_what_is_wrong(library, model_arg, libraries, error, 
 
 def test_numpy_and_tensor_scalars_are_accepted(library):
     want = _logits(lag_triton.patch(tiny_model("llama"), library, k=3, top_m=2, temperature=0.5), IDS)
-    for k, top_m, temperature in [(np.int64(3), np.int32(2), np.float32(0.5)),
-                                  (torch.tensor(3), 2, torch.tensor(0.5)), (3, 2, np.float64(0.5))]:
+    for k, top_m, temperature in [
+        (np.int64(3), np.int32(2), np.float32(0.5)),
+        (torch.tensor(3), 2, torch.tensor(0.5)),
+        (3, 2, np.float64(0.5)),
+    ]:
         model = lag_triton.patch(tiny_model("llama"), library, k=k, top_m=top_m, temperature=temperature)
         torch.testing.assert_close(_logits(model, IDS), want, rtol=0, atol=0)
     for bad in (True, "1", None):

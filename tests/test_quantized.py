@@ -24,18 +24,19 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from factories import VOCAB, QuantLinear, make_adapter, quantize_linears, tiny_model
 import lag_triton
 from lag_triton import Library, ModuleWeights
 from lag_triton.layers import activation_dtype, describe_layer
 from lag_triton.patching import LagLinear
+
+from factories import VOCAB, QuantLinear, make_adapter, quantize_linears, tiny_model
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 IDS = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(5))
 K = 2  # Arrow keeps 2 of the 4 adapters, SpectR picks 1 of those
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _unavailable(kind: str) -> str | None:
     """Why ``kind`` cannot run here (None when it can): its package is missing, or quantising and
     running one small layer on this CPU fails."""
@@ -70,8 +71,7 @@ def adapter_dirs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("adapters")
     model = tiny_model("llama")
     # alpha large enough that the adapters change greedy tokens of the random model
-    return [make_adapter(model, tmp / f"a{i}", seed=10 + i, r=2 + i % 3, alpha=32.0, targets=TARGETS)
-            for i in range(4)]
+    return [make_adapter(model, tmp / f"a{i}", seed=10 + i, r=2 + i % 3, alpha=32.0, targets=TARGETS) for i in range(4)]
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def lora(adapter_dirs):
         tensors = load_file(str(d / "adapter_model.safetensors"))
         for key, a in tensors.items():
             if key.endswith(".lora_A.weight"):
-                name = key[len("base_model.model."):-len(".lora_A.weight")]
+                name = key[len("base_model.model.") : -len(".lora_A.weight")]
                 b = tensors[key.replace("lora_A", "lora_B")]
                 out.setdefault(name, []).append((a.double(), b.double(), 32.0 / a.shape[0]))
     return out
@@ -154,14 +154,16 @@ def test_patched_layer_is_quantised_base_plus_lora_term(kind, library, lora):
 # -- generation: quantised tiny Llama, patched == quantised base + reference LoRA math ------------------
 def _generate(model, **kw):
     with torch.no_grad():
-        return model.generate(input_ids=IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=8, do_sample=False,
-                              pad_token_id=0, **kw)
+        return model.generate(
+            input_ids=IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=8, do_sample=False, pad_token_id=0, **kw
+        )
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_patched_quantised_llama_generates_the_reference_tokens(kind, library, lora):
     model, layers = _quantized_llama(_kind(kind))
     base_tokens = _generate(model)
+
     # Reference: the quantised model with the LoRA term added by forward hooks (float64 math).
     def add_term(name):
         return lambda mod, args, out: out + _reference_term(args[0], library.modules[name], lora[name]).to(out.dtype)
@@ -197,20 +199,23 @@ def test_patched_quantised_llama_traces_and_keeps_its_state_dict(library):
 
 
 # -- which dtype the library is held in ---------------------------------------------------------------------
-@pytest.mark.parametrize("kind, model_dtype, compute_dtype, want, rule", [
-    # integer storage, fp16 scales, bf16 model: the activations' dtype, not the scales' or the storage's
-    ("standin-int4", torch.bfloat16, None, torch.bfloat16, "model activations"),
-    ("standin-int8", torch.float16, None, torch.float16, "model activations"),
-    # a declared compute dtype wins over the activations'
-    ("standin-int4", torch.float32, torch.bfloat16, torch.bfloat16, "compute_dtype"),
-    # float64 model: routed in float32
-    ("standin-int8", torch.float64, None, torch.float32, "model activations"),
-    # torchao's weight subclass reports the dtype it dequantises to
-    ("torchao-int8wo", torch.bfloat16, None, torch.bfloat16, "weight"),
-    ("bnb-int8", torch.bfloat16, None, torch.bfloat16, "model activations"),
-    ("bnb-nf4", torch.float32, None, torch.float32, "model activations"),
-    ("bnb-nf4", torch.float32, torch.bfloat16, torch.bfloat16, "compute_dtype"),
-])
+@pytest.mark.parametrize(
+    "kind, model_dtype, compute_dtype, want, rule",
+    [
+        # integer storage, fp16 scales, bf16 model: the activations' dtype, not the scales' or the storage's
+        ("standin-int4", torch.bfloat16, None, torch.bfloat16, "model activations"),
+        ("standin-int8", torch.float16, None, torch.float16, "model activations"),
+        # a declared compute dtype wins over the activations'
+        ("standin-int4", torch.float32, torch.bfloat16, torch.bfloat16, "compute_dtype"),
+        # float64 model: routed in float32
+        ("standin-int8", torch.float64, None, torch.float32, "model activations"),
+        # torchao's weight subclass reports the dtype it dequantises to
+        ("torchao-int8wo", torch.bfloat16, None, torch.bfloat16, "weight"),
+        ("bnb-int8", torch.bfloat16, None, torch.bfloat16, "model activations"),
+        ("bnb-nf4", torch.float32, None, torch.float32, "model activations"),
+        ("bnb-nf4", torch.float32, torch.bfloat16, torch.bfloat16, "compute_dtype"),
+    ],
+)
 def test_library_is_held_in_the_layers_compute_dtype(kind, model_dtype, compute_dtype, want, rule, library):
     model, layers = _quantized_llama(_kind(kind), dtype=model_dtype, compute_dtype=compute_dtype)
     name, layer = next(iter(layers.items()))
@@ -252,8 +257,12 @@ def test_fp16_scales_in_an_all_quantised_model_fall_back_to_the_layers_own_tenso
 def _random_weights(d_in: int, d_out: int, n: int = 2, r: int = 2) -> ModuleWeights:
     g = torch.Generator().manual_seed(d_in * 1000 + d_out)
     a = torch.linalg.qr(torch.randn(n, d_in, r, generator=g))[0].transpose(1, 2).contiguous()
-    return ModuleWeights(a_star=a, b_star=torch.randn(n, d_out, r, generator=g), prototypes=a[:, 0].contiguous(),
-                         adapter_ids=torch.arange(n))
+    return ModuleWeights(
+        a_star=a,
+        b_star=torch.randn(n, d_out, r, generator=g),
+        prototypes=a[:, 0].contiguous(),
+        adapter_ids=torch.arange(n),
+    )
 
 
 class _NoTensors(nn.Module):
@@ -288,19 +297,31 @@ def _meta_quant():
         return QuantLinear(16, 8, bits=8)
 
 
-@pytest.mark.parametrize("make, shape, error, needle", [
-    (lambda: nn.Embedding(16, 8), (16, 8), TypeError, r"'bad' of type Embedding is not linear-like; an embedding"),
-    (lambda: nn.Conv1d(16, 8, 3), (16, 8), TypeError, r"'bad' of type Conv1d is not linear-like; a convolution"),
-    (lambda: nn.Bilinear(16, 16, 8), (16, 8), TypeError, r"'bad' of type Bilinear is not linear-like; .*two inputs"),
-    (lambda: nn.LayerNorm(16), (16, 16), TypeError, r"'bad' of type LayerNorm is not linear-like\. .*QuantLinear"),
-    (lambda: nn.LazyLinear(8), (16, 8), ValueError, r"'bad' \(LazyLinear\) has in_features=0.*lazy"),
-    (_NoTensors, (16, 8), TypeError, r"'bad' \(_NoTensors\) has no parameters or buffers"),
-    (_int8_plain_linear, (16, 8), TypeError, r"'bad' is a plain Linear with a torch.int8 weight"),
-    (_fp8_compute, (16, 8), TypeError, r"'bad' computes in torch.float8_e4m3fn \(from its compute_dtype\)"),
-    (_meta_quant, (16, 8), ValueError, r"'bad' is on the meta device"),
-    (lambda: QuantLinear.from_linear(nn.Linear(16, 24), bits=8), (16, 8), ValueError,
-     r"module 'bad': adapters are 16 -> 8 but the model's layer is 16 -> 24"),
-])
+@pytest.mark.parametrize(
+    "make, shape, error, needle",
+    [
+        (lambda: nn.Embedding(16, 8), (16, 8), TypeError, r"'bad' of type Embedding is not linear-like; an embedding"),
+        (lambda: nn.Conv1d(16, 8, 3), (16, 8), TypeError, r"'bad' of type Conv1d is not linear-like; a convolution"),
+        (
+            lambda: nn.Bilinear(16, 16, 8),
+            (16, 8),
+            TypeError,
+            r"'bad' of type Bilinear is not linear-like; .*two inputs",
+        ),
+        (lambda: nn.LayerNorm(16), (16, 16), TypeError, r"'bad' of type LayerNorm is not linear-like\. .*QuantLinear"),
+        (lambda: nn.LazyLinear(8), (16, 8), ValueError, r"'bad' \(LazyLinear\) has in_features=0.*lazy"),
+        (_NoTensors, (16, 8), TypeError, r"'bad' \(_NoTensors\) has no parameters or buffers"),
+        (_int8_plain_linear, (16, 8), TypeError, r"'bad' is a plain Linear with a torch.int8 weight"),
+        (_fp8_compute, (16, 8), TypeError, r"'bad' computes in torch.float8_e4m3fn \(from its compute_dtype\)"),
+        (_meta_quant, (16, 8), ValueError, r"'bad' is on the meta device"),
+        (
+            lambda: QuantLinear.from_linear(nn.Linear(16, 24), bits=8),
+            (16, 8),
+            ValueError,
+            r"module 'bad': adapters are 16 -> 8 but the model's layer is 16 -> 24",
+        ),
+    ],
+)
 def test_modules_that_are_not_routable_linear_layers_are_refused_untouched(make, shape, error, needle):
     model = _Toy(make())
     lib = Library(["x", "y"], {"good": _random_weights(16, 8), "bad": _random_weights(*shape)})
@@ -315,8 +336,11 @@ def test_no_floating_point_tensor_anywhere_is_refused():
     model = nn.Sequential(QuantLinear.from_linear(nn.Linear(16, 8, bias=False), bits=8))
     model[0].scales = model[0].scales.to(torch.int8)  # a layer with no float at all: nothing tells its dtype
     lib = Library(["x", "y"], {"0": _random_weights(16, 8)})
-    with pytest.raises(TypeError, match=r"compute dtype of module '0' \(QuantLinear, holding qweight torch.int8, "
-                                        r"scales torch.int8\)"):
+    with pytest.raises(
+        TypeError,
+        match=r"compute dtype of module '0' \(QuantLinear, holding qweight torch.int8, "
+        r"scales torch.int8\)",
+    ):
         lag_triton.patch(model, lib, k=1)
     assert isinstance(model[0], QuantLinear)
 

@@ -103,7 +103,9 @@ def test_ties_pick_the_lower_adapter_index():
     assert idx.tolist() == [[1, 4, 0, 2]] * 3
     # rerank ties: identical A* rows, candidates given in descending index order
     a_star = torch.eye(d)[:2].expand(6, 2, d).contiguous()
-    sel, w, _ = reference.spectr_rerank(torch.ones(2, d), a_star, torch.tensor([[5, 3, 2], [4, 0, 1]], dtype=torch.int32), 2)
+    sel, w, _ = reference.spectr_rerank(
+        torch.ones(2, d), a_star, torch.tensor([[5, 3, 2], [4, 0, 1]], dtype=torch.int32), 2
+    )
     assert sel.tolist() == [[2, 3], [0, 1]]
     torch.testing.assert_close(w, torch.full((2, 2), 0.5))
 

@@ -13,9 +13,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from factories import library_info, make_adapter, read_raw, replace_tensor, set_library_info, tiny_model, write_raw
 from lag_triton import Library, LibraryFormatError, ModuleWeights
 from lag_triton.library import safetensors_io
+
+from factories import library_info, make_adapter, read_raw, replace_tensor, set_library_info, tiny_model, write_raw
 
 UP = "model.layers.0.mlp.up_proj"
 
@@ -24,8 +25,10 @@ UP = "model.layers.0.mlp.up_proj"
 def library(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lib")
     model = tiny_model("llama")
-    return Library.from_peft([make_adapter(model, tmp / f"a{i}", seed=i, r=2 + i, targets=["up_proj", "v_proj"])
-                              for i in range(3)], progress=False)
+    return Library.from_peft(
+        [make_adapter(model, tmp / f"a{i}", seed=i, r=2 + i, targets=["up_proj", "v_proj"]) for i in range(3)],
+        progress=False,
+    )
 
 
 @pytest.fixture
@@ -47,8 +50,9 @@ def _assert_equal(a: Library, b: Library) -> None:
 def test_equal_libraries_save_to_equal_bytes(library, tmp_path):
     library.save(tmp_path / "one")
     library.save(tmp_path / "two")
-    reordered = Library(list(library.names), dict(reversed(list(library.modules.items()))),
-                        base_model=library.base_model)
+    reordered = Library(
+        list(library.names), dict(reversed(list(library.modules.items()))), base_model=library.base_model
+    )
     reordered.save(tmp_path / "three")
     assert (tmp_path / "one").read_bytes() == (tmp_path / "two").read_bytes() == (tmp_path / "three").read_bytes()
     Library.load(tmp_path / "one").save(tmp_path / "four")  # a loaded (memory-mapped) library too
@@ -114,8 +118,9 @@ _KILLED_SAVE = textwrap.dedent("""
 @pytest.mark.parametrize("point", ["mid-write", "before-rename"])
 def test_save_killed_with_sigkill_leaves_the_old_library_intact(saved, tmp_path, point):
     before = saved.read_bytes()
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED_SAVE, str(saved), str(saved), point],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_SAVE, str(saved), str(saved), point], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout.readline().strip() == "ready"
         temps = [p for p in saved.parent.iterdir() if p.name != saved.name]
@@ -131,10 +136,13 @@ def test_save_killed_with_sigkill_leaves_the_old_library_intact(saved, tmp_path,
     assert saved.read_bytes() == before
 
 
-@pytest.mark.parametrize("target,error,needle", [
-    ("missing/lib.safetensors", FileNotFoundError, "does not exist"),
-    (".", IsADirectoryError, "is a directory"),
-])
+@pytest.mark.parametrize(
+    "target,error,needle",
+    [
+        ("missing/lib.safetensors", FileNotFoundError, "does not exist"),
+        (".", IsADirectoryError, "is a directory"),
+    ],
+)
 def test_save_to_an_impossible_path_names_it(library, tmp_path, target, error, needle):
     with pytest.raises(error, match=needle) as info:
         library.save(tmp_path / target)
@@ -155,6 +163,7 @@ def _mutate_info(**changes):
             else:
                 info[k] = v
         return set_library_info(header, info), data
+
     return mutate
 
 
@@ -165,6 +174,7 @@ def _set_ids(values, dtype="I64", field="adapter_ids"):
     def mutate(header, data):
         t = torch.tensor(values, dtype={"I64": torch.int64, "F64": torch.float64}[dtype])
         return replace_tensor(header, data, f"{UP}::{field}", t.numpy().tobytes(), dtype=dtype, shape=[len(values)])
+
     return mutate
 
 
@@ -172,7 +182,7 @@ def _nan_factor(header, data):
     e = _entry(header, "b_star")
     begin = e["data_offsets"][0]
     data = bytearray(data)
-    data[begin:begin + 4] = torch.tensor([float("nan")], dtype=torch.float32).numpy().tobytes()
+    data[begin : begin + 4] = torch.tensor([float("nan")], dtype=torch.float32).numpy().tobytes()
     return header, bytes(data)
 
 
@@ -191,6 +201,7 @@ def _set_entry(field, **changes):
             else:
                 e[k] = v(e) if callable(v) else v
         return header, data
+
     return mutate
 
 
@@ -202,6 +213,7 @@ def _set_meta(**changes):
             else:
                 header["__metadata__"][k] = v
         return header, data
+
     return mutate
 
 
@@ -223,16 +235,20 @@ CORRUPTIONS = {
     "rank past int32": (_set_ids([2, 3, 2**32 + 2], field="ranks"), "ranks must lie in [1, r=4]"),
     "overlapping offsets": (_overlap, "overlap"),
     "appended bytes": (lambda header, data: (header, data + b"\0" * 8), "8 data bytes after the last tensor"),
-    "tensor entry removed": (lambda header, data: (header, data) if header.pop(f"{UP}::a_star") else None,
-                             "belong to no tensor"),
+    "tensor entry removed": (
+        lambda header, data: (header, data) if header.pop(f"{UP}::a_star") else None,
+        "belong to no tensor",
+    ),
     "NaN factor": (_nan_factor, "b_star holds NaN or inf"),
     # item 9: malformed headers
     "no data_offsets": (_set_entry("a_star", data_offsets=_DROP), "header entry has no 'data_offsets'"),
     "no dtype": (_set_entry("a_star", dtype=_DROP), "header entry has no 'dtype'"),
     "F32 relabelled F16": (_set_entry("b_star", dtype="F16"), "needs"),
     "shape lie": (_set_entry("a_star", shape=lambda e: [e["shape"][0], e["shape"][1], e["shape"][2] + 1]), "needs"),
-    "2-D a_star": (_set_entry("a_star", shape=lambda e: [e["shape"][0] * e["shape"][1], e["shape"][2]]),
-                   "a_star must be [N, r, d_in]"),
+    "2-D a_star": (
+        _set_entry("a_star", shape=lambda e: [e["shape"][0] * e["shape"][1], e["shape"][2]]),
+        "a_star must be [N, r, d_in]",
+    ),
     "I32 factor": (_set_entry("prototypes", dtype="I32"), "tensor 'prototypes' has dtype I32"),
     "bad offsets": (_set_entry("ranks", data_offsets=[5]), "'data_offsets' must be [begin, end]"),
     "no library": (_set_meta(library=_DROP), "metadata has no 'library' field"),
@@ -240,10 +256,18 @@ CORRUPTIONS = {
     "no modules": (_mutate_info(modules=_DROP), "has no 'modules'"),
     "module listed twice": (_mutate_info(modules=[UP, UP]), "'modules' must be a non-empty list of distinct"),
     "unlisted module": (_mutate_info(modules=[UP]), "belongs to no module listed in 'modules'"),
-    "listed module without tensors": (_mutate_info(modules=[UP, "x.y", "model.layers.1.mlp.up_proj",
-                                                           "model.layers.0.self_attn.v_proj",
-                                                           "model.layers.1.self_attn.v_proj"]),
-                                      "module 'x.y' lacks tensors"),
+    "listed module without tensors": (
+        _mutate_info(
+            modules=[
+                UP,
+                "x.y",
+                "model.layers.1.mlp.up_proj",
+                "model.layers.0.self_attn.v_proj",
+                "model.layers.1.self_attn.v_proj",
+            ]
+        ),
+        "module 'x.y' lacks tensors",
+    ),
     "header is a list": (_whole_header([1, 2]), "its header is a JSON list"),
     "header is null": (_whole_header(None), "its header is a JSON null"),
     "metadata is a list": (_set_meta(), None),  # replaced below: __metadata__ = []
@@ -280,8 +304,12 @@ def test_damaged_library_files_raise_library_format_error_naming_file_and_field(
 
 
 def test_unparsable_prefixes(tmp_path):
-    cases = {"short": b"abc", "huge header": (2**40).to_bytes(8, "little") + b"{}",
-             "not json": (4).to_bytes(8, "little") + b"{{{{", "not utf8": (2).to_bytes(8, "little") + b"\xff\xfe"}
+    cases = {
+        "short": b"abc",
+        "huge header": (2**40).to_bytes(8, "little") + b"{}",
+        "not json": (4).to_bytes(8, "little") + b"{{{{",
+        "not utf8": (2).to_bytes(8, "little") + b"\xff\xfe",
+    }
     for name, raw in cases.items():
         (tmp_path / name).write_bytes(raw)
         with pytest.raises(LibraryFormatError, match="safetensors") as info:
@@ -307,8 +335,7 @@ def test_libraries_in_memory_are_checked_on_construction(library):
     with pytest.raises(ValueError, match=r"b_star has shape .* expected \(3, 'd_out', 4\)"):
         ModuleWeights(m.a_star, m.b_star[:, :, :2], m.prototypes, m.adapter_ids)
     with pytest.raises(ValueError, match=r"library .*module 'model.layers.0.mlp.up_proj': adapter_ids holds 5"):
-        Library(library.names, {UP: ModuleWeights(m.a_star, m.b_star, m.prototypes,
-                                                  torch.tensor([0, 1, 5]))}).check()
+        Library(library.names, {UP: ModuleWeights(m.a_star, m.b_star, m.prototypes, torch.tensor([0, 1, 5]))}).check()
 
 
 def test_memory_map_is_private(saved):

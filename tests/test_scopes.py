@@ -11,8 +11,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from factories import VOCAB, available_backends, tiny_library, tiny_model
 import lag_triton
+
+from factories import VOCAB, available_backends, tiny_library, tiny_model
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 N_ADAPTERS = 7
@@ -147,8 +148,7 @@ def test_generate_with_left_padding_stays_in_scope(libraries):
     ids[0, :3] = 0
     sets = [[0, 3], [6], [1, 2, 4]]
     with torch.no_grad(), lag_triton.scope(model, sets), lag_triton.trace(model) as tr:
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
-                             pad_token_id=0)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert out.shape == (3, 10)
     # one prefill forward of [3, 6] tokens, then 3 cached steps of [3, 1], row-major within each call
     for module, sel in tr.selections.items():

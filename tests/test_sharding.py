@@ -7,17 +7,17 @@ from __future__ import annotations
 import time
 
 import pytest
+import sharded_worker
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
 import lag_triton
-from factories import make_adapter, tiny_model
 from lag_triton import Library
 from lag_triton.sharding import shard_bounds, traffic
 
-import sharded_worker
+from factories import make_adapter, tiny_model
 
 # Every router and top_m, with k below, at and above N (k is clamped per module).
 SETTINGS = [
@@ -36,8 +36,10 @@ def library_file(tmp_path_factory):
     """N = 5 (odd: uneven shards); q_proj has one adapter, so some ranks hold none of it."""
     tmp = tmp_path_factory.mktemp("sharded")
     model = tiny_model("llama")
-    paths = [make_adapter(model, tmp / f"a{i}", seed=i, r=2 + i % 3, targets=["up_proj", "down_proj", "v_proj"])
-             for i in range(4)]
+    paths = [
+        make_adapter(model, tmp / f"a{i}", seed=i, r=2 + i % 3, targets=["up_proj", "down_proj", "v_proj"])
+        for i in range(4)
+    ]
     paths.append(make_adapter(model, tmp / "a4", seed=4, r=3, targets=["q_proj", "up_proj"]))
     path = tmp / "lib.safetensors"
     Library.from_peft(paths, progress=False).save(path)
@@ -54,8 +56,14 @@ def test_shard_bounds_are_balanced_and_cover_every_row():
 
 def test_traffic_formula_terms():
     t = traffic(tokens=[3, 5], d_in=48, d_out=80, itemsize=4, cands=[2, 3], router="lag", remote_picks=4)
-    assert t == {"sizes": 16, "activations": 8 * 48 * 4, "candidates": 12 * (2 * 5 + 3 * 3), "counts": 16,
-                 "requests": 32, "outputs": 4 * 80 * 4}
+    assert t == {
+        "sizes": 16,
+        "activations": 8 * 48 * 4,
+        "candidates": 12 * (2 * 5 + 3 * 3),
+        "counts": 16,
+        "requests": 32,
+        "outputs": 4 * 80 * 4,
+    }
 
 
 def _start(fn, world: int, *args, method: str = "fork", timeout: float = 120.0) -> None:
@@ -90,8 +98,9 @@ def test_a_rank_that_fails_or_differs_makes_every_rank_raise(tmp_path, world):
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2+ CUDA devices")
 def test_sharded_equals_single_device_over_nccl(library_file, tmp_path):
     world = min(torch.cuda.device_count(), 3)
-    _start(sharded_worker.check_model, world, str(tmp_path / "store"), "nccl", str(library_file), SETTINGS,
-           method="spawn")
+    _start(
+        sharded_worker.check_model, world, str(tmp_path / "store"), "nccl", str(library_file), SETTINGS, method="spawn"
+    )
 
 
 def test_patch_with_a_group_refuses_without_torch_distributed(library_file):

@@ -18,9 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_every_launch_configuration_compiles_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    proc = subprocess.run([sys.executable, "-m", "lag_triton.kernels.triton._aot_check", "90",
-                           "--jobs", str(os.cpu_count() or 1)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lag_triton.kernels.triton._aot_check", "90", "--jobs", str(os.cpu_count() or 1)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     report = f"exit code {proc.returncode}\n{proc.stdout[-8000:]}\n{proc.stderr[-4000:]}"
     assert proc.returncode == 0, report
     assert "compiles for sm_90, 0 failures" in proc.stdout, report

@@ -24,8 +24,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ENTRIES = [
     {"op": "arrow_select", "k_pad": 32, "t": [1, 1], "n": [1, 3162], "config": {"BLOCK": 256, "CAP": 256}},
     {"op": "arrow_select", "k_pad": 32, "t": [1, 1 << 30], "config": {"BLOCK": 512, "CAP": 1024}},
-    {"op": "lora_apply", "t": [64, 1 << 30], "d_out": [8192, 8192], "config": {"BLOCK_T": 16, "num_warps": 8},
-     "measured": {"ms": 0.1, "default_ms": 0.2}},
+    {
+        "op": "lora_apply",
+        "t": [64, 1 << 30],
+        "d_out": [8192, 8192],
+        "config": {"BLOCK_T": 16, "num_warps": 8},
+        "measured": {"ms": 0.1, "default_ms": 0.2},
+    },
 ]
 
 
@@ -38,14 +43,17 @@ def test_lookup_takes_the_first_matching_entry():
     assert tuning.lookup(ENTRIES, "lora_apply", t=2048, d_out=3072, r=6) is None
 
 
-@pytest.mark.parametrize("entry,needle", [
-    ({"op": "arrow_select", "config": {"BLOCK": 100}}, "BLOCK=100 must be a positive power of two"),
-    ({"op": "arrow_select", "config": {"BLOCKS": 64}}, "unknown keys \\['BLOCKS'\\]"),
-    ({"op": "gemm", "config": {}}, "unknown tuned op 'gemm'"),
-    ({"op": "lora_apply", "t": [5, 1], "config": {}}, "range t=\\[5, 1\\]"),
-    ({"op": "lora_apply", "t": "small", "config": {}}, "key t='small'"),
-    ({"op": "lora_apply", "config": {"num_warps": 32}}, "num_warps=32 must be <= 16"),
-])
+@pytest.mark.parametrize(
+    "entry,needle",
+    [
+        ({"op": "arrow_select", "config": {"BLOCK": 100}}, "BLOCK=100 must be a positive power of two"),
+        ({"op": "arrow_select", "config": {"BLOCKS": 64}}, "unknown keys \\['BLOCKS'\\]"),
+        ({"op": "gemm", "config": {}}, "unknown tuned op 'gemm'"),
+        ({"op": "lora_apply", "t": [5, 1], "config": {}}, "range t=\\[5, 1\\]"),
+        ({"op": "lora_apply", "t": "small", "config": {}}, "key t='small'"),
+        ({"op": "lora_apply", "config": {"num_warps": 32}}, "num_warps=32 must be <= 16"),
+    ],
+)
 def test_a_bad_table_names_the_file_and_the_entry(tmp_path, entry, needle):
     path = tmp_path / "t.json"
     path.write_text(json.dumps({"card": "X", "entries": [ENTRIES[0], entry]}))
@@ -60,8 +68,10 @@ def _int_data(*shape, seed):
     return torch.randint(-3, 4, shape, generator=torch.Generator().manual_seed(seed)).float().to(DEVICE)
 
 
-@pytest.mark.parametrize("config", [{"BLOCK": 64, "CAP": 64}, {"BLOCK": 128, "CAP": 256, "num_warps": 2},
-                                    {"BLOCK": 32, "CAP": 64, "num_warps": 8}])
+@pytest.mark.parametrize(
+    "config",
+    [{"BLOCK": 64, "CAP": 64}, {"BLOCK": 128, "CAP": 256, "num_warps": 2}, {"BLOCK": 32, "CAP": 64, "num_warps": 8}],
+)
 def test_every_select_config_a_table_may_choose_is_exact(config):
     x, p = _int_data(6, 24, seed=1), _int_data(700, 24, seed=2)
     with tuning.forced("arrow_select", config):
@@ -77,9 +87,14 @@ def test_a_select_config_whose_buffer_cannot_hold_a_block_is_refused():
         arrow.arrow_topk(x, p, 5)
 
 
-@pytest.mark.parametrize("config", [{"BLOCK_T": 1, "BLOCK_O": 32, "num_warps": 1},
-                                    {"BLOCK_T": 16, "BLOCK_O": 64, "num_warps": 8},
-                                    {"BLOCK_T": 4, "BLOCK_O": 512, "num_warps": 2}])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"BLOCK_T": 1, "BLOCK_O": 32, "num_warps": 1},
+        {"BLOCK_T": 16, "BLOCK_O": 64, "num_warps": 8},
+        {"BLOCK_T": 4, "BLOCK_O": 512, "num_warps": 2},
+    ],
+)
 def test_every_apply_config_a_table_may_choose_is_exact(config):
     t, n, d_out, r = 70, 9, 100, 6  # t >= SORT_MIN_T: the sorted path too
     b = apply.prepare_b_star(_int_data(n, d_out, r, seed=5))

@@ -28,18 +28,29 @@ ENV_OVERRIDE = "LAG_TRITON_BACKEND"
 class Backend(Protocol):
     """What a backend provides: the reference's three functions, same signatures and contracts."""
 
-    def arrow_topk(self, x: torch.Tensor, prototypes: torch.Tensor, k: int, allowed: torch.Tensor | None = None,
-                   scope: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        ...
+    def arrow_topk(
+        self,
+        x: torch.Tensor,
+        prototypes: torch.Tensor,
+        k: int,
+        allowed: torch.Tensor | None = None,
+        scope: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
-    def spectr_rerank(self, x: torch.Tensor, a_star: torch.Tensor, candidates: torch.Tensor, top_m: int,
-                      combine: str = "softmax", temperature: float = 1.0,
-                      candidate_scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ...
+    def spectr_rerank(
+        self,
+        x: torch.Tensor,
+        a_star: torch.Tensor,
+        candidates: torch.Tensor,
+        top_m: int,
+        combine: str = "softmax",
+        temperature: float = 1.0,
+        candidate_scores: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
-    def lora_apply(self, y: torch.Tensor, b_star: torch.Tensor, sel: torch.Tensor, w: torch.Tensor,
-                   z: torch.Tensor) -> torch.Tensor:
-        ...
+    def lora_apply(
+        self, y: torch.Tensor, b_star: torch.Tensor, sel: torch.Tensor, w: torch.Tensor, z: torch.Tensor
+    ) -> torch.Tensor: ...
 
     def prepare_b_star(self, b_star: torch.Tensor) -> torch.Tensor:
         """B* [N, d_out, r] in the memory layout this backend's apply reads fastest (same shape and
@@ -65,8 +76,9 @@ class Ops:
 
     def spectr_rerank(self, x, a_star, candidates, top_m, combine="softmax", temperature=1.0, candidate_scores=None):
         if torch.compiler.is_compiling():
-            return torch.ops.lag_triton.spectr_rerank(x, a_star, candidates, top_m, combine, float(temperature),
-                                                      candidate_scores, self.name)
+            return torch.ops.lag_triton.spectr_rerank(
+                x, a_star, candidates, top_m, combine, float(temperature), candidate_scores, self.name
+            )
         return self.module.spectr_rerank(x, a_star, candidates, top_m, combine, temperature, candidate_scores)
 
     def lora_apply(self, y, b_star, sel, w, z):

@@ -28,8 +28,13 @@ def _check_same_device(**tensors: torch.Tensor) -> None:
     _require(len(set(devices.values())) == 1, f"tensors are on different devices: {devices}")
 
 
-def check_topk_args(x: torch.Tensor, prototypes: torch.Tensor, k: int, allowed: torch.Tensor | None = None,
-                    scope: torch.Tensor | None = None) -> None:
+def check_topk_args(
+    x: torch.Tensor,
+    prototypes: torch.Tensor,
+    k: int,
+    allowed: torch.Tensor | None = None,
+    scope: torch.Tensor | None = None,
+) -> None:
     _require(prototypes.dim() == 2, f"prototypes must be [N, d_in], got shape {tuple(prototypes.shape)}")
     _check_x(x, prototypes.shape[1], "prototypes")
     _check_same_device(x=x, prototypes=prototypes)
@@ -37,10 +42,14 @@ def check_topk_args(x: torch.Tensor, prototypes: torch.Tensor, k: int, allowed: 
     _require(isinstance(k, int) and 1 <= k <= n, f"k must be an int in [1, N={n}], got {k!r}")
     _require((allowed is None) == (scope is None), "allowed and scope go together: give both or neither")
     if allowed is not None:
-        _require(allowed.dim() == 2 and allowed.shape[1] == n and allowed.dtype == torch.bool,
-                 f"allowed must be bool [S, N={n}], got {allowed.dtype} {tuple(allowed.shape)}")
-        _require(scope.shape == (x.shape[0],) and scope.dtype == torch.int32,
-                 f"scope must be int32 [T={x.shape[0]}], got {scope.dtype} {tuple(scope.shape)}")
+        _require(
+            allowed.dim() == 2 and allowed.shape[1] == n and allowed.dtype == torch.bool,
+            f"allowed must be bool [S, N={n}], got {allowed.dtype} {tuple(allowed.shape)}",
+        )
+        _require(
+            scope.shape == (x.shape[0],) and scope.dtype == torch.int32,
+            f"scope must be int32 [T={x.shape[0]}], got {scope.dtype} {tuple(scope.shape)}",
+        )
         _check_same_device(x=x, allowed=allowed, scope=scope)
 
 
@@ -76,23 +85,30 @@ def check_apply_args(
     y: torch.Tensor, b_star: torch.Tensor, sel: torch.Tensor, w: torch.Tensor, z: torch.Tensor
 ) -> None:
     _require(b_star.dim() == 3, f"b_star must be [N, d_out, r], got shape {tuple(b_star.shape)}")
-    _require(y.dim() == 2 and y.shape[1] == b_star.shape[1],
-             f"y must be [T, d_out={b_star.shape[1]}], got shape {tuple(y.shape)}")
+    _require(
+        y.dim() == 2 and y.shape[1] == b_star.shape[1],
+        f"y must be [T, d_out={b_star.shape[1]}], got shape {tuple(y.shape)}",
+    )
     _require(y.dtype in ACTIVATION_DTYPES, f"y has dtype {y.dtype}; expected fp32, fp16 or bf16")
     t, m = sel.shape if sel.dim() == 2 else (None, None)
     _require(t == y.shape[0], f"sel must be [T={y.shape[0]}, m], got shape {tuple(sel.shape)}")
     _require(sel.dtype == torch.int32, f"sel must be int32, got {sel.dtype}")
-    _require(w.shape == sel.shape and w.dtype == torch.float32,
-             f"w must be fp32 [T, m]={tuple(sel.shape)}, got {w.dtype} {tuple(w.shape)}")
-    _require(z.shape == (t, m, b_star.shape[2]) and z.dtype == torch.float32,
-             f"z must be fp32 [T, m, r]={(t, m, b_star.shape[2])}, got {z.dtype} {tuple(z.shape)}")
+    _require(
+        w.shape == sel.shape and w.dtype == torch.float32,
+        f"w must be fp32 [T, m]={tuple(sel.shape)}, got {w.dtype} {tuple(w.shape)}",
+    )
+    _require(
+        z.shape == (t, m, b_star.shape[2]) and z.dtype == torch.float32,
+        f"z must be fp32 [T, m, r]={(t, m, b_star.shape[2])}, got {z.dtype} {tuple(z.shape)}",
+    )
     _check_same_device(y=y, b_star=b_star, sel=sel, w=w, z=z)
 
 
 def _fp32_out_mm_supported(x: torch.Tensor) -> bool:
     """torch.mm(a, b, out_dtype=torch.float32) exists for fp16/bf16 CUDA tensors from torch 2.8 on."""
-    return (x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16)
-            and hasattr(torch.ops.aten.mm, "dtype"))
+    return (
+        x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16) and hasattr(torch.ops.aten.mm, "dtype")
+    )
 
 
 def prototype_scores(x: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
@@ -123,20 +139,25 @@ def score_row_chunks(t: int, n: int) -> list[slice]:
 def empty_topk_outputs(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Uninitialised (idx [T, k] int32, scores [T, k] fp32) on x's device: arrow_topk's output contract."""
     t = x.shape[0]
-    return (torch.empty((t, k), dtype=torch.int32, device=x.device),
-            torch.empty((t, k), dtype=torch.float32, device=x.device))
+    return (
+        torch.empty((t, k), dtype=torch.int32, device=x.device),
+        torch.empty((t, k), dtype=torch.float32, device=x.device),
+    )
 
 
 def empty_rerank_outputs(x: torch.Tensor, top_m: int, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Uninitialised (sel [T, m] int32, w [T, m] fp32, z [T, m, r] fp32): spectr_rerank's output contract."""
     t = x.shape[0]
-    return (torch.empty((t, top_m), dtype=torch.int32, device=x.device),
-            torch.empty((t, top_m), dtype=torch.float32, device=x.device),
-            torch.empty((t, top_m, r), dtype=torch.float32, device=x.device))
+    return (
+        torch.empty((t, top_m), dtype=torch.int32, device=x.device),
+        torch.empty((t, top_m), dtype=torch.float32, device=x.device),
+        torch.empty((t, top_m, r), dtype=torch.float32, device=x.device),
+    )
 
 
-def selection_weights(selected_keys: torch.Tensor, combine: str, temperature: float,
-                      picked: torch.Tensor | None = None) -> torch.Tensor:
+def selection_weights(
+    selected_keys: torch.Tensor, combine: str, temperature: float, picked: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mixing weights of the top_m picks, from their ranking keys [T, m] (docs/design.md §1).
 
     One pick gets weight 1; several get softmax(key / temperature) or 1 / top_m. Picks that are

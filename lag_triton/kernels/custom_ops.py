@@ -33,8 +33,14 @@ def backend_module(name: str):
 
 
 @torch.library.custom_op("lag_triton::arrow_topk", mutates_args=())
-def arrow_topk(x: torch.Tensor, prototypes: torch.Tensor, k: int, allowed: torch.Tensor | None,
-               scope: torch.Tensor | None, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def arrow_topk(
+    x: torch.Tensor,
+    prototypes: torch.Tensor,
+    k: int,
+    allowed: torch.Tensor | None,
+    scope: torch.Tensor | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
     return backend_module(backend).arrow_topk(x, prototypes, k, allowed, scope)
 
 
@@ -45,11 +51,17 @@ def _(x, prototypes, k, allowed, scope, backend):
 
 
 @torch.library.custom_op("lag_triton::spectr_rerank", mutates_args=())
-def spectr_rerank(x: torch.Tensor, a_star: torch.Tensor, candidates: torch.Tensor, top_m: int, combine: str,
-                  temperature: float, candidate_scores: torch.Tensor | None,
-                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backend_module(backend).spectr_rerank(x, a_star, candidates, top_m, combine, temperature,
-                                                 candidate_scores)
+def spectr_rerank(
+    x: torch.Tensor,
+    a_star: torch.Tensor,
+    candidates: torch.Tensor,
+    top_m: int,
+    combine: str,
+    temperature: float,
+    candidate_scores: torch.Tensor | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backend_module(backend).spectr_rerank(x, a_star, candidates, top_m, combine, temperature, candidate_scores)
 
 
 @spectr_rerank.register_fake
@@ -59,8 +71,9 @@ def _(x, a_star, candidates, top_m, combine, temperature, candidate_scores, back
 
 
 @torch.library.custom_op("lag_triton::lora_apply", mutates_args=("y",))
-def lora_apply(y: torch.Tensor, b_star: torch.Tensor, sel: torch.Tensor, w: torch.Tensor, z: torch.Tensor,
-               backend: str) -> None:
+def lora_apply(
+    y: torch.Tensor, b_star: torch.Tensor, sel: torch.Tensor, w: torch.Tensor, z: torch.Tensor, backend: str
+) -> None:
     backend_module(backend).lora_apply(y, b_star, sel, w, z)
 
 

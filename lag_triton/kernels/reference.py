@@ -8,8 +8,10 @@ Shapes (T tokens, N adapters of one module, r = r_max, k candidates, m selected)
 
     arrow_topk(x [T, d_in], prototypes [N, d_in], k)                   -> idx [T, k] int32, scores [T, k] fp32
     spectr_rerank(x, a_star [N, r, d_in], candidates [T, k] int32,
-                  top_m, combine, temperature, candidate_scores=None) -> sel [T, m] int32, w [T, m] fp32, z [T, m, r] fp32
-    lora_apply(y [T, d_out], b_star [N, d_out, r], sel, w, z)          -> y (updated in place: y += sum_j w_j B*_sel_j z_j)
+                  top_m, combine, temperature, candidate_scores=None)
+                                                      -> sel [T, m] int32, w [T, m] fp32, z [T, m, r] fp32
+    lora_apply(y [T, d_out], b_star [N, d_out, r], sel, w, z)
+                                                      -> y (updated in place: y += sum_j w_j B*_sel_j z_j)
 
 An optional scope restricts Arrow retrieval per token (``allowed`` [S, N] bool, ``scope`` [T]
 int32); a token left with fewer than k allowed adapters gets -1 candidates, which the rerank
@@ -33,8 +35,9 @@ def _rank_key(values: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(values, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
 
 
-def _descending_by_key_then_index(key: torch.Tensor, index: torch.Tensor,
-                                  valid: torch.Tensor | None = None) -> torch.Tensor:
+def _descending_by_key_then_index(
+    key: torch.Tensor, index: torch.Tensor, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """Positions that sort each row by key descending, ties broken by ascending adapter index;
     entries that are not ``valid`` (outside a scope, no candidate) go after every valid one."""
     by_index = torch.sort(index, dim=-1, stable=True).indices
@@ -42,12 +45,18 @@ def _descending_by_key_then_index(key: torch.Tensor, index: torch.Tensor,
     by_key = by_index.gather(-1, torch.sort(key_in_index_order, dim=-1, descending=True, stable=True).indices)
     if valid is None:
         return by_key
-    return by_key.gather(-1, torch.sort(valid.gather(-1, by_key).to(torch.uint8), dim=-1, descending=True,
-                                        stable=True).indices)
+    return by_key.gather(
+        -1, torch.sort(valid.gather(-1, by_key).to(torch.uint8), dim=-1, descending=True, stable=True).indices
+    )
 
 
-def arrow_topk(x: torch.Tensor, prototypes: torch.Tensor, k: int, allowed: torch.Tensor | None = None,
-               scope: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def arrow_topk(
+    x: torch.Tensor,
+    prototypes: torch.Tensor,
+    k: int,
+    allowed: torch.Tensor | None = None,
+    scope: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Arrow retrieval: a_i = |p_i . x|; the k adapters with the largest a_i, best first.
 
     Returns (idx [T, k] int32, scores [T, k] fp32); the scores are the a_i of idx (NaN kept).
@@ -59,8 +68,9 @@ def arrow_topk(x: torch.Tensor, prototypes: torch.Tensor, k: int, allowed: torch
     return topk_of_scores((x.float() @ prototypes.float().T).abs(), k, valid)
 
 
-def topk_of_scores(scores: torch.Tensor, k: int,
-                   valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_of_scores(
+    scores: torch.Tensor, k: int, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest of each row of fp32 scores [T, N] in the ranking order above, among the
     ``valid`` entries if given ([T, N] bool): (idx int32, values), -1 / NaN past the valid ones."""
     adapter = torch.arange(scores.shape[1], device=scores.device).expand_as(scores)

@@ -7,5 +7,13 @@ from .library import Library, LibraryFormatError
 from .peft_reader import AdapterError
 from .weights import ModuleWeights
 
-__all__ = ["Library", "ModuleWeights", "AdapterError", "LibraryFormatError", "BuildReport", "build_library",
-           "add_adapters", "remove_adapters"]
+__all__ = [
+    "Library",
+    "ModuleWeights",
+    "AdapterError",
+    "LibraryFormatError",
+    "BuildReport",
+    "build_library",
+    "add_adapters",
+    "remove_adapters",
+]

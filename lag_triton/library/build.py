@@ -71,13 +71,16 @@ def align_adapter(adapter: PeftAdapter, dtype: torch.dtype) -> dict[str, tuple[t
             for m in modules:
                 if not (factors[m][0].isfinite().all() and factors[m][1].isfinite().all()):
                     raise adapter.error(f"module {m!r} has non-finite values in lora_A/lora_B") from None
-            raise adapter.error(f"modules {modules[:4]}: the update s*B*A overflows float64 (scalings "
-                                f"{s.tolist()[:4]})") from None
+            raise adapter.error(
+                f"modules {modules[:4]}: the update s*B*A overflows float64 (scalings {s.tolist()[:4]})"
+            ) from None
         for j, m in enumerate(modules):
             a_j, b_j = a_star[j].to(dtype), b_star[j].to(dtype)
             if not bool(b_j.isfinite().all()):
-                raise adapter.error(f"module {m!r}: the aligned update overflows {dtype} (its largest singular "
-                                    f"value is {b_star[j].norm(dim=0).max().item():.3g}); build in float32")
+                raise adapter.error(
+                    f"module {m!r}: the aligned update overflows {dtype} (its largest singular "
+                    f"value is {b_star[j].norm(dim=0).max().item():.3g}); build in float32"
+                )
             out[m] = (a_j, b_j)
     return out
 
@@ -150,9 +153,11 @@ def run_jobs(target, jobs: list[Job], *, workers: int | None, progress: bool, de
                     bar.update(1)
             except BrokenProcessPool as e:
                 pool.shutdown(wait=True, cancel_futures=True)
-                raise RuntimeError(f"a worker process aligning adapters died ({e}); a script that builds with "
-                                   "workers must guard its top level with `if __name__ == '__main__':` (workers "
-                                   "import it), or pass workers=0") from None
+                raise RuntimeError(
+                    f"a worker process aligning adapters died ({e}); a script that builds with "
+                    "workers must guard its top level with `if __name__ == '__main__':` (workers "
+                    "import it), or pass workers=0"
+                ) from None
             except BaseException:
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
@@ -175,12 +180,15 @@ def plan_build(paths, names, dtype) -> tuple[list[Path], LibraryPlan]:
 def jobs_for(plan: LibraryPlan, paths: list[Path], first_index: int = 0) -> list[Job]:
     """One job per adapter index >= first_index (``paths[j]`` is adapter ``first_index + j``)."""
     rows = plan.rows_of_adapters()
-    return [(paths[i - first_index], [(m, r, plan.modules[m].ranks[r]) for m, r in rows[i]])
-            for i in range(first_index, len(plan.names))]
+    return [
+        (paths[i - first_index], [(m, r, plan.modules[m].ranks[r]) for m, r in rows[i]])
+        for i in range(first_index, len(plan.names))
+    ]
 
 
-def build_library(paths, output, *, names=None, dtype: torch.dtype = torch.float32, workers: int | None = None,
-                  progress: bool = True) -> BuildReport:
+def build_library(
+    paths, output, *, names=None, dtype: torch.dtype = torch.float32, workers: int | None = None, progress: bool = True
+) -> BuildReport:
     """Align PEFT folders straight into the library file ``output`` (see the module docstring).
 
     The file has the same bytes as ``Library.from_peft(paths, names, dtype=dtype).save(output)``.
@@ -191,8 +199,14 @@ def build_library(paths, output, *, names=None, dtype: torch.dtype = torch.float
     paths, plan = plan_build(paths, names, dtype)
     with LibraryWriter(Path(output), plan) as writer:
         run_jobs(writer.target, jobs_for(plan, paths), workers=workers, progress=progress, desc="aligning adapters")
-    return BuildReport(Path(output), len(plan.names), len(plan.names), len(plan.modules), writer.layout.size,
-                       time.perf_counter() - start)
+    return BuildReport(
+        Path(output),
+        len(plan.names),
+        len(plan.names),
+        len(plan.modules),
+        writer.layout.size,
+        time.perf_counter() - start,
+    )
 
 
 class MemoryTarget:
@@ -210,9 +224,16 @@ class MemoryTarget:
 
     def weights(self) -> dict[str, ModuleWeights]:
         index = self.plan.index_tensors()
-        return {m: ModuleWeights(a_star=self.a[m], b_star=self.b[m], prototypes=self.a[m][:, 0].clone(),
-                                 adapter_ids=index[f"{m}::adapter_ids"], ranks=index[f"{m}::ranks"])
-                for m in self.plan.modules}
+        return {
+            m: ModuleWeights(
+                a_star=self.a[m],
+                b_star=self.b[m],
+                prototypes=self.a[m][:, 0].clone(),
+                adapter_ids=index[f"{m}::adapter_ids"],
+                ranks=index[f"{m}::ranks"],
+            )
+            for m in self.plan.modules
+        }
 
 
 def build_in_memory(paths, names, dtype, progress: bool) -> tuple[LibraryPlan, dict[str, ModuleWeights]]:

@@ -26,8 +26,10 @@ from .writer import LibraryWriter, RowSource
 def _factor_dtype(stored: StoredLibrary) -> torch.dtype:
     dtypes = stored.factor_dtypes
     if len(dtypes) != 1:
-        raise ValueError(f"library file {str(stored.path)!r} mixes factor dtypes {sorted(map(str, dtypes))}; "
-                         "add/remove need one dtype (load it, cast with .to(dtype=...) and save it first)")
+        raise ValueError(
+            f"library file {str(stored.path)!r} mixes factor dtypes {sorted(map(str, dtypes))}; "
+            "add/remove need one dtype (load it, cast with .to(dtype=...) and save it first)"
+        )
     return dtypes.pop()
 
 
@@ -41,8 +43,9 @@ def _module_plans(stored: StoredLibrary) -> dict[str, tuple[ModulePlan, list[int
     return out
 
 
-def add_adapters(library, paths, *, names=None, output=None, workers: int | None = None,
-                 progress: bool = True) -> BuildReport:
+def add_adapters(
+    library, paths, *, names=None, output=None, workers: int | None = None, progress: bool = True
+) -> BuildReport:
     """Append the PEFT folders ``paths`` to the library file ``library`` (replaced atomically, or
     written to ``output``). New adapters are aligned into the library's dtype; existing ones are
     copied. Raises ValueError for a name already in the library, AdapterError for an adapter whose
@@ -55,26 +58,35 @@ def add_adapters(library, paths, *, names=None, output=None, workers: int | None
     paths, new_names = check_folder_names(paths, names)
     taken = sorted(set(new_names) & set(stored.names))
     if taken:
-        raise ValueError(f"library file {str(src)!r} already has adapters named {taken[:10]}: names must be unique "
-                         "(remove the old ones first, or give other --names)")
+        raise ValueError(
+            f"library file {str(src)!r} already has adapters named {taken[:10]}: names must be unique "
+            "(remove the old ones first, or give other --names)"
+        )
     dtype = _factor_dtype(stored)
     modules = {name: plan for name, (plan, _) in _module_plans(stored).items()}
     old_rows = {name: plan.num_adapters for name, plan in modules.items()}
     first = len(stored.names)
-    modules, base_models = plan_adapters(paths, first_index=first, modules=modules,
-                                         known_base_models={stored.base_model} if stored.base_model else set())
+    modules, base_models = plan_adapters(
+        paths, first_index=first, modules=modules, known_base_models={stored.base_model} if stored.base_model else set()
+    )
     plan = LibraryPlan(stored.names + new_names, dtype, modules, single_base_model(base_models))
     source = RowSource(stored)
     try:
         with LibraryWriter(out, plan) as writer:
             for name, count in old_rows.items():
                 writer.copy_rows(name, 0, source, 0, count)
-            run_jobs(writer.target, jobs_for(plan, paths, first), workers=workers, progress=progress,
-                     desc="aligning new adapters")
+            run_jobs(
+                writer.target,
+                jobs_for(plan, paths, first),
+                workers=workers,
+                progress=progress,
+                desc="aligning new adapters",
+            )
     finally:
         source.close()
-    return BuildReport(out, len(plan.names), len(new_names), len(plan.modules), writer.layout.size,
-                       time.perf_counter() - start)
+    return BuildReport(
+        out, len(plan.names), len(new_names), len(plan.modules), writer.layout.size, time.perf_counter() - start
+    )
 
 
 def remove_adapters(library, names, *, output=None) -> BuildReport:
@@ -98,11 +110,13 @@ def remove_adapters(library, names, *, output=None) -> BuildReport:
     for name, (plan, ids) in _module_plans(stored).items():
         rows = [r for r, i in enumerate(ids) if i in new_id]
         if rows:
-            modules[name] = ModulePlan(plan.d_in, plan.d_out, [new_id[ids[r]] for r in rows],
-                                       [plan.ranks[r] for r in rows])
+            modules[name] = ModulePlan(
+                plan.d_in, plan.d_out, [new_id[ids[r]] for r in rows], [plan.ranks[r] for r in rows]
+            )
             runs += [(name, dst, src_row, count) for dst, src_row, count in _runs(rows)]
-    plan = LibraryPlan([stored.names[i] for i in kept], _factor_dtype(stored), dict(sorted(modules.items())),
-                       stored.base_model)
+    plan = LibraryPlan(
+        [stored.names[i] for i in kept], _factor_dtype(stored), dict(sorted(modules.items())), stored.base_model
+    )
     source = RowSource(stored)
     try:
         with LibraryWriter(out, plan) as writer:

@@ -9,8 +9,8 @@ bytes a streaming build (``from_peft(..., output=)``) or an in-place ``add``/``r
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 
@@ -28,8 +28,14 @@ _check_names = check_names
 class Library:
     """N LoRA adapters for one base model, aligned for LAG routing (DESIGN §1)."""
 
-    def __init__(self, names: Sequence[str], modules: dict[str, ModuleWeights], *,
-                 base_model: str | None = None, source: str | None = None):
+    def __init__(
+        self,
+        names: Sequence[str],
+        modules: dict[str, ModuleWeights],
+        *,
+        base_model: str | None = None,
+        source: str | None = None,
+    ):
         self.names = _check_names(names)
         if not isinstance(modules, dict) or not modules:
             raise ValueError("a library needs at least one module (a dict of module name -> ModuleWeights)")
@@ -53,8 +59,10 @@ class Library:
 
     # -- description ---------------------------------------------------------------------------
     def __repr__(self) -> str:
-        return (f"Library({len(self.names)} adapters, {len(self.modules)} modules, r_max={self.r_max}, "
-                f"dtype={self.dtype}, {self.nbytes / 2**20:.1f} MiB)")
+        return (
+            f"Library({len(self.names)} adapters, {len(self.modules)} modules, r_max={self.r_max}, "
+            f"dtype={self.dtype}, {self.nbytes / 2**20:.1f} MiB)"
+        )
 
     @property
     def label(self) -> str:
@@ -70,19 +78,27 @@ class Library:
 
     @property
     def nbytes(self) -> int:
-        return sum(getattr(m, f).nbytes for m in self.modules.values() for f in _TENSOR_FIELDS
-                   if getattr(m, f) is not None)
+        return sum(
+            getattr(m, f).nbytes for m in self.modules.values() for f in _TENSOR_FIELDS if getattr(m, f) is not None
+        )
 
-    def to(self, device=None, dtype: torch.dtype | None = None, *, copy: bool = False) -> "Library":
+    def to(self, device=None, dtype: torch.dtype | None = None, *, copy: bool = False) -> Library:
         """Move/cast the factors; ``copy=True`` gives tensors that share nothing with this library."""
         modules = {name: m.to(device, dtype, copy=copy) for name, m in self.modules.items()}
         return Library(self.names, modules, base_model=self.base_model, source=self.source)
 
     # -- building --------------------------------------------------------------------------------
     @classmethod
-    def from_peft(cls, paths: str | os.PathLike | Iterable[str | os.PathLike], names: Sequence[str] | None = None,
-                  *, dtype: torch.dtype = torch.float32, progress: bool = True,
-                  output: str | os.PathLike | None = None, workers: int | None = None) -> "Library":
+    def from_peft(
+        cls,
+        paths: str | os.PathLike | Iterable[str | os.PathLike],
+        names: Sequence[str] | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        progress: bool = True,
+        output: str | os.PathLike | None = None,
+        workers: int | None = None,
+    ) -> Library:
         """Align PEFT LoRA folders (a list of them, or one folder) into a library.
 
         Reads every folder's config and tensor headers first (so a bad adapter fails before any
@@ -102,13 +118,17 @@ class Library:
     def save(self, path: str | os.PathLike) -> None:
         """Write the library to one safetensors file, atomically (``path`` keeps its old content
         until the new file is complete and synced), with the same bytes for equal libraries."""
-        tensors = {f"{module}::{f}": getattr(m, f) for module, m in self.modules.items() for f in _TENSOR_FIELDS
-                   if getattr(m, f) is not None}
+        tensors = {
+            f"{module}::{f}": getattr(m, f)
+            for module, m in self.modules.items()
+            for f in _TENSOR_FIELDS
+            if getattr(m, f) is not None
+        }
         metadata = library_metadata(self.names, self.base_model, self.modules, self.r_max, self.dtype)
         sio.write(Path(path), tensors, metadata)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Library":
+    def load(cls, path: str | os.PathLike) -> Library:
         """Memory-map a library saved by :meth:`save` after checking all of it.
 
         The factors stay in the file's private memory map (``patch`` copies what it keeps); every

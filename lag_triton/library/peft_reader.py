@@ -88,7 +88,7 @@ class PeftAdapter:
         return AdapterError(f"adapter {str(self.path)!r}: {message}")
 
     @classmethod
-    def open(cls, path: str | Path) -> "PeftAdapter":
+    def open(cls, path: str | Path) -> PeftAdapter:
         """Read the config and tensor headers (not the tensor data) and validate them."""
         path = Path(path)
         adapter = cls(path=path, config={})
@@ -104,8 +104,9 @@ class PeftAdapter:
         except OSError as e:
             raise adapter.error(f"{_CONFIG} cannot be read ({e.strerror or e})") from None
         if not isinstance(config, dict):
-            raise adapter.error(f"{_CONFIG} must hold a JSON object, got a JSON {sio.json_type(config)}: "
-                                f"{config!r:.60}")
+            raise adapter.error(
+                f"{_CONFIG} must hold a JSON object, got a JSON {sio.json_type(config)}: {config!r:.60}"
+            )
         adapter.config = config
         adapter._check_config()
         adapter._index_weights(adapter._read_shapes())
@@ -131,8 +132,10 @@ class PeftAdapter:
             raise self._field_error("lora_alpha", "must be a finite positive number")
         if not isinstance(cfg.get("use_rslora"), (bool, type(None))):
             raise self._field_error("use_rslora", "must be true or false")
-        for name, valid, what in (("rank_pattern", _is_positive_int, "a positive integer"),
-                                  ("alpha_pattern", _is_positive_number, "a finite positive number")):
+        for name, valid, what in (
+            ("rank_pattern", _is_positive_int, "a positive integer"),
+            ("alpha_pattern", _is_positive_number, "a finite positive number"),
+        ):
             patterns = cfg.get(name)
             if patterns is None:
                 continue
@@ -142,8 +145,9 @@ class PeftAdapter:
                 try:
                     re.compile(pattern)
                 except re.error as e:
-                    raise self._field_error(name, f"has key {pattern!r}, which is not a valid regular "
-                                                  f"expression ({e})") from None
+                    raise self._field_error(
+                        name, f"has key {pattern!r}, which is not a valid regular expression ({e})"
+                    ) from None
                 if not valid(value):
                     raise self._field_error(name, f"maps {pattern!r} to {value!r:.40}; expected {what}")
 
@@ -163,8 +167,9 @@ class PeftAdapter:
         header = self._safetensors_header(file)
         for key, entry in header.entries.items():
             if entry.torch_dtype not in FACTOR_DTYPES:
-                raise self._tensor_error(file, key, f"has dtype {entry.dtype}; LoRA factors must be F64, F32, "
-                                                    "F16 or BF16")
+                raise self._tensor_error(
+                    file, key, f"has dtype {entry.dtype}; LoRA factors must be F64, F32, F16 or BF16"
+                )
         return {k: e.shape for k, e in header.entries.items()}
 
     def _safetensors_header(self, file: Path) -> sio.Header:
@@ -185,12 +190,15 @@ class PeftAdapter:
             raise self.error(f"{file.name} holds a {type(tensors).__name__}; expected a dict of tensor name -> tensor")
         for key, value in tensors.items():
             if not isinstance(key, str):
-                raise self.error(f"{file.name} has a key {key!r:.40} ({type(key).__name__}); tensor names must be strings")
+                raise self.error(
+                    f"{file.name} has a key {key!r:.40} ({type(key).__name__}); tensor names must be strings"
+                )
             if not isinstance(value, torch.Tensor):
                 raise self._tensor_error(file, key, f"is a {type(value).__name__}, not a tensor")
             if value.dtype not in FACTOR_DTYPES:
-                raise self._tensor_error(file, key, f"has dtype {value.dtype}; LoRA factors must be float64, "
-                                                    "float32, float16 or bfloat16")
+                raise self._tensor_error(
+                    file, key, f"has dtype {value.dtype}; LoRA factors must be float64, float32, float16 or bfloat16"
+                )
         return tensors
 
     def _index_weights(self, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -203,12 +211,16 @@ class PeftAdapter:
                 raise self.error(f"tensor {key!r}: DoRA magnitude vectors are refused")
             match = _KEY.match(key)
             if match is None:
-                raise self.error(f"tensor {key!r} is not a LoRA A/B weight (modules_to_save, biases and other "
-                                 "extra tensors are refused)")
+                raise self.error(
+                    f"tensor {key!r} is not a LoRA A/B weight (modules_to_save, biases and other "
+                    "extra tensors are refused)"
+                )
             pair = keys.setdefault(match["module"], {})
             if match["factor"] in pair:
-                raise self.error(f"module {match['module']!r} has two lora_{match['factor']} tensors: "
-                                 f"{pair[match['factor']]!r} and {key!r}")
+                raise self.error(
+                    f"module {match['module']!r} has two lora_{match['factor']} tensors: "
+                    f"{pair[match['factor']]!r} and {key!r}"
+                )
             pair[match["factor"]] = key
         if not keys:
             raise self.error("contains no LoRA weights")
@@ -217,12 +229,16 @@ class PeftAdapter:
                 raise self.error(f"module {module!r} has lora_{''.join(pair)} but not its partner")
             shape_a, shape_b = shapes[pair["A"]], shapes[pair["B"]]
             if len(shape_a) != 2 or len(shape_b) != 2:
-                raise self.error(f"module {module!r}: lora_A {shape_a} / lora_B {shape_b} are not matrices "
-                                 "(convolution LoRA is refused)")
+                raise self.error(
+                    f"module {module!r}: lora_A {shape_a} / lora_B {shape_b} are not matrices "
+                    "(convolution LoRA is refused)"
+                )
             rank = _pattern_value(cfg.get("rank_pattern") or {}, module, cfg["r"])
             if shape_a[0] != rank or shape_b[1] != rank:
-                raise self.error(f"module {module!r}: lora_A {shape_a} and lora_B {shape_b} disagree with the "
-                                 f"configured rank r={rank} (r / rank_pattern)")
+                raise self.error(
+                    f"module {module!r}: lora_A {shape_a} and lora_B {shape_b} disagree with the "
+                    f"configured rank r={rank} (r / rank_pattern)"
+                )
             if rank > min(shape_a[1], shape_b[0]):
                 raise self.error(f"module {module!r}: rank {rank} exceeds the layer's size {shape_b[0]}x{shape_a[1]}")
             alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"])

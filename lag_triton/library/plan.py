@@ -51,11 +51,15 @@ class LibraryPlan:
         r, out = self.r_max, {}
         for name, m in self.modules.items():
             n = m.num_adapters
-            out.update({f"{name}::a_star": (self.dtype, (n, r, m.d_in)),
-                        f"{name}::b_star": (self.dtype, (n, m.d_out, r)),
-                        f"{name}::prototypes": (self.dtype, (n, m.d_in)),
-                        f"{name}::adapter_ids": (torch.int64, (n,)),
-                        f"{name}::ranks": (torch.int32, (n,))})
+            out.update(
+                {
+                    f"{name}::a_star": (self.dtype, (n, r, m.d_in)),
+                    f"{name}::b_star": (self.dtype, (n, m.d_out, r)),
+                    f"{name}::prototypes": (self.dtype, (n, m.d_in)),
+                    f"{name}::adapter_ids": (torch.int64, (n,)),
+                    f"{name}::ranks": (torch.int32, (n,)),
+                }
+            )
         return out
 
     def metadata(self) -> dict[str, str]:
@@ -82,14 +86,26 @@ class LibraryPlan:
 
 def library_metadata(names, base_model, modules, r_max: int, dtype: torch.dtype) -> dict[str, str]:
     """The file's string metadata (shared with ``Library.save``, so both write the same header)."""
-    header = {"names": list(names), "base_model": base_model, "modules": sorted(modules), "r_max": r_max,
-              "dtype": str(dtype).removeprefix("torch.")}
-    return {"format": FORMAT, "format_version": str(FORMAT_VERSION),
-            "library": json.dumps(header, sort_keys=True, separators=(",", ":"))}
+    header = {
+        "names": list(names),
+        "base_model": base_model,
+        "modules": sorted(modules),
+        "r_max": r_max,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    return {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "library": json.dumps(header, sort_keys=True, separators=(",", ":")),
+    }
 
 
-def plan_adapters(paths: list[Path], first_index: int = 0, modules: dict[str, ModulePlan] | None = None,
-                  known_base_models: set[str] | None = None) -> tuple[dict[str, ModulePlan], set[str]]:
+def plan_adapters(
+    paths: list[Path],
+    first_index: int = 0,
+    modules: dict[str, ModulePlan] | None = None,
+    known_base_models: set[str] | None = None,
+) -> tuple[dict[str, ModulePlan], set[str]]:
     """Read every folder's config and tensor headers (no tensor data) and add its rows to ``modules``
     (the modules of an existing library, for ``add``; one adapter is in memory at a time).
 
@@ -110,9 +126,11 @@ def plan_adapters(paths: list[Path], first_index: int = 0, modules: dict[str, Mo
                 plan = modules[module] = ModulePlan(f.d_in, f.d_out)
                 origin[module] = f"adapter {str(adapter.path)!r}"
             if (f.d_in, f.d_out) != (plan.d_in, plan.d_out):
-                raise adapter.error(f"module {module!r} has d_in x d_out = {f.d_in} x {f.d_out} "
-                                    f"(lora_A {f.key_a!r}) but {origin[module]} has "
-                                    f"{plan.d_in} x {plan.d_out}: all adapters must share one base model")
+                raise adapter.error(
+                    f"module {module!r} has d_in x d_out = {f.d_in} x {f.d_out} "
+                    f"(lora_A {f.key_a!r}) but {origin[module]} has "
+                    f"{plan.d_in} x {plan.d_out}: all adapters must share one base model"
+                )
             plan.ids.append(first_index + j)
             plan.ranks.append(f.rank)
     return dict(sorted(modules.items())), base_models
@@ -125,8 +143,7 @@ def check_folder_names(paths, names) -> tuple[list[Path], list[str]]:
     paths = [paths] if isinstance(paths, (str, PathLike)) else list(paths)
     for p in paths:
         if not isinstance(p, (str, PathLike)):
-            raise TypeError(f"adapter folders must be paths (str or os.PathLike), got {p!r:.60} "
-                            f"({type(p).__name__})")
+            raise TypeError(f"adapter folders must be paths (str or os.PathLike), got {p!r:.60} ({type(p).__name__})")
     paths = [Path(p) for p in paths]
     if not paths:
         raise ValueError("at least one adapter folder is needed")
@@ -139,4 +156,3 @@ def check_folder_names(paths, names) -> tuple[list[Path], list[str]]:
 def single_base_model(base_models: set[str]) -> str | None:
     """The base model when every adapter that names one names the same, else None (as ``from_peft``)."""
     return next(iter(base_models)) if len(base_models) == 1 else None
-

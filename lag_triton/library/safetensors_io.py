@@ -23,9 +23,18 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 # The format's own limit; also keeps a hostile length field from making us read gigabytes as JSON.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -64,7 +73,8 @@ def json_type(value) -> str:
     if value is None:
         return "null"
     return {bool: "boolean", int: "number", float: "number", str: "string", list: "list", dict: "object"}.get(
-        type(value), type(value).__name__)
+        type(value), type(value).__name__
+    )
 
 
 def _is_int(v) -> bool:
@@ -80,16 +90,17 @@ def read_header(path: Path) -> Header:
             raise SafetensorsProblem(f"too short to be a safetensors file ({size} bytes)")
         (header_len,) = struct.unpack("<Q", prefix)
         if header_len > size - 8 or header_len > MAX_HEADER_BYTES:
-            raise SafetensorsProblem(f"truncated or not a safetensors file (its header length field says "
-                                     f"{header_len} bytes in a {size}-byte file)")
+            raise SafetensorsProblem(
+                f"truncated or not a safetensors file (its header length field says "
+                f"{header_len} bytes in a {size}-byte file)"
+            )
         raw = fh.read(header_len)
     try:
         header = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SafetensorsProblem(f"not a safetensors file: its header is not JSON ({e})") from None
     if not isinstance(header, dict):
-        raise SafetensorsProblem(f"not a safetensors file: its header is a JSON {json_type(header)}, "
-                                 "not an object")
+        raise SafetensorsProblem(f"not a safetensors file: its header is a JSON {json_type(header)}, not an object")
     metadata = header.pop("__metadata__", None)
     if metadata is None:
         metadata = {}
@@ -113,15 +124,21 @@ def _check_entry(name: str, info, data_size: int) -> Entry:
         raise SafetensorsProblem(f"{where}: unsupported dtype {dtype!r:.40}")
     if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
         raise SafetensorsProblem(f"{where}: 'shape' must be a list of non-negative integers, got {shape!r:.80}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
-            and 0 <= offsets[0] <= offsets[1]):
-        raise SafetensorsProblem(f"{where}: 'data_offsets' must be [begin, end] with 0 <= begin <= end, "
-                                 f"got {offsets!r:.80}")
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(_is_int(o) for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
+        raise SafetensorsProblem(
+            f"{where}: 'data_offsets' must be [begin, end] with 0 <= begin <= end, got {offsets!r:.80}"
+        )
     begin, end = offsets
     nbytes = math.prod(shape) * DTYPES[dtype].itemsize
     if end - begin != nbytes:
-        raise SafetensorsProblem(f"{where}: shape {shape} of {dtype} needs {nbytes} bytes but 'data_offsets' "
-                                 f"{offsets} span {end - begin}")
+        raise SafetensorsProblem(
+            f"{where}: shape {shape} of {dtype} needs {nbytes} bytes but 'data_offsets' {offsets} span {end - begin}"
+        )
     if end > data_size:
         raise SafetensorsProblem(f"truncated: {where} ends at data byte {end} of {data_size}")
     return Entry(name, dtype, tuple(shape), begin, end)
@@ -138,8 +155,10 @@ def _check_layout(entries, data_size: int) -> None:
             raise SafetensorsProblem(f"data bytes [{position}, {begin}) before tensor {name!r} belong to no tensor")
         position, previous = end, name
     if position != data_size:
-        raise SafetensorsProblem(f"{data_size - position} data bytes after the last tensor belong to no tensor "
-                                 "(truncated header or appended data?)")
+        raise SafetensorsProblem(
+            f"{data_size - position} data bytes after the last tensor belong to no tensor "
+            "(truncated header or appended data?)"
+        )
 
 
 def map_tensors(path: Path, header: Header) -> dict[str, torch.Tensor]:
@@ -267,7 +286,7 @@ def _remove_stale_temps(path: Path) -> None:
     for name in names:
         if not (name.startswith(prefix) and name.endswith(TEMP_SUFFIX)):
             continue
-        pid = name[len(prefix):].split(".", 1)[0]
+        pid = name[len(prefix) :].split(".", 1)[0]
         if not pid.isdigit() or _pid_alive(int(pid)):
             continue
         try:

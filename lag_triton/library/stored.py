@@ -12,9 +12,9 @@ naming the file and the field. ``Library.load``, ``lag_triton info`` and the in-
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -23,8 +23,11 @@ from .weights import FIELDS
 
 FORMAT = "lag_triton.library"
 FORMAT_VERSION = 1
-FILE_DTYPES = {**{f: ("F64", "F32", "F16", "BF16") for f in ("a_star", "b_star", "prototypes")},
-               "adapter_ids": ("I64", "I32"), "ranks": ("I32", "I64")}
+FILE_DTYPES = {
+    **{f: ("F64", "F32", "F16", "BF16") for f in ("a_star", "b_star", "prototypes")},
+    "adapter_ids": ("I64", "I32"),
+    "ranks": ("I32", "I64"),
+}
 REQUIRED_FIELDS = FIELDS[:4]  # ranks is optional
 
 
@@ -106,8 +109,9 @@ class StoredLibrary:
         n = len(self.names)
         bad = ids[(ids < 0) | (ids >= n)]
         if bad.numel():
-            raise self.fail(f"module {module!r}: adapter_ids holds {bad[0].item()}, outside [0, {n}) (the "
-                            f"library has {n} names)")
+            raise self.fail(
+                f"module {module!r}: adapter_ids holds {bad[0].item()}, outside [0, {n}) (the library has {n} names)"
+            )
         if ids.unique().numel() != ids.numel():
             raise self.fail(f"module {module!r}: adapter_ids repeats an adapter: {ids.tolist()[:20]}")
         if ranks is not None and ((ranks < 1) | (ranks > m.rank)).any():
@@ -117,6 +121,7 @@ class StoredLibrary:
 
 def read_stored(path: Path) -> StoredLibrary:
     """Read and check a library file's header and metadata (not its tensor data)."""
+
     def fail(message: str) -> LibraryFormatError:
         return LibraryFormatError(f"library file {str(path)!r}: {message}")
 
@@ -130,8 +135,12 @@ def read_stored(path: Path) -> StoredLibrary:
     except (TypeError, ValueError) as e:
         raise fail(f"'names': {e}") from None
     modules = info["modules"]
-    if not (isinstance(modules, list) and modules and all(isinstance(m, str) for m in modules)
-            and len(set(modules)) == len(modules)):
+    if not (
+        isinstance(modules, list)
+        and modules
+        and all(isinstance(m, str) for m in modules)
+        and len(set(modules)) == len(modules)
+    ):
         raise fail(f"'modules' must be a non-empty list of distinct module names, got {modules!r:.80}")
     base_model = info.get("base_model")
     if base_model is not None and not isinstance(base_model, str):
@@ -144,8 +153,9 @@ def read_stored(path: Path) -> StoredLibrary:
     for name, entry in header.entries.items():
         module, field = expected[name]
         if entry.dtype not in FILE_DTYPES[field]:
-            raise fail(f"module {module!r}: tensor {field!r} has dtype {entry.dtype}; expected one of "
-                       f"{FILE_DTYPES[field]}")
+            raise fail(
+                f"module {module!r}: tensor {field!r} has dtype {entry.dtype}; expected one of {FILE_DTYPES[field]}"
+            )
         per_module[module][field] = entry
     for module, entries in per_module.items():
         missing = [f for f in REQUIRED_FIELDS if f not in entries]
@@ -162,8 +172,9 @@ def _library_metadata(meta: dict[str, str], fail) -> dict:
     if not (isinstance(version, str) and version.isascii() and version.isdigit() and int(version) >= 1):
         raise fail(f"metadata field 'format_version' must be a positive integer, got {version!r:.40}")
     if int(version) > FORMAT_VERSION:
-        raise fail(f"library format version {version}; this lag_triton reads up to {FORMAT_VERSION}: "
-                   "upgrade lag_triton")
+        raise fail(
+            f"library format version {version}; this lag_triton reads up to {FORMAT_VERSION}: upgrade lag_triton"
+        )
     if "library" not in meta:
         raise fail("metadata has no 'library' field")
     try:

@@ -31,7 +31,7 @@ _CHECK_CHUNK = 2**24  # elements per isfinite pass: its bool temporary stays at 
 
 def _all_finite(t: torch.Tensor) -> bool:
     rows = max(1, _CHECK_CHUNK // max(1, t[0].numel())) if t.shape[0] else 1
-    return all(bool(torch.isfinite(t[i:i + rows]).all()) for i in range(0, t.shape[0], rows))
+    return all(bool(torch.isfinite(t[i : i + rows]).all()) for i in range(0, t.shape[0], rows))
 
 
 @dataclass(frozen=True)
@@ -62,15 +62,18 @@ class ModuleWeights:
             if t is None:
                 continue
             if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
-                raise ValueError(f"ModuleWeights.{name} has shape {tuple(t.shape)}; expected "
-                                 f"{tuple('d_out' if s is None else s for s in shape)} for a_star {tuple(self.a_star.shape)}")
+                raise ValueError(
+                    f"ModuleWeights.{name} has shape {tuple(t.shape)}; expected "
+                    f"{tuple('d_out' if s is None else s for s in shape)} for a_star {tuple(self.a_star.shape)}"
+                )
         if self.b_star.shape[1] == 0:
             raise ValueError(f"ModuleWeights.b_star has d_out = 0: shape {tuple(self.b_star.shape)}")
         for f in FACTORS:
             t = getattr(self, f)
             if t.dtype not in FACTOR_DTYPES:
-                raise ValueError(f"ModuleWeights.{f} has dtype {t.dtype}; factors must be float64, float32, "
-                                 "float16 or bfloat16")
+                raise ValueError(
+                    f"ModuleWeights.{f} has dtype {t.dtype}; factors must be float64, float32, float16 or bfloat16"
+                )
         for f in INDEX_MAPS:
             t = getattr(self, f)
             if t is not None and t.dtype not in _INDEX_DTYPES:
@@ -107,8 +110,9 @@ class ModuleWeights:
         ids = self.adapter_ids.to("cpu", torch.int64)
         bad = ids[(ids < 0) | (ids >= num_names)]
         if bad.numel():
-            raise ValueError(f"adapter_ids holds {bad[0].item()}, outside [0, {num_names}) (the library has "
-                             f"{num_names} names)")
+            raise ValueError(
+                f"adapter_ids holds {bad[0].item()}, outside [0, {num_names}) (the library has {num_names} names)"
+            )
         if ids.unique().numel() != ids.numel():
             raise ValueError(f"adapter_ids repeats an adapter: {ids.tolist()[:20]}")
         if self.ranks is not None:
@@ -119,12 +123,13 @@ class ModuleWeights:
             if not _all_finite(getattr(self, f)):
                 raise ValueError(f"{f} holds NaN or inf")
 
-    def to(self, device=None, dtype: torch.dtype | None = None, *, copy: bool = False) -> "ModuleWeights":
+    def to(self, device=None, dtype: torch.dtype | None = None, *, copy: bool = False) -> ModuleWeights:
         """Move to ``device``; cast the factors (not the integer maps) to ``dtype``.
 
         With ``copy=True`` every tensor is a new contiguous tensor that shares no memory with
         this one (nor with a memory-mapped file behind it).
         """
+
         def move(t: torch.Tensor | None):
             if t is None:
                 return None

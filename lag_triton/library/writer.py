@@ -61,8 +61,11 @@ class StreamingFile:
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 free = shutil.disk_usage(self.path.parent).free
-                raise OSError(errno.ENOSPC, f"cannot write {str(self.path)!r}: it needs {size:,} bytes and "
-                                            f"{free:,} are free on that disk", str(self.path)) from None
+                raise OSError(
+                    errno.ENOSPC,
+                    f"cannot write {str(self.path)!r}: it needs {size:,} bytes and {free:,} are free on that disk",
+                    str(self.path),
+                ) from None
             if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
                 raise
         except AttributeError:  # no posix_fallocate on this platform
@@ -75,8 +78,9 @@ class StreamingFile:
     def commit(self) -> None:
         """fsync, rename over ``path``, fsync the folder. The file is complete only after this."""
         if os.fstat(self.fd).st_size != self.size:
-            raise RuntimeError(f"internal error: {self.temp} has {os.fstat(self.fd).st_size} bytes, "
-                               f"expected {self.size}")
+            raise RuntimeError(
+                f"internal error: {self.temp} has {os.fstat(self.fd).st_size} bytes, expected {self.size}"
+            )
         os.fsync(self.fd)
         os.close(self.fd)
         self.done = True
@@ -162,7 +166,7 @@ class LibraryWriter:
             self.file.abort()
             raise
 
-    def __enter__(self) -> "LibraryWriter":
+    def __enter__(self) -> LibraryWriter:
         return self
 
     def __exit__(self, kind, value, tb) -> None:
@@ -172,13 +176,16 @@ class LibraryWriter:
         else:
             self.file.abort()
 
-    def copy_rows(self, module: str, dst_row: int, source: "RowSource", src_row: int, count: int) -> None:
+    def copy_rows(self, module: str, dst_row: int, source: RowSource, src_row: int, count: int) -> None:
         """Copy ``count`` rows of ``module`` from an existing library file (same dtype), re-padding
         the rank when it differs. Rows must only carry zero padding beyond the new rank."""
         plan = self.plan.modules[module]
         item, r_new = self.plan.dtype.itemsize, self.plan.r_max
-        for field, row_shape in (("a_star", (r_new, plan.d_in)), ("b_star", (plan.d_out, r_new)),
-                                 ("prototypes", (plan.d_in,))):
+        for field, row_shape in (
+            ("a_star", (r_new, plan.d_in)),
+            ("b_star", (plan.d_out, r_new)),
+            ("prototypes", (plan.d_in,)),
+        ):
             row_bytes = item * math.prod(row_shape)
             dst = self.layout.data_start + self.layout.offsets[f"{module}::{field}"][0] + dst_row * row_bytes
             if field == "prototypes" or source.rank(module) == r_new:
@@ -187,19 +194,20 @@ class LibraryWriter:
                 for first in range(0, count, max(1, _COPY_CHUNK // max(1, row_bytes))):
                     n = min(count - first, max(1, _COPY_CHUNK // max(1, row_bytes)))
                     rows = source.read_rows(module, field, src_row + first, n)
-                    self.file.pwrite(tensor_bytes(_repad(rows, field, r_new, source, module)),
-                                     dst + first * row_bytes)
+                    self.file.pwrite(tensor_bytes(_repad(rows, field, r_new, source, module)), dst + first * row_bytes)
 
 
-def _repad(rows: torch.Tensor, field: str, r_new: int, source: "RowSource", module: str) -> torch.Tensor:
+def _repad(rows: torch.Tensor, field: str, r_new: int, source: RowSource, module: str) -> torch.Tensor:
     """[n, r_old, d_in] -> [n, r_new, d_in] (a_star) or [n, d_out, r_old] -> [n, d_out, r_new] (b_star)."""
     dim = 1 if field == "a_star" else 2
     r_old = rows.shape[dim]
     if r_new < r_old:
         cut = rows.narrow(dim, r_new, r_old - r_new)
         if bool(cut.any()):
-            raise source.fail(f"module {module!r}: {field} has non-zero values beyond the rank its 'ranks' "
-                              f"gives (columns {r_new}..{r_old - 1}); cannot re-pad it")
+            raise source.fail(
+                f"module {module!r}: {field} has non-zero values beyond the rank its 'ranks' "
+                f"gives (columns {r_new}..{r_old - 1}); cannot re-pad it"
+            )
         return rows.narrow(dim, 0, r_new)
     shape = list(rows.shape)
     shape[dim] = r_new
@@ -252,8 +260,13 @@ def copy_file_range(src_fd: int, src: int, dst_fd: int, dst: int, nbytes: int) -
         try:
             n = os.copy_file_range(src_fd, dst_fd, nbytes, src, dst)
         except (AttributeError, OSError) as e:
-            if isinstance(e, OSError) and e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL,
-                                                          errno.EOPNOTSUPP, errno.EPERM):
+            if isinstance(e, OSError) and e.errno not in (
+                errno.EXDEV,
+                errno.ENOSYS,
+                errno.EINVAL,
+                errno.EOPNOTSUPP,
+                errno.EPERM,
+            ):
                 raise
             n = 0
         if n == 0:  # unsupported here, or the source ended early: copy the rest by hand

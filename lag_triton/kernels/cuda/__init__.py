@@ -24,12 +24,24 @@ from types import ModuleType
 import torch
 
 from .. import reference
-from ..common import (check_apply_args, check_rerank_args, check_topk_args, empty_rerank_outputs, empty_topk_outputs,
-                      prototype_scores, score_row_chunks)
+from ..common import (
+    check_apply_args,
+    check_rerank_args,
+    check_topk_args,
+    empty_rerank_outputs,
+    empty_topk_outputs,
+    prototype_scores,
+    score_row_chunks,
+)
 from .build_info import NVCC_FLAGS, SOURCES, find_nvcc
 
 __all__ = [
-    "arrow_topk", "spectr_rerank", "lora_apply", "extension_unavailable_reason", "csrc_dir", "SOURCES",
+    "arrow_topk",
+    "spectr_rerank",
+    "lora_apply",
+    "extension_unavailable_reason",
+    "csrc_dir",
+    "SOURCES",
     "raise_on_error",
 ]
 
@@ -147,8 +159,13 @@ def raise_on_error(result: object) -> None:
         raise RuntimeError(str(result))
 
 
-def arrow_topk(x: torch.Tensor, prototypes: torch.Tensor, k: int, allowed: torch.Tensor | None = None,
-               scope: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def arrow_topk(
+    x: torch.Tensor,
+    prototypes: torch.Tensor,
+    k: int,
+    allowed: torch.Tensor | None = None,
+    scope: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Arrow retrieval: idx [T, k] int32 (best first, ties -> lower index) and scores [T, k] fp32.
 
     From SELECT_MIN_T tokens on (and for any scoped call) the scores are one cuBLAS GEMM with fp32
@@ -167,8 +184,17 @@ def arrow_topk(x: torch.Tensor, prototypes: torch.Tensor, k: int, allowed: torch
     if allowed is not None or x.shape[0] >= SELECT_MIN_T:
         mask = allowed.contiguous().view(torch.uint8) if allowed is not None else None
         for rows in score_row_chunks(x.shape[0], prototypes.shape[0]):
-            raise_on_error(ext.arrow_select(prototype_scores(x[rows], prototypes), k, idx[rows], scores[rows], mask,
-                                            None if scope is None else scope[rows].contiguous(), _stream(x.device)))
+            raise_on_error(
+                ext.arrow_select(
+                    prototype_scores(x[rows], prototypes),
+                    k,
+                    idx[rows],
+                    scores[rows],
+                    mask,
+                    None if scope is None else scope[rows].contiguous(),
+                    _stream(x.device),
+                )
+            )
         return idx, scores
     raise_on_error(ext.arrow_topk(x, prototypes, k, idx, scores, _stream(x.device)))
     return idx, scores
@@ -192,10 +218,21 @@ def spectr_rerank(
     if candidate_scores is not None:
         candidate_scores = candidate_scores.to(device=x.device, dtype=torch.float32).contiguous()
     sel, w, z = empty_rerank_outputs(x, top_m, a_star.shape[1])
-    raise_on_error(ext.spectr_rerank(
-        x, a_star, candidates, top_m, combine == "uniform", float(temperature), candidate_scores, sel, w, z,
-        _stream(x.device),
-    ))
+    raise_on_error(
+        ext.spectr_rerank(
+            x,
+            a_star,
+            candidates,
+            top_m,
+            combine == "uniform",
+            float(temperature),
+            candidate_scores,
+            sel,
+            w,
+            z,
+            _stream(x.device),
+        )
+    )
     return sel, w, z
 
 

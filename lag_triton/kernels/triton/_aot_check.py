@@ -37,16 +37,36 @@ L = sys.modules[__package__ + ".lora_apply"]
 T = sys.modules[__package__ + ".tuning"]
 
 # Integer arguments that are multiples of 16 on aligned shapes (pointers always are: torch allocations).
-ALIGNED_INTS = {"D", "DOUT", "n_per_split", "stride_s", "stride_allowed", "d_per_split", "stride_xt", "stride_pn", "stride_an", "stride_ar",
-                "stride_yt", "stride_bn", "stride_bo"}
+ALIGNED_INTS = {
+    "D",
+    "DOUT",
+    "n_per_split",
+    "stride_s",
+    "stride_allowed",
+    "d_per_split",
+    "stride_xt",
+    "stride_pn",
+    "stride_an",
+    "stride_ar",
+    "stride_yt",
+    "stride_bn",
+    "stride_bo",
+}
 
 
 # (T, N, r, d_in, k, top_m, candidate_scores?) -> the plans spectr_rerank makes for them: every path
 # (split-d decode, fused, adapter-grouped prefill, arrow-router scores), ranks 1 / 6 / 128, top_m 1 / 3 / 16.
-RERANK_SHAPES = [(1, 1000, 6, 3072, 20, 1, False), (1, 1000, 6, 8192, 20, 3, False), (32, 10000, 6, 3072, 20, 1, False),
-                 (2048, 1000, 6, 3072, 20, 1, False), (2048, 100000, 6, 3072, 20, 1, False),
-                 (2048, 100000, 1, 8192, 20, 3, False), (5, 1000, 6, 3072, 20, 3, True),
-                 (1, 1000, 128, 3072, 20, 16, False), (2048, 1000, 128, 3072, 20, 1, False)]
+RERANK_SHAPES = [
+    (1, 1000, 6, 3072, 20, 1, False),
+    (1, 1000, 6, 8192, 20, 3, False),
+    (32, 10000, 6, 3072, 20, 1, False),
+    (2048, 1000, 6, 3072, 20, 1, False),
+    (2048, 100000, 6, 3072, 20, 1, False),
+    (2048, 100000, 1, 8192, 20, 3, False),
+    (5, 1000, 6, 3072, 20, 3, True),
+    (1, 1000, 128, 3072, 20, 16, False),
+    (2048, 1000, 128, 3072, 20, 1, False),
+]
 
 
 def _rerank_cases(dt: str):
@@ -57,28 +77,104 @@ def _rerank_cases(dt: str):
         plan = S.rerank_plan(t, n, r, d, k, m, scores, HOPPER_SMS)
         shape = f"T{t} N{n} r{r} d{d} k{k} m{m}"
         if plan.path == "split":
-            sig = {**x_a, "cand_ptr": "*i32", "zp_ptr": "*fp32", "T": "i32", "N": "i32", "R": "i32", "D": "i32",
-                   "K": "i32", "d_per_split": "i32", **strides}
-            yield (f"rerank partial_z {dt} {shape}", S._partial_z_kernel, sig,
-                   {"R_PAD": plan.r_pad, "BLOCK_K": plan.block_k, "BLOCK_D": plan.block_d}, 4)
+            sig = {
+                **x_a,
+                "cand_ptr": "*i32",
+                "zp_ptr": "*fp32",
+                "T": "i32",
+                "N": "i32",
+                "R": "i32",
+                "D": "i32",
+                "K": "i32",
+                "d_per_split": "i32",
+                **strides,
+            }
+            yield (
+                f"rerank partial_z {dt} {shape}",
+                S._partial_z_kernel,
+                sig,
+                {"R_PAD": plan.r_pad, "BLOCK_K": plan.block_k, "BLOCK_D": plan.block_d},
+                4,
+            )
         if plan.path == "grouped":
-            sig = {**x_a, "sorted_ad_ptr": "*i32", "sorted_pair_ptr": "*i64", "z_ptr": "*fp32", "P": "i32",
-                   "N": "i32", "R": "i32", "D": "i32", "K": "i32", **strides}
-            yield (f"rerank grouped_z {dt} {shape}", S._grouped_z_kernel, sig,
-                   {"R_PAD": max(plan.r_pad, 16), "BLOCK_P": plan.block_p, "BLOCK_D": plan.grouped_block_d,
-                    "UPCAST": False}, 4)
-        sig = {**x_a, "cand_ptr": "*i32", "cs_ptr": "*fp32", "zp_ptr": "*fp32", "sel_ptr": "*i32", "w_ptr": "*fp32",
-               "z_ptr": "*fp32", "T": "i32", "N": "i32", "R": "i32", "D": "i32", "K": "i32", "M": "i32",
-               "temperature": "fp32", **strides, "stride_cs": "i32"}
-        yield (f"rerank select {dt} {shape} {plan.path}", S._select_kernel, sig,
-               {"Z_MODE": plan.z_mode, "Z_SPLITS": plan.z_splits, "HAS_SCORES": scores, "SOFTMAX": m > 1,
-                "R_PAD": plan.r_pad, "M_PAD": plan.m_pad, "BLOCK_K": plan.block_k, "BLOCK_D": plan.block_d}, 4)
+            sig = {
+                **x_a,
+                "sorted_ad_ptr": "*i32",
+                "sorted_pair_ptr": "*i64",
+                "z_ptr": "*fp32",
+                "P": "i32",
+                "N": "i32",
+                "R": "i32",
+                "D": "i32",
+                "K": "i32",
+                **strides,
+            }
+            yield (
+                f"rerank grouped_z {dt} {shape}",
+                S._grouped_z_kernel,
+                sig,
+                {
+                    "R_PAD": max(plan.r_pad, 16),
+                    "BLOCK_P": plan.block_p,
+                    "BLOCK_D": plan.grouped_block_d,
+                    "UPCAST": False,
+                },
+                4,
+            )
+        sig = {
+            **x_a,
+            "cand_ptr": "*i32",
+            "cs_ptr": "*fp32",
+            "zp_ptr": "*fp32",
+            "sel_ptr": "*i32",
+            "w_ptr": "*fp32",
+            "z_ptr": "*fp32",
+            "T": "i32",
+            "N": "i32",
+            "R": "i32",
+            "D": "i32",
+            "K": "i32",
+            "M": "i32",
+            "temperature": "fp32",
+            **strides,
+            "stride_cs": "i32",
+        }
+        yield (
+            f"rerank select {dt} {shape} {plan.path}",
+            S._select_kernel,
+            sig,
+            {
+                "Z_MODE": plan.z_mode,
+                "Z_SPLITS": plan.z_splits,
+                "HAS_SCORES": scores,
+                "SOFTMAX": m > 1,
+                "R_PAD": plan.r_pad,
+                "M_PAD": plan.m_pad,
+                "BLOCK_K": plan.block_k,
+                "BLOCK_D": plan.block_d,
+            },
+            4,
+        )
 
 
 def _apply_sig(dt: str) -> dict:
-    return {"y_ptr": "*" + dt, "b_ptr": "*" + dt, "sel_ptr": "*i32", "w_ptr": "*fp32", "z_ptr": "*fp32",
-            "order_ptr": "*i64", "T": "i32", "N": "i32", "DOUT": "i32", "R": "i32", "M": "i32",
-            "stride_yt": "i32", "stride_bn": "i32", "stride_bo": "i32", "stride_br": "i32"}
+    return {
+        "y_ptr": "*" + dt,
+        "b_ptr": "*" + dt,
+        "sel_ptr": "*i32",
+        "w_ptr": "*fp32",
+        "z_ptr": "*fp32",
+        "order_ptr": "*i64",
+        "T": "i32",
+        "N": "i32",
+        "DOUT": "i32",
+        "R": "i32",
+        "M": "i32",
+        "stride_yt": "i32",
+        "stride_bn": "i32",
+        "stride_bo": "i32",
+        "stride_br": "i32",
+    }
 
 
 def _cases():
@@ -90,18 +186,40 @@ def _cases():
         for t, d_out in [(1, 8192), (1, 3072), (2, 3072), (4, 8192), (32, 8192), (2048, 3072)]:
             cfg = L.apply_config(t, d_out, HOPPER_SMS)
             warps = cfg.pop("num_warps")
-            yield (f"lora_apply {dt} T{t} d_out{d_out} {cfg}", L._lora_apply_kernel, sig,
-                   dict(cfg, SORTED=t >= L.SORT_MIN_T), warps)
+            yield (
+                f"lora_apply {dt} T{t} d_out{d_out} {cfg}",
+                L._lora_apply_kernel,
+                sig,
+                dict(cfg, SORTED=t >= L.SORT_MIN_T),
+                warps,
+            )
     # the Arrow select reads fp32 scores whatever the activation dtype; configs from the launcher's select_config
-    sig = {"s_ptr": "*fp32", "buf_ptr": "*i64", "idx_ptr": "*i32", "score_ptr": "*fp32", "part_ptr": "*i64",
-           "allowed_ptr": "*u8", "scope_ptr": "*i32", "N": "i32", "K": "i32", "S": "i32", "n_per_split": "i32",
-           "stride_s": "i32", "stride_allowed": "i32"}
+    sig = {
+        "s_ptr": "*fp32",
+        "buf_ptr": "*i64",
+        "idx_ptr": "*i32",
+        "score_ptr": "*fp32",
+        "part_ptr": "*i64",
+        "allowed_ptr": "*u8",
+        "scope_ptr": "*i32",
+        "N": "i32",
+        "K": "i32",
+        "S": "i32",
+        "n_per_split": "i32",
+        "stride_s": "i32",
+        "stride_allowed": "i32",
+    }
     for kp in (1, 2, 32, 128, A.MAX_K_PAD):
         for split, scoped in ((False, False), (True, False), (False, True), (True, True)):
             cfg = A.select_config(kp)
             warps = cfg.pop("num_warps")
-            yield (f"arrow select k{kp} split={split} scoped={scoped}", A._select_kernel, sig,
-                   dict(cfg, HAS_SCOPE=scoped, SPLIT=split, SPLITS=24 if split else 1, K_PAD=kp), warps)
+            yield (
+                f"arrow select k{kp} split={split} scoped={scoped}",
+                A._select_kernel,
+                sig,
+                dict(cfg, HAS_SCOPE=scoped, SPLIT=split, SPLITS=24 if split else 1, K_PAD=kp),
+                warps,
+            )
     # every configuration a shipped per-GPU table (tuning.py, tuned/*.json) can choose
     for op, tuned_cfg, entry in T.all_table_configs():
         kp = entry.get("k_pad", 32)
@@ -110,21 +228,35 @@ def _cases():
         warps = cfg.pop("num_warps")
         if op == "arrow_select":
             for split in (False, True):
-                yield (f"tuned arrow select {entry}", A._select_kernel, sig,
-                       dict(cfg, HAS_SCOPE=False, SPLIT=split, SPLITS=24 if split else 1, K_PAD=kp), warps)
+                yield (
+                    f"tuned arrow select {entry}",
+                    A._select_kernel,
+                    sig,
+                    dict(cfg, HAS_SCOPE=False, SPLIT=split, SPLITS=24 if split else 1, K_PAD=kp),
+                    warps,
+                )
         else:
             for dt in ("bf16", "fp16", "fp32"):
-                yield (f"tuned lora_apply {dt} {entry}", L._lora_apply_kernel, _apply_sig(dt),
-                       dict(cfg, SORTED=True), warps)
+                yield (
+                    f"tuned lora_apply {dt} {entry}",
+                    L._lora_apply_kernel,
+                    _apply_sig(dt),
+                    dict(cfg, SORTED=True),
+                    warps,
+                )
     # the split-N merge, as arrow_topk launches it for decode-sized T (split_plan, then tiles of next_pow2(T) <= 16)
     sig = {"part_ptr": "*i64", "idx_ptr": "*i32", "score_ptr": "*fp32", "T": "i32", "K": "i32"}
     for t, n in ((1, 100_000), (1, 1_000_000), (2, 100_000), (16, 100_000), (32, 1_000_000)):
         for kp in (1, 2, 32, 128):
             splits, _ = A.split_plan(t, n, A.select_config(kp)["BLOCK"], HOPPER_SMS)
             rows = min(16, A.next_pow2(t))
-            yield (f"topk merge T{t} N{n} k{kp} splits{splits}", A._merge_kernel, sig,
-                   {"SPLITS": splits, "K_PAD": kp, "BLOCK_T": rows,
-                    "BLOCK_C": A._merge_block_c(rows, splits * kp, kp)}, 4)
+            yield (
+                f"topk merge T{t} N{n} k{kp} splits{splits}",
+                A._merge_kernel,
+                sig,
+                {"SPLITS": splits, "K_PAD": kp, "BLOCK_T": rows, "BLOCK_C": A._merge_block_c(rows, splits * kp, kp)},
+                4,
+            )
 
 
 def _ptxas_resources(ptx: str, capability: int) -> dict:
@@ -136,11 +268,17 @@ def _ptxas_resources(ptx: str, capability: int) -> dict:
         with open(src, "w") as f:
             f.write(ptx)
         arch = f"sm_{capability}a" if capability == 90 else f"sm_{capability}"
-        log = subprocess.run([get_ptxas(capability).path, "-v", f"--gpu-name={arch}", src, "-o",
-                              os.path.join(tmp, "k.cubin")], capture_output=True, text=True).stderr
+        log = subprocess.run(
+            [get_ptxas(capability).path, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(tmp, "k.cubin")],
+            capture_output=True,
+            text=True,
+        ).stderr
     num = lambda pattern: int(m.group(1)) if (m := re.search(pattern, log)) else -1  # noqa: E731
-    return dict(regs=num(r"Used (\d+) registers"), spill_stores=num(r"(\d+) bytes spill stores"),
-                spill_loads=num(r"(\d+) bytes spill loads"))
+    return dict(
+        regs=num(r"Used (\d+) registers"),
+        spill_stores=num(r"(\d+) bytes spill stores"),
+        spill_loads=num(r"(\d+) bytes spill loads"),
+    )
 
 
 def _compile(job):
@@ -151,11 +289,17 @@ def _compile(job):
     full_sig = dict(sig, **{k: "constexpr" for k in consts})
     attrs = {}
     if aligned:
-        attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]]
-                 for a, ty in sig.items() if ty.startswith("*") or a in ALIGNED_INTS}
+        attrs = {
+            (fn.arg_names.index(a),): [["tt.divisibility", 16]]
+            for a, ty in sig.items()
+            if ty.startswith("*") or a in ALIGNED_INTS
+        }
     try:
-        kernel = triton.compile(ASTSource(fn=fn, signature=full_sig, constexprs=consts, attrs=attrs),
-                                target=GPUTarget("cuda", capability, 32), options=dict(num_warps=warps, num_stages=3))
+        kernel = triton.compile(
+            ASTSource(fn=fn, signature=full_sig, constexprs=consts, attrs=attrs),
+            target=GPUTarget("cuda", capability, 32),
+            options=dict(num_warps=warps, num_stages=3),
+        )
     except Exception as exc:  # noqa: BLE001 - report every failing config
         return name, repr(exc)[-2000:], None
     res = None
@@ -186,8 +330,10 @@ def main(argv=None) -> int:
             failures += 1
             print(f"FAIL {name}: {error}")
         elif res is not None:
-            print(f"{res['regs']:4d} regs {res['spill_stores']:6d} B spill-st {res['spill_loads']:6d} B spill-ld "
-                  f"{res['smem']:6d} B smem {res['warps']} warps  {name}")
+            print(
+                f"{res['regs']:4d} regs {res['spill_stores']:6d} B spill-st {res['spill_loads']:6d} B spill-ld "
+                f"{res['smem']:6d} B smem {res['warps']} warps  {name}"
+            )
     print(f"{len(results)} compiles for sm_{capability}, {failures} failures")
     return 1 if failures else 0
 

@@ -37,7 +37,7 @@ def rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -116,4 +116,3 @@ def merge_topk_if_better(best, cand, K_PAD: tl.constexpr):
     if improves > 0:
         best = merge_topk(best, cand, K_PAD)
     return best
-

@@ -32,8 +32,19 @@ import triton.language as tl
 
 from ..common import check_topk_args, empty_topk_outputs, prototype_scores, score_row_chunks
 from ..reference import topk_of_scores
-from ._common import (EMPTY_SLOT, interpreting, key_to_float, merge_topk_if_better, next_pow2, num_sms, order_key,
-                      pack, rows_contiguous, unpack_index, unpack_key)
+from ._common import (
+    EMPTY_SLOT,
+    interpreting,
+    key_to_float,
+    merge_topk_if_better,
+    next_pow2,
+    num_sms,
+    order_key,
+    pack,
+    rows_contiguous,
+    unpack_index,
+    unpack_key,
+)
 from .tuning import tuned
 
 #: largest padded k the select keeps in registers; a larger k (a rerank of > 1024 candidates per
@@ -101,11 +112,15 @@ def _select_kernel(
     part_ptr,  # out: packed partial top-K_PAD [T, SPLITS, K_PAD] int64 (when SPLIT)
     allowed_ptr,  # scope masks [S, N] uint8 (when HAS_SCOPE): adapters token t may use are allowed[scope[t]]
     scope_ptr,  # scope row of each token [T] int32 (when HAS_SCOPE)
-    N, K, S,
+    N,
+    K,
+    S,
     n_per_split,  # columns per split (multiple of BLOCK)
-    stride_s, stride_allowed,
+    stride_s,
+    stride_allowed,
     HAS_SCOPE: tl.constexpr,
-    SPLIT: tl.constexpr, SPLITS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    SPLITS: tl.constexpr,
     BLOCK: tl.constexpr,  # columns loaded per step
     CAP: tl.constexpr,  # buffer words per (row, split) (>= BLOCK)
     K_PAD: tl.constexpr,
@@ -160,8 +175,10 @@ def _merge_kernel(
     part_ptr,  # packed partial top-K_PAD lists [T, SPLITS, K_PAD] int64
     idx_ptr,  # out: idx [T, K] int32
     score_ptr,  # out: |scores| [T, K] fp32
-    T, K,
-    SPLITS: tl.constexpr, K_PAD: tl.constexpr,
+    T,
+    K,
+    SPLITS: tl.constexpr,
+    K_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr,  # tokens per program: next_pow2(T) capped at 16 (1 row at decode)
     BLOCK_C: tl.constexpr,  # words per chunk (power of two >= K_PAD)
 ):
@@ -173,8 +190,9 @@ def _merge_kernel(
     best = tl.full([BLOCK_T, K_PAD], EMPTY_SLOT, tl.int64)
     for c0 in range(0, L, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
-        words = tl.load(part_ptr + rows[:, None] * L + cols[None, :],
-                        mask=row_mask[:, None] & (cols[None, :] < L), other=EMPTY_SLOT)
+        words = tl.load(
+            part_ptr + rows[:, None] * L + cols[None, :], mask=row_mask[:, None] & (cols[None, :] < L), other=EMPTY_SLOT
+        )
         best = merge_topk_if_better(best, words, K_PAD)
     _store_topk(best, rows, row_mask, idx_ptr, score_ptr, K, K, K_PAD)
 
@@ -208,8 +226,14 @@ def _merge_block_c(rows: int, words: int, k_pad: int) -> int:
     return max(k_pad, min(next_pow2(words), cap))
 
 
-def _select(scores: torch.Tensor, k: int, idx: torch.Tensor, out_scores: torch.Tensor,
-            allowed: torch.Tensor | None, scope: torch.Tensor | None) -> None:
+def _select(
+    scores: torch.Tensor,
+    k: int,
+    idx: torch.Tensor,
+    out_scores: torch.Tensor,
+    allowed: torch.Tensor | None,
+    scope: torch.Tensor | None,
+) -> None:
     """idx / out_scores [t, k] = the filtered top-k of |scores| [t, n] per row, among the adapters
     ``allowed[scope[row]]`` when scoped (launches 1 or 2 kernels)."""
     t, n = scores.shape
@@ -229,18 +253,40 @@ def _select(scores: torch.Tensor, k: int, idx: torch.Tensor, out_scores: torch.T
     scoped = allowed is not None
     allowed_u8 = rows_contiguous(allowed).view(torch.uint8) if scoped else part  # part: an unread placeholder
     _select_kernel[(t, splits)](
-        scores, buf, idx, out_scores, part, allowed_u8, scope if scoped else part, n, k,
-        allowed.shape[0] if scoped else 0, per_split, scores.stride(0), allowed_u8.stride(0) if scoped else 0,
-        HAS_SCOPE=scoped, SPLIT=splits > 1, SPLITS=splits, K_PAD=k_pad, **cfg)
+        scores,
+        buf,
+        idx,
+        out_scores,
+        part,
+        allowed_u8,
+        scope if scoped else part,
+        n,
+        k,
+        allowed.shape[0] if scoped else 0,
+        per_split,
+        scores.stride(0),
+        allowed_u8.stride(0) if scoped else 0,
+        HAS_SCOPE=scoped,
+        SPLIT=splits > 1,
+        SPLITS=splits,
+        K_PAD=k_pad,
+        **cfg,
+    )
     if splits > 1:
         merge_t = min(16, next_pow2(t))
         block_c = _merge_block_c(merge_t, splits * k_pad, k_pad)
         _merge_kernel[(triton.cdiv(t, merge_t),)](
-            part, idx, out_scores, t, k, SPLITS=splits, K_PAD=k_pad, BLOCK_T=merge_t, BLOCK_C=block_c, num_warps=4)
+            part, idx, out_scores, t, k, SPLITS=splits, K_PAD=k_pad, BLOCK_T=merge_t, BLOCK_C=block_c, num_warps=4
+        )
 
 
-def arrow_topk(x: torch.Tensor, prototypes: torch.Tensor, k: int, allowed: torch.Tensor | None = None,
-               scope: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def arrow_topk(
+    x: torch.Tensor,
+    prototypes: torch.Tensor,
+    k: int,
+    allowed: torch.Tensor | None = None,
+    scope: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Arrow retrieval: the k adapters with the largest |p_i . x|, best first (among
     ``allowed[scope[t]]`` when scoped; -1 / NaN past them). See module docstring."""
     check_topk_args(x, prototypes, k, allowed, scope)
@@ -251,6 +297,12 @@ def arrow_topk(x: torch.Tensor, prototypes: torch.Tensor, k: int, allowed: torch
     t, n = x.shape[0], prototypes.shape[0]
     idx, scores = empty_topk_outputs(x, k)
     for rows in score_row_chunks(t, n):
-        _select(prototype_scores(x[rows], prototypes), k, idx[rows], scores[rows], allowed,
-                None if scope is None else scope[rows])
+        _select(
+            prototype_scores(x[rows], prototypes),
+            k,
+            idx[rows],
+            scores[rows],
+            allowed,
+            None if scope is None else scope[rows],
+        )
     return idx, scores

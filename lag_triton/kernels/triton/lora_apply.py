@@ -41,10 +41,18 @@ def _lora_apply_kernel(
     w_ptr,  # w [T, M] fp32, contiguous
     z_ptr,  # z [T, M, R] fp32, contiguous
     order_ptr,  # token order [T] int64: tokens sorted by sel[:, 0] (read only when SORTED)
-    T, N, DOUT, R, M,
-    stride_yt, stride_bn, stride_bo, stride_br,
+    T,
+    N,
+    DOUT,
+    R,
+    M,
+    stride_yt,
+    stride_bn,
+    stride_bo,
+    stride_br,
     SORTED: tl.constexpr,  # rows come in order_ptr's order and tiles that share an adapter load it once
-    BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_O: tl.constexpr,
 ):
     """y[rows, o-block] += sum_j sum_c B*[sel[rows, j], o-block, c] * (w[rows, j] z[rows, j, c]), in fp32."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -71,12 +79,16 @@ def _lora_apply_kernel(
         for c in range(0, R):
             zc = tl.load(z_row + c, mask=ok, other=0.0) * wj  # [BLOCK_T]
             if SORTED and shared:
-                b_col = tl.load(b_ptr + lo.to(tl.int64) * stride_bn + c * stride_br + o_off,
-                                mask=o_mask, other=0.0)  # [BLOCK_O]: the tile's one adapter, loaded once
+                b_col = tl.load(
+                    b_ptr + lo.to(tl.int64) * stride_bn + c * stride_br + o_off, mask=o_mask, other=0.0
+                )  # [BLOCK_O]: the tile's one adapter, loaded once
                 acc += b_col.to(tl.float32)[:, None] * zc[None, :]
             else:
-                b_cols = tl.load(b_ptr + base[None, :] + c * stride_br + o_off[:, None],
-                                 mask=o_mask[:, None] & ok[None, :], other=0.0)  # [BLOCK_O, BLOCK_T] per row
+                b_cols = tl.load(
+                    b_ptr + base[None, :] + c * stride_br + o_off[:, None],
+                    mask=o_mask[:, None] & ok[None, :],
+                    other=0.0,
+                )  # [BLOCK_O, BLOCK_T] per row
                 acc += b_cols.to(tl.float32) * zc[None, :]
     y_ptrs = y_ptr + rows[None, :] * stride_yt + offs_o[:, None]  # [BLOCK_O, BLOCK_T]
     mask = o_mask[:, None] & row_mask[None, :]
@@ -123,7 +135,8 @@ def lora_apply(
     cfg = tuned("lora_apply", y.device, t=t, d_out=d_out, r=r) or apply_config(t, d_out, num_sms(y.device))
     grid = (triton.cdiv(t, cfg["BLOCK_T"]), triton.cdiv(d_out, cfg["BLOCK_O"]))
     _lora_apply_kernel[grid](
-        target, b_star, sel, w, z, order, t, n, d_out, r, m, target.stride(0), *b_star.stride(), SORTED=sort, **cfg)
+        target, b_star, sel, w, z, order, t, n, d_out, r, m, target.stride(0), *b_star.stride(), SORTED=sort, **cfg
+    )
     if target is not y:
         y.copy_(target)
     return y

@@ -32,13 +32,38 @@ import triton
 import triton.language as tl
 
 from ..common import check_rerank_args, empty_rerank_outputs
-from ._common import (EMPTY_SLOT, NO_ADAPTER, interpreting, merge_topk, next_pow2, num_sms, order_key, pack,
-                      rows_contiguous, unpack_index, upcast_dot)
+from ._common import (
+    EMPTY_SLOT,
+    NO_ADAPTER,
+    interpreting,
+    merge_topk,
+    next_pow2,
+    num_sms,
+    order_key,
+    pack,
+    rows_contiguous,
+    unpack_index,
+    upcast_dot,
+)
 
 
 @triton.jit
-def _gather_z(x_ptr, a_ptr, t, adapters, a_mask, N, R, d_lo, d_hi, stride_xt, stride_an, stride_ar,
-              R_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+def _gather_z(
+    x_ptr,
+    a_ptr,
+    t,
+    adapters,
+    a_mask,
+    N,
+    R,
+    d_lo,
+    d_hi,
+    stride_xt,
+    stride_an,
+    stride_ar,
+    R_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """z[c, :] = sum_{d in [d_lo, d_hi)} A*[adapters[c], :, d] * x[t, d]  -> [C, R_PAD] fp32 (gather-GEMV)."""
     offs_r = tl.arange(0, R_PAD)
     ok = a_mask & (adapters >= 0) & (adapters < N)
@@ -48,9 +73,11 @@ def _gather_z(x_ptr, a_ptr, t, adapters, a_mask, N, R, d_lo, d_hi, stride_xt, st
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_mask = offs_d < d_hi
         xv = tl.load(x_ptr + t * stride_xt + offs_d, mask=d_mask, other=0.0).to(tl.float32)  # [BLOCK_D]
-        a = tl.load(a_ptr + base[:, None, None] + offs_r[None, :, None] * stride_ar + offs_d[None, None, :],
-                    mask=ok[:, None, None] & (offs_r[None, :, None] < R) & d_mask[None, None, :],
-                    other=0.0)  # [C, R_PAD, BLOCK_D]
+        a = tl.load(
+            a_ptr + base[:, None, None] + offs_r[None, :, None] * stride_ar + offs_d[None, None, :],
+            mask=ok[:, None, None] & (offs_r[None, :, None] < R) & d_mask[None, None, :],
+            other=0.0,
+        )  # [C, R_PAD, BLOCK_D]
         z += tl.sum(a.to(tl.float32) * xv[None, None, :], axis=2)
     return z
 
@@ -61,9 +88,18 @@ def _partial_z_kernel(
     a_ptr,  # A* [N, R, d_in]
     cand_ptr,  # candidates [T, K] int32
     zp_ptr,  # out: partial z [D_SPLITS, T, K, R] fp32
-    T, N, R, D, K, d_per_split,
-    stride_xt, stride_an, stride_ar,
-    R_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    T,
+    N,
+    R,
+    D,
+    K,
+    d_per_split,
+    stride_xt,
+    stride_an,
+    stride_ar,
+    R_PAD: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Split-d gather-GEMV: program (t, kb, s) sums d in [s*d_per_split, +d_per_split) for BLOCK_K candidates."""
     t = tl.program_id(0)
@@ -86,10 +122,18 @@ def _grouped_z_kernel(
     sorted_ad_ptr,  # adapters of the (token, candidate) pairs, sorted ascending [P] int32
     sorted_pair_ptr,  # pair id t*K + c of each sorted entry [P] int64
     z_ptr,  # out: z [T, K, R] fp32 (= [P, R])
-    P, N, R, D, K,
-    stride_xt, stride_an, stride_ar,
+    P,
+    N,
+    R,
+    D,
+    K,
+    stride_xt,
+    stride_an,
+    stride_ar,
     R_PAD: tl.constexpr,  # >= 16 (tl.dot)
-    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """SGMV-style shrink: for each distinct adapter a in this tile of sorted pairs,
     z[rows of a] = X[tokens of those rows] @ A*_a^T  ([BLOCK_P, BLOCK_D] x [BLOCK_D, R_PAD] tl.dot)."""
@@ -109,10 +153,14 @@ def _grouped_z_kernel(
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             d_mask = offs_d < D
-            xt = tl.load(x_ptr + tok[:, None] * stride_xt + offs_d[None, :],
-                         mask=rows[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_P, BLOCK_D]
-            at = tl.load(a_ptr + cur.to(tl.int64) * stride_an + offs_r[None, :] * stride_ar + offs_d[:, None],
-                         mask=r_mask[None, :] & d_mask[:, None], other=0.0)  # [BLOCK_D, R_PAD] = A*_a^T tile
+            xt = tl.load(
+                x_ptr + tok[:, None] * stride_xt + offs_d[None, :], mask=rows[:, None] & d_mask[None, :], other=0.0
+            )  # [BLOCK_P, BLOCK_D]
+            at = tl.load(
+                a_ptr + cur.to(tl.int64) * stride_an + offs_r[None, :] * stride_ar + offs_d[:, None],
+                mask=r_mask[None, :] & d_mask[:, None],
+                other=0.0,
+            )  # [BLOCK_D, R_PAD] = A*_a^T tile
             if UPCAST:
                 xt = xt.to(tl.float32)
                 at = at.to(tl.float32)
@@ -132,11 +180,25 @@ def _select_kernel(
     sel_ptr,  # out: sel [T, M] int32
     w_ptr,  # out: w [T, M] fp32
     z_ptr,  # out: z [T, M, R] fp32
-    T, N, R, D, K, M,
+    T,
+    N,
+    R,
+    D,
+    K,
+    M,
     temperature,
-    stride_xt, stride_an, stride_ar, stride_cs,
-    Z_MODE: tl.constexpr, Z_SPLITS: tl.constexpr, HAS_SCORES: tl.constexpr, SOFTMAX: tl.constexpr,
-    R_PAD: tl.constexpr, M_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_xt,
+    stride_an,
+    stride_ar,
+    stride_cs,
+    Z_MODE: tl.constexpr,
+    Z_SPLITS: tl.constexpr,
+    HAS_SCORES: tl.constexpr,
+    SOFTMAX: tl.constexpr,
+    R_PAD: tl.constexpr,
+    M_PAD: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """One token per program: rank its K candidates (streamed in BLOCK_K chunks), write the top M."""
     t = tl.program_id(0)
@@ -151,13 +213,17 @@ def _select_kernel(
             key = tl.load(cs_ptr + t * stride_cs + offs_k, mask=k_mask, other=0.0).to(tl.float32)
         else:
             if Z_MODE == 0:
-                z = _gather_z(x_ptr, a_ptr, t, cand, k_mask, N, R, 0, D, stride_xt, stride_an, stride_ar,
-                              R_PAD, BLOCK_D)
+                z = _gather_z(
+                    x_ptr, a_ptr, t, cand, k_mask, N, R, 0, D, stride_xt, stride_an, stride_ar, R_PAD, BLOCK_D
+                )
             else:
                 z = tl.zeros([BLOCK_K, R_PAD], dtype=tl.float32)
                 for s in range(Z_SPLITS):
-                    z += tl.load(zp_ptr + ((s * T + t) * K + offs_k[:, None]).to(tl.int64) * R + offs_r[None, :],
-                                 mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+                    z += tl.load(
+                        zp_ptr + ((s * T + t) * K + offs_k[:, None]).to(tl.int64) * R + offs_r[None, :],
+                        mask=k_mask[:, None] & r_mask[None, :],
+                        other=0.0,
+                    )
             key = tl.sqrt(tl.sum(z * z, axis=1))
         words = pack(order_key(key), cand)
         words = tl.where(k_mask & (cand >= 0) & (cand < N), words, EMPTY_SLOT)  # -1: no candidate (a scope)
@@ -181,8 +247,11 @@ def _select_kernel(
     else:
         zs = tl.zeros([M_PAD, R_PAD], dtype=tl.float32)
         for s in range(Z_SPLITS):
-            zs += tl.load(zp_ptr + ((s * T + t) * K + pos[:, None]).to(tl.int64) * R + offs_r[None, :],
-                          mask=ok[:, None] & r_mask[None, :], other=0.0)
+            zs += tl.load(
+                zp_ptr + ((s * T + t) * K + pos[:, None]).to(tl.int64) * R + offs_r[None, :],
+                mask=ok[:, None] & r_mask[None, :],
+                other=0.0,
+            )
     if HAS_SCORES:
         skey = tl.load(cs_ptr + t * stride_cs + pos, mask=ok, other=0.0).to(tl.float32)
     else:
@@ -266,8 +335,19 @@ def spectr_rerank(
     sel, w, z = empty_rerank_outputs(x, m, r)
     if t == 0 or r == 0:
         if r == 0 and t > 0:  # degenerate library: every norm is 0, lowest adapter ids win
-            return spectr_rerank(x, torch.zeros((n, 1, d), dtype=x.dtype, device=dev), candidates, top_m,
-                                 combine, temperature, candidate_scores)[0], w.fill_(1.0 / m), z
+            return (
+                spectr_rerank(
+                    x,
+                    torch.zeros((n, 1, d), dtype=x.dtype, device=dev),
+                    candidates,
+                    top_m,
+                    combine,
+                    temperature,
+                    candidate_scores,
+                )[0],
+                w.fill_(1.0 / m),
+                z,
+            )
         return sel, w, z
     has_scores = candidate_scores is not None
     cs = candidate_scores.float().contiguous() if has_scores else w  # dummy pointer when absent
@@ -279,15 +359,68 @@ def spectr_rerank(
         sorted_ad, order = torch.sort(candidates.view(-1))
         zp = torch.empty((t, k, r), dtype=torch.float32, device=dev)
         _grouped_z_kernel[(triton.cdiv(p, plan.block_p),)](
-            x, a_star, sorted_ad, order, zp, p, n, r, d, k, *strides, R_PAD=max(plan.r_pad, 16),
-            BLOCK_P=plan.block_p, BLOCK_D=plan.grouped_block_d, UPCAST=upcast_dot(x.dtype), num_warps=4)
+            x,
+            a_star,
+            sorted_ad,
+            order,
+            zp,
+            p,
+            n,
+            r,
+            d,
+            k,
+            *strides,
+            R_PAD=max(plan.r_pad, 16),
+            BLOCK_P=plan.block_p,
+            BLOCK_D=plan.grouped_block_d,
+            UPCAST=upcast_dot(x.dtype),
+            num_warps=4,
+        )
     elif plan.path == "split":
         zp = torch.empty((plan.z_splits, t, k, r), dtype=torch.float32, device=dev)
         _partial_z_kernel[(t, triton.cdiv(k, plan.block_k), plan.z_splits)](
-            x, a_star, candidates, zp, t, n, r, d, k, plan.d_per_split, *strides,
-            R_PAD=plan.r_pad, BLOCK_K=plan.block_k, BLOCK_D=plan.block_d, num_warps=4)
+            x,
+            a_star,
+            candidates,
+            zp,
+            t,
+            n,
+            r,
+            d,
+            k,
+            plan.d_per_split,
+            *strides,
+            R_PAD=plan.r_pad,
+            BLOCK_K=plan.block_k,
+            BLOCK_D=plan.block_d,
+            num_warps=4,
+        )
     _select_kernel[(t,)](
-        x, a_star, candidates, cs, zp, sel, w, z, t, n, r, d, k, m, float(temperature), *strides, k,
-        Z_MODE=plan.z_mode, Z_SPLITS=plan.z_splits, HAS_SCORES=has_scores, SOFTMAX=m > 1 and combine == "softmax",
-        R_PAD=plan.r_pad, M_PAD=plan.m_pad, BLOCK_K=plan.block_k, BLOCK_D=plan.block_d, num_warps=4)
+        x,
+        a_star,
+        candidates,
+        cs,
+        zp,
+        sel,
+        w,
+        z,
+        t,
+        n,
+        r,
+        d,
+        k,
+        m,
+        float(temperature),
+        *strides,
+        k,
+        Z_MODE=plan.z_mode,
+        Z_SPLITS=plan.z_splits,
+        HAS_SCORES=has_scores,
+        SOFTMAX=m > 1 and combine == "softmax",
+        R_PAD=plan.r_pad,
+        M_PAD=plan.m_pad,
+        BLOCK_K=plan.block_k,
+        BLOCK_D=plan.block_d,
+        num_warps=4,
+    )
     return sel, w, z

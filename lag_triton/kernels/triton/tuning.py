@@ -23,8 +23,8 @@ import functools
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -65,8 +65,11 @@ def load_table(path: str | Path) -> dict:
         table = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"tuning table {path}: cannot read it ({e})") from None
-    if not isinstance(table, dict) or not isinstance(table.get("card"), str) \
-            or not isinstance(table.get("entries"), list):
+    if (
+        not isinstance(table, dict)
+        or not isinstance(table.get("card"), str)
+        or not isinstance(table.get("entries"), list)
+    ):
         raise ValueError(f"tuning table {path}: expected an object with 'card' (str) and 'entries' (list)")
     for i, entry in enumerate(table["entries"]):
         try:
@@ -86,7 +89,7 @@ def load_table(path: str | Path) -> dict:
     return table
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _table_for(card: str, env_path: str | None) -> tuple[dict, ...]:
     path = Path(env_path) if env_path else TABLE_DIR / f"{card_slug(card)}.json"
     if not path.is_file():
