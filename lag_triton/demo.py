@@ -1,9 +1,10 @@
 """``python -m lag_triton demo``: the LAG knowledge-library experiment at its default size (CPU, offline).
 
 Runs :mod:`lag_triton.experiment` (synthetic documents, a tiny Llama, one knowledge LoRA per
-document, no adapter / uniform merge / Arrow / SpectR / LAG / oracle), prints the table, writes
-JSON + PNG to ``--out``, and checks that a one-adapter library with k=1 gives the same logits as
-PEFT's own LoRA forward of that adapter (fp32, rtol 1e-5).
+document; no adapter / uniform merge / Arrow / SpectR / LAG(k) / oracle), prints the table,
+writes JSON + PNG to ``--out``, and checks that a one-adapter library with k=1 gives the same
+logits as PEFT's own LoRA forward of that adapter (fp32, rtol 1e-5). ``--seeds S`` repeats the
+experiment for S seeds and reports mean ± sd.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 
 import torch
 
+from .experiment import report
 from .experiment import run as exp
 
 
@@ -25,10 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     exp.add_arguments(parser)
 
 
-def peft_equivalence_check(adapters: int = 4, seed: int = 0, hidden: int = 64, layers: int = 2,
-                           device: str = "cpu", backend: str = "auto") -> dict:
+def peft_equivalence_check(
+    adapters: int = 4, seed: int = 0, hidden: int = 64, layers: int = 2, device: str = "cpu", backend: str = "auto"
+) -> dict:
     """A one-adapter library with k=1 vs PEFT's LoRA forward of the same adapter: max |diff| of logits."""
     import lag_triton
+
     from .experiment.adapters import load_peft_all, save_peft_folders, train_adapters
     from .experiment.data import make_data
     from .experiment.model import ModelSize, build_model, pad_batch
@@ -38,9 +42,9 @@ def peft_equivalence_check(adapters: int = 4, seed: int = 0, hidden: int = 64, l
     model = build_model(len(data.tokenizer), ModelSize(hidden, layers, 4, 3 * hidden), seed).to(device)
     for p in model.parameters():
         p.requires_grad_(False)
+    # PEFT's default init scale and equal learning rates: an adapter whose effect is large and generic
     weights, _ = train_adapters(model, data.by_doc(), steps=10, seed=seed, device=device)
     ids = pad_batch([q.prompt + q.answer for q in data.questions[:64]]).to(device)
-    results = []
     with tempfile.TemporaryDirectory(prefix="lag_peft_check_") as tmp:
         names = [f"doc{i:04d}" for i in range(adapters)]
         folders = save_peft_folders(weights, tmp, names)
@@ -55,23 +59,59 @@ def peft_equivalence_check(adapters: int = 4, seed: int = 0, hidden: int = 64, l
             finally:
                 lag_triton.unpatch(model)
     ok = torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
-    results = {"adapter": names[0], "tokens": int(ids.numel()), "max_abs_diff": float((got - ref).abs().max()),
-               "adapter_effect_max_abs": float((ref - base).abs().max()), "rtol": 1e-5, "atol": 1e-5, "ok": bool(ok)}
-    return results
+    return {
+        "adapter": names[0],
+        "tokens": int(ids.numel()),
+        "max_abs_diff": float((got - ref).abs().max()),
+        "adapter_effect_max_abs": float((ref - base).abs().max()),
+        "rtol": 1e-5,
+        "atol": 1e-5,
+        "ok": bool(ok),
+    }
 
 
 def format_routing_by_layer(result: dict) -> str:
     """Per-layer routing accuracy of every routed method (from ``lag_triton.trace``)."""
-    routed = {name: row["routing"] for name, row in result["rows"].items() if row.get("routing")}
+    routed = {
+        name: result["rows"][name]["routing"]
+        for name in report.ordered_rows(result)
+        if result["rows"][name].get("routing")
+    }
     layers = list(next(iter(routed.values()))["per_layer"])
     head = " | ".join(f"{layer} question / answer pos" for layer in layers)
-    lines = ["routing accuracy by layer (share of tokens routed to the gold adapter)",
-             f"| method | {head} |", "|---|" + "---:|" * len(layers)]
+    lines = [
+        "routing accuracy by layer (share of tokens routed to the gold adapter)",
+        f"| method | {head} |",
+        "|---|" + "---:|" * len(layers),
+    ]
     for name, r in routed.items():
-        cells = " | ".join(f"{r['per_layer'][layer]:.1%} / {r['per_layer_answer_position'][layer]:.1%}"
-                           for layer in layers)
+        cells = " | ".join(
+            f"{r['per_layer'][layer]:.1%} / {r['per_layer_answer_position'][layer]:.1%}" for layer in layers
+        )
         lines.append(f"| {name} | {cells} |")
     return "\n".join(lines)
+
+
+def _command_line() -> str:
+    argv = sys.argv[1:] if sys.argv and sys.argv[0].endswith(("__main__.py", "lag_triton")) else []
+    return "python -m lag_triton " + " ".join(shlex.quote(a) for a in argv) if argv else "python -m lag_triton demo"
+
+
+def _print_checks(result: dict) -> bool:
+    c = result["checks"]
+    print(
+        "[checks] PEFT loaded the written folders exactly "
+        f"(max |weight diff| {c['peft_loaded_weights_max_abs_diff']:.1e}); "
+        f"LAG k=1 selects as Arrow top-1: {c.get('lag_k1_selects_as_arrow_top1')}; "
+        f"LAG k=N selects as SpectR: {c.get('lag_kN_selects_as_spectr')}"
+    )
+    if "generate_vs_teacher_forced" in c:
+        g = c["generate_vs_teacher_forced"]
+        print(
+            f"[checks] model.generate agrees with the teacher-forced greedy score on "
+            f"{g['agree_with_teacher_forced']}/{g['questions']} questions ({g['method']})"
+        )
+    return c.get("lag_k1_selects_as_arrow_top1", True) and c.get("lag_kN_selects_as_spectr", True)
 
 
 def run(args) -> int:
@@ -79,36 +119,35 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     cfg = exp.config_from_args(args)
-    argv = sys.argv[1:] if sys.argv and sys.argv[0].endswith(("__main__.py", "lag_triton")) else []
-    cfg.extra["command"] = "python -m lag_triton " + " ".join(shlex.quote(a) for a in argv) if argv else \
-        "python -m lag_triton demo"
-    print(f"LAG demo: {cfg.adapters} knowledge adapters, seed {cfg.seed}, device {cfg.device}")
+    cfg.extra["command"] = _command_line()
+    seeds = max(1, getattr(args, "seeds", 1))
+    print(
+        f"LAG demo: {cfg.adapters} knowledge adapters, seed{'s' if seeds > 1 else ''} "
+        f"{cfg.seed}{f'..{cfg.seed + seeds - 1}' if seeds > 1 else ''}, device {cfg.device}"
+    )
     print("[check] one-adapter library, k=1, vs PEFT's LoRA forward (fp32, rtol 1e-5)")
     check = peft_equivalence_check(seed=cfg.seed, device=cfg.device, backend=cfg.backend)
-    print(f"  max |logits diff| = {check['max_abs_diff']:.2e} over {check['tokens']} tokens "
-          f"(adapter changes logits by up to {check['adapter_effect_max_abs']:.2e}): "
-          f"{'OK' if check['ok'] else 'FAILED'}")
-    result = exp.run_experiment(cfg, out_dir=None,
-                                adapters_dir=os.path.join(args.out, "adapters") if args.keep_adapters else None)
+    print(
+        f"  max |logits diff| = {check['max_abs_diff']:.2e} over {check['tokens']} tokens "
+        f"(adapter changes logits by up to {check['adapter_effect_max_abs']:.2e}): "
+        f"{'OK' if check['ok'] else 'FAILED'}"
+    )
+    adapters_dir = os.path.join(args.out, "adapters") if args.keep_adapters else None
+    if seeds > 1:
+        result = exp.run_seeds(cfg, seeds, adapters_dir=adapters_dir)
+    else:
+        result = exp.run_experiment(cfg, out_dir=None, adapters_dir=adapters_dir)
     result["checks"]["one_adapter_library_vs_peft"] = check
     result["timings"]["demo_total_s"] = time.perf_counter() - t0
     print()
-    print(exp.format_table(result))
+    print(report.format_table(result))
     print()
-    print(format_routing_by_layer(result))
+    print(report.format_routing_by_module(result))
     print()
-    c = result["checks"]
-    print(f"[checks] PEFT loaded the written folders exactly (max |weight diff| {c['peft_loaded_weights_max_abs_diff']:.1e}); "
-          f"LAG k=1 selects as Arrow top-1: {c.get('lag_k1_selects_as_arrow_top1')}; "
-          f"LAG k=N selects as SpectR: {c.get('lag_kN_selects_as_spectr')}")
-    if "generate_vs_teacher_forced" in c:
-        g = c["generate_vs_teacher_forced"]
-        print(f"[checks] model.generate agrees with the teacher-forced greedy score on "
-              f"{g['agree_with_teacher_forced']}/{g['questions']} questions ({g['method']})")
-    exp.write_outputs(result, args.out, stem=getattr(args, "stem", "lag_demo"))
+    constructions_ok = _print_checks(result)
+    report.write_outputs(result, args.out, stem=getattr(args, "stem", "lag_demo"))
     print(f"[time] {result['timings']['demo_total_s']:.1f} s total")
-    ok = check["ok"] and c.get("lag_k1_selects_as_arrow_top1", True) and c.get("lag_kN_selects_as_spectr", True)
-    return 0 if ok else 1
+    return 0 if check["ok"] and constructions_ok else 1
 
 
 def main(argv=None) -> int:

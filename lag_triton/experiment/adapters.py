@@ -27,8 +27,9 @@ RANK, ALPHA = 6, 12
 
 
 class GroupedLoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, n: int, r: int, alpha: float, generator: torch.Generator,
-                 a_init_scale: float = 1.0):
+    def __init__(
+        self, base: nn.Linear, n: int, r: int, alpha: float, generator: torch.Generator, a_init_scale: float = 1.0
+    ):
         super().__init__()
         self.base, self.n, self.scaling = base, n, alpha / r
         a = torch.empty(n, r, base.in_features)
@@ -63,48 +64,82 @@ def _unwrap(model, wrapped: dict[str, GroupedLoRALinear]) -> None:
             setattr(layer.mlp, t, wrapped[f"model.layers.{li}.mlp.{t}"].base)
 
 
-def _qa_batch(per_doc: list[list], device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Document-major batch: input ids and labels (-100 everywhere but the answer tokens)."""
+ADAPTER_TEXTS = ("document", "answers")
+
+
+def _qa_batch(per_doc: list[list], device: str, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Document-major batch of each document's text: input ids and labels.
+
+    ``text="document"``: the loss is on every token after <bos> (the adapter learns its
+    document's text, entity names included, as a language model would); ``"answers"``: only on
+    the value tokens (-100 elsewhere).
+    """
     seqs, labels = [], []
     for qs in per_doc:
         for q in qs:
             seqs.append(q.prompt + q.answer)
-            labels.append((-100,) * len(q.prompt) + q.answer)
+            if text == "document":
+                labels.append((-100,) + q.prompt[1:] + q.answer)
+            else:
+                labels.append((-100,) * len(q.prompt) + q.answer)
     ids = pad_batch(seqs)
     lab = pad_batch(labels, pad=-100)
     return ids.to(device), lab.to(device)
 
 
-def train_adapters(model, per_doc_questions: list[list], steps: int, seed: int, lr: float = 1e-2,
-                   weight_decay: float = 0.0, a_init_scale: float = 1.0, batch_per_doc: int = 0, device: str = "cpu", log=None):
-    """Train one LoRA per document (all N at once).
+def _loss(model, ids: torch.Tensor, labels: torch.Tensor, n: int) -> torch.Tensor:
+    """Sum over adapters of each adapter's own mean token loss (so N adapters train as N runs)."""
+    logits = model(input_ids=ids).logits[:, :-1].float()
+    tgt = labels[:, 1:]
+    tok_loss = nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(n, -1)
+    mask = (tgt != -100).view(n, -1).float()
+    return ((tok_loss * mask).sum(1) / mask.sum(1)).sum()
 
-    Returns ({module path: (A [N,r,in], B [N,out,r])}, info).
 
-    ``batch_per_doc`` = 0 uses every question of every document at every step (full batch).
-    The base model is left unchanged.
+def train_adapters(
+    model,
+    per_doc_questions: list[list],
+    steps: int,
+    seed: int,
+    lr: float = 1e-2,
+    lr_a_ratio: float = 1.0,
+    text: str = "answers",
+    weight_decay: float = 0.0,
+    a_init_scale: float = 1.0,
+    batch_per_doc: int = 0,
+    device: str = "cpu",
+    log=None,
+):
+    """Train one LoRA per document (all N at once), full batch unless ``batch_per_doc`` > 0.
+
+    ``lr`` is B's learning rate and ``lr * lr_a_ratio`` A's (LoRA+ trains B faster than A; the
+    ablation measures what that does to routing). ``text`` says what the loss sees (see
+    :func:`_qa_batch`). Returns ({module path: (A [N,r,in], B [N,out,r])}, info). The base model
+    is left unchanged.
     """
+    if text not in ADAPTER_TEXTS:
+        raise ValueError(f"text must be one of {ADAPTER_TEXTS}, got {text!r}")
     n = len(per_doc_questions)
     sizes = {len(q) for q in per_doc_questions}
     assert len(sizes) == 1, "every document must have the same number of questions"
     wrapped = _wrap(model, n, seed, a_init_scale)
     init_a = {name: m.lora_A.detach().clone() for name, m in wrapped.items()}
-    params = [p for m in wrapped.values() for p in (m.lora_A, m.lora_B)]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    groups = [
+        {"params": [m.lora_A for m in wrapped.values()], "lr": lr * lr_a_ratio},
+        {"params": [m.lora_B for m in wrapped.values()], "lr": lr},
+    ]
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     rng = random.Random(seed)
     full = batch_per_doc <= 0 or batch_per_doc >= sizes.pop()
     if full:
-        ids, labels = _qa_batch(per_doc_questions, device)
+        ids, labels = _qa_batch(per_doc_questions, device, text)
     try:
         for step in range(steps):
             if not full:
-                ids, labels = _qa_batch([rng.sample(qs, batch_per_doc) for qs in per_doc_questions], device)
-            logits = model(input_ids=ids).logits[:, :-1].float()
-            tgt = labels[:, 1:]
-            tok_loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                                                   ignore_index=-100, reduction="none").view(n, -1)
-            mask = (tgt != -100).view(n, -1).float()
-            loss = ((tok_loss * mask).sum(1) / mask.sum(1)).sum()  # each adapter: its own mean loss
+                ids, labels = _qa_batch([rng.sample(qs, batch_per_doc) for qs in per_doc_questions], device, text)
+            loss = _loss(model, ids, labels, n)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -113,19 +148,30 @@ def train_adapters(model, per_doc_questions: list[list], steps: int, seed: int, 
     finally:
         _unwrap(model, wrapped)
     weights = {name: (m.lora_A.detach().cpu().clone(), m.lora_B.detach().cpu().clone()) for name, m in wrapped.items()}
-    info = {"final_loss_per_adapter": float(loss.detach()) / n,
-            # How much of A is still its random init (cosine, mean over adapters): near 1 means the
-            # adapter's input subspace -- all that Arrow and SpectR can see -- is mostly noise.
-            "a_cos_with_init": {name: float(nn.functional.cosine_similarity(
-                weights[name][0].flatten(1), a0.cpu().flatten(1)).mean()) for name, a0 in init_a.items()}}
+    info = {
+        "final_loss_per_adapter": float(loss.detach()) / n if steps else float("nan"),
+        # How much of A is still its random init (cosine, mean over adapters): near 1 means the
+        # adapter's input subspace -- all that Arrow and SpectR can see -- is mostly noise.
+        "a_cos_with_init": {
+            name: float(nn.functional.cosine_similarity(weights[name][0].flatten(1), a0.cpu().flatten(1)).mean())
+            for name, a0 in init_a.items()
+        },
+    }
     return weights, info
 
 
 def peft_config():
     from peft import LoraConfig
 
-    return LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(TARGETS), lora_dropout=0.0, bias="none",
-                      task_type="CAUSAL_LM", init_lora_weights=True)
+    return LoraConfig(
+        r=RANK,
+        lora_alpha=ALPHA,
+        target_modules=list(TARGETS),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        init_lora_weights=True,
+    )
 
 
 def save_peft_folders(weights, out_dir: str, names: list[str]) -> list[str]:
@@ -161,8 +207,11 @@ def check_peft_folders(peft_model, weights, names: list[str]) -> float:
     for path, (a, b) in weights.items():
         mod = peft_model.base_model.model.get_submodule(path)
         for i, name in enumerate(names):
-            worst = max(worst, float((mod.lora_A[name].weight.cpu() - a[i]).abs().max()),
-                        float((mod.lora_B[name].weight.cpu() - b[i]).abs().max()))
+            worst = max(
+                worst,
+                float((mod.lora_A[name].weight.cpu() - a[i]).abs().max()),
+                float((mod.lora_B[name].weight.cpu() - b[i]).abs().max()),
+            )
             assert mod.scaling[name] == ALPHA / RANK
     return worst
 

@@ -1,17 +1,28 @@
-"""Synthetic knowledge documents, question phrasings and a tiny word-level tokenizer.
+"""Synthetic knowledge documents, their text, the questions, and a tiny word-level tokenizer.
 
 A *document* is a small set of facts ``entity -> relation -> value`` about entities that appear
-in no other document (disjoint entities per document). Every fact is asked in several
-phrasings. Values are two words (e.g. ``pale cobalt``) so that an answer is a short token
-sequence, scored by exact match of all its tokens.
+in no other document (disjoint entities per document, as a Wikipedia page is about its own
+subjects). Its *text* is every fact written in every phrasing of the chosen question form,
+followed by the value (``the color of kalomi pale-cobalt``); a knowledge adapter is trained on
+that text, and the evaluation asks the same facts as questions (prompt = the phrasing, answer =
+the value). Every question mentions its document's entity.
 
-Three of the four phrasings end right after the subject (``... of <entity> ?``): the hidden state
-that predicts the answer then sits next to the only token that tells documents apart, which is
-what a data-free router can see. The fourth puts the subject first (``<entity> : which <rel> ?``)
-and is kept as the harder case; results are also reported per phrasing.
+Question forms (the ``question_form`` of :func:`make_data`):
+
+- ``subject-last``: the entity is the last prompt token, so the token that emits the answer is
+  the entity mention itself. In a 2-layer word-level model this is where the hidden state carries
+  the document's identity; it is what the paper's setting has for free (questions name the
+  document's entities, and a large model carries them into every later token).
+- ``subject-then-mark``: a marker after the entity (``... of kalomi ?``) or the entity first
+  (``kalomi : which color ?``); the answer is emitted at the marker, whose hidden state in this
+  tiny model is dominated by the shared template (the earlier demo's phrasings).
+
+Value forms: ``head-word`` values are one token from 10 per relation (``cobalt``), so many entities
+share a value; ``one-word`` values are one token from 60 per relation (``pale-cobalt``);
+``two-words`` values are two tokens (``pale cobalt``), so the answer is a two-token sequence.
 
 A separate *pre-training* corpus uses the same grammar with its own entities (disjoint from every
-document's) so the base model learns the language and the "look up a fact about the subject"
+document's), so the base model learns the language and the "look up a fact about the subject"
 pattern without knowing any document fact.
 """
 
@@ -23,34 +34,73 @@ from dataclasses import dataclass, field
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 
 RELATIONS = ("color", "city", "job", "pet")
-# Asked in pre-training only, about every entity (documents' included): the base model "knows the
-# names" (trained embeddings, a reason to look at the subject) but none of the documents' facts.
+# Asked in pre-training only (about pre-training entities, and about the documents' entities when
+# ``mention_doc_entities``): the base model can then know the documents' names but none of their facts.
 PRETRAIN_RELATIONS = ("age",)
 
-# A two-word value = one modifier + one head word, drawn per relation.
+# A value = one modifier + one head word, drawn per relation.
 VALUE_WORDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "color": (("pale", "dark", "bright", "deep", "soft", "dull"),
-              ("red", "blue", "green", "amber", "cobalt", "ochre", "violet", "teal", "ivory", "rust")),
-    "city": (("north", "south", "east", "west", "old", "new"),
-             ("harbor", "ridge", "falls", "haven", "field", "brook", "ford", "gate", "vale", "moor")),
-    "job": (("junior", "senior", "chief", "head", "lead", "night"),
-            ("baker", "pilot", "nurse", "clerk", "miner", "tailor", "judge", "smith", "farmer", "poet")),
-    "pet": (("small", "large", "old", "young", "lazy", "loud"),
-            ("cat", "dog", "owl", "hare", "goat", "crow", "fox", "newt", "pony", "wren")),
-    "age": (("about", "nearly", "over", "under", "just", "almost"),
-            ("ten", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety", "hundred")),
+    "color": (
+        ("pale", "dark", "bright", "deep", "soft", "dull"),
+        ("red", "blue", "green", "amber", "cobalt", "ochre", "violet", "teal", "ivory", "rust"),
+    ),
+    "city": (
+        ("north", "south", "east", "west", "old", "new"),
+        ("harbor", "ridge", "falls", "haven", "field", "brook", "ford", "gate", "vale", "moor"),
+    ),
+    "job": (
+        ("junior", "senior", "chief", "head", "lead", "night"),
+        ("baker", "pilot", "nurse", "clerk", "miner", "tailor", "judge", "smith", "farmer", "poet"),
+    ),
+    "pet": (
+        ("small", "large", "old", "young", "lazy", "loud"),
+        ("cat", "dog", "owl", "hare", "goat", "crow", "fox", "newt", "pony", "wren"),
+    ),
+    "age": (
+        ("about", "nearly", "over", "under", "just", "almost"),
+        ("ten", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety", "hundred"),
+    ),
 }
+VALUE_FORMS = ("head-word", "one-word", "two-words")
 
 # {r}: relation word, {e}: entity. The answer follows the last word.
-TEMPLATES = (
-    "what is the {r} of {e} ?",
-    "tell me the {r} of {e} :",
-    "the {r} of {e} is",
-    "{e} : which {r} ?",
-)
+QUESTION_FORMS: dict[str, tuple[str, ...]] = {
+    "subject-last": (
+        "what is the {r} of {e}",
+        "tell me the {r} of {e}",
+        "the {r} of {e}",
+        "which {r} has {e}",
+    ),
+    "subject-then-mark": (
+        "what is the {r} of {e} ?",
+        "tell me the {r} of {e} :",
+        "the {r} of {e} is",
+        "{e} : which {r} ?",
+    ),
+}
 
-_SYLLABLES = ("ka", "lo", "mi", "ru", "ten", "vos", "zil", "bra", "dun", "fe", "gor", "hal", "jin", "pek",
-              "sam", "tor", "ul", "wex", "yar", "qui")
+_SYLLABLES = (
+    "ka",
+    "lo",
+    "mi",
+    "ru",
+    "ten",
+    "vos",
+    "zil",
+    "bra",
+    "dun",
+    "fe",
+    "gor",
+    "hal",
+    "jin",
+    "pek",
+    "sam",
+    "tor",
+    "ul",
+    "wex",
+    "yar",
+    "qui",
+)
 
 
 def entity_names(count: int, rng: random.Random, taken: set[str] | None = None) -> list[str]:
@@ -88,25 +138,26 @@ class WordTokenizer:
 class Document:
     index: int
     entities: list[str]
-    facts: dict[tuple[str, str], str] = field(default_factory=dict)  # (entity, relation) -> "mod head"
+    facts: dict[tuple[str, str], str] = field(default_factory=dict)  # (entity, relation) -> value text
 
 
 @dataclass(frozen=True)
 class Question:
-    doc: int            # gold document / adapter index
+    doc: int  # gold document / adapter index
     entity: str
     relation: str
-    template: int       # index into TEMPLATES
-    prompt: tuple[int, ...]   # <bos> + question tokens
-    answer: tuple[int, ...]   # value tokens + <eos>
+    template: int  # index into the question form's phrasings
+    prompt: tuple[int, ...]  # <bos> + question tokens
+    answer: tuple[int, ...]  # value tokens + <eos>
 
 
 @dataclass
 class KnowledgeData:
     tokenizer: WordTokenizer
     documents: list[Document]
-    questions: list[Question]            # every fact of every document in every phrasing, doc-major
-    pretrain: list[tuple[int, ...]]      # token sequences (prompt + answer) of the pre-training corpus
+    questions: list[Question]  # every fact of every document in every phrasing, doc-major
+    pretrain: list[tuple[int, ...]]  # token sequences (prompt + answer) of the pre-training corpus
+    templates: tuple[str, ...] = QUESTION_FORMS["subject-last"]
 
     def by_doc(self) -> list[list[Question]]:
         out: list[list[Question]] = [[] for _ in self.documents]
@@ -114,51 +165,86 @@ class KnowledgeData:
             out[q.doc].append(q)
         return out
 
+    def entity_positions(self) -> list[int]:
+        """Per question, the prompt position of its entity mention."""
+        return [q.prompt.index(self.tokenizer.index[q.entity]) for q in self.questions]
 
-def _random_facts(entities: list[str], rng: random.Random, relations=RELATIONS) -> dict[tuple[str, str], str]:
+
+def value_vocabulary(value_form: str) -> list[str]:
+    """Every value word the facts can use."""
+    words = []
+    for mods, heads in VALUE_WORDS.values():
+        if value_form == "head-word":
+            words += list(heads)
+        elif value_form == "one-word":
+            words += [f"{m}-{h}" for m in mods for h in heads]
+        else:
+            words += list(mods) + list(heads)
+    return list(dict.fromkeys(words))
+
+
+def _random_facts(entities: list[str], rng: random.Random, relations, value_form: str) -> dict[tuple[str, str], str]:
+    joiner = "-" if value_form == "one-word" else " "
     facts = {}
     for e in entities:
         for r in relations:
             mods, heads = VALUE_WORDS[r]
-            facts[(e, r)] = f"{rng.choice(mods)} {rng.choice(heads)}"
+            head = rng.choice(heads)
+            facts[(e, r)] = head if value_form == "head-word" else f"{rng.choice(mods)}{joiner}{head}"
     return facts
 
 
-def _qa(tok: WordTokenizer, doc: int, e: str, r: str, value: str, t: int) -> Question:
-    return Question(doc, e, r, t, tuple(tok.encode(TEMPLATES[t].format(r=r, e=e), bos=True)),
-                    tuple(tok.encode(value) + [tok.eos_token_id]))
+def _qa(tok: WordTokenizer, templates, doc: int, e: str, r: str, value: str, t: int) -> Question:
+    return Question(
+        doc,
+        e,
+        r,
+        t,
+        tuple(tok.encode(templates[t].format(r=r, e=e), bos=True)),
+        tuple(tok.encode(value) + [tok.eos_token_id]),
+    )
 
 
-def make_data(n_docs: int, entities_per_doc: int = 3, pretrain_entities: int = 96, seed: int = 0,
-              mention_doc_entities: bool = True) -> KnowledgeData:
+def make_data(
+    n_docs: int,
+    entities_per_doc: int = 3,
+    pretrain_entities: int = 96,
+    seed: int = 0,
+    mention_doc_entities: bool = False,
+    question_form: str = "subject-last",
+    value_form: str = "one-word",
+) -> KnowledgeData:
     """N documents with disjoint entities, every fact in every phrasing, plus the pre-training corpus."""
+    if question_form not in QUESTION_FORMS:
+        raise ValueError(f"question_form must be one of {sorted(QUESTION_FORMS)}, got {question_form!r}")
+    if value_form not in VALUE_FORMS:
+        raise ValueError(f"value_form must be one of {VALUE_FORMS}, got {value_form!r}")
+    templates = QUESTION_FORMS[question_form]
     rng = random.Random(seed)
     taken: set[str] = set()
     doc_entities = [entity_names(entities_per_doc, rng, taken) for _ in range(n_docs)]
     pre_entities = entity_names(pretrain_entities, rng, taken)
 
-    words = [PAD, BOS, EOS] + list(RELATIONS) + list(PRETRAIN_RELATIONS)
-    for t in TEMPLATES:
+    words = [PAD, BOS, EOS] + list(RELATIONS) + list(PRETRAIN_RELATIONS) + value_vocabulary(value_form)
+    for t in templates:
         words += [w for w in t.split() if not w.startswith("{")]
-    for mods, heads in VALUE_WORDS.values():
-        words += list(mods) + list(heads)
     words += [e for ents in doc_entities for e in ents] + pre_entities
     tok = WordTokenizer(words)
 
     documents, questions = [], []
     for i, ents in enumerate(doc_entities):
-        doc = Document(i, ents, _random_facts(ents, rng))
+        doc = Document(i, ents, _random_facts(ents, rng, RELATIONS, value_form))
         documents.append(doc)
         for (e, r), v in doc.facts.items():
-            for t in range(len(TEMPLATES)):
-                questions.append(_qa(tok, i, e, r, v, t))
+            for t in range(len(templates)):
+                questions.append(_qa(tok, templates, i, e, r, v, t))
 
-    pre_facts = _random_facts(pre_entities, rng, RELATIONS + PRETRAIN_RELATIONS)
+    pre_facts = _random_facts(pre_entities, rng, RELATIONS + PRETRAIN_RELATIONS, value_form)
     if mention_doc_entities:
-        pre_facts.update(_random_facts([e for ents in doc_entities for e in ents], rng, PRETRAIN_RELATIONS))
+        pre_facts.update(_random_facts([e for ents in doc_entities for e in ents], rng, PRETRAIN_RELATIONS, value_form))
     pretrain = []
     for (e, r), v in pre_facts.items():
-        for t in range(len(TEMPLATES)):
-            q = _qa(tok, -1, e, r, v, t)
+        for t in range(len(templates)):
+            q = _qa(tok, templates, -1, e, r, v, t)
             pretrain.append(q.prompt + q.answer)
-    return KnowledgeData(tok, documents, questions, pretrain)
+    return KnowledgeData(tok, documents, questions, pretrain, templates)

@@ -45,8 +45,16 @@ def pad_batch(seqs: list[tuple[int, ...]], pad: int = 0) -> torch.Tensor:
     return torch.tensor([list(s) + [pad] * (length - len(s)) for s in seqs], dtype=torch.long)
 
 
-def pretrain(model: LlamaForCausalLM, corpus: list[tuple[int, ...]], steps: int, seed: int,
-             batch_size: int = 128, lr: float = 3e-3, device: str = "cpu", log=None) -> list[float]:
+def pretrain(
+    model: LlamaForCausalLM,
+    corpus: list[tuple[int, ...]],
+    steps: int,
+    seed: int,
+    batch_size: int = 128,
+    lr: float = 3e-3,
+    device: str = "cpu",
+    log=None,
+) -> list[float]:
     """Full-parameter next-token training on the pre-training corpus (loss on every real token)."""
     model.to(device).train()
     rng = random.Random(seed)

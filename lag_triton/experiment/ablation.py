@@ -1,0 +1,195 @@
+"""Which regime makes data-free routing carry document identity: a one-factor-at-a-time ablation.
+
+    python -m lag_triton.experiment.run --ablation [--adapters 32] [--only NAME,...] [--out DIR]
+    python -m lag_triton.experiment.run --ablation --merge a.json,b.json   # parts run in parallel
+
+Every variant changes one thing from the demo's default configuration (``ExperimentConfig()``)
+and runs the whole experiment (data, base model, adapters, PEFT folders, library, routing through
+``lag_triton.patch``) at N=32, seed 0. For each it records exact match of no adapter / oracle /
+Arrow top-1 / SpectR / LAG k=5, and routing accuracy at the answer position per layer, so the
+table shows how each factor moves identity in the routing and the score. The variants cover what
+the issue asks to vary: what text the adapter sees, its steps, the learning rate of A vs B, its
+initialisation, the base model (pre-trained or not, size) and the question form.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+
+import torch
+
+from .run import ExperimentConfig, run_experiment
+
+# name -> (what changes, overrides of ExperimentConfig). The first is the default itself.
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "default": ("the demo's default", {}),
+    "question: subject-then-mark": (
+        "questions end with a marker after the entity (or start with it)",
+        dict(question_form="subject-then-mark"),
+    ),
+    "values: one word of 60": (
+        "values drawn from 60 one-token words per relation, not 10",
+        dict(value_form="one-word"),
+    ),
+    "values: two words": ("two-token values (the answer is 'pale cobalt')", dict(value_form="two-words")),
+    "text: answers only": (
+        "loss on the answer tokens only, not on the document's whole text",
+        dict(adapter_text="answers"),
+    ),
+    "lr A = lr B": ("A learns as fast as B (lr_a_ratio 1)", dict(lr_a_ratio=1.0)),
+    "lr A = lr B / 4": ("lr_a_ratio 1/4", dict(lr_a_ratio=0.25)),
+    "lr A = lr B / 64": ("lr_a_ratio 1/64", dict(lr_a_ratio=1 / 64)),
+    "init: PEFT default": (
+        "A Kaiming-uniform at full scale (PEFT's default), not 0.01 of it",
+        dict(a_init_scale=1.0),
+    ),
+    "steps: 40": ("half the adapter training steps", dict(adapter_steps=40)),
+    "steps: 160": ("twice the adapter training steps", dict(adapter_steps=160)),
+    "base: not pre-trained": ("random-init base model (no pre-training)", dict(pretrain_steps=0)),
+    "base: d=64": ("smaller base (hidden 64)", dict(hidden=64, intermediate=192)),
+    "base: d=256": ("larger base (hidden 256)", dict(hidden=256, intermediate=768)),
+    "base: 1 layer": ("one transformer layer", dict(layers=1)),
+    "earlier demo": (
+        "the earlier demo's regime: marker questions, two-word values, answers-only loss, lr A = lr B, "
+        "base knows the documents' names",
+        dict(
+            question_form="subject-then-mark",
+            value_form="two-words",
+            adapter_text="answers",
+            lr_a_ratio=1.0,
+            mention_doc_entities=True,
+            pretrain_steps=600,
+            adapter_steps=100,
+        ),
+    ),
+}
+
+METHODS = ("no adapter", "oracle", "arrow top-1", "spectr k=N", "lag k=5")
+
+
+def summarise(result: dict) -> dict:
+    """The numbers the ablation table shows, from one experiment result."""
+    rows = result["rows"]
+    out = {
+        "exact_match": {m: rows[m]["exact_match"] for m in METHODS},
+        "normalised": {m: rows[m]["normalised"] for m in METHODS},
+        "routing_answer_position": {
+            m: rows[m]["routing"]["per_layer_answer_position"] for m in METHODS if rows[m].get("routing")
+        },
+        "routing_question_tokens": {
+            m: rows[m]["routing"]["question_tokens"] for m in METHODS if rows[m].get("routing")
+        },
+        "chance_routing": result["diagnostics"]["chance_routing"],
+        "total_s": result["timings"]["total_s"],
+    }
+    return out
+
+
+def run_ablation(base: ExperimentConfig, names: list[str], log=print, on_result=None) -> dict:
+    results = {}
+    for name in names:
+        what, overrides = VARIANTS[name]
+        cfg = replace(base, **overrides)
+        log(f"=== {name}: {what}")
+        t = time.perf_counter()
+        result = run_experiment(cfg, log=lambda *a: None)
+        results[name] = {"what": what, "overrides": overrides, **summarise(result)}
+        r = results[name]
+        log(
+            f"    EM arrow {r['exact_match']['arrow top-1']:.3f}  lag5 {r['exact_match']['lag k=5']:.3f}  "
+            f"spectr {r['exact_match']['spectr k=N']:.3f}  oracle {r['exact_match']['oracle']:.3f}  "
+            f"({time.perf_counter() - t:.0f} s)"
+        )
+        if on_result is not None:
+            on_result(results)
+    return results
+
+
+def format_ablation(ablation: dict) -> str:
+    lines = [
+        "| variant | no adapter EM | oracle EM | Arrow top-1 (norm.) | LAG k=5 (norm.) | SpectR (norm.) "
+        "| routing @answer, Arrow / LAG k=5 / SpectR, per layer |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, r in ablation["variants"].items():
+        em, norm, ra = r["exact_match"], r["normalised"], r["routing_answer_position"]
+        layers = list(ra["arrow top-1"])
+        routing = "; ".join(
+            f"{layer.replace('layer', 'L')}: "
+            + " / ".join(f"{100 * ra[m][layer]:.0f}" for m in ("arrow top-1", "lag k=5", "spectr k=N"))
+            for layer in layers
+        )
+        lines.append(
+            f"| {name} | {100 * em['no adapter']:.1f}% | {100 * em['oracle']:.1f}% "
+            f"| {norm['arrow top-1']:.1f} | {norm['lag k=5']:.1f} | {norm['spectr k=N']:.1f} | {routing} |"
+        )
+    chance = 100 * next(iter(ablation["variants"].values()))["chance_routing"]
+    lines.append(
+        f"\nrouting: % of answer-position tokens routed to the gold adapter (chance {chance:.1f}%); "
+        "norm. = exact match / oracle's x 100"
+    )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m lag_triton.experiment.run --ablation", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--adapters", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    p.add_argument("--out", default="bench/results", help="folder for the JSON")
+    p.add_argument("--stem", default="demo-ablation", help="file name stem of the JSON")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument(
+        "--merge",
+        default="",
+        help="comma-separated ablation JSONs (e.g. parts run in parallel) to combine into OUT/STEM.json; runs nothing",
+    )
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = [n.strip() for n in args.only.split(",") if n.strip()] or list(VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    # k=5 is the only LAG row the table needs; no generate re-check (the demo does that)
+    base = ExperimentConfig(adapters=args.adapters, seed=args.seed, ks=(5,), generate_check=0, check_limits=False)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, args.stem + ".json")
+    ablation = {
+        "base_config": {k: v for k, v in vars(base).items() if k != "extra"},
+        "environment": {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d"),
+        },
+        "variants": {},
+    }
+    sources = [f for f in args.merge.split(",") if f] or ([path] if os.path.exists(path) else [])
+    for source in sources:  # resume (or merge): variants already measured are kept unless re-run
+        with open(source) as f:
+            ablation["variants"].update(json.load(f).get("variants", {}))
+
+    def save(results):
+        ablation["variants"].update(results)
+        with open(path, "w") as f:
+            json.dump(ablation, f, indent=1, default=list)
+
+    if args.merge:
+        names = []
+    run_ablation(base, names, on_result=save)
+    ablation["variants"] = {n: ablation["variants"][n] for n in VARIANTS if n in ablation["variants"]}
+    save({})
+    print(format_ablation(ablation))
+    print(f"[out] {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
