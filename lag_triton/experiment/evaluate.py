@@ -97,7 +97,7 @@ def routing_accuracy(selections: dict[str, torch.Tensor], qb: QuestionBatch, gol
 
 
 def factors_read_per_token(lib, router: str, k: int | None = None) -> int:
-    """Adapter-factor scalars one token reads, summed over the library's modules (DESIGN §1).
+    """Adapter-factor scalars one token reads, summed over the library's modules (docs/design.md §1).
 
     Arrow reads all N prototypes (N·d_in) and its winner's A* and B*; LAG reads the N prototypes,
     the k candidates' A* (k·r·d_in, the SpectR rerank) and the winner's B*; SpectR reads every A*

@@ -1,4 +1,4 @@
-"""Data-free alignment of LoRA adapters (DESIGN §1): thin SVD of dW = s·B A without forming dW.
+"""Data-free alignment of LoRA adapters (docs/design.md §1): thin SVD of dW = s·B A without forming dW.
 
     A^T = Qa Ra,  B = Qb Rb,  s·Rb Ra^T = Uc S Vc^T   =>   dW = (Qb Uc) S (Qa Vc)^T = U S V^T
     A* = V^T = (Ra^-1 Vc)^T A   (orthonormal rows, sigma descending)

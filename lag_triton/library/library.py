@@ -26,7 +26,7 @@ _check_names = check_names
 
 
 class Library:
-    """N LoRA adapters for one base model, aligned for LAG routing (DESIGN §1)."""
+    """N LoRA adapters for one base model, aligned for LAG routing (docs/design.md §1)."""
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""Read PEFT LoRA adapter folders (DESIGN §5) without loading every tensor at once.
+"""Read PEFT LoRA adapter folders (docs/design.md §5) without loading every tensor at once.
 
 A folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` (or, loaded with
 ``torch.load(weights_only=True)`` only, ``adapter_model.bin``). Keys look like
