@@ -394,6 +394,24 @@ def test_spectr_rerank_ties_lower_adapter_index(ops):
     assert sel1.tolist() == [[2]] * 3 and (w1 == 1).all()
 
 
+@pytest.mark.parametrize("t,k,n", [(133, 20, 1001), (7, 3, 2), (1, 1, 1), (2049, 5, 37)])
+def test_group_pairs_by_adapter_is_a_counting_sort(t, k, n):
+    """The grouped rerank's device counting sort: a permutation of the pairs, each adapter's pairs
+    contiguous, adapters ascending, pairs without an adapter (-1, out of range) last."""
+    pytest.importorskip("triton")
+    from lag_triton.kernels.triton.group_by_adapter import group_pairs_by_adapter
+
+    cand = torch.randint(-1, n + 1, (t, k), generator=_gen(t + n), dtype=torch.int32).to(DEVICE)
+    cand[0, 0] = n - 1  # the last adapter's segment ends where the missing pairs begin
+    ad, pair = group_pairs_by_adapter(cand, n)
+    flat = cand.reshape(-1).long()
+    assert torch.equal(pair.sort().values, torch.arange(t * k, device=DEVICE))
+    valid = (flat >= 0) & (flat < n)
+    assert torch.equal(ad.long(), torch.where(valid, flat, -1)[pair])
+    bucket = torch.where(ad >= 0, ad.long(), n)
+    assert (bucket.diff() >= 0).all()
+
+
 def test_spectr_rerank_nan_inf(ops):
     n, r, d, k = 24, 6, 16, 8
     a = _randn(n, r, d, seed=14)

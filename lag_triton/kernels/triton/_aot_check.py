@@ -33,6 +33,7 @@ from . import arrow_topk as _unused  # noqa: F401  (ensure modules are imported)
 A = sys.modules[__package__ + ".arrow_topk"]
 HOPPER_SMS = 132  # launch configurations are enumerated as the launchers pick them on an H100 / H200
 S = sys.modules[__package__ + ".spectr_rerank"]
+G = sys.modules[__package__ + ".group_by_adapter"]
 L = sys.modules[__package__ + ".lora_apply"]
 T = sys.modules[__package__ + ".tuning"]
 
@@ -96,7 +97,18 @@ def _rerank_cases(dt: str):
                 {"R_PAD": plan.r_pad, "BLOCK_K": plan.block_k, "BLOCK_D": plan.block_d},
                 4,
             )
-        if plan.path == "grouped":
+        if plan.path == "grouped" and dt == "bf16":  # the counting sort reads adapter ids only: once
+            group_sig = {"cand_ptr": "*i32", "count_ptr": "*i32", "P": "i32", "N": "i32"}
+            yield f"rerank count_pairs {shape}", G._count_pairs_kernel, group_sig, {"BLOCK": G.GROUP_BLOCK}, 4
+            group_sig = {
+                "cand_ptr": "*i32",
+                "cursor_ptr": "*i32",
+                "grouped_ad_ptr": "*i32",
+                "grouped_pair_ptr": "*i64",
+                "P": "i32",
+                "N": "i32",
+            }
+            yield f"rerank scatter_pairs {shape}", G._scatter_pairs_kernel, group_sig, {"BLOCK": G.GROUP_BLOCK}, 4
             sig = {
                 **x_a,
                 "sorted_ad_ptr": "*i32",

@@ -14,8 +14,8 @@ the [N, d_out, r] layout of a library file works too, with strided loads.
 
 When every row of the tile uses one adapter for choice j (shared segment, SGMV-style), that
 adapter's column is loaded once and broadcast over the rows. Decode (T < SORT_MIN_T) takes the
-rows in order. Prefill first sorts the tokens by their first choice on the GPU (torch.sort: no
-host sync), so that tokens routed to one adapter share tiles. Both paths form the same fp32
+rows in order. Prefill first groups the tokens by their first choice on the GPU (a counting sort,
+``group_by_adapter``: no host sync), so that tokens routed to one adapter share tiles. Both paths form the same fp32
 products in the same order.
 """
 
@@ -27,6 +27,7 @@ import triton.language as tl
 
 from ..common import check_apply_args
 from ._common import NO_ADAPTER, interpreting, next_pow2, num_sms
+from .group_by_adapter import group_pairs_by_adapter
 from .tuning import tuned
 
 #: from this many tokens on, rows are grouped by adapter (sorted by their first choice) before the apply
@@ -40,7 +41,7 @@ def _lora_apply_kernel(
     sel_ptr,  # sel [T, M] int32, contiguous
     w_ptr,  # w [T, M] fp32, contiguous
     z_ptr,  # z [T, M, R] fp32, contiguous
-    order_ptr,  # token order [T] int64: tokens sorted by sel[:, 0] (read only when SORTED)
+    order_ptr,  # token order [T] int64: tokens grouped by sel[:, 0] (read only when SORTED)
     T,
     N,
     DOUT,
@@ -131,7 +132,8 @@ def lora_apply(
     w = w.contiguous()
     z = z.contiguous()
     sort = t >= SORT_MIN_T
-    order = torch.sort(sel[:, 0]).indices if sort else sel  # sel: an unread placeholder pointer
+    # tokens grouped by their first choice (pair id = token id, as sel[:, :1] has one column)
+    order = group_pairs_by_adapter(sel[:, :1], n)[1] if sort else sel  # sel: an unread placeholder pointer
     cfg = tuned("lora_apply", y.device, t=t, d_out=d_out, r=r) or apply_config(t, d_out, num_sms(y.device))
     grid = (triton.cdiv(t, cfg["BLOCK_T"]), triton.cdiv(d_out, cfg["BLOCK_O"]))
     _lora_apply_kernel[grid](

@@ -13,8 +13,9 @@ Paths, chosen from shapes only (no host sync):
 * split-d (few tokens, e.g. decode): ``_partial_z_kernel`` on a (T, k-blocks, D_SPLITS) grid
   writes partial z sums [D_SPLITS, T, k, r] fp32 so the whole GPU streams A*; ``_select_kernel``
   (Z_MODE=1) sums the partials, ranks and gathers the winners' z.
-* grouped (many tokens sharing adapters): the (token, candidate) pairs are sorted by adapter on
-  the GPU (torch.sort); ``_grouped_z_kernel`` takes BLOCK_P sorted pairs per program and, for
+* grouped (many tokens sharing adapters): the (token, candidate) pairs are grouped by adapter on
+  the GPU by a counting sort (``group_pairs_by_adapter``: histogram, scan, scatter; no host sync,
+  no comparison sort); ``_grouped_z_kernel`` takes BLOCK_P grouped pairs per program and, for
   each distinct adapter in the tile, one tl.dot of the gathered x rows with that adapter's A*
   (A* read once per adapter per tile, x rows stay L2-resident), writing z [T, k, r] fp32;
   ``_select_kernel`` (Z_MODE=1) finishes.
@@ -45,6 +46,7 @@ from ._common import (
     unpack_index,
     upcast_dot,
 )
+from .group_by_adapter import group_pairs_by_adapter
 
 
 @triton.jit
@@ -119,8 +121,8 @@ def _partial_z_kernel(
 def _grouped_z_kernel(
     x_ptr,  # x [T, d_in]
     a_ptr,  # A* [N, R, d_in]
-    sorted_ad_ptr,  # adapters of the (token, candidate) pairs, sorted ascending [P] int32
-    sorted_pair_ptr,  # pair id t*K + c of each sorted entry [P] int64
+    sorted_ad_ptr,  # adapters of the (token, candidate) pairs, grouped (group_pairs_by_adapter) [P] int32
+    sorted_pair_ptr,  # pair id t*K + c of each grouped entry [P] int64
     z_ptr,  # out: z [T, K, R] fp32 (= [P, R])
     P,
     N,
@@ -356,7 +358,7 @@ def spectr_rerank(
     zp = w  # dummy pointer unless a z path writes it
     if plan.path == "grouped":
         p = t * k
-        sorted_ad, order = torch.sort(candidates.view(-1))
+        sorted_ad, order = group_pairs_by_adapter(candidates, n)
         zp = torch.empty((t, k, r), dtype=torch.float32, device=dev)
         _grouped_z_kernel[(triton.cdiv(p, plan.block_p),)](
             x,

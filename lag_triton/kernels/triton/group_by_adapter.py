@@ -1,0 +1,74 @@
+"""Group (token, choice) pairs by adapter on the device: a counting sort in three launches.
+
+    counts[a]  = #pairs whose adapter is a            (bucket N: no adapter, -1 or out of range)
+    cursor     = exclusive prefix sum of counts        (torch.cumsum: on the device, no host sync)
+    slot[p]    = cursor[adapter[p]]++                  (atomic; order inside a segment is free)
+
+The grouped SpectR rerank (SGMV-style shrink per adapter segment) and the prefill apply (tokens
+grouped by their first choice) both need adapter segments, not a comparison sort: this replaces
+``torch.sort`` (a multi-pass radix sort over T·k keys) with one read for the histogram and one for
+the scatter, O(P + N).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _count_pairs_kernel(
+    cand_ptr,  # candidates [P] int32 (the [T, K] matrix, flat)
+    count_ptr,  # in/out: pairs per adapter [N + 1] int32, zeroed; bucket N = no adapter (-1 or out of range)
+    P,
+    N,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < P
+    ad = tl.load(cand_ptr + offs, mask=mask, other=-1)
+    bucket = tl.where((ad >= 0) & (ad < N), ad, N)
+    tl.atomic_add(count_ptr + bucket, 1, mask=mask, sem="relaxed")
+
+
+@triton.jit
+def _scatter_pairs_kernel(
+    cand_ptr,  # candidates [P] int32
+    cursor_ptr,  # in/out: next free slot of each adapter's segment [N + 1] int32 (exclusive scan of counts)
+    grouped_ad_ptr,  # out: adapter of each grouped slot [P] int32 (-1 for no adapter, last)
+    grouped_pair_ptr,  # out: pair id t*K + c of each grouped slot [P] int64
+    P,
+    N,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < P
+    ad = tl.load(cand_ptr + offs, mask=mask, other=-1)
+    bucket = tl.where((ad >= 0) & (ad < N), ad, N)
+    slot = tl.atomic_add(cursor_ptr + bucket, 1, mask=mask, sem="relaxed")
+    tl.store(grouped_ad_ptr + slot, tl.where(bucket < N, ad, -1), mask=mask)
+    tl.store(grouped_pair_ptr + slot, offs.to(tl.int64), mask=mask)
+
+
+GROUP_BLOCK = 1024  # pairs per program of the counting sort
+
+
+def group_pairs_by_adapter(candidates: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counting sort of the (token, candidate) pairs of ``candidates`` [T, K] by adapter.
+
+    Returns (adapter [P] int32, pair id [P] int64) with every adapter's pairs contiguous, adapters
+    ascending, pairs without an adapter (-1) last. The order inside a segment follows the atomics
+    and may differ between runs; nothing downstream depends on it (each pair's z is computed from
+    its own row and written to its own slot).
+    """
+    flat = candidates.reshape(-1)
+    p = flat.numel()
+    counts = torch.zeros(n + 1, dtype=torch.int32, device=flat.device)
+    grid = (triton.cdiv(p, GROUP_BLOCK),)
+    _count_pairs_kernel[grid](flat, counts, p, n, BLOCK=GROUP_BLOCK)
+    cursor = torch.cumsum(counts, 0, dtype=torch.int32).sub_(counts)
+    grouped_ad = torch.empty(p, dtype=torch.int32, device=flat.device)
+    grouped_pair = torch.empty(p, dtype=torch.int64, device=flat.device)
+    _scatter_pairs_kernel[grid](flat, cursor, grouped_ad, grouped_pair, p, n, BLOCK=GROUP_BLOCK)
+    return grouped_ad, grouped_pair
