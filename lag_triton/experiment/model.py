@@ -59,7 +59,8 @@ def pretrain(
     model.to(device).train()
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    # steps = 0 (the ablation's "not pre-trained" base) skips the loop; OneCycleLR refuses 0 steps
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps), pct_start=0.1)
     losses = []
     for step in range(steps):
         batch = pad_batch(rng.sample(corpus, min(batch_size, len(corpus)))).to(device)
