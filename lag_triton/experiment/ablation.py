@@ -174,7 +174,9 @@ def main(argv=None) -> int:
     sources = [f for f in args.merge.split(",") if f] or ([path] if os.path.exists(path) else [])
     for source in sources:  # resume (or merge): variants already measured are kept unless re-run
         with open(source) as f:
-            ablation["variants"].update(json.load(f).get("variants", {}))
+            part = json.load(f)
+        ablation["variants"].update(part.get("variants", {}))
+        ablation["environment"] = part.get("environment", ablation["environment"])  # where the runs ran
 
     def save(results):
         ablation["variants"].update(results)
