@@ -347,6 +347,7 @@ RERANK_CASES = [  # T, N, d_in, r, k, m, combine, with_scores
     (70, 30, 33, 6, 30, 3, "softmax", False),  # k = N, grouped
     (5, 30, 33, 6, 30, 3, "softmax", True),  # arrow router: rank / weight by candidate_scores
     (20, 40, 17, 6, 1, 1, "softmax", False),  # k = 1
+    (9, 50, 37, 5, 7, 2, "softmax", False),  # fused path (on CPU): ranked by norm, r not a power of two
 ]
 
 

@@ -255,3 +255,52 @@ def test_truncated_and_foreign_library_files(llama, tmp_path):
         Library.load(tmp_path / "foreign.safetensors")
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         Library.load(tmp_path / "missing.safetensors")
+
+
+def test_patched_arrow_choices_match_independent_prototypes(tmp_path):
+    """End to end: a library built from PEFT folders routes (Arrow top-1, through ``patch`` and
+    ``trace``) each token of each module to argmax_i |x . v_i|, where v_i is the top right singular
+    vector of adapter i's dense update s * B A, computed here from the PEFT files alone (fp64)."""
+    import lag_triton
+
+    model = tiny_model("llama")
+    n, alpha = 7, 8.0
+    folders = [make_adapter(model, tmp_path / f"a{i}", seed=10 + i, r=2 + i % 3, alpha=alpha) for i in range(n)]
+    protos = {}  # module -> [N, d_in] fp64, rows in library order
+    for i, folder in enumerate(folders):
+        tensors = load_file(str(folder / "adapter_model.safetensors"))
+        for key, a in tensors.items():
+            if not key.endswith("lora_A.weight"):
+                continue
+            module = key[len("base_model.model.") : -len(".lora_A.weight")]
+            b = tensors[key.replace("lora_A", "lora_B")]
+            dense = (alpha / a.shape[0]) * b.double() @ a.double()
+            protos.setdefault(module, [None] * n)[i] = torch.linalg.svd(dense)[2][0]
+    lib = Library.from_peft(folders, progress=False)
+    assert sorted(protos) == sorted(lib.modules)
+
+    inputs = {}
+    hooks = [
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda _, args, name=name: inputs.__setitem__(name, args[0].detach().reshape(-1, args[0].shape[-1]))
+        )
+        for name in protos
+    ]
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    lag_triton.patch(model, lib, router="arrow", top_m=1, backend="torch")
+    try:
+        with torch.no_grad(), lag_triton.trace(model) as tr:
+            model(input_ids=ids)
+    finally:
+        lag_triton.unpatch(model)
+        for h in hooks:
+            h.remove()
+    checked = 0
+    for module, rows in protos.items():
+        scores = (inputs[module].double() @ torch.stack(rows).T).abs()  # [tokens, N]
+        top2 = scores.topk(2, dim=1)
+        clear = (top2.values[:, 0] - top2.values[:, 1]) > 1e-4 * top2.values[:, 0]  # skip near-ties (fp32 routing)
+        got = tr.selections[module][:, 0]
+        assert torch.equal(got[clear], top2.indices[clear, 0]), module
+        checked += int(clear.sum())
+    assert checked >= 0.9 * sum(inputs[m].shape[0] for m in protos)
