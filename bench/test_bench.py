@@ -414,3 +414,15 @@ def test_tune_kernels_writes_a_table_the_launchers_accept(tmp_path):
             )
             == e["config"]
         )
+
+
+def test_demo_joint_routing_reports_every_router(tmp_path):
+    from bench import demo_joint_routing
+
+    out = tmp_path / "j.json"
+    assert demo_joint_routing.main(["--seeds", "0", "--tiny", "--out", str(out)]) == 0
+    seed = json.loads(out.read_text())["seeds"]["0"]
+    assert set(seed) == set(demo_joint_routing.ROUTERS)
+    for row in seed.values():
+        assert 0.0 <= row["identity_modules_both_gold"] <= 1.0
+        assert set(demo_joint_routing.IDENTITY_MODULES) <= set(row["routing_per_module"])
