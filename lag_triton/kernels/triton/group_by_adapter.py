@@ -18,6 +18,15 @@ import triton.language as tl
 
 
 @triton.jit
+def _pairs_and_buckets(cand_ptr, P, N, BLOCK: tl.constexpr):
+    """This program's pair ids, their mask, adapters and buckets (bucket N: no adapter)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < P
+    ad = tl.load(cand_ptr + offs, mask=mask, other=-1)
+    return offs, mask, ad, tl.where((ad >= 0) & (ad < N), ad, N)
+
+
+@triton.jit
 def _count_pairs_kernel(
     cand_ptr,  # candidates [P] int32 (the [T, K] matrix, flat)
     count_ptr,  # in/out: pairs per adapter [N + 1] int32, zeroed; bucket N = no adapter (-1 or out of range)
@@ -25,10 +34,7 @@ def _count_pairs_kernel(
     N,
     BLOCK: tl.constexpr,
 ):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < P
-    ad = tl.load(cand_ptr + offs, mask=mask, other=-1)
-    bucket = tl.where((ad >= 0) & (ad < N), ad, N)
+    offs, mask, ad, bucket = _pairs_and_buckets(cand_ptr, P, N, BLOCK)
     tl.atomic_add(count_ptr + bucket, 1, mask=mask, sem="relaxed")
 
 
@@ -42,10 +48,7 @@ def _scatter_pairs_kernel(
     N,
     BLOCK: tl.constexpr,
 ):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < P
-    ad = tl.load(cand_ptr + offs, mask=mask, other=-1)
-    bucket = tl.where((ad >= 0) & (ad < N), ad, N)
+    offs, mask, ad, bucket = _pairs_and_buckets(cand_ptr, P, N, BLOCK)
     slot = tl.atomic_add(cursor_ptr + bucket, 1, mask=mask, sem="relaxed")
     tl.store(grouped_ad_ptr + slot, tl.where(bucket < N, ad, -1), mask=mask)
     tl.store(grouped_pair_ptr + slot, offs.to(tl.int64), mask=mask)

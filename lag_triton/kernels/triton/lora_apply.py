@@ -15,8 +15,8 @@ the [N, d_out, r] layout of a library file works too, with strided loads.
 When every row of the tile uses one adapter for choice j (shared segment, SGMV-style), that
 adapter's column is loaded once and broadcast over the rows. Decode (T < SORT_MIN_T) takes the
 rows in order. Prefill first groups the tokens by their first choice on the GPU (a counting sort,
-``group_by_adapter``: no host sync), so that tokens routed to one adapter share tiles. Both paths form the same fp32
-products in the same order.
+``group_by_adapter``: no host sync), so that tokens routed to one adapter share tiles. Both paths
+form the same fp32 products in the same order.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from ._common import NO_ADAPTER, interpreting, next_pow2, num_sms
 from .group_by_adapter import group_pairs_by_adapter
 from .tuning import tuned
 
-#: from this many tokens on, rows are grouped by adapter (sorted by their first choice) before the apply
+#: from this many tokens on, rows are grouped by adapter (by their first choice) before the apply
 SORT_MIN_T = 64
 
 
