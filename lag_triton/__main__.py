@@ -163,11 +163,15 @@ def _demo(args: argparse.Namespace) -> int:
         raise UsageError(f"--layers must be >= 1, got {args.layers}")
     if args.hidden < 4 or args.hidden % 4:
         raise UsageError(f"--hidden must be a positive multiple of 4 (the demo model has 4 heads), got {args.hidden}")
+    if args.seeds < 1:
+        raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
     for option in ("pretrain_steps", "adapter_steps", "threads"):
         if getattr(args, option) < 0:
             raise UsageError(f"--{option.replace('_', '-')} must be >= 0, got {getattr(args, option)}")
     if not (math.isfinite(args.a_init_scale) and args.a_init_scale > 0):
         raise UsageError(f"--a-init-scale must be a finite number > 0, got {args.a_init_scale}")
+    if not (math.isfinite(args.lr_a_ratio) and args.lr_a_ratio >= 0):
+        raise UsageError(f"--lr-a-ratio must be a finite number >= 0, got {args.lr_a_ratio}")
     ks = str(args.ks).split(",")
     if not all(k.strip().isascii() and k.strip().isdigit() and int(k) >= 1 for k in ks):
         raise UsageError(f"--ks must be comma-separated integers >= 1, got {args.ks!r}")

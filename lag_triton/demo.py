@@ -70,28 +70,6 @@ def peft_equivalence_check(
     }
 
 
-def format_routing_by_layer(result: dict) -> str:
-    """Per-layer routing accuracy of every routed method (from ``lag_triton.trace``)."""
-    routed = {
-        name: result["rows"][name]["routing"]
-        for name in report.ordered_rows(result)
-        if result["rows"][name].get("routing")
-    }
-    layers = list(next(iter(routed.values()))["per_layer"])
-    head = " | ".join(f"{layer} question / answer pos" for layer in layers)
-    lines = [
-        "routing accuracy by layer (share of tokens routed to the gold adapter)",
-        f"| method | {head} |",
-        "|---|" + "---:|" * len(layers),
-    ]
-    for name, r in routed.items():
-        cells = " | ".join(
-            f"{r['per_layer'][layer]:.1%} / {r['per_layer_answer_position'][layer]:.1%}" for layer in layers
-        )
-        lines.append(f"| {name} | {cells} |")
-    return "\n".join(lines)
-
-
 def _command_line() -> str:
     argv = sys.argv[1:] if sys.argv and sys.argv[0].endswith(("__main__.py", "lag_triton")) else []
     return "python -m lag_triton " + " ".join(shlex.quote(a) for a in argv) if argv else "python -m lag_triton demo"
@@ -120,7 +98,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     cfg = exp.config_from_args(args)
     cfg.extra["command"] = _command_line()
-    seeds = max(1, getattr(args, "seeds", 1))
+    seeds = args.seeds
     print(
         f"LAG demo: {cfg.adapters} knowledge adapters, seed{'s' if seeds > 1 else ''} "
         f"{cfg.seed}{f'..{cfg.seed + seeds - 1}' if seeds > 1 else ''}, device {cfg.device}"
@@ -133,10 +111,7 @@ def run(args) -> int:
         f"{'OK' if check['ok'] else 'FAILED'}"
     )
     adapters_dir = os.path.join(args.out, "adapters") if args.keep_adapters else None
-    if seeds > 1:
-        result = exp.run_seeds(cfg, seeds, adapters_dir=adapters_dir)
-    else:
-        result = exp.run_experiment(cfg, out_dir=None, adapters_dir=adapters_dir)
+    result = exp.run_configured(cfg, seeds, adapters_dir=adapters_dir)
     result["checks"]["one_adapter_library_vs_peft"] = check
     result["timings"]["demo_total_s"] = time.perf_counter() - t0
     print()

@@ -110,6 +110,9 @@ def test_names_count_is_a_usage_error(adapters, tmp_path, capsys, monkeypatch):
         (["--adapters", "-3"], "--adapters must be >= 1, got -3"),
         (["--hidden", "30"], "--hidden must be a positive multiple of 4"),
         (["--ks", "1,x"], "--ks must be comma-separated integers"),
+        (["--seeds", "0"], "--seeds must be >= 1, got 0"),
+        (["--lr-a-ratio", "-0.5"], "--lr-a-ratio must be a finite number >= 0, got -0.5"),
+        (["--lr-a-ratio", "nan"], "--lr-a-ratio must be a finite number >= 0, got nan"),
         (["--backend", "gpu"], "--backend must be one of"),
         (["--device", "foo"], "--device 'foo' is not a torch device"),
         pytest.param(

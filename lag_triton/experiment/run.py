@@ -301,13 +301,20 @@ def _mean_offdiag_abs_cos(p: torch.Tensor) -> float:
     return float((c.sum() - c.diagonal().sum()) / max(1, n * (n - 1)))
 
 
-def run_seeds(cfg: ExperimentConfig, seeds: int, log=print, **kwargs) -> dict:
-    """The experiment for seeds cfg.seed .. cfg.seed + seeds - 1; mean and sd of every number."""
+def run_seeds(cfg: ExperimentConfig, seeds: int, log=print, adapters_dir: str | None = None, **kwargs) -> dict:
+    """The experiment for seeds cfg.seed .. cfg.seed + seeds - 1; mean and sd of every number.
+    Kept adapters go to one subfolder per seed of ``adapters_dir``."""
     runs = []
     for s in range(cfg.seed, cfg.seed + seeds):
         log(f"=== seed {s}")
-        runs.append(run_experiment(replace(cfg, seed=s), log=log, **kwargs))
+        seed_dir = os.path.join(adapters_dir, f"seed{s}") if adapters_dir else None
+        runs.append(run_experiment(replace(cfg, seed=s), log=log, adapters_dir=seed_dir, **kwargs))
     return summarise_seeds(runs)
+
+
+def run_configured(cfg: ExperimentConfig, seeds: int = 1, **kwargs) -> dict:
+    """One run's result, or (seeds > 1) the mean and sd over seeds (:func:`run_seeds`)."""
+    return run_seeds(cfg, seeds, **kwargs) if seeds > 1 else run_experiment(cfg, **kwargs)
 
 
 # --------------------------------------------------------------------------- command line
@@ -339,7 +346,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--value-form", choices=VALUE_FORMS, default=d.value_form)
     p.add_argument("--backend", default=d.backend)
     p.add_argument("--stem", default="lag_demo", help="file name stem of the JSON and PNG")
-    p.add_argument("--keep-adapters", action="store_true", help="write the PEFT folders under OUT/adapters")
+    p.add_argument(
+        "--keep-adapters", action="store_true", help="write the PEFT folders under OUT/adapters (OUT/adapters/seedS)"
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
 
 
@@ -356,10 +365,10 @@ def config_from_args(args) -> ExperimentConfig:
         layers=args.layers,
         a_init_scale=args.a_init_scale,
         backend=args.backend,
-        lr_a_ratio=getattr(args, "lr_a_ratio", ExperimentConfig.lr_a_ratio),
-        adapter_text=getattr(args, "adapter_text", ExperimentConfig.adapter_text),
-        question_form=getattr(args, "question_form", ExperimentConfig.question_form),
-        value_form=getattr(args, "value_form", ExperimentConfig.value_form),
+        lr_a_ratio=args.lr_a_ratio,
+        adapter_text=args.adapter_text,
+        question_form=args.question_form,
+        value_form=args.value_form,
     )
 
 
@@ -377,10 +386,7 @@ def main(argv=None) -> int:
     cfg = config_from_args(args)
     cfg.extra["command"] = " ".join(shlex.quote(a) for a in ["python", "-m", "lag_triton.experiment.run"] + argv)
     adapters_dir = os.path.join(args.out, "adapters") if args.keep_adapters else None
-    if args.seeds > 1:
-        result = run_seeds(cfg, args.seeds, adapters_dir=adapters_dir)
-    else:
-        result = run_experiment(cfg, adapters_dir=adapters_dir)
+    result = run_configured(cfg, args.seeds, adapters_dir=adapters_dir)
     print(format_table(result))
     write_outputs(result, args.out, stem=args.stem)
     return 0
