@@ -19,7 +19,7 @@ import tempfile
 import torch
 
 import lag_triton
-from lag_triton.experiment.evaluate import QuestionBatch, exact_match
+from lag_triton.experiment.evaluate import QuestionBatch, exact_match, gold_hits, gold_library_index
 from lag_triton.experiment.run import ExperimentConfig, build_data_and_base, build_library, set_determinism
 
 ROUTERS = {
@@ -37,8 +37,9 @@ def joint_routing(seed: int, **sizes) -> dict:
     quiet = lambda *a: None  # noqa: E731
     data, model, _ = build_data_and_base(cfg, quiet)
     with tempfile.TemporaryDirectory() as tmp:
-        lib = build_library(cfg, model, data, tmp, quiet)[-1]
-    qb = QuestionBatch(data.questions)  # library order = document order (names doc0000, doc0001, ...)
+        _, _, names, _, lib = build_library(cfg, model, data, tmp, quiet)
+    qb = QuestionBatch(data.questions)
+    gold_lib = gold_library_index(lib, names, qb)
     out = {}
     for name, kw in ROUTERS.items():
         lag_triton.patch(model, lib, backend="torch", **kw)
@@ -47,8 +48,7 @@ def joint_routing(seed: int, **sizes) -> dict:
                 em = exact_match(model, qb, cfg.eval_batch, cfg.device)
         finally:
             lag_triton.unpatch(model)
-        q, length = qb.ids.shape
-        hit = {m: (s[:, 0].view(q, length) == qb.gold[:, None])[qb.answer_position] for m, s in tr.selections.items()}
+        hit = {m: h[qb.answer_position] for m, h in gold_hits(tr.selections, qb, gold_lib).items()}
         both = torch.stack([hit[m] for m in IDENTITY_MODULES]).all(0)
         out[name] = {
             "exact_match": float(em.float().mean()),

@@ -66,16 +66,26 @@ def _layer_of(module: str) -> int:
     return int(module.split(".")[2])  # model.layers.<i>.mlp.<proj>
 
 
+def gold_library_index(lib, names: list[str], qb: QuestionBatch) -> torch.Tensor:
+    """[Q]: each question's gold document (index into ``names``) as an index into ``lib.names``."""
+    name_to_lib = {name: i for i, name in enumerate(lib.names)}
+    return torch.tensor([name_to_lib[names[g]] for g in qb.gold.tolist()])
+
+
+def gold_hits(selections: dict[str, torch.Tensor], qb: QuestionBatch, gold_lib: torch.Tensor) -> dict:
+    """Per module, bool [Q, L]: the token's first choice (from ``lag_triton.trace``) is the gold adapter."""
+    q, length = qb.ids.shape
+    return {module: sel[:, 0].view(q, length) == gold_lib[:, None] for module, sel in selections.items()}
+
+
 def routing_accuracy(selections: dict[str, torch.Tensor], qb: QuestionBatch, gold_lib: torch.Tensor) -> dict:
     """Share of tokens routed (top-1) to the gold adapter: per module, per layer, overall.
 
     ``gold_lib`` [Q]: the gold document's index in the library. "question tokens": every prompt
     token after <bos>; "answer position": the last prompt token (whose output is the first answer token).
     """
-    q, length = qb.ids.shape
     per_module, per_module_ans = {}, {}
-    for module, sel in selections.items():
-        hit = sel[:, 0].view(q, length) == gold_lib[:, None]
+    for module, hit in gold_hits(selections, qb, gold_lib).items():
         per_module[module] = float(hit[qb.question_tokens].float().mean())
         per_module_ans[module] = float(hit[qb.answer_position].float().mean())
     layers = sorted({_layer_of(m) for m in per_module})

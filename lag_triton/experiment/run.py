@@ -43,7 +43,14 @@ from .adapters import (
     uniform_merge_,
 )
 from .data import QUESTION_FORMS, VALUE_FORMS, make_data
-from .evaluate import QuestionBatch, exact_match, factors_read_per_token, generate_exact_match, routing_accuracy
+from .evaluate import (
+    QuestionBatch,
+    exact_match,
+    factors_read_per_token,
+    generate_exact_match,
+    gold_library_index,
+    routing_accuracy,
+)
 from .model import ModelSize, build_model, pretrain
 from .report import format_table, summarise_seeds, write_outputs
 
@@ -237,9 +244,7 @@ def run_experiment(
         qb = QuestionBatch(data.questions)
         rows = _Rows(qb, len(data.templates), log)
         peft_weight_diff = evaluate_baselines(cfg, model, weights, folders, names, qb, rows)
-    name_to_lib = {name: i for i, name in enumerate(lib.names)}
-    gold_lib = torch.tensor([name_to_lib[names[g]] for g in qb.gold.tolist()])
-    traces, gen_check = evaluate_routed(cfg, model, lib, data, qb, gold_lib, rows)
+    traces, gen_check = evaluate_routed(cfg, model, lib, data, qb, gold_library_index(lib, names, qb), rows)
     t_end = time.perf_counter()
     result = {
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
