@@ -176,16 +176,15 @@ def main(argv=None) -> int:
         with open(source) as f:
             part = json.load(f)
         ablation["variants"].update(part.get("variants", {}))
-        ablation["environment"] = part.get("environment", ablation["environment"])  # where the runs ran
+        if args.merge:  # the merged runs ran where their parts did; a resumed file's new runs run here
+            ablation["environment"] = part.get("environment", ablation["environment"])
 
     def save(results):
         ablation["variants"].update(results)
         with open(path, "w") as f:
             json.dump(ablation, f, indent=1, default=list)
 
-    if args.merge:
-        names = []
-    run_ablation(base, names, on_result=save)
+    run_ablation(base, [] if args.merge else names, on_result=save)
     ablation["variants"] = {n: ablation["variants"][n] for n in VARIANTS if n in ablation["variants"]}
     save({})
     print(format_ablation(ablation))
