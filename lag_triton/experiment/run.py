@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from .adapters import (
+    ADAPTER_TEXTS,
     ALPHA,
     RANK,
     TARGETS,
@@ -343,7 +344,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-a-ratio", type=float, default=d.lr_a_ratio, help="A's learning rate / B's")
     p.add_argument(
         "--adapter-text",
-        choices=("document", "answers"),
+        choices=ADAPTER_TEXTS,
         default=d.adapter_text,
         help="what the adapter's loss sees: every token of its document, or the answers only",
     )
