@@ -10,31 +10,19 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 VOCAB = 97
 
+# Llama and Qwen2 take the same sizes (a Llama-style decoder with grouped-query attention).
+_DECODER_SIZES = dict(
+    vocab_size=VOCAB,
+    hidden_size=48,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
 ARCHS = {
-    "llama": (
-        LlamaForCausalLM,
-        lambda: LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=48,
-            intermediate_size=80,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-        ),
-    ),
-    "qwen2": (
-        Qwen2ForCausalLM,
-        lambda: Qwen2Config(
-            vocab_size=VOCAB,
-            hidden_size=48,
-            intermediate_size=80,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-        ),
-    ),
+    "llama": (LlamaForCausalLM, lambda: LlamaConfig(**_DECODER_SIZES)),
+    "qwen2": (Qwen2ForCausalLM, lambda: Qwen2Config(**_DECODER_SIZES)),
     "gpt2": (
         GPT2LMHeadModel,
         lambda: GPT2Config(
