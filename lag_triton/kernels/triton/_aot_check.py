@@ -82,21 +82,39 @@ def _rerank_cases(dt: str):
                 **x_a,
                 "cand_ptr": "*i32",
                 "zp_ptr": "*fp32",
+                "sel_ptr": "*i32",
+                "w_ptr": "*fp32",
+                "z_ptr": "*fp32",
+                "ticket_ptr": "*i32",
                 "T": "i32",
                 "N": "i32",
                 "R": "i32",
                 "D": "i32",
                 "K": "i32",
+                "M": "i32",
+                "temperature": "fp32",
                 "d_per_split": "i32",
                 **strides,
             }
-            yield (
-                f"rerank partial_z {dt} {shape}",
-                S._partial_z_kernel,
-                sig,
-                {"R_PAD": plan.r_pad, "BLOCK_K": plan.block_k, "BLOCK_D": plan.block_d},
-                4,
-            )
+            for fold in (False, True):  # as the launcher passes them (fold_splits())
+                fold_consts = (
+                    dict(Z_SPLITS=plan.z_splits, SOFTMAX=m > 1, M_PAD=plan.m_pad)
+                    if fold
+                    else dict(Z_SPLITS=1, SOFTMAX=False, M_PAD=1)
+                )
+                yield (
+                    f"rerank partial_z {dt} {shape} fold={fold}",
+                    S._partial_z_kernel,
+                    sig,
+                    {
+                        "R_PAD": plan.r_pad,
+                        "BLOCK_K": plan.block_k,
+                        "BLOCK_D": plan.block_d,
+                        "FOLD": fold,
+                        **fold_consts,
+                    },
+                    4,
+                )
         if plan.path == "grouped" and dt == "bf16":  # the counting sort reads adapter ids only: once
             group_sig = {"cand_ptr": "*i32", "count_ptr": "*i32", "P": "i32", "N": "i32"}
             yield f"rerank count_pairs {shape}", G._count_pairs_kernel, group_sig, {"BLOCK": G.GROUP_BLOCK}, 4
@@ -169,6 +187,11 @@ def _rerank_cases(dt: str):
         )
 
 
+def _fold_consts(fold: bool, k_pad: int, splits: int = 24) -> dict:
+    """The Arrow select's fold constants as its launcher passes them."""
+    return dict(FOLD=fold, MERGE_BLOCK_C=A._merge_block_c(1, splits * k_pad, k_pad) if fold else 1)
+
+
 def _apply_sig(dt: str) -> dict:
     return {
         "y_ptr": "*" + dt,
@@ -212,6 +235,7 @@ def _cases():
         "idx_ptr": "*i32",
         "score_ptr": "*fp32",
         "part_ptr": "*i64",
+        "ticket_ptr": "*i32",
         "allowed_ptr": "*u8",
         "scope_ptr": "*i32",
         "N": "i32",
@@ -222,14 +246,21 @@ def _cases():
         "stride_allowed": "i32",
     }
     for kp in (1, 2, 32, 128, A.MAX_K_PAD):
-        for split, scoped in ((False, False), (True, False), (False, True), (True, True)):
+        for split, scoped, fold in (
+            (False, False, False),
+            (True, False, False),
+            (True, False, True),
+            (False, True, False),
+            (True, True, False),
+            (True, True, True),
+        ):
             cfg = A.select_config(kp)
             warps = cfg.pop("num_warps")
             yield (
-                f"arrow select k{kp} split={split} scoped={scoped}",
+                f"arrow select k{kp} split={split} scoped={scoped} fold={fold}",
                 A._select_kernel,
                 sig,
-                dict(cfg, HAS_SCOPE=scoped, SPLIT=split, SPLITS=24 if split else 1, K_PAD=kp),
+                dict(cfg, HAS_SCOPE=scoped, SPLIT=split, SPLITS=24 if split else 1, K_PAD=kp, **_fold_consts(fold, kp)),
                 warps,
             )
     # every configuration a shipped per-GPU table (tuning.py, tuned/*.json) can choose
@@ -244,7 +275,14 @@ def _cases():
                     f"tuned arrow select {entry}",
                     A._select_kernel,
                     sig,
-                    dict(cfg, HAS_SCOPE=False, SPLIT=split, SPLITS=24 if split else 1, K_PAD=kp),
+                    dict(
+                        cfg,
+                        HAS_SCOPE=False,
+                        SPLIT=split,
+                        SPLITS=24 if split else 1,
+                        K_PAD=kp,
+                        **_fold_consts(False, kp),
+                    ),
                     warps,
                 )
         else:

@@ -16,6 +16,7 @@ real word (even NaN) and decodes to an out-of-range index that is never written 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -23,6 +24,9 @@ import triton.language as tl
 
 # EMPTY_SLOT (INT64_MIN, the empty-slot word) is defined with the interpreter's top-k, which needs it.
 from ._interpreter import EMPTY_SLOT, USE_BITONIC, interpreting, topk_by_rank, upcast_dot  # noqa: F401
+
+#: set to 1 to finish split reductions inside the launch that writes their partials (``fold_splits``)
+FOLD_ENV = "LAG_TRITON_FOLD_SPLITS"
 
 # Globals read inside @triton.jit code must be tl.constexpr (compiled Triton rejects plain globals).
 NO_ADAPTER = tl.constexpr(2147483647)  # int32 max: "no adapter" marker inside tiles
@@ -116,3 +120,61 @@ def merge_topk_if_better(best, cand, K_PAD: tl.constexpr):
     if improves > 0:
         best = merge_topk(best, cand, K_PAD)
     return best
+
+
+# ----------------------------------------------------------------------------- split folding
+#
+# A split reduction (the Arrow select's N-splits, the rerank's d-splits) writes per-split partials
+# and used to need a second launch to reduce them. Folded, each program counts itself in on a
+# per-row ticket after storing its partial; the program that arrives last reduces the row in the
+# same launch (CUB's "last block" / threadFenceReduction pattern): at decode that is one launch
+# fewer per op, and no launch gap between the two passes.
+#
+# Memory ordering: every thread's partial stores -> CTA barrier -> one acq_rel atomic at GPU
+# scope (release: cumulative over the CTA's stores the barrier ordered before it). The last
+# program's atomic acquires every earlier release; a barrier then orders its threads' partial
+# loads after it, and those loads bypass L1 (.cg). The last program resets the ticket to 0, so
+# the counters stay zeroed between launches and are allocated (zeroed) once.
+
+
+def fold_splits() -> bool:
+    """Fold split reductions into one launch (``LAG_TRITON_FOLD_SPLITS=1``).
+
+    Opt-in until a GPU run has checked the ticket's memory ordering on hardware (the interpreter
+    runs programs one after another, so the CPU tests check the fold's logic, not its ordering):
+    the next GPU run tests and times both settings, then this becomes the default.
+    """
+    return os.environ.get(FOLD_ENV, "0") not in ("", "0")
+
+
+_ticket_buffers: dict[tuple, torch.Tensor] = {}
+
+
+def ticket_counters(device: torch.device, n: int) -> torch.Tensor:
+    """At least ``n`` zeroed int32 ticket counters for one launch on ``device``'s current stream.
+
+    Kernels leave every counter they use at 0, so a buffer is zeroed once, when created, and
+    serves every later launch on its stream (launches on one stream run in order). One buffer per
+    (device, stream, size class): launches on concurrent streams never share counters, and
+    buffers are never freed, so a CUDA graph that captured one keeps a valid pointer.
+    """
+    size = next_pow2(n, 1024)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream, size)
+    buf = _ticket_buffers.get(key)
+    if buf is None:
+        buf = _ticket_buffers[key] = torch.zeros(size, dtype=torch.int32, device=device)
+    return buf
+
+
+@triton.jit
+def last_to_arrive(ticket_ptr, arrivals):
+    """Count this program in at ``ticket_ptr`` after its partial stores; True in the program that
+    arrives last of ``arrivals``, which then sees every other program's partials and resets the
+    ticket to 0 for the next launch."""
+    tl.debug_barrier()  # every thread of this program has issued its partial stores
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
+    last = ticket == arrivals - 1
+    tl.store(ticket_ptr, 0, mask=last)  # all others are counted in: nobody adds to it again
+    tl.debug_barrier()  # the partial loads of every thread come after the acquire
+    return last

@@ -20,7 +20,8 @@ the reference's order and NaN never enters ahead of a number.
 
 Grid: (T, SPLITS); a program owns one row and N-range. When T alone leaves SMs idle (decode),
 N is split into contiguous ranges of whole BLOCKs; each split writes its packed top-K_PAD words
-to a [T, SPLITS, K_PAD] int64 scratch and ``_merge_kernel`` reduces them (two-pass top-k).
+to a [T, SPLITS, K_PAD] int64 scratch, which ``_merge_kernel`` reduces (two-pass top-k) or, with
+``fold_splits()``, the row's last split to finish reduces in the same launch (``_common``).
 The [T, N] scores are produced and consumed in row chunks of at most ``common.SCORE_CHUNK_BYTES``.
 """
 
@@ -34,14 +35,17 @@ from ..common import check_topk_args, empty_topk_outputs, prototype_scores, scor
 from ..reference import topk_of_scores
 from ._common import (
     EMPTY_SLOT,
+    fold_splits,
     interpreting,
     key_to_float,
+    last_to_arrive,
     merge_topk_if_better,
     next_pow2,
     num_sms,
     order_key,
     pack,
     rows_contiguous,
+    ticket_counters,
     unpack_index,
     unpack_key,
 )
@@ -110,6 +114,7 @@ def _select_kernel(
     idx_ptr,  # out: idx [T, K] int32 (when not SPLIT)
     score_ptr,  # out: |scores| [T, K] fp32 (when not SPLIT)
     part_ptr,  # out: packed partial top-K_PAD [T, SPLITS, K_PAD] int64 (when SPLIT)
+    ticket_ptr,  # per-row split counters [>= T] int32, zero between launches (when FOLD)
     allowed_ptr,  # scope masks [S, N] uint8 (when HAS_SCOPE): adapters token t may use are allowed[scope[t]]
     scope_ptr,  # scope row of each token [T] int32 (when HAS_SCOPE)
     N,
@@ -124,6 +129,8 @@ def _select_kernel(
     BLOCK: tl.constexpr,  # columns loaded per step
     CAP: tl.constexpr,  # buffer words per (row, split) (>= BLOCK)
     K_PAD: tl.constexpr,
+    FOLD: tl.constexpr,  # SPLIT only: the row's last split merges the partials (no _merge_kernel)
+    MERGE_BLOCK_C: tl.constexpr,  # FOLD only: words per chunk of that merge
 ):
     """Top-K_PAD of |s[t, n]| over n in [pid_s * n_per_split, +n_per_split) for t = pid_t."""
     t = tl.program_id(0)
@@ -166,8 +173,30 @@ def _select_kernel(
     rows = t + tl.arange(0, 1)
     if SPLIT:
         tl.store(part_ptr + (rows[:, None] * SPLITS + pid_s) * K_PAD + tl.arange(0, K_PAD)[None, :], best)
+        if FOLD:
+            if last_to_arrive(ticket_ptr + t, SPLITS):
+                best = _merge_partials(part_ptr, rows, rows >= 0, SPLITS, K_PAD, MERGE_BLOCK_C)
+                _store_topk(best, rows, rows >= 0, idx_ptr, score_ptr, K, K, K_PAD)
     else:
         _store_topk(best, rows, rows >= 0, idx_ptr, score_ptr, K, K, K_PAD)
+
+
+@triton.jit
+def _merge_partials(part_ptr, rows, row_mask, SPLITS: tl.constexpr, K_PAD: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Top-K_PAD of the SPLITS * K_PAD partial words of each row in ``rows``, read in [ROWS, BLOCK_C]
+    chunks (through L2: other programs of a folding launch wrote them) and merged into a running list."""
+    L: tl.constexpr = SPLITS * K_PAD
+    best = tl.full([rows.shape[0], K_PAD], EMPTY_SLOT, tl.int64)
+    for c0 in range(0, L, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        words = tl.load(
+            part_ptr + rows[:, None] * L + cols[None, :],
+            mask=row_mask[:, None] & (cols[None, :] < L),
+            other=EMPTY_SLOT,
+            cache_modifier=".cg",
+        )
+        best = merge_topk_if_better(best, words, K_PAD)
+    return best
 
 
 @triton.jit
@@ -182,18 +211,11 @@ def _merge_kernel(
     BLOCK_T: tl.constexpr,  # tokens per program: next_pow2(T) capped at 16 (1 row at decode)
     BLOCK_C: tl.constexpr,  # words per chunk (power of two >= K_PAD)
 ):
-    """Second pass of the split top-k, grid (cdiv(T, BLOCK_T),): for each token, the top-K_PAD of
-    its SPLITS * K_PAD packed words, read in [BLOCK_T, BLOCK_C] chunks and merged into a running list."""
+    """Second pass of the split top-k (unfolded), grid (cdiv(T, BLOCK_T),): each token's top-K_PAD
+    of its SPLITS * K_PAD packed words."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_mask = rows < T
-    L: tl.constexpr = SPLITS * K_PAD
-    best = tl.full([BLOCK_T, K_PAD], EMPTY_SLOT, tl.int64)
-    for c0 in range(0, L, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        words = tl.load(
-            part_ptr + rows[:, None] * L + cols[None, :], mask=row_mask[:, None] & (cols[None, :] < L), other=EMPTY_SLOT
-        )
-        best = merge_topk_if_better(best, words, K_PAD)
+    best = _merge_partials(part_ptr, rows, row_mask, SPLITS, K_PAD, BLOCK_C)
     _store_topk(best, rows, row_mask, idx_ptr, score_ptr, K, K, K_PAD)
 
 
@@ -235,7 +257,7 @@ def _select(
     scope: torch.Tensor | None,
 ) -> None:
     """idx / out_scores [t, k] = the filtered top-k of |scores| [t, n] per row, among the adapters
-    ``allowed[scope[row]]`` when scoped (launches 1 or 2 kernels)."""
+    ``allowed[scope[row]]`` when scoped (one launch; two when N is split and the merge is not folded)."""
     t, n = scores.shape
     k_pad = next_pow2(k)
     if k_pad > MAX_K_PAD:
@@ -252,12 +274,14 @@ def _select(
     part = torch.empty((t, splits, k_pad) if splits > 1 else (1,), dtype=torch.int64, device=scores.device)
     scoped = allowed is not None
     allowed_u8 = rows_contiguous(allowed).view(torch.uint8) if scoped else part  # part: an unread placeholder
+    fold = splits > 1 and fold_splits()
     _select_kernel[(t, splits)](
         scores,
         buf,
         idx,
         out_scores,
         part,
+        ticket_counters(scores.device, t) if fold else part,
         allowed_u8,
         scope if scoped else part,
         n,
@@ -270,9 +294,11 @@ def _select(
         SPLIT=splits > 1,
         SPLITS=splits,
         K_PAD=k_pad,
+        FOLD=fold,
+        MERGE_BLOCK_C=_merge_block_c(1, splits * k_pad, k_pad) if fold else 1,  # a constant when unused
         **cfg,
     )
-    if splits > 1:
+    if splits > 1 and not fold:
         merge_t = min(16, next_pow2(t))
         block_c = _merge_block_c(merge_t, splits * k_pad, k_pad)
         _merge_kernel[(triton.cdiv(t, merge_t),)](

@@ -12,7 +12,8 @@ Paths, chosen from shapes only (no host sync):
   keeps a running top-M_PAD of packed (key, adapter) words, then recomputes z of the m winners.
 * split-d (few tokens, e.g. decode): ``_partial_z_kernel`` on a (T, k-blocks, D_SPLITS) grid
   writes partial z sums [D_SPLITS, T, k, r] fp32 so the whole GPU streams A*; ``_select_kernel``
-  (Z_MODE=1) sums the partials, ranks and gathers the winners' z.
+  (Z_MODE=1) sums the partials, ranks and gathers the winners' z -- or, with ``fold_splits()``,
+  the token's last partial program to finish does that in the same launch (``_common``).
 * grouped (many tokens sharing adapters): the (token, candidate) pairs are grouped by adapter on
   the GPU by a counting sort (``group_pairs_by_adapter``: histogram, scan, scatter; no host sync,
   no comparison sort); ``_grouped_z_kernel`` takes BLOCK_P grouped pairs per program and, for
@@ -36,13 +37,16 @@ from ..common import check_rerank_args, empty_rerank_outputs
 from ._common import (
     EMPTY_SLOT,
     NO_ADAPTER,
+    fold_splits,
     interpreting,
+    last_to_arrive,
     merge_topk,
     next_pow2,
     num_sms,
     order_key,
     pack,
     rows_contiguous,
+    ticket_counters,
     unpack_index,
     upcast_dot,
 )
@@ -89,19 +93,29 @@ def _partial_z_kernel(
     x_ptr,  # x [T, d_in]
     a_ptr,  # A* [N, R, d_in]
     cand_ptr,  # candidates [T, K] int32
-    zp_ptr,  # out: partial z [D_SPLITS, T, K, R] fp32
+    zp_ptr,  # out: partial z [Z_SPLITS, T, K, R] fp32
+    sel_ptr,  # out: sel [T, M] int32 (FOLD)
+    w_ptr,  # out: w [T, M] fp32 (FOLD)
+    z_ptr,  # out: z [T, M, R] fp32 (FOLD)
+    ticket_ptr,  # per-token counters [>= T] int32, zero between launches (FOLD)
     T,
     N,
     R,
     D,
     K,
+    M,
+    temperature,
     d_per_split,
     stride_xt,
     stride_an,
     stride_ar,
+    Z_SPLITS: tl.constexpr,
+    SOFTMAX: tl.constexpr,
     R_PAD: tl.constexpr,
+    M_PAD: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    FOLD: tl.constexpr,  # the token's last program to finish ranks it (no _select_kernel launch)
 ):
     """Split-d gather-GEMV: program (t, kb, s) sums d in [s*d_per_split, +d_per_split) for BLOCK_K candidates."""
     t = tl.program_id(0)
@@ -115,6 +129,38 @@ def _partial_z_kernel(
     offs_r = tl.arange(0, R_PAD)
     out = zp_ptr + ((s * T + t) * K + offs_k[:, None]).to(tl.int64) * R + offs_r[None, :]
     tl.store(out, z, mask=k_mask[:, None] & (offs_r[None, :] < R))
+    if FOLD:
+        if last_to_arrive(ticket_ptr + t, tl.num_programs(1) * tl.num_programs(2)):
+            _rank_token(
+                t,
+                x_ptr,
+                a_ptr,
+                cand_ptr,
+                zp_ptr,  # no candidate scores on this path: an unread placeholder
+                zp_ptr,
+                sel_ptr,
+                w_ptr,
+                z_ptr,
+                T,
+                N,
+                R,
+                D,
+                K,
+                M,
+                temperature,
+                stride_xt,
+                stride_an,
+                stride_ar,
+                0,
+                1,
+                Z_SPLITS,
+                False,
+                SOFTMAX,
+                R_PAD,
+                M_PAD,
+                BLOCK_K,
+                BLOCK_D,
+            )
 
 
 @triton.jit
@@ -203,7 +249,71 @@ def _select_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """One token per program: rank its K candidates (streamed in BLOCK_K chunks), write the top M."""
-    t = tl.program_id(0)
+    _rank_token(
+        tl.program_id(0),
+        x_ptr,
+        a_ptr,
+        cand_ptr,
+        cs_ptr,
+        zp_ptr,
+        sel_ptr,
+        w_ptr,
+        z_ptr,
+        T,
+        N,
+        R,
+        D,
+        K,
+        M,
+        temperature,
+        stride_xt,
+        stride_an,
+        stride_ar,
+        stride_cs,
+        Z_MODE,
+        Z_SPLITS,
+        HAS_SCORES,
+        SOFTMAX,
+        R_PAD,
+        M_PAD,
+        BLOCK_K,
+        BLOCK_D,
+    )
+
+
+@triton.jit
+def _rank_token(
+    t,
+    x_ptr,
+    a_ptr,
+    cand_ptr,
+    cs_ptr,
+    zp_ptr,
+    sel_ptr,
+    w_ptr,
+    z_ptr,
+    T,
+    N,
+    R,
+    D,
+    K,
+    M,
+    temperature,
+    stride_xt,
+    stride_an,
+    stride_ar,
+    stride_cs,
+    Z_MODE: tl.constexpr,
+    Z_SPLITS: tl.constexpr,
+    HAS_SCORES: tl.constexpr,
+    SOFTMAX: tl.constexpr,
+    R_PAD: tl.constexpr,
+    M_PAD: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Rank token t's K candidates by key, write its top M (sel, w, z). Pointers as in _select_kernel;
+    precomputed z (Z_MODE 1) is read through L2, as a folding launch's other programs wrote it."""
     offs_r = tl.arange(0, R_PAD)
     r_mask = offs_r < R
     best = tl.full([1, M_PAD], EMPTY_SLOT, tl.int64)
@@ -225,6 +335,7 @@ def _select_kernel(
                         zp_ptr + ((s * T + t) * K + offs_k[:, None]).to(tl.int64) * R + offs_r[None, :],
                         mask=k_mask[:, None] & r_mask[None, :],
                         other=0.0,
+                        cache_modifier=".cg",
                     )
             key = tl.sqrt(tl.sum(z * z, axis=1))
         words = pack(order_key(key), cand)
@@ -253,6 +364,7 @@ def _select_kernel(
                 zp_ptr + ((s * T + t) * K + pos[:, None]).to(tl.int64) * R + offs_r[None, :],
                 mask=ok[:, None] & r_mask[None, :],
                 other=0.0,
+                cache_modifier=".cg",
             )
     if HAS_SCORES:
         skey = tl.load(cs_ptr + t * stride_cs + pos, mask=ok, other=0.0).to(tl.float32)
@@ -354,6 +466,7 @@ def spectr_rerank(
     has_scores = candidate_scores is not None
     cs = candidate_scores.float().contiguous() if has_scores else w  # dummy pointer when absent
     plan = rerank_plan(t, n, r, d, k, m, has_scores, num_sms(dev))
+    softmax = m > 1 and combine == "softmax"
     strides = (x.stride(0), a_star.stride(0), a_star.stride(1))
     zp = w  # dummy pointer unless a z path writes it
     if plan.path == "grouped":
@@ -380,23 +493,39 @@ def spectr_rerank(
         )
     elif plan.path == "split":
         zp = torch.empty((plan.z_splits, t, k, r), dtype=torch.float32, device=dev)
+        fold = fold_splits()
         _partial_z_kernel[(t, triton.cdiv(k, plan.block_k), plan.z_splits)](
             x,
             a_star,
             candidates,
             zp,
+            sel,
+            w,
+            z,
+            ticket_counters(dev, t) if fold else sel,  # sel: an unread placeholder
             t,
             n,
             r,
             d,
             k,
+            m,
+            float(temperature),
             plan.d_per_split,
             *strides,
             R_PAD=plan.r_pad,
             BLOCK_K=plan.block_k,
             BLOCK_D=plan.block_d,
+            FOLD=fold,
+            # what only the fold reads; constants otherwise, so that one variant compiles
+            **(
+                dict(Z_SPLITS=plan.z_splits, SOFTMAX=softmax, M_PAD=plan.m_pad)
+                if fold
+                else dict(Z_SPLITS=1, SOFTMAX=False, M_PAD=1)
+            ),
             num_warps=4,
         )
+        if fold:
+            return sel, w, z
     _select_kernel[(t,)](
         x,
         a_star,
@@ -418,7 +547,7 @@ def spectr_rerank(
         Z_MODE=plan.z_mode,
         Z_SPLITS=plan.z_splits,
         HAS_SCORES=has_scores,
-        SOFTMAX=m > 1 and combine == "softmax",
+        SOFTMAX=softmax,
         R_PAD=plan.r_pad,
         M_PAD=plan.m_pad,
         BLOCK_K=plan.block_k,
