@@ -34,6 +34,7 @@ measured. ``bench/report.py`` turns the JSON into markdown and a PNG.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as _dt
 import functools
@@ -64,6 +65,9 @@ use_triton_interpreter_without_gpu()  # before lag_triton.kernels.triton loads
 # "plain" = the obvious user code (written below), "plain-compile" = the same under torch.compile.
 # The compiled baseline comes last in each cell: its compile time must not delay the others under a budget.
 BACKENDS = ("plain", "torch", "triton", "cuda", "plain-compile")
+#: backend variants a run can ask for by name (not in the default list): "triton-fold" is the Triton
+#: backend with its split reductions folded into one launch (LAG_TRITON_FOLD_SPLITS, opt-in until measured)
+VARIANTS = {"triton-fold": "triton"}
 PLAIN_BACKENDS = ("plain", "plain-compile")
 KERNEL_OPS = ("layer", "arrow_topk", "spectr_rerank", "lora_apply")
 # Llama-3.2-3B MLP shapes: gate/up 3072 -> 8192, down 8192 -> 3072.
@@ -427,12 +431,21 @@ class Results:
 # ----------------------------------------------------------------------------------------------
 # backends
 # ----------------------------------------------------------------------------------------------
+def backend_context(name: str):
+    """The context a backend (variant) ``name`` runs its calls in, capture and warm-up included."""
+    if name == "triton-fold":
+        from lag_triton.kernels.triton._common import folding
+
+        return folding(True)
+    return contextlib.nullcontext()
+
+
 def backend_ops(name: str, device: torch.device):
-    """(lag_triton.kernels.Ops, None) or (None, "unavailable: <reason>") for one of our backends."""
+    """(lag_triton.kernels.Ops, None) or (None, "unavailable: <reason>") for one of our backends or VARIANTS."""
     from lag_triton.kernels import get_ops, resolve_backend
 
     try:
-        resolved = resolve_backend(name, device)
+        resolved = resolve_backend(VARIANTS.get(name, name), device)
         ops = get_ops(resolved)
         _ = ops.module  # import it now: a backend that fails to import shows up as unavailable
         return ops, None
@@ -570,7 +583,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out", default=None, help="results JSON (appended to if it exists); default bench/results/<card>-<date>.json"
     )
-    p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma list out of {','.join(BACKENDS)}")
+    p.add_argument(
+        "--backends", default=",".join(BACKENDS), help=f"comma list out of {','.join(BACKENDS + tuple(VARIANTS))}"
+    )
     p.add_argument(
         "--time-budget", type=float, default=None, help="seconds; remaining rows are skipped (and noted) once spent"
     )
@@ -900,6 +915,10 @@ class KernelRun:
         return fn
 
     def run_backend(self, op: str, b: str, cell: Cell, cost: dict) -> None:
+        with backend_context(b):
+            self._run_backend(op, b, cell, cost)
+
+    def _run_backend(self, op: str, b: str, cell: Cell, cost: dict) -> None:
         extra = {}
         try:
             prepare = self.impls[b][0].get("prepare_b_star")

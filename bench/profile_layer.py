@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import _random_library, backend_ops, env_info  # noqa: E402
+from bench.harness import _random_library, backend_context, backend_ops, env_info  # noqa: E402
 from lag_triton.routing import RoutingConfig, route_and_apply  # noqa: E402
 
 
@@ -77,7 +77,7 @@ def profile_case(ops, device, n, t, d_in, d_out, rank, k, top_m, dtype, iters):
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backends", default="triton,cuda")
+    p.add_argument("--backends", default="triton,cuda", help="comma list; also triton-fold (folded split reductions)")
     p.add_argument("--n", default="1000,10000")
     p.add_argument("--t", default="1,32,2048")
     p.add_argument("--d-in", type=int, default=3072)
@@ -99,7 +99,8 @@ def main(argv=None) -> None:
             continue
         for n in map(int, a.n.split(",")):
             for t in map(int, a.t.split(",")):
-                r = profile_case(ops, device, n, t, a.d_in, a.d_out, a.rank, min(a.k, n), a.top_m, dtype, a.iters)
+                with backend_context(backend):
+                    r = profile_case(ops, device, n, t, a.d_in, a.d_out, a.rank, min(a.k, n), a.top_m, dtype, a.iters)
                 r.update(backend=backend, N=n, T=t, d_in=a.d_in, d_out=a.d_out)
                 rows.append(r)
                 print(f"\n{backend}  N={n} T={t} {a.d_in}->{a.d_out}: host {r['host_us_per_call']:.1f} us/call")

@@ -388,6 +388,34 @@ def test_scope_fraction_rows_and_their_table(tmp_path):
     assert text.count("under a scope") == 2 and text.count("### Arrow retrieval") == 2
 
 
+def test_triton_fold_variant_runs_folded_and_gets_its_column(tmp_path, monkeypatch):
+    """--backends triton-fold times the Triton backend with split reductions folded into one launch
+    (the unfolded rerank select must not launch, warm-up and timed calls alike), and the report
+    gives it its own column beside triton."""
+    import sys
+
+    class MustNotLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError("the unfolded rerank select launched under triton-fold")
+
+    out = tmp_path / "fold.json"
+    common = TINY + ["--t", "1", "--ops", "layer,spectr_rerank", "--out", str(out)]
+    bench_kernels.main(common + ["--backends", "triton"])
+    rerank = sys.modules["lag_triton.kernels.triton.spectr_rerank"]  # imported by that run
+    monkeypatch.setattr(rerank, "_select_kernel", MustNotLaunch())
+    bench_kernels.main(common + ["--backends", "triton-fold"])
+    _, rows = _rows(out)
+    _assert_no_errors(rows)
+    assert sorted((r["op"], r["backend"]) for r in rows) == [
+        ("layer", "triton"),
+        ("layer", "triton-fold"),
+        ("spectr_rerank", "triton"),
+        ("spectr_rerank", "triton-fold"),
+    ]
+    assert all(r["status"] == "ok" for r in rows)
+    assert "| triton | triton folded |" in report.render(json.loads(out.read_text()))
+
+
 def test_tune_kernels_writes_a_table_the_launchers_accept(tmp_path):
     """The tuning script times candidates through tuning.forced and writes a table that load_table
     accepts, one entry per op and shape bucket (every entry here: --min-gain=-inf, since at these

@@ -431,6 +431,73 @@ def test_spectr_rerank_nan_inf(ops):
         torch.testing.assert_close(z, ref_z, equal_nan=True)
 
 
+# ----------------------------------------------------------------------------- folded split reductions
+
+
+def _triton_module(ops, name):
+    mod = __import__("sys").modules.get(f"{ops.module.__name__}.{name}")
+    if mod is None or not hasattr(mod, "fold_splits"):
+        pytest.skip("folding a split reduction into its launch is the Triton backend's")
+    return mod
+
+
+def _fold(ops, monkeypatch, module, second_pass):
+    """Turn the fold on (LAG_TRITON_FOLD_SPLITS=1) and make launching the unfolded second pass an error."""
+    mod = _triton_module(ops, module)
+
+    class _MustNotLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError(f"{module}.{second_pass} launched although the split reduction is folded")
+
+    monkeypatch.setenv("LAG_TRITON_FOLD_SPLITS", "1")
+    monkeypatch.setattr(mod, second_pass, _MustNotLaunch())
+    return mod
+
+
+def _tickets_all_zero(ops):
+    common_mod = _triton_module(ops, "_common")
+    assert common_mod._ticket_buffers, "a folded launch took no ticket counters"
+    for buf in common_mod._ticket_buffers.values():
+        assert int(buf.count_nonzero()) == 0, "a folded launch left a ticket counter set"
+
+
+@pytest.mark.parametrize("t,n,k,sms", [c for c in SPLIT_CASES if c[0] in (1, 3, 5, 13)])
+def test_arrow_topk_folded_merge(ops, monkeypatch, t, n, k, sms):
+    """The N-split select with its merge folded into the launch (the row's last split merges):
+    the split test's ties / NaN / inf cases, twice (the tickets are reset and reused), no merge launch."""
+    _fold(ops, monkeypatch, "arrow_topk", "_merge_kernel")
+    for _ in range(2):
+        test_arrow_topk_small_t_splits_ties_nan(ops, monkeypatch, torch.float32, t, n, k, sms)
+    _tickets_all_zero(ops)
+
+
+@pytest.mark.parametrize("t,n,k,sms", [(1, 1001, 20, 4), (3, 700, 5, 64), (2, 2049, 1, 16)])
+def test_arrow_select_folded_planted_and_scoped(ops, monkeypatch, t, n, k, sms):
+    """Folded merge, winners planted at split boundaries and in the last partial split, and scoped."""
+    _fold(ops, monkeypatch, "arrow_topk", "_merge_kernel")
+    test_arrow_select_buffer_flushes_and_splits(ops, monkeypatch, "planted", t, n, k, sms)
+    test_arrow_topk_scoped_matches_reference(ops, monkeypatch, torch.float32, t, n, k, sms)
+    _tickets_all_zero(ops)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [c for c in RERANK_CASES if c[0] <= 7 and not c[7]])
+def test_spectr_rerank_folded_select(ops, monkeypatch, dtype, case):
+    """Split-d rerank whose token ranking runs in the partial-z launch (the token's last program):
+    the reference's answer, twice, no select launch; missing candidates, ties and NaN too."""
+    mod = _fold(ops, monkeypatch, "spectr_rerank", "_select_kernel")
+    monkeypatch.setattr(mod, "num_sms", lambda device: 64)  # every token count below takes the split path
+    t, n, d, r, k, m, combine, with_scores = case
+    assert mod.rerank_plan(t, n, r, d, k, m, with_scores, 64).path == "split"
+    for _ in range(2):
+        test_spectr_rerank_matches_reference(ops, dtype, *case)
+    for m, combine in ((1, "softmax"), (3, "softmax"), (3, "uniform")):
+        test_spectr_rerank_missing_candidates(ops, m, combine, False)
+    test_spectr_rerank_ties_lower_adapter_index(ops)
+    test_spectr_rerank_nan_inf(ops)
+    _tickets_all_zero(ops)
+
+
 # ----------------------------------------------------------------------------- lora_apply
 
 APPLY_CASES = [  # T, N, d_out, r, m

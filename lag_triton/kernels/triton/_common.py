@@ -15,8 +15,10 @@ real word (even NaN) and decodes to an out-of-range index that is never written 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -137,14 +139,31 @@ def merge_topk_if_better(best, cand, K_PAD: tl.constexpr):
 # the counters stay zeroed between launches and are allocated (zeroed) once.
 
 
+_fold_override: bool | None = None
+
+
 def fold_splits() -> bool:
-    """Fold split reductions into one launch (``LAG_TRITON_FOLD_SPLITS=1``).
+    """Fold split reductions into one launch (``LAG_TRITON_FOLD_SPLITS=1``, or inside ``folding``).
 
     Opt-in until a GPU run has checked the ticket's memory ordering on hardware (the interpreter
     runs programs one after another, so the CPU tests check the fold's logic, not its ordering):
     the next GPU run tests and times both settings, then this becomes the default.
     """
+    if _fold_override is not None:
+        return _fold_override
     return os.environ.get(FOLD_ENV, "0") not in ("", "0")
+
+
+@contextlib.contextmanager
+def folding(enabled: bool = True) -> Iterator[None]:
+    """Launch with the split reductions folded (or not) inside this block, whatever the environment
+    says (benchmarks compare both settings in one process)."""
+    global _fold_override
+    before, _fold_override = _fold_override, enabled
+    try:
+        yield
+    finally:
+        _fold_override = before
 
 
 _ticket_buffers: dict[tuple, torch.Tensor] = {}
