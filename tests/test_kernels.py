@@ -381,6 +381,39 @@ def test_spectr_rerank_matches_reference(ops, dtype, t, n, d, r, k, m, combine, 
     assert torch.allclose(w.sum(-1), torch.ones(t, device=DEVICE), atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "t,n,d,r,k,m,path",
+    [
+        (1, 50, 100, 128, 20, 1, "split"),  # 8 candidates per partial-z program
+        (2, 40, 70, 64, 12, 3, "split"),
+        (9, 60, 50, 128, 20, 1, "fused"),  # 4 candidates per select step
+        (3, 40, 40, 128, 20, 16, "split"),  # top_m 16: 16 candidates per step, 8 warps
+        (9, 30, 33, 16, 20, 3, "fused"),
+    ],
+)
+def test_spectr_rerank_gpu_launch_plans(ops, monkeypatch, t, n, d, r, k, m, path):
+    """The launch plans a GPU gets for large ranks (fewer candidates per step, shorter d steps), run
+    under the interpreter by planning as on a GPU: the reference's ranking and z."""
+    mod = _triton_module(ops, "spectr_rerank")
+    monkeypatch.setattr(mod, "interpreting", lambda: False)
+    monkeypatch.setattr(mod, "num_sms", lambda device: 4)
+    plan = mod.rerank_plan(t, n, r, d, k, m, False, 4)
+    assert plan.path == path
+    assert plan.block_k * plan.r_pad * plan.block_d <= mod.GATHER_TILE or plan.gather_warps == 8
+    x = _randn(t, d, seed=90)
+    a = _mixed_rank(_randn(n, r, d, seed=91), 1, seed=92)
+    cand = _candidates(t, n, k, seed=93)
+    sel, w, z = ops.spectr_rerank(x, a, cand, m, "softmax", 0.7)
+    ref_sel, ref_w, ref_z = reference.spectr_rerank(x, a, cand, m, "softmax", 0.7)
+    z64_all = torch.einsum("nrd,td->tnr", a.double(), x.double())
+    tol = _red_tol(x, a.reshape(n * r, d)) * r**0.5
+    _assert_same_ranking(sel, ref_sel, z64_all.norm(dim=-1), tol)
+    torch.testing.assert_close(
+        z.double(), z64_all.gather(1, sel.long()[:, :, None].expand(-1, -1, r)), atol=tol, rtol=0
+    )
+    torch.testing.assert_close(w, ref_w, atol=max(1e-5, 4 * tol), rtol=1e-4)
+
+
 def test_spectr_rerank_ties_lower_adapter_index(ops):
     n, r, d = 16, 4, 20
     a = _randn(n, r, d, seed=11) * 0.01

@@ -56,7 +56,7 @@ ALIGNED_INTS = {
 
 
 # (T, N, r, d_in, k, top_m, candidate_scores?) -> the plans spectr_rerank makes for them: every path
-# (split-d decode, fused, adapter-grouped prefill, arrow-router scores), ranks 1 / 6 / 128, top_m 1 / 3 / 16.
+# (split-d decode, fused, adapter-grouped prefill, arrow-router scores), ranks 1 / 6 / 64 / 128, top_m 1 / 3 / 16.
 RERANK_SHAPES = [
     (1, 1000, 6, 3072, 20, 1, False),
     (1, 1000, 6, 8192, 20, 3, False),
@@ -66,6 +66,11 @@ RERANK_SHAPES = [
     (2048, 100000, 1, 8192, 20, 3, False),
     (5, 1000, 6, 3072, 20, 3, True),
     (1, 1000, 128, 3072, 20, 16, False),
+    (1, 1000, 128, 3072, 20, 1, False),
+    (32, 1000, 64, 3072, 20, 1, False),
+    (1, 1000, 16, 3072, 20, 1, False),
+    (256, 100000, 16, 3072, 20, 3, False),
+    (256, 100000, 128, 3072, 20, 1, False),
     (2048, 1000, 128, 3072, 20, 1, False),
 ]
 
@@ -113,7 +118,7 @@ def _rerank_cases(dt: str):
                         "FOLD": fold,
                         **fold_consts,
                     },
-                    4,
+                    plan.gather_warps,
                 )
         if plan.path == "grouped" and dt == "bf16":  # the counting sort reads adapter ids only: once
             group_sig = {"cand_ptr": "*i32", "count_ptr": "*i32", "P": "i32", "N": "i32"}
@@ -183,7 +188,7 @@ def _rerank_cases(dt: str):
                 "BLOCK_K": plan.block_k,
                 "BLOCK_D": plan.block_d,
             },
-            4,
+            plan.select_warps,
         )
 
 

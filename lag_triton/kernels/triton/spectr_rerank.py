@@ -383,6 +383,12 @@ def _rank_token(
     tl.store(z_ptr + (t * M + offs_m[:, None]) * R + offs_r[None, :], zs, mask=m_mask[:, None] & r_mask[None, :])
 
 
+#: fp32 values of one gather-GEMV tile [candidates, R_PAD, BLOCK_D] of the partial-z programs (128 per
+#: thread at 4 warps; half of it in a select that gathers): on sm_90 the rank-6 to rank-128
+#: configurations compile without spills at these sizes (``_aot_check --resources``)
+GATHER_TILE = 16384
+
+
 @dataclass(frozen=True)
 class RerankPlan:
     """How one call runs (from shapes only): which z path, and every launch constant."""
@@ -392,6 +398,7 @@ class RerankPlan:
     r_pad: int
     block_k: int  # candidates per step of the select (and of the partial-z programs)
     block_d: int  # d_in per step of the gather-GEMV tiles
+    gather_warps: int = 4  # of the programs that gather A* tiles (partial z; the select when z_mode 0)
     z_splits: int = 1  # split path: partial z sums over d
     d_per_split: int = 0  # split path: d_in per split (a multiple of block_d)
     block_p: int = 0  # grouped path: sorted (token, candidate) pairs per program
@@ -402,27 +409,45 @@ class RerankPlan:
         """0: the select computes z itself; 1: it reads precomputed (partial) z."""
         return 1 if self.path in ("split", "grouped") else 0
 
+    @property
+    def select_warps(self) -> int:
+        return self.gather_warps if self.z_mode == 0 else 4
+
+
+def _gather_blocks(m_pad: int, r_pad: int, tile: int) -> dict:
+    """Launch constants of the gather-GEMV tiles [BLOCK_K or M_PAD, R_PAD, BLOCK_D]: at most ``tile``
+    fp32 values, a large rank taking fewer candidates per step (down to M_PAD, which the running
+    top-m needs), then a shorter d step; a tile still larger (top_m 16 at rank 128) gets 8 warps."""
+    prev_pow2 = lambda v: triton.next_power_of_2(v + 1) // 2  # largest power of two <= v  # noqa: E731
+    if interpreting():  # larger steps: fewer interpreted iterations
+        block_k = max(m_pad, 64)
+        return dict(block_k=block_k, block_d=max(16, min(128, prev_pow2(8192 // (max(m_pad, 16) * r_pad)))))
+    block_k = max(m_pad, min(16, tile // (r_pad * 16)))
+    block_d = max(16, min(64, prev_pow2(tile // (block_k * r_pad))))
+    return dict(block_k=block_k, block_d=block_d, gather_warps=8 if block_k * r_pad * block_d > tile else 4)
+
 
 def rerank_plan(t: int, n: int, r: int, d: int, k: int, m: int, has_scores: bool, sms: int) -> RerankPlan:
     """The launch plan of ``spectr_rerank`` for these shapes on a GPU with ``sms`` SMs."""
     m_pad, r_pad = next_pow2(m), next_pow2(r)
-    interp = interpreting()
-    block_k = max(m_pad, 64 if interp else 16)
-    block_d = 128 if interp else 64
-    # Keep the [BLOCK_K|M_PAD, R_PAD, BLOCK_D] gather tile within ~8K fp32 values (large r_max).
-    block_d = max(16, min(block_d, triton.next_power_of_2(8192 // (max(m_pad, 16) * r_pad) + 1) // 2 or 16))
-    base = dict(m_pad=m_pad, r_pad=r_pad, block_k=block_k, block_d=block_d)
+    pads = dict(m_pad=m_pad, r_pad=r_pad)
+    # The select that gathers z itself (fused, scores) keeps its running top-m and the winners' tile
+    # live beside the gather tile: half the tile of the partial-z programs.
+    select_blocks = _gather_blocks(m_pad, r_pad, GATHER_TILE // 2)
     if has_scores:  # ranking needs no z: the select computes only the winners' z
-        return RerankPlan("scores", **base)
-    if t >= 64 and t * k >= n:  # many tokens sharing adapters
-        return RerankPlan("grouped", **base, block_p=128 if interp else 64, grouped_block_d=128 if interp else 64)
-    k_blocks = triton.cdiv(k, block_k)
+        return RerankPlan("scores", **pads, **select_blocks)
+    blocks = _gather_blocks(m_pad, r_pad, GATHER_TILE)
+    if t >= 64 and t * k >= n:  # many tokens sharing adapters; [BLOCK_P, R_PAD] fp32 accumulators x 2
+        block_p = 128 if interpreting() else (64 if r_pad <= 32 else 32)
+        return RerankPlan("grouped", **pads, **blocks, block_p=block_p, grouped_block_d=128 if interpreting() else 64)
+    k_blocks = triton.cdiv(k, blocks["block_k"])
     if t * k_blocks < 2 * sms:  # few tokens: split d across programs so that the whole GPU streams A*
-        d_blocks = triton.cdiv(d, block_d)
+        d_blocks = triton.cdiv(d, blocks["block_d"])
         splits = max(1, min(d_blocks, triton.cdiv(4 * sms, t * k_blocks), 64))
         per = triton.cdiv(d_blocks, splits)
-        return RerankPlan("split", **base, z_splits=triton.cdiv(d_blocks, per), d_per_split=per * block_d)
-    return RerankPlan("fused", **base)
+        z_splits = triton.cdiv(d_blocks, per)
+        return RerankPlan("split", **pads, **blocks, z_splits=z_splits, d_per_split=per * blocks["block_d"])
+    return RerankPlan("fused", **pads, **select_blocks)
 
 
 def spectr_rerank(
@@ -522,7 +547,7 @@ def spectr_rerank(
                 if fold
                 else dict(Z_SPLITS=1, SOFTMAX=False, M_PAD=1)
             ),
-            num_warps=4,
+            num_warps=plan.gather_warps,
         )
         if fold:
             return sel, w, z
@@ -552,6 +577,6 @@ def spectr_rerank(
         M_PAD=plan.m_pad,
         BLOCK_K=plan.block_k,
         BLOCK_D=plan.block_d,
-        num_warps=4,
+        num_warps=plan.select_warps,
     )
     return sel, w, z
