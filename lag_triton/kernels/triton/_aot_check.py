@@ -31,6 +31,7 @@ from triton.compiler import ASTSource
 from . import arrow_topk as _unused  # noqa: F401  (ensure modules are imported)
 
 A = sys.modules[__package__ + ".arrow_topk"]
+AD = sys.modules[__package__ + ".arrow_decode"]
 HOPPER_SMS = 132  # launch configurations are enumerated as the launchers pick them on an H100 / H200
 S = sys.modules[__package__ + ".spectr_rerank"]
 G = sys.modules[__package__ + ".group_by_adapter"]
@@ -194,7 +195,7 @@ def _rerank_cases(dt: str):
 
 def _fold_consts(fold: bool, k_pad: int, splits: int = 24) -> dict:
     """The Arrow select's fold constants as its launcher passes them."""
-    return dict(FOLD=fold, MERGE_BLOCK_C=A._merge_block_c(1, splits * k_pad, k_pad) if fold else 1)
+    return dict(FOLD=fold, MERGE_BLOCK_C=A.merge_block_c(1, splits * k_pad, k_pad) if fold else 1)
 
 
 def _apply_sig(dt: str) -> dict:
@@ -299,6 +300,43 @@ def _cases():
                     dict(cfg, SORTED=True),
                     warps,
                 )
+    # the one-launch Arrow for a few tokens (arrow_decode), as decode_plan sizes it on a 132-SM GPU
+    for dt in ("bf16", "fp16", "fp32"):
+        sig = {
+            "x_ptr": "*" + dt,
+            "p_ptr": "*" + dt,
+            "zp_ptr": "*fp32",
+            "part_ptr": "*i64",
+            "ticket_ptr": "*i32",
+            "idx_ptr": "*i32",
+            "score_ptr": "*fp32",
+            "allowed_ptr": "*u8",
+            "scope_ptr": "*i32",
+            "T": "i32",
+            "N": "i32",
+            "D": "i32",
+            "K": "i32",
+            "S": "i32",
+            "d_per_split": "i32",
+            "stride_xt": "i32",
+            "stride_pn": "i32",
+            "stride_allowed": "i32",
+        }
+        for n, d, kp, scoped in (
+            (1000, 3072, 32, False),
+            (1000, 8192, 1, False),
+            (10000, 3072, 32, True),
+            (16384, 3072, 128, False),
+        ):
+            plan = AD.decode_plan(1, n, d, kp, HOPPER_SMS)
+            consts = {key: plan[key] for key in ("BLOCK_N", "BLOCK_D", "D_SPLITS", "NB", "MERGE_BLOCK_C")}
+            yield (
+                f"arrow decode {dt} N{n} d{d} k{kp} scoped={scoped} splits{plan['D_SPLITS']}",
+                AD._decode_kernel,
+                sig,
+                dict(consts, HAS_SCOPE=scoped, UPCAST=False, T_PAD=AD.DECODE_MAX_T, K_PAD=kp),
+                AD.DECODE_WARPS,
+            )
     # the split-N merge, as arrow_topk launches it for decode-sized T (split_plan, then tiles of next_pow2(T) <= 16)
     sig = {"part_ptr": "*i64", "idx_ptr": "*i32", "score_ptr": "*fp32", "T": "i32", "K": "i32"}
     for t, n in ((1, 100_000), (1, 1_000_000), (2, 100_000), (16, 100_000), (32, 1_000_000)):
@@ -309,7 +347,7 @@ def _cases():
                 f"topk merge T{t} N{n} k{kp} splits{splits}",
                 A._merge_kernel,
                 sig,
-                {"SPLITS": splits, "K_PAD": kp, "BLOCK_T": rows, "BLOCK_C": A._merge_block_c(rows, splits * kp, kp)},
+                {"SPLITS": splits, "K_PAD": kp, "BLOCK_T": rows, "BLOCK_C": A.merge_block_c(rows, splits * kp, kp)},
                 4,
             )
 

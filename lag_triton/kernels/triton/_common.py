@@ -124,6 +124,48 @@ def merge_topk_if_better(best, cand, K_PAD: tl.constexpr):
     return best
 
 
+@triton.jit
+def store_topk(best, rows, row_mask, idx_ptr, score_ptr, stride_o, K, K_PAD: tl.constexpr):
+    """Decode packed words [ROWS, K_PAD] and write the first K columns of idx / scores."""
+    cols = tl.arange(0, K_PAD)
+    empty = best == EMPTY_SLOT  # fewer candidates than K (a scope): idx -1, score NaN
+    idx = tl.where(empty, -1, unpack_index(best))
+    score = key_to_float(unpack_key(best))
+    score = tl.where((score == float("-inf")) | empty, float("nan"), score)  # |p.x| is never -inf: that key was NaN
+    offs = rows[:, None] * stride_o + cols[None, :]
+    mask = row_mask[:, None] & (cols[None, :] < K)
+    tl.store(idx_ptr + offs, idx, mask=mask)
+    tl.store(score_ptr + offs, score, mask=mask)
+
+
+@triton.jit
+def merge_partials(part_ptr, rows, row_mask, SPLITS: tl.constexpr, K_PAD: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Top-K_PAD of the SPLITS * K_PAD partial words of each row in ``rows``, read in [ROWS, BLOCK_C]
+    chunks (through L2: other programs of a folding launch wrote them) and merged into a running list."""
+    L: tl.constexpr = SPLITS * K_PAD
+    best = tl.full([rows.shape[0], K_PAD], EMPTY_SLOT, tl.int64)
+    for c0 in range(0, L, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        words = tl.load(
+            part_ptr + rows[:, None] * L + cols[None, :],
+            mask=row_mask[:, None] & (cols[None, :] < L),
+            other=EMPTY_SLOT,
+            cache_modifier=".cg",
+        )
+        best = merge_topk_if_better(best, words, K_PAD)
+    return best
+
+
+def merge_block_c(rows: int, words: int, k_pad: int) -> int:
+    """Chunk width of the merge: ~2K words per [rows, C] tile compiled (16 per thread at 4 warps),
+    and a [rows, C, C] rank-count tile <= 2^20 elements under the interpreter."""
+    if interpreting():
+        cap = max(16, 1 << ((20 - (rows.bit_length() - 1)) // 2))
+    else:
+        cap = max(16, 2048 // rows)
+    return max(k_pad, min(next_pow2(words), cap))
+
+
 # ----------------------------------------------------------------------------- split folding
 #
 # A split reduction (the Arrow select's N-splits, the rerank's d-splits) writes per-split partials

@@ -18,6 +18,9 @@ Exactness: the comparison is on the packed (score, index) order of ``_common`` (
 or equal key and lower index), so a filtered-out value can never belong to the top k, ties keep
 the reference's order and NaN never enters ahead of a number.
 
+With ``fold_splits()`` on, a few tokens (decode) take ``arrow_decode`` instead: scoring and select
+in one launch.
+
 Grid: (T, SPLITS); a program owns one row and N-range. When T alone leaves SMs idle (decode),
 N is split into contiguous ranges of whole BLOCKs; each split writes its packed top-K_PAD words
 to a [T, SPLITS, K_PAD] int64 scratch, which ``_merge_kernel`` reduces (two-pass top-k) or, with
@@ -37,37 +40,25 @@ from ._common import (
     EMPTY_SLOT,
     fold_splits,
     interpreting,
-    key_to_float,
     last_to_arrive,
-    merge_topk_if_better,
+    merge_block_c,
+    merge_partials,
     next_pow2,
     num_sms,
     order_key,
     pack,
     rows_contiguous,
+    store_topk,
     ticket_counters,
     unpack_index,
     unpack_key,
 )
+from .arrow_decode import decode_arrow_topk, decode_plan
 from .tuning import tuned
 
 #: largest padded k the select keeps in registers; a larger k (a rerank of > 1024 candidates per
 #: token, far from LAG's k ~ 20) ranks the scores with the reference's sort instead
 MAX_K_PAD = 1024
-
-
-@triton.jit
-def _store_topk(best, rows, row_mask, idx_ptr, score_ptr, stride_o, K, K_PAD: tl.constexpr):
-    """Decode packed words [ROWS, K_PAD] and write the first K columns of idx / scores."""
-    cols = tl.arange(0, K_PAD)
-    empty = best == EMPTY_SLOT  # fewer candidates than K (a scope): idx -1, score NaN
-    idx = tl.where(empty, -1, unpack_index(best))
-    score = key_to_float(unpack_key(best))
-    score = tl.where((score == float("-inf")) | empty, float("nan"), score)  # |p.x| is never -inf: that key was NaN
-    offs = rows[:, None] * stride_o + cols[None, :]
-    mask = row_mask[:, None] & (cols[None, :] < K)
-    tl.store(idx_ptr + offs, idx, mask=mask)
-    tl.store(score_ptr + offs, score, mask=mask)
 
 
 @triton.jit
@@ -175,28 +166,10 @@ def _select_kernel(
         tl.store(part_ptr + (rows[:, None] * SPLITS + pid_s) * K_PAD + tl.arange(0, K_PAD)[None, :], best)
         if FOLD:
             if last_to_arrive(ticket_ptr + t, SPLITS):
-                best = _merge_partials(part_ptr, rows, rows >= 0, SPLITS, K_PAD, MERGE_BLOCK_C)
-                _store_topk(best, rows, rows >= 0, idx_ptr, score_ptr, K, K, K_PAD)
+                best = merge_partials(part_ptr, rows, rows >= 0, SPLITS, K_PAD, MERGE_BLOCK_C)
+                store_topk(best, rows, rows >= 0, idx_ptr, score_ptr, K, K, K_PAD)
     else:
-        _store_topk(best, rows, rows >= 0, idx_ptr, score_ptr, K, K, K_PAD)
-
-
-@triton.jit
-def _merge_partials(part_ptr, rows, row_mask, SPLITS: tl.constexpr, K_PAD: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Top-K_PAD of the SPLITS * K_PAD partial words of each row in ``rows``, read in [ROWS, BLOCK_C]
-    chunks (through L2: other programs of a folding launch wrote them) and merged into a running list."""
-    L: tl.constexpr = SPLITS * K_PAD
-    best = tl.full([rows.shape[0], K_PAD], EMPTY_SLOT, tl.int64)
-    for c0 in range(0, L, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        words = tl.load(
-            part_ptr + rows[:, None] * L + cols[None, :],
-            mask=row_mask[:, None] & (cols[None, :] < L),
-            other=EMPTY_SLOT,
-            cache_modifier=".cg",
-        )
-        best = merge_topk_if_better(best, words, K_PAD)
-    return best
+        store_topk(best, rows, rows >= 0, idx_ptr, score_ptr, K, K, K_PAD)
 
 
 @triton.jit
@@ -215,8 +188,8 @@ def _merge_kernel(
     of its SPLITS * K_PAD packed words."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_mask = rows < T
-    best = _merge_partials(part_ptr, rows, row_mask, SPLITS, K_PAD, BLOCK_C)
-    _store_topk(best, rows, row_mask, idx_ptr, score_ptr, K, K, K_PAD)
+    best = merge_partials(part_ptr, rows, row_mask, SPLITS, K_PAD, BLOCK_C)
+    store_topk(best, rows, row_mask, idx_ptr, score_ptr, K, K, K_PAD)
 
 
 def select_config(k_pad: int) -> dict:
@@ -236,16 +209,6 @@ def split_plan(t: int, n: int, block: int, sms: int) -> tuple[int, int]:
     want = min(triton.cdiv(2 * sms, t), max(1, n_blocks // 4))
     per_split = triton.cdiv(n_blocks, max(1, want)) * block
     return triton.cdiv(n, per_split), per_split
-
-
-def _merge_block_c(rows: int, words: int, k_pad: int) -> int:
-    """Chunk width of the merge: ~2K words per [rows, C] tile compiled (16 per thread at 4 warps),
-    and a [rows, C, C] rank-count tile <= 2^20 elements under the interpreter."""
-    if interpreting():
-        cap = max(16, 1 << ((20 - (rows.bit_length() - 1)) // 2))
-    else:
-        cap = max(16, 2048 // rows)
-    return max(k_pad, min(next_pow2(words), cap))
 
 
 def _select(
@@ -295,12 +258,12 @@ def _select(
         SPLITS=splits,
         K_PAD=k_pad,
         FOLD=fold,
-        MERGE_BLOCK_C=_merge_block_c(1, splits * k_pad, k_pad) if fold else 1,  # a constant when unused
+        MERGE_BLOCK_C=merge_block_c(1, splits * k_pad, k_pad) if fold else 1,  # a constant when unused
         **cfg,
     )
     if splits > 1 and not fold:
         merge_t = min(16, next_pow2(t))
-        block_c = _merge_block_c(merge_t, splits * k_pad, k_pad)
+        block_c = merge_block_c(merge_t, splits * k_pad, k_pad)
         _merge_kernel[(triton.cdiv(t, merge_t),)](
             part, idx, out_scores, t, k, SPLITS=splits, K_PAD=k_pad, BLOCK_T=merge_t, BLOCK_C=block_c, num_warps=4
         )
@@ -322,6 +285,11 @@ def arrow_topk(
         prototypes = prototypes.to(x.dtype)
     t, n = x.shape[0], prototypes.shape[0]
     idx, scores = empty_topk_outputs(x, k)
+    if t > 0 and fold_splits():  # a few tokens: scoring and select in one launch (arrow_decode)
+        plan = decode_plan(t, n, x.shape[1], next_pow2(k), num_sms(x.device))
+        if plan is not None:
+            decode_arrow_topk(x, prototypes, k, idx, scores, allowed, scope, plan)
+            return idx, scores
     for rows in score_row_chunks(t, n):
         _select(
             prototype_scores(x[rows], prototypes),

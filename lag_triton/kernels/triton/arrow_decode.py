@@ -1,0 +1,207 @@
+"""Arrow retrieval for a few tokens in one launch: a split-d skinny GEMM over the prototypes with the
+k-select folded in (taken by ``arrow_topk`` when ``fold_splits()`` is on; see ``decode_plan``).
+
+    scores[t, i] = P[i] . x[t]   (fp32)           x [T <= 16, d_in], P [N, d_in]
+    idx[t]       = the k adapters with the largest |scores[t, i]|, best first: ``arrow_topk``'s
+                   contract and order (packed keys: ties -> lower index, NaN like -inf)
+
+Grid (NB = cdiv(N, BLOCK_N), D_SPLITS). Program (b, s) multiplies the token rows (padded to 16, the
+smallest tl.dot) with the BLOCK_N prototypes of block b over its d-range, fp32 accumulation. With
+D_SPLITS > 1 it stores that partial and the block's last split to arrive (``last_to_arrive``) sums
+the D_SPLITS partials in split order, so the scores do not depend on which program came last.
+That program ranks its block -- packed words, the top-K_PAD of each row -- and stores them as the
+block's list; the last block to arrive merges the NB lists of every row and writes idx / scores.
+
+One launch replaces the GEMM, the select and its merge, and (b, s) programs are planned so that
+the whole GPU streams P even at N = 1000, where the GEMM has a handful of output tiles. The final
+merge reads NB * K_PAD words per row in one program, so N is capped (``DECODE_MAX_N``); larger
+libraries take the GEMM + filtered select, whose N-splits fold the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    EMPTY_SLOT,
+    interpreting,
+    last_to_arrive,
+    merge_block_c,
+    merge_partials,
+    next_pow2,
+    order_key,
+    pack,
+    rows_contiguous,
+    store_topk,
+    ticket_counters,
+    topk_words,
+    upcast_dot,
+)
+
+#: tokens per launch: the rows of one tl.dot tile
+DECODE_MAX_T = 16
+#: blocks whose lists the last program merges, at most (NB * K_PAD words per row)
+DECODE_MAX_BLOCKS = 128
+#: the block ranking sorts [16, 128] int64 words: at 4 warps that takes ~250 registers per thread
+#: (fp32 spills), at 8 warps ~165 and no spills on sm_90 (``_aot_check --resources``)
+DECODE_WARPS = 8
+
+
+@triton.jit
+def _decode_kernel(
+    x_ptr,  # x [T, d_in]
+    p_ptr,  # prototypes [N, d_in]
+    zp_ptr,  # scratch: partial scores [D_SPLITS, T_PAD, N] fp32 (when D_SPLITS > 1)
+    part_ptr,  # scratch: each block's top-K_PAD words per row [T_PAD, NB, K_PAD] int64
+    ticket_ptr,  # counters [NB + 1] int32, zero between launches: one per block (its d-splits), one for the merge
+    idx_ptr,  # out: idx [T, K] int32
+    score_ptr,  # out: |scores| [T, K] fp32
+    allowed_ptr,  # scope masks [S, N] uint8 (when HAS_SCOPE)
+    scope_ptr,  # scope row of each token [T] int32 (when HAS_SCOPE)
+    T,
+    N,
+    D,
+    K,
+    S,
+    d_per_split,  # d_in per split (a multiple of BLOCK_D)
+    stride_xt,
+    stride_pn,
+    stride_allowed,
+    HAS_SCOPE: tl.constexpr,
+    UPCAST: tl.constexpr,  # interpreter: bf16 tiles to fp32 before tl.dot (see _interpreter)
+    T_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    D_SPLITS: tl.constexpr,
+    NB: tl.constexpr,
+    K_PAD: tl.constexpr,
+    MERGE_BLOCK_C: tl.constexpr,
+):
+    b = tl.program_id(0)
+    s = tl.program_id(1)
+    rows = tl.arange(0, T_PAD)
+    row_mask = rows < T
+    cols = b * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    d_lo = s * d_per_split
+    d_hi = tl.minimum(D, d_lo + d_per_split)
+    acc = tl.zeros([T_PAD, BLOCK_N], dtype=tl.float32)
+    for d0 in range(d_lo, d_hi, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < d_hi
+        xt = tl.load(
+            x_ptr + rows[:, None] * stride_xt + offs_d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0
+        )  # [T_PAD, BLOCK_D]
+        pt = tl.load(
+            p_ptr + cols[None, :].to(tl.int64) * stride_pn + offs_d[:, None],
+            mask=col_mask[None, :] & d_mask[:, None],
+            other=0.0,
+        )  # [BLOCK_D, BLOCK_N] = P^T tile
+        if UPCAST:
+            xt = xt.to(tl.float32)
+            pt = pt.to(tl.float32)
+        acc = tl.dot(xt, pt, acc, input_precision="ieee")
+
+    if D_SPLITS > 1:
+        zp = zp_ptr + (s * T_PAD + rows[:, None]).to(tl.int64) * N + cols[None, :]
+        tl.store(zp, acc, mask=col_mask[None, :])
+        ranks_block = last_to_arrive(ticket_ptr + b, D_SPLITS)
+    else:
+        ranks_block = s == 0
+    if ranks_block:
+        if D_SPLITS > 1:  # the block's scores: its partials summed in split order
+            acc = tl.zeros([T_PAD, BLOCK_N], dtype=tl.float32)
+            for s2 in range(D_SPLITS):
+                acc += tl.load(
+                    zp_ptr + (s2 * T_PAD + rows[:, None]).to(tl.int64) * N + cols[None, :],
+                    mask=col_mask[None, :],
+                    other=0.0,
+                    cache_modifier=".cg",
+                )
+        valid = row_mask[:, None] & col_mask[None, :]
+        if HAS_SCOPE:  # a scope row out of [0, S) allows nothing
+            srow = tl.load(scope_ptr + rows, mask=row_mask, other=-1)
+            row_ok = (srow >= 0) & (srow < S)
+            allowed = tl.load(
+                allowed_ptr + srow[:, None].to(tl.int64) * stride_allowed + cols[None, :],
+                mask=valid & row_ok[:, None],
+                other=0,
+            )
+            valid &= allowed != 0
+        words = tl.where(valid, pack(order_key(tl.abs(acc)), cols[None, :]), EMPTY_SLOT)
+        best = topk_words(words, K_PAD)  # [T_PAD, K_PAD], best first
+        tl.store(part_ptr + (rows[:, None] * NB + b) * K_PAD + tl.arange(0, K_PAD)[None, :], best)
+        if last_to_arrive(ticket_ptr + NB, NB):
+            best = merge_partials(part_ptr, rows, row_mask, NB, K_PAD, MERGE_BLOCK_C)
+            store_topk(best, rows, row_mask, idx_ptr, score_ptr, K, K, K_PAD)
+
+
+def decode_plan(t: int, n: int, d: int, k_pad: int, sms: int) -> dict | None:
+    """Launch constants of the one-launch Arrow for these shapes, or None where it does not apply
+    (more than DECODE_MAX_T tokens, more than DECODE_MAX_BLOCKS blocks, k_pad > BLOCK_N)."""
+    block_n, block_d = (32, 32) if interpreting() else (128, 64)
+    nb = triton.cdiv(n, block_n)
+    if t > DECODE_MAX_T or nb > DECODE_MAX_BLOCKS or k_pad > block_n:
+        return None
+    # ~2 programs per SM in all: split d_in when there are fewer blocks than that
+    d_blocks = triton.cdiv(d, block_d)
+    per = triton.cdiv(d_blocks, max(1, min(d_blocks, triton.cdiv(2 * sms, nb))))
+    return dict(
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        NB=nb,
+        D_SPLITS=triton.cdiv(d_blocks, per),
+        d_per_split=per * block_d,
+        MERGE_BLOCK_C=merge_block_c(DECODE_MAX_T, nb * k_pad, k_pad),
+    )
+
+
+def decode_arrow_topk(
+    x: torch.Tensor,
+    prototypes: torch.Tensor,
+    k: int,
+    idx: torch.Tensor,
+    scores: torch.Tensor,
+    allowed: torch.Tensor | None,
+    scope: torch.Tensor | None,
+    plan: dict,
+) -> None:
+    """idx / scores [T, k] of ``arrow_topk`` in one launch (x, prototypes: same dtype, unit inner
+    stride; shapes and scope checked by the caller; ``plan`` from ``decode_plan``)."""
+    t, d = x.shape
+    n = prototypes.shape[0]
+    k_pad = next_pow2(k)
+    dev = x.device
+    splits, nb = plan["D_SPLITS"], plan["NB"]
+    zp = torch.empty((splits, DECODE_MAX_T, n) if splits > 1 else (1,), dtype=torch.float32, device=dev)
+    part = torch.empty((DECODE_MAX_T, nb, k_pad), dtype=torch.int64, device=dev)
+    scoped = allowed is not None
+    allowed_u8 = rows_contiguous(allowed).view(torch.uint8) if scoped else part  # part: an unread placeholder
+    _decode_kernel[(nb, splits)](
+        x,
+        prototypes,
+        zp,
+        part,
+        ticket_counters(dev, nb + 1),
+        idx,
+        scores,
+        allowed_u8,
+        scope if scoped else part,
+        t,
+        n,
+        d,
+        k,
+        allowed.shape[0] if scoped else 0,
+        plan["d_per_split"],
+        x.stride(0),
+        prototypes.stride(0),
+        allowed_u8.stride(0) if scoped else 0,
+        HAS_SCOPE=scoped,
+        UPCAST=upcast_dot(x.dtype),
+        T_PAD=DECODE_MAX_T,
+        K_PAD=k_pad,
+        num_warps=DECODE_WARPS,
+        **{key: plan[key] for key in ("BLOCK_N", "BLOCK_D", "D_SPLITS", "NB", "MERGE_BLOCK_C")},
+    )
