@@ -468,10 +468,10 @@ def test_spectr_rerank_nan_inf(ops):
 
 
 def _triton_module(ops, name):
-    mod = __import__("sys").modules.get(f"{ops.module.__name__}.{name}")
-    if mod is None or not hasattr(mod, "fold_splits"):
-        pytest.skip("folding a split reduction into its launch is the Triton backend's")
-    return mod
+    """The Triton backend's module ``name`` (its internals are what the test is about); skip for others."""
+    if ops.name != "triton":
+        pytest.skip("these launch paths are the Triton backend's")
+    return __import__("sys").modules[f"{ops.module.__name__}.{name}"]
 
 
 def _fold(ops, monkeypatch, module, second_pass):
@@ -498,7 +498,8 @@ def _tickets_all_zero(ops):
 def test_arrow_topk_folded_merge(ops, monkeypatch, t, n, k, sms):
     """The N-split select with its merge folded into the launch (the row's last split merges):
     the split test's ties / NaN / inf cases, twice (the tickets are reset and reused), no merge launch."""
-    _fold(ops, monkeypatch, "arrow_topk", "_merge_kernel")
+    mod = _fold(ops, monkeypatch, "arrow_topk", "_merge_kernel")
+    monkeypatch.setattr(mod, "decode_plan", lambda *shapes: None)  # the GEMM + select path, not arrow_decode
     for _ in range(2):
         test_arrow_topk_small_t_splits_ties_nan(ops, monkeypatch, torch.float32, t, n, k, sms)
     _tickets_all_zero(ops)
@@ -507,9 +508,60 @@ def test_arrow_topk_folded_merge(ops, monkeypatch, t, n, k, sms):
 @pytest.mark.parametrize("t,n,k,sms", [(1, 1001, 20, 4), (3, 700, 5, 64), (2, 2049, 1, 16)])
 def test_arrow_select_folded_planted_and_scoped(ops, monkeypatch, t, n, k, sms):
     """Folded merge, winners planted at split boundaries and in the last partial split, and scoped."""
-    _fold(ops, monkeypatch, "arrow_topk", "_merge_kernel")
+    mod = _fold(ops, monkeypatch, "arrow_topk", "_merge_kernel")
+    monkeypatch.setattr(mod, "decode_plan", lambda *shapes: None)
     test_arrow_select_buffer_flushes_and_splits(ops, monkeypatch, "planted", t, n, k, sms)
     test_arrow_topk_scoped_matches_reference(ops, monkeypatch, torch.float32, t, n, k, sms)
+    _tickets_all_zero(ops)
+
+
+def _one_launch_arrow(ops, monkeypatch, sms):
+    """Fold on, with every launch of the GEMM + select path made an error: arrow_decode must serve."""
+    mod = _fold(ops, monkeypatch, "arrow_topk", "_merge_kernel")
+    monkeypatch.setattr(mod, "_select_kernel", mod._merge_kernel)  # the must-not-launch stand-in
+    monkeypatch.setattr(mod, "num_sms", lambda device: sms)
+
+    def no_gemm(*args):
+        raise AssertionError("the scoring GEMM ran although arrow_decode scores in its own launch")
+
+    monkeypatch.setattr(mod, "prototype_scores", no_gemm)
+    return _triton_module(ops, "arrow_decode")
+
+
+@pytest.mark.parametrize("t,n,k,sms", [c for c in SPLIT_CASES if c[0] <= 16 and c[2] <= 32])  # k within a block
+def test_arrow_topk_one_launch_decode(ops, monkeypatch, t, n, k, sms):
+    """A few tokens scored and selected in one launch (split-d skinny GEMM, block ranking and merge
+    folded by tickets): the split test's exact ties, NaN and inf cases, twice (tickets reused)."""
+    _one_launch_arrow(ops, monkeypatch, sms)
+    for _ in range(2):
+        test_arrow_topk_small_t_splits_ties_nan(ops, monkeypatch, torch.bfloat16, t, n, k, sms)
+    _tickets_all_zero(ops)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t,n,d,k,sms", [(1, 1001, 301, 20, 64), (16, 300, 70, 32, 4), (3, 97, 40, 1, 64)])
+def test_arrow_topk_one_launch_decode_planted_and_scoped(ops, monkeypatch, dtype, t, n, d, k, sms):
+    """One-launch Arrow with winners planted on both sides of every block boundary and in the last,
+    partial block, on several d-splits with a ragged tail (d = 301); then under a scope."""
+    dec = _one_launch_arrow(ops, monkeypatch, sms)
+    plan = dec.decode_plan(t, n, d, 1 << max(0, (k - 1).bit_length()), sms)
+    assert plan is not None and (plan["D_SPLITS"] > 1 or sms == 4)
+    edges = [b * plan["BLOCK_N"] for b in range(1, plan["NB"])] + [n - 1]
+    winners = sorted({min(n - 1, e + o) for e in edges for o in (-1, 0)}, reverse=True)[: k + 3]
+    x, p = _planted_scores(t, n, winners, seed=94)
+    # every d-split contributes: integer noise over all of d_in (exact sums, so the order stays exact)
+    x = torch.cat([x, _int_tensor(t, d - x.shape[1], lo=-1, hi=2, seed=97)], 1).to(dtype)
+    p = torch.cat([p, _int_tensor(n, d - p.shape[1], lo=-1, hi=2, seed=95)], 1).to(dtype)
+    idx, scores = ops.arrow_topk(x, p, k)
+    ref_idx, ref_scores = reference.arrow_topk(x, p, k)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(scores, ref_scores, atol=0, rtol=0)
+    allowed = _scope_masks(5, n, k, seed=96)
+    scope = (torch.arange(t) % 5).to(torch.int32).to(DEVICE)
+    idx, scores = ops.arrow_topk(x, p, k, allowed, scope)
+    ref_idx, ref_scores = reference.arrow_topk(x, p, k, allowed, scope)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(scores, ref_scores, equal_nan=True, atol=0, rtol=0)
     _tickets_all_zero(ops)
 
 
