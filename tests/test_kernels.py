@@ -583,6 +583,43 @@ def test_spectr_rerank_folded_select(ops, monkeypatch, dtype, case):
     _tickets_all_zero(ops)
 
 
+@pytest.mark.parametrize("fold", [False, True])
+def test_decode_layer_launch_count(ops, monkeypatch, fold):
+    """One decode layer (T = 1, route_and_apply): folded, three Triton launches -- one-launch Arrow,
+    the rerank with its ranking folded in, the apply -- and no scoring GEMM; unfolded, the GEMM and
+    four (select, partial z, select, apply). Same selections as the reference either way."""
+    arrow = _triton_module(ops, "arrow_topk")
+    rerank = _triton_module(ops, "spectr_rerank")
+    monkeypatch.setenv("LAG_TRITON_FOLD_SPLITS", "1" if fold else "0")
+    launched, gemms = [], []
+    kernel_type = type(arrow._select_kernel)
+    run = kernel_type.run
+
+    def counting_run(self, *args, **kwargs):
+        launched.append(self.__name__)
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(kernel_type, "run", counting_run)
+    scores = arrow.prototype_scores
+    monkeypatch.setattr(arrow, "prototype_scores", lambda *a: gemms.append(1) or scores(*a))
+    monkeypatch.setattr(arrow, "num_sms", lambda device: 64)
+    monkeypatch.setattr(rerank, "num_sms", lambda device: 64)
+    n, r, d_in, d_out = 300, 6, 64, 48
+    x = _randn(1, d_in, seed=98)
+    a = _randn(n, r, d_in, seed=99)
+    b = _randn(n, d_out, r, seed=100)
+    p = a[:, 0].contiguous()
+    cfg = RoutingConfig(k=20, top_m=1)
+    y = torch.zeros(1, d_out, device=DEVICE)
+    sel = route_and_apply(x, y, a, b, p, cfg, ops)
+    assert torch.equal(sel, route_and_apply(x, y.clone(), a, b, p, cfg, get_ops("torch")))
+    if fold:
+        assert launched == ["_decode_kernel", "_partial_z_kernel", "_lora_apply_kernel"] and not gemms
+    else:
+        assert launched == ["_select_kernel", "_partial_z_kernel", "_select_kernel", "_lora_apply_kernel"]
+        assert gemms == [1]
+
+
 # ----------------------------------------------------------------------------- lora_apply
 
 APPLY_CASES = [  # T, N, d_out, r, m
