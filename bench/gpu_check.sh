@@ -109,10 +109,10 @@ stage pytest 75 203 bash -c "$PY -m pytest $PYTEST_ARGS > '$OUT/pytest.txt' 2>&1
 SAN=$(command -v compute-sanitizer || true)
 [[ -z "$SAN" && -x /usr/local/cuda/bin/compute-sanitizer ]] && SAN=/usr/local/cuda/bin/compute-sanitizer
 if (( GPU )) && [[ -n "$SAN" ]]; then
-    stage sanitize 45 188 bash -c "'$SAN' --tool memcheck --error-exitcode 1 --print-limit 20 $PY bench/sanitize_kernels.py --dtypes bf16 > '$OUT/sanitizer.txt' 2>&1; rc=\$?; grep -E 'sanitize|ERROR SUMMARY|Invalid|error' '$OUT/sanitizer.txt' | tail -n 40; exit \$rc"
+    stage sanitize 45 198 bash -c "'$SAN' --tool memcheck --error-exitcode 1 --print-limit 20 $PY bench/sanitize_kernels.py --dtypes bf16 > '$OUT/sanitizer.txt' 2>&1; rc=\$?; grep -E 'sanitize|ERROR SUMMARY|Invalid|error' '$OUT/sanitizer.txt' | tail -n 40; exit \$rc"
 else
     say "=== [sanitize] compute-sanitizer not found or no GPU: running bench/sanitize_kernels.py --small without it"
-    stage sanitize 45 188 bash -c "$PY bench/sanitize_kernels.py --small > '$OUT/sanitizer.txt' 2>&1; rc=\$?; cat '$OUT/sanitizer.txt'; exit \$rc"
+    stage sanitize 45 198 bash -c "$PY bench/sanitize_kernels.py --small > '$OUT/sanitizer.txt' 2>&1; rc=\$?; cat '$OUT/sanitizer.txt'; exit \$rc"
 fi
 
 # ---- kernel tables ---------------------------------------------------------------------------------
@@ -120,32 +120,32 @@ KQ=""; EQ=""
 (( QUICK )) && { KQ="--quick"; EQ="--quick"; }
 export PY KQ EQ RESULTS KERNEL_ARGS="${KERNEL_ARGS:-}" E2E_ARGS="${E2E_ARGS:-}"
 # shellcheck disable=SC2016
-stage kernels 90 138 bash -c '"$PY" bench/bench_kernels.py $KQ --out "$RESULTS" --time-budget $(( STAGE_T - 15 )) $KERNEL_ARGS'
+stage kernels 90 148 bash -c '"$PY" bench/bench_kernels.py $KQ --out "$RESULTS" --time-budget $(( STAGE_T - 15 )) $KERNEL_ARGS'
 # prefill whose routing concentrates on a few adapters (a prompt about 4 documents): what grouping tokens by adapter buys
 TOPIC_SWEEP="--n 1000,100000 --t 2048 --shapes 3072:8192"
 (( GPU )) || TOPIC_SWEEP="--n 64 --t 80 --shapes 64:128"
 export TOPIC_SWEEP
 # shellcheck disable=SC2016
-stage topics 30 110 bash -c '"$PY" bench/bench_kernels.py --ops layer,lora_apply $TOPIC_SWEEP --prompt-topics 4 --out "$RESULTS" --time-budget $(( STAGE_T - 8 ))'
+stage topics 30 120 bash -c '"$PY" bench/bench_kernels.py --ops layer,lora_apply $TOPIC_SWEEP --prompt-topics 4 --out "$RESULTS" --time-budget $(( STAGE_T - 8 ))'
 
 # the cost of a scope (each batch row restricted to a quarter of the adapters) on the same shapes
 SCOPE_SWEEP="--n 1000,100000 --t 1,2048 --shapes 3072:8192"
 (( GPU )) || SCOPE_SWEEP="--n 64 --t 1,80 --shapes 64:128"
 export SCOPE_SWEEP
 # shellcheck disable=SC2016
-stage scope 25 85 bash -c '"$PY" bench/bench_kernels.py --ops layer,arrow_topk $SCOPE_SWEEP --scope-fraction 0.25 --backends plain,triton,cuda --out "$RESULTS" --time-budget $(( STAGE_T - 8 ))'
+stage scope 25 95 bash -c '"$PY" bench/bench_kernels.py --ops layer,arrow_topk $SCOPE_SWEEP --scope-fraction 0.25 --backends plain,triton,cuda --out "$RESULTS" --time-budget $(( STAGE_T - 8 ))'
 
-# split reductions folded into their launch (LAG_TRITON_FOLD_SPLITS, opt-in until this measures it): the
-# decode cells where N or d is split; the triton rows of the same cells come from the kernels stage
-FOLD_SWEEP="--n 1000,100000 --t 1,32 --shapes 3072:8192"
+# split reductions folded into their launch and the one-launch Arrow (LAG_TRITON_FOLD_SPLITS, opt-in until
+# this measures it) on the decode cells; the triton rows of the same cells come from the kernels stage
+FOLD_SWEEP="--n 1000,10000,100000 --t 1,32 --shapes 3072:8192"
 (( GPU )) || FOLD_SWEEP="--n 64 --t 1 --shapes 64:128"
 export FOLD_SWEEP
 # shellcheck disable=SC2016
-stage fold 20 65 bash -c '"$PY" bench/bench_kernels.py --ops layer,arrow_topk,spectr_rerank $FOLD_SWEEP --backends triton-fold --out "$RESULTS" --time-budget $(( STAGE_T - 6 ))'
+stage fold 30 65 bash -c '"$PY" bench/bench_kernels.py --ops layer,arrow_topk,spectr_rerank $FOLD_SWEEP --backends triton-fold --out "$RESULTS" --time-budget $(( STAGE_T - 6 ))'
 
 # ---- end to end -------------------------------------------------------------------------------------
 # shellcheck disable=SC2016
-stage e2e 100 8 bash -c '"$PY" bench/bench_e2e.py $EQ --out "$RESULTS" --time-budget $(( STAGE_T - 25 )) $E2E_ARGS'
+stage e2e 90 8 bash -c '"$PY" bench/bench_e2e.py $EQ --out "$RESULTS" --time-budget $(( STAGE_T - 25 )) $E2E_ARGS'
 
 # ---- report -------------------------------------------------------------------------------------------
 if [[ -f "$RESULTS" ]]; then

@@ -23,7 +23,7 @@ SKIP="build pytest ${SKIP:-}" BUDGET_S="${BENCH_S:-310}" OUT="$OUT" bash bench/g
 # per-kernel device time vs host time of one layer (what limits the per-layer figures); the folded
 # variant at decode, where it takes a launch off the Arrow select and the rerank
 timeout -k 5 "${PROFILE_S:-60}" python3 bench/profile_layer.py --n 1000,10000 --t 1,32,2048 > "$OUT/probes.txt" 2>&1
-timeout -k 5 20 python3 bench/profile_layer.py --backends triton-fold --n 1000,100000 --t 1,32 >> "$OUT/probes.txt" 2>&1
+timeout -k 5 25 python3 bench/profile_layer.py --backends triton-fold --n 1000,100000 --t 1,32 >> "$OUT/probes.txt" 2>&1
 # cost of one running top-k merge step by tile shape (what the Arrow kernel repeats per tile / merge chunk)
 RESULTS=$(ls "$OUT"/bench/results/*.json 2>/dev/null | head -1)
 timeout -k 5 "${PROBE_S:-45}" python3 bench/probe_topk.py ${RESULTS:+--out "$RESULTS"} >> "$OUT/probes.txt" 2>&1
