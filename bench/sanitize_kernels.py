@@ -3,7 +3,8 @@
 
 Shapes are deliberately not multiples of any block size (ragged d_in / d_out / N / T), and cover
 decode (T=1), a few tokens, and a prefill-sized T, the split-N top-k path (large N, T=1), every
-router mode ("lag", "arrow" with candidate scores, "spectr" with k=N), top_m > 1 and fp32/bf16.
+router mode ("lag", "arrow" with candidate scores, "spectr" with k=N), top_m > 1 and fp32/bf16,
+and the Triton backend with its split reductions folded (``triton-fold``: one-launch Arrow).
 Results are compared with the torch reference computed on CPU (so the sanitizer does not have to
 instrument cuBLAS); mismatches are printed, not fatal: memcheck is the point here.
 
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.harness import backend_ops, log, short_error  # noqa: E402
+from bench.harness import backend_context, backend_ops, log, short_error  # noqa: E402
 
 # (d_in, d_out, N, T, k, top_m, router)
 CASES = [
@@ -72,7 +73,7 @@ def run_case(ops, ref, case, dtype, device, gen) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backends", default="triton,cuda")
+    p.add_argument("--backends", default="triton,cuda,triton-fold", help="triton-fold: the folded split reductions")
     p.add_argument("--small", action="store_true", help="only three small cases")
     p.add_argument("--dtypes", default="bf16,fp32", help="comma list out of bf16, fp16, fp32")
     a = p.parse_args(argv)
@@ -94,7 +95,8 @@ def main(argv=None) -> int:
                 gen = torch.Generator().manual_seed(1000 + i)
                 t0 = time.perf_counter()
                 try:
-                    msg = run_case(ops, ref, case, dtype, device, gen)
+                    with backend_context(backend):
+                        msg = run_case(ops, ref, case, dtype, device, gen)
                     log(f"sanitize {backend} {str(dtype)[6:]:8s} {case}: ok ({msg}) {time.perf_counter() - t0:.1f}s")
                 except Exception as exc:  # noqa: BLE001
                     failures += 1
