@@ -545,7 +545,7 @@ def test_arrow_topk_one_launch_decode_planted_and_scoped(ops, monkeypatch, dtype
     partial block, on several d-splits with a ragged tail (d = 301); then under a scope."""
     dec = _one_launch_arrow(ops, monkeypatch, sms)
     plan = dec.decode_plan(t, n, d, 1 << max(0, (k - 1).bit_length()), sms)
-    assert plan is not None and (plan["D_SPLITS"] > 1 or sms == 4)
+    assert plan is not None and (plan["D_SPLITS"] > 1 or n < 1000)  # the first case splits d on CPU and GPU
     edges = [b * plan["BLOCK_N"] for b in range(1, plan["NB"])] + [n - 1]
     winners = sorted({min(n - 1, e + o) for e in edges for o in (-1, 0)}, reverse=True)[: k + 3]
     x, p = _planted_scores(t, n, winners, seed=94)
