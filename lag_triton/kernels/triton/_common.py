@@ -1,4 +1,6 @@
-"""Shared pieces of the Triton backend: launch configuration helpers and the packed sort keys.
+"""Shared pieces of the Triton backend: launch configuration helpers, the packed sort keys, the
+running top-k lists built on them (merge, store), and split folding (a split reduction finished
+by the last program to arrive: ``last_to_arrive``).
 
 Ranking rule of every op (docs/design.md §1): larger key first, equal keys -> lower adapter index,
 NaN ranks like -inf (the reference maps NaN to -inf), so indices always stay in range.
