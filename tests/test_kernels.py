@@ -497,11 +497,10 @@ def _tickets_all_zero(ops):
 @pytest.mark.parametrize("t,n,k,sms", [c for c in SPLIT_CASES if c[0] in (1, 3, 5, 13)])
 def test_arrow_topk_folded_merge(ops, monkeypatch, t, n, k, sms):
     """The N-split select with its merge folded into the launch (the row's last split merges):
-    the split test's ties / NaN / inf cases, twice (the tickets are reset and reused), no merge launch."""
+    the split test's ties / NaN / inf cases, no merge launch, every ticket back at 0 afterwards."""
     mod = _fold(ops, monkeypatch, "arrow_topk", "_merge_kernel")
     monkeypatch.setattr(mod, "decode_plan", lambda *shapes: None)  # the GEMM + select path, not arrow_decode
-    for _ in range(2):
-        test_arrow_topk_small_t_splits_ties_nan(ops, monkeypatch, torch.float32, t, n, k, sms)
+    test_arrow_topk_small_t_splits_ties_nan(ops, monkeypatch, torch.float32, t, n, k, sms)
     _tickets_all_zero(ops)
 
 
@@ -531,10 +530,9 @@ def _one_launch_arrow(ops, monkeypatch, sms):
 @pytest.mark.parametrize("t,n,k,sms", [c for c in SPLIT_CASES if c[0] <= 16 and c[2] <= 32])  # k within a block
 def test_arrow_topk_one_launch_decode(ops, monkeypatch, t, n, k, sms):
     """A few tokens scored and selected in one launch (split-d skinny GEMM, block ranking and merge
-    folded by tickets): the split test's exact ties, NaN and inf cases, twice (tickets reused)."""
+    folded by tickets): the split test's exact ties, NaN and inf cases; every ticket back at 0."""
     _one_launch_arrow(ops, monkeypatch, sms)
-    for _ in range(2):
-        test_arrow_topk_small_t_splits_ties_nan(ops, monkeypatch, torch.bfloat16, t, n, k, sms)
+    test_arrow_topk_small_t_splits_ties_nan(ops, monkeypatch, torch.bfloat16, t, n, k, sms)
     _tickets_all_zero(ops)
 
 
@@ -569,13 +567,13 @@ def test_arrow_topk_one_launch_decode_planted_and_scoped(ops, monkeypatch, dtype
 @pytest.mark.parametrize("case", [c for c in RERANK_CASES if c[0] <= 7 and not c[7]])
 def test_spectr_rerank_folded_select(ops, monkeypatch, dtype, case):
     """Split-d rerank whose token ranking runs in the partial-z launch (the token's last program):
-    the reference's answer, twice, no select launch; missing candidates, ties and NaN too."""
+    the reference's answer and no select launch, then missing candidates, ties and NaN on the same
+    (reused) tickets."""
     mod = _fold(ops, monkeypatch, "spectr_rerank", "_select_kernel")
     monkeypatch.setattr(mod, "num_sms", lambda device: 64)  # every token count below takes the split path
     t, n, d, r, k, m, combine, with_scores = case
     assert mod.rerank_plan(t, n, r, d, k, m, with_scores, 64).path == "split"
-    for _ in range(2):
-        test_spectr_rerank_matches_reference(ops, dtype, *case)
+    test_spectr_rerank_matches_reference(ops, dtype, *case)
     for m, combine in ((1, "softmax"), (3, "softmax"), (3, "uniform")):
         test_spectr_rerank_missing_candidates(ops, m, combine, False)
     test_spectr_rerank_ties_lower_adapter_index(ops)
