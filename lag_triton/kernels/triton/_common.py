@@ -219,7 +219,8 @@ def ticket_counters(device: torch.device, n: int) -> torch.Tensor:
     Kernels leave every counter they use at 0, so a buffer is zeroed once, when created, and
     serves every later launch on its stream (launches on one stream run in order). One buffer per
     (device, stream, size class): launches on concurrent streams never share counters, and
-    buffers are never freed, so a CUDA graph that captured one keeps a valid pointer.
+    buffers are never freed, so a CUDA graph that captured one keeps a valid pointer. (Graphs
+    captured on one stream share its counters: they must not be replayed concurrently.)
     """
     size = next_pow2(n, 1024)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
