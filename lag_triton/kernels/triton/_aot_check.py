@@ -103,11 +103,6 @@ def _rerank_cases(dt: str):
                 **strides,
             }
             for fold in (False, True):  # as the launcher passes them (fold_splits())
-                fold_consts = (
-                    dict(Z_SPLITS=plan.z_splits, SOFTMAX=m > 1, M_PAD=plan.m_pad)
-                    if fold
-                    else dict(Z_SPLITS=1, SOFTMAX=False, M_PAD=1)
-                )
                 yield (
                     f"rerank partial_z {dt} {shape} fold={fold}",
                     S._partial_z_kernel,
@@ -116,8 +111,7 @@ def _rerank_cases(dt: str):
                         "R_PAD": plan.r_pad,
                         "BLOCK_K": plan.block_k,
                         "BLOCK_D": plan.block_d,
-                        "FOLD": fold,
-                        **fold_consts,
+                        **plan.partial_fold_consts(fold, m > 1),
                     },
                     plan.gather_warps,
                 )
@@ -193,11 +187,6 @@ def _rerank_cases(dt: str):
         )
 
 
-def _fold_consts(fold: bool, k_pad: int, splits: int = 24) -> dict:
-    """The Arrow select's fold constants as its launcher passes them."""
-    return dict(FOLD=fold, MERGE_BLOCK_C=A.merge_block_c(1, splits * k_pad, k_pad) if fold else 1)
-
-
 def _apply_sig(dt: str) -> dict:
     return {
         "y_ptr": "*" + dt,
@@ -268,7 +257,14 @@ def _cases():
                 f"arrow select k{kp} split={split} scoped={scoped} fold={fold}",
                 A._select_kernel,
                 sig,
-                dict(cfg, HAS_SCOPE=scoped, SPLIT=split, SPLITS=24 if split else 1, K_PAD=kp, **_fold_consts(fold, kp)),
+                dict(
+                    cfg,
+                    HAS_SCOPE=scoped,
+                    SPLIT=split,
+                    SPLITS=24 if split else 1,
+                    K_PAD=kp,
+                    **A.select_fold_consts(fold, 24 if split else 1, kp),
+                ),
                 warps,
             )
     # every configuration a shipped per-GPU table (tuning.py, tuned/*.json) can choose
@@ -289,7 +285,7 @@ def _cases():
                         SPLIT=split,
                         SPLITS=24 if split else 1,
                         K_PAD=kp,
-                        **_fold_consts(False, kp),
+                        **A.select_fold_consts(False, 24 if split else 1, kp),
                     ),
                     warps,
                 )

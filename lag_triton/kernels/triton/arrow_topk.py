@@ -202,6 +202,11 @@ def select_config(k_pad: int) -> dict:
     return dict(BLOCK=block, CAP=2 * block, num_warps=4)
 
 
+def select_fold_consts(fold: bool, splits: int, k_pad: int) -> dict:
+    """The select kernel's FOLD and the merge chunk only its fold reads (a constant when unused)."""
+    return dict(FOLD=fold, MERGE_BLOCK_C=merge_block_c(1, splits * k_pad, k_pad) if fold else 1)
+
+
 def split_plan(t: int, n: int, block: int, sms: int) -> tuple[int, int]:
     """(splits, columns per split): split N only when T rows leave SMs idle, ~2 programs per SM in
     all, and never below 4 blocks per split (each split adds a partial list to the merge)."""
@@ -257,8 +262,7 @@ def _select(
         SPLIT=splits > 1,
         SPLITS=splits,
         K_PAD=k_pad,
-        FOLD=fold,
-        MERGE_BLOCK_C=merge_block_c(1, splits * k_pad, k_pad) if fold else 1,  # a constant when unused
+        **select_fold_consts(fold, splits, k_pad),
         **cfg,
     )
     if splits > 1 and not fold:

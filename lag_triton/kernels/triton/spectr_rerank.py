@@ -409,6 +409,13 @@ class RerankPlan:
         """0: the select computes z itself; 1: it reads precomputed (partial) z."""
         return 1 if self.path in ("split", "grouped") else 0
 
+    def partial_fold_consts(self, fold: bool, softmax: bool) -> dict:
+        """The partial-z kernel's FOLD and the constants only its fold reads (fixed when not folding,
+        so that one variant compiles)."""
+        if not fold:
+            return dict(FOLD=False, Z_SPLITS=1, SOFTMAX=False, M_PAD=1)
+        return dict(FOLD=True, Z_SPLITS=self.z_splits, SOFTMAX=softmax, M_PAD=self.m_pad)
+
     @property
     def select_warps(self) -> int:
         return self.gather_warps if self.z_mode == 0 else 4
@@ -540,13 +547,7 @@ def spectr_rerank(
             R_PAD=plan.r_pad,
             BLOCK_K=plan.block_k,
             BLOCK_D=plan.block_d,
-            FOLD=fold,
-            # what only the fold reads; constants otherwise, so that one variant compiles
-            **(
-                dict(Z_SPLITS=plan.z_splits, SOFTMAX=softmax, M_PAD=plan.m_pad)
-                if fold
-                else dict(Z_SPLITS=1, SOFTMAX=False, M_PAD=1)
-            ),
+            **plan.partial_fold_consts(fold, softmax),
             num_warps=plan.gather_warps,
         )
         if fold:
