@@ -320,19 +320,26 @@ def _cases():
             "stride_pn": "i32",
             "stride_allowed": "i32",
         }
-        for n, d, kp, scoped in (
-            (1000, 3072, 32, False),
-            (1000, 8192, 1, False),
-            (10000, 3072, 32, True),
-            (16384, 3072, 128, False),
+        for t, n, d, kp, scoped in (
+            (1, 1000, 3072, 32, False),
+            (1, 1000, 8192, 1, False),
+            (1, 10000, 3072, 32, True),
+            (1, 16384, 3072, 128, False),
+            (32, 1000, 3072, 32, False),
+            (32, 8192, 8192, 32, True),
         ):
-            plan = AD.decode_plan(1, n, d, kp, HOPPER_SMS)
-            consts = {key: plan[key] for key in ("BLOCK_N", "BLOCK_D", "D_SPLITS", "NB", "MERGE_BLOCK_C")}
+            plan = AD.decode_plan(t, n, d, kp, HOPPER_SMS)
             yield (
-                f"arrow decode {dt} N{n} d{d} k{kp} scoped={scoped} splits{plan['D_SPLITS']}",
+                f"arrow decode {dt} T{plan['T_PAD']} N{n} d{d} k{kp} scoped={scoped} splits{plan['D_SPLITS']}",
                 AD._decode_kernel,
                 sig,
-                dict(consts, HAS_SCOPE=scoped, UPCAST=False, T_PAD=AD.DECODE_MAX_T, K_PAD=kp),
+                dict(
+                    {key: plan[key] for key in AD.PLAN_CONSTEXPRS},
+                    HAS_SCOPE=scoped,
+                    UPCAST=False,
+                    RANK_ROWS=AD.RANK_ROWS,
+                    K_PAD=kp,
+                ),
                 AD.DECODE_WARPS,
             )
     # the split-N merge, as arrow_topk launches it for decode-sized T (split_plan, then tiles of next_pow2(T) <= 16)

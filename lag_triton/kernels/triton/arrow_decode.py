@@ -1,20 +1,22 @@
 """Arrow retrieval for a few tokens in one launch: a split-d skinny GEMM over the prototypes with the
 k-select folded in (taken by ``arrow_topk`` when ``fold_splits()`` is on; see ``decode_plan``).
 
-    scores[t, i] = P[i] . x[t]   (fp32)           x [T <= 16, d_in], P [N, d_in]
+    scores[t, i] = P[i] . x[t]   (fp32)           x [T <= 32, d_in], P [N, d_in]
     idx[t]       = the k adapters with the largest |scores[t, i]|, best first: ``arrow_topk``'s
                    contract and order (packed keys: ties -> lower index, NaN like -inf)
 
-Grid (NB = cdiv(N, BLOCK_N), D_SPLITS). Program (b, s) multiplies the token rows (padded to 16, the
-smallest tl.dot) with the BLOCK_N prototypes of block b over its d-range, fp32 accumulation. With
-D_SPLITS > 1 it stores that partial and the block's last split to arrive (``last_to_arrive``) sums
-the D_SPLITS partials in split order, so the scores do not depend on which program came last.
-That program ranks its block -- packed words, the top-K_PAD of each row -- and stores them as the
-block's list; the last block to arrive merges the NB lists of every row and writes idx / scores.
+Grid (NB = cdiv(N, BLOCK_N), D_SPLITS). Program (b, s) multiplies the token rows (padded to 16 or
+32, tl.dot tiles) with the BLOCK_N prototypes of block b over its d-range, fp32 accumulation, so P
+is read once for all tokens. With D_SPLITS > 1 it stores that partial and the block's last split to
+arrive (``last_to_arrive``) sums the D_SPLITS partials in split order, so the scores do not depend
+on which program came last. That program ranks its block -- packed words, the top-K_PAD of each
+row, RANK_ROWS rows at a time (a [32, 128] int64 sort would spill; 32 token rows always go through
+the partials, which the ranking reads back 16 rows at a time) -- and stores them as the block's
+list; the last block to arrive merges the NB lists of every row and writes idx / scores.
 
 One launch replaces the GEMM, the select and its merge, and (b, s) programs are planned so that
 the whole GPU streams P even at N = 1000, where the GEMM has a handful of output tiles. The final
-merge reads NB * K_PAD words per row in one program, so N is capped (``DECODE_MAX_N``); larger
+merge reads T_PAD * NB * K_PAD words in one program, so N is capped (``decode_plan``); larger
 libraries take the GEMM + filtered select, whose N-splits fold the same way.
 """
 
@@ -40,9 +42,12 @@ from ._common import (
     upcast_dot,
 )
 
-#: tokens per launch: the rows of one tl.dot tile
-DECODE_MAX_T = 16
-#: blocks whose lists the last program merges, at most (NB * K_PAD words per row)
+#: tokens per launch: the rows of one tl.dot tile (16 or 32)
+DECODE_MAX_T = 32
+#: rows ranked (and merged) at a time
+RANK_ROWS = 16
+#: blocks whose lists the last program merges, at most, for RANK_ROWS token rows (NB * K_PAD words
+#: per row); 32 token rows take half as many, so the merging program reads no more words
 DECODE_MAX_BLOCKS = 128
 #: the block ranking sorts [16, 128] int64 words: at 4 warps that takes ~250 registers per thread
 #: (fp32 spills), at 8 warps ~165 and no spills on sm_90 (``_aot_check --resources``)
@@ -53,7 +58,7 @@ DECODE_WARPS = 8
 def _decode_kernel(
     x_ptr,  # x [T, d_in]
     p_ptr,  # prototypes [N, d_in]
-    zp_ptr,  # scratch: partial scores [D_SPLITS, T_PAD, N] fp32 (when D_SPLITS > 1)
+    zp_ptr,  # scratch: partial scores [D_SPLITS, T_PAD, N] fp32 (when D_SPLITS > 1 or T_PAD > RANK_ROWS)
     part_ptr,  # scratch: each block's top-K_PAD words per row [T_PAD, NB, K_PAD] int64
     ticket_ptr,  # counters [NB + 1] int32, zero between launches: one per block (its d-splits), one for the merge
     idx_ptr,  # out: idx [T, K] int32
@@ -71,7 +76,8 @@ def _decode_kernel(
     stride_allowed,
     HAS_SCOPE: tl.constexpr,
     UPCAST: tl.constexpr,  # interpreter: bf16 tiles to fp32 before tl.dot (see _interpreter)
-    T_PAD: tl.constexpr,
+    T_PAD: tl.constexpr,  # token rows of the tl.dot tile: 16 or 32
+    RANK_ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     D_SPLITS: tl.constexpr,
@@ -82,7 +88,6 @@ def _decode_kernel(
     b = tl.program_id(0)
     s = tl.program_id(1)
     rows = tl.arange(0, T_PAD)
-    row_mask = rows < T
     cols = b * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     d_lo = s * d_per_split
@@ -92,7 +97,7 @@ def _decode_kernel(
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_mask = offs_d < d_hi
         xt = tl.load(
-            x_ptr + rows[:, None] * stride_xt + offs_d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0
+            x_ptr + rows[:, None] * stride_xt + offs_d[None, :], mask=(rows < T)[:, None] & d_mask[None, :], other=0.0
         )  # [T_PAD, BLOCK_D]
         pt = tl.load(
             p_ptr + cols[None, :].to(tl.int64) * stride_pn + offs_d[:, None],
@@ -104,57 +109,71 @@ def _decode_kernel(
             pt = pt.to(tl.float32)
         acc = tl.dot(xt, pt, acc, input_precision="ieee")
 
-    if D_SPLITS > 1:
+    # 32 token rows are ranked 16 at a time, read back from the partials (a register tile cannot be sliced)
+    STAGED: tl.constexpr = D_SPLITS > 1 or T_PAD > RANK_ROWS
+    if STAGED:
         zp = zp_ptr + (s * T_PAD + rows[:, None]).to(tl.int64) * N + cols[None, :]
         tl.store(zp, acc, mask=col_mask[None, :])
         ranks_block = last_to_arrive(ticket_ptr + b, D_SPLITS)
     else:
         ranks_block = s == 0
     if ranks_block:
-        if D_SPLITS > 1:  # the block's scores: its partials summed in split order
-            acc = tl.zeros([T_PAD, BLOCK_N], dtype=tl.float32)
-            for s2 in range(D_SPLITS):
-                acc += tl.load(
-                    zp_ptr + (s2 * T_PAD + rows[:, None]).to(tl.int64) * N + cols[None, :],
-                    mask=col_mask[None, :],
-                    other=0.0,
-                    cache_modifier=".cg",
+        for g in tl.static_range(T_PAD // RANK_ROWS):
+            group = g * RANK_ROWS + tl.arange(0, RANK_ROWS)
+            if STAGED:  # the block's scores: its partials summed in split order
+                z = tl.zeros([RANK_ROWS, BLOCK_N], dtype=tl.float32)
+                for s2 in range(D_SPLITS):
+                    z += tl.load(
+                        zp_ptr + (s2 * T_PAD + group[:, None]).to(tl.int64) * N + cols[None, :],
+                        mask=col_mask[None, :],
+                        other=0.0,
+                        cache_modifier=".cg",
+                    )
+            else:
+                z = acc
+            valid = (group < T)[:, None] & col_mask[None, :]
+            if HAS_SCOPE:  # a scope row out of [0, S) allows nothing
+                srow = tl.load(scope_ptr + group, mask=group < T, other=-1)
+                row_ok = (srow >= 0) & (srow < S)
+                allowed = tl.load(
+                    allowed_ptr + srow[:, None].to(tl.int64) * stride_allowed + cols[None, :],
+                    mask=valid & row_ok[:, None],
+                    other=0,
                 )
-        valid = row_mask[:, None] & col_mask[None, :]
-        if HAS_SCOPE:  # a scope row out of [0, S) allows nothing
-            srow = tl.load(scope_ptr + rows, mask=row_mask, other=-1)
-            row_ok = (srow >= 0) & (srow < S)
-            allowed = tl.load(
-                allowed_ptr + srow[:, None].to(tl.int64) * stride_allowed + cols[None, :],
-                mask=valid & row_ok[:, None],
-                other=0,
-            )
-            valid &= allowed != 0
-        words = tl.where(valid, pack(order_key(tl.abs(acc)), cols[None, :]), EMPTY_SLOT)
-        best = topk_words(words, K_PAD)  # [T_PAD, K_PAD], best first
-        tl.store(part_ptr + (rows[:, None] * NB + b) * K_PAD + tl.arange(0, K_PAD)[None, :], best)
+                valid &= allowed != 0
+            words = tl.where(valid, pack(order_key(tl.abs(z)), cols[None, :]), EMPTY_SLOT)
+            best = topk_words(words, K_PAD)  # [RANK_ROWS, K_PAD], best first
+            tl.store(part_ptr + (group[:, None] * NB + b) * K_PAD + tl.arange(0, K_PAD)[None, :], best)
         if last_to_arrive(ticket_ptr + NB, NB):
-            best = merge_partials(part_ptr, rows, row_mask, NB, K_PAD, MERGE_BLOCK_C)
-            store_topk(best, rows, row_mask, idx_ptr, score_ptr, K, K, K_PAD)
+            for g in tl.static_range(T_PAD // RANK_ROWS):
+                group = g * RANK_ROWS + tl.arange(0, RANK_ROWS)
+                best = merge_partials(part_ptr, group, group < T, NB, K_PAD, MERGE_BLOCK_C)
+                store_topk(best, group, group < T, idx_ptr, score_ptr, K, K, K_PAD)
+
+
+#: the plan's launch constants (``decode_plan`` adds the runtime ``d_per_split``)
+PLAN_CONSTEXPRS = ("T_PAD", "BLOCK_N", "BLOCK_D", "D_SPLITS", "NB", "MERGE_BLOCK_C")
 
 
 def decode_plan(t: int, n: int, d: int, k_pad: int, sms: int) -> dict | None:
     """Launch constants of the one-launch Arrow for these shapes, or None where it does not apply
-    (more than DECODE_MAX_T tokens, more than DECODE_MAX_BLOCKS blocks, k_pad > BLOCK_N)."""
+    (more than DECODE_MAX_T tokens, more blocks than the merge takes, k_pad > BLOCK_N)."""
     block_n, block_d = (32, 32) if interpreting() else (128, 64)
     nb = triton.cdiv(n, block_n)
-    if t > DECODE_MAX_T or nb > DECODE_MAX_BLOCKS or k_pad > block_n:
+    t_pad = RANK_ROWS if t <= RANK_ROWS else DECODE_MAX_T
+    if t > DECODE_MAX_T or nb * t_pad > DECODE_MAX_BLOCKS * RANK_ROWS or k_pad > block_n:
         return None
     # ~2 programs per SM in all: split d_in when there are fewer blocks than that
     d_blocks = triton.cdiv(d, block_d)
     per = triton.cdiv(d_blocks, max(1, min(d_blocks, triton.cdiv(2 * sms, nb))))
     return dict(
+        T_PAD=t_pad,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         NB=nb,
         D_SPLITS=triton.cdiv(d_blocks, per),
         d_per_split=per * block_d,
-        MERGE_BLOCK_C=merge_block_c(DECODE_MAX_T, nb * k_pad, k_pad),
+        MERGE_BLOCK_C=merge_block_c(RANK_ROWS, nb * k_pad, k_pad),
     )
 
 
@@ -174,9 +193,10 @@ def decode_arrow_topk(
     n = prototypes.shape[0]
     k_pad = next_pow2(k)
     dev = x.device
-    splits, nb = plan["D_SPLITS"], plan["NB"]
-    zp = torch.empty((splits, DECODE_MAX_T, n) if splits > 1 else (1,), dtype=torch.float32, device=dev)
-    part = torch.empty((DECODE_MAX_T, nb, k_pad), dtype=torch.int64, device=dev)
+    splits, nb, t_pad = plan["D_SPLITS"], plan["NB"], plan["T_PAD"]
+    staged = splits > 1 or t_pad > RANK_ROWS  # the kernel's STAGED: scores go through zp
+    zp = torch.empty((splits, t_pad, n) if staged else (1,), dtype=torch.float32, device=dev)
+    part = torch.empty((t_pad, nb, k_pad), dtype=torch.int64, device=dev)
     scoped = allowed is not None
     allowed_u8 = rows_contiguous(allowed).view(torch.uint8) if scoped else part  # part: an unread placeholder
     _decode_kernel[(nb, splits)](
@@ -200,8 +220,8 @@ def decode_arrow_topk(
         allowed_u8.stride(0) if scoped else 0,
         HAS_SCOPE=scoped,
         UPCAST=upcast_dot(x.dtype),
-        T_PAD=DECODE_MAX_T,
+        RANK_ROWS=RANK_ROWS,
         K_PAD=k_pad,
         num_warps=DECODE_WARPS,
-        **{key: plan[key] for key in ("BLOCK_N", "BLOCK_D", "D_SPLITS", "NB", "MERGE_BLOCK_C")},
+        **{key: plan[key] for key in PLAN_CONSTEXPRS},
     )
