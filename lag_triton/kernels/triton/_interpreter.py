@@ -15,6 +15,8 @@ with each. Everything else in the kernels is the GPU code as it runs.
 - ``interpreting()`` in the launch configs: smaller tiles under the interpreter, chosen so that
   the CPU tests cross the same tile, split and buffer boundaries at small sizes that real shapes
   cross at large ones.
+
+And one change to the interpreter itself, which changes no result: ``patch_language_once``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ import triton
 import triton.language as tl
 
 from .. import triton_interpreter_enabled
+
+try:  # the interpreter's internals, for patch_language_once (absent or different: left alone)
+    from triton.runtime import interpreter as _triton_interpreter
+except ImportError:  # pragma: no cover - every Triton we support has it
+    _triton_interpreter = None
 
 # The empty-slot word of the packed top-k keys (_common): ranks below every real word. A global read by
 # @triton.jit code, hence tl.constexpr.
@@ -53,3 +60,63 @@ def topk_by_rank(words, K_PAD: tl.constexpr):
     cols = tl.arange(0, K_PAD)[None, None, :]
     hit = tl.where(rank[:, :, None] == cols, words[:, :, None], EMPTY_SLOT)  # [ROWS, C, K_PAD]
     return tl.max(hit, axis=1)
+
+
+class _LaunchLanguagePatch:
+    """State of ``patch_language_once``: which language modules has the running launch patched?"""
+
+    launches = 0  # GridExecutor calls in progress (kernels do not launch kernels: 0 or 1)
+    patched: frozenset = frozenset()  # of triton.language / triton.language.core, during a launch
+
+
+def patch_language_once() -> bool:
+    """Make the interpreter patch triton.language once per launch instead of once per call.
+
+    Triton 3.6's interpreter maps triton.language onto numpy when a launch starts (``_patch_lang``:
+    ``inspect.getmembers`` over the language, a new wrapper per builtin) and undoes it when the
+    launch ends -- and it repeats the patching, never undone, on every call of a nested
+    ``@triton.jit`` function (``_top_of``, ``order_key``, ``tl.min``, ...): ~2 ms a call, half of
+    CI's interpreter time (a k = 96 select makes ~37,000 such calls). It patches the language
+    modules the function's globals name (``triton.language``, or ``.core`` for Triton's own
+    library); a nested call whose modules this launch has already patched gets no second,
+    equivalent patching: same programs, same results. Idempotent; returns whether the
+    interpreter has the expected internals (if not, nothing changes).
+    """
+    ti = _triton_interpreter
+    needed = ("_patch_lang", "_LangPatchScope", "GridExecutor")
+    if ti is None or not all(hasattr(ti, name) for name in needed):
+        return False
+    if getattr(ti._patch_lang, "_lag_once", False):
+        return True
+    state, original_patch, original_launch = _LaunchLanguagePatch, ti._patch_lang, ti.GridExecutor.__call__
+
+    languages, named = (tl, tl.core), {}  # named: id(module globals) -> the language modules they hold
+
+    def patch_lang(fn):
+        key = id(fn.__globals__)
+        names = named.get(key)
+        if names is None:
+            names = named[key] = frozenset(id(m) for m in fn.__globals__.values() if any(m is x for x in languages))
+        if state.launches and names and names <= state.patched:  # this launch patched them already
+            return ti._LangPatchScope()  # records nothing, restores nothing
+        scope = original_patch(fn)
+        if state.launches:
+            state.patched |= names
+        return scope
+
+    def launch(self, *args, **kwargs):
+        state.launches += 1
+        try:
+            return original_launch(self, *args, **kwargs)  # patches (the call above), runs, restores
+        finally:
+            state.launches -= 1
+            state.patched = frozenset()
+
+    patch_lang._lag_once = True
+    ti._patch_lang = patch_lang
+    ti.GridExecutor.__call__ = launch
+    return True
+
+
+if triton_interpreter_enabled():
+    patch_language_once()
