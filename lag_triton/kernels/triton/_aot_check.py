@@ -208,6 +208,18 @@ def _apply_sig(dt: str) -> dict:
 
 
 def _cases():
+    """Every configuration of ``_launch_cases`` once: the plans of different shapes often coincide
+    (same kernel, signature, constants and warps), and one compile covers them all."""
+    seen = set()
+    for case in _launch_cases():
+        _, fn, sig, consts, warps = case
+        key = (fn.__name__, tuple(sig.items()), tuple(sorted(consts.items())), warps)
+        if key not in seen:
+            seen.add(key)
+            yield case
+
+
+def _launch_cases():
     for dt in ("bf16", "fp16", "fp32"):
         yield from _rerank_cases(dt)
         sig = _apply_sig(dt)
