@@ -207,6 +207,12 @@ def _apply_sig(dt: str) -> dict:
     }
 
 
+def _select_consts(cfg: dict, kp: int, scoped: bool, split: bool, fold: bool) -> dict:
+    """Constants of the Arrow select as arrow_topk launches it (24 N-splits when split)."""
+    splits = 24 if split else 1
+    return dict(cfg, HAS_SCOPE=scoped, SPLIT=split, SPLITS=splits, K_PAD=kp, **A.select_fold_consts(fold, splits, kp))
+
+
 def _cases():
     """Every configuration of ``_launch_cases`` once: the plans of different shapes often coincide
     (same kernel, signature, constants and warps), and one compile covers them all."""
@@ -269,14 +275,7 @@ def _launch_cases():
                 f"arrow select k{kp} split={split} scoped={scoped} fold={fold}",
                 A._select_kernel,
                 sig,
-                dict(
-                    cfg,
-                    HAS_SCOPE=scoped,
-                    SPLIT=split,
-                    SPLITS=24 if split else 1,
-                    K_PAD=kp,
-                    **A.select_fold_consts(fold, 24 if split else 1, kp),
-                ),
+                _select_consts(cfg, kp, scoped, split, fold),
                 warps,
             )
     # every configuration a shipped per-GPU table (tuning.py, tuned/*.json) can choose
@@ -291,14 +290,7 @@ def _launch_cases():
                     f"tuned arrow select {entry}",
                     A._select_kernel,
                     sig,
-                    dict(
-                        cfg,
-                        HAS_SCOPE=False,
-                        SPLIT=split,
-                        SPLITS=24 if split else 1,
-                        K_PAD=kp,
-                        **A.select_fold_consts(False, 24 if split else 1, kp),
-                    ),
+                    _select_consts(cfg, kp, scoped=False, split=split, fold=False),
                     warps,
                 )
         else:
