@@ -645,11 +645,15 @@ def test_folded_decode_layer_alternating_inputs(ops, monkeypatch, t):
     def layer(x, y):
         return route_and_apply(x, y, a, b, p, cfg, ops)
 
+    def run(x):
+        y = y0.clone()
+        return layer(x, y), y
+
     with folding(False):
-        unfolded = [layer(x, y0.clone()) for x in xs]
+        unfolded = [run(x)[0] for x in xs]
     with folding(True):
-        first = [(layer(x, y), y) for x, y in ((x, y0.clone()) for x in xs)]
-        runs = [(layer(xs[i % 2], y), y) for i, y in ((i, y0.clone()) for i in range(repeats))]
+        first = [run(x) for x in xs]
+        runs = [run(xs[i % 2]) for i in range(repeats)]
         if gpu:
             static_x, static_y = xs[0].clone(), y0.clone()
             layer(static_x, static_y)  # warm-up: compile outside the capture

@@ -58,7 +58,7 @@ DECODE_WARPS = 8
 def _decode_kernel(
     x_ptr,  # x [T, d_in]
     p_ptr,  # prototypes [N, d_in]
-    zp_ptr,  # scratch: partial scores [D_SPLITS, T_PAD, N] fp32 (when D_SPLITS > 1 or T_PAD > RANK_ROWS)
+    zp_ptr,  # scratch: partial scores [D_SPLITS, T_PAD, N] fp32 (when STAGED)
     part_ptr,  # scratch: each block's top-K_PAD words per row [T_PAD, NB, K_PAD] int64
     ticket_ptr,  # counters [NB + 1] int32, zero between launches: one per block (its d-splits), one for the merge
     idx_ptr,  # out: idx [T, K] int32
@@ -78,6 +78,7 @@ def _decode_kernel(
     UPCAST: tl.constexpr,  # interpreter: bf16 tiles to fp32 before tl.dot (see _interpreter)
     T_PAD: tl.constexpr,  # token rows of the tl.dot tile: 16 or 32
     RANK_ROWS: tl.constexpr,
+    STAGED: tl.constexpr,  # scores go through zp_ptr (decode_plan)
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     D_SPLITS: tl.constexpr,
@@ -109,8 +110,6 @@ def _decode_kernel(
             pt = pt.to(tl.float32)
         acc = tl.dot(xt, pt, acc, input_precision="ieee")
 
-    # 32 token rows are ranked 16 at a time, read back from the partials (a register tile cannot be sliced)
-    STAGED: tl.constexpr = D_SPLITS > 1 or T_PAD > RANK_ROWS
     if STAGED:
         zp = zp_ptr + (s * T_PAD + rows[:, None]).to(tl.int64) * N + cols[None, :]
         tl.store(zp, acc, mask=col_mask[None, :])
@@ -152,7 +151,7 @@ def _decode_kernel(
 
 
 #: the plan's launch constants (``decode_plan`` adds the runtime ``d_per_split``)
-PLAN_CONSTEXPRS = ("T_PAD", "BLOCK_N", "BLOCK_D", "D_SPLITS", "NB", "MERGE_BLOCK_C")
+PLAN_CONSTEXPRS = ("T_PAD", "STAGED", "BLOCK_N", "BLOCK_D", "D_SPLITS", "NB", "MERGE_BLOCK_C")
 
 
 def decode_plan(t: int, n: int, d: int, k_pad: int, sms: int) -> dict | None:
@@ -166,12 +165,16 @@ def decode_plan(t: int, n: int, d: int, k_pad: int, sms: int) -> dict | None:
     # ~2 programs per SM in all: split d_in when there are fewer blocks than that
     d_blocks = triton.cdiv(d, block_d)
     per = triton.cdiv(d_blocks, max(1, min(d_blocks, triton.cdiv(2 * sms, nb))))
+    splits = triton.cdiv(d_blocks, per)
     return dict(
         T_PAD=t_pad,
+        # partials to sum, or 32 token rows, which are ranked 16 at a time from what the GEMM
+        # stored (a register tile cannot be sliced)
+        STAGED=splits > 1 or t_pad > RANK_ROWS,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         NB=nb,
-        D_SPLITS=triton.cdiv(d_blocks, per),
+        D_SPLITS=splits,
         d_per_split=per * block_d,
         MERGE_BLOCK_C=merge_block_c(RANK_ROWS, nb * k_pad, k_pad),
     )
@@ -194,8 +197,7 @@ def decode_arrow_topk(
     k_pad = next_pow2(k)
     dev = x.device
     splits, nb, t_pad = plan["D_SPLITS"], plan["NB"], plan["T_PAD"]
-    staged = splits > 1 or t_pad > RANK_ROWS  # the kernel's STAGED: scores go through zp
-    zp = torch.empty((splits, t_pad, n) if staged else (1,), dtype=torch.float32, device=dev)
+    zp = torch.empty((splits, t_pad, n) if plan["STAGED"] else (1,), dtype=torch.float32, device=dev)
     part = torch.empty((t_pad, nb, k_pad), dtype=torch.int64, device=dev)
     scoped = allowed is not None
     allowed_u8 = rows_contiguous(allowed).view(torch.uint8) if scoped else part  # part: an unread placeholder
