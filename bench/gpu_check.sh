@@ -4,7 +4,7 @@
 #
 #     OUT=/some/dir bash bench/gpu_check.sh
 #
-# Every stage runs under `timeout`, sized from one global deadline (BUDGET_S, default 345 s) so a
+# Every stage runs under `timeout`, sized from one global deadline (BUDGET_S, default 385 s) so a
 # hang or a slow stage cannot eat the budget of the stages after it. The benchmark scripts also
 # get a soft --time-budget a little under their timeout, and rewrite their JSON after every row,
 # so a stage cut short still leaves its results. Files written (6, at most 2 directories deep):
@@ -18,7 +18,7 @@
 #
 # Knobs (environment): BUDGET_S, QUICK=1 (quick kernel + e2e sweeps), PYTEST_ARGS (default
 # "tests/ -x -q"), KERNEL_ARGS / E2E_ARGS (extra flags appended, e.g. E2E_ARGS="--layers 8"),
-# SKIP="build pytest sanitize kernels topics scope fold e2e" (any subset), PYTHON (default python3).
+# SKIP="build pytest sanitize kernels topics scope fold filter e2e" (any subset), PYTHON (default python3).
 # On a machine without nvidia-smi it runs the same stages on CPU at tiny sizes (for debugging).
 
 set -u -o pipefail
@@ -28,7 +28,7 @@ export PYTHONUNBUFFERED=1
 export MAX_JOBS="${MAX_JOBS:-16}"
 OUT="${OUT:-/tmp/lag_gpu_check}"
 PY="${PYTHON:-python3}"
-BUDGET_S="${BUDGET_S:-345}"
+BUDGET_S="${BUDGET_S:-385}"
 QUICK="${QUICK:-0}"
 SKIP="${SKIP:-}"
 PYTEST_ARGS="${PYTEST_ARGS:-tests/ -x -q}"
@@ -95,7 +95,7 @@ say "results: $RESULTS"
 
 # ---- CUDA extension build (JIT, cached for every later stage) -----------------------------------
 if (( GPU )); then
-    stage build 110 243 "$PY" -c "
+    stage build 110 283 "$PY" -c "
 import time; t = time.time()
 from lag_triton.kernels.cuda import extension_unavailable_reason
 print('cuda extension:', extension_unavailable_reason() or 'ok', f'({time.time() - t:.1f}s)')"
@@ -103,16 +103,16 @@ fi
 
 # ---- GPU tests ------------------------------------------------------------------------------------
 # shellcheck disable=SC2086
-stage pytest 75 203 bash -c "$PY -m pytest $PYTEST_ARGS > '$OUT/pytest.txt' 2>&1; rc=\$?; tail -n 25 '$OUT/pytest.txt'; exit \$rc"
+stage pytest 75 243 bash -c "$PY -m pytest $PYTEST_ARGS > '$OUT/pytest.txt' 2>&1; rc=\$?; tail -n 25 '$OUT/pytest.txt'; exit \$rc"
 
 # ---- compute-sanitizer memcheck over one small run of each kernel --------------------------------
 SAN=$(command -v compute-sanitizer || true)
 [[ -z "$SAN" && -x /usr/local/cuda/bin/compute-sanitizer ]] && SAN=/usr/local/cuda/bin/compute-sanitizer
 if (( GPU )) && [[ -n "$SAN" ]]; then
-    stage sanitize 45 198 bash -c "'$SAN' --tool memcheck --error-exitcode 1 --print-limit 20 $PY bench/sanitize_kernels.py --dtypes bf16 > '$OUT/sanitizer.txt' 2>&1; rc=\$?; grep -E 'sanitize|ERROR SUMMARY|Invalid|error' '$OUT/sanitizer.txt' | tail -n 40; exit \$rc"
+    stage sanitize 45 238 bash -c "'$SAN' --tool memcheck --error-exitcode 1 --print-limit 20 $PY bench/sanitize_kernels.py --dtypes bf16 > '$OUT/sanitizer.txt' 2>&1; rc=\$?; grep -E 'sanitize|ERROR SUMMARY|Invalid|error' '$OUT/sanitizer.txt' | tail -n 40; exit \$rc"
 else
     say "=== [sanitize] compute-sanitizer not found or no GPU: running bench/sanitize_kernels.py --small without it"
-    stage sanitize 45 198 bash -c "$PY bench/sanitize_kernels.py --small > '$OUT/sanitizer.txt' 2>&1; rc=\$?; cat '$OUT/sanitizer.txt'; exit \$rc"
+    stage sanitize 45 238 bash -c "$PY bench/sanitize_kernels.py --small > '$OUT/sanitizer.txt' 2>&1; rc=\$?; cat '$OUT/sanitizer.txt'; exit \$rc"
 fi
 
 # ---- kernel tables ---------------------------------------------------------------------------------
@@ -120,20 +120,20 @@ KQ=""; EQ=""
 (( QUICK )) && { KQ="--quick"; EQ="--quick"; }
 export PY KQ EQ RESULTS KERNEL_ARGS="${KERNEL_ARGS:-}" E2E_ARGS="${E2E_ARGS:-}"
 # shellcheck disable=SC2016
-stage kernels 90 148 bash -c '"$PY" bench/bench_kernels.py $KQ --out "$RESULTS" --time-budget $(( STAGE_T - 15 )) $KERNEL_ARGS'
+stage kernels 90 188 bash -c '"$PY" bench/bench_kernels.py $KQ --out "$RESULTS" --time-budget $(( STAGE_T - 15 )) $KERNEL_ARGS'
 # prefill whose routing concentrates on a few adapters (a prompt about 4 documents): what grouping tokens by adapter buys
 TOPIC_SWEEP="--n 1000,100000 --t 2048 --shapes 3072:8192"
 (( GPU )) || TOPIC_SWEEP="--n 64 --t 80 --shapes 64:128"
 export TOPIC_SWEEP
 # shellcheck disable=SC2016
-stage topics 30 120 bash -c '"$PY" bench/bench_kernels.py --ops layer,lora_apply $TOPIC_SWEEP --prompt-topics 4 --out "$RESULTS" --time-budget $(( STAGE_T - 8 ))'
+stage topics 30 160 bash -c '"$PY" bench/bench_kernels.py --ops layer,lora_apply $TOPIC_SWEEP --prompt-topics 4 --out "$RESULTS" --time-budget $(( STAGE_T - 8 ))'
 
 # the cost of a scope (each batch row restricted to a quarter of the adapters) on the same shapes
 SCOPE_SWEEP="--n 1000,100000 --t 1,2048 --shapes 3072:8192"
 (( GPU )) || SCOPE_SWEEP="--n 64 --t 1,80 --shapes 64:128"
 export SCOPE_SWEEP
 # shellcheck disable=SC2016
-stage scope 25 95 bash -c '"$PY" bench/bench_kernels.py --ops layer,arrow_topk $SCOPE_SWEEP --scope-fraction 0.25 --backends plain,triton,cuda --out "$RESULTS" --time-budget $(( STAGE_T - 8 ))'
+stage scope 25 135 bash -c '"$PY" bench/bench_kernels.py --ops layer,arrow_topk $SCOPE_SWEEP --scope-fraction 0.25 --backends plain,triton,cuda --out "$RESULTS" --time-budget $(( STAGE_T - 8 ))'
 
 # split reductions folded into their launch and the one-launch Arrow (LAG_TRITON_FOLD_SPLITS, opt-in until
 # this measures it) on the decode cells; the triton rows of the same cells come from the kernels stage
@@ -141,7 +141,15 @@ FOLD_SWEEP="--n 1000,10000,100000 --t 1,32 --shapes 3072:8192"
 (( GPU )) || FOLD_SWEEP="--n 64 --t 1 --shapes 64:128"
 export FOLD_SWEEP
 # shellcheck disable=SC2016
-stage fold 30 65 bash -c '"$PY" bench/bench_kernels.py --ops layer,arrow_topk,spectr_rerank $FOLD_SWEEP --backends triton-fold --out "$RESULTS" --time-budget $(( STAGE_T - 6 ))'
+stage fold 30 105 bash -c '"$PY" bench/bench_kernels.py --ops layer,arrow_topk,spectr_rerank $FOLD_SWEEP --backends triton-fold --out "$RESULTS" --time-budget $(( STAGE_T - 6 ))'
+
+# the filtering GEMM (LAG_TRITON_FILTER_GEMM, opt-in until this measures it: the [T, N] scores never
+# written) on the prefill cells of large libraries, against the triton rows of the kernels stage
+FILTER_SWEEP="--n 10000,100000 --t 2048 --shapes 3072:8192"
+(( GPU )) || FILTER_SWEEP="--n 300 --t 5 --shapes 64:128"
+export FILTER_SWEEP
+# shellcheck disable=SC2016
+stage filter 40 65 bash -c '"$PY" bench/bench_kernels.py --ops arrow_topk $FILTER_SWEEP --backends triton-filter --out "$RESULTS" --time-budget $(( STAGE_T - 6 ))'
 
 # ---- end to end -------------------------------------------------------------------------------------
 # shellcheck disable=SC2016

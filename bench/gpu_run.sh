@@ -12,21 +12,21 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1 MAX_JOBS=16
 OUT="${OUT:-/tmp/lag_gpu_run}"
 mkdir -p "$OUT"
 python3 -c "import time; t=time.time(); from lag_triton.kernels.cuda import extension_unavailable_reason as r; print('cuda extension:', r() or 'ok', f'{time.time()-t:.0f}s')" > "$OUT/build.log" 2>&1 &
-timeout -k 5 "${PYTEST_S:-150}" python3 -m pytest tests/test_kernels.py tests/test_cuda_backend.py \
+timeout -k 5 "${PYTEST_S:-150}" python3 -m pytest tests/test_kernels.py tests/test_arrow_filter.py tests/test_cuda_backend.py \
     tests/test_backends_model.py tests/test_compile.py tests/test_scopes.py -n "${WORKERS:-12}" -q -rfE --tb=short -p no:cacheprovider > "$OUT/pytest.txt" 2>&1
 echo "pytest rc=$?" >> "$OUT/pytest.txt"
 tail -n 30 "$OUT/pytest.txt"
 wait
 cat "$OUT/build.log" | tee -a "$OUT/pytest.txt"
 rm -f "$OUT/build.log"
-SKIP="build pytest ${SKIP:-}" BUDGET_S="${BENCH_S:-310}" OUT="$OUT" bash bench/gpu_check.sh
+SKIP="build pytest ${SKIP:-}" BUDGET_S="${BENCH_S:-350}" OUT="$OUT" bash bench/gpu_check.sh
 # per-kernel device time vs host time of one layer (what limits the per-layer figures); the folded
 # variant at decode, where it takes a launch off the Arrow select and the rerank
-timeout -k 5 "${PROFILE_S:-60}" python3 bench/profile_layer.py --n 1000,10000 --t 1,32,2048 > "$OUT/probes.txt" 2>&1
+timeout -k 5 "${PROFILE_S:-30}" python3 bench/profile_layer.py --n 1000,10000 --t 1,32,2048 > "$OUT/probes.txt" 2>&1
 timeout -k 5 25 python3 bench/profile_layer.py --backends triton-fold --n 1000,100000 --t 1,32 >> "$OUT/probes.txt" 2>&1
 # cost of one running top-k merge step by tile shape (what the Arrow kernel repeats per tile / merge chunk)
 RESULTS=$(ls "$OUT"/bench/results/*.json 2>/dev/null | head -1)
-timeout -k 5 "${PROBE_S:-45}" python3 bench/probe_topk.py ${RESULTS:+--out "$RESULTS"} >> "$OUT/probes.txt" 2>&1
+timeout -k 5 "${PROBE_S:-30}" python3 bench/probe_topk.py ${RESULTS:+--out "$RESULTS"} >> "$OUT/probes.txt" 2>&1
 [[ -n "$RESULTS" ]] && python3 bench/report.py "$RESULTS" --md "$OUT/report.md" > /dev/null 2>&1
 # optional (TUNE_S > 0): a per-GPU launch table for the Triton kernels, the 8th file (lag_triton/kernels/triton/tuned/)
 if (( ${TUNE_S:-0} > 10 )); then

@@ -65,9 +65,11 @@ use_triton_interpreter_without_gpu()  # before lag_triton.kernels.triton loads
 # "plain" = the obvious user code (written below), "plain-compile" = the same under torch.compile.
 # The compiled baseline comes last in each cell: its compile time must not delay the others under a budget.
 BACKENDS = ("plain", "torch", "triton", "cuda", "plain-compile")
-#: backend variants a run can ask for by name (not in the default list): "triton-fold" is the Triton
-#: backend with its split reductions folded into one launch (LAG_TRITON_FOLD_SPLITS, opt-in until measured)
-VARIANTS = {"triton-fold": "triton"}
+#: backend variants a run can ask for by name (not in the default list), opt-in paths until measured:
+#: "triton-fold" is the Triton backend with its split reductions folded into one launch
+#: (LAG_TRITON_FOLD_SPLITS), "triton-filter" with large libraries scored by the filtering GEMM
+#: (LAG_TRITON_FILTER_GEMM: the [T, N] scores never written)
+VARIANTS = {"triton-fold": "triton", "triton-filter": "triton"}
 PLAIN_BACKENDS = ("plain", "plain-compile")
 KERNEL_OPS = ("layer", "arrow_topk", "spectr_rerank", "lora_apply")
 # Llama-3.2-3B MLP shapes: gate/up 3072 -> 8192, down 8192 -> 3072.
@@ -433,10 +435,10 @@ class Results:
 # ----------------------------------------------------------------------------------------------
 def backend_context(name: str):
     """The context a backend (variant) ``name`` runs its calls in, capture and warm-up included."""
-    if name == "triton-fold":
-        from lag_triton.kernels.triton._common import folding
+    if name in ("triton-fold", "triton-filter"):
+        from lag_triton.kernels.triton._common import filter_gemm, fold_splits
 
-        return folding(True)
+        return (fold_splits if name == "triton-fold" else filter_gemm).forced(True)
     return contextlib.nullcontext()
 
 

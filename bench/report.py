@@ -17,16 +17,17 @@ from collections import OrderedDict
 from pathlib import Path
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
-KERNEL_BACKENDS = ("triton", "triton-fold", "cuda", "plain", "plain-compile", "torch")
+KERNEL_BACKENDS = ("triton", "triton-fold", "triton-filter", "cuda", "plain", "plain-compile", "torch")
 BACKEND_TITLES = {
     "triton": "triton",
     "triton-fold": "triton folded",
+    "triton-filter": "triton filtering GEMM",
     "cuda": "cuda",
     "plain": "plain PyTorch",
     "plain-compile": "compiled plain",
     "torch": "torch ref",
 }
-PCT_BACKENDS = ("triton", "triton-fold", "cuda")  # backends with a % of floor column
+PCT_BACKENDS = ("triton", "triton-fold", "triton-filter", "cuda")  # backends with a % of floor column
 OP_TITLES = OrderedDict(
     [
         ("layer", "Per layer: Arrow top-k + SpectR rerank + apply (`route_and_apply`)"),
@@ -390,7 +391,8 @@ def plot(data: dict, png: Path) -> bool:
     shapes = list(OrderedDict.fromkeys(r["shape"] for r in rows))
     ts = sorted({r["T"] for r in rows})
     fig, axes = plt.subplots(len(shapes), len(ts), figsize=(4.2 * len(ts), 3.4 * len(shapes)), squeeze=False)
-    styles = {"triton": "o-", "triton-fold": "o--", "cuda": "s-", "plain": "^-", "plain-compile": "d-", "torch": "v-"}
+    styles = {"triton": "o-", "triton-fold": "o--", "triton-filter": "o:", "cuda": "s-"}
+    styles.update({"plain": "^-", "plain-compile": "d-", "torch": "v-"})
     for i, shape in enumerate(shapes):
         for j, t in enumerate(ts):
             ax = axes[i][j]

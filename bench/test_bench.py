@@ -416,6 +416,29 @@ def test_triton_fold_variant_runs_folded_and_gets_its_column(tmp_path, monkeypat
     assert "| triton | triton folded |" in report.render(json.loads(out.read_text()))
 
 
+def test_triton_filter_variant_takes_the_filtering_gemm(tmp_path, monkeypatch):
+    """--backends triton-filter times the Triton backend with the filtering GEMM on (every call of
+    the Arrow op goes through it at these shapes) and the report gives it its own column."""
+    import sys
+
+    import lag_triton.kernels.triton.arrow_topk  # noqa: F401
+
+    arrow = sys.modules["lag_triton.kernels.triton.arrow_topk"]
+    calls = []
+    run = arrow.filtered_arrow_topk
+    monkeypatch.setattr(arrow, "filtered_arrow_topk", lambda *a, **kw: calls.append(1) or run(*a, **kw))
+    out = tmp_path / "filter.json"
+    common = TINY[:4] + ["--n", "300", "--t", "5", "--ops", "arrow_topk", "--out", str(out)] + TINY[6:]
+    bench_kernels.main(common + ["--backends", "triton"])
+    assert not calls
+    bench_kernels.main(common + ["--backends", "triton-filter"])
+    assert calls
+    _, rows = _rows(out)
+    _assert_no_errors(rows)
+    assert sorted(r["backend"] for r in rows) == ["triton", "triton-filter"]
+    assert "| triton | triton filtering GEMM |" in report.render(json.loads(out.read_text()))
+
+
 def test_tune_kernels_writes_a_table_the_launchers_accept(tmp_path):
     """The tuning script times candidates through tuning.forced and writes a table that load_table
     accepts, one entry per op and shape bucket (every entry here: --min-gain=-inf, since at these

@@ -5,8 +5,9 @@
 //   of the tile (lanes stride d_in with 16-byte loads, then a shuffle reduction), so P is read
 //   once per token tile with fully coalesced loads. Scores become packed 64-bit keys
 //   (ordered score << 32 | ~index: larger = better, ties -> lower index, NaN ranks like -inf)
-//   in shared memory; every sub-tile of `sub` adapters is merged into the running top-kp of
-//   each token by a block bitonic sort of [running top-kp | new keys | zero padding].
+//   in shared memory; a sub-tile of `sub` adapters with a key that beats its token's running
+//   kp-th best is merged into the running top-kp of each token by a block bitonic sort of
+//   [running top-kp | new keys | zero padding]; a sub-tile with none is dropped unsorted.
 //   The T x N score matrix never reaches global memory.
 //   The Python wrapper uses it for decode (T < 16); prefill takes kernel 3 over a cuBLAS GEMM.
 // Kernel 2 (arrow_merge_kernel), only when N is split over S > 1 blocks (small T, large N, to
@@ -115,12 +116,14 @@ arrow_score_topk_kernel(const TX* __restrict__ x, const TX* __restrict__ P, int 
                         u64* __restrict__ ws, int32_t* __restrict__ out_idx,
                         float* __restrict__ out_scores) {
   __shared__ u64 s_buf[TT * kLMax];
+  __shared__ int s_improves;  // a key of this sub-tile beats its token's running kp-th best
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * TT;
   const int n_begin = blockIdx.y * chunk;
   const int n_end = min(N, n_begin + chunk);
 
   for (int i = threadIdx.x; i < TT * kLMax; i += kThreads) s_buf[i] = 0ull;
+  if (threadIdx.x == 0) s_improves = 0;
   __syncthreads();
 
   const TX* xr[TT];
@@ -164,11 +167,27 @@ arrow_score_topk_kernel(const TX* __restrict__ x, const TX* __restrict__ P, int 
       for (int tt = 0; tt < TT; ++tt) acc[tt] = warp_sum(acc[tt]);
       if (lane == 0) {
 #pragma unroll
-        for (int tt = 0; tt < TT; ++tt)
-          if (t0 + tt < T) s_buf[tt * kLMax + kp + loc] = pack_key(fabsf(acc[tt]), n);
+        for (int tt = 0; tt < TT; ++tt) {
+          if (t0 + tt >= T) continue;
+          const u64 key = pack_key(fabsf(acc[tt]), n);
+          s_buf[tt * kLMax + kp + loc] = key;
+          // the running top-kp (s_buf[tt][0, kp)) only changes in the merge below
+          if (key > s_buf[tt * kLMax + kp - 1]) s_improves = 1;
+        }
       }
     }
-    merge_sub_tile(s_buf, TT, kp, L);
+    // Sort only when some key can enter a running top-kp: once the lists settle (after a sub-tile
+    // or two on i.i.d. scores), most sub-tiles are dropped after one compare per key.
+    __syncthreads();
+    const bool improves = s_improves != 0;  // block-uniform
+    __syncthreads();                        // every thread has read the flag
+    if (threadIdx.x == 0) s_improves = 0;   // before the barrier that ends this sub-tile
+    if (improves) {
+      merge_sub_tile(s_buf, TT, kp, L);
+    } else {  // drop the sub-tile's keys (a partial next sub-tile must not see them)
+      for (int i = threadIdx.x; i < TT * sub; i += kThreads) s_buf[(i / sub) * kLMax + kp + (i % sub)] = 0ull;
+      __syncthreads();
+    }
   }
 
   store_block_topk(s_buf, TT, t0, T, N, k, kb, ws, out_idx, out_scores);

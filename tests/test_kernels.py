@@ -10,12 +10,23 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_data import (
+    DEVICE,
+    EPS32,
+    assert_same_ranking,
+    gen,
+    int_tensor,
+    poison_allocator,
+    randn,
+    red_tol,
+    scope_masks,
+    tickets_all_zero,
+    triton_module,
+)
 
 from lag_triton.kernels import common, get_ops, reference, resolve_backend
 from lag_triton.routing import RoutingConfig, route_and_apply
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-EPS32 = torch.finfo(torch.float32).eps
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -27,49 +38,18 @@ def ops(request):
         pytest.skip(f"backend {request.param!r} unavailable here: {exc}")
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _randn(*shape, dtype=torch.float32, seed=0) -> torch.Tensor:
-    return torch.randn(*shape, generator=_gen(seed)).to(dtype).to(DEVICE)
-
-
 def _candidates(t: int, n: int, k: int, seed: int = 0) -> torch.Tensor:
-    g = _gen(seed)
+    g = gen(seed)
     return torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(t)]).to(torch.int32).to(DEVICE)
 
 
 def _mixed_rank(lib: torch.Tensor, rank_dim: int, seed: int) -> torch.Tensor:
     """Zero the rows/cols beyond each adapter's own rank (a mixed-rank library padded to r_max)."""
     n, r = lib.shape[0], lib.shape[rank_dim]
-    ranks = torch.randint(1, r + 1, (n,), generator=_gen(seed)).to(lib.device)
+    ranks = torch.randint(1, r + 1, (n,), generator=gen(seed)).to(lib.device)
     keep = torch.arange(r, device=lib.device)[None, :] < ranks[:, None]  # [N, r]
     keep = keep[:, :, None] if rank_dim == 1 else keep[:, None, :]
     return lib * keep.to(lib.dtype)
-
-
-def _red_tol(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Error bound of fp32 dot products of a's and b's rows (reduction over the last dim), x a safety factor."""
-    d = a.shape[-1]
-    mag = (a.double().abs().amax() * b.double().abs().amax()).item()
-    return 16 * EPS32 * d * mag
-
-
-def _assert_same_ranking(idx, ref_idx, true_key, tol):
-    """idx equals ref_idx except where the two picks' exact keys are within tol (fp32 near-ties)."""
-    idx, ref_idx = idx.long().cpu(), ref_idx.long().cpu()
-    true_key = true_key.double().cpu()
-    diff = idx != ref_idx
-    if diff.any():
-        gap = (true_key.gather(1, idx) - true_key.gather(1, ref_idx)).abs()
-        assert (gap[diff] <= tol).all(), f"ranking differs beyond tolerance {tol}: {gap[diff].max()}"
-
-
-def _poison_allocator() -> None:
-    """Fill then free a block so that torch.empty outputs are likely to start as NaN."""
-    junk = torch.full((1 << 20,), float("nan"), device=DEVICE)
-    del junk
 
 
 # ----------------------------------------------------------------------------- arrow_topk
@@ -85,15 +65,15 @@ ARROW_CASES = [  # T, N, d_in, k
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("t,n,d,k", ARROW_CASES)
 def test_arrow_topk_matches_reference(ops, dtype, t, n, d, k):
-    x, p = _randn(t, d, dtype=dtype, seed=1), _randn(n, d, dtype=dtype, seed=2)
-    _poison_allocator()
+    x, p = randn(t, d, dtype=dtype, seed=1), randn(n, d, dtype=dtype, seed=2)
+    poison_allocator()
     idx, scores = ops.arrow_topk(x, p, k)
     ref_idx, ref_scores = reference.arrow_topk(x, p, k)
     assert idx.dtype == torch.int32 and scores.dtype == torch.float32
     assert idx.shape == (t, k) and scores.shape == (t, k)
     true = (x.double() @ p.double().T).abs()
-    tol = _red_tol(x, p)
-    _assert_same_ranking(idx, ref_idx, true, tol)
+    tol = red_tol(x, p)
+    assert_same_ranking(idx, ref_idx, true, tol)
     assert torch.isfinite(scores).all()
     torch.testing.assert_close(scores.double(), true.gather(1, idx.long()), atol=tol, rtol=0)
     torch.testing.assert_close(scores, ref_scores, atol=2 * tol, rtol=0)
@@ -102,7 +82,7 @@ def test_arrow_topk_matches_reference(ops, dtype, t, n, d, k):
 
 def test_arrow_topk_exact_ties_lower_index_wins(ops):
     n, d = 40, 32
-    p = _randn(n, d, seed=3)
+    p = randn(n, d, seed=3)
     p[17] = p[4]
     p[29] = -p[4]  # |p.x| ties under a sign flip too
     p[9] = p[4]
@@ -117,9 +97,9 @@ def test_arrow_topk_exact_ties_lower_index_wins(ops):
 
 def test_arrow_topk_nan_inf(ops):
     n, d, k = 50, 24, 20
-    p = _randn(n, d, seed=4)
+    p = randn(n, d, seed=4)
     p[7] = float("nan")
-    x = _randn(4, d, seed=5)
+    x = randn(4, d, seed=5)
     x[1, 3] = float("nan")
     x[2, 5] = float("inf")
     x[3] = float("-inf")
@@ -129,11 +109,6 @@ def test_arrow_topk_nan_inf(ops):
     assert torch.equal(idx, ref_idx)
     torch.testing.assert_close(scores, ref_scores, equal_nan=True)
     assert 7 not in idx[0].tolist()  # the NaN prototype ranks below every number
-
-
-def _int_tensor(*shape, lo=-3, hi=4, dtype=torch.float32, seed=0) -> torch.Tensor:
-    """Small integers: every fp32 dot product of them is exact, so ties are exact in any summation order."""
-    return torch.randint(lo, hi, shape, generator=_gen(seed)).to(dtype).to(DEVICE)
 
 
 def _force_sms(ops, monkeypatch, sms: int) -> None:
@@ -164,7 +139,7 @@ def test_arrow_topk_small_t_splits_ties_nan(ops, monkeypatch, dtype, t, n, k, sm
     splits, NaN prototypes and tokens: identical to the reference (integer data, so no near-ties)."""
     _force_sms(ops, monkeypatch, sms)
     d = 48
-    p = _int_tensor(n, d, dtype=dtype, seed=60)
+    p = int_tensor(n, d, dtype=dtype, seed=60)
     # Scores shrink with the index (tile 0 dominates), so the running top-k settles early and most
     # later tiles are skipped; the duplicates below must still win or lose by index.
     weight = 1 + (n - 1 - torch.arange(n, device=DEVICE)) * 8 // n
@@ -176,12 +151,12 @@ def test_arrow_topk_small_t_splits_ties_nan(ops, monkeypatch, dtype, t, n, k, sm
     p[0, 0] = float("nan")
     p[129, 5] = float("nan")
     p[200, 9] = float("inf")  # score +inf for real tokens, 0 * inf = NaN in the dot's padding rows
-    x = _int_tensor(t, d, dtype=dtype, seed=61)
+    x = int_tensor(t, d, dtype=dtype, seed=61)
     x[:, 9] = 1
     if t >= 3:
         x[1] = 0  # all scores tie at 0 (NaN prototypes below them)
         x[2, 7] = float("nan")  # all scores NaN: indices 0..k-1
-    _poison_allocator()
+    poison_allocator()
     idx, scores = ops.arrow_topk(x, p, k)
     ref_idx, ref_scores = reference.arrow_topk(x, p, k)
     assert torch.equal(idx, ref_idx)
@@ -198,8 +173,8 @@ def _triton_select_module(ops):
 def _planted_scores(t, n, winners, seed):
     """Integer prototypes whose scores against x = e_0 are small noise except for `winners`
     (descending, with exact ties), so the expected top-k is known exactly."""
-    p = _int_tensor(n, 8, lo=-2, hi=3, seed=seed)
-    p[:, 0] = torch.randint(-5, 6, (n,), generator=_gen(seed + 1)).float().to(DEVICE)
+    p = int_tensor(n, 8, lo=-2, hi=3, seed=seed)
+    p[:, 0] = torch.randint(-5, 6, (n,), generator=gen(seed + 1)).float().to(DEVICE)
     for rank, i in enumerate(winners):
         p[i, 0] = 1000 - 10 * (rank // 2)  # pairs of equal scores: the lower index must come first
     x = torch.zeros(t, 8, device=DEVICE)
@@ -247,7 +222,7 @@ def test_arrow_select_row_chunks_and_large_k(ops, monkeypatch):
     """Scores produced in several row chunks (bounded scratch) and a k beyond the register-resident
     select (ranked by the reference's sort) give the reference's answer."""
     mod = _triton_select_module(ops)
-    x, p = _int_tensor(37, 24, seed=72), _int_tensor(300, 24, seed=73)
+    x, p = int_tensor(37, 24, seed=72), int_tensor(300, 24, seed=73)
     monkeypatch.setattr(common, "SCORE_CHUNK_BYTES", 300 * 4 * 5)  # 5 rows per chunk, the last one partial
     for k in (7, 200):
         monkeypatch.setattr(mod, "MAX_K_PAD", 1024 if k == 7 else 64)
@@ -255,18 +230,6 @@ def test_arrow_select_row_chunks_and_large_k(ops, monkeypatch):
         ref_idx, ref_scores = reference.arrow_topk(x, p, k)
         assert torch.equal(idx, ref_idx)
         torch.testing.assert_close(scores, ref_scores, atol=0, rtol=0)
-
-
-def _scope_masks(s_rows, n, k, seed):
-    """[S, N] bool: row 0 allows nothing, row 1 fewer than k adapters, row 2 every adapter, the rest a
-    random ~30% (so some rows have fewer than k allowed too)."""
-    g = _gen(seed)
-    allowed = torch.rand(s_rows, n, generator=g) < 0.3
-    allowed[0] = False
-    allowed[1] = False
-    allowed[1, torch.randperm(n, generator=g)[: max(1, k // 2)]] = True
-    allowed[2] = True
-    return allowed.to(DEVICE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -277,10 +240,10 @@ def test_arrow_topk_scoped_matches_reference(ops, monkeypatch, dtype, t, n, k, s
     """A scope restricts each token to allowed[scope[t]] inside the top-k (splits and merges
     included): disallowed adapters never appear, tokens with fewer than k allowed get -1 / NaN."""
     _force_sms(ops, monkeypatch, sms)
-    x, p = _int_tensor(t, 24, dtype=dtype, seed=80), _int_tensor(n, 24, dtype=dtype, seed=81)
-    allowed = _scope_masks(5, n, k, seed=82)
+    x, p = int_tensor(t, 24, dtype=dtype, seed=80), int_tensor(n, 24, dtype=dtype, seed=81)
+    allowed = scope_masks(5, n, k, seed=82)
     scope = (torch.arange(t) % 5).to(torch.int32).to(DEVICE)
-    _poison_allocator()
+    poison_allocator()
     idx, scores = ops.arrow_topk(x, p, k, allowed, scope)
     ref_idx, ref_scores = reference.arrow_topk(x, p, k, allowed, scope)
     assert torch.equal(idx, ref_idx)
@@ -301,13 +264,13 @@ def test_spectr_rerank_missing_candidates(ops, m, combine, with_scores):
     """Candidates -1 (a scope left fewer than k) are never selected, wherever they sit in the row;
     picks past the valid candidates are sel -1, w 0, z 0, and weights sum to 1 over the valid ones."""
     t, n, r, d, k = 9, 40, 6, 33, 6
-    x, a = _randn(t, d, seed=83), _randn(n, r, d, seed=84)
+    x, a = randn(t, d, seed=83), randn(n, r, d, seed=84)
     cand = _candidates(t, n, k, seed=85)
     cand[0] = -1  # no candidate at all
     cand[1, 1:] = -1  # one
     cand[2, ::2] = -1  # scattered (the "spectr" router masks its arange)
     cand[3, 0] = -1
-    scores = torch.rand(t, k, generator=_gen(86)).to(DEVICE) if with_scores else None
+    scores = torch.rand(t, k, generator=gen(86)).to(DEVICE) if with_scores else None
     if scores is not None:
         scores[cand < 0] = float("nan")  # what a scoped arrow_topk returns beside a -1
     sel, w, z = ops.spectr_rerank(x, a, cand, m, combine, 0.8, scores)
@@ -324,13 +287,13 @@ def test_spectr_rerank_missing_candidates(ops, m, combine, with_scores):
 def test_lora_apply_skips_missing_picks(ops):
     """sel -1 (no adapter) contributes nothing, even next to an adapter holding inf."""
     t, n, d_out, r = 6, 5, 40, 6
-    b = _randn(n, d_out, r, seed=87)
+    b = randn(n, d_out, r, seed=87)
     b[n - 1, 0, 0] = float("inf")  # what a negative index would wrap around to
     b[0, 0, 0] = float("inf")  # and what a clamp to 0 would read
     sel = torch.tensor([[1, -1], [-1, -1], [2, 3], [-1, 2], [1, 2], [3, -1]], dtype=torch.int32, device=DEVICE)
     w = torch.where(sel >= 0, 0.5, 0.0).to(DEVICE)
-    z = torch.where((sel >= 0)[..., None], _randn(t, 2, r, seed=88), 0.0)
-    y0 = _randn(t, d_out, seed=89)
+    z = torch.where((sel >= 0)[..., None], randn(t, 2, r, seed=88), 0.0)
+    y0 = randn(t, d_out, seed=89)
     for layout, bl in _layouts(ops, b).items():
         y = ops.lora_apply(y0.clone(), bl, sel, w, z)
         torch.testing.assert_close(y, reference.lora_apply(y0.clone(), b, sel, w, z), atol=1e-5, rtol=1e-5)
@@ -354,12 +317,12 @@ RERANK_CASES = [  # T, N, d_in, r, k, m, combine, with_scores
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("t,n,d,r,k,m,combine,with_scores", RERANK_CASES)
 def test_spectr_rerank_matches_reference(ops, dtype, t, n, d, r, k, m, combine, with_scores):
-    x = _randn(t, d, dtype=dtype, seed=6)
-    a = _mixed_rank(_randn(n, r, d, dtype=dtype, seed=7), 1, seed=8)
+    x = randn(t, d, dtype=dtype, seed=6)
+    a = _mixed_rank(randn(n, r, d, dtype=dtype, seed=7), 1, seed=8)
     cand = _candidates(t, n, k, seed=9)
-    scores = torch.rand(t, k, generator=_gen(10)).to(DEVICE) if with_scores else None
+    scores = torch.rand(t, k, generator=gen(10)).to(DEVICE) if with_scores else None
     temperature = 0.7
-    _poison_allocator()
+    poison_allocator()
     sel, w, z = ops.spectr_rerank(x, a, cand, m, combine, temperature, scores)
     ref_sel, ref_w, ref_z = reference.spectr_rerank(x, a, cand, m, combine, temperature, scores)
     assert sel.shape == (t, m) and sel.dtype == torch.int32
@@ -368,13 +331,13 @@ def test_spectr_rerank_matches_reference(ops, dtype, t, n, d, r, k, m, combine, 
     for out in (w, z):
         assert torch.isfinite(out).all()
     z64_all = torch.einsum("nrd,td->tnr", a.double(), x.double())  # [T, N, r]
-    tol = _red_tol(x, a.reshape(n * r, d)) * r**0.5
+    tol = red_tol(x, a.reshape(n * r, d)) * r**0.5
     true_key = (
         z64_all.norm(dim=-1)
         if scores is None
         else scores.double().expand(t, k).new_zeros(t, n).scatter(1, cand.long(), scores.double())
     )
-    _assert_same_ranking(sel, ref_sel, true_key, 0 if scores is not None else tol)
+    assert_same_ranking(sel, ref_sel, true_key, 0 if scores is not None else tol)
     z64 = z64_all.gather(1, sel.long()[:, :, None].expand(-1, -1, r))
     torch.testing.assert_close(z.double(), z64, atol=tol, rtol=0)
     torch.testing.assert_close(w, ref_w, atol=max(1e-5, 4 * tol), rtol=1e-4)
@@ -394,20 +357,20 @@ def test_spectr_rerank_matches_reference(ops, dtype, t, n, d, r, k, m, combine, 
 def test_spectr_rerank_gpu_launch_plans(ops, monkeypatch, t, n, d, r, k, m, path):
     """The launch plans a GPU gets for large ranks (fewer candidates per step, shorter d steps), run
     under the interpreter by planning as on a GPU: the reference's ranking and z."""
-    mod = _triton_module(ops, "spectr_rerank")
+    mod = triton_module(ops, "spectr_rerank")
     monkeypatch.setattr(mod, "interpreting", lambda: False)
     monkeypatch.setattr(mod, "num_sms", lambda device: 4)
     plan = mod.rerank_plan(t, n, r, d, k, m, False, 4)
     assert plan.path == path
     assert plan.block_k * plan.r_pad * plan.block_d <= mod.GATHER_TILE or plan.gather_warps == 8
-    x = _randn(t, d, seed=90)
-    a = _mixed_rank(_randn(n, r, d, seed=91), 1, seed=92)
+    x = randn(t, d, seed=90)
+    a = _mixed_rank(randn(n, r, d, seed=91), 1, seed=92)
     cand = _candidates(t, n, k, seed=93)
     sel, w, z = ops.spectr_rerank(x, a, cand, m, "softmax", 0.7)
     ref_sel, ref_w, ref_z = reference.spectr_rerank(x, a, cand, m, "softmax", 0.7)
     z64_all = torch.einsum("nrd,td->tnr", a.double(), x.double())
-    tol = _red_tol(x, a.reshape(n * r, d)) * r**0.5
-    _assert_same_ranking(sel, ref_sel, z64_all.norm(dim=-1), tol)
+    tol = red_tol(x, a.reshape(n * r, d)) * r**0.5
+    assert_same_ranking(sel, ref_sel, z64_all.norm(dim=-1), tol)
     torch.testing.assert_close(
         z.double(), z64_all.gather(1, sel.long()[:, :, None].expand(-1, -1, r)), atol=tol, rtol=0
     )
@@ -416,10 +379,10 @@ def test_spectr_rerank_gpu_launch_plans(ops, monkeypatch, t, n, d, r, k, m, path
 
 def test_spectr_rerank_ties_lower_adapter_index(ops):
     n, r, d = 16, 4, 20
-    a = _randn(n, r, d, seed=11) * 0.01
+    a = randn(n, r, d, seed=11) * 0.01
     for i in (9, 5, 2):
-        a[i] = a[0] * 0 + _randn(r, d, seed=12)  # identical, largest-norm adapters
-    x = _randn(3, d, seed=13)
+        a[i] = a[0] * 0 + randn(r, d, seed=12)  # identical, largest-norm adapters
+    x = randn(3, d, seed=13)
     cand = torch.tensor([[9, 5, 2, 0, 1], [2, 9, 5, 7, 3], [1, 5, 9, 2, 6]], dtype=torch.int32, device=DEVICE)
     sel, w, z = ops.spectr_rerank(x, a, cand, 3, "uniform", 1.0)
     assert sel.tolist() == [[2, 5, 9]] * 3
@@ -435,7 +398,7 @@ def test_group_pairs_by_adapter_is_a_counting_sort(t, k, n):
     pytest.importorskip("triton")
     from lag_triton.kernels.triton.group_by_adapter import group_pairs_by_adapter
 
-    cand = torch.randint(-1, n + 1, (t, k), generator=_gen(t + n), dtype=torch.int32).to(DEVICE)
+    cand = torch.randint(-1, n + 1, (t, k), generator=gen(t + n), dtype=torch.int32).to(DEVICE)
     cand[0, 0] = n - 1  # the last adapter's segment ends where the missing pairs begin
     ad, pair = group_pairs_by_adapter(cand, n)
     flat = cand.reshape(-1).long()
@@ -448,9 +411,9 @@ def test_group_pairs_by_adapter_is_a_counting_sort(t, k, n):
 
 def test_spectr_rerank_nan_inf(ops):
     n, r, d, k = 24, 6, 16, 8
-    a = _randn(n, r, d, seed=14)
+    a = randn(n, r, d, seed=14)
     a[3, 0, 0] = float("nan")
-    x = _randn(4, d, seed=15)
+    x = randn(4, d, seed=15)
     x[1, 2] = float("nan")
     x[2, 4] = float("inf")
     cand = _candidates(4, n, k, seed=16)
@@ -467,16 +430,9 @@ def test_spectr_rerank_nan_inf(ops):
 # ----------------------------------------------------------------------------- folded split reductions
 
 
-def _triton_module(ops, name):
-    """The Triton backend's module ``name`` (its internals are what the test is about); skip for others."""
-    if ops.name != "triton":
-        pytest.skip("these launch paths are the Triton backend's")
-    return __import__("sys").modules[f"{ops.module.__name__}.{name}"]
-
-
 def _fold(ops, monkeypatch, module, second_pass):
     """Turn the fold on (LAG_TRITON_FOLD_SPLITS=1) and make launching the unfolded second pass an error."""
-    mod = _triton_module(ops, module)
+    mod = triton_module(ops, module)
 
     class _MustNotLaunch:
         def __getitem__(self, grid):
@@ -487,13 +443,6 @@ def _fold(ops, monkeypatch, module, second_pass):
     return mod
 
 
-def _tickets_all_zero(ops):
-    common_mod = _triton_module(ops, "_common")
-    assert common_mod._ticket_buffers, "a folded launch took no ticket counters"
-    for buf in common_mod._ticket_buffers.values():
-        assert int(buf.count_nonzero()) == 0, "a folded launch left a ticket counter set"
-
-
 @pytest.mark.parametrize("t,n,k,sms", [c for c in SPLIT_CASES if c[0] in (1, 3, 5, 13)])
 def test_arrow_topk_folded_merge(ops, monkeypatch, t, n, k, sms):
     """The N-split select with its merge folded into the launch (the row's last split merges):
@@ -501,7 +450,7 @@ def test_arrow_topk_folded_merge(ops, monkeypatch, t, n, k, sms):
     mod = _fold(ops, monkeypatch, "arrow_topk", "_merge_kernel")
     monkeypatch.setattr(mod, "decode_plan", lambda *shapes: None)  # the GEMM + select path, not arrow_decode
     test_arrow_topk_small_t_splits_ties_nan(ops, monkeypatch, torch.float32, t, n, k, sms)
-    _tickets_all_zero(ops)
+    tickets_all_zero(ops)
 
 
 @pytest.mark.parametrize("t,n,k,sms", [(1, 1001, 20, 4), (3, 700, 5, 64), (2, 2049, 1, 16)])
@@ -511,7 +460,7 @@ def test_arrow_select_folded_planted_and_scoped(ops, monkeypatch, t, n, k, sms):
     monkeypatch.setattr(mod, "decode_plan", lambda *shapes: None)
     test_arrow_select_buffer_flushes_and_splits(ops, monkeypatch, "planted", t, n, k, sms)
     test_arrow_topk_scoped_matches_reference(ops, monkeypatch, torch.float32, t, n, k, sms)
-    _tickets_all_zero(ops)
+    tickets_all_zero(ops)
 
 
 def _one_launch_arrow(ops, monkeypatch, sms):
@@ -524,7 +473,7 @@ def _one_launch_arrow(ops, monkeypatch, sms):
         raise AssertionError("the scoring GEMM ran although arrow_decode scores in its own launch")
 
     monkeypatch.setattr(mod, "prototype_scores", no_gemm)
-    return _triton_module(ops, "arrow_decode")
+    return triton_module(ops, "arrow_decode")
 
 
 @pytest.mark.parametrize("t,n,k,sms", [c for c in SPLIT_CASES if c[2] <= 32])  # k within a block
@@ -533,7 +482,7 @@ def test_arrow_topk_one_launch_decode(ops, monkeypatch, t, n, k, sms):
     folded by tickets): the split test's exact ties, NaN and inf cases; every ticket back at 0."""
     _one_launch_arrow(ops, monkeypatch, sms)
     test_arrow_topk_small_t_splits_ties_nan(ops, monkeypatch, torch.bfloat16, t, n, k, sms)
-    _tickets_all_zero(ops)
+    tickets_all_zero(ops)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -548,19 +497,19 @@ def test_arrow_topk_one_launch_decode_planted_and_scoped(ops, monkeypatch, dtype
     winners = sorted({min(n - 1, e + o) for e in edges for o in (-1, 0)}, reverse=True)[: k + 3]
     x, p = _planted_scores(t, n, winners, seed=94)
     # every d-split contributes: integer noise over all of d_in (exact sums, so the order stays exact)
-    x = torch.cat([x, _int_tensor(t, d - x.shape[1], lo=-1, hi=2, seed=97)], 1).to(dtype)
-    p = torch.cat([p, _int_tensor(n, d - p.shape[1], lo=-1, hi=2, seed=95)], 1).to(dtype)
+    x = torch.cat([x, int_tensor(t, d - x.shape[1], lo=-1, hi=2, seed=97)], 1).to(dtype)
+    p = torch.cat([p, int_tensor(n, d - p.shape[1], lo=-1, hi=2, seed=95)], 1).to(dtype)
     idx, scores = ops.arrow_topk(x, p, k)
     ref_idx, ref_scores = reference.arrow_topk(x, p, k)
     assert torch.equal(idx, ref_idx)
     torch.testing.assert_close(scores, ref_scores, atol=0, rtol=0)
-    allowed = _scope_masks(5, n, k, seed=96)
+    allowed = scope_masks(5, n, k, seed=96)
     scope = (torch.arange(t) % 5).to(torch.int32).to(DEVICE)
     idx, scores = ops.arrow_topk(x, p, k, allowed, scope)
     ref_idx, ref_scores = reference.arrow_topk(x, p, k, allowed, scope)
     assert torch.equal(idx, ref_idx)
     torch.testing.assert_close(scores, ref_scores, equal_nan=True, atol=0, rtol=0)
-    _tickets_all_zero(ops)
+    tickets_all_zero(ops)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -578,7 +527,7 @@ def test_spectr_rerank_folded_select(ops, monkeypatch, dtype, case):
         test_spectr_rerank_missing_candidates(ops, m, combine, False)
     test_spectr_rerank_ties_lower_adapter_index(ops)
     test_spectr_rerank_nan_inf(ops)
-    _tickets_all_zero(ops)
+    tickets_all_zero(ops)
 
 
 @pytest.mark.parametrize("fold,t", [(False, 1), (True, 1), (True, 32)])
@@ -587,8 +536,8 @@ def test_decode_layer_launch_count(ops, monkeypatch, fold, t):
     rerank with its ranking folded in, the apply -- and no scoring GEMM, at 1 token and at 32;
     unfolded (1 token), the GEMM and four (select, partial z, select, apply). Same selections as the
     reference either way."""
-    arrow = _triton_module(ops, "arrow_topk")
-    rerank = _triton_module(ops, "spectr_rerank")
+    arrow = triton_module(ops, "arrow_topk")
+    rerank = triton_module(ops, "spectr_rerank")
     monkeypatch.setenv("LAG_TRITON_FOLD_SPLITS", "1" if fold else "0")
     launched, gemms = [], []
     kernel_type = type(arrow._select_kernel)
@@ -604,9 +553,9 @@ def test_decode_layer_launch_count(ops, monkeypatch, fold, t):
     monkeypatch.setattr(arrow, "num_sms", lambda device: 64)
     monkeypatch.setattr(rerank, "num_sms", lambda device: 64)
     n, r, d_in, d_out = 300, 6, 64, 48
-    x = _randn(t, d_in, seed=98)
-    a = _randn(n, r, d_in, seed=99)
-    b = _randn(n, d_out, r, seed=100)
+    x = randn(t, d_in, seed=98)
+    a = randn(n, r, d_in, seed=99)
+    b = randn(n, d_out, r, seed=100)
     p = a[:, 0].contiguous()
     cfg = RoutingConfig(k=20, top_m=1)
     y = torch.zeros(t, d_out, device=DEVICE)
@@ -628,18 +577,18 @@ def test_folded_decode_layer_alternating_inputs(ops, monkeypatch, t):
     that input's first folded result bit for bit (a last program that read a partial before it
     landed would see the other batch's stale one), with the unfolded launches' selections; every
     ticket back at 0 afterwards."""
-    folding = _triton_module(ops, "_common").folding
+    folding = triton_module(ops, "_common").folding
     gpu = DEVICE == "cuda"
     if not gpu:
         for name in ("arrow_topk", "spectr_rerank"):  # splits on CPU too
-            monkeypatch.setattr(_triton_module(ops, name), "num_sms", lambda device: 64)
+            monkeypatch.setattr(triton_module(ops, name), "num_sms", lambda device: 64)
     n, d_in, d_out, r = (1000, 3072, 8192, 6) if gpu else (300, 64, 48, 6)
     dtype, repeats = (torch.bfloat16, 100) if gpu else (torch.float32, 2)
-    a = _randn(n, r, d_in, dtype=dtype, seed=110) / d_in**0.5
-    b = _randn(n, d_out, r, dtype=dtype, seed=111) / r
+    a = randn(n, r, d_in, dtype=dtype, seed=110) / d_in**0.5
+    b = randn(n, d_out, r, dtype=dtype, seed=111) / r
     p = a[:, 0].contiguous()
-    xs = [_randn(t, d_in, dtype=dtype, seed=112 + i) for i in range(2)]
-    y0 = _randn(t, d_out, dtype=dtype, seed=114)
+    xs = [randn(t, d_in, dtype=dtype, seed=112 + i) for i in range(2)]
+    y0 = randn(t, d_out, dtype=dtype, seed=114)
     cfg = RoutingConfig(k=20, top_m=1)
 
     def layer(x, y):
@@ -670,7 +619,7 @@ def test_folded_decode_layer_alternating_inputs(ops, monkeypatch, t):
         assert torch.equal(first[j][0], unfolded[j]), "folded and unfolded launches select differently"
     for i, (sel, y) in enumerate(runs):
         assert torch.equal(sel, first[i % 2][0]) and torch.equal(y, first[i % 2][1]), f"call {i} differs"
-    _tickets_all_zero(ops)
+    tickets_all_zero(ops)
 
 
 # ----------------------------------------------------------------------------- lora_apply
@@ -702,7 +651,7 @@ def _check_apply(ops, b, sel, w, z, y0):
     m, dtype = sel.shape[1], y0.dtype
     exact = y0.double() + torch.einsum("tm,tmor,tmr->to", w.double(), b[sel.long()].double(), z.double())
     y_ref = reference.lora_apply(y0.clone(), b, sel, w, z)
-    ulp = torch.finfo(dtype).eps * exact.abs() + _red_tol(z, b) * m
+    ulp = torch.finfo(dtype).eps * exact.abs() + red_tol(z, b) * m
     for layout, bl in _layouts(ops, b).items():
         assert torch.equal(bl, b), layout
         y = y0.clone()
@@ -715,11 +664,11 @@ def _check_apply(ops, b, sel, w, z, y0):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("t,n,d_out,r,m", APPLY_CASES)
 def test_lora_apply_matches_reference(ops, dtype, t, n, d_out, r, m):
-    b = _mixed_rank(_randn(n, d_out, r, dtype=dtype, seed=17), 2, seed=18)
+    b = _mixed_rank(randn(n, d_out, r, dtype=dtype, seed=17), 2, seed=18)
     sel = _candidates(t, n, m, seed=19)
-    w = torch.rand(t, m, generator=_gen(20)).to(DEVICE)
-    z = _randn(t, m, r, seed=21)
-    _check_apply(ops, b, sel, w, z, _randn(t, d_out, dtype=dtype, seed=22))
+    w = torch.rand(t, m, generator=gen(20)).to(DEVICE)
+    z = randn(t, m, r, seed=21)
+    _check_apply(ops, b, sel, w, z, randn(t, d_out, dtype=dtype, seed=22))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -728,7 +677,7 @@ def test_lora_apply_grouped_tokens(ops, dtype, t, n, runs, m):
     """Prefill routing concentrated on a few adapters (a prompt about one document): first choices in
     `runs` shuffled runs, so sorted tiles share one adapter (the Triton shared-segment path), mixed
     tiles sit at run borders, and choices j >= 1 stay scattered."""
-    g = _gen(31)
+    g = gen(31)
     first = (torch.arange(t) * runs // t)[torch.randperm(t, generator=g)] % n
     others = torch.stack([torch.randperm(n, generator=g)[:m] for _ in range(t)])
     sel = others.clone()
@@ -737,21 +686,21 @@ def test_lora_apply_grouped_tokens(ops, dtype, t, n, runs, m):
         sel[hit[:, 0], hit[:, 1]] = others[hit[:, 0], 0]
     sel[:, 0] = first
     sel = sel.to(torch.int32).to(DEVICE)
-    b = _mixed_rank(_randn(n, 70, 6, dtype=dtype, seed=32), 2, seed=33)
-    w = torch.rand(t, m, generator=_gen(34)).to(DEVICE)
-    z = _randn(t, m, 6, seed=35)
-    _check_apply(ops, b, sel, w, z, _randn(t, 70, dtype=dtype, seed=36))
+    b = _mixed_rank(randn(n, 70, 6, dtype=dtype, seed=32), 2, seed=33)
+    w = torch.rand(t, m, generator=gen(34)).to(DEVICE)
+    z = randn(t, m, 6, seed=35)
+    _check_apply(ops, b, sel, w, z, randn(t, 70, dtype=dtype, seed=36))
 
 
 def test_lora_apply_every_element_poisoned_output_row(ops):
     """Only selected rows change by their delta; rows with zero weight stay bit-identical (incl. NaN rows)."""
     t, n, d_out, r = 9, 4, 50, 6
-    b = _randn(n, d_out, r, seed=23)
+    b = randn(n, d_out, r, seed=23)
     sel = _candidates(t, n, 2, seed=24)
-    w = torch.rand(t, 2, generator=_gen(25)).to(DEVICE)
+    w = torch.rand(t, 2, generator=gen(25)).to(DEVICE)
     w[3] = 0
-    z = _randn(t, 2, r, seed=26)
-    y0 = _randn(t, d_out, seed=27)
+    z = randn(t, 2, r, seed=26)
+    y0 = randn(t, d_out, seed=27)
     y0[5] = float("nan")
     y = y0.clone()
     ops.lora_apply(y, b, sel, w, z)
@@ -769,12 +718,12 @@ def test_lora_apply_every_element_poisoned_output_row(ops):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_route_and_apply_matches_reference(ops, router, top_m, dtype):
     t, n, d_in, d_out, r = 11, 37, 48, 40, 6
-    x = _randn(t, d_in, dtype=dtype, seed=28)
-    a = _mixed_rank(_randn(n, r, d_in, dtype=dtype, seed=29), 1, seed=30)
-    b = _randn(n, d_out, r, dtype=dtype, seed=31)
+    x = randn(t, d_in, dtype=dtype, seed=28)
+    a = _mixed_rank(randn(n, r, d_in, dtype=dtype, seed=29), 1, seed=30)
+    b = randn(n, d_out, r, dtype=dtype, seed=31)
     protos = a[:, 0].contiguous()
     cfg = RoutingConfig(k=8, top_m=top_m, router=router, temperature=0.5)
-    y0 = _randn(t, d_out, dtype=dtype, seed=32)
+    y0 = randn(t, d_out, dtype=dtype, seed=32)
     y, y_ref = y0.clone(), y0.clone()
     sel = route_and_apply(x, y, a, b, protos, cfg, ops)
     ref_sel = route_and_apply(x, y_ref, a, b, protos, cfg, reference)
@@ -793,16 +742,16 @@ class TestRealSizes:
     @pytest.mark.parametrize("t", [1, 32, 2048])
     def test_route_and_apply_real_size(self, ops, n, t):
         d_in, d_out, r, dtype = 3072, 8192, 6, torch.bfloat16
-        x = _randn(t, d_in, dtype=dtype, seed=40)
-        a = _randn(n, r, d_in, dtype=dtype, seed=41) / d_in**0.5
-        b = _randn(n, d_out, r, dtype=dtype, seed=42) / r
+        x = randn(t, d_in, dtype=dtype, seed=40)
+        a = randn(n, r, d_in, dtype=dtype, seed=41) / d_in**0.5
+        b = randn(n, d_out, r, dtype=dtype, seed=42) / r
         protos = a[:, 0].contiguous()
         cfg = RoutingConfig(k=20, top_m=1)
         idx, _ = ops.arrow_topk(x, protos, 20)
         ref_idx, _ = reference.arrow_topk(x, protos, 20)
         true = (x.double() @ protos.double().T).abs()
-        _assert_same_ranking(idx, ref_idx, true, _red_tol(x, protos))
-        y0 = _randn(t, d_out, dtype=dtype, seed=43)
+        assert_same_ranking(idx, ref_idx, true, red_tol(x, protos))
+        y0 = randn(t, d_out, dtype=dtype, seed=43)
         y, y_ref = y0.clone(), y0.clone()
         sel = route_and_apply(x, y, a, b, protos, cfg, ops)
         ref_sel = route_and_apply(x, y_ref, a, b, protos, cfg, reference)
@@ -814,11 +763,11 @@ class TestRealSizes:
     @pytest.mark.parametrize("t", [16, 80])  # 80: prefill paths (adapter-sorted apply, grouped rerank)
     def test_cuda_graph_capture_replay(self, ops, t):
         n, d_in, d_out, r, dtype = 1000, 3072, 8192, 6, torch.bfloat16
-        x = _randn(t, d_in, dtype=dtype, seed=50)
-        a = _randn(n, r, d_in, dtype=dtype, seed=51) / d_in**0.5
-        b = _randn(n, d_out, r, dtype=dtype, seed=52) / r
+        x = randn(t, d_in, dtype=dtype, seed=50)
+        a = randn(n, r, d_in, dtype=dtype, seed=51) / d_in**0.5
+        b = randn(n, d_out, r, dtype=dtype, seed=52) / r
         protos = a[:, 0].contiguous()
-        y0 = _randn(t, d_out, dtype=dtype, seed=53)
+        y0 = randn(t, d_out, dtype=dtype, seed=53)
         for top_m in (1, 3):
             cfg = RoutingConfig(k=20, top_m=top_m)
             y = y0.clone()
@@ -829,7 +778,7 @@ class TestRealSizes:
             with torch.cuda.graph(graph):
                 sel = route_and_apply(x, y, a, b, protos, cfg, ops)
             y.copy_(y0)
-            x2 = _randn(t, d_in, dtype=dtype, seed=54)
+            x2 = randn(t, d_in, dtype=dtype, seed=54)
             x.copy_(x2)
             graph.replay()
             torch.cuda.synchronize()

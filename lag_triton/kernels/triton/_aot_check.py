@@ -32,6 +32,7 @@ from . import arrow_topk as _unused  # noqa: F401  (ensure modules are imported)
 
 A = sys.modules[__package__ + ".arrow_topk"]
 AD = sys.modules[__package__ + ".arrow_decode"]
+AF = sys.modules[__package__ + ".arrow_filter"]
 HOPPER_SMS = 132  # launch configurations are enumerated as the launchers pick them on an H100 / H200
 S = sys.modules[__package__ + ".spectr_rerank"]
 G = sys.modules[__package__ + ".group_by_adapter"]
@@ -346,6 +347,7 @@ def _launch_cases():
                 ),
                 AD.DECODE_WARPS,
             )
+    yield from _filter_cases()
     # the split-N merge, as arrow_topk launches it for decode-sized T (split_plan, then tiles of next_pow2(T) <= 16)
     sig = {"part_ptr": "*i64", "idx_ptr": "*i32", "score_ptr": "*fp32", "T": "i32", "K": "i32"}
     for t, n in ((1, 100_000), (1, 1_000_000), (2, 100_000), (16, 100_000), (32, 1_000_000)):
@@ -359,6 +361,42 @@ def _launch_cases():
                 {"SPLITS": splits, "K_PAD": kp, "BLOCK_T": rows, "BLOCK_C": A.merge_block_c(rows, splits * kp, kp)},
                 4,
             )
+
+
+def _filter_cases():
+    """The filtering GEMM path (arrow_filter), as filter_plan sizes it (GPU_CONFIG; compiled with 3
+    pipeline stages, as GPU_CONFIG launches it). The GEMM is launched for 16-bit aligned operands
+    only (``operands_fit``); the finish kernel for any."""
+    assert AF.GPU_CONFIG["num_stages"] == 3
+    common = {"T": "i32", "N": "i32", "D": "i32", "K": "i32", "S": "i32", "STRIDE": "i32"}
+    strides = {"stride_xt": "i32", "stride_pn": "i32", "stride_allowed": "i32"}
+    for dt in ("bf16", "fp16", "fp32"):
+        x_p = {"x_ptr": "*" + dt, "p_ptr": "*" + dt}
+        seed = {"seed_idx_ptr": "*i32", "seed_score_ptr": "*fp32"}
+        scope = {"allowed_ptr": "*u8", "scope_ptr": "*i32"}
+        gemm_sig = {**x_p, **seed, "buf_ptr": "*i64", "count_ptr": "*i32", **scope, **common, "SEED": "i32", **strides}
+        finish_sig = {**x_p, **seed, "buf_ptr": "*i64", "count_ptr": "*i32", "idx_ptr": "*i32", "score_ptr": "*fp32"}
+        finish_sig.update(scope, **{k: v for k, v in common.items() if k != "T"}, **strides)
+        for scoped in (False, True):
+            for t, n, k in ((2048, 100_000, 20), (64, 16_384, 1), (2048, 1_000_000, 65)):
+                plan = AF.filter_plan(t, n, k)
+                cfg = {key: plan[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "CAP")}
+                if k == 20 and dt != "fp32":  # the GEMM's code does not depend on k; its CAP only moves pointers
+                    yield (
+                        f"arrow filter gemm {dt} scoped={scoped} {cfg}",
+                        AF._filter_gemm_kernel,
+                        gemm_sig,
+                        dict(cfg, HAS_SCOPE=scoped, UPCAST=False),
+                        plan["num_warps"],
+                    )
+                consts = dict(K_PAD=AF.next_pow2(k), CAP=plan["CAP"], RESCORE_N=plan["RESCORE_N"])
+                yield (
+                    f"arrow filter finish {dt} scoped={scoped} {consts}",
+                    AF._finish_kernel,
+                    finish_sig,
+                    dict(consts, HAS_SCOPE=scoped, RESCORE_D=plan["RESCORE_D"]),
+                    AF.FINISH_WARPS,
+                )
 
 
 def _ptxas_resources(ptx: str, capability: int) -> dict:

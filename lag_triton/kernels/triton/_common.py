@@ -1,6 +1,7 @@
 """Shared pieces of the Triton backend: launch configuration helpers, the packed sort keys, the
-running top-k lists built on them (merge, store), and split folding (a split reduction finished
-by the last program to arrive: ``last_to_arrive``).
+running top-k lists built on them (merge, store, the filtered buffer of ``offer_block``), split
+folding (a split reduction finished by the last program to arrive: ``last_to_arrive``) and the
+opt-in switches of paths that await a GPU measurement (``OptIn``).
 
 Ranking rule of every op (docs/design.md §1): larger key first, equal keys -> lower adapter index,
 NaN ranks like -inf (the reference maps NaN to -inf), so indices always stay in range.
@@ -31,6 +32,8 @@ from ._interpreter import EMPTY_SLOT, USE_BITONIC, interpreting, topk_by_rank, u
 
 #: set to 1 to finish split reductions inside the launch that writes their partials (``fold_splits``)
 FOLD_ENV = "LAG_TRITON_FOLD_SPLITS"
+#: set to 1 to score large libraries with a GEMM that keeps only possible top-k scores (``arrow_filter``)
+FILTER_ENV = "LAG_TRITON_FILTER_GEMM"
 
 # Globals read inside @triton.jit code must be tl.constexpr (compiled Triton rejects plain globals).
 NO_ADAPTER = tl.constexpr(2147483647)  # int32 max: "no adapter" marker inside tiles
@@ -168,6 +171,112 @@ def merge_block_c(rows: int, words: int, k_pad: int) -> int:
     return max(k_pad, min(next_pow2(words), cap))
 
 
+@triton.jit
+def dot_scores(
+    x_ptr,
+    p_ptr,
+    rows,
+    row_mask,
+    cols,
+    col_mask,
+    d_lo,
+    d_hi,
+    stride_xt,
+    stride_pn,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """x[rows, d_lo:d_hi] . P[cols, d_lo:d_hi] -> [ROWS, COLS] fp32 in tl.dot steps of BLOCK_K (masked
+    rows and columns score 0). UPCAST: bf16 tiles to fp32 first (the interpreter's bf16 dot is wrong)."""
+    acc = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.float32)
+    for d0 in range(d_lo, d_hi, BLOCK_K):
+        offs_d = d0 + tl.arange(0, BLOCK_K)
+        d_mask = offs_d < d_hi
+        xt = tl.load(
+            x_ptr + rows[:, None].to(tl.int64) * stride_xt + offs_d[None, :],
+            mask=row_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )  # [ROWS, BLOCK_K]
+        pt = tl.load(
+            p_ptr + cols[None, :].to(tl.int64) * stride_pn + offs_d[:, None],
+            mask=col_mask[None, :] & d_mask[:, None],
+            other=0.0,
+        )  # [BLOCK_K, COLS] = a P^T tile
+        if UPCAST:
+            xt = xt.to(tl.float32)
+            pt = pt.to(tl.float32)
+        acc = tl.dot(xt, pt, acc, input_precision="ieee")
+    return acc
+
+
+# ----------------------------------------------------------------------------- filtered running top-k
+#
+# FAISS GPU's WarpSelect / raft's warp_sort_filtered, on packed words: a running top-K_PAD list, a
+# per-program buffer of the values that beat its k-th best, and a merge only when the buffer
+# fills. Used by the Arrow select (arrow_topk) and the filtering GEMM's rescoring (arrow_filter).
+
+
+@triton.jit
+def top_of(best, cand, K_PAD: tl.constexpr):
+    """Top-K_PAD of the words of best [1, K_PAD] and cand [1, C], best first.
+
+    K_PAD rounds of "take the largest word, blank it": real words are unique (one per index), so
+    each round removes exactly one. A loop of reductions rather than a sorting network: it
+    compiles in seconds at any C (a tl.topk network over 2K int64 words took minutes), runs as
+    is under the interpreter, and a flush needs only the k winners, not a sorted buffer.
+    """
+    out = tl.full([1, K_PAD], EMPTY_SLOT, tl.int64)
+    slot = tl.arange(0, K_PAD)[None, :]
+    for i in range(K_PAD):
+        top = tl.maximum(tl.max(best, axis=1, keep_dims=True), tl.max(cand, axis=1, keep_dims=True))  # [1, 1]
+        out = tl.where(slot == i, top, out)
+        best = tl.where(best == top, EMPTY_SLOT, best)
+        cand = tl.where(cand == top, EMPTY_SLOT, cand)
+    return out
+
+
+@triton.jit
+def flush_buffer(best, buf, count, K_PAD: tl.constexpr, CAP: tl.constexpr):
+    """Merge the `count` buffered words at `buf` into best [1, K_PAD]."""
+    cols = tl.arange(0, CAP)[None, :]
+    tl.debug_barrier()  # the words were stored by other threads of this program
+    words = tl.load(buf + cols, mask=cols < count, other=EMPTY_SLOT, cache_modifier=".cg")
+    best = top_of(best, words, K_PAD)
+    tl.debug_barrier()  # every thread has read the buffer before it is overwritten
+    return best
+
+
+@triton.jit
+def beats(keys, offs, kth):
+    """word(keys, offs) > kth, without building the int64 words of the values that lose."""
+    kth_key = unpack_key(kth)
+    return (keys > kth_key) | ((keys == kth_key) & (offs < unpack_index(kth)))
+
+
+@triton.jit
+def offer_block(best, kth, count, keys, offs, mask, buf, K_PAD: tl.constexpr, CAP: tl.constexpr):
+    """Offer a block of (key, index) pairs [1, BLOCK] (where ``mask``) to a running top-K_PAD.
+
+    A value that beats the k-th best word ``kth`` is appended to the buffer at ``buf`` (``count``
+    words so far; slots from a prefix sum); when the block's survivors would not fit, the buffer is
+    merged first and the block filtered again against the tighter k-th. BLOCK <= CAP. Returns
+    (best, kth, count).
+    """
+    survives = mask & beats(keys, offs, kth)
+    hits = tl.sum(survives.to(tl.int32))
+    if count + hits > CAP:  # no room: merge the buffer, tighten the threshold, filter again
+        best = flush_buffer(best, buf, count, K_PAD, CAP)
+        kth = tl.min(best, axis=1, keep_dims=True)
+        count = count * 0
+        survives = mask & beats(keys, offs, kth)
+        hits = tl.sum(survives.to(tl.int32))
+    if hits > 0:
+        slot = count + tl.cumsum(survives.to(tl.int32), axis=1) - 1
+        tl.store(buf + slot, pack(keys, offs), mask=survives)
+        count += hits
+    return best, kth, count
+
+
 # ----------------------------------------------------------------------------- split folding
 #
 # A split reduction (the Arrow select's N-splits, the rerank's d-splits) writes per-split partials
@@ -183,31 +292,38 @@ def merge_block_c(rows: int, words: int, k_pad: int) -> int:
 # the counters stay zeroed between launches and are allocated (zeroed) once.
 
 
-_fold_override: bool | None = None
+class OptIn:
+    """A kernel path that stays off until a GPU run has measured it: on with ``<env>=1``, or inside
+    ``with switch.forced(True)`` (benchmarks compare both settings in one process)."""
+
+    def __init__(self, env: str) -> None:
+        self.env = env
+        self._forced: bool | None = None
+
+    def __call__(self) -> bool:
+        if self._forced is not None:
+            return self._forced
+        return os.environ.get(self.env, "0") not in ("", "0")
+
+    @contextlib.contextmanager
+    def forced(self, enabled: bool = True) -> Iterator[None]:
+        before, self._forced = self._forced, enabled
+        try:
+            yield
+        finally:
+            self._forced = before
 
 
-def fold_splits() -> bool:
-    """Fold split reductions into one launch (``LAG_TRITON_FOLD_SPLITS=1``, or inside ``folding``).
+#: Fold split reductions into one launch (``LAG_TRITON_FOLD_SPLITS=1``). Opt-in until a GPU run has
+#: checked the ticket's memory ordering on hardware (the interpreter runs programs one after
+#: another, so the CPU tests check the fold's logic, not its ordering): the next GPU run tests and
+#: times both settings, then this becomes the default.
+fold_splits = OptIn(FOLD_ENV)
+folding = fold_splits.forced
 
-    Opt-in until a GPU run has checked the ticket's memory ordering on hardware (the interpreter
-    runs programs one after another, so the CPU tests check the fold's logic, not its ordering):
-    the next GPU run tests and times both settings, then this becomes the default.
-    """
-    if _fold_override is not None:
-        return _fold_override
-    return os.environ.get(FOLD_ENV, "0") not in ("", "0")
-
-
-@contextlib.contextmanager
-def folding(enabled: bool = True) -> Iterator[None]:
-    """Launch with the split reductions folded (or not) inside this block, whatever the environment
-    says (benchmarks compare both settings in one process)."""
-    global _fold_override
-    before, _fold_override = _fold_override, enabled
-    try:
-        yield
-    finally:
-        _fold_override = before
+#: Score large libraries with the filtering GEMM (``arrow_filter``; ``LAG_TRITON_FILTER_GEMM=1``):
+#: opt-in until a GPU run shows its tl.dot GEMM + epilogue beating cuBLAS + the filtered select.
+filter_gemm = OptIn(FILTER_ENV)
 
 
 _ticket_buffers: dict[tuple, torch.Tensor] = {}

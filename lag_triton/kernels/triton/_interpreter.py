@@ -75,7 +75,7 @@ def patch_language_once() -> bool:
     Triton 3.6's interpreter maps triton.language onto numpy when a launch starts (``_patch_lang``:
     ``inspect.getmembers`` over the language, a new wrapper per builtin) and undoes it when the
     launch ends -- and it repeats the patching, never undone, on every call of a nested
-    ``@triton.jit`` function (``_top_of``, ``order_key``, ``tl.min``, ...): ~2 ms a call, half of
+    ``@triton.jit`` function (``top_of``, ``order_key``, ``tl.min``, ...): ~2 ms a call, half of
     CI's interpreter time (a k = 96 select makes ~37,000 such calls). It patches the language
     modules the function's globals name (``triton.language``, or ``.core`` for Triton's own
     library); a nested call whose modules this launch has already patched gets no second,

@@ -28,6 +28,7 @@ import triton.language as tl
 
 from ._common import (
     EMPTY_SLOT,
+    dot_scores,
     interpreting,
     last_to_arrive,
     merge_block_c,
@@ -93,22 +94,7 @@ def _decode_kernel(
     col_mask = cols < N
     d_lo = s * d_per_split
     d_hi = tl.minimum(D, d_lo + d_per_split)
-    acc = tl.zeros([T_PAD, BLOCK_N], dtype=tl.float32)
-    for d0 in range(d_lo, d_hi, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_mask = offs_d < d_hi
-        xt = tl.load(
-            x_ptr + rows[:, None] * stride_xt + offs_d[None, :], mask=(rows < T)[:, None] & d_mask[None, :], other=0.0
-        )  # [T_PAD, BLOCK_D]
-        pt = tl.load(
-            p_ptr + cols[None, :].to(tl.int64) * stride_pn + offs_d[:, None],
-            mask=col_mask[None, :] & d_mask[:, None],
-            other=0.0,
-        )  # [BLOCK_D, BLOCK_N] = P^T tile
-        if UPCAST:
-            xt = xt.to(tl.float32)
-            pt = pt.to(tl.float32)
-        acc = tl.dot(xt, pt, acc, input_precision="ieee")
+    acc = dot_scores(x_ptr, p_ptr, rows, rows < T, cols, col_mask, d_lo, d_hi, stride_xt, stride_pn, BLOCK_D, UPCAST)
 
     if STAGED:
         zp = zp_ptr + (s * T_PAD + rows[:, None]).to(tl.int64) * N + cols[None, :]

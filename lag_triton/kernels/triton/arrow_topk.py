@@ -19,7 +19,8 @@ or equal key and lower index), so a filtered-out value can never belong to the t
 the reference's order and NaN never enters ahead of a number.
 
 With ``fold_splits()`` on, a few tokens (decode) take ``arrow_decode`` instead: scoring and select
-in one launch.
+in one launch. With ``filter_gemm()`` on, large libraries take ``arrow_filter``: a GEMM that keeps
+only the scores that can reach the top k, the [T, N] matrix never written.
 
 Grid: (T, SPLITS); a program owns one row and N-range. When T alone leaves SMs idle (decode),
 N is split into contiguous ranges of whole BLOCKs; each split writes its packed top-K_PAD words
@@ -38,6 +39,8 @@ from ..common import check_topk_args, empty_topk_outputs, prototype_scores, scor
 from ..reference import topk_of_scores
 from ._common import (
     EMPTY_SLOT,
+    filter_gemm,
+    flush_buffer,
     fold_splits,
     interpreting,
     last_to_arrive,
@@ -45,57 +48,19 @@ from ._common import (
     merge_partials,
     next_pow2,
     num_sms,
+    offer_block,
     order_key,
-    pack,
     rows_contiguous,
     store_topk,
     ticket_counters,
-    unpack_index,
-    unpack_key,
 )
 from .arrow_decode import decode_arrow_topk, decode_plan
+from .arrow_filter import filter_plan, filtered_arrow_topk, operands_fit
 from .tuning import tuned
 
 #: largest padded k the select keeps in registers; a larger k (a rerank of > 1024 candidates per
 #: token, far from LAG's k ~ 20) ranks the scores with the reference's sort instead
 MAX_K_PAD = 1024
-
-
-@triton.jit
-def _top_of(best, cand, K_PAD: tl.constexpr):
-    """Top-K_PAD of the words of best [1, K_PAD] and cand [1, C], best first.
-
-    K_PAD rounds of "take the largest word, blank it": real words are unique (one per index), so
-    each round removes exactly one. A loop of reductions rather than a sorting network: it
-    compiles in seconds at any C (a tl.topk network over 2K int64 words took minutes), runs as
-    is under the interpreter, and a flush needs only the k winners, not a sorted buffer.
-    """
-    out = tl.full([1, K_PAD], EMPTY_SLOT, tl.int64)
-    slot = tl.arange(0, K_PAD)[None, :]
-    for i in range(K_PAD):
-        top = tl.maximum(tl.max(best, axis=1, keep_dims=True), tl.max(cand, axis=1, keep_dims=True))  # [1, 1]
-        out = tl.where(slot == i, top, out)
-        best = tl.where(best == top, EMPTY_SLOT, best)
-        cand = tl.where(cand == top, EMPTY_SLOT, cand)
-    return out
-
-
-@triton.jit
-def _flush(best, buf, count, K_PAD: tl.constexpr, CAP: tl.constexpr):
-    """Merge the `count` buffered words at `buf` into best [1, K_PAD]."""
-    cols = tl.arange(0, CAP)[None, :]
-    tl.debug_barrier()  # the words were stored by other threads of this program
-    words = tl.load(buf + cols, mask=cols < count, other=EMPTY_SLOT, cache_modifier=".cg")
-    best = _top_of(best, words, K_PAD)
-    tl.debug_barrier()  # every thread has read the buffer before it is overwritten
-    return best
-
-
-@triton.jit
-def _beats(keys, offs, kth):
-    """word(keys, offs) > kth, without building the int64 words of the values that lose."""
-    kth_key = unpack_key(kth)
-    return (keys > kth_key) | ((keys == kth_key) & (offs < unpack_index(kth)))
 
 
 @triton.jit
@@ -146,20 +111,9 @@ def _select_kernel(
         if HAS_SCOPE:  # a disallowed adapter is never a candidate: no extra pass, one byte per score
             mask &= tl.load(allowed_row + offs, mask=mask, other=0) != 0
         keys = order_key(tl.abs(tl.load(row + offs, mask=mask, other=0.0)))
-        survives = mask & _beats(keys, offs, kth)
-        hits = tl.sum(survives.to(tl.int32))
-        if count + hits > CAP:  # no room: merge the buffer, tighten the threshold, filter again
-            best = _flush(best, buf, count, K_PAD, CAP)
-            kth = tl.min(best, axis=1, keep_dims=True)
-            count = count * 0
-            survives = mask & _beats(keys, offs, kth)
-            hits = tl.sum(survives.to(tl.int32))
-        if hits > 0:
-            slot = count + tl.cumsum(survives.to(tl.int32), axis=1) - 1
-            tl.store(buf + slot, pack(keys, offs), mask=survives)
-            count += hits
+        best, kth, count = offer_block(best, kth, count, keys, offs, mask, buf, K_PAD, CAP)
     if count > 0:
-        best = _flush(best, buf, count, K_PAD, CAP)
+        best = flush_buffer(best, buf, count, K_PAD, CAP)
 
     rows = t + tl.arange(0, 1)
     if SPLIT:
@@ -294,7 +248,27 @@ def arrow_topk(
         if plan is not None:
             decode_arrow_topk(x, prototypes, k, idx, scores, allowed, scope, plan)
             return idx, scores
-    for rows in score_row_chunks(t, n):
+    if t > 0 and filter_gemm() and operands_fit(x, prototypes):  # a large library: no [T, N] scores
+        plan = filter_plan(t, n, k)
+        if plan is not None:
+            filtered_arrow_topk(x, prototypes, k, idx, scores, allowed, scope, plan, seed_topk=gemm_then_select)
+            return idx, scores
+    gemm_then_select(x, prototypes, k, idx, scores, allowed, scope)
+    return idx, scores
+
+
+def gemm_then_select(
+    x: torch.Tensor,
+    prototypes: torch.Tensor,
+    k: int,
+    idx: torch.Tensor,
+    scores: torch.Tensor,
+    allowed: torch.Tensor | None,
+    scope: torch.Tensor | None,
+) -> None:
+    """idx / scores [T, k] = the filtered select over the fp32 scores of a cuBLAS GEMM, produced in
+    row chunks of at most SCORE_CHUNK_BYTES."""
+    for rows in score_row_chunks(x.shape[0], prototypes.shape[0]):
         _select(
             prototype_scores(x[rows], prototypes),
             k,
@@ -303,4 +277,3 @@ def arrow_topk(
             allowed,
             None if scope is None else scope[rows],
         )
-    return idx, scores
