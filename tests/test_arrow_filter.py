@@ -195,6 +195,30 @@ def test_filter_planted_winners_and_overflowing_rows(ops, filtering, monkeypatch
     tickets_all_zero(ops)
 
 
+def test_filter_row_chunks(ops, filtering, monkeypatch):
+    """Survivor buffers bounded by SCORE_CHUNK_BYTES: the tokens go in chunks of 2 (the last one
+    partial), overflowing rows among them, with the answer of one chunk."""
+    from lag_triton.kernels import common
+
+    t, n, k, seed, cap = 5, 1001, 20, 32, 64
+    plan = _plan(filtering, n, seed, cap)
+    x, p = _planted(t, n, k, plan, [0, 500, 999], ramp_rows=(1, 4))
+    monkeypatch.setattr(common, "SCORE_CHUNK_BYTES", 2 * 8 * cap)
+    launched = []
+    gemm = filtering._filter_gemm_kernel
+
+    class _Count:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return gemm[grid]
+
+    monkeypatch.setattr(filtering, "_filter_gemm_kernel", _Count())
+    idx, scores = _run(filtering, x, p, k, plan)
+    assert len(launched) == 3
+    _check_exact(idx, scores, x, p, k)
+    tickets_all_zero(ops)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_filter_ties_nan_inf(ops, filtering, dtype):
     """Exact ties (all-zero rows, duplicated prototypes in and out of the sample), NaN prototypes and

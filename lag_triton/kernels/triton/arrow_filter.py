@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common import score_row_chunks
 from ._common import (
     EMPTY_SLOT,
     beats,
@@ -130,7 +131,8 @@ def _filter_gemm_kernel(
     if tl.sum(tl.sum(survives.to(tl.int32), axis=1), axis=0) > 0:
         # ~k * N / SEED survivors per row in all: an atomic slot each (their order is immaterial)
         slot = tl.atomic_add(count_ptr + rows[:, None] + 0 * cols[None, :], 1, mask=survives, sem="relaxed")
-        tl.store(buf_ptr + (rows[:, None] * CAP + slot), pack(keys, cols[None, :]), mask=survives & (slot < CAP))
+        offs = rows[:, None] * CAP + slot  # int32: a row chunk's buffer is at most SCORE_CHUNK_BYTES
+        tl.store(buf_ptr + offs, pack(keys, cols[None, :]), mask=survives & (slot < CAP))
 
 
 @triton.jit
@@ -211,8 +213,6 @@ def filter_plan(t: int, n: int, k: int) -> dict | None:
     if 4 * seed > n:  # the sample would be a quarter of the library or more: nothing to gain
         return None
     cap = max(cfg["RESCORE_N"], next_pow2(4 * triton.cdiv(k * n, seed)))
-    if t * cap >= 2**31:  # buffer offsets are int32
-        return None
     return dict(cfg, SEED=seed, STRIDE=n // seed, CAP=cap)
 
 
@@ -240,20 +240,37 @@ def filtered_arrow_topk(
 ) -> None:
     """idx / scores [T, k] of ``arrow_topk`` (x, prototypes: same dtype, unit inner stride; shapes
     checked by the caller; ``plan`` from ``filter_plan``). ``seed_topk(x, prototypes, k, idx, scores,
-    allowed, scope)`` is ``arrow_topk``'s GEMM + select path, which takes the sample's top k."""
+    allowed, scope)`` is ``arrow_topk``'s GEMM + select path, which takes the sample's top k. Tokens
+    go in row chunks whose survivor buffers hold at most ``common.SCORE_CHUNK_BYTES``."""
+    t = x.shape[0]
+    seed, stride, cap = plan["SEED"], plan["STRIDE"], plan["CAP"]
+    sample = prototypes[::stride][:seed]  # a strided view: cuBLAS reads it in place
+    seed_idx = torch.empty((t, k), dtype=torch.int32, device=x.device)
+    seed_scores = torch.empty((t, k), dtype=torch.float32, device=x.device)
+    seed_topk(x, sample, k, seed_idx, seed_scores, None if allowed is None else allowed[:, ::stride][:, :seed], scope)
+    for rows in score_row_chunks(t, 2 * cap):  # a buffer row: cap int64 words, the bytes of 2 * cap scores
+        _filter_rows(
+            x[rows],
+            prototypes,
+            k,
+            seed_idx[rows],
+            seed_scores[rows],
+            idx[rows],
+            scores[rows],
+            allowed,
+            None if scope is None else scope[rows],
+            plan,
+        )
+
+
+def _filter_rows(x, prototypes, k, seed_idx, seed_scores, idx, scores, allowed, scope, plan) -> None:
+    """The filtering GEMM and the finish for one chunk of rows (arguments as filtered_arrow_topk's)."""
     t, d = x.shape
     n = prototypes.shape[0]
-    dev = x.device
-    seed, stride, cap = plan["SEED"], plan["STRIDE"], plan["CAP"]
+    cap = plan["CAP"]
     scoped = allowed is not None
-
-    sample = prototypes[::stride][:seed]  # a strided view: cuBLAS reads it in place
-    seed_idx = torch.empty((t, k), dtype=torch.int32, device=dev)
-    seed_scores = torch.empty((t, k), dtype=torch.float32, device=dev)
-    seed_topk(x, sample, k, seed_idx, seed_scores, allowed[:, ::stride][:, :seed] if scoped else None, scope)
-
-    buf = torch.empty((t, cap), dtype=torch.int64, device=dev)
-    counts = ticket_counters(dev, t)
+    buf = torch.empty((t, cap), dtype=torch.int64, device=x.device)
+    counts = ticket_counters(x.device, t)
     allowed_u8 = rows_contiguous(allowed).view(torch.uint8) if scoped else buf  # buf: an unread placeholder
     scope_arg = scope if scoped else buf
     s_rows = allowed.shape[0] if scoped else 0
@@ -273,8 +290,8 @@ def filtered_arrow_topk(
         d,
         k,
         s_rows,
-        stride,
-        seed,
+        plan["STRIDE"],
+        plan["SEED"],
         x.stride(0),
         prototypes.stride(0),
         stride_allowed,
@@ -302,7 +319,7 @@ def filtered_arrow_topk(
         d,
         k,
         s_rows,
-        stride,
+        plan["STRIDE"],
         x.stride(0),
         prototypes.stride(0),
         stride_allowed,
