@@ -193,6 +193,35 @@ def test_report_renders_graph_timed_rows_and_old_files():
     assert "Per-layer targets" in md and "| 3072->8192 | 1,000 | 1 | 0.226 |" in md
 
 
+def test_report_summarises_baselines_and_opt_in_paths():
+    """The goals beyond the targets: triton faster than each baseline in every cell (the misses
+    named), cuda within 2x of triton; each opt-in path's time over the default's, per cell."""
+
+    def row(backend, n, t, ms, op="layer"):
+        return {"section": "kernel", "op": op, "shape": "3072->8192", "N": n, "T": t, "backend": backend}, ms
+
+    cells = [
+        row("triton", 1000, 1, 0.02),
+        row("plain", 1000, 1, 0.05),
+        row("plain-compile", 1000, 1, 0.01),  # compiled plain wins here
+        row("cuda", 1000, 1, 0.05),  # 2.5x triton
+        row("triton", 1000, 2048, 0.5),
+        row("plain", 1000, 2048, 0.4),  # plain wins here
+        row("plain-compile", 1000, 2048, 0.6),
+        row("cuda", 1000, 2048, 0.9),
+        row("triton-fold", 1000, 1, 0.01),
+        row("triton", 100000, 2048, 2.0, op="arrow_topk"),
+        row("triton-filter", 100000, 2048, 2.5, op="arrow_topk"),
+    ]
+    rows = [dict(r, status="ok", ms=ms, k=20, top_m=1, rank=6, dtype="bf16") for r, ms in cells]
+    md = report.render({"env": {"card": "H200"}, "rows": rows})
+    assert "| 3072->8192 | faster than plain PyTorch | 1 / 2 | N=1,000 T=2048 |" in md
+    assert "| 3072->8192 | faster than compiled plain | 1 / 2 | N=1,000 T=1 |" in md
+    assert "| 3072->8192 | cuda within 2x | 1 / 2 | N=1,000 T=1 |" in md
+    assert "| `LAG_TRITON_FOLD_SPLITS=1` | layer | 3072->8192 | 1,000 | 1 | 0.0200 | 0.0100 | 0.50 |" in md
+    assert "| `LAG_TRITON_FILTER_GEMM=1` | arrow_topk | 3072->8192 | 100,000 | 2048 | 2.00 | 2.50 | 1.25 |" in md
+
+
 @pytest.mark.parametrize("script", [bench_layer, bench_arrow_topk, bench_spectr_rerank, bench_lora_apply])
 def test_each_kernel_script(tmp_path, script):
     out = tmp_path / "one.json"
