@@ -4,7 +4,8 @@
 Shapes are deliberately not multiples of any block size (ragged d_in / d_out / N / T), and cover
 decode (T=1), a few tokens, and a prefill-sized T, the split-N top-k path (large N, T=1), every
 router mode ("lag", "arrow" with candidate scores, "spectr" with k=N), top_m > 1 and fp32/bf16,
-and the Triton backend with its split reductions folded (``triton-fold``: one-launch Arrow).
+and the Triton backend with its split reductions folded (``triton-fold``: one-launch Arrow) and
+with the filtering GEMM (``triton-filter``: its own case, a library and batch large enough for it).
 Results are compared with the torch reference computed on CPU (so the sanitizer does not have to
 instrument cuBLAS); mismatches are printed, not fatal: memcheck is the point here.
 
@@ -36,6 +37,10 @@ CASES = [
     (64, 40, 37, 3, 37, 1, "spectr"),
 ]
 SMALL_CASES = [CASES[0], CASES[1], CASES[4]]
+#: triton-filter runs only these (the other cases take the default Triton paths): past the GPU
+#: limits of arrow_filter.filter_plan (N >= 16,384, T >= 64, 16-bit, aligned), and a CPU-sized one
+FILTER_CASES = [(128, 80, 20000, 70, 20, 1, "lag")]
+SMALL_FILTER_CASES = [(64, 40, 300, 5, 20, 1, "lag")]
 
 
 def run_case(ops, ref, case, dtype, device, gen) -> str:
@@ -73,7 +78,11 @@ def run_case(ops, ref, case, dtype, device, gen) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backends", default="triton,cuda,triton-fold", help="triton-fold: the folded split reductions")
+    p.add_argument(
+        "--backends",
+        default="triton,cuda,triton-fold,triton-filter",
+        help="triton-fold: the folded split reductions; triton-filter: the filtering GEMM",
+    )
     p.add_argument("--small", action="store_true", help="only three small cases")
     p.add_argument("--dtypes", default="bf16,fp32", help="comma list out of bf16, fp16, fp32")
     a = p.parse_args(argv)
@@ -84,12 +93,15 @@ def main(argv=None) -> int:
     failures = 0
     names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     dtypes = [names[d.strip()] for d in a.dtypes.split(",") if d.strip()]
-    cases = SMALL_CASES if a.small else CASES
     for backend in [b.strip() for b in a.backends.split(",") if b.strip()]:
         ops, why = backend_ops(backend, device)
         if why:
             log(f"sanitize {backend}: {why}")
             continue
+        if backend == "triton-filter":
+            cases = SMALL_FILTER_CASES if a.small else FILTER_CASES
+        else:
+            cases = SMALL_CASES if a.small else CASES
         for dtype in dtypes:
             for i, case in enumerate(cases):
                 gen = torch.Generator().manual_seed(1000 + i)
