@@ -6,7 +6,7 @@ still reach a row's top k, so the [T, N] fp32 matrix is never written nor read b
     idx[t]       = ``arrow_topk``'s contract and order (packed keys: ties -> lower index, NaN like -inf)
 
 1. Seed: SEED adapters sampled with a stride, i = j * STRIDE (j < SEED), are scored by cuBLAS and
-   their top k selected (``arrow_topk``'s filtered select). Row t's k-th best sampled word is a
+   their top k selected (``arrow_topk``'s GEMM + filtered select). Row t's k-th best sampled word is a
    threshold: an adapter outside the sample whose word does not beat it is beaten by k sampled
    ones, so it cannot be in the row's top k. Unless the scores repeat with period STRIDE, about
    k * N / SEED adapters per row beat it; ``filter_plan`` sizes SEED for ~512 of them.
@@ -189,9 +189,7 @@ def _finish_kernel(
                 pt = tl.load(p_ptr + offs.to(tl.int64) * stride_pn + d0 + offs_d, mask=mask & d_mask, other=0.0)
                 z += tl.sum(pt.to(tl.float32) * xv.to(tl.float32), axis=0, keep_dims=True)
             if HAS_SCOPE:
-                mask = _allowed(
-                    allowed_ptr, scope_ptr, rows, rows >= 0, tl.reshape(offs, [RESCORE_N]), mask, S, stride_allowed
-                )
+                mask = _allowed(allowed_ptr, scope_ptr, rows, rows >= 0, cols, mask, S, stride_allowed)
             best, kth, count = offer_block(best, kth, count, order_key(tl.abs(z)), offs, mask, buf, K_PAD, CAP)
         if count > 0:
             best = flush_buffer(best, buf, count, K_PAD, CAP)
