@@ -216,12 +216,13 @@ def filter_plan(t: int, n: int, k: int) -> dict | None:
 
 def operands_fit(x: torch.Tensor, prototypes: torch.Tensor) -> bool:
     """Whether the GEMM's spill-free configurations (``_aot_check --resources``) apply: 16-bit
-    operands whose rows start 16-element aligned. fp32 (no tensor cores at the reference's ieee
-    precision) and odd strides keep the GEMM + select path. The interpreter takes any operands."""
+    operands, 16-byte aligned, with row strides that are multiples of 16 elements (what Triton's
+    divisibility specialisation sees). fp32 (no tensor cores at the reference's ieee precision)
+    and odd strides, which spill, keep the GEMM + select path. The interpreter takes any operands."""
     if interpreting():
         return True
     return x.dtype in (torch.float16, torch.bfloat16) and all(
-        t.data_ptr() % 32 == 0 and t.stride(0) % 16 == 0 for t in (x, prototypes)
+        t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 for t in (x, prototypes)
     )
 
 
