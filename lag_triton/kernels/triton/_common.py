@@ -209,6 +209,15 @@ def dot_scores(
     return acc
 
 
+@triton.jit
+def scope_allows(allowed_ptr, scope_ptr, rows, row_mask, cols, valid, S, stride_allowed):
+    """valid [ROWS, C] & allowed[scope[row], col] (uint8 masks): a scope row out of [0, S) allows nothing."""
+    srow = tl.load(scope_ptr + rows, mask=row_mask, other=-1)
+    valid &= ((srow >= 0) & (srow < S))[:, None]
+    allowed = tl.load(allowed_ptr + srow[:, None].to(tl.int64) * stride_allowed + cols[None, :], mask=valid, other=0)
+    return valid & (allowed != 0)
+
+
 # ----------------------------------------------------------------------------- filtered running top-k
 #
 # FAISS GPU's WarpSelect / raft's warp_sort_filtered, on packed words: a running top-K_PAD list, a

@@ -37,6 +37,7 @@ from ._common import (
     order_key,
     pack,
     rows_contiguous,
+    scope_allows,
     store_topk,
     ticket_counters,
     topk_words,
@@ -117,15 +118,8 @@ def _decode_kernel(
             else:
                 z = acc
             valid = (group < T)[:, None] & col_mask[None, :]
-            if HAS_SCOPE:  # a scope row out of [0, S) allows nothing
-                srow = tl.load(scope_ptr + group, mask=group < T, other=-1)
-                row_ok = (srow >= 0) & (srow < S)
-                allowed = tl.load(
-                    allowed_ptr + srow[:, None].to(tl.int64) * stride_allowed + cols[None, :],
-                    mask=valid & row_ok[:, None],
-                    other=0,
-                )
-                valid &= allowed != 0
+            if HAS_SCOPE:
+                valid = scope_allows(allowed_ptr, scope_ptr, group, group < T, cols, valid, S, stride_allowed)
             words = tl.where(valid, pack(order_key(tl.abs(z)), cols[None, :]), EMPTY_SLOT)
             best = topk_words(words, K_PAD)  # [RANK_ROWS, K_PAD], best first
             tl.store(part_ptr + (group[:, None] * NB + b) * K_PAD + tl.arange(0, K_PAD)[None, :], best)

@@ -48,6 +48,7 @@ from ._common import (
     order_key,
     pack,
     rows_contiguous,
+    scope_allows,
     store_topk,
     ticket_counters,
     upcast_dot,
@@ -66,22 +67,12 @@ FINISH_WARPS = 4
 
 
 @triton.jit
-def _row_threshold(seed_idx_ptr, seed_score_ptr, rows, row_mask, K, STRIDE):
-    """Each row's k-th best sampled word [ROWS, 1] (EMPTY_SLOT, which lets every word through,
-    where fewer than k sampled adapters were allowed)."""
-    kth_idx = tl.load(seed_idx_ptr + rows * K + K - 1, mask=row_mask, other=-1)
-    kth_score = tl.load(seed_score_ptr + rows * K + K - 1, mask=row_mask, other=0.0)
-    kth = tl.where(kth_idx >= 0, pack(order_key(kth_score), kth_idx * STRIDE), EMPTY_SLOT)
-    return kth[:, None]
-
-
-@triton.jit
-def _allowed(allowed_ptr, scope_ptr, rows, row_mask, cols, valid, S, stride_allowed):
-    """valid [ROWS, C] & allowed[scope[row], col]; a scope row out of [0, S) allows nothing."""
-    srow = tl.load(scope_ptr + rows, mask=row_mask, other=-1)
-    valid &= ((srow >= 0) & (srow < S))[:, None]
-    allowed = tl.load(allowed_ptr + srow[:, None].to(tl.int64) * stride_allowed + cols[None, :], mask=valid, other=0)
-    return valid & (allowed != 0)
+def _sample_words(seed_idx_ptr, seed_score_ptr, offs, mask, STRIDE):
+    """Packed words of the sample's top-k entries at ``offs`` into its [T, K] outputs: sample
+    position j is adapter j * STRIDE; EMPTY_SLOT where masked or where the entry is empty (-1)."""
+    j = tl.load(seed_idx_ptr + offs, mask=mask, other=-1)
+    score = tl.load(seed_score_ptr + offs, mask=mask, other=0.0)
+    return tl.where(j >= 0, pack(order_key(score), j * STRIDE), EMPTY_SLOT)
 
 
 @triton.jit
@@ -124,9 +115,11 @@ def _filter_gemm_kernel(
     in_sample = (cols % STRIDE == 0) & (cols // STRIDE < SEED)
     valid = row_mask[:, None] & (col_mask & ~in_sample)[None, :]
     if HAS_SCOPE:
-        valid = _allowed(allowed_ptr, scope_ptr, rows, row_mask, cols, valid, S, stride_allowed)
+        valid = scope_allows(allowed_ptr, scope_ptr, rows, row_mask, cols, valid, S, stride_allowed)
     keys = order_key(tl.abs(acc))
-    kth = _row_threshold(seed_idx_ptr, seed_score_ptr, rows, row_mask, K, STRIDE)
+    # the row's k-th best sampled word (EMPTY_SLOT, which lets every word through, where fewer than
+    # k sampled adapters were allowed)
+    kth = _sample_words(seed_idx_ptr, seed_score_ptr, rows[:, None] * K + K - 1, row_mask[:, None], STRIDE)
     survives = valid & beats(keys, cols[None, :], kth)
     if tl.sum(tl.sum(survives.to(tl.int32), axis=1), axis=0) > 0:
         # ~k * N / SEED survivors per row in all: an atomic slot each (their order is immaterial)
@@ -169,9 +162,7 @@ def _finish_kernel(
     tl.store(count_ptr + t, 0)  # counters stay zeroed between launches (ticket_counters)
     if count <= CAP:
         slot = tl.arange(0, K_PAD)[None, :]
-        seed_idx = tl.load(seed_idx_ptr + t * K + slot, mask=slot < K, other=-1)
-        seed_score = tl.load(seed_score_ptr + t * K + slot, mask=slot < K, other=0.0)
-        best = tl.where(seed_idx >= 0, pack(order_key(seed_score), seed_idx * STRIDE), EMPTY_SLOT)
+        best = _sample_words(seed_idx_ptr, seed_score_ptr, t * K + slot, slot < K, STRIDE)
         best = flush_buffer(best, buf, count, K_PAD, CAP)
     else:  # the buffer overflowed: score every adapter again, filtered as arrow_topk's select does
         best = tl.full([1, K_PAD], EMPTY_SLOT, tl.int64)
@@ -189,7 +180,7 @@ def _finish_kernel(
                 pt = tl.load(p_ptr + offs.to(tl.int64) * stride_pn + d0 + offs_d, mask=mask & d_mask, other=0.0)
                 z += tl.sum(pt.to(tl.float32) * xv.to(tl.float32), axis=0, keep_dims=True)
             if HAS_SCOPE:
-                mask = _allowed(allowed_ptr, scope_ptr, rows, rows >= 0, cols, mask, S, stride_allowed)
+                mask = scope_allows(allowed_ptr, scope_ptr, rows, rows >= 0, cols, mask, S, stride_allowed)
             best, kth, count = offer_block(best, kth, count, order_key(tl.abs(z)), offs, mask, buf, K_PAD, CAP)
         if count > 0:
             best = flush_buffer(best, buf, count, K_PAD, CAP)
@@ -247,6 +238,8 @@ def filtered_arrow_topk(
     seed_idx = torch.empty((t, k), dtype=torch.int32, device=x.device)
     seed_scores = torch.empty((t, k), dtype=torch.float32, device=x.device)
     seed_topk(x, sample, k, seed_idx, seed_scores, None if allowed is None else allowed[:, ::stride][:, :seed], scope)
+    # the scope masks as the kernels read them (uint8 rows), once for every chunk
+    allowed_u8 = None if allowed is None else rows_contiguous(allowed).view(torch.uint8)
     for rows in score_row_chunks(t, 2 * cap):  # a buffer row: cap int64 words, the bytes of 2 * cap scores
         _filter_rows(
             x[rows],
@@ -256,23 +249,23 @@ def filtered_arrow_topk(
             seed_scores[rows],
             idx[rows],
             scores[rows],
-            allowed,
+            allowed_u8,
             None if scope is None else scope[rows],
             plan,
         )
 
 
-def _filter_rows(x, prototypes, k, seed_idx, seed_scores, idx, scores, allowed, scope, plan) -> None:
-    """The filtering GEMM and the finish for one chunk of rows (arguments as filtered_arrow_topk's)."""
+def _filter_rows(x, prototypes, k, seed_idx, seed_scores, idx, scores, allowed_u8, scope, plan) -> None:
+    """The filtering GEMM and the finish for one chunk of rows (arguments as filtered_arrow_topk's;
+    ``allowed_u8``: its scope masks viewed as uint8, or None)."""
     t, d = x.shape
     n = prototypes.shape[0]
     cap = plan["CAP"]
-    scoped = allowed is not None
+    scoped = allowed_u8 is not None
     buf = torch.empty((t, cap), dtype=torch.int64, device=x.device)
     counts = ticket_counters(x.device, t)
-    allowed_u8 = rows_contiguous(allowed).view(torch.uint8) if scoped else buf  # buf: an unread placeholder
-    scope_arg = scope if scoped else buf
-    s_rows = allowed.shape[0] if scoped else 0
+    allowed_arg, scope_arg = (allowed_u8, scope) if scoped else (buf, buf)  # buf: an unread placeholder
+    s_rows = allowed_u8.shape[0] if scoped else 0
     stride_allowed = allowed_u8.stride(0) if scoped else 0
     grid = (triton.cdiv(n, plan["BLOCK_N"]) * triton.cdiv(t, plan["BLOCK_M"]),)
     _filter_gemm_kernel[grid](
@@ -282,7 +275,7 @@ def _filter_rows(x, prototypes, k, seed_idx, seed_scores, idx, scores, allowed, 
         seed_scores,
         buf,
         counts,
-        allowed_u8,
+        allowed_arg,
         scope_arg,
         t,
         n,
@@ -312,7 +305,7 @@ def _filter_rows(x, prototypes, k, seed_idx, seed_scores, idx, scores, allowed, 
         counts,
         idx,
         scores,
-        allowed_u8,
+        allowed_arg,
         scope_arg,
         n,
         d,
