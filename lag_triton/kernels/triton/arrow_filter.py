@@ -23,8 +23,9 @@ still reach a row's top k, so the [T, N] fp32 matrix is never written nor read b
 
 Each adapter's score comes from one computation (the sample is masked out of the tiles, and a
 rescored row rescores all of it), so two summation orders never meet in one comparison. What it
-saves is the T * N * 8 bytes that the GEMM + select path writes and reads back (0.4 ms at N = 100k,
-T = 2048 on an H200, beside a ~1.7 ms GEMM), provided the tl.dot GEMM keeps up with cuBLAS: opt-in
+saves is the T * N * 8 bytes that the GEMM + select path writes and reads back (1.6 GB at N = 100k,
+T = 2048: 0.39 ms at the H200's measured 4,216 GB/s, beside a 1.26-TFLOP GEMM), provided the tl.dot
+GEMM keeps up with cuBLAS: opt-in
 until a GPU run has measured that (``LAG_TRITON_FILTER_GEMM=1``; the benchmarks' ``triton-filter``).
 """
 
