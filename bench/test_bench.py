@@ -6,6 +6,8 @@ on CPU) must show up as "unavailable: ..." rather than fail; no row may be an "e
 """
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -350,6 +352,33 @@ def test_profile_layer_reports_kernels_per_call(tmp_path, capsys):
     assert len(rows) == 1 and rows[0]["backend"] == "torch" and rows[0]["host_us_per_call"] > 0
     assert any("mm" in k["name"] for k in rows[0]["kernels"])
     assert "torch  N=9 T=3 16->12" in capsys.readouterr().out
+
+
+def test_bench_host_counts_the_launches_it_stubs(tmp_path):
+    """bench_host.py times lag_triton's own Python with every launch stubbed: each row counts the
+    launches its call plans (the layer = its three ops; prefill groups pairs by adapter) and has a
+    time. A subprocess: the script selects the Triton interpreter before Triton defines kernels."""
+    out = tmp_path / "host.json"
+    args = ["--t", "1,70", "--n", "50", "--d-in", "32", "--d-out", "24", "--iters", "2", "--json", str(out)]
+    script = Path(__file__).resolve().parent / "bench_host.py"
+    subprocess.run([sys.executable, str(script), *args], check=True, capture_output=True, timeout=300)
+    record = json.loads(out.read_text())
+    by_case = {(r["case"], r["t"]): r for r in record["rows"]}
+    assert len(by_case) == 10 and all(r["host_us"] > 0 for r in record["rows"])
+    for t in (1, 70):
+        layer = by_case["route_and_apply", t]
+        assert layer["launches"] == sum(
+            by_case[op, t]["launches"] for op in ("arrow_topk", "spectr_rerank", "lora_apply")
+        )
+        assert by_case["patched forward", t]["kernels"] == layer["kernels"]
+        assert by_case["arrow_topk", t]["kernels"]["prototype_scores (GEMM)"] == 1
+    assert "_grouped_z_kernel" in by_case["spectr_rerank", 70]["kernels"]
+    assert by_case["lora_apply", 70]["kernels"] == {
+        "_count_pairs_kernel": 1,
+        "_scatter_pairs_kernel": 1,
+        "_lora_apply_kernel": 1,
+    }
+    assert record["shape"]["n"] == 50 and record["versions"]["triton"]
 
 
 def test_e2e_table_puts_eager_extras_in_their_own_columns():

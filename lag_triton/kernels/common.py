@@ -1,7 +1,9 @@
 """Launch-independent logic shared by every backend: argument checks and the selection weights.
 
 Checks only look at shapes, dtypes and devices (never at tensor values), so they cost no host
-synchronisation and keep a patched forward capturable in a CUDA graph.
+synchronisation and keep a patched forward capturable in a CUDA graph. Every call of every op runs
+its check, and eager decoding is bound by host time: a passing check costs comparisons only (its
+message is formatted when it fails).
 """
 
 from __future__ import annotations
@@ -12,20 +14,20 @@ COMBINE_MODES = ("softmax", "uniform")
 ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
-
-
 def _check_x(x: torch.Tensor, d_in: int, weights_name: str) -> None:
-    _require(x.dim() == 2, f"x must be [T, d_in], got shape {tuple(x.shape)}")
-    _require(x.dtype in ACTIVATION_DTYPES, f"x has dtype {x.dtype}; expected fp32, fp16 or bf16")
-    _require(x.shape[1] == d_in, f"x has d_in={x.shape[1]} but {weights_name} has d_in={d_in}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be [T, d_in], got shape {tuple(x.shape)}")
+    if x.dtype not in ACTIVATION_DTYPES:
+        raise ValueError(f"x has dtype {x.dtype}; expected fp32, fp16 or bf16")
+    if x.shape[1] != d_in:
+        raise ValueError(f"x has d_in={x.shape[1]} but {weights_name} has d_in={d_in}")
 
 
 def _check_same_device(**tensors: torch.Tensor) -> None:
-    devices = {name: t.device for name, t in tensors.items()}
-    _require(len(set(devices.values())) == 1, f"tensors are on different devices: {devices}")
+    first, *others = tensors.values()
+    if any(t.device != first.device for t in others):
+        devices = {name: t.device for name, t in tensors.items()}
+        raise ValueError(f"tensors are on different devices: {devices}")
 
 
 def check_topk_args(
@@ -35,21 +37,20 @@ def check_topk_args(
     allowed: torch.Tensor | None = None,
     scope: torch.Tensor | None = None,
 ) -> None:
-    _require(prototypes.dim() == 2, f"prototypes must be [N, d_in], got shape {tuple(prototypes.shape)}")
+    if prototypes.dim() != 2:
+        raise ValueError(f"prototypes must be [N, d_in], got shape {tuple(prototypes.shape)}")
     _check_x(x, prototypes.shape[1], "prototypes")
     _check_same_device(x=x, prototypes=prototypes)
     n = prototypes.shape[0]
-    _require(isinstance(k, int) and 1 <= k <= n, f"k must be an int in [1, N={n}], got {k!r}")
-    _require((allowed is None) == (scope is None), "allowed and scope go together: give both or neither")
+    if not (isinstance(k, int) and 1 <= k <= n):
+        raise ValueError(f"k must be an int in [1, N={n}], got {k!r}")
+    if (allowed is None) != (scope is None):
+        raise ValueError("allowed and scope go together: give both or neither")
     if allowed is not None:
-        _require(
-            allowed.dim() == 2 and allowed.shape[1] == n and allowed.dtype == torch.bool,
-            f"allowed must be bool [S, N={n}], got {allowed.dtype} {tuple(allowed.shape)}",
-        )
-        _require(
-            scope.shape == (x.shape[0],) and scope.dtype == torch.int32,
-            f"scope must be int32 [T={x.shape[0]}], got {scope.dtype} {tuple(scope.shape)}",
-        )
+        if not (allowed.dim() == 2 and allowed.shape[1] == n and allowed.dtype == torch.bool):
+            raise ValueError(f"allowed must be bool [S, N={n}], got {allowed.dtype} {tuple(allowed.shape)}")
+        if not (scope.shape == (x.shape[0],) and scope.dtype == torch.int32):
+            raise ValueError(f"scope must be int32 [T={x.shape[0]}], got {scope.dtype} {tuple(scope.shape)}")
         _check_same_device(x=x, allowed=allowed, scope=scope)
 
 
@@ -62,45 +63,45 @@ def check_rerank_args(
     temperature: float,
     candidate_scores: torch.Tensor | None,
 ) -> None:
-    _require(a_star.dim() == 3, f"a_star must be [N, r, d_in], got shape {tuple(a_star.shape)}")
+    if a_star.dim() != 3:
+        raise ValueError(f"a_star must be [N, r, d_in], got shape {tuple(a_star.shape)}")
     _check_x(x, a_star.shape[2], "a_star")
-    _require(
-        candidates.dim() == 2 and candidates.shape[0] == x.shape[0],
-        f"candidates must be [T={x.shape[0]}, k], got shape {tuple(candidates.shape)}",
-    )
-    _require(candidates.dtype == torch.int32, f"candidates must be int32, got {candidates.dtype}")
+    if not (candidates.dim() == 2 and candidates.shape[0] == x.shape[0]):
+        raise ValueError(f"candidates must be [T={x.shape[0]}, k], got shape {tuple(candidates.shape)}")
+    if candidates.dtype != torch.int32:
+        raise ValueError(f"candidates must be int32, got {candidates.dtype}")
     _check_same_device(x=x, a_star=a_star, candidates=candidates)
     k = candidates.shape[1]
-    _require(isinstance(top_m, int) and 1 <= top_m <= k, f"top_m must be an int in [1, k={k}], got {top_m!r}")
-    _require(combine in COMBINE_MODES, f"combine must be one of {COMBINE_MODES}, got {combine!r}")
-    _require(temperature > 0, f"temperature must be > 0, got {temperature!r}")
-    if candidate_scores is not None:
-        _require(
-            candidate_scores.shape == candidates.shape,
-            f"candidate_scores shape {tuple(candidate_scores.shape)} != candidates shape {tuple(candidates.shape)}",
+    if not (isinstance(top_m, int) and 1 <= top_m <= k):
+        raise ValueError(f"top_m must be an int in [1, k={k}], got {top_m!r}")
+    if combine not in COMBINE_MODES:
+        raise ValueError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if candidate_scores is not None and candidate_scores.shape != candidates.shape:
+        raise ValueError(
+            f"candidate_scores shape {tuple(candidate_scores.shape)} != candidates shape {tuple(candidates.shape)}"
         )
 
 
 def check_apply_args(
     y: torch.Tensor, b_star: torch.Tensor, sel: torch.Tensor, w: torch.Tensor, z: torch.Tensor
 ) -> None:
-    _require(b_star.dim() == 3, f"b_star must be [N, d_out, r], got shape {tuple(b_star.shape)}")
-    _require(
-        y.dim() == 2 and y.shape[1] == b_star.shape[1],
-        f"y must be [T, d_out={b_star.shape[1]}], got shape {tuple(y.shape)}",
-    )
-    _require(y.dtype in ACTIVATION_DTYPES, f"y has dtype {y.dtype}; expected fp32, fp16 or bf16")
+    if b_star.dim() != 3:
+        raise ValueError(f"b_star must be [N, d_out, r], got shape {tuple(b_star.shape)}")
+    if not (y.dim() == 2 and y.shape[1] == b_star.shape[1]):
+        raise ValueError(f"y must be [T, d_out={b_star.shape[1]}], got shape {tuple(y.shape)}")
+    if y.dtype not in ACTIVATION_DTYPES:
+        raise ValueError(f"y has dtype {y.dtype}; expected fp32, fp16 or bf16")
     t, m = sel.shape if sel.dim() == 2 else (None, None)
-    _require(t == y.shape[0], f"sel must be [T={y.shape[0]}, m], got shape {tuple(sel.shape)}")
-    _require(sel.dtype == torch.int32, f"sel must be int32, got {sel.dtype}")
-    _require(
-        w.shape == sel.shape and w.dtype == torch.float32,
-        f"w must be fp32 [T, m]={tuple(sel.shape)}, got {w.dtype} {tuple(w.shape)}",
-    )
-    _require(
-        z.shape == (t, m, b_star.shape[2]) and z.dtype == torch.float32,
-        f"z must be fp32 [T, m, r]={(t, m, b_star.shape[2])}, got {z.dtype} {tuple(z.shape)}",
-    )
+    if t != y.shape[0]:
+        raise ValueError(f"sel must be [T={y.shape[0]}, m], got shape {tuple(sel.shape)}")
+    if sel.dtype != torch.int32:
+        raise ValueError(f"sel must be int32, got {sel.dtype}")
+    if not (w.shape == sel.shape and w.dtype == torch.float32):
+        raise ValueError(f"w must be fp32 [T, m]={tuple(sel.shape)}, got {w.dtype} {tuple(w.shape)}")
+    if not (z.shape == (t, m, b_star.shape[2]) and z.dtype == torch.float32):
+        raise ValueError(f"z must be fp32 [T, m, r]={(t, m, b_star.shape[2])}, got {z.dtype} {tuple(z.shape)}")
     _check_same_device(y=y, b_star=b_star, sel=sel, w=w, z=z)
 
 

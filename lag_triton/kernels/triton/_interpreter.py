@@ -37,9 +37,14 @@ except ImportError:  # pragma: no cover - every Triton we support has it
 EMPTY_SLOT = tl.constexpr(-9223372036854775808)  # INT64_MIN
 
 
+#: Triton decides between compiling and interpreting a kernel when ``@triton.jit`` defines it, at
+#: import: read TRITON_INTERPRET then, not on every launch.
+_INTERPRETING = triton_interpreter_enabled()
+
+
 def interpreting() -> bool:
-    """True when kernels run under TRITON_INTERPRET=1 (CPU tensors)."""
-    return triton_interpreter_enabled()
+    """True when the kernels run under TRITON_INTERPRET=1 (CPU tensors)."""
+    return _INTERPRETING
 
 
 def upcast_dot(dtype: torch.dtype) -> bool:
@@ -47,7 +52,7 @@ def upcast_dot(dtype: torch.dtype) -> bool:
     return interpreting() and dtype == torch.bfloat16
 
 
-USE_BITONIC = tl.constexpr(not triton_interpreter_enabled())
+USE_BITONIC = tl.constexpr(not _INTERPRETING)
 
 
 @triton.jit
@@ -118,5 +123,5 @@ def patch_language_once() -> bool:
     return True
 
 
-if triton_interpreter_enabled():
+if _INTERPRETING:
     patch_language_once()

@@ -28,6 +28,7 @@ import triton.language as tl
 
 from ._common import (
     EMPTY_SLOT,
+    cdiv,
     dot_scores,
     interpreting,
     last_to_arrive,
@@ -138,14 +139,14 @@ def decode_plan(t: int, n: int, d: int, k_pad: int, sms: int) -> dict | None:
     """Launch constants of the one-launch Arrow for these shapes, or None where it does not apply
     (more than DECODE_MAX_T tokens, more blocks than the merge takes, k_pad > BLOCK_N)."""
     block_n, block_d = (32, 32) if interpreting() else (128, 64)
-    nb = triton.cdiv(n, block_n)
+    nb = cdiv(n, block_n)
     t_pad = RANK_ROWS if t <= RANK_ROWS else DECODE_MAX_T
     if t > DECODE_MAX_T or nb * t_pad > DECODE_MAX_BLOCKS * RANK_ROWS or k_pad > block_n:
         return None
     # ~2 programs per SM in all: split d_in when there are fewer blocks than that
-    d_blocks = triton.cdiv(d, block_d)
-    per = triton.cdiv(d_blocks, max(1, min(d_blocks, triton.cdiv(2 * sms, nb))))
-    splits = triton.cdiv(d_blocks, per)
+    d_blocks = cdiv(d, block_d)
+    per = cdiv(d_blocks, max(1, min(d_blocks, cdiv(2 * sms, nb))))
+    splits = cdiv(d_blocks, per)
     return dict(
         T_PAD=t_pad,
         # partials to sum, or 32 token rows, which are ranked 16 at a time from what the GEMM

@@ -41,6 +41,7 @@ from ..common import score_row_chunks
 from ._common import (
     EMPTY_SLOT,
     beats,
+    cdiv,
     dot_scores,
     flush_buffer,
     interpreting,
@@ -199,10 +200,10 @@ def filter_plan(t: int, n: int, k: int) -> dict | None:
     cfg = filter_config()
     if t < least["t"] or n < least["n"] or next_pow2(k) > MAX_K_PAD:
         return None
-    seed = max(least["seed"], next_pow2(triton.cdiv(k * n, least["survivors"])))
+    seed = max(least["seed"], next_pow2(cdiv(k * n, least["survivors"])))
     if 4 * seed > n:  # the sample would be a quarter of the library or more: nothing to gain
         return None
-    cap = max(cfg["RESCORE_N"], next_pow2(4 * triton.cdiv(k * n, seed)))
+    cap = max(cfg["RESCORE_N"], next_pow2(4 * cdiv(k * n, seed)))
     return dict(cfg, SEED=seed, STRIDE=n // seed, CAP=cap)
 
 
@@ -268,7 +269,7 @@ def _filter_rows(x, prototypes, k, seed_idx, seed_scores, idx, scores, allowed_u
     allowed_arg, scope_arg = (allowed_u8, scope) if scoped else (buf, buf)  # buf: an unread placeholder
     s_rows = allowed_u8.shape[0] if scoped else 0
     stride_allowed = allowed_u8.stride(0) if scoped else 0
-    grid = (triton.cdiv(n, plan["BLOCK_N"]) * triton.cdiv(t, plan["BLOCK_M"]),)
+    grid = (cdiv(n, plan["BLOCK_N"]) * cdiv(t, plan["BLOCK_M"]),)
     _filter_gemm_kernel[grid](
         x,
         prototypes,

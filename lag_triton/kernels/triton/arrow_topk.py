@@ -39,6 +39,7 @@ from ..common import check_topk_args, empty_topk_outputs, prototype_scores, scor
 from ..reference import topk_of_scores
 from ._common import (
     EMPTY_SLOT,
+    cdiv,
     filter_gemm,
     flush_buffer,
     fold_splits,
@@ -164,10 +165,10 @@ def select_fold_consts(fold: bool, splits: int, k_pad: int) -> dict:
 def split_plan(t: int, n: int, block: int, sms: int) -> tuple[int, int]:
     """(splits, columns per split): split N only when T rows leave SMs idle, ~2 programs per SM in
     all, and never below 4 blocks per split (each split adds a partial list to the merge)."""
-    n_blocks = triton.cdiv(n, block)
-    want = min(triton.cdiv(2 * sms, t), max(1, n_blocks // 4))
-    per_split = triton.cdiv(n_blocks, max(1, want)) * block
-    return triton.cdiv(n, per_split), per_split
+    n_blocks = cdiv(n, block)
+    want = min(cdiv(2 * sms, t), max(1, n_blocks // 4))
+    per_split = cdiv(n_blocks, max(1, want)) * block
+    return cdiv(n, per_split), per_split
 
 
 def _select(
@@ -193,9 +194,10 @@ def _select(
         raise ValueError(f"arrow_select config {cfg}: CAP must be >= BLOCK (a block's survivors must fit)")
     splits, per_split = split_plan(t, n, cfg["BLOCK"], num_sms(scores.device))
     buf = torch.empty((t, splits, cfg["CAP"]), dtype=torch.int64, device=scores.device)
-    part = torch.empty((t, splits, k_pad) if splits > 1 else (1,), dtype=torch.int64, device=scores.device)
+    # buf stands in for the pointers a launch does not read (no split, no scope, no fold)
+    part = torch.empty((t, splits, k_pad), dtype=torch.int64, device=scores.device) if splits > 1 else buf
     scoped = allowed is not None
-    allowed_u8 = rows_contiguous(allowed).view(torch.uint8) if scoped else part  # part: an unread placeholder
+    allowed_u8 = rows_contiguous(allowed).view(torch.uint8) if scoped else buf
     fold = splits > 1 and fold_splits()
     _select_kernel[(t, splits)](
         scores,
@@ -203,9 +205,9 @@ def _select(
         idx,
         out_scores,
         part,
-        ticket_counters(scores.device, t) if fold else part,
+        ticket_counters(scores.device, t) if fold else buf,
         allowed_u8,
-        scope if scoped else part,
+        scope if scoped else buf,
         n,
         k,
         allowed.shape[0] if scoped else 0,
@@ -222,7 +224,7 @@ def _select(
     if splits > 1 and not fold:
         merge_t = min(16, next_pow2(t))
         block_c = merge_block_c(merge_t, splits * k_pad, k_pad)
-        _merge_kernel[(triton.cdiv(t, merge_t),)](
+        _merge_kernel[(cdiv(t, merge_t),)](
             part, idx, out_scores, t, k, SPLITS=splits, K_PAD=k_pad, BLOCK_T=merge_t, BLOCK_C=block_c, num_warps=4
         )
 

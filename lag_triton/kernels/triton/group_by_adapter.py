@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import cdiv
+
 
 @triton.jit
 def _pairs_and_buckets(cand_ptr, P, N, BLOCK: tl.constexpr):
@@ -68,7 +70,7 @@ def group_pairs_by_adapter(candidates: torch.Tensor, n: int) -> tuple[torch.Tens
     flat = candidates.reshape(-1)
     p = flat.numel()
     counts = torch.zeros(n + 1, dtype=torch.int32, device=flat.device)
-    grid = (triton.cdiv(p, GROUP_BLOCK),)
+    grid = (cdiv(p, GROUP_BLOCK),)
     _count_pairs_kernel[grid](flat, counts, p, n, BLOCK=GROUP_BLOCK)
     cursor = torch.cumsum(counts, 0, dtype=torch.int32).sub_(counts)
     grouped_ad = torch.empty(p, dtype=torch.int32, device=flat.device)

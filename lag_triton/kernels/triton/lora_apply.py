@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ..common import check_apply_args
-from ._common import NO_ADAPTER, interpreting, next_pow2, num_sms
+from ._common import NO_ADAPTER, cdiv, interpreting, next_pow2, num_sms
 from .group_by_adapter import group_pairs_by_adapter
 from .tuning import tuned
 
@@ -104,7 +104,7 @@ def apply_config(t: int, d_out: int, sms: int) -> dict:
     block_o = 256
     if not interpreting():
         # Few tokens: narrower o-blocks so the grid still covers the SMs (decode: T = 1).
-        while block_o > 64 and triton.cdiv(t, block_t) * triton.cdiv(d_out, block_o) < 2 * sms:
+        while block_o > 64 and cdiv(t, block_t) * cdiv(d_out, block_o) < 2 * sms:
             block_o //= 2
     warps = max(1, min(4, block_o * block_t // 512))
     return dict(BLOCK_T=block_t, BLOCK_O=block_o, num_warps=warps)
@@ -135,7 +135,7 @@ def lora_apply(
     # tokens grouped by their first choice (pair id = token id, as sel[:, :1] has one column)
     order = group_pairs_by_adapter(sel[:, :1], n)[1] if sort else sel  # sel: an unread placeholder pointer
     cfg = tuned("lora_apply", y.device, t=t, d_out=d_out, r=r) or apply_config(t, d_out, num_sms(y.device))
-    grid = (triton.cdiv(t, cfg["BLOCK_T"]), triton.cdiv(d_out, cfg["BLOCK_O"]))
+    grid = (cdiv(t, cfg["BLOCK_T"]), cdiv(d_out, cfg["BLOCK_O"]))
     _lora_apply_kernel[grid](
         target, b_star, sel, w, z, order, t, n, d_out, r, m, target.stride(0), *b_star.stride(), SORTED=sort, **cfg
     )

@@ -37,6 +37,7 @@ from ..common import check_rerank_args, empty_rerank_outputs
 from ._common import (
     EMPTY_SLOT,
     NO_ADAPTER,
+    cdiv,
     fold_splits,
     interpreting,
     last_to_arrive,
@@ -45,6 +46,7 @@ from ._common import (
     num_sms,
     order_key,
     pack,
+    prev_pow2,
     rows_contiguous,
     ticket_counters,
     unpack_index,
@@ -425,7 +427,6 @@ def _gather_blocks(m_pad: int, r_pad: int, tile: int) -> dict:
     """Launch constants of the gather-GEMV tiles [BLOCK_K or M_PAD, R_PAD, BLOCK_D]: at most ``tile``
     fp32 values, a large rank taking fewer candidates per step (down to M_PAD, which the running
     top-m needs), then a shorter d step; a tile still larger (top_m 16 at rank 128) gets 8 warps."""
-    prev_pow2 = lambda v: triton.next_power_of_2(v + 1) // 2  # largest power of two <= v  # noqa: E731
     if interpreting():  # larger steps: fewer interpreted iterations
         block_k = max(m_pad, 64)
         return dict(block_k=block_k, block_d=max(16, min(128, prev_pow2(8192 // (max(m_pad, 16) * r_pad)))))
@@ -447,12 +448,12 @@ def rerank_plan(t: int, n: int, r: int, d: int, k: int, m: int, has_scores: bool
     if t >= 64 and t * k >= n:  # many tokens sharing adapters; [BLOCK_P, R_PAD] fp32 accumulators x 2
         block_p = 128 if interpreting() else (64 if r_pad <= 32 else 32)
         return RerankPlan("grouped", **pads, **blocks, block_p=block_p, grouped_block_d=128 if interpreting() else 64)
-    k_blocks = triton.cdiv(k, blocks["block_k"])
+    k_blocks = cdiv(k, blocks["block_k"])
     if t * k_blocks < 2 * sms:  # few tokens: split d across programs so that the whole GPU streams A*
-        d_blocks = triton.cdiv(d, blocks["block_d"])
-        splits = max(1, min(d_blocks, triton.cdiv(4 * sms, t * k_blocks), 64))
-        per = triton.cdiv(d_blocks, splits)
-        z_splits = triton.cdiv(d_blocks, per)
+        d_blocks = cdiv(d, blocks["block_d"])
+        splits = max(1, min(d_blocks, cdiv(4 * sms, t * k_blocks), 64))
+        per = cdiv(d_blocks, splits)
+        z_splits = cdiv(d_blocks, per)
         return RerankPlan("split", **pads, **blocks, z_splits=z_splits, d_per_split=per * blocks["block_d"])
     return RerankPlan("fused", **pads, **select_blocks)
 
@@ -505,7 +506,7 @@ def spectr_rerank(
         p = t * k
         sorted_ad, order = group_pairs_by_adapter(candidates, n)
         zp = torch.empty((t, k, r), dtype=torch.float32, device=dev)
-        _grouped_z_kernel[(triton.cdiv(p, plan.block_p),)](
+        _grouped_z_kernel[(cdiv(p, plan.block_p),)](
             x,
             a_star,
             sorted_ad,
@@ -526,7 +527,7 @@ def spectr_rerank(
     elif plan.path == "split":
         zp = torch.empty((plan.z_splits, t, k, r), dtype=torch.float32, device=dev)
         fold = fold_splits()
-        _partial_z_kernel[(t, triton.cdiv(k, plan.block_k), plan.z_splits)](
+        _partial_z_kernel[(t, cdiv(k, plan.block_k), plan.z_splits)](
             x,
             a_star,
             candidates,

@@ -122,7 +122,13 @@ def tuned(op: str, device: torch.device, **shape: int) -> dict | None:
         return dict(_forced[op])
     if device.type != "cuda":
         return None
-    return lookup(_table_for(torch.cuda.get_device_name(device), os.environ.get(ENV_TABLE) or None), op, **shape)
+    card = _card_name(device.index if device.index is not None else torch.cuda.current_device())
+    return lookup(_table_for(card, os.environ.get(ENV_TABLE) or None), op, **shape)
+
+
+@functools.cache
+def _card_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
 
 
 def lookup(entries, op: str, **shape: int) -> dict | None:
