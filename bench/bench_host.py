@@ -151,6 +151,16 @@ def measure(args, t: int) -> list[dict]:
     return rows
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--t", default="1,32,2048", help="tokens per call (comma-separated)")
@@ -174,9 +184,7 @@ def main(argv=None) -> int:
             what="host-side Python per call, Triton launches and the scoring GEMM stubbed (bench/bench_host.py)",
             date=date.today().isoformat(),
             commit=commit or None,
-            machine=dict(
-                cpu=platform.processor() or platform.machine(), cores=os.cpu_count(), python=platform.python_version()
-            ),
+            machine=dict(cpu=_cpu_name(), cores=os.cpu_count(), python=platform.python_version()),
             versions=dict(torch=torch.__version__, triton=__import__("triton").__version__),
             shape={key: getattr(args, key) for key in ("n", "d_in", "d_out", "rank", "k", "top_m", "dtype")},
             rows=rows,
