@@ -283,24 +283,38 @@ def patch(
     plan = []  # (module name, library index, weights, backend, LayerInfo: .device, compute .dtype)
     for offset, lib in enumerate(libs):
         for name, weights in lib.modules.items():
-            weight = _check_layer(lib, name, modules.get(name), weights, model)
-            plan.append((name, already + offset, weights, resolve_backend(backend, weight.device), weight))
-    # Copy everything first (this is where memory can run out, and where values are checked on
-    # the copies the model will keep), then swap modules: all-or-nothing.
-    moved = []
-    for name, idx, w, be, weight in plan:
-        copy = w.to(weight.device, _route_dtype(weight.dtype), copy=True)
+            layer = _check_layer(lib, name, modules.get(name), weights, model)
+            plan.append((name, already + offset, weights, resolve_backend(backend, layer.device), layer))
+    # Build every route first -- the library copies, checked on the copies the model will keep, in
+    # the layout each backend reads: every allocation, so where memory can run out -- then swap
+    # modules, which allocates nothing: all-or-nothing.
+    routes = []
+    for name, idx, w, be, layer in plan:
+        lib = libs[idx - already]
         try:
-            copy.check_values(len(libs[idx - already].names))
-        except ValueError as e:
-            raise ValueError(f"library {libs[idx - already].label}, module {name!r}: {e}") from None
-        moved.append((name, idx, copy, be))
-    for name, idx, weights, be in moved:
+            copy = w.to(layer.device, _route_dtype(layer.dtype), copy=True)
+            try:
+                copy.check_values(len(lib.names))
+            except ValueError as e:
+                raise ValueError(f"library {lib.label}, module {name!r}: {e}") from None
+            routes.append((name, LibraryRoute(idx, copy, config, be)))
+            del copy
+        except torch.OutOfMemoryError as e:
+            routes.clear()  # free the copies now, not when the caller drops the traceback
+            need = sum(mw.nbytes(_route_dtype(info.dtype)) for _, _, mw, _, info in plan if info.device == layer.device)
+            raise torch.OutOfMemoryError(_out_of_memory(lib, name, layer.device, need, e)) from None
+    return _attach(model, routes, libs, already)
+
+
+def _attach(model: nn.Module, routes: list, libs: list[Library], already: int) -> nn.Module:
+    """Swap the built routes [(module name, route)] into ``model`` (allocates nothing, so it cannot
+    fail halfway) and record the ``libs`` attached after the ``already`` attached ones."""
+    for name, route in routes:
         module = model.get_submodule(name)
         if not isinstance(module, LagLinear):
             module = LagLinear(module, name)
             _set_submodule(model, name, module)
-        module.routes.append(LibraryRoute(idx, weights, config, be))
+        module.routes.append(route)
     if not already:
         model.register_state_dict_pre_hook(_warn_library_not_saved)
     model._lag_num_libraries = already + len(libs)
@@ -310,6 +324,29 @@ def patch(
         **{already + i: list(lib.names) for i, lib in enumerate(libs)},
     }
     return model
+
+
+def _out_of_memory(lib: Library, name: str, device: torch.device, need: int, error: Exception) -> str:
+    """The message of an allocation that failed while patch copied ``lib``'s module ``name`` to
+    ``device``, where the libraries being attached need ``need`` bytes in all."""
+    free = ""
+    if device.type == "cuda":
+        free_bytes, total = torch.cuda.mem_get_info(device)
+        free = f" ({_gib(free_bytes)} of {_gib(total)} free now)"
+    return (
+        f"lag_triton.patch ran out of memory on {device} copying library {lib.label}, module {name!r}: "
+        f"the libraries being attached need {_gib(need)} on {device}{free}, plus one module's B* "
+        "again while it is laid out for the kernels. The model is unchanged. Use fewer adapters or "
+        "modules, a 16-bit model dtype, or shard the library over GPUs (process_group=). "
+        f"torch: {error}"
+    )
+
+
+def _gib(nbytes: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes / 1024:.2f} KiB"
 
 
 def unpatch(model: nn.Module) -> nn.Module:

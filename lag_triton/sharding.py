@@ -46,7 +46,7 @@ import torch.distributed as dist
 
 from .kernels import resolve_backend
 from .kernels.common import selection_weights
-from .patching import LagLinear, LibraryRoute, _check_layer, _route_dtype, _set_submodule, _warn_library_not_saved
+from .patching import LibraryRoute, _attach, _check_layer, _out_of_memory, _route_dtype
 
 __all__ = ["ShardedRoute", "patch_sharded", "shard_bounds", "traffic"]
 
@@ -317,16 +317,16 @@ def _fingerprint(libs, plan, config) -> str:
     return json.dumps([[lib.names for lib in libs], desc, repr(config)], sort_keys=True)
 
 
-def _agree(text: str | None, group, rank: int, world: int, device) -> None:
-    """Raise on every rank unless every rank passed its checks (``text`` not None) with the same
+def _agree(text: str | None, group, rank: int, world: int, device, failed: str = "failed their patch checks") -> None:
+    """Raise on every rank unless every rank passed this step (``text`` not None) with the same
     ``text``: a rank that raised alone would leave the others waiting in the first collective."""
     digest = -1 if text is None else int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
     out = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
     dist.all_gather(out, torch.tensor([digest], dtype=torch.int64, device=device), group=group)
     digests = [int(t.item()) for t in out]
-    failed = [p for p, d in enumerate(digests) if d == -1]
-    if failed and text is not None:
-        raise ValueError(f"rank {rank}: ranks {failed} failed their patch checks (their errors name the cause)")
+    failed_ranks = [p for p, d in enumerate(digests) if d == -1]
+    if failed_ranks and text is not None:
+        raise ValueError(f"rank {rank}: ranks {failed_ranks} {failed} (their errors name the cause)")
     differ = [p for p, d in enumerate(digests) if d != digest]
     if differ and text is not None:
         raise ValueError(
@@ -381,23 +381,33 @@ def patch_sharded(model, libs, config, backend: str, group):
         _agree(None, group, rank, world, comm_device)
         raise
     _agree(_fingerprint(libs, plan, config), group, rank, world, comm_device)
+    try:  # every rank copies its shards, then all agree that all did before any model changes
+        routes = _sharded_routes(plan, libs, config, group, rank, world, already)
+    except BaseException:
+        _agree(None, group, rank, world, comm_device, failed="failed to copy their shards")
+        raise
+    _agree("copied", group, rank, world, comm_device, failed="failed to copy their shards")
+    return _attach(model, routes, libs, already)
+
+
+def _sharded_routes(plan, libs, config, group, rank: int, world: int, already: int) -> list:
+    """This rank's routes [(module name, ShardedRoute)]: its rows of every module, copied."""
     routes = []
     for name, idx, w, be, layer in plan:
         lo, hi = shard_bounds(w.num_adapters, world)[rank : rank + 2]
-        local = _local_rows(w, lo, hi, layer.device, _route_dtype(layer.dtype))
-        ids = w.adapter_ids.to(layer.device, torch.int64, copy=True)
-        routes.append((name, ShardedRoute(idx, local, ids, w.num_adapters, config, be, group, rank, world)))
-    for name, route in routes:
-        module = model.get_submodule(name)
-        if not isinstance(module, LagLinear):
-            module = LagLinear(module, name)
-            _set_submodule(model, name, module)
-        module.routes.append(route)
-    if not already:
-        model.register_state_dict_pre_hook(_warn_library_not_saved)
-    model._lag_num_libraries = already + len(libs)
-    model._lag_library_names = {
-        **getattr(model, "_lag_library_names", {}),
-        **{already + i: list(lib.names) for i, lib in enumerate(libs)},
-    }
-    return model
+        try:
+            local = _local_rows(w, lo, hi, layer.device, _route_dtype(layer.dtype))
+            ids = w.adapter_ids.to(layer.device, torch.int64, copy=True)
+            routes.append((name, ShardedRoute(idx, local, ids, w.num_adapters, config, be, group, rank, world)))
+        except torch.OutOfMemoryError as e:
+            routes.clear()  # free the copies now, not when the caller drops the traceback
+            need = sum(_shard_bytes(mw, info, world, rank) for _, _, mw, _, info in plan if info.device == layer.device)
+            raise torch.OutOfMemoryError(_out_of_memory(libs[idx - already], name, layer.device, need, e)) from None
+    return routes
+
+
+def _shard_bytes(weights, layer, world: int, rank: int) -> int:
+    """Bytes this rank copies of ``weights``: its rows of the factors in the routing dtype, every id."""
+    lo, hi = shard_bounds(weights.num_adapters, world)[rank : rank + 2]
+    row = sum(t[0].numel() for t in (weights.a_star, weights.b_star, weights.prototypes))
+    return row * (hi - lo) * _route_dtype(layer.dtype).itemsize + weights.adapter_ids.numel() * 8

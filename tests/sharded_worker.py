@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 import lag_triton
-from lag_triton import Library
+from lag_triton import Library, sharding
 from lag_triton.library import ModuleWeights
 from lag_triton.sharding import ShardedRoute, shard_bounds, traffic
 
@@ -192,5 +192,22 @@ def check_disagreement(rank: int, world: int, store: str, backend: str) -> None:
     else:
         raise AssertionError("patch went ahead although rank 0 failed its checks")
     assert not any(isinstance(m, lag_triton.LagLinear) for m in (*model.modules(), *wrong.modules()))
+    # The last rank runs out of memory copying its shard: every rank raises, no model changes.
+    if rank == world - 1:
+        sharding._local_rows = _out_of_memory
+    try:
+        lag_triton.patch(model, lib, process_group=dist.group.WORLD)
+    except torch.OutOfMemoryError as e:
+        assert rank == world - 1 and "lag_triton.patch ran out of memory on cpu copying library" in str(e), e
+        assert "The model is unchanged" in str(e) and "Tried to allocate" in str(e), e
+    except ValueError as e:
+        assert rank != world - 1 and f"ranks [{world - 1}] failed to copy their shards" in str(e), e
+    else:
+        raise AssertionError("patch went ahead although a rank ran out of memory")
+    assert not any(isinstance(m, lag_triton.LagLinear) for m in model.modules())
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _out_of_memory(*args, **kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")

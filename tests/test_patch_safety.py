@@ -6,6 +6,7 @@ import copy
 import io
 import os
 import pickle
+import re
 import shutil
 import threading
 import warnings
@@ -324,3 +325,39 @@ def test_numpy_and_tensor_scalars_are_accepted(library):
     for bad in (True, "1", None):
         with pytest.raises(ValueError, match="temperature"):
             lag_triton.patch(tiny_model("llama"), library, temperature=bad)
+
+
+# -- running out of memory while patching -------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["library copy", "b_star layout"])
+def test_running_out_of_memory_leaves_the_model_untouched(library, monkeypatch, where):
+    """An allocation that fails on the third module -- the library copy, or the backend's B* layout
+    copy made as the module's route is built -- leaves the model as it was (already attached
+    libraries included) and says which library, module and device, and how much was needed."""
+    model = lag_triton.patch(tiny_model("llama"), library, backend="torch")
+    want = _logits(model, IDS)
+    layers_before = {name: list(m.routes) for name, m in model.named_modules() if isinstance(m, LagLinear)}
+    calls = []
+
+    def fail_third(original):
+        def wrapped(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return original(*args, **kwargs)
+
+        return wrapped
+
+    if where == "library copy":
+        monkeypatch.setattr(ModuleWeights, "to", fail_third(ModuleWeights.to))
+    else:
+        monkeypatch.setattr(lag_triton.kernels.Ops, "prepare_b_star", fail_third(lag_triton.kernels.Ops.prepare_b_star))
+    with pytest.raises(torch.OutOfMemoryError) as info:
+        lag_triton.patch(model, library, backend="torch")
+    message = str(info.value)
+    assert "lag_triton.patch ran out of memory" in message and "on cpu" in message
+    assert f"library {library.label}, module 'model.layers" in message
+    assert "Tried to allocate 2.00 GiB" in message  # torch's own message is kept
+    assert re.search(r"the libraries being attached need [0-9.]+ [KMG]iB on cpu", message)
+    assert {name: list(m.routes) for name, m in model.named_modules() if isinstance(m, LagLinear)} == layers_before
+    assert model._lag_num_libraries == 1
+    torch.testing.assert_close(_logits(model, IDS), want, rtol=0, atol=0)

@@ -102,6 +102,16 @@ class ModuleWeights:
     def device(self) -> torch.device:
         return self.a_star.device
 
+    def nbytes(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes of every tensor, the factors counted in ``dtype`` (as ``to(..., dtype)`` would hold them)."""
+        total = 0
+        for f in fields(self):
+            t = getattr(self, f.name)
+            if t is not None:
+                cast = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
+                total += t.numel() * cast.itemsize
+        return total
+
     def check_values(self, num_names: int) -> None:
         """Raise ValueError naming the field unless ids index ``num_names`` names once each, ranks
         lie in [1, r] and every factor is finite. Reads all the data (a host sync on a GPU)."""
