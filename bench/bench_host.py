@@ -47,9 +47,12 @@ from lag_triton.routing import RoutingConfig, route_and_apply  # noqa: E402
 
 
 class LaunchStub:
-    """Replaces every Triton launch and the scoring GEMM by a call counter, inside a ``with`` block."""
+    """Inside a ``with`` block: every Triton launch and the scoring GEMM replaced by a call counter,
+    and the launch plans made as on a GPU with ``sms`` SMs (the interpreter's plans use small blocks
+    and 4 SMs, so they would launch other kernels: a GPU's merge-free select at N = 1,000, say)."""
 
-    def __init__(self) -> None:
+    def __init__(self, sms: int) -> None:
+        self.sms = sms
         self.launches: Counter[str] = Counter()
 
     def __enter__(self) -> LaunchStub:
@@ -69,12 +72,15 @@ class LaunchStub:
             launches["prototype_scores (GEMM)"] += 1
             return torch.empty((x.shape[0], prototypes.shape[0]), dtype=torch.float32, device=x.device)
 
-        self._undo = [
-            (interpreter.InterpretedFunction, "run", interpreter.InterpretedFunction.run),
-            (arrow_module, "prototype_scores", arrow_module.prototype_scores),
-        ]
-        interpreter.InterpretedFunction.run = launch
-        arrow_module.prototype_scores = scores
+        replace = [(interpreter.InterpretedFunction, "run", launch), (arrow_module, "prototype_scores", scores)]
+        for name, module in list(sys.modules.items()):
+            if name.startswith("lag_triton.kernels.triton.") and not name.endswith(("._common", "._interpreter")):
+                for attr, value in (("interpreting", lambda: False), ("num_sms", lambda device: self.sms)):
+                    if hasattr(module, attr):
+                        replace.append((module, attr, value))
+        self._undo = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in replace]
+        for owner, attr, value in replace:
+            setattr(owner, attr, value)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -139,7 +145,7 @@ def measure(args, t: int) -> list[dict]:
         "patched forward": lambda: model(x3),
     }
     rows = []
-    with LaunchStub() as stub:
+    with LaunchStub(args.sms) as stub:
         for name, fn in cases.items():  # launches per call, counted once
             stub.launches.clear()
             fn()
@@ -171,13 +177,18 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--top-m", type=int, default=1)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--fold", action="store_true", help="with the split reductions folded (LAG_TRITON_FOLD_SPLITS=1)")
+    p.add_argument("--sms", type=int, default=132, help="plan launches as on a GPU with this many SMs (H100/H200: 132)")
     p.add_argument("--iters", type=int, default=100, help="calls per timed repeat (the least of 30 repeats)")
     p.add_argument("--json", type=Path, help="write the rows and the machine here")
     args = p.parse_args(argv)
     if torch.cuda.is_available():
         print("note: a GPU is present; this script still measures the CPU-side Python only", file=sys.stderr)
     torch.set_num_threads(1)  # host code is single-threaded; keep the stubs' allocations comparable
-    rows = [row for t in (int(v) for v in args.t.split(",")) for row in measure(args, t)]
+    from lag_triton.kernels.triton._common import fold_splits
+
+    with fold_splits.forced(args.fold):
+        rows = [row for t in (int(v) for v in args.t.split(",")) for row in measure(args, t)]
     if args.json:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         record = dict(
@@ -186,7 +197,9 @@ def main(argv=None) -> int:
             commit=commit or None,
             machine=dict(cpu=_cpu_name(), cores=os.cpu_count(), python=platform.python_version()),
             versions=dict(torch=torch.__version__, triton=__import__("triton").__version__),
-            shape={key: getattr(args, key) for key in ("n", "d_in", "d_out", "rank", "k", "top_m", "dtype")},
+            shape={
+                key: getattr(args, key) for key in ("n", "d_in", "d_out", "rank", "k", "top_m", "dtype", "sms", "fold")
+            },
             rows=rows,
         )
         args.json.parent.mkdir(parents=True, exist_ok=True)
