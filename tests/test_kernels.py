@@ -391,6 +391,20 @@ def test_spectr_rerank_ties_lower_adapter_index(ops):
     assert sel1.tolist() == [[2]] * 3 and (w1 == 1).all()
 
 
+def test_host_launch_arithmetic_matches_triton():
+    """The launchers' plain-Python cdiv / next_pow2 / prev_pow2 (cheaper on the host than Triton's
+    constexpr functions) agree with Triton's over every size a plan meets."""
+    triton = pytest.importorskip("triton")
+    from lag_triton.kernels.triton._common import cdiv, next_pow2, prev_pow2
+
+    for v in [*range(1, 4200), 2**20 - 1, 2**20, 2**20 + 1, 10**9]:
+        assert next_pow2(v) == triton.next_power_of_2(v)
+        assert prev_pow2(v) == triton.next_power_of_2(v + 1) // 2
+        for b in (1, 3, 64, 1024):
+            assert cdiv(v, b) == triton.cdiv(v, b)
+    assert next_pow2(0) == 1 and next_pow2(5, 16) == 16 and next_pow2(100, 16) == 128
+
+
 @pytest.mark.parametrize("t,k,n", [(133, 20, 1001), (7, 3, 2), (1, 1, 1), (2049, 5, 37)])
 def test_group_pairs_by_adapter_is_a_counting_sort(t, k, n):
     """The grouped rerank's device counting sort: a permutation of the pairs, each adapter's pairs
