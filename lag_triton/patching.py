@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .kernels import get_ops, resolve_backend
+from .kernels import backend_unavailable_reason, get_ops, resolve_backend
 from .layers import LayerInfo, activation_dtype, describe_layer
 from .layers import linear_shape as _linear_shape
 from .layers import route_dtype as _route_dtype
@@ -48,14 +48,19 @@ class LibraryNotSavedWarning(UserWarning):
 class LibraryRoute(nn.Module):
     """One library's factors for one module, on the module's device, plus how to route them.
 
-    Holds the backend's name, not its module (modules do not pickle): ``ops`` looks it up.
+    Holds the backend's name, not its module (modules do not pickle): ``ops`` looks it up. With
+    ``requested="auto"`` the backend follows the module across devices: moving the model (``.cuda()``
+    after patching on CPU, say) chooses it again for the new device, B* laid out for it. A backend
+    named explicitly stays; if it cannot run where the module went, the forward says so.
     """
 
-    def __init__(self, library_index: int, weights, config: RoutingConfig, backend: str):
+    def __init__(self, library_index: int, weights, config: RoutingConfig, backend: str, requested: str | None = None):
         super().__init__()
         self.library_index = library_index
         self.config = config
         self.backend = backend
+        self.requested_backend = requested or backend
+        self.unusable: str | None = None  # why ``backend`` cannot run on the factors' device, if it cannot
         # Buffers (not parameters, not in state_dict) so that model.to(...) carries them along.
         self.register_buffer("a_star", weights.a_star, persistent=False)
         self.register_buffer("b_star", get_ops(backend).prepare_b_star(weights.b_star), persistent=False)
@@ -66,6 +71,11 @@ class LibraryRoute(nn.Module):
     def ops(self):
         return get_ops(self.backend)
 
+    def __setstate__(self, state) -> None:
+        state.setdefault("requested_backend", state.get("backend"))  # pickled before routes followed devices
+        state.setdefault("unusable", None)
+        super().__setstate__(state)
+
     def _apply(self, fn, recurse=True):
         # model.double() casts every float buffer; the kernels route in fp32 at most, so fp64
         # factors go back to fp32 (exactly: they were fp32 before).
@@ -74,13 +84,32 @@ class LibraryRoute(nn.Module):
             t = getattr(self, name)
             if t.dtype == torch.float64:
                 setattr(self, name, t.float())
+        self._follow_device()
         return self
+
+    def _follow_device(self) -> None:
+        """Choose the backend again for the factors' device ("auto"), or note that it cannot run there."""
+        device = self.a_star.device
+        if self.requested_backend == "auto":
+            backend = resolve_backend("auto", device)
+            if backend != self.backend:
+                self.backend = backend
+                self.b_star = get_ops(backend).prepare_b_star(self.b_star)
+            self.unusable = None
+        else:
+            self.unusable = backend_unavailable_reason(self.backend, device)
 
     def add_to(
         self, x: torch.Tensor, y: torch.Tensor, allowed: torch.Tensor | None = None, scope: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """y [T, d_out] + this library's routed output for x [T, d_in] (in place when y has the
         factors' dtype), each token limited to ``allowed[scope[t]]`` when scoped. Returns (y, sel)."""
+        if self.unusable is not None:
+            raise RuntimeError(
+                f"library {self.library_index} was patched with backend={self.backend!r}, which cannot run "
+                f"on {self.a_star.device}: {self.unusable}. Move the model back, or patch with "
+                "backend='auto' to choose the backend wherever the model goes"
+            )
         dtype = self.a_star.dtype
         xr = x if x.dtype == dtype else x.to(dtype)
         if y.dtype == dtype:
@@ -104,8 +133,10 @@ def _autocast_off(device_type: str):
     """Routing runs in the factors' dtype: autocast would turn z into bf16 and break the ops."""
     try:
         enabled = torch.is_autocast_enabled(device_type)
-    except (TypeError, RuntimeError):  # older torch: only the CUDA flag without an argument
+    except TypeError:  # older torch: only the CUDA flag without an argument
         enabled = torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+    except RuntimeError:  # a device type autocast does not know (meta): it cannot be on there
+        enabled = False
     return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
 
 
@@ -297,7 +328,7 @@ def patch(
                 copy.check_values(len(lib.names))
             except ValueError as e:
                 raise ValueError(f"library {lib.label}, module {name!r}: {e}") from None
-            routes.append((name, LibraryRoute(idx, copy, config, be)))
+            routes.append((name, LibraryRoute(idx, copy, config, be, requested=backend)))
             del copy
         except torch.OutOfMemoryError as e:
             routes.clear()  # free the copies now, not when the caller drops the traceback

@@ -140,6 +140,58 @@ def test_patched_model_copies(library, how):
     assert _unpatched(clone)
 
 
+# -- moving a patched model ----------------------------------------------------------------------------
+def _backends(model) -> set[str]:
+    return {r.backend for m in model.modules() if isinstance(m, LagLinear) for r in m.routes}
+
+
+def test_auto_backend_is_chosen_again_when_the_model_moves(library, monkeypatch):
+    """backend="auto" follows the model: whatever moves or casts it (here .float() after the choice
+    changed, as .cuda() after patching on CPU changes it) chooses again, B* laid out for the new
+    backend, and the output stays the reference's."""
+    model = lag_triton.patch(tiny_model("llama"), library, k=3, top_m=2)
+    assert _backends(model) == {"torch"}
+    want = _logits(model, IDS)
+    monkeypatch.setenv("LAG_TRITON_BACKEND", "triton")
+    model.float()
+    assert _backends(model) == {"triton"}
+    for m in model.modules():
+        if isinstance(m, LagLinear):
+            assert m.routes[0].b_star.stride(1) == 1  # the Triton apply's rank-major layout
+    torch.testing.assert_close(_logits(model, IDS), want, rtol=1e-4, atol=1e-5)
+    monkeypatch.delenv("LAG_TRITON_BACKEND")
+    model.float()
+    assert _backends(model) == {"torch"}
+    torch.testing.assert_close(_logits(model, IDS), want, rtol=1e-4, atol=1e-5)
+
+
+def test_an_explicit_backend_that_cannot_follow_the_model_says_so(library):
+    """A backend named at patch time stays where the model goes; where it cannot run, the forward
+    names the backend, the device and the way out. "auto" there chooses one that can."""
+    explicit = lag_triton.patch(tiny_model("llama"), library, backend="triton").to("meta")
+    auto = lag_triton.patch(tiny_model("llama"), library).to("meta")
+    assert _backends(explicit) == {"triton"} and _backends(auto) == {"torch"}
+    x = torch.randn(5, 48, device="meta")
+    with pytest.raises(RuntimeError, match=r"backend='triton', which cannot run on meta: triton kernels need CUDA"):
+        explicit.model.layers[0].mlp.up_proj(x)
+    assert auto.model.layers[0].mlp.up_proj(x).shape == (5, 80)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_patched_on_cpu_then_moved_to_the_gpu_routes_with_the_gpu_backend(library):
+    from lag_triton.kernels import resolve_backend
+
+    moved = lag_triton.patch(tiny_model("llama"), library, k=3).cuda()
+    assert _backends(moved) == {resolve_backend("auto", "cuda")}
+    direct = lag_triton.patch(tiny_model("llama").cuda(), library, k=3)
+    ids = IDS.cuda()
+    torch.testing.assert_close(_logits(moved, ids), _logits(direct, ids), rtol=0, atol=0)
+    moved.cpu()
+    assert _backends(moved) == {"torch"}
+    torch.testing.assert_close(_logits(moved, IDS), _logits(direct, ids).cpu(), rtol=1e-4, atol=1e-4)
+
+
 # -- 5. autocast ---------------------------------------------------------------------------------------
 def test_autocast_forward_is_as_close_to_fp32_as_peft_under_autocast(adapter_dirs):
     """One adapter, k=1 (no routing to flip): our autocast error vs the fp32 PEFT forward is PEFT's own."""

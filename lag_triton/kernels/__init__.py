@@ -104,7 +104,7 @@ def use_triton_interpreter_without_gpu() -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def _unavailable_reason(name: str, device: torch.device) -> str | None:
+def backend_unavailable_reason(name: str, device: torch.device) -> str | None:
     """Why backend ``name`` cannot run on tensors of ``device`` (None if it can)."""
     if name == "torch":
         return None
@@ -134,9 +134,9 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
         if device.type != "cuda":
             return "torch"
         for name in BACKENDS:
-            if _unavailable_reason(name, device) is None:
+            if backend_unavailable_reason(name, device) is None:
                 return name
-    reason = _unavailable_reason(backend, device)
+    reason = backend_unavailable_reason(backend, device)
     if reason is not None:
         raise RuntimeError(f"lag_triton backend {backend!r} is unavailable: {reason}")
     return backend
