@@ -69,6 +69,33 @@ def test_compiled_decode_step_replays_in_cuda_graphs(library, backend):
             torch.testing.assert_close(step(x).clone(), mlp(x), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("backend", _backends())
+def test_generate_with_a_static_cache_compiles_the_patched_forward(library, backend):
+    """transformers' own fast path: ``generate(cache_implementation="static")`` compiles the
+    forward (on a GPU by default: inductor, ``mode="reduce-overhead"``, so CUDA graphs; on CPU only
+    when asked, here with ``aot_eager``). A patched model goes through it whole -- one graph, no
+    graph break -- and greedy decoding gives the eager tokens."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    model = tiny_model("llama").to(DEVICE)
+    lag_triton.patch(model, library, backend=backend, k=4, top_m=2)
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        want = model.generate(**kwargs)
+    config = CompileConfig(fullgraph=True, dynamic=False)
+    if DEVICE.type != "cuda":
+        config = CompileConfig(fullgraph=True, dynamic=False, backend="aot_eager")
+        config._compile_all_devices = True  # transformers compiles on accelerators only unless told
+    counters.clear()
+    with torch.no_grad():
+        got = model.generate(**kwargs, cache_implementation="static", compile_config=config)
+    assert counters["stats"]["unique_graphs"] >= 1, "generate did not compile the forward"
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert torch.equal(got, want)
+
+
 def test_fake_implementations_give_the_backends_shapes():
     """The meta functions the compiler traces with agree with what a backend returns."""
     x, p = torch.randn(5, 16), torch.randn(9, 16)
