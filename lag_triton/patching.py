@@ -319,22 +319,28 @@ def patch(
     # Build every route first -- the library copies, checked on the copies the model will keep, in
     # the layout each backend reads: every allocation, so where memory can run out -- then swap
     # modules, which allocates nothing: all-or-nothing.
-    routes = []
-    for name, idx, w, be, layer in plan:
-        lib = libs[idx - already]
-        try:
+    routes, copy = [], None
+    try:
+        for name, idx, w, be, layer in plan:
+            lib = libs[idx - already]
             copy = w.to(layer.device, _route_dtype(layer.dtype), copy=True)
             try:
                 copy.check_values(len(lib.names))
             except ValueError as e:
                 raise ValueError(f"library {lib.label}, module {name!r}: {e}") from None
             routes.append((name, LibraryRoute(idx, copy, config, be, requested=backend)))
-            del copy
-        except torch.OutOfMemoryError as e:
-            routes.clear()  # free the copies now, not when the caller drops the traceback
-            need = sum(mw.nbytes(_route_dtype(info.dtype)) for _, _, mw, _, info in plan if info.device == layer.device)
-            raise torch.OutOfMemoryError(_out_of_memory(lib, name, layer.device, need, e)) from None
-    return _attach(model, routes, libs, already)
+    except torch.OutOfMemoryError as e:
+        # Raised below, outside this handler, so that neither this frame's copies nor the failed
+        # allocation's frames (through e's traceback) outlive the failure.
+        routes, copy = [], None
+        need = sum(mw.nbytes(_route_dtype(info.dtype)) for _, _, mw, _, info in plan if info.device == layer.device)
+        error = torch.OutOfMemoryError(_out_of_memory(lib, name, layer.device, need, e))
+    except BaseException:
+        routes, copy = [], None  # a bad value, an interrupt: the traceback keeps this frame, not the copies
+        raise
+    else:
+        return _attach(model, routes, libs, already)
+    raise error
 
 
 def _attach(model: nn.Module, routes: list, libs: list[Library], already: int) -> nn.Module:

@@ -392,18 +392,20 @@ def patch_sharded(model, libs, config, backend: str, group):
 
 def _sharded_routes(plan, libs, config, group, rank: int, world: int, already: int) -> list:
     """This rank's routes [(module name, ShardedRoute)]: its rows of every module, copied."""
-    routes = []
-    for name, idx, w, be, layer in plan:
-        lo, hi = shard_bounds(w.num_adapters, world)[rank : rank + 2]
-        try:
+    routes, local, ids = [], None, None
+    try:
+        for name, idx, w, be, layer in plan:
+            lo, hi = shard_bounds(w.num_adapters, world)[rank : rank + 2]
             local = _local_rows(w, lo, hi, layer.device, _route_dtype(layer.dtype))
             ids = w.adapter_ids.to(layer.device, torch.int64, copy=True)
             routes.append((name, ShardedRoute(idx, local, ids, w.num_adapters, config, be, group, rank, world)))
-        except torch.OutOfMemoryError as e:
-            routes.clear()  # free the copies now, not when the caller drops the traceback
-            need = sum(_shard_bytes(mw, info, world, rank) for _, _, mw, _, info in plan if info.device == layer.device)
-            raise torch.OutOfMemoryError(_out_of_memory(libs[idx - already], name, layer.device, need, e)) from None
-    return routes
+    except torch.OutOfMemoryError as e:  # raised outside the handler, as in patch: the copies die here
+        routes, local, ids = [], None, None
+        need = sum(_shard_bytes(mw, info, world, rank) for _, _, mw, _, info in plan if info.device == layer.device)
+        error = torch.OutOfMemoryError(_out_of_memory(libs[idx - already], name, layer.device, need, e))
+    else:
+        return routes
+    raise error
 
 
 def _shard_bytes(weights, layer, world: int, rank: int) -> int:

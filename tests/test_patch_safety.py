@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import os
 import pickle
@@ -10,6 +11,7 @@ import re
 import shutil
 import threading
 import warnings
+import weakref
 
 import numpy as np
 import pytest
@@ -399,12 +401,27 @@ def test_running_out_of_memory_leaves_the_model_untouched(library, monkeypatch, 
 
         return wrapped
 
+    copies = []  # weak references to the library copies this patch makes
+
+    def recorded(original):
+        def wrapped(*args, **kwargs):
+            out = original(*args, **kwargs)
+            copies.append(weakref.ref(out.a_star))
+            return out
+
+        return wrapped
+
+    monkeypatch.setattr(ModuleWeights, "to", recorded(ModuleWeights.to))
     if where == "library copy":
         monkeypatch.setattr(ModuleWeights, "to", fail_third(ModuleWeights.to))
     else:
         monkeypatch.setattr(lag_triton.kernels.Ops, "prepare_b_star", fail_third(lag_triton.kernels.Ops.prepare_b_star))
     with pytest.raises(torch.OutOfMemoryError) as info:
         lag_triton.patch(model, library, backend="torch")
+    gc.collect()
+    assert copies and all(ref() is None for ref in copies), (
+        "the copies outlive the failed patch (held by its traceback)"
+    )
     message = str(info.value)
     assert "lag_triton.patch ran out of memory" in message and "on cpu" in message
     assert f"library {library.label}, module 'model.layers" in message
