@@ -8,15 +8,18 @@ launch plans, output allocation, the patched module's forward) and Triton's laun
 (``JITFunction.run``: binding and specialising the arguments, then the driver call). This script
 measures the first part on any machine: it runs the Triton backend's real host code under
 ``TRITON_INTERPRET=1`` with every Triton launch and the cuBLAS scoring GEMM replaced by a no-op
-that counts launches, so what is timed is exactly the Python a GPU run executes before each
-launch. Triton's launcher and the CUDA driver are not in it (``bench/profile_layer.py`` times the
-whole host path on a GPU, and the end-to-end table's eager columns the model).
+that counts launches, its launch plans made as on a GPU with ``--sms`` SMs (the compiled kernels'
+block sizes), so what is timed is the Python a GPU run executes before each launch; ``--fold``
+times it with the split reductions folded (``LAG_TRITON_FOLD_SPLITS=1``). Times are this thread's
+CPU time, the least of 30 interleaved repeats. Triton's launcher and the CUDA driver are not in it
+(``bench/profile_layer.py`` times the whole host path on a GPU, and the end-to-end table's eager
+columns the model).
 
 Rows: each op alone, ``route_and_apply`` (the three ops), and a patched module's forward
 (``LagLinear``: reshapes, autocast and scope checks, the three ops), its base layer replaced by a
 stub returning a preallocated output, so the base's own cost is not counted.
 
-    PYTHONPATH=. python3 bench/bench_host.py [--t 1,32,2048] [--json bench/results/host-cpu-<date>.json]
+    PYTHONPATH=. python3 bench/bench_host.py [--t 1,32,2048] [--fold] [--json results/host-cpu-<date>/<commit>.json]
 """
 
 from __future__ import annotations
