@@ -19,7 +19,7 @@ Rows: each op alone, ``route_and_apply`` (the three ops), and a patched module's
 (``LagLinear``: reshapes, autocast and scope checks, the three ops), its base layer replaced by a
 stub returning a preallocated output, so the base's own cost is not counted.
 
-    PYTHONPATH=. python3 bench/bench_host.py [--t 1,32,2048] [--fold] [--json results/host-cpu-<date>/<commit>.json]
+    PYTHONPATH=. python3 bench/bench_host.py [--t 1,32,2048] [--fold] [--json bench/results/host-cpu-<date>/<c>.json]
 """
 
 from __future__ import annotations
