@@ -403,6 +403,7 @@ def test_host_launch_arithmetic_matches_triton():
         for b in (1, 3, 64, 1024):
             assert cdiv(v, b) == triton.cdiv(v, b)
     assert next_pow2(0) == 1 and next_pow2(5, 16) == 16 and next_pow2(100, 16) == 128
+    assert prev_pow2(0) == triton.next_power_of_2(1) // 2 == 0  # rank 1024: no row fits the tile budget
 
 
 @pytest.mark.parametrize("t,k,n", [(133, 20, 1001), (7, 3, 2), (1, 1, 1), (2049, 5, 37)])

@@ -53,8 +53,8 @@ def next_pow2(n: int, minimum: int = 1) -> int:
 
 
 def prev_pow2(n: int) -> int:
-    """The largest power of two <= n (n >= 1)."""
-    return 1 << (int(n).bit_length() - 1)
+    """The largest power of two <= n; 0 for n < 1 (a tile budget smaller than one row: callers clamp)."""
+    return 1 << (int(n).bit_length() - 1) if n >= 1 else 0
 
 
 def rows_contiguous(t: torch.Tensor) -> torch.Tensor:
