@@ -316,30 +316,48 @@ def patch(
         for name, weights in lib.modules.items():
             layer = _check_layer(lib, name, modules.get(name), weights, model)
             plan.append((name, already + offset, weights, resolve_backend(backend, layer.device), layer))
+
     # Build every route first -- the library copies, checked on the copies the model will keep, in
     # the layout each backend reads: every allocation, so where memory can run out -- then swap
     # modules, which allocates nothing: all-or-nothing.
-    routes, copy = [], None
+    def build(name, idx, weights, be, layer):
+        lib = libs[idx - already]
+        copy = weights.to(layer.device, _route_dtype(layer.dtype), copy=True)
+        try:
+            copy.check_values(len(lib.names))
+        except ValueError as e:
+            raise ValueError(f"library {lib.label}, module {name!r}: {e}") from None
+        return LibraryRoute(idx, copy, config, be, requested=backend)
+
+    def held_bytes(weights, layer):
+        return weights.nbytes(_route_dtype(layer.dtype))
+
+    return _attach(model, _build_routes(plan, libs, already, build, held_bytes), libs, already)
+
+
+def _build_routes(plan: list, libs: list[Library], already: int, build, held_bytes) -> list:
+    """[(module name, ``build(name, library index, weights, backend, layer)``)] for every plan entry:
+    every allocation of a patch (plain or sharded), before the model changes.
+
+    On an allocation failure raises torch.OutOfMemoryError naming the library, module and device
+    and what the libraries being attached need there (``held_bytes(weights, layer)`` per entry on
+    that device). It is raised outside its handler and the built routes are dropped first, so
+    neither they nor the failed allocation's frames outlive the failure; any other error drops them
+    too before it propagates.
+    """
+    routes = []
     try:
-        for name, idx, w, be, layer in plan:
-            lib = libs[idx - already]
-            copy = w.to(layer.device, _route_dtype(layer.dtype), copy=True)
-            try:
-                copy.check_values(len(lib.names))
-            except ValueError as e:
-                raise ValueError(f"library {lib.label}, module {name!r}: {e}") from None
-            routes.append((name, LibraryRoute(idx, copy, config, be, requested=backend)))
+        for name, idx, weights, be, layer in plan:
+            routes.append((name, build(name, idx, weights, be, layer)))
     except torch.OutOfMemoryError as e:
-        # Raised below, outside this handler, so that neither this frame's copies nor the failed
-        # allocation's frames (through e's traceback) outlive the failure.
-        routes, copy = [], None
-        need = sum(mw.nbytes(_route_dtype(info.dtype)) for _, _, mw, _, info in plan if info.device == layer.device)
-        error = torch.OutOfMemoryError(_out_of_memory(lib, name, layer.device, need, e))
+        routes = []
+        need = sum(held_bytes(w, info) for _, _, w, _, info in plan if info.device == layer.device)
+        error = torch.OutOfMemoryError(_out_of_memory(libs[idx - already], name, layer.device, need, e))
     except BaseException:
-        routes, copy = [], None  # a bad value, an interrupt: the traceback keeps this frame, not the copies
+        routes = []  # the traceback keeps this frame alive, not the routes
         raise
     else:
-        return _attach(model, routes, libs, already)
+        return routes
     raise error
 
 

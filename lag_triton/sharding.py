@@ -46,7 +46,7 @@ import torch.distributed as dist
 
 from .kernels import resolve_backend
 from .kernels.common import selection_weights
-from .patching import LibraryRoute, _attach, _check_layer, _out_of_memory, _route_dtype
+from .patching import LibraryRoute, _attach, _build_routes, _check_layer, _route_dtype
 
 __all__ = ["ShardedRoute", "patch_sharded", "shard_bounds", "traffic"]
 
@@ -381,31 +381,20 @@ def patch_sharded(model, libs, config, backend: str, group):
         _agree(None, group, rank, world, comm_device)
         raise
     _agree(_fingerprint(libs, plan, config), group, rank, world, comm_device)
+
+    def build(name, idx, weights, be, layer):
+        lo, hi = shard_bounds(weights.num_adapters, world)[rank : rank + 2]
+        local = _local_rows(weights, lo, hi, layer.device, _route_dtype(layer.dtype))
+        ids = weights.adapter_ids.to(layer.device, torch.int64, copy=True)
+        return ShardedRoute(idx, local, ids, weights.num_adapters, config, be, group, rank, world)
+
     try:  # every rank copies its shards, then all agree that all did before any model changes
-        routes = _sharded_routes(plan, libs, config, group, rank, world, already)
+        routes = _build_routes(plan, libs, already, build, lambda w, layer: _shard_bytes(w, layer, world, rank))
     except BaseException:
         _agree(None, group, rank, world, comm_device, failed="failed to copy their shards")
         raise
     _agree("copied", group, rank, world, comm_device, failed="failed to copy their shards")
     return _attach(model, routes, libs, already)
-
-
-def _sharded_routes(plan, libs, config, group, rank: int, world: int, already: int) -> list:
-    """This rank's routes [(module name, ShardedRoute)]: its rows of every module, copied."""
-    routes, local, ids = [], None, None
-    try:
-        for name, idx, w, be, layer in plan:
-            lo, hi = shard_bounds(w.num_adapters, world)[rank : rank + 2]
-            local = _local_rows(w, lo, hi, layer.device, _route_dtype(layer.dtype))
-            ids = w.adapter_ids.to(layer.device, torch.int64, copy=True)
-            routes.append((name, ShardedRoute(idx, local, ids, w.num_adapters, config, be, group, rank, world)))
-    except torch.OutOfMemoryError as e:  # raised outside the handler, as in patch: the copies die here
-        routes, local, ids = [], None, None
-        need = sum(_shard_bytes(mw, info, world, rank) for _, _, mw, _, info in plan if info.device == layer.device)
-        error = torch.OutOfMemoryError(_out_of_memory(libs[idx - already], name, layer.device, need, e))
-    else:
-        return routes
-    raise error
 
 
 def _shard_bytes(weights, layer, world: int, rank: int) -> int:
