@@ -119,33 +119,6 @@ std::string check_topk_outputs(const char* op, int64_t k, int64_t N, const torch
   return {};
 }
 
-std::string arrow_topk_impl(const torch::Tensor& x, const torch::Tensor& prototypes, int64_t k,
-                            const torch::Tensor& idx, const torch::Tensor& scores, int64_t stream) {
-  if (!x.defined()) return err("x is undefined");
-  const torch::Device device = x.device();
-  LAG_TRY(check_tensor(x, "x", 2, device));
-  LAG_TRY(check_tensor(prototypes, "prototypes", 2, device));
-  int x_dt = -1, p_dt = -1;
-  LAG_TRY(dtype_code(x, "x", &x_dt));
-  LAG_TRY(dtype_code(prototypes, "prototypes", &p_dt));
-  if (x_dt != p_dt)
-    return err("arrow_topk needs x and prototypes of one dtype, got ", x.scalar_type(), " and ",
-               prototypes.scalar_type(), " (the Python wrapper promotes them)");
-  const int64_t T = x.size(0), d_in = x.size(1), N = prototypes.size(0);
-  if (prototypes.size(1) != d_in) return err("prototypes has d_in=", prototypes.size(1), " but x has d_in=", d_in);
-  LAG_TRY(check_topk_outputs("arrow_topk", k, N, idx, scores, "scores", T, device));
-  if (T == 0) return {};
-  const int dev = device.index();
-  const size_t ws_bytes = lag_arrow_topk_workspace_bytes(T, N, k, x_dt, dev);
-  torch::Tensor ws;
-  if (ws_bytes > 0) ws = torch::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(torch::kUInt8));
-  const int rc = lag_arrow_topk_launch(x.data_ptr(), x_dt, prototypes.data_ptr(), p_dt, T, N, d_in, k,
-                                       ws_bytes > 0 ? ws.data_ptr() : nullptr, ws_bytes,
-                                       static_cast<int32_t*>(idx.data_ptr()), static_cast<float*>(scores.data_ptr()),
-                                       dev, as_stream(stream));
-  return launch_status(rc, "arrow_topk");
-}
-
 std::string arrow_select_impl(const torch::Tensor& scores, int64_t k, const torch::Tensor& idx,
                               const torch::Tensor& out_scores, const c10::optional<torch::Tensor>& allowed,
                               const c10::optional<torch::Tensor>& scope, int64_t stream) {
@@ -263,11 +236,6 @@ std::string lora_apply_impl(const torch::Tensor& y, const torch::Tensor& b_star,
 
 // Bound entry points: all tensors by const reference (a Tensor is a handle; the kernels write
 // through its data pointer), result = "" or the error message.
-std::string arrow_topk(const torch::Tensor& x, const torch::Tensor& prototypes, int64_t k, const torch::Tensor& idx,
-                       const torch::Tensor& scores, int64_t stream) {
-  return guarded("arrow_topk", [&] { return arrow_topk_impl(x, prototypes, k, idx, scores, stream); });
-}
-
 std::string arrow_select(const torch::Tensor& scores, int64_t k, const torch::Tensor& idx,
                          const torch::Tensor& out_scores, const c10::optional<torch::Tensor>& allowed,
                          const c10::optional<torch::Tensor>& scope, int64_t stream) {
@@ -294,8 +262,6 @@ std::string lora_apply(const torch::Tensor& y, const torch::Tensor& b_star, cons
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lag_triton CUDA C++ backend (raw-pointer launchers in csrc/*.cu); every op returns '' or an error";
   m.attr("ERROR_CONTRACT") = "return-string";  // the Python wrapper raises RuntimeError(message)
-  m.def("arrow_topk", &arrow_topk, "Arrow scoring + fused top-k (writes idx, scores); returns '' or an error",
-        py::arg("x"), py::arg("prototypes"), py::arg("k"), py::arg("idx"), py::arg("scores"), py::arg("stream"));
   m.def("arrow_select", &arrow_select,
         "top-k of precomputed fp32 scores [T, N] by |score| (optionally scoped; writes idx, out_scores); returns '' "
         "or an error", py::arg("scores"), py::arg("k"), py::arg("idx"), py::arg("out_scores"), py::arg("allowed"),

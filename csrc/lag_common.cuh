@@ -65,8 +65,6 @@ __device__ __forceinline__ void load8(const __nv_bfloat16* p, float (&o)[8]) {
   }
 }
 
-template <typename T> __device__ __forceinline__ float ld(const T* p) { return to_f(p[0]); }
-
 // ---------------------------------------------------------------- ranking keys
 // Order-preserving map of the reference's rank key to uint32: larger float -> larger key.
 // NaN ranks like -inf (reference: nan_to_num(nan=-inf)), -0.0 ties with +0.0 (as in torch.sort).
@@ -166,7 +164,6 @@ template <cudaDeviceAttr Attr> inline int device_attr(int device, int fallback) 
 }
 
 inline int sm_count(int device) { return device_attr<cudaDevAttrMultiProcessorCount>(device, 108); }
-inline int cc_major(int device) { return device_attr<cudaDevAttrComputeCapabilityMajor>(device, 0); }
 
 inline int pow2_ceil(long long v) {
   int p = 1;

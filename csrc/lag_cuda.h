@@ -18,19 +18,10 @@ extern "C" {
 #define LAG_DTYPE_F16 1
 #define LAG_DTYPE_BF16 2
 
-// arrow_topk supports k <= LAG_ARROW_MAX_K (the Python side falls back to the reference beyond).
+// arrow_select supports k <= LAG_ARROW_MAX_K (the Python side falls back to the reference beyond).
 #define LAG_ARROW_MAX_K 128
 
 const char* lag_cuda_error_string(int err);
-
-// Bytes of scratch the arrow top-k needs for x of `dtype` on `device` (0 when the N split is not used).
-size_t lag_arrow_topk_workspace_bytes(int64_t T, int64_t N, int64_t k, int dtype, int device);
-
-// x [T, d_in], prototypes [N, d_in], both of dtype x_dtype == p_dtype (the Python side promotes
-// mixed dtypes exactly, to fp32) -> idx [T, k] int32, scores [T, k] fp32.
-int lag_arrow_topk_launch(const void* x, int x_dtype, const void* prototypes, int p_dtype, int64_t T,
-                          int64_t N, int64_t d_in, int64_t k, void* workspace, size_t workspace_bytes,
-                          int32_t* idx, float* scores, int device, void* stream);
 
 // Bytes of scratch arrow_select needs (0 when the N split is not used).
 size_t lag_arrow_select_workspace_bytes(int64_t T, int64_t N, int64_t k, int device);

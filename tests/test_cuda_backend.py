@@ -96,6 +96,8 @@ def test_arrow_exact_ties_and_nan(cu, t, n):
 @pytest.mark.parametrize(
     "t,n,d,k,x_off",
     [
+        (1, 3000, 64, 20, 0),
+        (3, 257, 61, 9, 1),
         (16, 1000, 64, 20, 0),
         (33, 257, 61, 128, 0),
         (133, 1001, 96, 20, 1),
@@ -104,8 +106,8 @@ def test_arrow_exact_ties_and_nan(cu, t, n):
         (40, 129, 8, 128, 0),
     ],
 )
-def test_arrow_gemm_select_path_exact(cu, dtype, t, n, d, k, x_off):
-    """T >= 16 scores with one cuBLAS GEMM and takes the top-k with the filtered select kernel. Small
+def test_arrow_gemm_select_exact(cu, dtype, t, n, d, k, x_off):
+    """Arrow scores with one cuBLAS GEMM and takes the top-k with the filtered select kernel. Small
     integers are exact in both dtypes and their dot products exact in fp32, so idx must equal the
     reference's exactly (ties -> lower index, NaN last), across ragged d_in, unaligned x (x_off),
     partial rounds and N splits."""
@@ -163,9 +165,10 @@ def _topk_report(idx, scores, x, p, k):
     )
 
 
-# Regression for the one failure of the first H100 run (test_arrow_unaligned_and_mixed_dtypes, details not
-# captured): T=3 -> tt=2 with a half-empty last token tile, N=90 -> 12 splits of 8 (last split: 2 adapters),
-# k=9 > kb=8 keys per split, merge of 96 keys. Each factor separately, so a failure here names the culprit.
+# Few tokens, N split over blocks (a last split holding 2 adapters) and merged, mixed dtypes (promoted
+# to fp32) and unaligned x / P, each factor separately so that a failure names the culprit. The one
+# failure of the first H100 run was in this family (test_arrow_unaligned_and_mixed_dtypes, details not
+# captured), in the fused decode kernel that the GEMM + select has since replaced.
 @pytest.mark.parametrize(
     "xdt,pdt",
     [
@@ -308,7 +311,7 @@ from lag_triton.kernels import cuda as cu
 ext = cu._load()
 s = torch.cuda.current_stream().cuda_stream
 x = torch.randn(2, 16, device="cuda")
-p = torch.randn(8, 16, device="cuda")
+full = torch.randn(2, 8, device="cuda")  # Arrow scores [T, N]
 idx = torch.empty(2, 3, device="cuda", dtype=torch.int64)
 sc = torch.empty(2, 3, device="cuda")
 y = torch.randn(2, 8, device="cuda")
@@ -316,13 +319,14 @@ b = torch.randn(4, 8, 3, device="cuda")
 sel1 = torch.zeros(2, 1, device="cuda", dtype=torch.int32)
 w1 = torch.ones(2, 1, device="cuda")
 cases = [
-    ("idx must be Int", lambda: ext.arrow_topk(x, p, 3, idx, sc, s)),
-    ("prototypes must be contiguous",
-     lambda: ext.arrow_topk(x, torch.randn(16, 8, device="cuda").t(), 3, idx.int(), sc, s)),
-    ("scores must have shape", lambda: ext.arrow_topk(x, p, 3, idx.int(), torch.empty(2, 4, device="cuda"), s)),
-    ("prototypes must be a CUDA tensor", lambda: ext.arrow_topk(x, p.cpu(), 3, idx.int(), sc, s)),
-    ("k <= 128", lambda: ext.arrow_topk(x, torch.randn(300, 16, device="cuda"), 200, idx.int(), sc, s)),
-    ("one dtype", lambda: ext.arrow_topk(x, p.half(), 3, idx.int(), sc, s)),
+    ("idx must be Int", lambda: ext.arrow_select(full, 3, idx, sc, None, None, s)),
+    ("scores must be contiguous",
+     lambda: ext.arrow_select(torch.randn(8, 2, device="cuda").t(), 3, idx.int(), sc, None, None, s)),
+    ("out_scores must have shape",
+     lambda: ext.arrow_select(full, 3, idx.int(), torch.empty(2, 4, device="cuda"), None, None, s)),
+    ("scores must be a CUDA tensor", lambda: ext.arrow_select(full.cpu(), 3, idx.int(), sc, None, None, s)),
+    ("k <= 128", lambda: ext.arrow_select(torch.randn(2, 300, device="cuda"), 200, idx.int(), sc, None, None, s)),
+    ("scores must be Float", lambda: ext.arrow_select(full.half(), 3, idx.int(), sc, None, None, s)),
     ("z must have shape", lambda: ext.lora_apply(y, b, sel1, w1, torch.zeros(2, 1, 4, device="cuda"), s)),
     ("b_star has dtype", lambda: ext.lora_apply(y, b.double(), sel1, w1, torch.zeros(2, 1, 3, device="cuda"), s)),
     ("candidates must be Int", lambda: ext.spectr_rerank(x, torch.randn(8, 2, 16, device="cuda"), idx, 1, False,
@@ -342,7 +346,7 @@ for want, call in cases:
         raise AssertionError(f"raise_on_error did not raise for {want!r}")
     print("ok:", msg, flush=True)
 # a valid call after the errors still works and reports success
-assert ext.arrow_topk(x, p, 3, idx.int(), sc, s) == ""
+assert ext.arrow_select(full, 3, idx.int(), sc, None, None, s) == ""
 torch.cuda.synchronize()
 print("BINDING_ERRORS_OK", flush=True)
 """

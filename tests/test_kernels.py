@@ -391,6 +391,36 @@ def test_spectr_rerank_ties_lower_adapter_index(ops):
     assert sel1.tolist() == [[2]] * 3 and (w1 == 1).all()
 
 
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16])
+def test_mixed_dtypes_rank_in_fp32_like_the_reference(ops, x_dtype):
+    """x and the weights in different dtypes: the reference computes in fp32 from both as given.
+    The weights below differ by less than x's dtype resolves, so rounding them to x's dtype (what
+    the Triton launchers once did) ties them and changes the winner."""
+    d, r = 24, 3
+    step, w_dtype = 2.0**-12, torch.float32  # exact in fp32; below bf16's (2^-7) and fp16's (2^-10) step at 1.5
+    bumps = torch.tensor([0.0, 1.0, 3.0, 2.0]) * step  # exact ranking 2, 3, 1, 0
+    x = torch.zeros(2, d)
+    x[:, 5] = 1.0
+    p = torch.zeros(len(bumps), d)
+    p[:, 5] = 1.5 + bumps
+    x, p = x.to(x_dtype).to(DEVICE), p.to(w_dtype).to(DEVICE)
+    assert torch.unique(p.to(x_dtype)[:, 5]).numel() < len(bumps), "the case must tie in x's dtype"
+    idx, scores = ops.arrow_topk(x, p, 4)
+    ref_idx, ref_scores = reference.arrow_topk(x, p, 4)
+    assert idx[0].tolist() == ref_idx[0].tolist() == [2, 3, 1, 0]
+    assert torch.equal(idx, ref_idx) and torch.equal(scores, ref_scores)
+
+    a = torch.zeros(len(bumps), r, d)
+    a[:, 1, 5] = 1.5 + bumps  # z = A* x: the norms differ as the scores above
+    a = a.to(w_dtype).to(DEVICE)
+    cand = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0]], dtype=torch.int32, device=DEVICE)
+    sel, w, z = ops.spectr_rerank(x, a, cand, 2)
+    ref_sel, ref_w, ref_z = reference.spectr_rerank(x, a, cand, 2)
+    assert sel.tolist() == ref_sel.tolist() == [[2, 3], [2, 3]]
+    torch.testing.assert_close(w, ref_w, rtol=1e-6, atol=0)
+    assert torch.equal(z, ref_z)
+
+
 def test_host_launch_arithmetic_matches_triton():
     """The launchers' plain-Python cdiv / next_pow2 / prev_pow2 (cheaper on the host than Triton's
     constexpr functions) agree with Triton's over every size a plan meets."""

@@ -127,6 +127,16 @@ def prototype_scores(x: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     return x.float() @ prototypes.float().T
 
 
+def matching_operands(x: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, weights) in one dtype, for kernels that read both as one type: unchanged when they agree
+    (always, in a patched model: the library is held in the layer's dtype), else both in fp32 —
+    exact for fp16/bf16, and the precision the reference computes in (rounding the weights to x's
+    16-bit dtype would change the scores)."""
+    if weights.dtype == x.dtype:
+        return x, weights
+    return x.float(), weights.float()
+
+
 #: fp32 Arrow scores alive at once (bytes): bounds the GEMM's output at large N (~64 rows at N = 1e6)
 SCORE_CHUNK_BYTES = 256 << 20
 

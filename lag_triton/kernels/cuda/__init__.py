@@ -30,6 +30,7 @@ from ..common import (
     check_topk_args,
     empty_rerank_outputs,
     empty_topk_outputs,
+    matching_operands,
     prototype_scores,
     score_row_chunks,
 )
@@ -45,10 +46,8 @@ __all__ = [
     "raise_on_error",
 ]
 
-#: largest k the arrow top-k kernels handle; larger k falls back to the reference op
+#: largest k the arrow select kernel handles; larger k falls back to the reference op
 ARROW_MAX_K = 128
-#: from this many tokens on, Arrow scores come from a cuBLAS GEMM and the filtered select kernel
-SELECT_MIN_T = 16
 PREBUILT_MODULE = "lag_triton._lag_cuda"
 JIT_NAME = "lag_triton_cuda_ext"
 
@@ -168,35 +167,28 @@ def arrow_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Arrow retrieval: idx [T, k] int32 (best first, ties -> lower index) and scores [T, k] fp32.
 
-    From SELECT_MIN_T tokens on (and for any scoped call) the scores are one cuBLAS GEMM with fp32
-    output and a filtered select kernel takes the top-k (csrc/arrow_topk.cu kernel 3); decode runs
-    the fused scoring + top-k kernel, which never writes the scores.
+    The scores are one cuBLAS GEMM with fp32 output (``prototype_scores``, as the Triton backend
+    scores) and the filtered select kernel takes each row's top-k (csrc/arrow_topk.cu), at every T.
     """
     check_topk_args(x, prototypes, k, allowed, scope)
     ext = _ext_for(x, prototypes)
-    if k > ARROW_MAX_K:  # the kernels keep at most 128 candidates per token
+    if k > ARROW_MAX_K:  # the select keeps at most 128 candidates per token
         return reference.arrow_topk(x, prototypes, k, allowed, scope)
-    if x.dtype != prototypes.dtype:  # exact promotion: fp16/bf16 -> fp32 loses nothing
-        x, prototypes = x.float(), prototypes.float()
-    x = x.contiguous()
-    prototypes = prototypes.contiguous()
+    x, prototypes = matching_operands(x, prototypes)
     idx, scores = empty_topk_outputs(x, k)
-    if allowed is not None or x.shape[0] >= SELECT_MIN_T:
-        mask = allowed.contiguous().view(torch.uint8) if allowed is not None else None
-        for rows in score_row_chunks(x.shape[0], prototypes.shape[0]):
-            raise_on_error(
-                ext.arrow_select(
-                    prototype_scores(x[rows], prototypes),
-                    k,
-                    idx[rows],
-                    scores[rows],
-                    mask,
-                    None if scope is None else scope[rows].contiguous(),
-                    _stream(x.device),
-                )
+    mask = allowed.contiguous().view(torch.uint8) if allowed is not None else None
+    for rows in score_row_chunks(x.shape[0], prototypes.shape[0]):
+        raise_on_error(
+            ext.arrow_select(
+                prototype_scores(x[rows], prototypes),
+                k,
+                idx[rows],
+                scores[rows],
+                mask,
+                None if scope is None else scope[rows].contiguous(),
+                _stream(x.device),
             )
-        return idx, scores
-    raise_on_error(ext.arrow_topk(x, prototypes, k, idx, scores, _stream(x.device)))
+        )
     return idx, scores
 
 

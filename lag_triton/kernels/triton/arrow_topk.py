@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import check_topk_args, empty_topk_outputs, prototype_scores, score_row_chunks
+from ..common import check_topk_args, empty_topk_outputs, matching_operands, prototype_scores, score_row_chunks
 from ..reference import topk_of_scores
 from ._common import (
     EMPTY_SLOT,
@@ -241,8 +241,7 @@ def arrow_topk(
     check_topk_args(x, prototypes, k, allowed, scope)
     x = rows_contiguous(x)
     prototypes = rows_contiguous(prototypes)
-    if prototypes.dtype != x.dtype:
-        prototypes = prototypes.to(x.dtype)
+    x, prototypes = matching_operands(x, prototypes)
     t, n = x.shape[0], prototypes.shape[0]
     idx, scores = empty_topk_outputs(x, k)
     if t > 0 and fold_splits():  # a few tokens: scoring and select in one launch (arrow_decode)

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import check_rerank_args, empty_rerank_outputs
+from ..common import check_rerank_args, empty_rerank_outputs, matching_operands
 from ._common import (
     EMPTY_SLOT,
     NO_ADAPTER,
@@ -472,8 +472,7 @@ def spectr_rerank(
     x = rows_contiguous(x)
     a_star = rows_contiguous(a_star)
     candidates = candidates.contiguous()
-    if a_star.dtype != x.dtype:
-        a_star = a_star.to(x.dtype)
+    x, a_star = matching_operands(x, a_star)
     t, d = x.shape
     n, r, _ = a_star.shape
     k = candidates.shape[1]
