@@ -217,7 +217,7 @@ def _as_libraries(libraries) -> list[Library]:
     out = []
     for lib in libraries:
         if isinstance(lib, (str, os.PathLike)):
-            lib = Library.load(lib)
+            lib = Library.load(lib, check_values=False)  # patch checks the copies it keeps
         if not isinstance(lib, Library):
             raise TypeError(f"expected a lag_triton.Library or a path to one, got {type(lib).__name__}")
         out.append(lib)

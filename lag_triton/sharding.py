@@ -46,6 +46,7 @@ import torch.distributed as dist
 
 from .kernels import resolve_backend
 from .kernels.common import selection_weights
+from .library.weights import check_finite
 from .patching import LibraryRoute, _attach, _build_routes, _check_layer, _route_dtype
 
 __all__ = ["ShardedRoute", "patch_sharded", "shard_bounds", "traffic"]
@@ -360,8 +361,8 @@ def _plan(model, libs, backend: str, comm: str, already: int) -> list:
                     f"module {name!r} is on {layer.device} but the process group uses {comm}: "
                     "use gloo for CPU models and nccl for CUDA models"
                 )
-            try:  # the whole module: ids and ranks must index the same names on every rank
-                weights.check_values(len(lib.names))
+            try:  # the whole module's maps: ids and ranks must index the same names on every rank
+                weights.check_maps(len(lib.names))
             except ValueError as e:
                 raise ValueError(f"library {lib.label}, module {name!r}: {e}") from None
             plan.append((name, already + offset, weights, resolve_backend(backend, layer.device), layer))
@@ -385,15 +386,19 @@ def patch_sharded(model, libs, config, backend: str, group):
     def build(name, idx, weights, be, layer):
         lo, hi = shard_bounds(weights.num_adapters, world)[rank : rank + 2]
         local = _local_rows(weights, lo, hi, layer.device, _route_dtype(layer.dtype))
+        try:  # this rank's rows only, as copied (a value the routing dtype cannot hold is caught too)
+            check_finite(a_star=local.a_star, b_star=local.b_star, prototypes=local.prototypes)
+        except ValueError as e:
+            raise ValueError(f"library {libs[idx - already].label}, module {name!r}, rows [{lo}, {hi}): {e}") from None
         ids = weights.adapter_ids.to(layer.device, torch.int64, copy=True)
         return ShardedRoute(idx, local, ids, weights.num_adapters, config, be, group, rank, world)
 
     try:  # every rank copies its shards, then all agree that all did before any model changes
         routes = _build_routes(plan, libs, already, build, lambda w, layer: _shard_bytes(w, layer, world, rank))
     except BaseException:
-        _agree(None, group, rank, world, comm_device, failed="failed to copy their shards")
+        _agree(None, group, rank, world, comm_device, failed="failed to copy or check their shards")
         raise
-    _agree("copied", group, rank, world, comm_device, failed="failed to copy their shards")
+    _agree("copied", group, rank, world, comm_device, failed="failed to copy or check their shards")
     return _attach(model, routes, libs, already)
 
 

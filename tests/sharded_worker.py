@@ -192,6 +192,21 @@ def check_disagreement(rank: int, world: int, store: str, backend: str) -> None:
     else:
         raise AssertionError("patch went ahead although rank 0 failed its checks")
     assert not any(isinstance(m, lag_triton.LagLinear) for m in (*model.modules(), *wrong.modules()))
+    # A NaN in the last adapter's B*, a row that only the last rank copies: that rank's check of its
+    # rows names them, every rank raises, no model changes.
+    bad = tie_library()
+    bad.modules["0"].b_star[4, 1, 0] = float("nan")
+    try:
+        lag_triton.patch(model, bad, process_group=dist.group.WORLD)
+    except ValueError as e:
+        if rank == world - 1:
+            lo = shard_bounds(5, world)[rank]
+            assert f"module '0', rows [{lo}, 5): b_star holds NaN or inf" in str(e), e
+        else:
+            assert f"ranks [{world - 1}] failed to copy or check their shards" in str(e), e
+    else:
+        raise AssertionError("patch went ahead although a rank's rows hold a NaN")
+    assert not any(isinstance(m, lag_triton.LagLinear) for m in model.modules())
     # The last rank runs out of memory copying its shard: every rank raises, no model changes.
     if rank == world - 1:
         sharding._local_rows = _out_of_memory
@@ -201,7 +216,7 @@ def check_disagreement(rank: int, world: int, store: str, backend: str) -> None:
         assert rank == world - 1 and "lag_triton.patch ran out of memory on cpu copying library" in str(e), e
         assert "The model is unchanged" in str(e) and "Tried to allocate" in str(e), e
     except ValueError as e:
-        assert rank != world - 1 and f"ranks [{world - 1}] failed to copy their shards" in str(e), e
+        assert rank != world - 1 and f"ranks [{world - 1}] failed to copy or check their shards" in str(e), e
     else:
         raise AssertionError("patch went ahead although a rank ran out of memory")
     assert not any(isinstance(m, lag_triton.LagLinear) for m in model.modules())

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import lag_triton
 from lag_triton import Library, LibraryFormatError, ModuleWeights
 from lag_triton.library import safetensors_io
 
@@ -301,6 +302,40 @@ def test_damaged_library_files_raise_library_format_error_naming_file_and_field(
 
     assert main(["info", "--check", str(bad)]) == 1  # --check: plain info does not read factor values
     assert capsys.readouterr().err.count("\n") == 1
+
+
+VALUE_CORRUPTIONS = (
+    "negative id",
+    "id past names",
+    "repeated id",
+    "short names",
+    "empty names",
+    "rank past int32",
+    "NaN factor",
+)
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_load_without_value_checks_leaves_values_to_patch(saved, tmp_path, case):
+    """``check_values=False`` still refuses every damaged structure; bad values load, and ``patch``
+    refuses them on the copies it keeps — naming file, module and field, the model untouched — as it
+    does when given the path."""
+    mutate, needle = CORRUPTIONS[case]
+    header, data = read_raw(saved)
+    bad = write_raw(tmp_path / "bad.safetensors", *mutate(copy.deepcopy(header), data))
+    if case not in VALUE_CORRUPTIONS:
+        with pytest.raises(LibraryFormatError) as info:
+            Library.load(bad, check_values=False)
+        assert str(bad) in str(info.value) and needle in str(info.value), str(info.value)
+        return
+    lib = Library.load(bad, check_values=False)
+    for target in (lib, bad):
+        model = tiny_model("llama")
+        with pytest.raises(ValueError) as info:
+            lag_triton.patch(model, target)
+        assert str(bad) in str(info.value) and "module " in str(info.value), str(info.value)
+        assert needle in str(info.value), str(info.value)
+        assert not any(isinstance(m, lag_triton.LagLinear) for m in model.modules())
 
 
 def test_unparsable_prefixes(tmp_path):

@@ -128,18 +128,22 @@ class Library:
         sio.write(Path(path), tensors, metadata)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Library:
-        """Memory-map a library saved by :meth:`save` after checking all of it.
+    def load(cls, path: str | os.PathLike, *, check_values: bool = True) -> Library:
+        """Memory-map a library saved by :meth:`save` after checking it.
 
-        The factors stay in the file's private memory map (``patch`` copies what it keeps); every
-        value is read once here to check it. Raises FileNotFoundError / IsADirectoryError for a bad
-        path and :class:`LibraryFormatError`, naming the file and the field, for bad content.
+        The factors stay in the file's private memory map (``patch`` copies what it keeps). The
+        header, names, dtypes, shapes and offsets are always checked; with ``check_values`` every
+        value is read once here too (ids, ranks, finite factors). ``check_values=False`` leaves that
+        to ``patch``, which checks the copies it keeps anyway: a large library is then read once
+        instead of twice, and with ``process_group=`` each rank reads only its own rows of the
+        factors. Raises FileNotFoundError / IsADirectoryError for a bad path and
+        :class:`LibraryFormatError`, naming the file and the field, for bad content.
         """
         path = existing_library_path(path)
-        return _load(path)
+        return _load(path, check_values)
 
 
-def _load(path: Path) -> Library:
+def _load(path: Path, check_values: bool = True) -> Library:
     stored = read_stored(path)
     tensors = sio.map_tensors(path, stored.header)
     weights = {}
@@ -153,6 +157,8 @@ def _load(path: Path) -> Library:
         except ValueError as e:
             raise stored.fail(f"module {module!r}: {e}") from None
     lib = Library(stored.names, weights, base_model=stored.base_model, source=str(path))
+    if not check_values:
+        return lib
     for module, m in weights.items():
         try:
             m.check_values(len(stored.names))

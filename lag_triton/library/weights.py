@@ -39,6 +39,15 @@ def _all_finite(t: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(t[i : i + rows]).all()) for i in range(0, t.shape[0], rows))
 
 
+def check_finite(**factors: torch.Tensor) -> None:
+    """Raise ValueError naming the first factor that holds NaN or inf (reads them all: a host sync)."""
+    for name, t in factors.items():
+        if t.device.type == "meta":
+            raise ValueError("tensors are on the meta device (they hold no values)")
+        if not _all_finite(t):
+            raise ValueError(f"{name} holds NaN or inf")
+
+
 @dataclass(frozen=True)
 class ModuleWeights:
     """The aligned factors of every adapter that targets one module (shapes in the module docstring)."""
@@ -115,6 +124,11 @@ class ModuleWeights:
     def check_values(self, num_names: int) -> None:
         """Raise ValueError naming the field unless ids index ``num_names`` names once each, ranks
         lie in [1, r] and every factor is finite. Reads all the data (a host sync on a GPU)."""
+        self.check_maps(num_names)
+        check_finite(**{f: getattr(self, f) for f in FACTORS})
+
+    def check_maps(self, num_names: int) -> None:
+        """The index maps part of :meth:`check_values` (ids, ranks: a few bytes per adapter)."""
         if self.device.type == "meta":
             raise ValueError("tensors are on the meta device (they hold no values)")
         ids = self.adapter_ids.to("cpu", torch.int64)
@@ -129,9 +143,6 @@ class ModuleWeights:
             ranks = self.ranks.to("cpu", torch.int64)
             if ((ranks < 1) | (ranks > self.rank)).any():
                 raise ValueError(f"ranks must lie in [1, r={self.rank}], got {ranks.tolist()[:20]}")
-        for f in FACTORS:
-            if not _all_finite(getattr(self, f)):
-                raise ValueError(f"{f} holds NaN or inf")
 
     def to(self, device=None, dtype: torch.dtype | None = None, *, copy: bool = False) -> ModuleWeights:
         """Move to ``device``; cast the factors (not the integer maps) to ``dtype``.
