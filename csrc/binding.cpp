@@ -194,11 +194,15 @@ std::string spectr_rerank_impl(const torch::Tensor& x, const torch::Tensor& a_st
   if (T == 0) return {};
   torch::Tensor z_all = torch::empty({T, k, r}, x.options().dtype(torch::kFloat32));
   torch::Tensor key_all = torch::empty({T, k}, x.options().dtype(torch::kFloat32));
+  const size_t ws_bytes = lag_spectr_rerank_workspace_bytes(T, N, k);
+  torch::Tensor ws;
+  if (ws_bytes > 0) ws = torch::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(torch::kUInt8));
   const int rc = lag_spectr_rerank_launch(
       x.data_ptr(), x_dt, a_star.data_ptr(), a_dt, static_cast<const int32_t*>(candidates.data_ptr()), cs, T, N, r,
       d_in, k, top_m, combine_uniform ? 1 : 0, static_cast<float>(temperature), static_cast<float*>(z_all.data_ptr()),
-      static_cast<float*>(key_all.data_ptr()), static_cast<int32_t*>(sel.data_ptr()), static_cast<float*>(w.data_ptr()),
-      static_cast<float*>(z.data_ptr()), device.index(), as_stream(stream));
+      static_cast<float*>(key_all.data_ptr()), ws_bytes > 0 ? ws.data_ptr() : nullptr, ws_bytes,
+      static_cast<int32_t*>(sel.data_ptr()), static_cast<float*>(w.data_ptr()), static_cast<float*>(z.data_ptr()),
+      device.index(), as_stream(stream));
   return launch_status(rc, "spectr_rerank");
 }
 

@@ -35,15 +35,19 @@ int lag_arrow_select_launch(const float* scores, int64_t T, int64_t N, int64_t s
                             void* workspace, size_t workspace_bytes, int32_t* idx, float* out_scores,
                             int device, void* stream);
 
+// Bytes of int32 scratch spectr_rerank needs (0 unless it groups the pairs by adapter: T >= 64, T*k >= N).
+size_t lag_spectr_rerank_workspace_bytes(int64_t T, int64_t N, int64_t k);
+
 // x [T, d_in], a_star [N, r, d_in], candidates [T, k] int32, candidate_scores [T, k] fp32 or NULL.
-// Scratch: z_all [T, k, r] fp32, key_all [T, k] fp32. Outputs: sel [T, m] int32, w [T, m] fp32,
-// z [T, m, r] fp32. combine_uniform: 1 for "uniform", 0 for "softmax". A candidate -1 is no candidate:
-// never picked; picks past the valid candidates get sel -1, w 0, z 0 and the weights spread over the rest.
+// Scratch: z_all [T, k, r] fp32, key_all [T, k] fp32, workspace (lag_spectr_rerank_workspace_bytes).
+// Outputs: sel [T, m] int32, w [T, m] fp32, z [T, m, r] fp32. combine_uniform: 1 for "uniform", 0 for
+// "softmax". A candidate -1 is no candidate: never picked; picks past the valid candidates get sel -1,
+// w 0, z 0 and the weights spread over the rest.
 int lag_spectr_rerank_launch(const void* x, int x_dtype, const void* a_star, int a_dtype,
                              const int32_t* candidates, const float* candidate_scores, int64_t T,
                              int64_t N, int64_t r, int64_t d_in, int64_t k, int64_t m,
-                             int combine_uniform, float temperature,
-                             float* z_all, float* key_all, int32_t* sel, float* w, float* z,
+                             int combine_uniform, float temperature, float* z_all, float* key_all,
+                             void* workspace, size_t workspace_bytes, int32_t* sel, float* w, float* z,
                              int device, void* stream);
 
 // y [T, d_out] (y_dtype, updated in place), b_star [N, d_out, r] (b_dtype), sel [T, m] int32,

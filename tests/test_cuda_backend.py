@@ -236,6 +236,7 @@ def _rerank_case(dtype, t, n, r, d, k, seed=0):
         (1, 50, 6, 64, 20, 1),
         (7, 40, 6, 72, 20, 3),
         (64, 300, 16, 128, 300, 4),
+        (300, 40, 13, 2049, 10, 3),  # grouped by adapter: ~75 pairs each (runs across tiles), 2 row groups
         (3, 30, 9, 33, 12, 12),
         (2, 10, 130, 40, 5, 2),
     ],

@@ -121,7 +121,7 @@ EXPECTED_SYMBOLS = {
         "lag_arrow_select_workspace_bytes",
         "lag_cuda_error_string",
     ],
-    "spectr_rerank.cu": ["lag_spectr_rerank_launch"],
+    "spectr_rerank.cu": ["lag_spectr_rerank_launch", "lag_spectr_rerank_workspace_bytes"],
     "lora_apply.cu": ["lag_lora_apply_launch"],
 }
 

@@ -257,13 +257,14 @@ def test_arrow_topk_scoped_matches_reference(ops, monkeypatch, dtype, t, n, k, s
     assert torch.equal(ops.arrow_topk(x, p, k, everyone, zeros)[0], ops.arrow_topk(x, p, k)[0])
 
 
+@pytest.mark.parametrize("t", [9, 70])  # 70 tokens: the adapter-grouped path (the -1 pairs grouped last)
 @pytest.mark.parametrize(
     "m,combine,with_scores", [(1, "softmax", False), (3, "softmax", False), (3, "uniform", False), (2, "softmax", True)]
 )
-def test_spectr_rerank_missing_candidates(ops, m, combine, with_scores):
+def test_spectr_rerank_missing_candidates(ops, t, m, combine, with_scores):
     """Candidates -1 (a scope left fewer than k) are never selected, wherever they sit in the row;
     picks past the valid candidates are sel -1, w 0, z 0, and weights sum to 1 over the valid ones."""
-    t, n, r, d, k = 9, 40, 6, 33, 6
+    n, r, d, k = 40, 6, 33, 6
     x, a = randn(t, d, seed=83), randn(n, r, d, seed=84)
     cand = _candidates(t, n, k, seed=85)
     cand[0] = -1  # no candidate at all
