@@ -166,6 +166,9 @@ std::string spectr_rerank_impl(const torch::Tensor& x, const torch::Tensor& a_st
   int x_dt = -1, a_dt = -1;
   LAG_TRY(dtype_code(x, "x", &x_dt));
   LAG_TRY(dtype_code(a_star, "a_star", &a_dt));
+  if (x_dt != a_dt)
+    return err("spectr_rerank needs x and a_star of one dtype, got ", x.scalar_type(), " and ", a_star.scalar_type(),
+               " (the Python wrapper promotes them)");
   LAG_TRY(check_dtype(candidates, "candidates", torch::kInt32));
   const int64_t T = x.size(0), d_in = x.size(1), N = a_star.size(0), r = a_star.size(1);
   if (a_star.size(2) != d_in) return err("a_star has d_in=", a_star.size(2), " but x has d_in=", d_in);

@@ -38,7 +38,8 @@ int lag_arrow_select_launch(const float* scores, int64_t T, int64_t N, int64_t s
 // Bytes of int32 scratch spectr_rerank needs (0 unless it groups the pairs by adapter: T >= 64, T*k >= N).
 size_t lag_spectr_rerank_workspace_bytes(int64_t T, int64_t N, int64_t k);
 
-// x [T, d_in], a_star [N, r, d_in], candidates [T, k] int32, candidate_scores [T, k] fp32 or NULL.
+// x [T, d_in], a_star [N, r, d_in] of one dtype (x_dtype == a_dtype: the Python side promotes mixed
+// dtypes exactly, to fp32), candidates [T, k] int32, candidate_scores [T, k] fp32 or NULL.
 // Scratch: z_all [T, k, r] fp32, key_all [T, k] fp32, workspace (lag_spectr_rerank_workspace_bytes).
 // Outputs: sel [T, m] int32, w [T, m] fp32, z [T, m, r] fp32. combine_uniform: 1 for "uniform", 0 for
 // "softmax". A candidate -1 is no candidate: never picked; picks past the valid candidates get sel -1,

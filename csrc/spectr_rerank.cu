@@ -27,9 +27,9 @@ namespace {
 
 constexpr int kRows = 8;  // rows of A* per pass
 
-template <typename TX, typename TW>
+template <typename TE>
 __global__ void __launch_bounds__(kThreads)
-rerank_z_kernel(const TX* __restrict__ x, const TW* __restrict__ A, const int32_t* __restrict__ cand,
+rerank_z_kernel(const TE* __restrict__ x, const TE* __restrict__ A, const int32_t* __restrict__ cand,
                 int64_t tasks, int k, int N, int r, int d_in, int wpt, int vec,
                 float* __restrict__ z_all, float* __restrict__ key_all) {
   __shared__ float s_part[kWarps][kRows];
@@ -44,8 +44,8 @@ rerank_z_kernel(const TX* __restrict__ x, const TW* __restrict__ A, const int32_
   const int64_t t = tk / k;
   int c = cand[tk];
   c = c < 0 ? 0 : (c >= N ? N - 1 : c);  // memory safety only: candidates are in range by contract
-  const TX* xr = x + t * d_in;
-  const TW* Ab = A + static_cast<int64_t>(c) * r * d_in;
+  const TE* xr = x + t * d_in;
+  const TE* Ab = A + static_cast<int64_t>(c) * r * d_in;
   if (threadIdx.x < kWarps) s_sq[threadIdx.x] = 0.f;
 
   for (int g = 0; g < r; g += kRows) {
@@ -54,7 +54,7 @@ rerank_z_kernel(const TX* __restrict__ x, const TW* __restrict__ A, const int32_
     for (int j = 0; j < kRows; ++j) acc[j] = 0.f;
     const int rows = min(kRows, r - g);
     if (valid) {
-      const TW* Ag = Ab + static_cast<int64_t>(g) * d_in;
+      const TE* Ag = Ab + static_cast<int64_t>(g) * d_in;
       if (vec) {
         const int nv = d_in >> 3;
 #pragma unroll 2
@@ -194,9 +194,9 @@ group_scatter_kernel(const int32_t* __restrict__ cand, int P, int N, int32_t* __
 // block stages the chunk of A* (as fp32) once and every warp multiplies it with its pairs' x.
 // Lane l holds columns l + 32 e (e < 8) of a chunk: conflict-free shared-memory reads, and the
 // warp's x loads cover contiguous 64-byte runs.
-template <typename TX, typename TW>
+template <typename TE>
 __global__ void __launch_bounds__(kThreads)
-rerank_grouped_z_kernel(const TX* __restrict__ x, const TW* __restrict__ A, const int32_t* __restrict__ cand,
+rerank_grouped_z_kernel(const TE* __restrict__ x, const TE* __restrict__ A, const int32_t* __restrict__ cand,
                         const int32_t* __restrict__ grouped, int P, int k, int N, int r, int d_in,
                         float* __restrict__ z_all, float* __restrict__ key_all) {
   __shared__ float s_a[kRows][kChunk];
@@ -216,8 +216,8 @@ rerank_grouped_z_kernel(const TX* __restrict__ x, const TW* __restrict__ A, cons
     int e = s + 1;
     while (e < kTileP && s_ad[e] == a) ++e;
     if (a >= 0) {
-      const TW* Aa = A + static_cast<int64_t>(a) * r * d_in;
-      const TX* xr[kPairsPerWarp];
+      const TE* Aa = A + static_cast<int64_t>(a) * r * d_in;
+      const TE* xr[kPairsPerWarp];
       bool mine[kPairsPerWarp];
 #pragma unroll
       for (int q = 0; q < kPairsPerWarp; ++q) {
@@ -279,7 +279,7 @@ rerank_grouped_z_kernel(const TX* __restrict__ x, const TW* __restrict__ A, cons
   }
 }
 
-template <typename TX, typename TW>
+template <typename TE>
 int launch_grouped_z(const void* x, const void* A, const int32_t* cand, int P, int k, int N, int r, int d_in,
                      int32_t* counts, int32_t* grouped, float* z_all, float* key_all, cudaStream_t stream) {
   const int blocks = (P + kThreads - 1) / kThreads < 65535 ? (P + kThreads - 1) / kThreads : 65535;
@@ -289,8 +289,8 @@ int launch_grouped_z(const void* x, const void* A, const int32_t* cand, int P, i
   group_scan_kernel<<<1, kScanThreads, 0, stream>>>(counts, N + 1);
   group_scatter_kernel<<<blocks, kThreads, 0, stream>>>(cand, P, N, counts, grouped);
   const int64_t tiles = (static_cast<int64_t>(P) + kTileP - 1) / kTileP;
-  rerank_grouped_z_kernel<TX, TW><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
-      static_cast<const TX*>(x), static_cast<const TW*>(A), cand, grouped, P, k, N, r, d_in, z_all, key_all);
+  rerank_grouped_z_kernel<TE><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
+      static_cast<const TE*>(x), static_cast<const TE*>(A), cand, grouped, P, k, N, r, d_in, z_all, key_all);
   return 0;
 }
 
@@ -375,13 +375,13 @@ rerank_select_kernel(const int32_t* __restrict__ cand, const float* __restrict__
   for (int i = lane; i < m; i += 32) wt[i] = st[i] >= 0 ? expf(wt[i] / temperature - mx) / sum : 0.f;
 }
 
-template <typename TX, typename TW>
+template <typename TE>
 void launch_z(const void* x, const void* A, const int32_t* cand, int64_t tasks, int k, int N, int r,
               int d_in, int wpt, int vec, float* z_all, float* key_all, cudaStream_t stream) {
   const int tpb = kWarps / wpt;
   const int64_t blocks = (tasks + tpb - 1) / tpb;
-  rerank_z_kernel<TX, TW><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      static_cast<const TX*>(x), static_cast<const TW*>(A), cand, tasks, k, N, r, d_in, wpt, vec, z_all,
+  rerank_z_kernel<TE><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      static_cast<const TE*>(x), static_cast<const TE*>(A), cand, tasks, k, N, r, d_in, wpt, vec, z_all,
       key_all);
 }
 
@@ -407,6 +407,7 @@ extern "C" int lag_spectr_rerank_launch(const void* x, int x_dtype, const void* 
   const int64_t tasks = T * k;
   if ((tasks + kWarps - 1) / kWarps > 0x7fffffffLL || (T + kWarps - 1) / kWarps > 0x7fffffffLL)
     return static_cast<int>(cudaErrorInvalidValue);
+  if (x_dtype != a_dtype) return static_cast<int>(cudaErrorInvalidValue);  // the caller promotes
   const bool grouped = use_grouped(T, N, k);
   if (grouped && (workspace == nullptr || workspace_bytes < lag_spectr_rerank_workspace_bytes(T, N, k)))
     return static_cast<int>(cudaErrorInvalidValue);
@@ -417,13 +418,10 @@ extern "C" int lag_spectr_rerank_launch(const void* x, int x_dtype, const void* 
   if (grouped) {
     int32_t* counts = static_cast<int32_t*>(workspace);
     int32_t* pairs = counts + N + 1;
-    rc = dispatch_dtype(x_dtype, [&](auto tx) {
-      typedef typename decltype(tx)::type TX;
-      return dispatch_dtype(a_dtype, [&](auto tw) {
-        typedef typename decltype(tw)::type TW;
-        return launch_grouped_z<TX, TW>(x, a_star, candidates, static_cast<int>(tasks), Ki, Ni, Ri, Di, counts, pairs,
-                                        z_all, key_all, stream);
-      });
+    rc = dispatch_dtype(x_dtype, [&](auto te) {
+      typedef typename decltype(te)::type TE;
+      return launch_grouped_z<TE>(x, a_star, candidates, static_cast<int>(tasks), Ki, Ni, Ri, Di, counts, pairs, z_all,
+                                  key_all, stream);
     });
   } else {
     const int vec = (d_in % 8 == 0 && aligned16(x) && aligned16(a_star)) ? 1 : 0;
@@ -433,13 +431,10 @@ extern "C" int lag_spectr_rerank_launch(const void* x, int x_dtype, const void* 
     int wpt = 1;
     while (wpt < kWarps && tasks * wpt * 2 <= target_warps && static_cast<int64_t>(wpt) * 2 * 32 <= lane_chunks)
       wpt *= 2;
-    rc = dispatch_dtype(x_dtype, [&](auto tx) {
-      typedef typename decltype(tx)::type TX;
-      return dispatch_dtype(a_dtype, [&](auto tw) {
-        typedef typename decltype(tw)::type TW;
-        launch_z<TX, TW>(x, a_star, candidates, tasks, Ki, Ni, Ri, Di, wpt, vec, z_all, key_all, stream);
-        return 0;
-      });
+    rc = dispatch_dtype(x_dtype, [&](auto te) {
+      typedef typename decltype(te)::type TE;
+      launch_z<TE>(x, a_star, candidates, tasks, Ki, Ni, Ri, Di, wpt, vec, z_all, key_all, stream);
+      return 0;
     });
   }
   if (rc != 0) return rc;

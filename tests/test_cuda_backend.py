@@ -332,6 +332,9 @@ cases = [
     ("b_star has dtype", lambda: ext.lora_apply(y, b.double(), sel1, w1, torch.zeros(2, 1, 3, device="cuda"), s)),
     ("candidates must be Int", lambda: ext.spectr_rerank(x, torch.randn(8, 2, 16, device="cuda"), idx, 1, False,
                                                          1.0, None, sel1, w1, torch.empty(2, 1, 2, device="cuda"), s)),
+    ("x and a_star of one dtype", lambda: ext.spectr_rerank(x, torch.randn(8, 2, 16, device="cuda").half(), idx.int(),
+                                                             1, False, 1.0, None, sel1, w1,
+                                                             torch.empty(2, 1, 2, device="cuda"), s)),
     ("temperature must be > 0", lambda: ext.spectr_rerank(x, torch.randn(8, 2, 16, device="cuda"), idx.int(), 1,
                                                           False, 0.0, None, sel1, w1,
                                                           torch.empty(2, 1, 2, device="cuda"), s)),
@@ -373,7 +376,7 @@ def test_binding_error_messages():
     )
     assert proc.returncode == 0, report
     assert "BINDING_ERRORS_OK" in proc.stdout, report
-    assert proc.stdout.count("ok: lag_triton cuda backend: ") == 10, report
+    assert proc.stdout.count("ok: lag_triton cuda backend: ") == 11, report
 
 
 def test_wrapper_raises_runtime_error_from_binding(cu, monkeypatch):

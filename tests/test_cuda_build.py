@@ -37,7 +37,6 @@ ALLOWED_KERNEL_INCLUDES = {
     "cuda_runtime.h",
     "cuda_fp16.h",
     "cuda_bf16.h",
-    "mma.h",
     "stdint.h",
     "stddef.h",
     "string.h",
@@ -96,6 +95,8 @@ def nvcc_objects(tmp_path_factory):
             f"-I{CSRC}",
             "-Xcompiler",
             "-fPIC",
+            "-Xptxas",
+            "-v",  # registers and spills per kernel, for test_cu_kernels_do_not_spill
             str(CSRC / name),
             "-o",
             str(obj),
@@ -113,6 +114,21 @@ def test_cu_compiles(nvcc_objects, name, arch):
     rc, log, obj = nvcc_objects[(name, arch)]
     assert rc == 0, f"nvcc failed for {name} ({arch}):\n{log[-6000:]}"
     assert obj.exists() and obj.stat().st_size > 0
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("name", CU_FILES)
+def test_cu_kernels_do_not_spill(nvcc_objects, name, arch):
+    """Every kernel instantiation fits in registers: ptxas reports 0 bytes of spill stores and loads
+    (a spill turns a register into local-memory traffic on every loop iteration)."""
+    rc, log, _ = nvcc_objects[(name, arch)]
+    assert rc == 0, log[-3000:]
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    kernels = re.findall(r"Compiling entry function '(\w+)'", log)
+    assert spills and len(spills) >= len(kernels), f"no ptxas -v report in the log:\n{log[-3000:]}"
+    assert all(store == "0" and load == "0" for store, load in spills), "\n".join(
+        line for line in log.splitlines() if "spill" in line or "entry function" in line
+    )
 
 
 EXPECTED_SYMBOLS = {

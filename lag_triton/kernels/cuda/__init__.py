@@ -204,8 +204,7 @@ def spectr_rerank(
     """SpectR rerank: sel [T, m] int32, w [T, m] fp32, z [T, m, r] fp32 (see the reference)."""
     check_rerank_args(x, a_star, candidates, top_m, combine, temperature, candidate_scores)
     ext = _ext_for(x, a_star, candidates)
-    x = x.contiguous()
-    a_star = a_star.contiguous()
+    x, a_star = matching_operands(x.contiguous(), a_star.contiguous())
     candidates = candidates.contiguous()
     if candidate_scores is not None:
         candidate_scores = candidate_scores.to(device=x.device, dtype=torch.float32).contiguous()
