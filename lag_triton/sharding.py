@@ -46,7 +46,7 @@ import torch.distributed as dist
 
 from .kernels import resolve_backend
 from .kernels.common import selection_weights
-from .library.weights import check_finite
+from .library.weights import check_finite, held_dtype
 from .patching import LibraryRoute, _attach, _build_routes, _check_layer, _route_dtype
 
 __all__ = ["ShardedRoute", "patch_sharded", "shard_bounds", "traffic"]
@@ -340,9 +340,7 @@ def _local_rows(weights, lo: int, hi: int, device, dtype):
     """Rows [lo, hi) of a module's ModuleWeights, copied to the device (shapes [0, ...] when empty)."""
 
     def rows(t):
-        return torch.empty(
-            (hi - lo, *t.shape[1:]), dtype=dtype if t.is_floating_point() else t.dtype, device=device
-        ).copy_(t[lo:hi])
+        return torch.empty((hi - lo, *t.shape[1:]), dtype=held_dtype(t, dtype), device=device).copy_(t[lo:hi])
 
     return SimpleNamespace(
         a_star=rows(weights.a_star), b_star=rows(weights.b_star), prototypes=rows(weights.prototypes)

@@ -29,7 +29,7 @@ _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 _CHECK_CHUNK = 2**24  # elements per isfinite pass: its bool temporary stays at 16 MB for any library size
 
 
-def _held_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+def held_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
     """The dtype ``ModuleWeights.to(..., dtype)`` holds ``t`` in: factors cast, integer maps kept."""
     return dtype if (dtype is not None and t.is_floating_point()) else t.dtype
 
@@ -119,7 +119,7 @@ class ModuleWeights:
     def nbytes(self, dtype: torch.dtype | None = None) -> int:
         """Bytes of every tensor, the factors counted in ``dtype`` (as ``to(..., dtype)`` would hold them)."""
         tensors = (getattr(self, f.name) for f in fields(self))
-        return sum(t.numel() * _held_dtype(t, dtype).itemsize for t in tensors if t is not None)
+        return sum(t.numel() * held_dtype(t, dtype).itemsize for t in tensors if t is not None)
 
     def check_values(self, num_names: int) -> None:
         """Raise ValueError naming the field unless ids index ``num_names`` names once each, ranks
@@ -154,7 +154,7 @@ class ModuleWeights:
         def move(t: torch.Tensor | None):
             if t is None:
                 return None
-            cast = _held_dtype(t, dtype)
+            cast = held_dtype(t, dtype)
             if copy:
                 return torch.empty(t.shape, dtype=cast, device=device or t.device).copy_(t)
             return t.to(device=device, dtype=cast)
