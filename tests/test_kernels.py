@@ -570,7 +570,7 @@ def test_spectr_rerank_folded_select(ops, monkeypatch, dtype, case):
     assert mod.rerank_plan(t, n, r, d, k, m, with_scores, 64).path == "split"
     test_spectr_rerank_matches_reference(ops, dtype, *case)
     for m, combine in ((1, "softmax"), (3, "softmax"), (3, "uniform")):
-        test_spectr_rerank_missing_candidates(ops, m, combine, False)
+        test_spectr_rerank_missing_candidates(ops, 9, m, combine, False)  # 9 tokens: the split path
     test_spectr_rerank_ties_lower_adapter_index(ops)
     test_spectr_rerank_nan_inf(ops)
     tickets_all_zero(ops)

@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -72,3 +74,30 @@ def test_every_launch_configuration_compiles_for_sm90(pytestconfig):
 
 
 TEST_NAME = test_every_launch_configuration_compiles_for_sm90.__name__  # the test conftest starts early
+
+
+# The last-to-arrive protocol as _aot_check finds it in the PTX of every folding configuration
+# (registers and names as Triton emits them; only the memory operations matter to the rule).
+_STORES = "st.global.b64 [ %rd1 + 0 ], { %rd2 };"
+_TICKET = "@%p1 atom.global.gpu.acq_rel.add.u32 %r1, [ %rd3 + 0 ], %r2;"
+_PARTIAL = "@%p2 ld.global.cg.b64 { %rd4 }, [ %rd5 + 0 ];"
+_SAFE = [_STORES, "bar.sync 0;", _TICKET, "bar.sync 0;", _PARTIAL]
+
+
+@pytest.mark.parametrize(
+    "ptx,folds,error",
+    [
+        (_SAFE, True, None),
+        ([_STORES, _PARTIAL], False, None),  # no fold, no ticket: nothing to check
+        ([_STORES, "bar.sync 0;", _TICKET.replace("acq_rel", "relaxed"), "bar.sync 0;", _PARTIAL], True, "no acq_rel"),
+        ([_STORES, "bar.sync 0;", _TICKET.replace(".gpu", ".cta"), "bar.sync 0;", _PARTIAL], True, "not gpu-scoped"),
+        ([_STORES, _TICKET, "bar.sync 0;", _PARTIAL], True, "no CTA barrier right before"),
+        ([_STORES, "bar.sync 0;", _TICKET, _PARTIAL, "bar.sync 0;"], True, "before any CTA barrier"),
+        ([*_SAFE, _PARTIAL.replace(".cg", "")], True, "not .cg"),
+    ],
+)
+def test_fold_ordering_rule(ptx, folds, error):
+    from lag_triton.kernels.triton._aot_check import fold_ordering_error
+
+    found = fold_ordering_error("\n".join(ptx), folds)
+    assert (found is None) if error is None else (found is not None and error in found), found

@@ -13,6 +13,10 @@ divisibility-16 attribute, which is what lets loads vectorise and the d-loops pi
 only on aligned operands (``ALIGNED_ONLY``). ``--resources`` prints what
 ptxas reports per configuration (registers per thread, spill bytes, shared memory): static
 evidence about the compiled kernels that needs no GPU.
+
+Every configuration that finishes a split reduction in its own launch (``last_to_arrive``) also has
+its PTX checked for the memory-ordering protocol that makes that safe (``fold_ordering_error``):
+the interpreter runs programs one after another, so no CPU test can see a missing barrier or fence.
 """
 
 from __future__ import annotations
@@ -404,6 +408,38 @@ def _filter_cases():
                 )
 
 
+_MEMORY_OPS = re.compile(r"\b(bar\.sync|barrier\.sync|atom\.|red\.|ld\.global|st\.global)")
+
+
+def fold_ordering_error(ptx: str, folds: bool) -> str | None:
+    """Why this PTX does not follow the last-to-arrive protocol (docs/design.md §3.1), or None.
+
+    Per ``atom ... acq_rel`` (a ticket): the memory operation just before it is a CTA barrier (every
+    thread's partial stores precede the release), and a barrier follows it before the next global
+    load (every thread's partial loads come after the acquire); every global load after the first
+    ticket is ``.cg`` (L1 is not coherent across SMs: a partial must not come from a stale line).
+    ``folds``: the configuration folds, so it must hold a ticket at all (a relaxed atomic would
+    compile and pass every interpreter test).
+    """
+    ops = [line.strip() for line in ptx.splitlines() if _MEMORY_OPS.search(line)]
+    tickets = [i for i, op in enumerate(ops) if "atom." in op and ".acq_rel" in op]
+    if folds and not tickets:
+        return "folds a split reduction but has no acq_rel atomic (the ticket)"
+    for i in tickets:
+        if ".gpu" not in ops[i]:
+            return f"the ticket atomic is not gpu-scoped: {ops[i]}"
+        if i == 0 or not ops[i - 1].startswith(("bar.sync", "barrier.sync")):
+            return f"no CTA barrier right before the ticket atomic (before it: {ops[i - 1] if i else 'nothing'})"
+        rest = ops[i + 1 :]
+        first_load = next((j for j, op in enumerate(rest) if "ld.global" in op), len(rest))
+        if not any(op.startswith(("bar.sync", "barrier.sync")) for op in rest[:first_load]):
+            return "a global load follows the ticket atomic before any CTA barrier"
+    cached = [op for op in ops[tickets[0] + 1 :] if "ld.global" in op and ".cg" not in op] if tickets else []
+    if cached:
+        return f"a global load after the ticket atomic may hit a stale L1 line (not .cg): {cached[0]}"
+    return None
+
+
 def _ptxas_resources(ptx: str, capability: int) -> dict:
     """Registers, spill bytes and stack of the kernel in `ptx`, as ``ptxas -v`` reports them."""
     from triton.backends.nvidia.compiler import get_ptxas
@@ -447,6 +483,9 @@ def _compile(job):
         )
     except Exception as exc:  # noqa: BLE001 - report every failing config
         return name, repr(exc)[-2000:], None
+    ordering = fold_ordering_error(kernel.asm["ptx"], folds=bool(consts.get("FOLD")) or fn is AD._decode_kernel)
+    if ordering is not None:
+        return name, f"memory ordering: {ordering}", None
     res = None
     if resources:
         res = _ptxas_resources(kernel.asm["ptx"], capability)

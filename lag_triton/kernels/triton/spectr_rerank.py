@@ -322,7 +322,8 @@ def _rank_token(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        cand = tl.load(cand_ptr + t * K + offs_k, mask=k_mask, other=0)
+        # .cg, as every load of a folding launch after its ticket (_aot_check.fold_ordering_error)
+        cand = tl.load(cand_ptr + t * K + offs_k, mask=k_mask, other=0, cache_modifier=".cg")
         if HAS_SCORES:
             key = tl.load(cs_ptr + t * stride_cs + offs_k, mask=k_mask, other=0.0).to(tl.float32)
         else:
@@ -352,7 +353,7 @@ def _rank_token(
         pos = tl.full([M_PAD], 2147483647, tl.int32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            cand = tl.load(cand_ptr + t * K + offs_k, mask=offs_k < K, other=-1)
+            cand = tl.load(cand_ptr + t * K + offs_k, mask=offs_k < K, other=-1, cache_modifier=".cg")
             hit = cand[None, :] == sel[:, None]
             pos = tl.minimum(pos, tl.min(tl.where(hit, offs_k[None, :], 2147483647), axis=1))
         ok = ok & (pos < K)
