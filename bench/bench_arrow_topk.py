@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Kernel benchmark: Arrow prototype scoring fused with top-k.
+"""Kernel benchmark: Arrow retrieval (prototype scoring + top-k).
 
 Backends: triton, cuda, plain PyTorch (the obvious user code, bench/harness.py), plain-compile (the same
 under torch.compile; CUDA only), torch (our reference). Timing: bench/harness.py docstring (CUDA-graph
