@@ -418,6 +418,8 @@ def fold_ordering_error(ptx: str, folds: bool) -> str | None:
     thread's partial stores precede the release), and a barrier follows it before the next global
     load (every thread's partial loads come after the acquire); every global load after the first
     ticket is ``.cg`` (L1 is not coherent across SMs: a partial must not come from a stale line).
+    Conservative: inputs read after the ticket (candidates, scope rows, masks) must be ``.cg`` too,
+    since PTX does not say which loads read partials; bypassing L1 costs those few loads nothing.
     ``folds``: the configuration folds, so it must hold a ticket at all (a relaxed atomic would
     compile and pass every interpreter test).
     """

@@ -225,10 +225,17 @@ def dot_scores(
 
 @triton.jit
 def scope_allows(allowed_ptr, scope_ptr, rows, row_mask, cols, valid, S, stride_allowed):
-    """valid [ROWS, C] & allowed[scope[row], col] (uint8 masks): a scope row out of [0, S) allows nothing."""
-    srow = tl.load(scope_ptr + rows, mask=row_mask, other=-1)
+    """valid [ROWS, C] & allowed[scope[row], col] (uint8 masks): a scope row out of [0, S) allows nothing.
+
+    Loads through L2 (.cg), as every load that may follow a fold's ticket (``last_to_arrive``)."""
+    srow = tl.load(scope_ptr + rows, mask=row_mask, other=-1, cache_modifier=".cg")
     valid &= ((srow >= 0) & (srow < S))[:, None]
-    allowed = tl.load(allowed_ptr + srow[:, None].to(tl.int64) * stride_allowed + cols[None, :], mask=valid, other=0)
+    allowed = tl.load(
+        allowed_ptr + srow[:, None].to(tl.int64) * stride_allowed + cols[None, :],
+        mask=valid,
+        other=0,
+        cache_modifier=".cg",
+    )
     return valid & (allowed != 0)
 
 
