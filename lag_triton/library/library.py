@@ -105,12 +105,14 @@ class Library:
         work), then loads and aligns one adapter at a time. Without ``output`` the library is
         built in memory. With ``output`` the aligned rows stream straight into that file (memory
         bounded by a few adapters whatever N is; ``workers`` processes align in parallel, see
-        :func:`.build.build_library`) and the library returned is ``Library.load(output)``.
+        :func:`.build.build_library`) and the library returned is ``Library.load(output,
+        check_values=False)``: its values were checked as they were aligned, so the file just
+        written is not read again (``patch`` checks the copies it keeps).
         Raises :class:`AdapterError` naming the folder, file and field.
         """
         if output is not None:
             build_library(paths, output, names=names, dtype=dtype, workers=workers, progress=progress)
-            return cls.load(output)
+            return cls.load(output, check_values=False)
         plan, weights = build_in_memory(paths, names, dtype, progress)
         return cls(plan.names, weights, base_model=plan.base_model)
 
