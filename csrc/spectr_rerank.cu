@@ -122,13 +122,14 @@ bool use_grouped(int64_t T, int64_t N, int64_t k) {
   return T >= 64 && P >= N && P < (1LL << 30) && N < (1LL << 30);  // int32 pair ids and loop counters
 }
 
-// counts[a] += 1 for each pair of adapter a; bucket N: no adapter (-1, or out of range).
+// A pair's bucket of the counting sort: its adapter, or N for none (-1, or out of range).
+__device__ __forceinline__ int adapter_bucket(int c, int N) { return (c >= 0 && c < N) ? c : N; }
+
+// counts[bucket] += 1 for each pair.
 __global__ void __launch_bounds__(kThreads)
 group_count_kernel(const int32_t* __restrict__ cand, int P, int N, int32_t* __restrict__ counts) {
-  for (int p = blockIdx.x * kThreads + threadIdx.x; p < P; p += gridDim.x * kThreads) {
-    const int c = cand[p];
-    atomicAdd(counts + ((c >= 0 && c < N) ? c : N), 1);
-  }
+  for (int p = blockIdx.x * kThreads + threadIdx.x; p < P; p += gridDim.x * kThreads)
+    atomicAdd(counts + adapter_bucket(cand[p], N), 1);
 }
 
 // counts[0, n) -> their exclusive prefix sums, in place (each thread reads, then writes, its own
@@ -183,10 +184,8 @@ __global__ void __launch_bounds__(kScanThreads) group_scan_kernel(int32_t* __res
 __global__ void __launch_bounds__(kThreads)
 group_scatter_kernel(const int32_t* __restrict__ cand, int P, int N, int32_t* __restrict__ cursor,
                      int32_t* __restrict__ grouped) {
-  for (int p = blockIdx.x * kThreads + threadIdx.x; p < P; p += gridDim.x * kThreads) {
-    const int c = cand[p];
-    grouped[atomicAdd(cursor + ((c >= 0 && c < N) ? c : N), 1)] = p;
-  }
+  for (int p = blockIdx.x * kThreads + threadIdx.x; p < P; p += gridDim.x * kThreads)
+    grouped[atomicAdd(cursor + adapter_bucket(cand[p], N), 1)] = p;
 }
 
 // z_all[p] = A*[cand[p]] x[p / k] and key_all[p] = ||z_all[p]|| for the kTileP grouped pairs of this

@@ -385,7 +385,7 @@ def patch_sharded(model, libs, config, backend: str, group):
         lo, hi = shard_bounds(weights.num_adapters, world)[rank : rank + 2]
         local = _local_rows(weights, lo, hi, layer.device, _route_dtype(layer.dtype))
         try:  # this rank's rows only, as copied (a value the routing dtype cannot hold is caught too)
-            check_finite(a_star=local.a_star, b_star=local.b_star, prototypes=local.prototypes)
+            check_finite(**vars(local))
         except ValueError as e:
             raise ValueError(f"library {libs[idx - already].label}, module {name!r}, rows [{lo}, {hi}): {e}") from None
         ids = weights.adapter_ids.to(layer.device, torch.int64, copy=True)
