@@ -99,11 +99,13 @@ arrow_select_kernel(const float* __restrict__ scores, int64_t stride, int N, int
   __syncthreads();
   const float* row_scores = scores + t * stride;
   u64 threshold = 0ull;  // below every real key: everything passes until the first flush
+  int count = 0;         // keys buffered, as every thread read it between two barriers (block-uniform)
   for (int r0 = n_lo; r0 < n_hi; r0 += kSelRound) {
-    if (s_count > kSelCap - kSelRound) {  // block-uniform (read after the round's barrier)
-      threshold = select_flush(s_buf, kp, s_count);
+    if (count > kSelCap - kSelRound) {
+      threshold = select_flush(s_buf, kp, count);
       if (threadIdx.x == 0) s_count = 0;
       __syncthreads();
+      count = 0;
     }
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -117,9 +119,14 @@ arrow_select_kernel(const float* __restrict__ scores, int64_t stride, int N, int
       base = __shfl_sync(kFull, base, 0);
       if (keep) s_buf[kp + base + __popc(votes & below)] = key;
     }
+    // The count must be read between two barriers: after the round's appends, and before any warp
+    // appends again (a warp that ran ahead into the next round would change it under a slower one,
+    // and the block would disagree on whether to flush: mismatched barriers).
+    __syncthreads();
+    count = s_count;
     __syncthreads();
   }
-  if (s_count > 0) select_flush(s_buf, kp, s_count);
+  if (count > 0) select_flush(s_buf, kp, count);
   if (gridDim.y == 1) {
     for (int j = threadIdx.x; j < k; j += kThreads) write_result(s_buf[j], N, out_idx + t * k + j, out_scores + t * k + j);
   } else {
