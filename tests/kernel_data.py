@@ -4,9 +4,23 @@ from __future__ import annotations
 
 import pytest
 import torch
+from emulated_cuda import emulated_ops
+
+from lag_triton.kernels import get_ops, resolve_backend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS32 = torch.finfo(torch.float32).eps
+
+
+def backend_ops(name: str):
+    """Backend ``name``'s ops on DEVICE, or a skip that says why it cannot run here. Without a GPU the
+    cuda backend's kernels run on the CPU under the emulator (tests/emulated_cuda.py)."""
+    if name == "cuda" and DEVICE == "cpu":
+        return emulated_ops()
+    try:
+        return get_ops(resolve_backend(name, DEVICE))
+    except (RuntimeError, ImportError) as exc:
+        pytest.skip(f"backend {name!r} unavailable here: {exc}")
 
 
 def gen(seed: int) -> torch.Generator:

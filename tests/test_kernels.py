@@ -14,6 +14,7 @@ from kernel_data import (
     DEVICE,
     EPS32,
     assert_same_ranking,
+    backend_ops,
     gen,
     int_tensor,
     poison_allocator,
@@ -24,7 +25,7 @@ from kernel_data import (
     triton_module,
 )
 
-from lag_triton.kernels import common, get_ops, reference, resolve_backend
+from lag_triton.kernels import common, get_ops, reference
 from lag_triton.routing import RoutingConfig, route_and_apply
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -32,10 +33,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 @pytest.fixture(params=["triton", "cuda"])
 def ops(request):
-    try:
-        return get_ops(resolve_backend(request.param, DEVICE))
-    except (RuntimeError, ImportError) as exc:
-        pytest.skip(f"backend {request.param!r} unavailable here: {exc}")
+    return backend_ops(request.param)
 
 
 def _candidates(t: int, n: int, k: int, seed: int = 0) -> torch.Tensor:
