@@ -255,6 +255,20 @@ def test_arrow_topk_scoped_matches_reference(ops, monkeypatch, dtype, t, n, k, s
     assert torch.equal(ops.arrow_topk(x, p, k, everyone, zeros)[0], ops.arrow_topk(x, p, k)[0])
 
 
+def test_arrow_topk_scope_rows_out_of_range_allow_nothing(ops):
+    """A scope row outside [0, S) (checking would cost a host sync) allows no adapter, in every backend."""
+    x, p = int_tensor(6, 24, seed=83), int_tensor(50, 24, seed=84)
+    allowed = scope_masks(3, 50, 4, seed=85)  # row 1: 2 adapters, row 2: all
+    scope = torch.tensor([-1, 2, 1, 3, 2, -7], dtype=torch.int32, device=DEVICE)
+    idx, scores = ops.arrow_topk(x, p, 4, allowed, scope)
+    ref_idx, ref_scores = reference.arrow_topk(x, p, 4, allowed, scope)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(scores, ref_scores, equal_nan=True, atol=0, rtol=0)
+    outside = torch.tensor([True, False, False, True, False, True], device=DEVICE)
+    assert (idx[outside] == -1).all() and scores[outside].isnan().all()
+    assert (idx[~outside] >= 0).sum(1).tolist() == [4, 2, 4]
+
+
 @pytest.mark.parametrize("t", [9, 70])  # 70 tokens: the adapter-grouped path (the -1 pairs grouped last)
 @pytest.mark.parametrize(
     "m,combine,with_scores", [(1, "softmax", False), (3, "softmax", False), (3, "uniform", False), (2, "softmax", True)]

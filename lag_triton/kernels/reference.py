@@ -62,9 +62,13 @@ def arrow_topk(
     Returns (idx [T, k] int32, scores [T, k] fp32); the scores are the a_i of idx (NaN kept).
     With a scope, token t may only retrieve adapters i with ``allowed[scope[t], i]`` (allowed
     [S, N] bool, scope [T] int32); slots beyond a token's allowed adapters hold idx -1, score NaN.
+    A scope row out of [0, S) allows nothing (checking the range would cost a host sync).
     """
     check_topk_args(x, prototypes, k, allowed, scope)
-    valid = None if allowed is None else allowed[scope.long()]  # [T, N]
+    valid = None
+    if allowed is not None:
+        in_range = (scope >= 0) & (scope < allowed.shape[0])
+        valid = allowed[scope.clamp(0, allowed.shape[0] - 1).long()] & in_range[:, None]  # [T, N]
     return topk_of_scores((x.float() @ prototypes.float().T).abs(), k, valid)
 
 
