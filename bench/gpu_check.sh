@@ -11,7 +11,7 @@
 #
 #   $OUT/log.txt                          everything (stage headers, versions, bench output, summary)
 #   $OUT/pytest.txt                       pytest output
-#   $OUT/sanitizer.txt                    compute-sanitizer memcheck output
+#   $OUT/sanitizer.txt                    compute-sanitizer memcheck (every backend), racecheck + synccheck (cuda)
 #   $OUT/report.md                        markdown tables (bench/report.py)
 #   $OUT/bench/results/<card>-<date>.json every row + card, driver, versions, copy bandwidth
 #   $OUT/bench/results/<card>-<date>.png  per-layer time vs N plot
@@ -105,11 +105,13 @@ fi
 # shellcheck disable=SC2086
 stage pytest 75 243 bash -c "$PY -m pytest $PYTEST_ARGS > '$OUT/pytest.txt' 2>&1; rc=\$?; tail -n 25 '$OUT/pytest.txt'; exit \$rc"
 
-# ---- compute-sanitizer memcheck over one small run of each kernel --------------------------------
+# ---- compute-sanitizer over one small run of each kernel -----------------------------------------
 SAN=$(command -v compute-sanitizer || true)
 [[ -z "$SAN" && -x /usr/local/cuda/bin/compute-sanitizer ]] && SAN=/usr/local/cuda/bin/compute-sanitizer
 if (( GPU )) && [[ -n "$SAN" ]]; then
-    stage sanitize 45 238 bash -c "'$SAN' --tool memcheck --error-exitcode 1 --print-limit 20 $PY bench/sanitize_kernels.py --dtypes bf16 > '$OUT/sanitizer.txt' 2>&1; rc=\$?; grep -E 'sanitize|ERROR SUMMARY|Invalid|error' '$OUT/sanitizer.txt' | tail -n 40; exit \$rc"
+    # memcheck over every backend; racecheck (shared-memory hazards) and synccheck (barriers not reached
+    # by the whole block) over the CUDA kernels, whose shared memory is ours (Triton's is the compiler's)
+    stage sanitize 80 238 bash -c "'$SAN' --tool memcheck --error-exitcode 1 --print-limit 20 $PY bench/sanitize_kernels.py --dtypes bf16 > '$OUT/sanitizer.txt' 2>&1; rc=\$?; for tool in racecheck synccheck; do echo \"=== \$tool (cuda)\" >> '$OUT/sanitizer.txt'; '$SAN' --tool \$tool --error-exitcode 1 --print-limit 20 $PY bench/sanitize_kernels.py --backends cuda --dtypes bf16 >> '$OUT/sanitizer.txt' 2>&1 || rc=1; done; grep -E '^=== |sanitize|ERROR SUMMARY|RACECHECK SUMMARY|Invalid|Race|hazard|error' '$OUT/sanitizer.txt' | tail -n 40; exit \$rc"
 else
     say "=== [sanitize] compute-sanitizer not found or no GPU: running bench/sanitize_kernels.py --small without it"
     stage sanitize 45 238 bash -c "$PY bench/sanitize_kernels.py --small > '$OUT/sanitizer.txt' 2>&1; rc=\$?; cat '$OUT/sanitizer.txt'; exit \$rc"

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""One small run of every kernel of every GPU backend, for ``compute-sanitizer --tool memcheck``.
+"""One small run of every kernel of every GPU backend, for ``compute-sanitizer`` (memcheck; racecheck and
+synccheck for the CUDA backend, whose shared memory is ours).
 
 Shapes are deliberately not multiples of any block size (ragged d_in / d_out / N / T), and cover
 decode (T=1), a few tokens, and a prefill-sized T, the split-N top-k path (large N, T=1), every
