@@ -128,11 +128,12 @@ def test_arrow_gemm_select_exact(cu, dtype, t, n, d, k, x_off):
 
 
 @pytest.mark.parametrize("order", ["ascending", "equal", "ulps"])
-@pytest.mark.parametrize("t,n,k", [(16, 20000, 20), (40, 5000, 128), (300, 3000, 1)])
+@pytest.mark.parametrize("t,n,k", [(16, 20000, 20), (40, 5000, 128), (300, 3000, 1), (1, 40000, 100)])
 def test_arrow_select_buffer_flushes_exact(cu, order, t, n, k):
     """Score orders that stress the select: ascending (every score survives: the shared buffer fills
     and is merged every round), all equal (ties by index only), one ulp apart (an off-by-one
-    threshold drops winners); with N splits at small T."""
+    threshold drops winners); with N splits at small T (at T = 1, N = 40000: 10 splits of 128 keys,
+    which the merge kernel takes in 4 batches)."""
     ramp = {
         "ascending": torch.arange(n, device=DEVICE).float(),
         "equal": torch.ones(n, device=DEVICE),
