@@ -42,18 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from bench.harness import (  # noqa: E402
-    DTYPES,
-    Budget,
-    Results,
-    cuda_context_broken,
-    default_results_path,
-    free_memory,
-    log,
-    short_error,
-    sync,
-    time_events,
-)
+from bench.harness import DTYPES, Budget, Results, default_results_path, log  # noqa: E402
+from bench.timing import cuda_context_broken, free_memory, short_error, sync, time_events  # noqa: E402
 
 TARGETS = ("gate_proj", "up_proj", "down_proj")
 LAG_BACKENDS = ("triton", "cuda", "torch")

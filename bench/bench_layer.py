@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Kernel benchmark: one full LAG layer (arrow top-k + SpectR rerank + apply) via lag_triton.routing.route_and_apply.
 
-Backends: triton, cuda, plain PyTorch (the obvious user code, bench/harness.py), plain-compile (the same
-under torch.compile; CUDA only), torch (our reference). Timing: bench/harness.py docstring (CUDA-graph
+Backends: triton, cuda, plain PyTorch (the obvious user code, bench/baselines.py), plain-compile (the same
+under torch.compile; CUDA only), torch (our reference). Timing: bench/timing.py docstring (CUDA-graph
 device time + eager time per cell).
 Defaults on GPU: bf16, rank 6, k=20, top_m=1, shapes 3072->8192 and 8192->3072, N in {1000, 10000,
 100000}, T in {1, 32, 2048}. On CPU: tiny sizes (Triton under its interpreter).

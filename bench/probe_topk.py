@@ -26,7 +26,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from bench.harness import Results, bench, default_results_path, log  # noqa: E402
+from bench.harness import Results, default_results_path, log  # noqa: E402
+from bench.timing import bench  # noqa: E402
 from lag_triton.kernels.triton._common import merge_topk  # noqa: E402
 
 # (ROWS, C, K_PAD): decode tiles (1 row), the 16-row dot tile, the 64-row prefill tile, merge chunks

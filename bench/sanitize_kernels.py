@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.harness import backend_context, backend_ops, log, short_error  # noqa: E402
+from bench.harness import backend_context, backend_ops, log  # noqa: E402
+from bench.timing import short_error  # noqa: E402
 
 # (d_in, d_out, N, T, k, top_m, router)
 CASES = [

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from bench import (
+    baselines,
     bench_arrow_topk,
     bench_e2e,
     bench_kernels,
@@ -22,6 +23,7 @@ from bench import (
     bench_spectr_rerank,
     harness,
     report,
+    timing,
 )
 
 TINY = ["--device", "cpu", "--shapes", "32:48", "--n", "40", "--rep-ms", "1", "--warmup-ms", "0", "--rotate", "2"]
@@ -111,14 +113,14 @@ def test_plain_ranks_fp32_scores_like_the_reference():
     from lag_triton.kernels import get_ops
 
     cpu = torch.device("cpu")
-    assert harness.probe_fp32_out(cpu, torch.bfloat16) is False  # CPU torch has no mm(out_dtype=...): upcast
+    assert baselines.probe_fp32_out(cpu, torch.bfloat16) is False  # CPU torch has no mm(out_dtype=...): upcast
     gen = torch.Generator().manual_seed(1)
     protos, a_star, _ = harness._random_library(300, 4, 64, 8, torch.bfloat16, cpu, gen, need_b=False)
     x = torch.randn(5, 64, generator=gen).to(torch.bfloat16)
-    idx, scores = harness.plain_arrow_topk(x, protos, 10)
+    idx, scores = baselines.plain_arrow_topk(x, protos, 10)
     ref_idx, ref_scores = get_ops("torch").arrow_topk(x, protos, 10)
     assert scores.dtype == torch.float32 and torch.equal(idx, ref_idx)
-    sel, w, z = harness.plain_spectr_rerank(x, a_star, idx, 1)
+    sel, w, z = baselines.plain_spectr_rerank(x, a_star, idx, 1)
     ref_sel, _, ref_z = get_ops("torch").spectr_rerank(x, a_star, idx, 1, "softmax", 1.0, None)
     assert z.dtype == torch.float32 and torch.equal(sel, ref_sel) and torch.allclose(z, ref_z, atol=1e-5)
 
@@ -129,20 +131,20 @@ def test_time_cell_falls_back_to_eager_when_capture_fails(monkeypatch):
     def no_graph(*a, **k):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(harness, "bench", lambda fn, device, *a, **k: (fn(), 0.5)[1])
-    monkeypatch.setattr(harness, "graph_replay_ms", no_graph)
-    monkeypatch.setattr(harness, "cuda_context_broken", lambda device: False)
-    monkeypatch.setattr(harness, "free_memory", lambda device: None)
+    monkeypatch.setattr(timing, "bench", lambda fn, device, *a, **k: (fn(), 0.5)[1])
+    monkeypatch.setattr(timing, "graph_replay_ms", no_graph)
+    monkeypatch.setattr(timing, "cuda_context_broken", lambda device: False)
+    monkeypatch.setattr(timing, "free_memory", lambda device: None)
     calls = []
-    t = harness.time_cell([lambda: calls.append(0), lambda: calls.append(1)], torch.device("cuda"))
+    t = timing.time_cell([lambda: calls.append(0), lambda: calls.append(1)], torch.device("cuda"))
     assert t["ms"] == t["eager_ms"] == 0.5 and t["timing"] == "eager" and "capturing" in t["graph_error"]
-    monkeypatch.setattr(harness, "graph_replay_ms", lambda fns, device, *a, **k: 0.125)
-    assert harness.time_cell([lambda: None], torch.device("cuda")) == {
+    monkeypatch.setattr(timing, "graph_replay_ms", lambda fns, device, *a, **k: 0.125)
+    assert timing.time_cell([lambda: None], torch.device("cuda")) == {
         "ms": 0.125,
         "eager_ms": 0.5,
         "timing": "cuda-graph",
     }
-    assert harness.time_cell([lambda: None], torch.device("cpu"), rep_ms=0)["timing"] == "wall"
+    assert timing.time_cell([lambda: None], torch.device("cpu"), rep_ms=0)["timing"] == "wall"
 
 
 def test_report_renders_graph_timed_rows_and_old_files():

@@ -2,7 +2,7 @@
 
 On a GPU the cells are the kernel tables' (bf16, r=6, k=20, top_m=1, 3072 -> 8192; N in {1k, 10k,
 100k}, T in {1, 32, 2048}); every timed call ends with a device synchronisation, so a round is
-the op's wall time, launches included (the CUDA-graph device times are bench/harness.py's job):
+the op's wall time, launches included (the CUDA-graph device times are bench/timing.py's job):
 
     python -m pytest bench/test_bench_kernels.py --benchmark-only --benchmark-save=h200
     pytest-benchmark compare 0001 0002 --group-by=param:cell

@@ -4,7 +4,7 @@
 
 For each op and shape bucket (the Arrow select at k = 20 over T x N, the apply over T x d_out)
 it times the default configuration and a grid of candidates, each as the device time of
-CUDA-graph replays (bench/harness.time_cell), and writes an entry wherever a candidate beats
+CUDA-graph replays (bench/timing.time_cell), and writes an entry wherever a candidate beats
 the default by more than --min-gain. The table (format: lag_triton/kernels/triton/tuning.py)
 is what the launchers read from lag_triton/kernels/triton/tuned/<card>.json or $LAG_TRITON_TUNING;
 the AOT compile check compiles every configuration in the shipped tables. Each entry keeps the
@@ -29,7 +29,8 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from bench.harness import env_info, log, time_cell  # noqa: E402  (chooses the interpreter without a GPU)
+from bench.harness import env_info, log  # noqa: E402  (chooses the interpreter without a GPU)
+from bench.timing import time_cell  # noqa: E402
 from lag_triton.kernels.triton import tuning  # noqa: E402
 
 # the modules (the package exports the op functions under the same names)

@@ -147,11 +147,14 @@ class EmulatedExtension:
         self.lib = lib
 
     def _status(self, rc: int, op: str) -> str:
+        """'' or the binding's message for launcher return code ``rc``, with the emulator's detail.
+        The emulated context is then reset, so that one failing test does not fail the next ones
+        (a faulted GPU context would fail every later launch of the process)."""
+        detail = self.lib.lag_emu_message().decode()
+        self.lib.lag_emu_reset()
         if rc == 0:
             return ""
         text = self.lib.lag_cuda_error_string(rc).decode()
-        detail = self.lib.lag_emu_message().decode()
-        self.lib.lag_emu_reset()
         return f"lag_triton cuda backend: {op} launch failed: {text}" + (f" ({detail})" if detail else "")
 
     def arrow_select(self, scores, k, idx, out_scores, allowed, scope, stream):
