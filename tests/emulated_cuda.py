@@ -5,9 +5,10 @@ CUDA subset they use; its cuda_runtime.h says what is emulated and what it repor
 rewrite: ``kernel<<<grid, block, smem, stream>>>(args)`` becomes a call of the emulator's launcher.
 The kernels and their host-side launch plans are the real sources, unmodified.
 
-``emulated_ops()`` is the cuda backend's Python wrapper (``lag_triton.kernels.cuda``) with its
-torch binding replaced by :class:`EmulatedExtension`: the binding's three calls over the C API of
-csrc/lag_cuda.h, on CPU tensors. So a test runs the wrapper, the launch plans and the kernels;
+``use_emulated_backend(monkeypatch)`` makes backend "cuda" run on CPU tensors: the cuda backend's
+Python wrapper (``lag_triton.kernels.cuda``) with its torch binding replaced by
+:class:`EmulatedExtension`, the binding's three calls over the C API of csrc/lag_cuda.h. So a test
+runs the wrapper, the launch plans and the kernels (and, through ``patch``, the routing on top);
 only csrc/binding.cpp (argument checks, scratch allocation) is left to the GPU tests. Every output
 and scratch buffer is filled with poison before a launch, as recycled GPU memory would be.
 """
@@ -23,11 +24,11 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
 
+from lag_triton import kernels
 from lag_triton.kernels import cuda
 from lag_triton.kernels.cuda.build_info import SOURCES
 
@@ -241,41 +242,25 @@ class EmulatedExtension:
         return self._status(rc, "lora_apply")
 
 
-class EmulatedCudaOps:
-    """The cuda backend's ops (``lag_triton.kernels.cuda``) on CPU tensors, through the emulator."""
-
-    name = "cuda"
-    module = cuda
-
-    def __init__(self, ext: EmulatedExtension):
-        self.ext = ext
-
-    def _run(self, op, *args):
-        binding = mock.patch.object(cuda, "_ext_for", lambda *tensors: self.ext)
-        with binding, mock.patch.object(cuda, "_stream", lambda device: 0):
-            return op(*args)
-
-    def arrow_topk(self, x, prototypes, k, allowed=None, scope=None):
-        return self._run(cuda.arrow_topk, x, prototypes, k, allowed, scope)
-
-    def spectr_rerank(self, x, a_star, candidates, top_m, combine="softmax", temperature=1.0, candidate_scores=None):
-        return self._run(cuda.spectr_rerank, x, a_star, candidates, top_m, combine, temperature, candidate_scores)
-
-    def lora_apply(self, y, b_star, sel, w, z):
-        return self._run(cuda.lora_apply, y, b_star, sel, w, z)
-
-    def prepare_b_star(self, b_star):
-        return b_star
-
-
-def emulated_ops() -> EmulatedCudaOps:
-    """The emulated cuda backend, or a pytest skip saying why it cannot run here: on a GPU machine
-    the compiled backend runs instead; without a C++ compiler nothing can build the kernels."""
+def use_emulated_backend(mp: pytest.MonkeyPatch) -> None:
+    """While ``mp`` is active, backend "cuda" runs on CPU tensors through the emulator: the cuda
+    module's binding is the emulated extension and CPU tensors are a device it accepts, so
+    ``get_ops("cuda")`` and ``patch(model, ..., backend="cuda")`` work on a CPU model. Skips when a
+    GPU is present (the compiled backend runs there) or no compiler can build the kernels; fails
+    when a compiler is there and the build fails."""
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present: the compiled cuda backend runs instead of the emulator")
     try:
-        return EmulatedCudaOps(EmulatedExtension(library()))
+        ext = EmulatedExtension(library())
     except RuntimeError as exc:
-        if unavailable_reason() is None:  # a compiler is there and the build failed: that is a failure
+        if unavailable_reason() is None:
             pytest.fail(str(exc))
         pytest.skip(str(exc))
+    available = kernels.backend_unavailable_reason
+
+    def unavailable(name, device):
+        return None if name == "cuda" and torch.device(device).type == "cpu" else available(name, device)
+
+    mp.setattr(cuda, "_ext_for", lambda *tensors: ext)
+    mp.setattr(cuda, "_stream", lambda device: 0)
+    mp.setattr(kernels, "backend_unavailable_reason", unavailable)

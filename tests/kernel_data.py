@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from emulated_cuda import emulated_ops
+from emulated_cuda import use_emulated_backend
 
 from lag_triton.kernels import get_ops, resolve_backend
 
@@ -12,11 +12,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS32 = torch.finfo(torch.float32).eps
 
 
-def backend_ops(name: str):
+def backend_ops(name: str, mp: pytest.MonkeyPatch):
     """Backend ``name``'s ops on DEVICE, or a skip that says why it cannot run here. Without a GPU the
-    cuda backend's kernels run on the CPU under the emulator (tests/emulated_cuda.py)."""
+    cuda backend's kernels run on the CPU under the emulator (tests/emulated_cuda.py), installed
+    with ``mp`` for the test's duration."""
     if name == "cuda" and DEVICE == "cpu":
-        return emulated_ops()
+        use_emulated_backend(mp)
     try:
         return get_ops(resolve_backend(name, DEVICE))
     except (RuntimeError, ImportError) as exc:

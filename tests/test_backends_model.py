@@ -1,7 +1,8 @@
 """A patched tiny model on each kernel backend reproduces the torch reference backend.
 
-On CPU the Triton backend runs under the Triton interpreter (tests/conftest.py); the cuda
-backend needs a GPU. On a GPU this also checks that a patched forward is CUDA-graph capturable.
+On CPU the Triton backend runs under the Triton interpreter (tests/conftest.py) and the cuda
+backend's kernels under the CUDA emulator (tests/emulated_cuda.py). On a GPU this also checks
+that a patched forward is CUDA-graph capturable.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 import lag_triton
 from lag_triton.kernels import resolve_backend
 
-from factories import VOCAB, tiny_library, tiny_model
+from factories import VOCAB, install_backend, tiny_library, tiny_model
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -22,7 +23,8 @@ def library(tmp_path_factory):
     return tiny_library(tmp_path_factory.mktemp("adapters"), 9, ranks=(2, 3, 4, 5))
 
 
-def _require(backend: str) -> None:
+def _require(backend: str, mp: pytest.MonkeyPatch) -> None:
+    install_backend(backend, DEVICE, mp)
     try:
         resolve_backend(backend, DEVICE)
     except RuntimeError as e:
@@ -52,8 +54,8 @@ DTYPES = [torch.float32] + ([torch.bfloat16, torch.float16] if DEVICE.type == "c
     ],
     ids=["lag", "lag-top3", "arrow", "spectr"],
 )
-def test_patched_model_matches_reference_backend(library, backend, dtype, routing):
-    _require(backend)
+def test_patched_model_matches_reference_backend(library, backend, dtype, routing, monkeypatch):
+    _require(backend, monkeypatch)
     ids = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     want, want_sel = _run(library, "torch", dtype, routing, ids)
     got, got_sel = _run(library, backend, dtype, routing, ids)
@@ -72,8 +74,8 @@ def test_patched_model_matches_reference_backend(library, backend, dtype, routin
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_patched_forward_replays_in_a_cuda_graph(library, backend):
-    _require(backend)
+def test_patched_forward_replays_in_a_cuda_graph(library, backend, monkeypatch):
+    _require(backend, monkeypatch)
     model = tiny_model("llama", dtype=torch.bfloat16).to(DEVICE)
     lag_triton.patch(model, library, backend=backend, k=4, top_m=2)
     mlp = model.model.layers[1].mlp  # gate/up/down all patched

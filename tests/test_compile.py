@@ -18,7 +18,7 @@ import torch
 import lag_triton
 from lag_triton.kernels import get_ops
 
-from factories import VOCAB, available_backends, tiny_library, tiny_model
+from factories import VOCAB, available_backends, install_backend, tiny_library, tiny_model
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -41,7 +41,8 @@ def _fresh_dynamo():
 
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("routing", [dict(k=4, top_m=2), dict(router="arrow", top_m=1)], ids=["lag", "arrow"])
-def test_compiled_patched_model_fullgraph_equals_eager(library, backend, routing):
+def test_compiled_patched_model_fullgraph_equals_eager(library, backend, routing, monkeypatch):
+    install_backend(backend, DEVICE, monkeypatch)
     model = tiny_model("llama").to(DEVICE)
     lag_triton.patch(model, library, backend=backend, **routing)
     ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1)).to(DEVICE)

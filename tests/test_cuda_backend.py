@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from emulated_cuda import emulated_ops
+from emulated_cuda import use_emulated_backend
 from kernel_data import DEVICE, EPS32
 
 from lag_triton.kernels import reference as ref
@@ -30,15 +30,17 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 @pytest.fixture(scope="module")
 def cu():
-    """The cuda backend module on a GPU; its kernels under the CPU emulator elsewhere."""
-    if DEVICE == "cpu":
-        return emulated_ops()
+    """The cuda backend module; without a GPU its kernels run under the CPU emulator."""
     from lag_triton.kernels import cuda
 
-    reason = cuda.extension_unavailable_reason()
-    if reason is not None:
-        pytest.fail(f"CUDA device present but the extension is unavailable: {reason}")
-    return cuda
+    with pytest.MonkeyPatch.context() as mp:
+        if DEVICE == "cpu":
+            use_emulated_backend(mp)
+        else:
+            reason = cuda.extension_unavailable_reason()
+            if reason is not None:
+                pytest.fail(f"CUDA device present but the extension is unavailable: {reason}")
+        yield cuda
 
 
 def _tol(dtype):

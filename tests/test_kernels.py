@@ -32,8 +32,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 @pytest.fixture(params=["triton", "cuda"])
-def ops(request):
-    return backend_ops(request.param)
+def ops(request, monkeypatch):
+    return backend_ops(request.param, monkeypatch)
 
 
 def _candidates(t: int, n: int, k: int, seed: int = 0) -> torch.Tensor:

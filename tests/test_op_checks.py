@@ -19,8 +19,8 @@ ELSEWHERE = "meta"
 
 
 @pytest.fixture(params=["torch", "triton", "cuda"])
-def ops(request):
-    return backend_ops(request.param)
+def ops(request, monkeypatch):
+    return backend_ops(request.param, monkeypatch)
 
 
 def _topk_args(**change):

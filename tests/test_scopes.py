@@ -1,7 +1,8 @@
 """lag_triton.scope: per batch row, the adapters its tokens may be routed to, and no others.
 
-On CPU every test runs the torch reference backend and the Triton kernels under the interpreter
-(the masked path of the Arrow select); on a GPU, the Triton and CUDA backends.
+On CPU every test runs the torch reference backend, the Triton kernels under the interpreter
+(the masked path of the Arrow select) and the CUDA kernels under the emulator; on a GPU, the
+Triton and CUDA backends.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 
 import lag_triton
 
-from factories import VOCAB, available_backends, tiny_library, tiny_model
+from factories import VOCAB, available_backends, install_backend, tiny_library, tiny_model
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 N_ADAPTERS = 7
@@ -82,7 +83,8 @@ def test_no_token_is_routed_outside_its_rows_set(libraries, data):
 
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("router", ["lag", "arrow", "spectr"])
-def test_every_adapter_allowed_is_the_unscoped_model(libraries, backend, router):
+def test_every_adapter_allowed_is_the_unscoped_model(libraries, backend, router, monkeypatch):
+    install_backend(backend, DEVICE, monkeypatch)
     docs, _ = libraries
     model = _patched(docs, backend, router=router, k=3, top_m=2)
     ids = _ids(2, 6)
@@ -94,7 +96,8 @@ def test_every_adapter_allowed_is_the_unscoped_model(libraries, backend, router)
 
 
 @pytest.mark.parametrize("backend", _backends())
-def test_an_empty_set_is_the_base_model_for_that_row(libraries, backend):
+def test_an_empty_set_is_the_base_model_for_that_row(libraries, backend, monkeypatch):
+    install_backend(backend, DEVICE, monkeypatch)
     docs, _ = libraries
     base = tiny_model("llama").to(DEVICE)
     model = _patched(docs, backend, k=3, top_m=1)
