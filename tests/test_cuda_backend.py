@@ -265,6 +265,23 @@ def test_spectr_rerank_matches_reference(cu, dtype, combine, t, n, r, d, k, m):
     torch.testing.assert_close(w, rw, rtol=0, atol=2 * key_error / 0.7 + 8 * EPS32 * float(key.max()) / 0.7 + EPS32)
 
 
+def test_spectr_rerank_grouped_scan_spans_rounds(cu):
+    """The grouped rerank's one-block scan takes 16,384 adapter counts per round: with 20,000 adapters
+    (the pairs on 40 of them, spread over the whole id range) segments past the first round are
+    placed by the carry between rounds."""
+    t, n, r, d, k = 512, 20000, 2, 16, 40  # T*k = 20480 >= N: grouped
+    g = torch.Generator(device=DEVICE).manual_seed(11)
+    x = torch.randn(t, d, device=DEVICE, generator=g).to(torch.bfloat16)
+    a = torch.randn(n, r, d, device=DEVICE, generator=g).to(torch.bfloat16)
+    ids = torch.linspace(0, n - 1, k, device=DEVICE).round().int()
+    cand = torch.stack([ids[torch.randperm(k, device=DEVICE, generator=g)] for _ in range(t)])
+    sel, w, z = cu.spectr_rerank(x, a, cand, 2, "softmax", 0.7)
+    rsel, rw, rz = ref.spectr_rerank(x, a, cand, 2, "softmax", 0.7)
+    assert torch.equal(sel, rsel)
+    torch.testing.assert_close(z, rz, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(w, rw, rtol=1e-4, atol=1e-5)
+
+
 def test_spectr_rerank_candidate_scores_ties_nan(cu):
     x, a, cand = _rerank_case(torch.float32, 4, 60, 6, 32, 16, seed=3)
     scores = torch.randint(-2, 3, (4, 16), device=DEVICE).float()
