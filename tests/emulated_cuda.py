@@ -35,6 +35,8 @@ from lag_triton.kernels.cuda.build_info import SOURCES
 EMU_DIR = Path(__file__).resolve().parent / "cuda_emu"
 KERNEL_SOURCES = tuple(name for name in SOURCES if name.endswith(".cu"))
 CXX_FLAGS = ("-std=c++17", "-O2", "-g", "-fPIC", "-shared", "-fno-strict-aliasing", "-U_FORTIFY_SOURCE")
+#: LAG_EMU_ASAN=1: the kernels built with AddressSanitizer (run the process with libasan preloaded)
+ASAN_FLAGS = ("-fsanitize=address", "-fno-omit-frame-pointer")
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 SMS = 132  # the emulated GPU's SM count (an H100 / H200): the launch plans size grids by it
 _LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[\w, ]+>)?)\s*<<<(.*?)>>>\(")
@@ -54,8 +56,9 @@ def _compiler() -> str | None:
 
 def unavailable_reason() -> str | None:
     """Why the emulated kernels cannot be built here (None when they can)."""
-    if platform.system() != "Linux":
-        return f"the CUDA emulator needs Linux (ucontext fibers, linker section bounds), not {platform.system()}"
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        where = f"{platform.system()} {platform.machine()}"
+        return f"the CUDA emulator needs Linux on x86-64 (its stack switch), not {where}"
     if _compiler() is None:
         return "no C++ compiler (g++) to build the emulated CUDA kernels"
     return None
@@ -67,7 +70,8 @@ def build(extra_sources: tuple[Path, ...] = ()) -> Path:
     csrc = cuda.csrc_dir()
     cu_files = [csrc / name for name in KERNEL_SOURCES] + list(extra_sources)
     inputs = sorted(cu_files + list(csrc.glob("*.h*")) + list(EMU_DIR.rglob("*.h")) + [EMU_DIR / "runtime.cpp"])
-    digest = hashlib.sha256(" ".join(CXX_FLAGS).encode())
+    flags = CXX_FLAGS + (ASAN_FLAGS if os.environ.get("LAG_EMU_ASAN", "0") not in ("", "0") else ())
+    digest = hashlib.sha256(" ".join(flags).encode())
     for path in inputs:
         digest.update(path.name.encode() + path.read_bytes())
     out = Path(tempfile.gettempdir()) / f"lag_triton_cuda_emu-{digest.hexdigest()[:16]}.so"
@@ -80,7 +84,7 @@ def build(extra_sources: tuple[Path, ...] = ()) -> Path:
             rewritten.write_text(f'#line 1 "{path}"\n' + rewrite_launches(path.read_text()))
             sources.append(str(rewritten))
         partial = Path(work) / out.name
-        cmd = [_compiler(), *CXX_FLAGS, "-Wno-unknown-pragmas", "-I", str(EMU_DIR / "include"), "-I", str(csrc)]
+        cmd = [_compiler(), *flags, "-Wno-unknown-pragmas", "-I", str(EMU_DIR / "include"), "-I", str(csrc)]
         cmd += [*sources, str(EMU_DIR / "runtime.cpp"), "-o", str(partial)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:

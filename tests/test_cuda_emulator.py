@@ -2,16 +2,23 @@
 passing under it means what it would on a GPU: warp shuffles and votes, barriers (exited threads
 do not count), uninitialised shared memory, the seeded schedule, fp16 / bf16 conversions (bit for
 bit against torch), and the faults it must report rather than hide: deadlock, lanes at different
-collectives, misaligned vector loads, invalid launch configurations.
+collectives, misaligned vector loads, invalid launch configurations. Last, the CUDA kernel tests
+under AddressSanitizer (a CPU stand-in for compute-sanitizer's memcheck).
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from emulated_cuda import EMU_DIR, SMS, load, rewrite_launches, unavailable_reason
+from emulated_cuda import EMU_DIR, SMS, _compiler, load, rewrite_launches, unavailable_reason
+
+ROOT = Path(__file__).resolve().parents[1]
 
 THREADS = 256
 LAUNCH_FAILURE, MISALIGNED, INVALID_CONFIGURATION = 719, 716, 9
@@ -157,3 +164,59 @@ def test_rewrite_launches():
         'lag_emu::launcher(dim3(1, 2), 256)("foo<TY, TB, 8, 4>", foo<TY, TB, 8, 4>, x);',
         'lag_emu::launcher(static_cast<unsigned>(t), 32)("bar<TE>", bar<TE>, y);',
     ]
+
+
+def _asan_env() -> dict:
+    """The environment of a process whose emulated kernels are built with AddressSanitizer: libasan
+    preloaded (Python is not built with it), so torch's CPU tensors get redzones too."""
+    if unavailable_reason() is not None:
+        pytest.skip(unavailable_reason())
+    found = subprocess.run([_compiler(), "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(found) or not os.path.exists(found):
+        pytest.skip(f"{_compiler()} has no AddressSanitizer runtime (libasan.so)")
+    return dict(
+        os.environ,
+        LD_PRELOAD=found,
+        LAG_EMU_ASAN="1",
+        ASAN_OPTIONS="detect_leaks=0:halt_on_error=1",
+        PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+    )
+
+
+# A caller's error the kernels cannot see: Arrow scores of 1 x 2048 passed as 1 x 4096. Under
+# AddressSanitizer the select's reads past the tensor are a heap-buffer-overflow report.
+_CANARY = """
+import torch
+from emulated_cuda import library
+lib = library()
+scores, idx, out = torch.rand(2048), torch.empty(20, dtype=torch.int32), torch.empty(20)
+lib.lag_arrow_select_launch(scores.data_ptr(), 1, 4096, 4096, 20, None, None, 0, 0, None, 0,
+                            idx.data_ptr(), out.data_ptr(), 0, None)
+print("NOT DETECTED")
+"""
+
+# csrc-specific cases that take every path of the three kernels at small sizes: the select's rounds,
+# flushes, N splits and multi-batch merge, unaligned and mixed-dtype inputs, scopes, ties; the
+# per-task and the grouped rerank (two rank-row groups, a scan of several rounds); apply's rank paths
+_ASAN_CASES = (
+    "(flushes and not 300-3000) or (split_merge_offsets_dtypes and 3-90-64-9) or (gemm_select and not 2048)"
+    " or (spectr_rerank_matches and (7-40 or 3-30 or 1-50 or 2-10 or 300-40-13-2049-10-3-softmax-dtype2))"
+    " or scan_spans or lora_apply or ties"
+)
+
+
+def test_kernels_under_address_sanitizer():
+    env = _asan_env()
+    canary = subprocess.run([sys.executable, "-c", _CANARY], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert "heap-buffer-overflow" in canary.stderr and "NOT DETECTED" not in canary.stdout, canary.stderr[-3000:]
+    tests = ["tests/test_cuda_backend.py", "-k", _ASAN_CASES]
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    report = f"exit {run.returncode}\n{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
+    assert run.returncode == 0 and "AddressSanitizer" not in run.stderr, report
+    assert " passed" in run.stdout and "failed" not in run.stdout, report

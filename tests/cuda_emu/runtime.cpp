@@ -1,13 +1,11 @@
 // The scheduler behind cuda_runtime.h: blocks one after another, a block's threads as fibers.
 //
-// A fiber starts with makecontext/setcontext on its own stack and is switched with _setjmp /
-// _longjmp afterwards (no signal-mask system call per switch). Only one grid runs at a time
-// (a mutex): the emulated GPU is one in-order stream.
-#include <setjmp.h>
-#include <stdio.h>
+// Fibers switch stacks with lag_emu_switch below: six callee-saved registers and the stack pointer,
+// no system call and nothing a sanitizer intercepts (setjmp/longjmp and ucontext cost a signal-mask
+// call or, under AddressSanitizer, a shadow clear and a sigaltstack call on every switch). Only one
+// grid runs at a time (a mutex): the emulated GPU is one in-order stream.
 #include <stdlib.h>
 #include <sys/mman.h>
-#include <ucontext.h>
 
 #include <algorithm>
 #include <mutex>
@@ -16,6 +14,50 @@
 #include <vector>
 
 #include "cuda_runtime.h"
+
+// Under AddressSanitizer (LAG_EMU_ASAN=1) every stack switch is announced, so that ASan tracks
+// which stack is live (otherwise it warns that false reports may follow).
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#define LAG_EMU_START_SWITCH(save, bottom, size) __sanitizer_start_switch_fiber(save, bottom, size)
+#define LAG_EMU_FINISH_SWITCH(save, bottom_old, size_old) __sanitizer_finish_switch_fiber(save, bottom_old, size_old)
+#else
+#define LAG_EMU_START_SWITCH(save, bottom, size) ((void)(save), (void)(bottom), (void)(size))
+#define LAG_EMU_FINISH_SWITCH(save, bottom_old, size_old) ((void)(save), (void)(bottom_old), (void)(size_old))
+#endif
+
+#if !defined(__x86_64__)
+#error "the CUDA emulator's stack switch is written for x86-64"
+#endif
+
+// lag_emu_switch(save, to): saves the callee-saved registers on the current stack, stores its
+// stack pointer in *save, and continues on stack `to` (one saved by an earlier switch, or one
+// prepared by new_fiber_stack). Returns when something switches back to *save.
+extern "C" void lag_emu_switch(void** save, void* to);
+asm(R"(
+    .text
+    .p2align 4
+    .globl lag_emu_switch
+    .hidden lag_emu_switch
+    .type lag_emu_switch, @function
+lag_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size lag_emu_switch, .-lag_emu_switch
+)");
 
 uint3 threadIdx, blockIdx;
 dim3 blockDim, gridDim;
@@ -26,22 +68,21 @@ extern "C" __attribute__((weak)) char __stop_lag_emu_shared[];
 
 namespace {
 
-constexpr size_t kStackBytes = 256 * 1024;
+constexpr size_t kStackBytes = 64 * 1024;  // ample for the kernels; ASan clears its shadow on every switch
 constexpr unsigned kMaxThreads = 1024;
 
 enum Wait { kRunnable, kAtBarrier, kAtCollective, kExited };
 
 struct Fiber {
-  jmp_buf resume_point;
-  ucontext_t start;
+  void* sp = nullptr;  // where lag_emu_switch resumes it
   char* stack = nullptr;
   unsigned tid = 0;
-  bool started = false;
   Wait wait = kRunnable;
   lag_emu::WarpOp op = lag_emu::kSyncWarp;
   unsigned mask = 0;
   uint64_t value = 0, result = 0;
   int param = 0;
+  void* asan_fake_stack = nullptr;
 };
 
 struct State {
@@ -49,7 +90,11 @@ struct State {
   std::vector<Fiber> fibers;
   std::vector<unsigned> runnable;  // a stack; pushes are shuffled
   std::vector<int> at_collective;  // per warp
-  jmp_buf scheduler;
+  void* scheduler_sp = nullptr;
+  bool faulted = false;  // the fiber that switched back last was abandoned by fault()
+  void* scheduler_fake_stack = nullptr;
+  const void* scheduler_stack_bottom = nullptr;  // told by ASan when a fiber first starts
+  size_t scheduler_stack_size = 0;
   Fiber* current = nullptr;
   unsigned threads = 0, live = 0, at_barrier = 0;
   void (*body)(void*) = nullptr;
@@ -80,9 +125,16 @@ void make_runnable(std::vector<unsigned>& ids) {
   }
 }
 
-void suspend() {
-  if (!_setjmp(S.current->resume_point)) _longjmp(S.scheduler, 1);
+// The running fiber gives the CPU back to the scheduler; a dying one (exited, or faulted) is never
+// resumed.
+void to_scheduler(bool dying) {
+  Fiber& f = *S.current;
+  LAG_EMU_START_SWITCH(dying ? nullptr : &f.asan_fake_stack, S.scheduler_stack_bottom, S.scheduler_stack_size);
+  lag_emu_switch(&f.sp, S.scheduler_sp);
+  LAG_EMU_FINISH_SWITCH(f.asan_fake_stack, nullptr, nullptr);
 }
+
+void suspend() { to_scheduler(false); }
 
 // Once every live thread waits at the barrier, the others become runnable; the calling thread (the
 // last to arrive, or one exiting) goes on running.
@@ -103,11 +155,24 @@ void set_thread_index(unsigned tid) {
 }
 
 void fiber_main() {
+  LAG_EMU_FINISH_SWITCH(nullptr, &S.scheduler_stack_bottom, &S.scheduler_stack_size);
   S.body(S.ctx);
   S.current->wait = kExited;
   --S.live;
   release_barrier_if_complete();  // exited threads no longer count at a barrier
-  _longjmp(S.scheduler, 1);
+  to_scheduler(true);
+  abort();  // never resumed
+}
+
+// A fresh stack for `f` whose first switch enters fiber_main: six zero registers for
+// lag_emu_switch to pop, then fiber_main as its return address, leaving the stack pointer 8 bytes
+// below a 16-byte boundary, as at any function entry.
+void new_fiber_stack(Fiber& f) {
+  void** top = reinterpret_cast<void**>(f.stack + kStackBytes);
+  *--top = nullptr;
+  *--top = reinterpret_cast<void*>(&fiber_main);
+  for (int i = 0; i < 6; ++i) *--top = nullptr;
+  f.sp = top;
 }
 
 // Completes warp w's collective once all its lanes wait at one (the caller is one of them).
@@ -161,8 +226,8 @@ bool run_block() {
   for (unsigned i = 0; i < S.threads; ++i) {
     Fiber& f = S.fibers[i];
     f.tid = i;
-    f.started = false;
     f.wait = kRunnable;
+    new_fiber_stack(f);
     all[i] = i;
   }
   S.runnable.clear();
@@ -173,16 +238,13 @@ bool run_block() {
     Fiber& f = S.fibers[id];
     S.current = &f;
     set_thread_index(f.tid);
-    const int how = _setjmp(S.scheduler);
-    if (how == 0) {
-      if (!f.started) {
-        f.started = true;
-        makecontext(&f.start, fiber_main, 0);
-        setcontext(&f.start);
-      }
-      _longjmp(f.resume_point, 1);
+    LAG_EMU_START_SWITCH(&S.scheduler_fake_stack, f.stack, kStackBytes);
+    lag_emu_switch(&S.scheduler_sp, f.sp);
+    LAG_EMU_FINISH_SWITCH(S.scheduler_fake_stack, nullptr, nullptr);
+    if (S.faulted) {  // fault(): recorded; the block's fibers are abandoned
+      S.faulted = false;
+      return false;
     }
-    if (how == 2) return false;  // fault(): recorded
   }
   if (S.live != 0) {
     record(cudaErrorLaunchFailure, deadlock_report());
@@ -217,7 +279,9 @@ uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int param) {
 
 void fault(cudaError_t err, const char* what) {
   record(err, std::string(what) + " in " + block_name() + ", thread " + std::to_string(S.current->tid));
-  _longjmp(S.scheduler, 2);
+  S.faulted = true;
+  to_scheduler(true);
+  abort();  // never resumed
 }
 
 void run_grid(dim3 grid, dim3 block, const char* kernel, void (*body)(void*), void* ctx) {
@@ -239,10 +303,6 @@ void run_grid(dim3 grid, dim3 block, const char* kernel, void (*body)(void*), vo
       void* mem = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
       if (mem == MAP_FAILED) abort();
       f.stack = static_cast<char*>(mem);
-      getcontext(&f.start);
-      f.start.uc_stack.ss_sp = f.stack;
-      f.start.uc_stack.ss_size = kStackBytes;
-      f.start.uc_link = nullptr;
     }
     S.at_collective.assign(kMaxThreads / 32, 0);
   }

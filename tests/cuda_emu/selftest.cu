@@ -74,6 +74,12 @@ __global__ void misaligned_kernel(long long* out) {
 
 __global__ void empty_kernel(long long*) {}
 
+// Reads one element past the end of `out` (the test allocates 5 x 256): under AddressSanitizer
+// (LAG_EMU_ASAN=1) a heap-buffer-overflow report.
+__global__ void out_of_bounds_kernel(long long* out) {
+  if (threadIdx.x == 0) out[0] = out[5 * 256];
+}
+
 }  // namespace
 
 extern "C" int emu_selftest(int which, long long* out) {
@@ -87,6 +93,7 @@ extern "C" int emu_selftest(int which, long long* out) {
     case 6: misaligned_kernel<<<1, 32>>>(out); break;
     case 7: empty_kernel<<<1, 2048>>>(out); break;  // more threads than a block may have
     case 8: empty_kernel<<<dim3(1, 70000), 32>>>(out); break;  // grid.y beyond 65535
+    case 9: out_of_bounds_kernel<<<1, 32>>>(out); break;
     default: return static_cast<int>(cudaErrorInvalidValue);
   }
   return static_cast<int>(cudaGetLastError());
