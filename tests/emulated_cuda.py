@@ -50,7 +50,7 @@ def rewrite_launches(source: str) -> str:
     return _LAUNCH.sub(lambda m: f'lag_emu::launcher({m.group(2)})("{m.group(1)}", {m.group(1)}, ', source)
 
 
-def _compiler() -> str | None:
+def compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
@@ -59,7 +59,7 @@ def unavailable_reason() -> str | None:
     if platform.system() != "Linux" or platform.machine() != "x86_64":
         where = f"{platform.system()} {platform.machine()}"
         return f"the CUDA emulator needs Linux on x86-64 (its stack switch), not {where}"
-    if _compiler() is None:
+    if compiler() is None:
         return "no C++ compiler (g++) to build the emulated CUDA kernels"
     return None
 
@@ -84,7 +84,7 @@ def build(extra_sources: tuple[Path, ...] = ()) -> Path:
             rewritten.write_text(f'#line 1 "{path}"\n' + rewrite_launches(path.read_text()))
             sources.append(str(rewritten))
         partial = Path(work) / out.name
-        cmd = [_compiler(), *flags, "-Wno-unknown-pragmas", "-I", str(EMU_DIR / "include"), "-I", str(csrc)]
+        cmd = [compiler(), *flags, "-Wno-unknown-pragmas", "-I", str(EMU_DIR / "include"), "-I", str(csrc)]
         cmd += [*sources, str(EMU_DIR / "runtime.cpp"), "-o", str(partial)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from emulated_cuda import EMU_DIR, SMS, _compiler, load, rewrite_launches, unavailable_reason
+from emulated_cuda import EMU_DIR, SMS, compiler, load, rewrite_launches, unavailable_reason
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -173,9 +173,9 @@ def _asan_env() -> dict:
         pytest.skip("a CUDA device is present: the kernels run on it, under compute-sanitizer in bench/gpu_run.sh")
     if unavailable_reason() is not None:
         pytest.skip(unavailable_reason())
-    found = subprocess.run([_compiler(), "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    found = subprocess.run([compiler(), "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
     if not os.path.isabs(found) or not os.path.exists(found):
-        pytest.skip(f"{_compiler()} has no AddressSanitizer runtime (libasan.so)")
+        pytest.skip(f"{compiler()} has no AddressSanitizer runtime (libasan.so)")
     return dict(
         os.environ,
         LD_PRELOAD=found,
