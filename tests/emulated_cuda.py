@@ -51,6 +51,7 @@ def rewrite_launches(source: str) -> str:
 
 
 def compiler() -> str | None:
+    """The host C++ compiler: $CXX, else g++, else c++ (None if there is none)."""
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
