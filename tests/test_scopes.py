@@ -71,8 +71,10 @@ def test_no_token_is_routed_outside_its_rows_set(libraries, data):
     top_m = data.draw(st.integers(1, k if router == "lag" else 3))
     rows = data.draw(st.integers(1, 3))
     sets = [sorted(data.draw(st.sets(st.integers(0, N_ADAPTERS - 1), max_size=N_ADAPTERS))) for _ in range(rows)]
-    model = _patched(docs, backend, router=router, k=k, top_m=top_m)
-    _, selections = _routed(model, _ids(rows, 5, seed=len(sets[0])), sets)
+    with pytest.MonkeyPatch.context() as mp:
+        install_backend(backend, DEVICE, mp)
+        model = _patched(docs, backend, router=router, k=k, top_m=top_m)
+        _, selections = _routed(model, _ids(rows, 5, seed=len(sets[0])), sets)
     _assert_within(selections, sets, 5)
     for module, sel in selections.items():
         per_row = sel.reshape(rows, 5, -1)
