@@ -153,6 +153,24 @@ def test_arrow_select_buffer_flushes_exact(cu, order, t, n, k):
     torch.testing.assert_close(scores, rscores, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("k", [16, 128])
+def test_arrow_select_threshold_after_a_flush_is_the_kth_best(cu, k):
+    """The running threshold after a flush must be exactly the k-th best (k a power of two: no slack
+    in the buffer). Planted: the k best of the first two rounds score 1000 .. 1000 + k - 1; after
+    the flush one key scores 1000.5, between the k-th and the (k-1)-th, and must be the k-th answer."""
+    t, n = 3, 4096  # one split of 4 rounds of 1,024: the buffer is flushed before round 3
+    p = torch.zeros(n, 8, device=DEVICE)
+    p[:k, 0] = 1000 + torch.arange(k, device=DEVICE).float()
+    p[2500, 0] = 1000.5
+    x = torch.zeros(t, 8, device=DEVICE)
+    x[:, 0] = 1
+    idx, scores = cu.arrow_topk(x, p, k)
+    ridx, rscores = ref.arrow_topk(x, p, k)
+    assert ridx[0, -1] == 2500
+    assert torch.equal(idx, ridx), _topk_report(idx, scores, x, p, k)
+    torch.testing.assert_close(scores, rscores, atol=0, rtol=0)
+
+
 def test_arrow_unaligned_and_mixed_dtypes(cu):
     buf = torch.randn(3 * 64 + 1, device=DEVICE, dtype=torch.bfloat16)
     x = buf[1:].view(3, 64)  # contiguous but not 16-byte aligned
