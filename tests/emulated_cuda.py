@@ -247,6 +247,18 @@ class EmulatedExtension:
         return self._status(rc, "lora_apply")
 
 
+def emulated(name: str, device) -> bool:
+    """Whether backend ``name`` on ``device`` is the emulator's to run: "cuda" on CPU tensors."""
+    return name == "cuda" and torch.device(device).type == "cpu"
+
+
+def install_backend(name: str, device, mp: pytest.MonkeyPatch) -> None:
+    """Make backend ``name`` usable on ``device`` while ``mp`` is active: the emulator where
+    ``emulated(name, device)``, nothing otherwise (see ``use_emulated_backend``)."""
+    if emulated(name, device):
+        use_emulated_backend(mp)
+
+
 def use_emulated_backend(mp: pytest.MonkeyPatch) -> None:
     """While ``mp`` is active, backend "cuda" runs on CPU tensors through the emulator: the cuda
     module's binding is the emulated extension and CPU tensors are a device it accepts, so
@@ -264,7 +276,7 @@ def use_emulated_backend(mp: pytest.MonkeyPatch) -> None:
     available = kernels.backend_unavailable_reason
 
     def unavailable(name, device):
-        return None if name == "cuda" and torch.device(device).type == "cpu" else available(name, device)
+        return None if emulated(name, device) else available(name, device)
 
     mp.setattr(cuda, "_ext_for", lambda *tensors: ext)
     mp.setattr(cuda, "_stream", lambda device: 0)

@@ -243,8 +243,8 @@ def quantize_linears(model, kind: str, targets, *, compute_dtype=None):
 def available_backends(device) -> list[str]:
     """The kernel backends (of torch, triton, cuda) that can run on ``device`` here. On a machine
     without a GPU "cuda" is one of them when its kernels can run under the CUDA emulator
-    (tests/emulated_cuda.py): a test that takes it calls ``install_backend`` first."""
-    from emulated_cuda import unavailable_reason
+    (tests/emulated_cuda.py): a test that takes it calls ``emulated_cuda.install_backend`` first."""
+    from emulated_cuda import emulated, unavailable_reason
 
     from lag_triton.kernels import resolve_backend
 
@@ -254,19 +254,9 @@ def available_backends(device) -> list[str]:
             resolve_backend(name, device)
             names.append(name)
         except RuntimeError:
-            if name == "cuda" and torch.device(device).type == "cpu" and not torch.cuda.is_available():
-                if unavailable_reason() is None:
-                    names.append(name)
+            if emulated(name, device) and not torch.cuda.is_available() and unavailable_reason() is None:
+                names.append(name)
     return names
-
-
-def install_backend(name: str, device, mp) -> None:
-    """Make backend ``name`` usable on ``device`` for as long as ``mp`` (a pytest MonkeyPatch) is
-    active: the CUDA emulator for "cuda" on CPU, nothing otherwise."""
-    if name == "cuda" and torch.device(device).type == "cpu":
-        from emulated_cuda import use_emulated_backend
-
-        use_emulated_backend(mp)
 
 
 def tiny_library(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from emulated_cuda import use_emulated_backend
+from emulated_cuda import install_backend
 
 from lag_triton.kernels import get_ops, resolve_backend
 
@@ -16,8 +16,7 @@ def backend_ops(name: str, mp: pytest.MonkeyPatch):
     """Backend ``name``'s ops on DEVICE, or a skip that says why it cannot run here. Without a GPU the
     cuda backend's kernels run on the CPU under the emulator (tests/emulated_cuda.py), installed
     with ``mp`` for the test's duration."""
-    if name == "cuda" and DEVICE == "cpu":
-        use_emulated_backend(mp)
+    install_backend(name, DEVICE, mp)
     try:
         return get_ops(resolve_backend(name, DEVICE))
     except (RuntimeError, ImportError) as exc:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from emulated_cuda import install_backend
 
 import lag_triton
 from lag_triton.kernels import resolve_backend
 
-from factories import VOCAB, install_backend, tiny_library, tiny_model
+from factories import VOCAB, tiny_library, tiny_model
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -14,11 +14,12 @@ import pickle
 
 import pytest
 import torch
+from emulated_cuda import install_backend
 
 import lag_triton
 from lag_triton.kernels import get_ops
 
-from factories import VOCAB, available_backends, install_backend, tiny_library, tiny_model
+from factories import VOCAB, available_backends, tiny_library, tiny_model
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from emulated_cuda import install_backend
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lag_triton
 
-from factories import VOCAB, available_backends, install_backend, tiny_library, tiny_model
+from factories import VOCAB, available_backends, tiny_library, tiny_model
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 N_ADAPTERS = 7
