@@ -89,7 +89,7 @@ arrow_select_kernel(const float* __restrict__ scores, int64_t stride, int N, int
   int n_lo = blockIdx.y * chunk;
   int n_hi = n_lo + chunk < N ? n_lo + chunk : N;
   const uint8_t* mask = nullptr;
-  if (allowed != nullptr) {  // a scope row out of [0, S) allows nothing
+  if (scope != nullptr) {  // scoped (allowed may be null when S = 0); a row out of [0, S) allows nothing
     const int row = scope[t];
     if (row < 0 || row >= S) n_hi = n_lo;
     else mask = allowed + row * allowed_stride;
@@ -170,7 +170,8 @@ extern "C" int lag_arrow_select_launch(const float* scores, int64_t T, int64_t N
   using namespace lag;
   if (T == 0) return 0;
   if (N <= 0 || k <= 0 || k > N || k > LAG_ARROW_MAX_K || N > 0x7fffffffLL || T > 0x7fffffffLL ||
-      stride < N || (allowed != nullptr && (scope == nullptr || S <= 0 || allowed_stride < N)))
+      stride < N || (allowed != nullptr && scope == nullptr) ||
+      (scope != nullptr && (S < 0 || (S > 0 && (allowed == nullptr || allowed_stride < N)))))
     return static_cast<int>(cudaErrorInvalidValue);
   DeviceGuard guard(device);
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);

@@ -29,7 +29,8 @@ size_t lag_arrow_select_workspace_bytes(int64_t T, int64_t N, int64_t k, int dev
 // scores [T, N] fp32 (row stride `stride`, e.g. a GEMM's x @ P^T) -> idx [T, k] int32, |scores| [T, k]
 // fp32 of the k largest |scores| per row, best first. With `allowed` ([S, N] uint8, row stride
 // allowed_stride) and `scope` ([T] int32), row t ranks only adapters n with allowed[scope[t]][n];
-// slots past them are -1 / NaN.
+// slots past them are -1 / NaN. A non-null `scope` means scoped: a row out of [0, S) allows nothing,
+// and S = 0 (an empty table, `allowed` possibly null) allows nothing to any row.
 int lag_arrow_select_launch(const float* scores, int64_t T, int64_t N, int64_t stride, int64_t k,
                             const uint8_t* allowed, const int32_t* scope, int64_t S, int64_t allowed_stride,
                             void* workspace, size_t workspace_bytes, int32_t* idx, float* out_scores,

@@ -269,6 +269,24 @@ def test_arrow_topk_scope_rows_out_of_range_allow_nothing(ops):
     assert (idx[~outside] >= 0).sum(1).tolist() == [4, 2, 4]
 
 
+@pytest.mark.parametrize("t", [1, 7])
+def test_arrow_topk_empty_scope_table_allows_nothing(ops, monkeypatch, t):
+    """allowed [0, N] (no scope rows at all): every token's scope row is out of range, so no adapter
+    is allowed — idx -1 and NaN scores everywhere, in every backend and Triton path (an empty tensor
+    may have no data pointer, which a kernel must not take for "unscoped")."""
+    x, p = int_tensor(t, 24, seed=86), int_tensor(300, 24, seed=87)
+    allowed = torch.zeros((0, 300), dtype=torch.bool, device=DEVICE)
+    scope = torch.zeros(t, dtype=torch.int32, device=DEVICE)
+    switches = ["", "LAG_TRITON_FOLD_SPLITS", "LAG_TRITON_FILTER_GEMM"] if ops.name == "triton" else [""]
+    for switch in switches:  # the default path, the one-launch decode Arrow, the filtering GEMM
+        with monkeypatch.context() as mp:
+            if switch:
+                mp.setenv(switch, "1")
+            for ranker in (ops.arrow_topk, reference.arrow_topk):
+                idx, scores = ranker(x, p, 4, allowed, scope)
+                assert (idx == -1).all() and scores.isnan().all(), (switch, ranker)
+
+
 @pytest.mark.parametrize("t", [9, 70])  # 70 tokens: the adapter-grouped path (the -1 pairs grouped last)
 @pytest.mark.parametrize(
     "m,combine,with_scores", [(1, "softmax", False), (3, "softmax", False), (3, "uniform", False), (2, "softmax", True)]

@@ -67,8 +67,9 @@ def arrow_topk(
     check_topk_args(x, prototypes, k, allowed, scope)
     valid = None
     if allowed is not None:
-        in_range = (scope >= 0) & (scope < allowed.shape[0])
-        valid = allowed[scope.clamp(0, allowed.shape[0] - 1).long()] & in_range[:, None]  # [T, N]
+        rows = allowed.shape[0]  # an out-of-range scope row reads an appended all-False row
+        table = torch.cat([allowed, allowed.new_zeros(1, allowed.shape[1])])
+        valid = table[torch.where((scope >= 0) & (scope < rows), scope, rows).long()]  # [T, N]
     return topk_of_scores((x.float() @ prototypes.float().T).abs(), k, valid)
 
 
