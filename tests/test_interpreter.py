@@ -1,5 +1,6 @@
-"""The one change lag_triton makes to the Triton interpreter (``_interpreter.patch_language_once``):
-nested @triton.jit calls no longer re-patch triton.language, and nothing else changes."""
+"""The two changes lag_triton makes to the Triton interpreter (``lag_triton.kernels.triton._interpreter``):
+nested @triton.jit calls no longer re-patch triton.language (``patch_language_once``, no result
+changes), and fp32 <-> bf16 conversions round like the GPU's (``round_bf16_like_the_gpu``)."""
 
 from __future__ import annotations
 
@@ -67,3 +68,39 @@ def test_a_launch_restores_the_language():
         _nested_kernel[(2,)](x, out, ROUNDS=2, BLOCK=16)
         torch.testing.assert_close(out, 2 * (2 * x.min(dim=1, keepdim=True).values + 1).expand_as(x))
         assert tl.where is where and tl.tensor.__add__ is tensor_add
+
+
+@triton.jit
+def _bf16_round_trip_kernel(x_ptr, as_bf16_ptr, back_ptr, rtz_ptr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(x_ptr + offs)
+    tl.store(as_bf16_ptr + offs, v.to(tl.bfloat16))  # the implicit cast: round to nearest even on a GPU
+    tl.store(back_ptr + offs, tl.load(as_bf16_ptr + offs).to(tl.float32))
+    tl.store(rtz_ptr + offs, v.to(tl.bfloat16, fp_downcast_rounding="rtz"))
+
+
+def test_bf16_casts_round_like_the_gpu():
+    """fp32 -> bf16 in a kernel equals torch's cast (IEEE round to nearest even: the GPU's
+    cvt.rn.bf16.f32) bit for bit, on every bf16 value, the ties between two of them, and random fp32
+    bit patterns (NaN, inf, subnormals, overflow); bf16 -> fp32 is exact; an explicit round toward
+    zero keeps the interpreter's own conversion (it truncates)."""
+    from lag_triton.kernels.triton import _interpreter
+
+    assert _interpreter.round_bf16_like_the_gpu(), "the pinned Triton's interpreter lacks _convert_float"
+    every_bf16 = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    ties = (every_bf16.view(torch.int32) | 0x8000).view(torch.float32)  # exactly halfway to the next bf16
+    noise = torch.randint(-(2**31), 2**31 - 1, (2**14,), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    x = torch.cat([every_bf16, ties, noise.view(torch.float32)])
+    block = 1024
+    x = torch.cat([x, torch.zeros(-x.numel() % block)])
+    as_bf16, back, rtz = (
+        torch.empty_like(x, dtype=torch.bfloat16),
+        torch.empty_like(x),
+        torch.empty_like(x, dtype=torch.bfloat16),
+    )
+    _bf16_round_trip_kernel[(x.numel() // block,)](x, as_bf16, back, rtz, BLOCK=block)
+    assert torch.equal(as_bf16.view(torch.int16), x.to(torch.bfloat16).view(torch.int16))
+    assert torch.equal(back.view(torch.int32), x.to(torch.bfloat16).float().view(torch.int32))
+    finite = x.isfinite()
+    truncated = (x.view(torch.int32) & ~0xFFFF).view(torch.float32)  # toward zero: the high 16 bits
+    assert torch.equal(rtz.float()[finite & (x.abs() >= 2**-126)], truncated[finite & (x.abs() >= 2**-126)])

@@ -16,7 +16,9 @@ with each. Everything else in the kernels is the GPU code as it runs.
   the CPU tests cross the same tile, split and buffer boundaries at small sizes that real shapes
   cross at large ones.
 
-And one change to the interpreter itself, which changes no result: ``patch_language_once``.
+And two changes to the interpreter itself: ``patch_language_once`` (speed; changes no result) and
+``round_bf16_like_the_gpu`` (its fp32 -> bf16 conversion truncated; now it rounds to nearest even,
+as the GPU's ``cvt.rn.bf16.f32`` and torch do, so a bf16 output equals the reference's bit for bit).
 """
 
 from __future__ import annotations
@@ -123,5 +125,44 @@ def patch_language_once() -> bool:
     return True
 
 
+def round_bf16_like_the_gpu() -> bool:
+    """Make the interpreter's fp32 <-> bf16 conversions those of the GPU (and of torch).
+
+    Triton 3.6's interpreter converts fp32 to bf16 in numpy bit arithmetic (``_convert_float``)
+    that drops the low 16 bits (round toward zero) for a plain ``.to(tl.bfloat16)``, where the
+    compiled kernel rounds to nearest even (``cvt.rn.bf16.f32``); its "rtne" adds the cut-off bit
+    without ties-to-even, and subnormals come out wrong either way. A bf16 ``y`` written by a kernel
+    then differed from the GPU's (and the reference's) by an ulp on about one element in 2^16 or
+    (on exact data) on every tie. Here those two conversions go through torch, whose casts are IEEE
+    round-to-nearest-even with NaN, inf and subnormals kept; every other conversion (fp16, fp8,
+    round-toward-zero requests) is the interpreter's. Idempotent; returns whether the interpreter
+    has the expected internals (if not, nothing changes).
+    """
+    ti = _triton_interpreter
+    if ti is None or not hasattr(ti, "_convert_float"):
+        return False
+    if getattr(ti._convert_float, "_lag_rne", False):
+        return True
+    original = ti._convert_float
+    numpy_of = {tl.float32: ("float32", torch.float32), tl.bfloat16: ("uint16", torch.bfloat16)}
+
+    def convert_float(input, input_dtype, output_dtype, rounding_mode):
+        rtz = rounding_mode is not None and rounding_mode != ti._ir.ROUNDING_MODE.RTNE
+        if rtz or {input_dtype, output_dtype} != {tl.float32, tl.bfloat16}:
+            return original(input, input_dtype, output_dtype, rounding_mode)
+        np_in, torch_in = numpy_of[input_dtype]
+        np_out, torch_out = numpy_of[output_dtype]
+        src = torch.from_numpy(input.view(np_in).copy())
+        if torch_in == torch.bfloat16:
+            src = src.view(torch.bfloat16)
+        out = src.to(torch_out)
+        return (out.view(torch.uint16) if torch_out == torch.bfloat16 else out).numpy().view(np_out)
+
+    convert_float._lag_rne = True
+    ti._convert_float = convert_float
+    return True
+
+
 if _INTERPRETING:
     patch_language_once()
+    round_bf16_like_the_gpu()
