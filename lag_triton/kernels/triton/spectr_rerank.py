@@ -340,6 +340,9 @@ def _rank_token(
                         other=0.0,
                         cache_modifier=".cg",
                     )
+            # tl.sqrt is sqrt.approx on the GPU (np.sqrt under the interpreter): within an ulp of torch's
+            # norm, below z's own fp32 summation error; tl.sqrt_rn's slow-path call made the split and
+            # top_m > 1 selects spill (8-36 B on sm_90)
             key = tl.sqrt(tl.sum(z * z, axis=1))
         words = pack(order_key(key), cand)
         words = tl.where(k_mask & (cand >= 0) & (cand < N), words, EMPTY_SLOT)  # -1: no candidate (a scope)
