@@ -48,6 +48,57 @@ from bench.timing import cuda_context_broken, free_memory, short_error, sync, ti
 TARGETS = ("gate_proj", "up_proj", "down_proj")
 LAG_BACKENDS = ("triton", "cuda", "torch")
 
+# Sizes by run: "full" is Llama-3.2-3B's shape (the README table), "quick" 4 of its layers and
+# shorter sweeps, "cpu" a tiny model that exercises every path in seconds. Flags override them.
+_FULL = dict(
+    layers=28,
+    hidden=3072,
+    intermediate=8192,
+    heads=24,
+    kv_heads=8,
+    vocab=128256,
+    n_adapters=1000,
+    prefill_len=2048,
+    prefill_reps=3,
+    batches="1,8,32",
+    decode_ctx=256,
+    decode_steps=32,
+    peft_n=100,
+    peft_layers=2,
+    peft_batches="1,8",
+    peft_prefill_len=512,
+    eager_batches="1,8",
+    dtype="bf16",
+)
+PRESETS = {
+    "full": _FULL,
+    "quick": {
+        **_FULL,
+        **dict(layers=4, prefill_reps=2, batches="1,32", decode_ctx=128, decode_steps=16, peft_n=50),
+        **dict(peft_batches="1", eager_batches="1"),
+    },
+    "cpu": dict(
+        layers=2,
+        hidden=64,
+        intermediate=128,
+        heads=4,
+        kv_heads=2,
+        vocab=256,
+        n_adapters=16,
+        prefill_len=16,
+        prefill_reps=1,
+        batches="1,2",
+        decode_ctx=6,
+        decode_steps=3,
+        peft_n=4,
+        peft_layers=2,
+        peft_batches="1",
+        peft_prefill_len=16,
+        eager_batches="",
+        dtype="fp32",
+    ),
+}
+
 
 # ----------------------------------------------------------------------------------------------
 # arguments
@@ -108,70 +159,8 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
 
     cpu = torch.device(a.device).type != "cuda"
-    if cpu:  # tiny model, everything exercised, seconds
-        d = dict(
-            layers=2,
-            hidden=64,
-            intermediate=128,
-            heads=4,
-            kv_heads=2,
-            vocab=256,
-            n_adapters=16,
-            prefill_len=16,
-            prefill_reps=1,
-            batches="1,2",
-            decode_ctx=6,
-            decode_steps=3,
-            peft_n=4,
-            peft_layers=2,
-            peft_batches="1",
-            peft_prefill_len=16,
-            eager_batches="",
-            dtype="fp32",
-        )
-        a.check = True
-    elif a.quick:
-        d = dict(
-            layers=4,
-            hidden=3072,
-            intermediate=8192,
-            heads=24,
-            kv_heads=8,
-            vocab=128256,
-            n_adapters=1000,
-            prefill_len=2048,
-            prefill_reps=2,
-            batches="1,32",
-            decode_ctx=128,
-            decode_steps=16,
-            peft_n=50,
-            peft_layers=2,
-            peft_batches="1",
-            peft_prefill_len=512,
-            eager_batches="1",
-            dtype="bf16",
-        )
-    else:
-        d = dict(
-            layers=28,
-            hidden=3072,
-            intermediate=8192,
-            heads=24,
-            kv_heads=8,
-            vocab=128256,
-            n_adapters=1000,
-            prefill_len=2048,
-            prefill_reps=3,
-            batches="1,8,32",
-            decode_ctx=256,
-            decode_steps=32,
-            peft_n=100,
-            peft_layers=2,
-            peft_batches="1,8",
-            peft_prefill_len=512,
-            eager_batches="1,8",
-            dtype="bf16",
-        )
+    d = PRESETS["cpu" if cpu else "quick" if a.quick else "full"]
+    a.check = a.check or cpu
     for key, value in d.items():
         if getattr(a, key, None) is None:
             setattr(a, key, value)
