@@ -50,6 +50,7 @@ from ._common import (
     next_pow2,
     num_sms,
     offer_block,
+    on_tensor_device,
     order_key,
     rows_contiguous,
     store_topk,
@@ -229,6 +230,7 @@ def _select(
         )
 
 
+@on_tensor_device
 def arrow_topk(
     x: torch.Tensor,
     prototypes: torch.Tensor,

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ..common import check_apply_args
-from ._common import NO_ADAPTER, cdiv, interpreting, next_pow2, num_sms
+from ._common import NO_ADAPTER, cdiv, interpreting, next_pow2, num_sms, on_tensor_device
 from .group_by_adapter import group_pairs_by_adapter
 from .tuning import tuned
 
@@ -117,6 +117,7 @@ def prepare_b_star(b_star: torch.Tensor) -> torch.Tensor:
     return b_star.transpose(1, 2).contiguous().transpose(1, 2)
 
 
+@on_tensor_device
 def lora_apply(
     y: torch.Tensor, b_star: torch.Tensor, sel: torch.Tensor, w: torch.Tensor, z: torch.Tensor
 ) -> torch.Tensor:

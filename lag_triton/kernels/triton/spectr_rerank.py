@@ -44,6 +44,7 @@ from ._common import (
     merge_topk,
     next_pow2,
     num_sms,
+    on_tensor_device,
     order_key,
     pack,
     prev_pow2,
@@ -462,6 +463,7 @@ def rerank_plan(t: int, n: int, r: int, d: int, k: int, m: int, has_scores: bool
     return RerankPlan("fused", **pads, **select_blocks)
 
 
+@on_tensor_device
 def spectr_rerank(
     x: torch.Tensor,
     a_star: torch.Tensor,

@@ -1,0 +1,99 @@
+"""Kernels launch on their tensors' GPU, not on the current one.
+
+Triton launches on the current CUDA device; a layer living on another GPU (a model split over
+GPUs with ``device_map="auto"``, or moved to cuda:1) must make its own device current while its
+ops launch (``_common.launch_device``). The CUDA backend's launchers set the device themselves
+(``DeviceGuard`` in csrc). Without a GPU: the rule, and that every Triton launch of every op
+happens inside it; with two GPUs: a patched model on cuda:1, cuda:0 current, against the reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from emulated_cuda import install_backend
+from kernel_data import DEVICE, backend_ops, int_tensor, randn
+
+import lag_triton
+from lag_triton.kernels import resolve_backend
+
+from factories import VOCAB, tiny_library, tiny_model
+
+
+def _common():
+    pytest.importorskip("triton")
+    from lag_triton.kernels.triton import _common
+
+    return _common
+
+
+def test_launch_device_switches_only_to_another_gpu(monkeypatch):
+    common = _common()
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    other = common.launch_device(torch.device("cuda", 1))
+    assert isinstance(other, torch.cuda.device) and other.idx == 1
+    for same in (torch.device("cuda", 0), torch.device("cuda"), torch.device("cpu")):
+        assert isinstance(common.launch_device(same), contextlib.nullcontext), same
+
+
+def test_every_triton_launch_runs_on_its_tensors_device(monkeypatch):
+    """Each op enters launch_device(x.device) once, and each of its Triton launches happens inside
+    it (the scoring GEMM is torch's, which launches on its tensors' device by itself)."""
+    ops = backend_ops("triton", monkeypatch)
+    common = _common()
+    if not common.interpreting():
+        pytest.skip("counts launches through the Triton interpreter")
+    from triton.runtime import interpreter
+
+    entered, inside, launches = [], [], []
+
+    @contextlib.contextmanager
+    def recording(device):
+        entered.append(device)
+        inside.append(True)
+        try:
+            yield
+        finally:
+            inside.pop()
+
+    run = interpreter.InterpretedFunction.run
+
+    def launch(self, *args, **kwargs):
+        launches.append((self.fn.__name__, bool(inside)))
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(common, "launch_device", recording)
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", launch)
+    x, p, a = int_tensor(3, 40, seed=1), int_tensor(90, 40, seed=2), randn(90, 6, 40, seed=3)
+    idx, _ = ops.arrow_topk(x, p, 5)
+    sel, w, z = ops.spectr_rerank(x, a, idx, 2)
+    ops.lora_apply(randn(3, 70, seed=4), randn(90, 70, 6, seed=5), sel, w, z)
+    assert entered == [x.device] * 3
+    assert len(launches) >= 3 and all(ok for _, ok in launches), launches
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2+ CUDA devices")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_patched_model_on_a_second_gpu(tmp_path, backend, monkeypatch):
+    """The whole model on cuda:1 while cuda:0 is current: the backend's logits and picks equal the
+    reference backend's (fp32)."""
+    install_backend(backend, DEVICE, monkeypatch)
+    second = torch.device("cuda", 1)
+    try:
+        resolve_backend(backend, second)
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    library = tiny_library(tmp_path, 7)
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0)).to(second)
+    out = {}
+    for name in ("torch", backend):
+        model = tiny_model("llama").to(second)
+        lag_triton.patch(model, library, k=3, top_m=2, backend=name)
+        with torch.cuda.device(0), torch.no_grad(), lag_triton.trace(model) as tr:
+            out[name] = model(input_ids=ids).logits, tr.selections
+    (want, want_sel), (got, got_sel) = out["torch"], out[backend]
+    for module in want_sel:
+        assert torch.equal(got_sel[module], want_sel[module]), module
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
