@@ -81,7 +81,8 @@ def _gather_z(
     for d0 in range(d_lo, d_hi, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_mask = offs_d < d_hi
-        xv = tl.load(x_ptr + t * stride_xt + offs_d, mask=d_mask, other=0.0).to(tl.float32)  # [BLOCK_D]
+        # int64 row offset: x may hold more than 2**31 elements (a long prompt through a wide layer)
+        xv = tl.load(x_ptr + t.to(tl.int64) * stride_xt + offs_d, mask=d_mask, other=0.0).to(tl.float32)
         a = tl.load(
             a_ptr + base[:, None, None] + offs_r[None, :, None] * stride_ar + offs_d[None, None, :],
             mask=ok[:, None, None] & (offs_r[None, :, None] < R) & d_mask[None, None, :],

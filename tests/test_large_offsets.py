@@ -1,0 +1,74 @@
+"""Token rows past 2**31 elements: a kernel's x / y row offsets must not wrap in 32 bits.
+
+A long prompt through a wide layer puts x or y past 2**31 elements (Llama-3-70B's MLP, 28,672
+wide: from ~75,000 tokens in one forward), where ``row * row_stride`` in int32 wraps and a kernel
+reads or writes far outside its tensor. The tests make the same offsets cheaply: a few rows of a
+view whose row stride is ~2**31 / T elements, over a storage the operating system commits lazily
+(only the rows used are ever touched), so row T-1 starts past 2**31. Each case runs in a child
+process, because a wrapped offset is a segfault under the interpreter or the emulator, and a
+sticky illegal-address error on a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+TESTS = Path(__file__).resolve().parent
+
+CHILD = textwrap.dedent(
+    """
+    import sys
+    import pytest
+    import torch
+    sys.path[:0] = [{tests!r}]
+    from lag_triton.kernels import use_triton_interpreter_without_gpu
+    use_triton_interpreter_without_gpu()
+    from lag_triton.kernels import reference
+    from kernel_data import DEVICE, backend_ops, int_tensor
+
+    def far_rows(rows, cols, dtype):
+        # rows x cols view, row stride past 2**31 / (rows - 1): row rows-1 starts beyond 2**31 elements
+        stride = (2**31) // (rows - 1) + 64
+        storage = torch.empty((rows - 1) * stride + cols, dtype=dtype, device=DEVICE)
+        return storage.as_strided((rows, cols), (stride, 1))
+
+    mp = pytest.MonkeyPatch()
+    ops = backend_ops({backend!r}, mp)
+    t, n, d, r, k, m, d_out = {t}, 40, 24, 6, 5, 2, 40
+    x = far_rows(t, d, torch.bfloat16)
+    x.copy_(int_tensor(t, d, dtype=torch.bfloat16, seed=1))
+    a = int_tensor(n, r, d, lo=-2, hi=3, dtype=torch.bfloat16, seed=2)
+    cand = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(i))[:k] for i in range(t)])
+    cand = cand.to(torch.int32).to(DEVICE)
+    sel, w, z = ops.spectr_rerank(x, a, cand, m)
+    ref = reference.spectr_rerank(x.contiguous(), a, cand, m)
+    assert torch.equal(sel, ref[0]) and torch.equal(z, ref[2]), "rerank of far rows"
+    y = far_rows(t, d_out, torch.bfloat16)
+    y.copy_(int_tensor(t, d_out, dtype=torch.bfloat16, seed=3))
+    b = int_tensor(n, d_out, r, dtype=torch.bfloat16, seed=4)
+    want = reference.lora_apply(y.contiguous(), b, sel, torch.full_like(w, 0.5), z)
+    ops.lora_apply(y, ops.prepare_b_star(b), sel, torch.full_like(w, 0.5), z)
+    assert torch.equal(y, want), "apply to far rows"
+    print("ok")
+    """
+)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("t", [3, 64], ids=["decode", "grouped"])  # 64: the rerank and apply group by adapter
+def test_row_offsets_past_int32(backend, t):
+    if torch.cuda.is_available() and torch.cuda.mem_get_info()[0] < 12 * 2**30:
+        pytest.skip("needs two ~4 GiB tensors on the GPU")
+    code = CHILD.format(tests=str(TESTS), backend=backend, t=t)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]))
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    if "Skipped" in child.stderr and child.returncode != 0:
+        pytest.skip(child.stderr.strip().splitlines()[-1])
+    assert child.returncode == 0 and child.stdout.strip().endswith("ok"), (child.returncode, child.stderr[-3000:])
