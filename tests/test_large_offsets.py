@@ -47,6 +47,11 @@ CHILD = textwrap.dedent(
     a = int_tensor(n, r, d, lo=-2, hi=3, dtype=torch.bfloat16, seed=2)
     cand = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(i))[:k] for i in range(t)])
     cand = cand.to(torch.int32).to(DEVICE)
+    p = int_tensor(n, d, dtype=torch.bfloat16, seed=5)
+    for fold in ("0", "1"):  # Triton: the GEMM + select, and the one-launch decode Arrow
+        mp.setenv("LAG_TRITON_FOLD_SPLITS", fold)
+        idx, _ = ops.arrow_topk(x, p, k)
+        assert torch.equal(idx, reference.arrow_topk(x.contiguous(), p, k)[0]), "arrow of far rows"
     sel, w, z = ops.spectr_rerank(x, a, cand, m)
     ref = reference.spectr_rerank(x.contiguous(), a, cand, m)
     assert torch.equal(sel, ref[0]) and torch.equal(z, ref[2]), "rerank of far rows"
