@@ -113,20 +113,44 @@ class LibraryRoute(nn.Module):
         dtype = self.a_star.dtype
         xr = x if x.dtype == dtype else x.to(dtype)
         if y.dtype == dtype:
-            return y, route_and_apply(
+            sel = route_and_apply(
                 xr, y, self.a_star, self.b_star, self.prototypes, self.config, self.ops, allowed, scope
             )
-        # fp64 layers, or autocast's low-precision output of an fp32 layer: the kernels write
-        # into a buffer of the factors' dtype, added in y's dtype.
-        delta = torch.zeros(y.shape, dtype=dtype, device=y.device)
-        sel = route_and_apply(
-            xr, delta, self.a_star, self.b_star, self.prototypes, self.config, self.ops, allowed, scope
-        )
-        return y + delta.to(y.dtype), sel
+        else:
+            # fp64 layers, or autocast's low-precision output of an fp32 layer: the kernels write
+            # into a buffer of the factors' dtype, added in y's dtype.
+            delta = torch.zeros(y.shape, dtype=dtype, device=y.device)
+            sel = route_and_apply(
+                xr, delta, self.a_star, self.b_star, self.prototypes, self.config, self.ops, allowed, scope
+            )
+            y = y + delta.to(y.dtype)
+        if self.backend != "torch" and torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
+            y = _NoRoutedGradient.apply(y, self.backend)
+        return y, sel
 
     def extra_repr(self) -> str:
         n, r, d_in = self.a_star.shape
         return f"library={self.library_index}, adapters={n}, r={r}, backend={self.backend}, {self.config}"
+
+
+class _NoRoutedGradient(torch.autograd.Function):
+    """Identity in the forward; a backward through it raises. The kernels write the routed LoRA
+    term into y outside autograd, so a gradient through a patched layer would silently lack that
+    term (the "torch" backend's reference ops are differentiable and have it)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, backend: str) -> torch.Tensor:
+        ctx.backend = backend
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        raise RuntimeError(
+            f"lag_triton's {ctx.backend!r} kernels compute no gradient for the routed LoRA term, so a "
+            "backward pass through a patched layer would be wrong. Run the forward under "
+            "torch.no_grad() / torch.inference_mode(), or patch with backend='torch' (differentiable "
+            "with the routing held fixed, slower)"
+        )
 
 
 def _autocast_off(device_type: str):

@@ -91,3 +91,46 @@ def test_patched_forward_replays_in_a_cuda_graph(library, backend, monkeypatch):
         graph.replay()
         torch.testing.assert_close(out, mlp(x), rtol=0, atol=0)
         assert not torch.equal(out, eager)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_backward_through_kernel_backends_raises(library, backend, monkeypatch):
+    """The kernels write the routed term outside autograd: a backward through a patched layer
+    raises (naming the backend and the ways out) instead of returning a gradient without the
+    LoRA term; the forward's values are unchanged, and under no_grad nothing is added."""
+    _require(backend, monkeypatch)
+    ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    model = tiny_model("llama").to(DEVICE)
+    lag_triton.patch(model, library, k=3, backend=backend)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    logits = model(input_ids=ids).logits  # grad mode: the parameters require grad
+    assert logits.requires_grad
+    torch.testing.assert_close(logits.detach(), want, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=rf"'{backend}' kernels compute no gradient.*backend='torch'"):
+        logits.sum().backward()
+
+
+def test_backward_through_the_reference_backend_has_the_routed_term(library):
+    """backend='torch' is differentiable with the routing held fixed: d(sum of logits)/d(embeddings)
+    differs from the unpatched model's, and equals a central finite difference along a direction."""
+    model = tiny_model("llama", dtype=torch.float64)
+    ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(2))
+    emb = model.get_input_embeddings()(ids).detach()
+
+    def loss(e):
+        return model(inputs_embeds=e).logits.sum()
+
+    e = emb.clone().requires_grad_()
+    (g_plain,) = torch.autograd.grad(loss(e), e)
+    lag_triton.patch(model, library, k=3, top_m=2, backend="torch")
+    e = emb.clone().requires_grad_()
+    (g,) = torch.autograd.grad(loss(e), e)
+    assert not torch.allclose(g, g_plain)
+    direction = torch.randn(emb.shape, generator=torch.Generator().manual_seed(3), dtype=emb.dtype)
+    # the routed term is computed in fp32 (an fp64 layer routes in fp32): h large enough for its
+    # rounding, small enough that no token's routing changes between the two points
+    h = 1e-4
+    with torch.no_grad():
+        fd = (loss(emb + h * direction) - loss(emb - h * direction)) / (2 * h)
+    torch.testing.assert_close((g * direction).sum(), fd, rtol=1e-3, atol=0)
