@@ -33,7 +33,7 @@ from .layers import LayerInfo, activation_dtype, describe_layer
 from .layers import linear_shape as _linear_shape
 from .layers import route_dtype as _route_dtype
 from .library import Library
-from .routing import RoutingConfig, route_and_apply
+from .routing import RoutingConfig, route_and_apply, routed_term
 from .tracing import Trace, active_traces, trace
 
 __all__ = ["LagLinear", "LibraryRoute", "LibraryNotSavedWarning", "patch", "unpatch", "trace", "Trace"]
@@ -124,8 +124,8 @@ class LibraryRoute(nn.Module):
                 xr, delta, self.a_star, self.b_star, self.prototypes, self.config, self.ops, allowed, scope
             )
             y = y + delta.to(y.dtype)
-        if self.backend != "torch" and torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
-            y = _NoRoutedGradient.apply(y, self.backend)
+        if self.backend != "torch" and torch.is_grad_enabled() and xr.requires_grad:
+            y = _RoutedTermGradient.apply(y, xr, sel, self)  # y's own gradient passes through as is
         return y, sel
 
     def extra_repr(self) -> str:
@@ -133,24 +133,26 @@ class LibraryRoute(nn.Module):
         return f"library={self.library_index}, adapters={n}, r={r}, backend={self.backend}, {self.config}"
 
 
-class _NoRoutedGradient(torch.autograd.Function):
-    """Identity in the forward; a backward through it raises. The kernels write the routed LoRA
-    term into y outside autograd, so a gradient through a patched layer would silently lack that
-    term (the "torch" backend's reference ops are differentiable and have it)."""
+class _RoutedTermGradient(torch.autograd.Function):
+    """y, into which the kernels have written the routed term outside autograd, passes through;
+    the backward adds that term's gradient with respect to x: ``routing.routed_term`` with the
+    forward's picks held fixed (the gradient the "torch" backend's reference ops give)."""
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor, backend: str) -> torch.Tensor:
-        ctx.backend = backend
+    def forward(ctx, y: torch.Tensor, x: torch.Tensor, sel: torch.Tensor, route: LibraryRoute) -> torch.Tensor:
+        ctx.save_for_backward(x, sel)
+        ctx.route = route
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        raise RuntimeError(
-            f"lag_triton's {ctx.backend!r} kernels compute no gradient for the routed LoRA term, so a "
-            "backward pass through a patched layer would be wrong. Run the forward under "
-            "torch.no_grad() / torch.inference_mode(), or patch with backend='torch' (differentiable "
-            "with the routing held fixed, slower)"
-        )
+        x, sel = ctx.saved_tensors
+        route = ctx.route
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_()
+            term = routed_term(xg, sel, route.a_star, route.b_star, route.prototypes, route.config)
+            (grad_x,) = torch.autograd.grad(term, xg, grad.to(term.dtype))
+        return grad, grad_x.to(x.dtype), None, None
 
 
 def _autocast_off(device_type: str):

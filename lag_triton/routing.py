@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .kernels import Backend
-from .kernels.common import COMBINE_MODES
+from .kernels.common import COMBINE_MODES, selection_weights
 
 ROUTERS = ("lag", "arrow", "spectr")
 
@@ -94,3 +94,28 @@ def route_and_apply(
     sel, w, z = route(x, a_star, prototypes, config, ops, allowed, scope)
     ops.lora_apply(y, b_star, sel, w, z)
     return sel
+
+
+def routed_term(
+    x: torch.Tensor,
+    sel: torch.Tensor,
+    a_star: torch.Tensor,
+    b_star: torch.Tensor,
+    prototypes: torch.Tensor,
+    config: RoutingConfig,
+) -> torch.Tensor:
+    """The routed adapters' output [T, d_out] (fp32) for x [T, d_in] with the picks ``sel`` [T, m]
+    held fixed, in differentiable torch ops: z = A* x, the picks' keys (norms of z; |p . x| for
+    "arrow"), their weights, and the sum of w B* z (docs/design.md §1). The kernel backends'
+    backward differentiates it, which gives the gradient that autograd through the reference ops
+    gives. Gathers the picked factors: O(T * m * r * (d_in + d_out)) memory."""
+    picked = sel >= 0  # -1: no adapter (a scope)
+    ids = sel.long().clamp(min=0)
+    xf = x.float()
+    z = torch.einsum("tmrd,td->tmr", a_star[ids].float(), xf)
+    if config.router == "arrow":
+        key = torch.einsum("tmd,td->tm", prototypes[ids].float(), xf).abs()
+    else:
+        key = z.norm(dim=-1)
+    w = selection_weights(key, config.combine, config.temperature, picked)
+    return torch.einsum("tm,tmor,tmr->to", w, b_star[ids].float(), z)
