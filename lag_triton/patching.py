@@ -33,7 +33,7 @@ from .layers import LayerInfo, activation_dtype, describe_layer
 from .layers import linear_shape as _linear_shape
 from .layers import route_dtype as _route_dtype
 from .library import Library
-from .routing import RoutingConfig, route_and_apply, routed_term
+from .routing import RoutingConfig, route_and_apply, routed_term_vjp
 from .tracing import Trace, active_traces, trace
 
 __all__ = ["LagLinear", "LibraryRoute", "LibraryNotSavedWarning", "patch", "unpatch", "trace", "Trace"]
@@ -124,8 +124,9 @@ class LibraryRoute(nn.Module):
                 xr, delta, self.a_star, self.b_star, self.prototypes, self.config, self.ops, allowed, scope
             )
             y = y + delta.to(y.dtype)
-        if self.backend != "torch" and torch.is_grad_enabled() and xr.requires_grad:
-            y = _RoutedTermGradient.apply(y, xr, sel, self)  # y's own gradient passes through as is
+        if not self.ops.differentiable and torch.is_grad_enabled() and xr.requires_grad:
+            # y's own gradient passes through as is; the routed term's is added in x
+            y = _RoutedTermGradient.apply(y, xr, sel, self.a_star, self.b_star, self.prototypes, self.config)
         return y, sel
 
     def extra_repr(self) -> str:
@@ -135,24 +136,20 @@ class LibraryRoute(nn.Module):
 
 class _RoutedTermGradient(torch.autograd.Function):
     """y, into which the kernels have written the routed term outside autograd, passes through;
-    the backward adds that term's gradient with respect to x: ``routing.routed_term`` with the
-    forward's picks held fixed (the gradient the "torch" backend's reference ops give)."""
+    the backward adds that term's pullback in x with the forward's picks held fixed
+    (``routing.routed_term_vjp``: the gradient the "torch" backend's reference ops give)."""
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor, x: torch.Tensor, sel: torch.Tensor, route: LibraryRoute) -> torch.Tensor:
-        ctx.save_for_backward(x, sel)
-        ctx.route = route
+    def forward(ctx, y, x, sel, a_star, b_star, prototypes, config: RoutingConfig):
+        ctx.save_for_backward(x, sel, a_star, b_star, prototypes)
+        ctx.config = config
         return y.view_as(y)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, sel = ctx.saved_tensors
-        route = ctx.route
-        with torch.enable_grad():
-            xg = x.detach().requires_grad_()
-            term = routed_term(xg, sel, route.a_star, route.b_star, route.prototypes, route.config)
-            (grad_x,) = torch.autograd.grad(term, xg, grad.to(term.dtype))
-        return grad, grad_x.to(x.dtype), None, None
+    def backward(ctx, grad):
+        x, sel, a_star, b_star, prototypes = ctx.saved_tensors
+        grad_x = routed_term_vjp(x, sel, a_star, b_star, prototypes, ctx.config, grad)
+        return grad, grad_x.to(x.dtype), None, None, None, None, None
 
 
 def _autocast_off(device_type: str):

@@ -96,6 +96,17 @@ def route_and_apply(
     return sel
 
 
+def _picked_factors(x, sel, a_star, prototypes, config):
+    """(ids [T, m], picked [T, m], z [T, m, r], key [T, m], the Arrow dot products or None), fp32."""
+    picked = sel >= 0  # -1: no adapter (a scope)
+    ids = sel.long().clamp(min=0)
+    xf = x.float()
+    z = torch.einsum("tmrd,td->tmr", a_star[ids].float(), xf)
+    dots = torch.einsum("tmd,td->tm", prototypes[ids].float(), xf) if config.router == "arrow" else None
+    key = dots.abs() if dots is not None else z.norm(dim=-1)
+    return ids, picked, z, key, dots
+
+
 def routed_term(
     x: torch.Tensor,
     sel: torch.Tensor,
@@ -105,17 +116,42 @@ def routed_term(
     config: RoutingConfig,
 ) -> torch.Tensor:
     """The routed adapters' output [T, d_out] (fp32) for x [T, d_in] with the picks ``sel`` [T, m]
-    held fixed, in differentiable torch ops: z = A* x, the picks' keys (norms of z; |p . x| for
-    "arrow"), their weights, and the sum of w B* z (docs/design.md §1). The kernel backends'
-    backward differentiates it, which gives the gradient that autograd through the reference ops
-    gives. Gathers the picked factors: O(T * m * r * (d_in + d_out)) memory."""
-    picked = sel >= 0  # -1: no adapter (a scope)
-    ids = sel.long().clamp(min=0)
-    xf = x.float()
-    z = torch.einsum("tmrd,td->tmr", a_star[ids].float(), xf)
-    if config.router == "arrow":
-        key = torch.einsum("tmd,td->tm", prototypes[ids].float(), xf).abs()
-    else:
-        key = z.norm(dim=-1)
+    held fixed, in torch ops: z = A* x, the picks' keys (norms of z; |p . x| for "arrow"), their
+    weights, and the sum of w B* z (docs/design.md §1). Differentiable; ``routed_term_vjp`` is its
+    gradient in x, which the kernel backends' backward uses."""
+    ids, picked, z, key, _ = _picked_factors(x, sel, a_star, prototypes, config)
     w = selection_weights(key, config.combine, config.temperature, picked)
     return torch.einsum("tm,tmor,tmr->to", w, b_star[ids].float(), z)
+
+
+def routed_term_vjp(
+    x: torch.Tensor,
+    sel: torch.Tensor,
+    a_star: torch.Tensor,
+    b_star: torch.Tensor,
+    prototypes: torch.Tensor,
+    config: RoutingConfig,
+    grad: torch.Tensor,
+) -> torch.Tensor:
+    """grad [T, d_out] -> its pullback [T, d_in] (fp32) through ``routed_term`` in x, written out
+    (no autograd inside, so a compiled backward traces it): with u_j = B*_j^T g and s_j = u_j . z_j,
+
+        dz_j = w_j u_j + dkey_j z_j / |z_j|      ("lag", "spectr": key = |z|)
+        dx   = sum_j A*_j^T dz_j  (+ sum_j dkey_j sign(p_j . x) p_j for "arrow": key = |p . x|)
+        dkey_j = w_j (s_j - sum_i w_i s_i) / temperature   (softmax weights; 0 when they are constant)
+
+    Gathers the picked factors: O(T * m * r * (d_in + d_out)) memory."""
+    ids, picked, z, key, dots = _picked_factors(x, sel, a_star, prototypes, config)
+    w = selection_weights(key, config.combine, config.temperature, picked)
+    u = torch.einsum("to,tmor->tmr", grad.float(), b_star[ids].float())
+    dz = w[..., None] * u
+    softmax = sel.shape[1] > 1 and config.combine == "softmax"  # else the weights are constants
+    if softmax:
+        s = (u * z).sum(-1)
+        dkey = w * (s - (w * s).sum(-1, keepdim=True)) / config.temperature
+        if dots is None:  # key = |z|
+            dz = dz + (dkey / key.clamp_min(torch.finfo(torch.float32).tiny))[..., None] * z
+    dx = torch.einsum("tmr,tmrd->td", dz, a_star[ids].float())
+    if softmax and dots is not None:  # key = |p . x|
+        dx = dx + torch.einsum("tm,tmd->td", dkey * dots.sign(), prototypes[ids].float())
+    return dx

@@ -183,3 +183,34 @@ def test_routed_term_recomputes_the_forward(routing):
     sel = route_and_apply(x, y, a_star, b_star, protos, config, ops, allowed, scope)
     assert torch.equal(sel, route(x, a_star, protos, config, ops, allowed, scope)[0]) and (sel < 0).any()
     torch.testing.assert_close(routed_term(x, sel, a_star, b_star, protos, config), y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "routing",
+    [
+        dict(k=4, top_m=1),
+        dict(k=5, top_m=3, temperature=0.3),
+        dict(k=5, top_m=2, combine="uniform"),
+        dict(router="arrow", top_m=3, temperature=2.0),
+        dict(router="arrow", top_m=1),
+    ],
+    ids=["lag", "lag-top3", "lag-uniform", "arrow-top3", "arrow"],
+)
+def test_routed_term_vjp_is_its_gradient(routing):
+    """routing.routed_term_vjp (written out, so a compiled backward can trace it) equals autograd
+    through routing.routed_term, with picks of -1 and an all-zero adapter among the picks."""
+    from lag_triton.routing import RoutingConfig, routed_term, routed_term_vjp
+
+    g = torch.Generator().manual_seed(6)
+    n, r, d_in, d_out, t, m = 12, 3, 10, 7, 8, routing["top_m"]
+    a_star, b_star = torch.randn(n, r, d_in, generator=g), torch.randn(n, d_out, r, generator=g)
+    a_star[3] = 0  # z = 0: its norm has no direction
+    protos = a_star[:, 0].clone()
+    sel = torch.stack([torch.randperm(n, generator=g)[:m] for _ in range(t)]).to(torch.int32)
+    sel[0, -1], sel[1, 0] = -1, 3
+    config = RoutingConfig(**routing)
+    x = torch.randn(t, d_in, generator=g, dtype=torch.float32).requires_grad_()
+    grad = torch.randn(t, d_out, generator=g)
+    (want,) = torch.autograd.grad(routed_term(x, sel, a_star, b_star, protos, config), x, grad)
+    got = routed_term_vjp(x.detach(), sel, a_star, b_star, protos, config, grad)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

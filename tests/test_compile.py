@@ -56,6 +56,26 @@ def test_compiled_patched_model_fullgraph_equals_eager(library, backend, routing
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", _backends())
+def test_compiled_backward_equals_eager_reference(library, backend, monkeypatch):
+    """A compiled forward + backward (fullgraph, gradients on): the input gradient equals the eager
+    reference backend's (the kernel backends' backward is written out: routing.routed_term_vjp)."""
+    install_backend(backend, DEVICE, monkeypatch)
+    ids = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    grads = {}
+    for name, compile_it in (("torch", False), (backend, True)):
+        model = tiny_model("llama").to(DEVICE)
+        lag_triton.patch(model, library, backend=name, k=4, top_m=2)
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_()
+        forward = lambda e, model=model: model(inputs_embeds=e).logits  # noqa: E731
+        if compile_it:
+            forward = torch.compile(
+                forward, fullgraph=True, dynamic=False, backend="inductor" if DEVICE.type == "cuda" else "aot_eager"
+            )
+        (grads[compile_it],) = torch.autograd.grad(forward(emb).sum(), emb)
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-3, atol=1e-4 * grads[False].abs().max().item())
+
+
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("backend", [b for b in _backends() if b != "torch"])
 def test_compiled_decode_step_replays_in_cuda_graphs(library, backend):

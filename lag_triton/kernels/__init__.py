@@ -69,6 +69,12 @@ class Ops:
         """The module that implements this backend."""
         return backend_module(self.name)
 
+    @property
+    def differentiable(self) -> bool:
+        """Whether autograd sees these ops (only the reference's, run eagerly): the kernels and every
+        backend's custom ops under torch.compile write their outputs outside autograd."""
+        return self.name == "torch" and not torch.compiler.is_compiling()
+
     def arrow_topk(self, x, prototypes, k, allowed=None, scope=None):
         if torch.compiler.is_compiling():
             return torch.ops.lag_triton.arrow_topk(x, prototypes, k, allowed, scope, self.name)
