@@ -131,6 +131,23 @@ def _align_to(values: torch.Tensor, order_of_values: torch.Tensor, target_order:
     return torch.empty_like(values).scatter_(1, dst, values.gather(1, src))
 
 
+class _NoRoutedGradient(torch.autograd.Function):
+    """Identity; a backward through it raises. The ranks exchange candidates and outputs outside
+    autograd, so a gradient would silently lack the routed term (an unsharded model has it)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor) -> torch.Tensor:
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        raise RuntimeError(
+            "sharded routing (patch(..., process_group=)) computes no gradient for the routed LoRA term: "
+            "run the forward under torch.no_grad() / torch.inference_mode(), or patch without "
+            "process_group= (every backend differentiates it there, the routing held fixed)"
+        )
+
+
 class ShardedRoute(LibraryRoute):
     """This rank's rows of one module's library, and the exchange that routes over all ranks.
 
@@ -185,8 +202,12 @@ class ShardedRoute(LibraryRoute):
         delta, sel = self._route(xr, ex)
         self.last_traffic = ex.sent
         if y.dtype == torch.float64:
-            return y + delta.double(), sel
-        return (y.float() + delta).to(y.dtype), sel  # one rounding into y's dtype, as the apply op
+            out = y + delta.double()
+        else:
+            out = (y.float() + delta).to(y.dtype)  # one rounding into y's dtype, as the apply op
+        if torch.is_grad_enabled() and xr.requires_grad:
+            out = _NoRoutedGradient.apply(out)
+        return out, sel
 
     # -- the phases (module docstring) ----------------------------------------------------------
     def _route(self, x: torch.Tensor, ex: _Exchange) -> tuple[torch.Tensor, torch.Tensor]:

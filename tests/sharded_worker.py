@@ -83,6 +83,13 @@ def check_model(rank: int, world: int, store: str, backend: str, lib_path: str, 
             assert torch.equal(got_sel[name], want_sel[name]), (kw, name, got_sel[name], want_sel[name])
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=functools.partial("{}: {}".format, kw))
         _check_traffic(model, routes, got_sel, rank, world, tokens, kw)
+        logits = model(input_ids=ids).logits  # gradients on: every rank runs the same forwards
+        try:
+            logits.sum().backward()
+        except RuntimeError as e:
+            assert "sharded routing" in str(e) and "no_grad" in str(e), e
+        else:
+            raise AssertionError("a backward through sharded routing returned a gradient without the routed term")
         lag_triton.unpatch(model)
     dist.barrier()
     dist.destroy_process_group()
