@@ -2,7 +2,7 @@
 
 Triton launches on the current CUDA device; a layer living on another GPU (a model split over
 GPUs with ``device_map="auto"``, or moved to cuda:1) must make its own device current while its
-ops launch (``_common.launch_device``). The CUDA backend's launchers set the device themselves
+ops launch (``_common.other_gpu``, ``on_tensor_device``). The CUDA backend's launchers set the device themselves
 (``DeviceGuard`` in csrc). Without a GPU: the rule, and that every Triton launch of every op
 happens inside it; with two GPUs: a patched model on cuda:1, cuda:0 current, against the reference.
 """
@@ -29,18 +29,28 @@ def _common():
     return _common
 
 
-def test_launch_device_switches_only_to_another_gpu(monkeypatch):
+def test_other_gpu_only_names_a_gpu_that_is_not_current(monkeypatch):
     common = _common()
+
+    class OnGpu:  # what other_gpu reads of a CUDA tensor
+        is_cuda = True
+
+        def __init__(self, index):
+            self.index = index
+
+        def get_device(self):
+            return self.index
+
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    other = common.launch_device(torch.device("cuda", 1))
-    assert isinstance(other, torch.cuda.device) and other.idx == 1
-    for same in (torch.device("cuda", 0), torch.device("cuda"), torch.device("cpu")):
-        assert isinstance(common.launch_device(same), contextlib.nullcontext), same
+    assert common.other_gpu(OnGpu(1)) == 1
+    assert common.other_gpu(OnGpu(0)) is None
+    assert common.other_gpu(torch.zeros(1)) is None
 
 
 def test_every_triton_launch_runs_on_its_tensors_device(monkeypatch):
-    """Each op enters launch_device(x.device) once, and each of its Triton launches happens inside
-    it (the scoring GEMM is torch's, which launches on its tensors' device by itself)."""
+    """With the tensors taken for another GPU's, each op makes that GPU current once, and each of
+    its Triton launches happens inside (the scoring GEMM is torch's, which launches on its
+    tensors' device by itself)."""
     ops = backend_ops("triton", monkeypatch)
     common = _common()
     if not common.interpreting():
@@ -50,8 +60,8 @@ def test_every_triton_launch_runs_on_its_tensors_device(monkeypatch):
     entered, inside, launches = [], [], []
 
     @contextlib.contextmanager
-    def recording(device):
-        entered.append(device)
+    def switch_to(index):
+        entered.append(index)
         inside.append(True)
         try:
             yield
@@ -64,13 +74,14 @@ def test_every_triton_launch_runs_on_its_tensors_device(monkeypatch):
         launches.append((self.fn.__name__, bool(inside)))
         return run(self, *args, **kwargs)
 
-    monkeypatch.setattr(common, "launch_device", recording)
+    monkeypatch.setattr(common, "other_gpu", lambda t: 3)
+    monkeypatch.setattr(torch.cuda, "device", switch_to)
     monkeypatch.setattr(interpreter.InterpretedFunction, "run", launch)
     x, p, a = int_tensor(3, 40, seed=1), int_tensor(90, 40, seed=2), randn(90, 6, 40, seed=3)
     idx, _ = ops.arrow_topk(x, p, 5)
     sel, w, z = ops.spectr_rerank(x, a, idx, 2)
     ops.lora_apply(randn(3, 70, seed=4), randn(90, 70, 6, seed=5), sel, w, z)
-    assert entered == [x.device] * 3
+    assert entered == [3, 3, 3]
     assert len(launches) >= 3 and all(ok for _, ok in launches), launches
 
 

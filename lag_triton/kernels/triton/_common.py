@@ -62,26 +62,30 @@ def rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def launch_device(device: torch.device) -> contextlib.AbstractContextManager:
-    """Make ``device`` the current CUDA device while an op launches, when it is not already.
+def other_gpu(t: torch.Tensor) -> int | None:
+    """The index of the GPU holding ``t`` when it is not the current device, else None.
 
     Triton launches a kernel on the *current* device and its current stream, whatever device the
     tensor arguments live on; a layer on cuda:1 of a model split over GPUs (``device_map="auto"``)
     would otherwise be launched on cuda:0 with pointers into cuda:1's memory (an illegal address,
     or with peer access a read across the link, unordered with cuda:1's stream)."""
-    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
-        return torch.cuda.device(device.index)
-    return contextlib.nullcontext()
+    if t.is_cuda:
+        index = t.get_device()
+        if index != torch.cuda.current_device():
+            return index
+    return None
 
 
 def on_tensor_device(op):
-    """Decorator for a Triton op whose first argument is a tensor: it launches on that tensor's device."""
+    """Decorator for a Triton op whose first argument is a tensor: it launches on that tensor's GPU."""
 
     @functools.wraps(op)
     def run(first: torch.Tensor, *args, **kwargs):
-        if not isinstance(first, torch.Tensor):  # the op's own argument check says what is wrong
+        # not a tensor: the op's own argument check says what is wrong
+        index = other_gpu(first) if isinstance(first, torch.Tensor) else None
+        if index is None:
             return op(first, *args, **kwargs)
-        with launch_device(first.device):
+        with torch.cuda.device(index):
             return op(first, *args, **kwargs)
 
     return run
