@@ -12,7 +12,7 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1 MAX_JOBS=16
 OUT="${OUT:-/tmp/lag_gpu_run}"
 mkdir -p "$OUT"
 python3 -c "import time; t=time.time(); from lag_triton.kernels.cuda import extension_unavailable_reason as r; print('cuda extension:', r() or 'ok', f'{time.time()-t:.0f}s')" > "$OUT/build.log" 2>&1 &
-timeout -k 5 "${PYTEST_S:-150}" python3 -m pytest tests/test_kernels.py tests/test_arrow_filter.py tests/test_cuda_backend.py \
+LAG_FUZZ_EXAMPLES="${LAG_FUZZ_EXAMPLES:-5}" timeout -k 5 "${PYTEST_S:-150}" python3 -m pytest tests/test_kernels.py tests/test_arrow_filter.py tests/test_cuda_backend.py \
     tests/test_backends_model.py tests/test_compile.py tests/test_scopes.py tests/test_op_checks.py \
     tests/test_ops_fuzz.py tests/test_large_offsets.py tests/test_patch_safety.py::test_patched_on_cpu_then_moved_to_the_gpu_routes_with_the_gpu_backend -n "${WORKERS:-12}" -q -rfE --tb=short -p no:cacheprovider > "$OUT/pytest.txt" 2>&1
 echo "pytest rc=$?" >> "$OUT/pytest.txt"
