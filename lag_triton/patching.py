@@ -14,6 +14,8 @@ What a patched model promises:
   state: save it with ``Library.save`` and patch again after loading.
 - It deep-copies, pickles and ``torch.save``s; it runs under ``torch.autocast`` and after
   ``model.double()``/``.half()``/``.to(device)``.
+- A backward pass differentiates the routed term with the routing held fixed, on every backend
+  (the kernels' term through ``routing.routed_term_vjp``); sharded routing refuses one.
 - ``unpatch`` puts the original module objects back.
 """
 
