@@ -126,7 +126,7 @@ class LibraryRoute(nn.Module):
                 xr, delta, self.a_star, self.b_star, self.prototypes, self.config, self.ops, allowed, scope
             )
             y = y + delta.to(y.dtype)
-        if not self.ops.differentiable and torch.is_grad_enabled() and xr.requires_grad:
+        if torch.is_grad_enabled() and xr.requires_grad and not self.ops.differentiable:
             # y's own gradient passes through as is; the routed term's is added in x
             y = _RoutedTermGradient.apply(y, xr, sel, self.a_star, self.b_star, self.prototypes, self.config)
         return y, sel

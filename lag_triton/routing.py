@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .kernels import Backend
-from .kernels.common import COMBINE_MODES, selection_weights
+from .kernels.common import COMBINE_MODES, constant_weights, selection_weights
 
 ROUTERS = ("lag", "arrow", "spectr")
 
@@ -145,7 +145,7 @@ def routed_term_vjp(
     w = selection_weights(key, config.combine, config.temperature, picked)
     u = torch.einsum("to,tmor->tmr", grad.float(), b_star[ids].float())
     dz = w[..., None] * u
-    softmax = sel.shape[1] > 1 and config.combine == "softmax"  # else the weights are constants
+    softmax = not constant_weights(sel.shape[1], config.combine)
     if softmax:
         s = (u * z).sum(-1)
         dkey = w * (s - (w * s).sum(-1, keepdim=True)) / config.temperature

@@ -20,7 +20,7 @@ import os
 
 import pytest
 import torch
-from kernel_data import DEVICE, backend_ops, gen
+from kernel_data import DEVICE, backend_ops, gen, int_tensor
 
 from lag_triton.kernels import reference
 
@@ -46,10 +46,6 @@ def ops(request, monkeypatch):
     return backend_ops(request.param, monkeypatch)
 
 
-def ints(shape, seed_, lo=-3, hi=4, dtype=torch.float32) -> torch.Tensor:
-    return torch.randint(lo, hi, shape, generator=gen(seed_)).to(dtype).to(DEVICE)
-
-
 @contextlib.contextmanager
 def _drawn_path(ops, monkeypatch, data):
     """Run the block with one of the Triton backend's opt-in paths switched on (drawn)."""
@@ -70,7 +66,7 @@ def test_fuzz_arrow_topk(ops, monkeypatch, data):
     k = data.draw(st.integers(1, min(n, 130)), label="k")
     x_dtype, p_dtype = data.draw(st.sampled_from(FLOATS), label="x"), data.draw(st.sampled_from(FLOATS), label="P")
     s = data.draw(st.integers(0, 1 << 30), label="seed")
-    x, p = ints((t, d), s, dtype=x_dtype), ints((n, d), s + 1, lo=-2, hi=3, dtype=p_dtype)
+    x, p = int_tensor(t, d, seed=s, dtype=x_dtype), int_tensor(n, d, seed=s + 1, lo=-2, hi=3, dtype=p_dtype)
     for _ in range(data.draw(st.integers(0, 3), label="non-finite prototypes")):
         row, col = data.draw(st.integers(0, n - 1)), data.draw(st.integers(0, d - 1))
         p[row, col] = data.draw(st.sampled_from([float("nan"), float("inf"), -float("inf")]))
@@ -99,8 +95,8 @@ def test_fuzz_spectr_rerank(ops, monkeypatch, data):
     combine = data.draw(st.sampled_from(["softmax", "uniform"]), label="combine")
     temperature = data.draw(st.sampled_from([0.3, 1.0, 4.0]), label="temperature")
     s = data.draw(st.integers(0, 1 << 30), label="seed")
-    x = ints((t, d), s, dtype=data.draw(st.sampled_from(FLOATS), label="x"))
-    a = ints((n, r, d), s + 1, lo=-2, hi=3, dtype=data.draw(st.sampled_from(FLOATS), label="A*"))
+    x = int_tensor(t, d, seed=s, dtype=data.draw(st.sampled_from(FLOATS), label="x"))
+    a = int_tensor(n, r, d, seed=s + 1, lo=-2, hi=3, dtype=data.draw(st.sampled_from(FLOATS), label="A*"))
     g = gen(s + 2)
     cand = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(t)]).to(torch.int32)
     cand[torch.rand(t, k, generator=g) < data.draw(st.sampled_from([0.0, 0.2, 1.0]), label="missing")] = -1
@@ -133,8 +129,8 @@ def test_fuzz_lora_apply(ops, monkeypatch, data):
     sel[torch.rand(t, m, generator=g) < data.draw(st.sampled_from([0.0, 0.3]), label="missing")] = -1
     w = torch.randint(0, 5, (t, m), generator=g).float() / 4
     z = torch.randint(-3, 4, (t, m, r), generator=g).float()
-    b = ints((n, d_out, r), s + 1, dtype=data.draw(st.sampled_from(FLOATS), label="B*"))
-    y0 = ints((t, d_out), s + 2, lo=-8, hi=9, dtype=data.draw(st.sampled_from(FLOATS), label="y"))
+    b = int_tensor(n, d_out, r, seed=s + 1, dtype=data.draw(st.sampled_from(FLOATS), label="B*"))
+    y0 = int_tensor(t, d_out, seed=s + 2, lo=-8, hi=9, dtype=data.draw(st.sampled_from(FLOATS), label="y"))
     sel, w, z = sel.to(DEVICE), w.to(DEVICE), z.to(DEVICE)
     expected = reference.lora_apply(y0.clone(), b, sel, w, z)
     y = y0.clone()

@@ -166,6 +166,12 @@ def empty_rerank_outputs(x: torch.Tensor, top_m: int, r: int) -> tuple[torch.Ten
     )
 
 
+def constant_weights(top_m: int, combine: str) -> bool:
+    """Whether the picks' weights are constants (one pick, or combine="uniform"), not a softmax of
+    their keys (docs/design.md §1)."""
+    return top_m == 1 or combine == "uniform"
+
+
 def selection_weights(
     selected_keys: torch.Tensor, combine: str, temperature: float, picked: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -178,7 +184,7 @@ def selection_weights(
     t, m = selected_keys.shape
     if picked is None:
         picked = torch.ones((t, m), dtype=torch.bool, device=selected_keys.device)
-    if m == 1 or combine == "uniform":
+    if constant_weights(m, combine):
         return picked.float() / picked.sum(-1, keepdim=True).clamp(min=1)
     logits = torch.where(picked, selected_keys.float() / temperature, float("-inf"))
     return torch.where(picked, torch.softmax(logits, dim=-1), 0.0)
