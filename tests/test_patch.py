@@ -177,6 +177,41 @@ def test_bad_settings_raise_and_leave_model_unpatched(small_library, kwargs, err
     assert not any(isinstance(m, lag_triton.LagLinear) for m in model.modules())
 
 
+@pytest.mark.parametrize(
+    "version,refused",
+    [("3.2.0", True), ("3.3.1", True), ("3.4.0", False), ("3.6.0+git1a2b3c", False), ("3.10.0", False)],
+)
+def test_triton_version_floor(version, refused):
+    from lag_triton.kernels import triton_too_old_reason
+
+    reason = triton_too_old_reason(version)
+    assert (reason is not None) == refused
+    if refused:
+        assert f"triton {version} is installed" in reason and ">= 3.4" in reason
+
+
+def test_triton_too_old_is_refused_with_its_version(small_library, monkeypatch):
+    """An old Triton (torch <= 2.7 pins 3.3) lacks tl.topk: "auto" passes it by, a request for it
+    is refused before any change, and importing the kernels says why instead of failing at a launch."""
+    import subprocess
+    import sys
+
+    import triton
+
+    from lag_triton.kernels import resolve_backend
+
+    assert resolve_backend("auto", "cuda") == "triton"  # the installed Triton is new enough
+    monkeypatch.setattr(triton, "__version__", "3.3.1")
+    assert resolve_backend("auto", "cuda") != "triton"
+    model = tiny_model("llama")
+    with pytest.raises(RuntimeError, match=r"backend 'triton' is unavailable: triton 3\.3\.1 is installed"):
+        lag_triton.patch(model, small_library, backend="triton")
+    assert not any(isinstance(m, lag_triton.LagLinear) for m in model.modules())
+    code = "import triton; triton.__version__ = '3.3.1'; import lag_triton.kernels.triton"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "ImportError: triton 3.3.1 is installed" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_library_for_another_model_is_refused_before_any_change(small_library, tmp_path):
     model = tiny_model("llama")
     model.model.layers[1].mlp.down_proj = torch.nn.Linear(80, 40, bias=False)  # d_out 40 instead of 48

@@ -14,6 +14,7 @@ while ``torch.compile`` traces, they go through the ``torch.ops.lag_triton`` cus
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,6 +24,9 @@ from .custom_ops import backend_module
 
 BACKENDS = ("triton", "cuda", "torch")
 ENV_OVERRIDE = "LAG_TRITON_BACKEND"
+#: the oldest Triton the kernels compile with: ``tl.topk`` (the running top-k lists) came in 3.4
+#: (torch 2.8's Triton). Checked on CPU by compiling every kernel for sm_90 with each release.
+MIN_TRITON = (3, 4)
 
 
 class Backend(Protocol):
@@ -110,15 +114,30 @@ def use_triton_interpreter_without_gpu() -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def triton_too_old_reason(version: str) -> str | None:
+    """Why Triton ``version`` cannot compile these kernels (None if it can)."""
+    numbers = [int(part) for part in re.findall(r"\d+", version)[:2]]
+    if tuple(numbers) >= MIN_TRITON:
+        return None
+    floor = ".".join(map(str, MIN_TRITON))
+    return (
+        f"triton {version} is installed and the Triton kernels need triton >= {floor} (they use tl.topk; "
+        "torch >= 2.8 brings it); with this Triton use backend='cuda' or 'torch'"
+    )
+
+
 def backend_unavailable_reason(name: str, device: torch.device) -> str | None:
     """Why backend ``name`` cannot run on tensors of ``device`` (None if it can)."""
     if name == "torch":
         return None
     if name == "triton":
         try:
-            import triton  # noqa: F401
+            import triton
         except ImportError:
             return "triton is not installed (pip install 'lag_triton[triton]')"
+        too_old = triton_too_old_reason(triton.__version__)
+        if too_old is not None:
+            return too_old
         if device.type == "cuda" or (device.type == "cpu" and triton_interpreter_enabled()):
             return None
         return f"triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got device {device}"
