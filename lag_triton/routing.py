@@ -124,6 +124,11 @@ def routed_term(
     return torch.einsum("tm,tmor,tmr->to", w, b_star[ids].float(), z)
 
 
+#: gathered fp32 factors per chunk of tokens in ``routed_term_vjp`` (eager): a long prefill's backward
+#: through a wide layer stays at this size instead of T * m * r * (d_in + d_out) * 4 bytes.
+VJP_CHUNK_BYTES = 256 << 20
+
+
 def routed_term_vjp(
     x: torch.Tensor,
     sel: torch.Tensor,
@@ -140,7 +145,18 @@ def routed_term_vjp(
         dx   = sum_j A*_j^T dz_j  (+ sum_j dkey_j sign(p_j . x) p_j for "arrow": key = |p . x|)
         dkey_j = w_j (s_j - sum_i w_i s_i) / temperature   (softmax weights; 0 when they are constant)
 
-    Gathers the picked factors: O(T * m * r * (d_in + d_out)) memory."""
+    Rows are independent: eagerly they go in chunks whose gathered factors stay within
+    ``VJP_CHUNK_BYTES`` (a compiled backward takes them whole, its shapes unspecialised)."""
+    t, m = sel.shape
+    per_row = m * (a_star.shape[1] * (a_star.shape[2] + b_star.shape[1]) + prototypes.shape[1]) * 4
+    rows = max(1, VJP_CHUNK_BYTES // per_row)
+    if t <= rows or torch.compiler.is_compiling():
+        return _routed_term_vjp_rows(x, sel, a_star, b_star, prototypes, config, grad)
+    chunks = zip(x.split(rows), sel.split(rows), grad.split(rows))
+    return torch.cat([_routed_term_vjp_rows(xc, sc, a_star, b_star, prototypes, config, gc) for xc, sc, gc in chunks])
+
+
+def _routed_term_vjp_rows(x, sel, a_star, b_star, prototypes, config, grad):
     ids, picked, z, key, dots = _picked_factors(x, sel, a_star, prototypes, config)
     w = selection_weights(key, config.combine, config.temperature, picked)
     u = torch.einsum("to,tmor->tmr", grad.float(), b_star[ids].float())

@@ -205,9 +205,11 @@ def test_routed_term_recomputes_the_forward(routing):
     ],
     ids=["lag", "lag-top3", "lag-uniform", "arrow-top3", "arrow"],
 )
-def test_routed_term_vjp_is_its_gradient(routing):
+def test_routed_term_vjp_is_its_gradient(routing, monkeypatch):
     """routing.routed_term_vjp (written out, so a compiled backward can trace it) equals autograd
-    through routing.routed_term, with picks of -1 and an all-zero adapter among the picks."""
+    through routing.routed_term, with picks of -1 and an all-zero adapter among the picks; in
+    chunks of rows too (3 + 3 + 2 here: a long prefill's)."""
+    from lag_triton import routing as routing_module
     from lag_triton.routing import RoutingConfig, routed_term, routed_term_vjp
 
     g = torch.Generator().manual_seed(6)
@@ -223,3 +225,7 @@ def test_routed_term_vjp_is_its_gradient(routing):
     (want,) = torch.autograd.grad(routed_term(x, sel, a_star, b_star, protos, config), x, grad)
     got = routed_term_vjp(x.detach(), sel, a_star, b_star, protos, config, grad)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    per_row = m * (r * (d_in + d_out) + d_in) * 4
+    monkeypatch.setattr(routing_module, "VJP_CHUNK_BYTES", 3 * per_row + per_row // 2)
+    chunked = routed_term_vjp(x.detach(), sel, a_star, b_star, protos, config, grad)
+    torch.testing.assert_close(chunked, got, rtol=1e-6, atol=1e-6)
