@@ -209,8 +209,8 @@ def check_peft_folders(peft_model, weights, names: list[str]) -> float:
         for i, name in enumerate(names):
             worst = max(
                 worst,
-                float((mod.lora_A[name].weight.cpu() - a[i]).abs().max()),
-                float((mod.lora_B[name].weight.cpu() - b[i]).abs().max()),
+                float((mod.lora_A[name].weight.detach().cpu() - a[i]).abs().max()),
+                float((mod.lora_B[name].weight.detach().cpu() - b[i]).abs().max()),
             )
             assert mod.scaling[name] == ALPHA / RANK
     return worst
