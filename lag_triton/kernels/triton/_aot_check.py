@@ -451,8 +451,12 @@ def _ptxas_resources(ptx: str, capability: int) -> dict:
         with open(src, "w") as f:
             f.write(ptx)
         arch = f"sm_{capability}a" if capability == 90 else f"sm_{capability}"
+        try:
+            ptxas = get_ptxas(capability)
+        except TypeError:  # Triton 3.4 / 3.5: one ptxas for every target
+            ptxas = get_ptxas()
         log = subprocess.run(
-            [get_ptxas(capability).path, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(tmp, "k.cubin")],
+            [ptxas.path, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(tmp, "k.cubin")],
             capture_output=True,
             text=True,
         ).stderr
