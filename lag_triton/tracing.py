@@ -38,8 +38,13 @@ class Trace:
         return id(layer) in self._layer_ids
 
     def record(self, module: str, library_index: int, selection: torch.Tensor) -> None:
-        # Kept on the device: copying to the host here would synchronise every layer.
-        self._records.setdefault((module, library_index), []).append(selection)
+        # Kept on the device: copying to the host here would synchronise every layer. No
+        # dict.setdefault: torch < 2.5 cannot compile it into a patched forward's graph.
+        chunks = self._records.get((module, library_index))
+        if chunks is None:
+            self._records[(module, library_index)] = [selection]
+        else:
+            chunks.append(selection)
 
     def _finish(self) -> None:
         libraries_per_module: dict[str, int] = {}

@@ -19,6 +19,7 @@ import torch
 
 import lag_triton
 from lag_triton import Library, ModuleWeights
+from lag_triton.kernels import backend_unavailable_reason
 from lag_triton.patching import LagLinear, LibraryNotSavedWarning
 
 from factories import VOCAB, make_adapter, peft_logits, tiny_model
@@ -147,6 +148,11 @@ def _backends(model) -> set[str]:
     return {r.backend for m in model.modules() if isinstance(m, LagLinear) for r in m.routes}
 
 
+_TRITON_ON_CPU = backend_unavailable_reason("triton", torch.device("cpu"))  # None under the interpreter
+needs_triton_on_cpu = pytest.mark.skipif(_TRITON_ON_CPU is not None, reason=f"Triton cannot run here: {_TRITON_ON_CPU}")
+
+
+@needs_triton_on_cpu
 def test_auto_backend_is_chosen_again_when_the_model_moves(library, monkeypatch):
     """backend="auto" follows the model: whatever moves or casts it (here .float() after the choice
     changed, as .cuda() after patching on CPU changes it) chooses again, B* laid out for the new
@@ -167,6 +173,7 @@ def test_auto_backend_is_chosen_again_when_the_model_moves(library, monkeypatch)
     torch.testing.assert_close(_logits(model, IDS), want, rtol=1e-4, atol=1e-5)
 
 
+@needs_triton_on_cpu
 def test_an_explicit_backend_that_cannot_follow_the_model_says_so(library):
     """A backend named at patch time stays where the model goes; where it cannot run, the forward
     names the backend, the device and the way out. "auto" there chooses one that can."""

@@ -12,10 +12,11 @@ into a Triton launcher or the CUDA binding. The ops only sync or branch on shape
 values, so compiled graphs stay capturable in CUDA graphs.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` and ``Optional`` instead of ``X | None``: torch < 2.5
+# infers the ops' schemas from evaluated annotations and knows typing.Optional only.
 import functools
 import importlib
+from typing import Optional
 
 import torch
 
@@ -37,8 +38,8 @@ def arrow_topk(
     x: torch.Tensor,
     prototypes: torch.Tensor,
     k: int,
-    allowed: torch.Tensor | None,
-    scope: torch.Tensor | None,
+    allowed: Optional[torch.Tensor],  # noqa: UP045
+    scope: Optional[torch.Tensor],  # noqa: UP045
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return backend_module(backend).arrow_topk(x, prototypes, k, allowed, scope)
@@ -58,7 +59,7 @@ def spectr_rerank(
     top_m: int,
     combine: str,
     temperature: float,
-    candidate_scores: torch.Tensor | None,
+    candidate_scores: Optional[torch.Tensor],  # noqa: UP045
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return backend_module(backend).spectr_rerank(x, a_star, candidates, top_m, combine, temperature, candidate_scores)
