@@ -201,8 +201,9 @@ def test_triton_too_old_is_refused_with_its_version(small_library, monkeypatch):
 
     from lag_triton.kernels import resolve_backend, triton_too_old_reason
 
-    if triton_too_old_reason(triton.__version__) is not None:
-        pytest.skip(f"the installed Triton is refused already: {triton_too_old_reason(triton.__version__)}")
+    refused = triton_too_old_reason(triton.__version__)
+    if refused is not None:
+        pytest.skip(f"the installed Triton is refused already: {refused}")
     assert resolve_backend("auto", "cuda") == "triton"
     monkeypatch.setattr(triton, "__version__", "3.3.1")
     assert resolve_backend("auto", "cuda") != "triton"

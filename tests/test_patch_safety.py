@@ -148,8 +148,10 @@ def _backends(model) -> set[str]:
     return {r.backend for m in model.modules() if isinstance(m, LagLinear) for r in m.routes}
 
 
-_TRITON_ON_CPU = backend_unavailable_reason("triton", torch.device("cpu"))  # None under the interpreter
-needs_triton_on_cpu = pytest.mark.skipif(_TRITON_ON_CPU is not None, reason=f"Triton cannot run here: {_TRITON_ON_CPU}")
+_NO_TRITON_ON_CPU = backend_unavailable_reason("triton", torch.device("cpu"))  # None under the interpreter
+needs_triton_on_cpu = pytest.mark.skipif(
+    _NO_TRITON_ON_CPU is not None, reason=f"Triton cannot run here: {_NO_TRITON_ON_CPU}"
+)
 
 
 @needs_triton_on_cpu

@@ -4,8 +4,8 @@ import triton as _triton
 
 from .. import triton_too_old_reason as _too_old
 
-if _too_old(_triton.__version__) is not None:  # refused here, not by an AttributeError at the first launch
-    raise ImportError(_too_old(_triton.__version__))
+if (_refused := _too_old(_triton.__version__)) is not None:  # here, not as an AttributeError at a launch
+    raise ImportError(_refused)
 
 from .arrow_topk import arrow_topk
 from .lora_apply import lora_apply, prepare_b_star
