@@ -181,6 +181,22 @@ class LagLinear(nn.Module):
         self._trace_count = 0  # traces covering this layer, in any thread (see tracing)
         self._scope = None  # the lag_triton.scope in force, if any (see scopes)
 
+    # Model code reads its projections' weights (T5's feed-forward casts to ``wo.weight.dtype``;
+    # others tie or inspect them): the base layer's, as PEFT's LoRA layers give. GPTQ-style layers
+    # have no ``weight`` but a packed ``qweight``.
+    @property
+    def weight(self) -> torch.Tensor:
+        base = self.base_layer
+        if hasattr(base, "weight"):
+            return base.weight
+        if hasattr(base, "qweight"):
+            return base.qweight
+        raise AttributeError(f"the base layer of {self.module_name!r} ({type(base).__name__}) has no weight")
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         x2 = x.reshape(-1, self.in_features)

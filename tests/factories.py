@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
+import transformers
 from peft import LoraConfig, get_peft_model
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 VOCAB = 97
 
@@ -20,16 +21,94 @@ _DECODER_SIZES = dict(
     num_key_value_heads=2,
     max_position_embeddings=128,
 )
+# Other families (tests/test_architectures.py): head_dim 16, as some rotary variants need.
+_WIDER = dict(_DECODER_SIZES, hidden_size=64, intermediate_size=96)
+_GPT2_SIZES = dict(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0)
+_SEQ2SEQ = dict(vocab_size=VOCAB, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+
+# name: (model class, config class, config arguments), looked up in transformers when a model is
+# built, so that a family this transformers lacks skips its tests instead of failing the import.
 ARCHS = {
-    "llama": (LlamaForCausalLM, lambda: LlamaConfig(**_DECODER_SIZES)),
-    "qwen2": (Qwen2ForCausalLM, lambda: Qwen2Config(**_DECODER_SIZES)),
-    "gpt2": (
-        GPT2LMHeadModel,
-        lambda: GPT2Config(
-            vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0
+    "llama": ("LlamaForCausalLM", "LlamaConfig", _DECODER_SIZES),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", _DECODER_SIZES),
+    "gpt2": ("GPT2LMHeadModel", "GPT2Config", _GPT2_SIZES),
+    "mistral": ("MistralForCausalLM", "MistralConfig", _WIDER),
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", dict(_WIDER, head_dim=16)),
+    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", dict(_WIDER, head_dim=16)),
+    "phi3": ("Phi3ForCausalLM", "Phi3Config", dict(_WIDER, pad_token_id=0, eos_token_id=1, bos_token_id=1)),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(_WIDER, head_dim=16)),
+    "olmo2": ("Olmo2ForCausalLM", "Olmo2Config", dict(_WIDER, pad_token_id=0, eos_token_id=1, bos_token_id=1)),
+    "qwen3_moe": (
+        "Qwen3MoeForCausalLM",
+        "Qwen3MoeConfig",
+        dict(_WIDER, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    ),
+    "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(_WIDER, num_local_experts=4, num_experts_per_tok=2)),
+    "gpt_neox": (
+        "GPTNeoXForCausalLM",
+        "GPTNeoXConfig",
+        dict(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            eos_token_id=1,
+            bos_token_id=1,
+        ),
+    ),
+    "falcon": (
+        "FalconForCausalLM",
+        "FalconConfig",
+        dict(
+            vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, eos_token_id=1, bos_token_id=1
+        ),
+    ),
+    "opt": (
+        "OPTForCausalLM",
+        "OPTConfig",
+        dict(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            ffn_dim=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            word_embed_proj_dim=64,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=1,
+        ),
+    ),
+    "bloom": (
+        "BloomForCausalLM",
+        "BloomConfig",
+        dict(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4, eos_token_id=1, bos_token_id=1),
+    ),
+    "t5": (
+        "T5ForConditionalGeneration",
+        "T5Config",
+        dict(_SEQ2SEQ, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4),
+    ),
+    "bart": (
+        "BartForConditionalGeneration",
+        "BartConfig",
+        dict(
+            _SEQ2SEQ,
+            d_model=64,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=96,
+            decoder_ffn_dim=96,
+            max_position_embeddings=128,
         ),
     ),
 }
+SEQ2SEQ = {"t5", "bart"}  # encoder-decoder: a forward takes decoder_input_ids too
+# Default LoRA targets; families not named take PEFT's "all-linear".
 TARGETS = {
     "llama": ["q_proj", "v_proj", "up_proj", "down_proj"],
     "qwen2": ["q_proj", "v_proj", "up_proj", "down_proj"],
@@ -38,9 +117,14 @@ TARGETS = {
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32):
-    cls, config = ARCHS[arch]
+    """A 2-layer randomly initialised model of family ``arch`` (skips the test where this
+    transformers has no such family)."""
+    model_class, config_class, sizes = ARCHS[arch]
+    missing = [name for name in (model_class, config_class) if not hasattr(transformers, name)]
+    if missing:
+        pytest.skip(f"transformers {transformers.__version__} has no {', '.join(missing)}")
     torch.manual_seed(seed)
-    return cls(config()).to(dtype).eval()
+    return getattr(transformers, model_class)(getattr(transformers, config_class)(**sizes)).to(dtype).eval()
 
 
 def make_adapter(
@@ -51,7 +135,7 @@ def make_adapter(
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
-        target_modules=targets or TARGETS[arch],
+        target_modules=targets or TARGETS.get(arch, "all-linear"),
         init_lora_weights=False,
         fan_in_fan_out=(arch == "gpt2"),
         **lora_kwargs,
@@ -62,13 +146,13 @@ def make_adapter(
     return path
 
 
-def peft_logits(model, adapter: Path, input_ids: torch.Tensor) -> torch.Tensor:
+def peft_logits(model, adapter: Path, input_ids: torch.Tensor, **inputs) -> torch.Tensor:
     """Logits of PEFT's own LoRA forward of ``adapter`` on ``model`` (model left unchanged)."""
     from peft import PeftModel
 
     peft_model = PeftModel.from_pretrained(model, str(adapter))
     with torch.no_grad():
-        out = peft_model(input_ids=input_ids).logits
+        out = peft_model(input_ids=input_ids, **inputs).logits
     peft_model.unload()
     return out
 

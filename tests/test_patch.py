@@ -150,6 +150,22 @@ def test_unpatch_restores_modules_state_dict_and_outputs(tmp_path):
     assert torch.equal(_logits(model, ids), before)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_patched_layers_show_their_base_weight_and_bias(arch, tmp_path):
+    """Model code reads its projections' weight and bias (T5 casts to ``wo.weight.dtype``): a
+    patched layer shows its base layer's tensors themselves, and owns no parameter of its own."""
+    model = tiny_model(arch)
+    layers = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    lag_triton.patch(model, Library.from_peft([make_adapter(model, tmp_path / "a", seed=0, arch=arch)], progress=False))
+    patched = {n: m for n, m in model.named_modules() if isinstance(m, lag_triton.LagLinear)}
+    assert patched
+    for name, module in patched.items():
+        assert module.weight is layers[name].weight and module.bias is layers[name].bias
+    assert arch != "gpt2" or all(m.bias is not None for m in patched.values())  # Conv1D has one
+    assert {k.replace(".base_layer", ""): v for k, v in model.named_parameters()} == params
+
+
 # -- refused input leaves the model untouched ------------------------------------------------------
 @pytest.fixture(scope="module")
 def small_library(tmp_path_factory):

@@ -196,6 +196,8 @@ def test_patched_quantised_llama_traces_and_keeps_its_state_dict(library):
         after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
     assert after["model.layers.0.mlp.up_proj.qweight"].dtype == torch.int32
+    up = model.get_submodule("model.layers.0.mlp.up_proj")
+    assert up.weight is layers["model.layers.0.mlp.up_proj"].qweight  # no weight: the packed one, as PEFT shows it
 
 
 # -- which dtype the library is held in ---------------------------------------------------------------------

@@ -1,0 +1,100 @@
+"""patch on the model families users bring: decoder-only (fused and split projections, MoE),
+encoder-decoder. Each one-adapter library reproduces PEFT's LoRA forward on every linear layer
+PEFT's "all-linear" targets, and a patched model generates the same with and without its cache.
+
+Llama, Qwen2 and GPT-2 (Conv1D) are covered with more variants in test_patch.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import lag_triton
+from lag_triton import AdapterError, LagLinear, Library
+
+from factories import SEQ2SEQ, VOCAB, make_adapter, peft_logits, tiny_model
+
+FAMILIES = [
+    "mistral",
+    "gemma2",
+    "gemma3",
+    "phi3",  # fused qkv_proj and gate_up_proj
+    "qwen3",
+    "olmo2",
+    "mixtral",  # MoE: its experts are 3-D parameters, so the adapters target the attention only
+    "qwen3_moe",
+    "gpt_neox",  # fused query_key_value
+    "falcon",
+    "opt",
+    "bloom",
+    "t5",  # reads its projections' .weight in the forward
+    "bart",
+]
+_MOE_ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def _targets(arch):
+    return _MOE_ATTENTION if arch in ("mixtral", "qwen3_moe") else None  # None: PEFT's "all-linear"
+
+
+def _lora_modules(adapter) -> set[str]:
+    """Names of the modules an adapter folder holds LoRA factors for."""
+    keys = safe_open(str(adapter / "adapter_model.safetensors"), "pt").keys()
+    names = {key.removeprefix("base_model.model.").split(".lora_A.")[0] for key in keys if ".lora_A." in key}
+    assert names
+    return names
+
+
+def _inputs(arch, seed=0):
+    ids = torch.randint(2, VOCAB, (2, 9), generator=torch.Generator().manual_seed(seed))
+    return ids, ({"decoder_input_ids": ids[:, :5]} if arch in SEQ2SEQ else {})
+
+
+def _logits(model, ids, extra):
+    with torch.no_grad():
+        return model(input_ids=ids, **extra).logits
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_one_adapter_library_reproduces_peft(arch, tmp_path):
+    model = tiny_model(arch)
+    path = make_adapter(model, tmp_path / "a", seed=3, arch=arch, targets=_targets(arch))
+    ids, extra = _inputs(arch)
+    want = peft_logits(model, path, ids, **extra)
+    assert (want - _logits(model, ids, extra)).abs().max() > 1e-2  # the adapter really changes the output
+
+    library = Library.from_peft([path], progress=False)
+    lag_triton.patch(model, library, k=1)
+    patched = {name for name, m in model.named_modules() if isinstance(m, LagLinear)}
+    assert patched == _lora_modules(path)  # every module the adapter trains, no other
+    torch.testing.assert_close(_logits(model, ids, extra), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_patched_model_generates_the_same_with_and_without_cache(arch, tmp_path):
+    model = tiny_model(arch)
+    paths = [
+        make_adapter(model, tmp_path / f"a{i}", seed=10 + i, arch=arch, targets=_targets(arch), r=2 + i)
+        for i in range(3)
+    ]
+    lag_triton.patch(model, Library.from_peft(paths, progress=False), k=2)
+    ids, _ = _inputs(arch, seed=1)
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        cached = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **kw)
+        uncached = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, **kw)
+    assert cached.shape[1] >= 6
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+@pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys:RuntimeWarning")  # PEFT's, on saving
+def test_moe_expert_parameters_are_refused_by_name(arch, tmp_path):
+    """PEFT's "all-linear" on an MoE model also targets the experts' 3-D parameters
+    (target_parameters), which LAG cannot route: refused, naming the adapter and the field."""
+    model = tiny_model(arch)
+    path = make_adapter(model, tmp_path / "moe", seed=1, arch=arch)
+    with pytest.raises(AdapterError, match=r"(?s)moe.*target_parameters"):
+        Library.from_peft([path], progress=False)
