@@ -289,13 +289,47 @@ def _as_float(name: str, value):
     raise ValueError(f"{name} must be a number > 0, got {value!r}")
 
 
+def _name_hint(name: str, model: nn.Module) -> str:
+    """Why a library's module name is missing from ``model``: the same layer under another prefix
+    (adapters trained on ``LlamaForCausalLM`` patched into its inner ``LlamaModel``, or a text
+    model's adapters into a multimodal model), else another base model."""
+    parts = name.split(".")
+
+    def shared_tail(other: str) -> int:
+        n = 0
+        for a, b in zip(reversed(parts), reversed(other.split("."))):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    best = max((m for m, _ in model.named_modules() if m), key=shared_tail, default="")
+    tail = shared_tail(best) if best else 0
+    if not any(part.isdigit() for part in parts[len(parts) - tail :]):
+        # no layer index in common: a layer this model lacks (fewer layers, other names)
+        return " (was it built for another base model?)"
+    ours = "".join(part + "." for part in parts[: len(parts) - tail])
+    theirs = best[: len(best) - len(name) + len(ours)]
+    if not theirs:
+        rename = f"name.removeprefix({ours!r})"
+    elif not ours:
+        rename = f"{theirs!r} + name"
+    else:
+        rename = f"name.replace({ours!r}, {theirs!r}, 1)"
+    return (
+        f"; it has {best!r}, the same layer under another prefix. Patch the model the adapters were "
+        "trained on, or rename the library's modules to this model's names: "
+        f"Library(library.names, {{{rename}: w for name, w in library.modules.items()}})"
+    )
+
+
 def _check_layer(lib: Library, name: str, module: nn.Module | None, weights, model: nn.Module) -> LayerInfo:
     """The base layer's sizes, device and compute dtype (``.device``, ``.dtype``), after checking
     that ``weights`` can route this layer. Which layers qualify and which dtype: :mod:`.layers`."""
     if module is None:
         raise ValueError(
             f"library {lib.label} targets module {name!r}, which {type(model).__name__} "
-            "does not have (was it built for another base model?)"
+            f"does not have{_name_hint(name, model)}"
         )
     base = module.base_layer if isinstance(module, LagLinear) else module
     try:

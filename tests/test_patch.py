@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -239,7 +240,7 @@ def test_library_for_another_model_is_refused_before_any_change(small_library, t
         lag_triton.patch(model, small_library)
     assert not any(isinstance(m, lag_triton.LagLinear) for m in model.modules())
     gpt2 = tiny_model("gpt2")
-    with pytest.raises(ValueError, match="does not have"):
+    with pytest.raises(ValueError, match=r"GPT2LMHeadModel does not have \(was it built for another base model\?\)"):
         lag_triton.patch(gpt2, small_library)
     with pytest.raises(FileNotFoundError):
         lag_triton.patch(gpt2, tmp_path / "missing.safetensors")
@@ -247,6 +248,42 @@ def test_library_for_another_model_is_refused_before_any_change(small_library, t
         (tmp_path / "x.safetensors").write_bytes(json.dumps({}).encode())
         lag_triton.patch(gpt2, tmp_path / "x.safetensors")
     assert not any(isinstance(m, lag_triton.LagLinear) for m in gpt2.modules())
+
+
+def _renamed(library, rename):
+    return Library(library.names, {rename(name): w for name, w in library.modules.items()})
+
+
+def test_library_under_another_prefix_is_refused_with_the_rename_that_fits(small_library):
+    """Adapters trained on LlamaForCausalLM name 'model.layers.0...'; its inner LlamaModel (or a
+    multimodal model's language model) names the same layers otherwise: the error says which name
+    the model has and the rename that fits, and that rename patches."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError) as refused:
+        lag_triton.patch(model.model, small_library)
+    message = str(refused.value)
+    assert "it has 'layers." in message and "the same layer under another prefix" in message
+    rename = message.split("{")[1].split(":")[0]
+    assert rename == "name.removeprefix('model.')"
+    assert not any(isinstance(m, lag_triton.LagLinear) for m in model.modules())
+
+    inner = _renamed(small_library, lambda name: eval(rename, {"name": name}))
+    want = tiny_model("llama")
+    lag_triton.patch(want, small_library)
+    lag_triton.patch(model.model, inner)
+    torch.testing.assert_close(_logits(model, ids), _logits(want, ids), rtol=0, atol=0)
+
+    for library, expect in [
+        (_renamed(small_library, lambda n: n.replace("model.", "language_model.", 1)),
+         "name.replace('language_model.', 'model.', 1)"),
+        (inner, "'model.' + name"),
+    ]:  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(expect)):
+            lag_triton.patch(tiny_model("llama"), library)
+    deeper = _renamed(small_library, lambda n: n.replace("layers.1.", "layers.7."))  # a layer the model lacks
+    with pytest.raises(ValueError, match=r"'model.layers.7.[a-z_.]+', which LlamaForCausalLM does not have \(was"):
+        lag_triton.patch(tiny_model("llama"), deeper)
 
 
 def test_trace_on_unpatched_model_raises():
