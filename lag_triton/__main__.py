@@ -204,9 +204,9 @@ def _parser(with_demo: bool = True) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("build", parents=[debug], help="align PEFT LoRA folders into one library file", epilog=_EPILOG)
-    p.add_argument("adapters", nargs="+", type=Path, help="PEFT adapter folders")
+    p.add_argument("adapters", nargs="+", help="PEFT adapter folders, or Hub paths user/repo[/subfolder]")
     p.add_argument("-o", "--output", required=True, type=Path, help="library file to write (.safetensors)")
-    p.add_argument("--names", nargs="+", help="adapter names (default: folder names)")
+    p.add_argument("--names", nargs="+", help="adapter names (default: folder names, Hub paths as given)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="storage dtype")
     _workers_and_quiet(p)
     p.set_defaults(func=_build)
@@ -218,7 +218,7 @@ def _parser(with_demo: bool = True) -> argparse.ArgumentParser:
         help="append PEFT LoRA folders to a library file (existing adapters are not re-aligned)",
     )
     p.add_argument("library", type=Path, help="library file, replaced atomically unless -o is given")
-    p.add_argument("adapters", nargs="+", type=Path, help="PEFT adapter folders to add")
+    p.add_argument("adapters", nargs="+", help="PEFT adapter folders (or Hub paths) to add")
     p.add_argument("-o", "--output", type=Path, help="write the grown library here instead")
     p.add_argument("--names", nargs="+", help="names of the new adapters (default: folder names)")
     _workers_and_quiet(p)

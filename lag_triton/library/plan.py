@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import safetensors_io as sio
-from .peft_reader import PeftAdapter
+from .peft_reader import PeftAdapter, adapter_folder, default_adapter_name
 from .stored import FORMAT, FORMAT_VERSION, check_names
 
 
@@ -137,20 +137,24 @@ def plan_adapters(
 
 
 def check_folder_names(paths, names) -> tuple[list[Path], list[str]]:
-    """(paths as Path, names: folder names by default), checked: unique names, one per folder."""
+    """(local folders, names: folder names or Hub paths by default), checked: unique names, one per
+    folder. Hub paths are fetched here (:func:`.peft_reader.adapter_folder`)."""
     from os import PathLike
 
     paths = [paths] if isinstance(paths, (str, PathLike)) else list(paths)
     for p in paths:
         if not isinstance(p, (str, PathLike)):
             raise TypeError(f"adapter folders must be paths (str or os.PathLike), got {p!r:.60} ({type(p).__name__})")
-    paths = [Path(p) for p in paths]
     if not paths:
         raise ValueError("at least one adapter folder is needed")
-    names = check_names([p.name for p in paths] if names is None else names)
-    if len(names) != len(paths):
-        raise ValueError(f"{len(names)} names for {len(paths)} adapter folders")
-    return paths, names
+    if names is not None:
+        names = check_names(names)
+        if len(names) != len(paths):
+            raise ValueError(f"{len(names)} names for {len(paths)} adapter folders")
+    folders = [adapter_folder(p) for p in paths]  # after the cheap checks: this may download
+    if names is None:
+        names = check_names([default_adapter_name(p, f) for p, f in zip(paths, folders)])
+    return folders, names
 
 
 def single_base_model(base_models: set[str]) -> str | None:
