@@ -59,8 +59,7 @@ def adapter_folder(source: str | os.PathLike) -> Path:
         return path  # not a Hub path: a local one that is missing
     repo_id, subfolder = "/".join(parts[:2]), "/".join(parts[2:])
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
         validate_repo_id(repo_id)
