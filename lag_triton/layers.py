@@ -187,6 +187,13 @@ def describe_layer(name: str, module: nn.Module, model_dtype: Callable[[], torch
         )
     devices = {t.device for t in tensors}
     if any(d.type == "meta" for d in devices):
+        if getattr(module, "_hf_hook", None) is not None:
+            raise ValueError(
+                f"module {name!r} is offloaded by accelerate (device_map with offload, cpu_offload, "
+                "disk_offload): its weights are on the meta device between forwards. LAG holds each "
+                "layer's library on the layer's device and needs that device known and the weights "
+                "resident: load the model without offloading (a device_map whose devices hold it)"
+            )
         raise ValueError(
             f"module {name!r} is on the meta device (no weights yet): load the model's weights "
             "(e.g. to_empty + load_state_dict) before patching"

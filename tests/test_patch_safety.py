@@ -312,6 +312,19 @@ def test_meta_and_quantized_models_are_refused(library):
     assert _unpatched(model)
 
 
+def test_a_model_offloaded_by_accelerate_is_refused_and_still_runs(library):
+    """Offloaded layers (accelerate's cpu_offload / disk offload) keep meta weights between forwards:
+    refused, saying why, not with the advice for a model whose weights were never loaded."""
+    accelerate = pytest.importorskip("accelerate")  # a PEFT dependency
+    model = tiny_model("llama")
+    want = _logits(model, IDS)
+    accelerate.cpu_offload(model, execution_device="cpu")
+    with pytest.raises(ValueError, match=r"module 'model.layers.0.[a-z_.]+' is offloaded by accelerate"):
+        lag_triton.patch(model, library)
+    assert _unpatched(model)
+    torch.testing.assert_close(_logits(model, IDS), want, rtol=0, atol=0)
+
+
 # -- 7. traces nest and are per thread ----------------------------------------------------------------------
 def test_nested_traces_each_get_their_whole_block(library):
     model = lag_triton.patch(tiny_model("llama"), library, k=2)
