@@ -144,6 +144,28 @@ def test_backward_matches_reference_backend(library, backend, routing, scoped, m
     assert not torch.allclose(got, unpatched, rtol=1e-3, atol=1e-4), "the routed term adds to the gradient"
 
 
+@pytest.mark.parametrize("backend", ["torch", "cuda"])
+def test_fine_tuning_with_gradient_checkpointing_gets_the_plain_gradients(library, backend, monkeypatch):
+    """Training the base model around a patched layer: with gradient checkpointing each layer's
+    forward runs again in the backward (routing again, to the same picks), and every parameter
+    gradient equals the plain backward's (the library is constant: it gets none)."""
+    _require(backend, monkeypatch)
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model("llama").to(DEVICE).train()
+        lag_triton.patch(model, library, backend=backend, k=4, top_m=2)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    plain, recomputed = grads
+    assert all(g is not None for g in plain.values()) and plain.keys() == recomputed.keys()
+    for name, g in plain.items():
+        torch.testing.assert_close(recomputed[name], g, rtol=1e-5, atol=1e-6, msg=name)
+    assert not any(b.requires_grad for b in model.buffers())
+
+
 def test_backward_through_the_reference_backend_has_the_routed_term(library):
     """backend='torch' is differentiable with the routing held fixed: d(sum of logits)/d(embeddings)
     differs from the unpatched model's, and equals a central finite difference along a direction."""
