@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
 from huggingface_hub import constants as hub_constants
@@ -50,14 +51,20 @@ def _same_library(got: Library, want: Library) -> None:
             assert torch.equal(getattr(got.modules[name], field), getattr(m, field)), (name, field)
 
 
-def test_hub_paths_build_the_library_their_folders_build(hub, local_adapters, tmp_path):
+def test_hub_paths_build_the_library_their_folders_build(hub, local_adapters, tmp_path, monkeypatch):
     _, publish = hub
     publish(local_adapters[0], "user/one")
     publish(local_adapters[1], "user/experts", "ts_expert_0")
     publish(local_adapters[2], "user/experts", "deeper/ts_expert_1")
     sources = ["user/one", "user/experts/ts_expert_0", "user/experts/deeper/ts_expert_1"]
     want = Library.from_peft(local_adapters, names=sources, progress=False)
+    fetches = []
+    fetch = huggingface_hub.snapshot_download
+    monkeypatch.setattr(
+        huggingface_hub, "snapshot_download", lambda repo, **kw: fetches.append(repo) or fetch(repo, **kw)
+    )
     _same_library(Library.from_peft(sources, progress=False), want)  # names: the Hub paths as written
+    assert sorted(fetches) == ["user/experts", "user/one"]  # one snapshot per repo, whatever its subfolders
     streamed = Library.from_peft(sources, progress=False, output=tmp_path / "lib.safetensors", workers=0)
     _same_library(streamed, want)
     grown = tmp_path / "grown.safetensors"

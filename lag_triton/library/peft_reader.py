@@ -1,9 +1,8 @@
 """Read PEFT LoRA adapter folders (docs/design.md §5) without loading every tensor at once.
 
 A folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` (or, loaded with
-``torch.load(weights_only=True)`` only, ``adapter_model.bin``); a source that is no local path but
-reads ``user/repo[/subfolder]`` is a Hugging Face Hub repo, as PEFT's ``create_arrow_model``
-takes it (:func:`adapter_folder`). Keys look like
+``torch.load(weights_only=True)`` only, ``adapter_model.bin``); :mod:`.sources` finds the folder
+of a Hub path. Keys look like
 ``base_model.model.<module path>.lora_A.weight`` ([r, d_in]) and ``...lora_B.weight`` ([d_out, r]).
 Everything LAG cannot represent is refused with an error naming the folder, module and field.
 """
@@ -12,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,49 +39,8 @@ _REFUSED_CONFIG = (
 )
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight$")
 _WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-
-
 _CONFIG = "adapter_config.json"
-
-
-def adapter_folder(source: str | os.PathLike) -> Path:
-    """The local folder of an adapter ``source``: a local path as it is (``PeftAdapter.open`` says
-    what is wrong with it), else a Hub path ``user/repo[/subfolder...]``, whose adapter files
-    alone are fetched into the Hugging Face cache (``HF_HUB_OFFLINE``, ``HF_TOKEN`` and the cache
-    settings apply as for PEFT). A ``pathlib.Path`` is always local."""
-    path = Path(source)
-    if not isinstance(source, str) or path.exists() or source.startswith((".", "/", "~")):
-        return path
-    parts = source.strip("/").split("/")
-    if len(parts) < 2 or any(part in ("", ".", "..") for part in parts):
-        return path  # not a Hub path: a local one that is missing
-    repo_id, subfolder = "/".join(parts[:2]), "/".join(parts[2:])
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError:
-        return path
-    prefix = subfolder + "/" if subfolder else ""
-    try:
-        snapshot = snapshot_download(repo_id, allow_patterns=[prefix + f for f in (_CONFIG, *_WEIGHT_FILES)])
-    except Exception as e:  # not found, offline and not cached, no access, network: all say the same to the user
-        where = f"repo {repo_id!r}" + (f", subfolder {subfolder!r}" if subfolder else "")
-        raise AdapterError(
-            f"adapter {source!r}: no such local folder, and fetching it from the Hugging Face Hub ({where}) "
-            f"failed: {type(e).__name__}: {e}"
-        ) from None
-    folder = Path(snapshot) / subfolder if subfolder else Path(snapshot)
-    if not (folder / _CONFIG).is_file():
-        raise AdapterError(f"adapter {source!r}: the Hugging Face Hub repo {repo_id!r} has no {prefix}{_CONFIG}")
-    return folder
-
-
-def default_adapter_name(source: str | os.PathLike, folder: Path) -> str:
-    """An adapter's name unless one is given: the folder's name, or the Hub path as written (a
-    snapshot's folder is named by its commit)."""
-    return source.strip("/") if isinstance(source, str) and folder != Path(source) else folder.name
+ADAPTER_FILES = (_CONFIG, *_WEIGHT_FILES)  # what a folder may hold that from_peft reads
 
 
 def _pattern_value(patterns: dict, module: str, default):

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from . import safetensors_io as sio
-from .peft_reader import PeftAdapter, adapter_folder, default_adapter_name
+from .peft_reader import PeftAdapter
+from .sources import adapter_folders, default_adapter_name
 from .stored import FORMAT, FORMAT_VERSION, check_names
 
 
@@ -138,7 +139,7 @@ def plan_adapters(
 
 def check_folder_names(paths, names) -> tuple[list[Path], list[str]]:
     """(local folders, names: folder names or Hub paths by default), checked: unique names, one per
-    folder. Hub paths are fetched here (:func:`.peft_reader.adapter_folder`)."""
+    folder. Hub paths are fetched here (:mod:`.sources`)."""
     from os import PathLike
 
     paths = [paths] if isinstance(paths, (str, PathLike)) else list(paths)
@@ -151,7 +152,7 @@ def check_folder_names(paths, names) -> tuple[list[Path], list[str]]:
         names = check_names(names)
         if len(names) != len(paths):
             raise ValueError(f"{len(names)} names for {len(paths)} adapter folders")
-    folders = [adapter_folder(p) for p in paths]  # after the cheap checks: this may download
+    folders = adapter_folders(paths)  # after the cheap checks: this may download
     if names is None:
         names = check_names([default_adapter_name(p, f) for p, f in zip(paths, folders)])
     return folders, names
