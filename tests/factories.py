@@ -21,10 +21,12 @@ _DECODER_SIZES = dict(
     num_key_value_heads=2,
     max_position_embeddings=128,
 )
-# Other families (tests/test_architectures.py): head_dim 16, as some rotary variants need.
-_WIDER = dict(_DECODER_SIZES, hidden_size=64, intermediate_size=96)
+# Other families (tests/test_architectures.py): head_dim 16, as some rotary variants need; token
+# ids inside the tiny vocabulary. Arguments a config does not know are kept as attributes, unused.
+_IDS = dict(pad_token_id=0, eos_token_id=1, bos_token_id=1)
+_WIDER = dict(_DECODER_SIZES, hidden_size=64, intermediate_size=96, head_dim=16, **_IDS)
 _GPT2_SIZES = dict(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0)
-_SEQ2SEQ = dict(vocab_size=VOCAB, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+_SEQ2SEQ = dict(vocab_size=VOCAB, d_model=64, decoder_start_token_id=0, **_IDS)
 
 # name: (model class, config class, config arguments), looked up in transformers when a model is
 # built, so that a family this transformers lacks skips its tests instead of failing the import.
@@ -33,70 +35,27 @@ ARCHS = {
     "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", _DECODER_SIZES),
     "gpt2": ("GPT2LMHeadModel", "GPT2Config", _GPT2_SIZES),
     "mistral": ("MistralForCausalLM", "MistralConfig", _WIDER),
-    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", dict(_WIDER, head_dim=16)),
-    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", dict(_WIDER, head_dim=16)),
-    "phi3": ("Phi3ForCausalLM", "Phi3Config", dict(_WIDER, pad_token_id=0, eos_token_id=1, bos_token_id=1)),
-    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(_WIDER, head_dim=16)),
-    "olmo2": ("Olmo2ForCausalLM", "Olmo2Config", dict(_WIDER, pad_token_id=0, eos_token_id=1, bos_token_id=1)),
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", _WIDER),
+    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", _WIDER),
+    "phi3": ("Phi3ForCausalLM", "Phi3Config", _WIDER),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", _WIDER),
+    "olmo2": ("Olmo2ForCausalLM", "Olmo2Config", _WIDER),
     "qwen3_moe": (
         "Qwen3MoeForCausalLM",
         "Qwen3MoeConfig",
-        dict(_WIDER, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+        dict(_WIDER, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
     ),
-    "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(_WIDER, num_local_experts=4, num_experts_per_tok=2)),
-    "gpt_neox": (
-        "GPTNeoXForCausalLM",
-        "GPTNeoXConfig",
-        dict(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=128,
-            eos_token_id=1,
-            bos_token_id=1,
-        ),
-    ),
-    "falcon": (
-        "FalconForCausalLM",
-        "FalconConfig",
-        dict(
-            vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, eos_token_id=1, bos_token_id=1
-        ),
-    ),
-    "opt": (
-        "OPTForCausalLM",
-        "OPTConfig",
-        dict(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            ffn_dim=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=128,
-            word_embed_proj_dim=64,
-            pad_token_id=0,
-            eos_token_id=1,
-            bos_token_id=1,
-        ),
-    ),
-    "bloom": (
-        "BloomForCausalLM",
-        "BloomConfig",
-        dict(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4, eos_token_id=1, bos_token_id=1),
-    ),
-    "t5": (
-        "T5ForConditionalGeneration",
-        "T5Config",
-        dict(_SEQ2SEQ, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4),
-    ),
+    "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(_WIDER, num_local_experts=4)),
+    "gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig", _WIDER),
+    "falcon": ("FalconForCausalLM", "FalconConfig", {k: v for k, v in _WIDER.items() if k != "head_dim"}),  # derived
+    "opt": ("OPTForCausalLM", "OPTConfig", dict(_WIDER, ffn_dim=96, word_embed_proj_dim=64)),
+    "bloom": ("BloomForCausalLM", "BloomConfig", dict(_WIDER, n_layer=2, n_head=4)),
+    "t5": ("T5ForConditionalGeneration", "T5Config", dict(_SEQ2SEQ, d_kv=16, d_ff=96, num_layers=2, num_heads=4)),
     "bart": (
         "BartForConditionalGeneration",
         "BartConfig",
         dict(
             _SEQ2SEQ,
-            d_model=64,
             encoder_layers=2,
             decoder_layers=2,
             encoder_attention_heads=4,
