@@ -16,11 +16,18 @@ unrestricted).
 
 Tokens belong to rows by the layer input's leading dimension: x [B, S, d_in] (what Hugging Face
 models feed their linear layers, in prefill and in cached decoding alike) has S tokens per row.
+
+A scope covers every forward of the model while it is open, whichever thread runs it (``generate``
+started in a thread beside a streamer included). So one thread at a time may hold scopes on a
+model: a scope opened while another thread's is open on any of the same layers raises, before
+changing anything, instead of routing one request's tokens by another request's adapter sets.
+Concurrent requests share a model by being batched into one scope (a row each).
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 
 import torch
@@ -28,11 +35,14 @@ from torch import nn
 
 __all__ = ["scope"]
 
+_OPENING = threading.Lock()  # taken while a scope is installed on, or removed from, a model's layers
+
 
 class _ScopeMasks:
     """The masks of one scope, per patched route: allowed [B, N_module] bool on the route's device."""
 
     def __init__(self, rows: int, masks: dict[int, torch.Tensor]) -> None:
+        self.owner = threading.get_ident()  # the thread that opened the scope
         self.rows = rows
         self._masks = masks  # id(LibraryRoute) -> mask; routes of unrestricted libraries are absent
         self._token_rows: dict[tuple, torch.Tensor] = {}
@@ -158,11 +168,21 @@ def scope(model: nn.Module, allowed) -> Iterator[None]:
                 ids = route.adapter_ids.long().cpu()
                 per_route[id(route)] = mask[:, ids].to(route.a_star.device)
     state = _ScopeMasks(rows, per_route)
-    previous = [layer._scope for layer in layers]
-    for layer in layers:
-        layer._scope = state
+    with _OPENING:  # check and set at once: two threads opening scopes together cannot both pass
+        held = {layer._scope.owner for layer in layers if layer._scope is not None} - {state.owner}
+        if held:
+            raise RuntimeError(
+                f"another thread holds a lag_triton.scope on this {type(model).__name__}: a scope covers "
+                "every forward of the model, whichever thread runs it, so two threads cannot scope it "
+                "at once (each request's tokens would be routed by the other's adapter sets). Batch "
+                "concurrent requests into one scope (a row each), or give each thread its own model"
+            )
+        previous = [layer._scope for layer in layers]
+        for layer in layers:
+            layer._scope = state
     try:
         yield
     finally:
-        for layer, prev in zip(layers, previous):
-            layer._scope = prev
+        with _OPENING:
+            for layer, prev in zip(layers, previous):
+                layer._scope = prev

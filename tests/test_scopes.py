@@ -180,6 +180,54 @@ def test_scopes_nest_and_restore(libraries):
     torch.testing.assert_close(_routed(model, ids)[0], free, rtol=0, atol=0)
 
 
+def _in_thread(fn):
+    """fn() run by another thread: its result, or the exception it raised."""
+    import threading
+
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except Exception as e:  # handed back to the test's thread
+            out["value"] = e
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive()
+    return out["value"]
+
+
+def test_a_scope_covers_forwards_of_other_threads_and_only_one_thread_scopes_a_model(libraries):
+    """generate() started in a thread beside a streamer runs inside the scope of the thread that
+    opened it; a second thread cannot open its own scope on the model meanwhile (each request's
+    tokens would be routed by the other's sets): refused, the open scope untouched."""
+    docs, _ = libraries
+    model = _patched(docs, k=2, top_m=1)
+    ids = _ids(1, 5, seed=9)
+    free, _ = _routed(model, ids)
+    scoped, _ = _routed(model, ids, [["doc2"]])
+    assert not torch.allclose(scoped, free)
+
+    def forward():
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    def other_scope():
+        with lag_triton.scope(model, [["doc5"]]):
+            return forward()
+
+    with lag_triton.scope(model, [["doc2"]]):
+        torch.testing.assert_close(_in_thread(forward), scoped, rtol=0, atol=0)
+        refused = _in_thread(other_scope)
+        assert isinstance(refused, RuntimeError) and "another thread holds a lag_triton.scope" in str(refused)
+        torch.testing.assert_close(forward(), scoped, rtol=0, atol=0)
+    torch.testing.assert_close(_in_thread(forward), free, rtol=0, atol=0)
+    doc5, _ = _routed(model, ids, [["doc5"]])
+    torch.testing.assert_close(_in_thread(other_scope), doc5, rtol=0, atol=0)  # free again: any thread
+
+
 def test_scope_errors_name_what_is_wrong(libraries):
     docs, tasks = libraries
     model = _patched(docs, k=2)
