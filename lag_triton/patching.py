@@ -372,6 +372,7 @@ def patch(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch() needs a torch.nn.Module, got {type(model).__name__}")
+    given, model = model, _uncompiled(model)
     config = RoutingConfig(
         k=_as_int(k),
         top_m=_as_int(top_m),
@@ -383,7 +384,8 @@ def patch(
     if process_group is not None:  # sharded over ranks: lag_triton.sharding owns that path
         from .sharding import patch_sharded
 
-        return patch_sharded(model, libs, config, backend, process_group)
+        patch_sharded(model, libs, config, backend, process_group)
+        return given
     already = getattr(model, "_lag_num_libraries", 0)
     modules = dict(model.named_modules())
     plan = []  # (module name, library index, weights, backend, LayerInfo: .device, compute .dtype)
@@ -407,7 +409,8 @@ def patch(
     def held_bytes(weights, layer):
         return weights.nbytes(_route_dtype(layer.dtype))
 
-    return _attach(model, _build_routes(plan, libs, already, build, held_bytes), libs, already)
+    _attach(model, _build_routes(plan, libs, already, build, held_bytes), libs, already)
+    return given
 
 
 def _build_routes(plan: list, libs: list[Library], already: int, build, held_bytes) -> list:
@@ -479,8 +482,16 @@ def _gib(nbytes: int) -> str:
     return f"{nbytes / 1024:.2f} KiB"
 
 
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module whose layers patch swaps: for ``torch.compile(model)`` the model it wraps (its
+    module names are the model's; the compiled wrapper recompiles on its next call)."""
+    original = model._modules.get("_orig_mod")  # checked first: no torch._dynamo import for a plain model
+    return original if original is not None and isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else model
+
+
 def unpatch(model: nn.Module) -> nn.Module:
     """Remove every LAG library: the original module objects go back where they were."""
+    given, model = model, _uncompiled(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, LagLinear):
             _set_submodule(model, name, module.base_layer)
@@ -490,7 +501,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     hooks = getattr(model, "_state_dict_pre_hooks", {})
     for key in [k for k, hook in hooks.items() if hook is _warn_library_not_saved]:
         del hooks[key]
-    return model
+    return given
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -56,6 +56,28 @@ def test_compiled_patched_model_fullgraph_equals_eager(library, backend, routing
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_patching_an_already_compiled_model_patches_the_model_it_wraps(library):
+    """patch / unpatch of ``torch.compile(model)`` swap the wrapped model's layers under their own
+    names (the wrapper's are prefixed ``_orig_mod.``), return the wrapper, and its next call
+    recompiles: the patched logits, then the base model's again."""
+    model = tiny_model("llama").to(DEVICE)
+    ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+        want = lag_triton.patch(tiny_model("llama").to(DEVICE), library, k=4)(input_ids=ids).logits
+        compiled = torch.compile(model, backend="aot_eager" if DEVICE.type == "cpu" else "inductor")
+        torch.testing.assert_close(compiled(input_ids=ids).logits, base, rtol=1e-5, atol=1e-5)
+        assert lag_triton.patch(compiled, library, k=4) is compiled
+        assert isinstance(model.model.layers[0].mlp.up_proj, lag_triton.LagLinear)
+        torch.testing.assert_close(compiled(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+        with lag_triton.trace(compiled) as tr:
+            compiled(input_ids=ids)
+        assert "model.layers.0.mlp.up_proj" in tr.selections
+        assert lag_triton.unpatch(compiled) is compiled
+        assert not any(isinstance(m, lag_triton.LagLinear) for m in model.modules())
+        torch.testing.assert_close(compiled(input_ids=ids).logits, base, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", _backends())
 def test_compiled_backward_equals_eager_reference(library, backend, monkeypatch):
     """A compiled forward + backward (fullgraph, gradients on): the input gradient equals the eager
