@@ -8,10 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import lag_triton
 from lag_triton import AdapterError, Library, LibraryFormatError
 from lag_triton.library.align import align_lora
 
-from factories import make_adapter, tiny_model
+from factories import VOCAB, make_adapter, tiny_model
 
 
 # -- alignment ---------------------------------------------------------------------------------
@@ -157,6 +158,11 @@ def test_build_does_not_depend_on_folder_order_for_each_adapter(llama, tmp_path)
         ("modules_to_save", ["lm_head"], "modules_to_save"),
         ("peft_type", "IA3", "peft_type"),
         ("r", 0, "r=0"),
+        ("init_lora_weights", "pissa", r"init_lora_weights='pissa' is refused: this init replaces the base"),
+        ("init_lora_weights", "pissa_niter_4", "path_initial_model_for_weight_conversion"),
+        ("init_lora_weights", "olora", "init_lora_weights='olora'"),
+        ("init_lora_weights", "corda", "init_lora_weights='corda'"),
+        ("init_lora_weights", "loftq", "LoftQ adapters cannot be converted"),
     ],
 )
 def test_refused_config_fields_name_adapter_and_field(llama, tmp_path, field, value, needle):
@@ -167,6 +173,41 @@ def test_refused_config_fields_name_adapter_and_field(llama, tmp_path, field, va
     with pytest.raises(AdapterError, match=needle) as info:
         Library.from_peft([path], progress=False)
     assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+@pytest.mark.filterwarnings("ignore:(PiSSA|OLoRA) changes the base weights:UserWarning")  # PEFT's, saving unconverted
+def test_a_base_changing_adapter_converted_by_peft_is_read_as_the_lora_it_became(init, tmp_path):
+    """PiSSA / OLoRA adapters are deltas on a residual base (refused above); PEFT's conversion makes
+    them a rank-2r LoRA of the original base, which reproduces the trained adapter exactly."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model("llama")
+    ids = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(5))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"], init_lora_weights=init)
+    peft_model = get_peft_model(copy.deepcopy(model), config)
+    peft_model.peft_config["default"].init_lora_weights = True  # how PEFT's docs save the initial adapter
+    peft_model.save_pretrained(str(tmp_path / "initial"))
+    peft_model.peft_config["default"].init_lora_weights = init
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if ".lora_" in name:  # "training"
+                param.add_(0.05 * torch.randn(param.shape, generator=g))
+        trained = peft_model(input_ids=ids).logits
+    peft_model.save_pretrained(str(tmp_path / "unconverted"))
+    with pytest.raises(AdapterError, match=f"init_lora_weights='{init}' is refused"):
+        Library.from_peft([tmp_path / "unconverted"], progress=False)
+    peft_model.save_pretrained(
+        str(tmp_path / "converted"), path_initial_model_for_weight_conversion=str(tmp_path / "initial")
+    )
+    library = Library.from_peft([tmp_path / "converted"], progress=False)
+    assert library.r_max == 8
+    lag_triton.patch(model, library, k=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, trained, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(

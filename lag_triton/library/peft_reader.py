@@ -37,6 +37,18 @@ _REFUSED_CONFIG = (
     ("use_qalora", (False, None), "QALoRA pools inputs, which LAG cannot represent"),
     ("alora_invocation_tokens", (None,), "activated LoRA (aLoRA) is applied conditionally, which LAG cannot represent"),
 )
+# Inits that replace the base weight W by a residual when the adapter is created (PiSSA, OLoRA,
+# CorDA: W - B0 A0; LoftQ: a quantised W): the saved factors are a delta on that residual, which PEFT
+# rebuilds from W on load, so they are no LoRA of W. PEFT converts PiSSA/OLoRA/CorDA adapters into
+# one (rank 2r, init_lora_weights true), which LAG reads.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+_BASE_CHANGING_WHY = (
+    "this init replaces the base weight by a residual (PiSSA, OLoRA, CorDA) or a quantised copy (LoftQ) "
+    "when the adapter is created, so its factors are a delta on that changed weight, not a LoRA of the "
+    "base model LAG routes over. Convert it with PEFT first: peft_model.save_pretrained(out, "
+    "path_initial_model_for_weight_conversion=<the adapter saved at initialisation>) writes a plain LoRA "
+    "of the original base (LoftQ adapters cannot be converted)"
+)
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight$")
 _WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 _CONFIG = "adapter_config.json"
@@ -126,6 +138,9 @@ class PeftAdapter:
             if not isinstance(value, (dict, set)) and value in fine:
                 continue
             raise self._field_error(name, f"is refused: {why}")
+        init = cfg.get("init_lora_weights")
+        if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+            raise self._field_error("init_lora_weights", f"is refused: {_BASE_CHANGING_WHY}")
         if not _is_positive_int(cfg.get("r")):
             raise self._field_error("r", "must be a positive integer")
         if not _is_positive_number(cfg.get("lora_alpha")):
