@@ -163,6 +163,10 @@ def test_build_does_not_depend_on_folder_order_for_each_adapter(llama, tmp_path)
         ("init_lora_weights", "olora", "init_lora_weights='olora'"),
         ("init_lora_weights", "corda", "init_lora_weights='corda'"),
         ("init_lora_weights", "loftq", "LoftQ adapters cannot be converted"),
+        ("init_lora_weights", "lora_ga", "init_lora_weights='lora_ga'"),
+        ("kasa_config", {"beta": 1e-4}, "KaSA truncates the base weight"),
+        ("monteclora_config", {"num_samples": 2}, "MonteCLoRA samples its factors"),
+        ("use_bdlora", {"nblocks": 2}, "BD-LoRA stores block-diagonal factors"),
     ],
 )
 def test_refused_config_fields_name_adapter_and_field(llama, tmp_path, field, value, needle):
@@ -173,6 +177,26 @@ def test_refused_config_fields_name_adapter_and_field(llama, tmp_path, field, va
     with pytest.raises(AdapterError, match=needle) as info:
         Library.from_peft([path], progress=False)
     assert str(path) in str(info.value)
+
+
+def test_a_velora_adapter_is_its_lora(tmp_path):
+    """VeLoRA changes only the backward; its saved projection is skipped and the forward is PEFT's."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.config import VeloraConfig
+
+    model = tiny_model("llama")
+    config = LoraConfig(
+        r=4, target_modules=["q_proj", "up_proj"], init_lora_weights=False, velora_config=VeloraConfig()
+    )
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(str(tmp_path / "velora"))
+    ids = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        want = peft_model(input_ids=ids).logits
+    peft_model.unload()
+    lag_triton.patch(model, Library.from_peft([tmp_path / "velora"], progress=False), k=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])

@@ -36,14 +36,25 @@ _REFUSED_CONFIG = (
     ("layer_replication", (None,), "layer_replication changes the model's layers"),
     ("use_qalora", (False, None), "QALoRA pools inputs, which LAG cannot represent"),
     ("alora_invocation_tokens", (None,), "activated LoRA (aLoRA) is applied conditionally, which LAG cannot represent"),
+    (
+        "kasa_config",
+        (None,),
+        "KaSA truncates the base weight's smallest singular components and puts a learned diagonal between A and B, "
+        "which LAG cannot represent",
+    ),
+    ("monteclora_config", (None,), "MonteCLoRA samples its factors, which LAG cannot represent"),
+    ("use_bdlora", (None,), "BD-LoRA stores block-diagonal factors in a compact form, which LAG does not expand"),
 )
+# VeLoRA changes only the backward (compressed activations for A's gradient); its forward is LoRA's,
+# and the projection it saves for training is not part of the update.
+_VELORA_TENSOR = ".lora_velora_embed"
 # Inits that replace the base weight W by a residual when the adapter is created (PiSSA, OLoRA,
-# CorDA: W - B0 A0; LoftQ: a quantised W): the saved factors are a delta on that residual, which PEFT
+# CorDA, LoRA-GA: W - s B0 A0; LoftQ: a quantised W): the saved factors are a delta on that residual, which PEFT
 # rebuilds from W on load, so they are no LoRA of W. PEFT converts PiSSA/OLoRA/CorDA adapters into
-# one (rank 2r, init_lora_weights true), which LAG reads.
-_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+# one (rank 2r, init_lora_weights true), which LAG reads (LoRA-GA's too).
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 _BASE_CHANGING_WHY = (
-    "this init replaces the base weight by a residual (PiSSA, OLoRA, CorDA) or a quantised copy (LoftQ) "
+    "this init replaces the base weight by a residual (PiSSA, OLoRA, CorDA, LoRA-GA) or a quantised copy (LoftQ) "
     "when the adapter is created, so its factors are a delta on that changed weight, not a LoRA of the "
     "base model LAG routes over. Convert it with PEFT first: peft_model.save_pretrained(out, "
     "path_initial_model_for_weight_conversion=<the adapter saved at initialisation>) writes a plain LoRA "
@@ -220,6 +231,8 @@ class PeftAdapter:
         cfg = self.config
         keys: dict[str, dict[str, str]] = {}
         for key in shapes:
+            if _VELORA_TENSOR in key and cfg.get("velora_config"):
+                continue
             if "lora_embedding_" in key:
                 raise self.error(f"tensor {key!r}: embedding LoRA is refused (LAG routes linear layers only)")
             if "lora_magnitude_vector" in key:
