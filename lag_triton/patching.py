@@ -197,6 +197,13 @@ class LagLinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return getattr(self.base_layer, "bias", None)
 
+    def __setattr__(self, name: str, value) -> None:
+        # ... and set them: transformers' tie_weights assigns the output layer's weight
+        if name in ("weight", "bias") and "base_layer" in self.__dict__.get("_modules", {}):
+            setattr(self.base_layer, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         x2 = x.reshape(-1, self.in_features)

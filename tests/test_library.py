@@ -240,6 +240,7 @@ def test_a_base_changing_adapter_converted_by_peft_is_read_as_the_lora_it_became
         ("base_model.model.model.embed_tokens.lora_embedding_A", "embedding LoRA"),
         ("base_model.model.model.layers.0.mlp.up_proj.lora_magnitude_vector", "DoRA"),
         ("base_model.model.lm_head.weight", "not a LoRA A/B weight"),
+        ("base_model.model.lm_head.base_layer.weight", r"save_pretrained\(\.\.\., save_embedding_layers=False\)"),
     ],
 )
 def test_refused_tensors(llama, tmp_path, extra, needle):

@@ -209,6 +209,32 @@ def test_patched_layers_show_their_base_weight_and_bias(arch, tmp_path):
     assert {k.replace(".base_layer", ""): v for k, v in model.named_parameters()} == params
 
 
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning")  # PEFT's
+def test_a_routed_tied_output_layer_stays_tied_and_reproduces_peft(tmp_path):
+    """LoRA on a tied lm_head: the patched layer shows the shared weight, and transformers'
+    tie_weights (resize_token_embeddings, loading) sets it on the base layer, keeping the tie."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    config = transformers.LlamaConfig(**dict(tiny_model("llama").config.to_dict(), tie_word_embeddings=True))
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    embedding = model.model.embed_tokens.weight
+    assert model.lm_head.weight is embedding
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False))
+    peft_model.save_pretrained(str(tmp_path / "a"), save_embedding_layers=False)
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(2))
+    want = _logits(peft_model, ids)
+    peft_model.unload()
+    library = Library.from_peft([tmp_path / "a"], progress=False)
+    assert "lm_head" in library.modules
+    lag_triton.patch(model, library, k=1)
+    assert isinstance(model.lm_head, lag_triton.LagLinear) and model.lm_head.weight is embedding
+    model.tie_weights()
+    assert model.lm_head.base_layer.weight is embedding and "weight" not in model.lm_head._parameters
+    torch.testing.assert_close(_logits(model, ids), want, rtol=1e-5, atol=1e-5)
+
+
 # -- refused input leaves the model untouched ------------------------------------------------------
 @pytest.fixture(scope="module")
 def small_library(tmp_path_factory):

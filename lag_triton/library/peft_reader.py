@@ -237,6 +237,13 @@ class PeftAdapter:
                 raise self.error(f"tensor {key!r}: embedding LoRA is refused (LAG routes linear layers only)")
             if "lora_magnitude_vector" in key:
                 raise self.error(f"tensor {key!r}: DoRA magnitude vectors are refused")
+            if key.endswith((".base_layer.weight", ".base_layer.bias")):
+                raise self.error(
+                    f"tensor {key!r} is a copy of a base layer's own weight, which PEFT saves when an adapter "
+                    "targets an embedding or output layer (save_embedding_layers): LAG routes over the model's "
+                    "weights and keeps none of its own. If the vocabulary was not resized, save the adapter again "
+                    "with save_pretrained(..., save_embedding_layers=False)"
+                )
             match = _KEY.match(key)
             if match is None:
                 raise self.error(
