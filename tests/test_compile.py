@@ -56,6 +56,34 @@ def test_compiled_patched_model_fullgraph_equals_eager(library, backend, routing
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+# The exported graph is the same op calls whatever the backend (its name is an argument); on CPU the
+# Triton interpreter's runs would add ~20 s and nothing else.
+@pytest.mark.parametrize("backend", [b for b in _backends() if DEVICE.type == "cuda" or b != "triton"])
+def test_torch_export_of_a_patched_model_holds_the_three_ops_and_runs(library, backend, monkeypatch):
+    """torch.export (deployment without Python's forward): one graph in which each patched layer is
+    the three custom ops; the exported program gives the eager logits."""
+    install_backend(backend, DEVICE, monkeypatch)
+    model = lag_triton.patch(tiny_model("llama").to(DEVICE), library, backend=backend, k=4, top_m=2)
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+
+    class Logits(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids):
+            return self.model(input_ids=ids, use_cache=False).logits
+
+    exported = torch.export.export(Logits(model), (ids,))
+    calls = [str(n.target) for n in exported.graph.nodes if n.op == "call_function" and "lag_triton" in str(n.target)]
+    layers = sum(isinstance(m, lag_triton.LagLinear) for m in model.modules())
+    assert sorted(set(calls)) == [f"lag_triton.{op}.default" for op in ("arrow_topk", "lora_apply", "spectr_rerank")]
+    assert len(calls) == 3 * layers
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    torch.testing.assert_close(exported.module()(ids), want, rtol=1e-5, atol=1e-5)
+
+
 def test_patching_an_already_compiled_model_patches_the_model_it_wraps(library):
     """patch / unpatch of ``torch.compile(model)`` swap the wrapped model's layers under their own
     names (the wrapper's are prefixed ``_orig_mod.``), return the wrapper, and its next call
