@@ -99,3 +99,18 @@ def test_hub_paths_that_cannot_be_read_are_refused_by_name(hub, local_adapters, 
     publish(local_adapters[0], "user/experts", "ts_expert_0")
     with pytest.raises(AdapterError, match=message):
         Library.from_peft(["user/experts/ts_expert_0", source], progress=False)
+
+
+def test_the_command_line_builds_from_hub_paths(hub, local_adapters, tmp_path, capsys):
+    from lag_triton.__main__ import EXIT_FAILED, main
+
+    _, publish = hub
+    publish(local_adapters[0], "user/one")
+    publish(local_adapters[1], "user/experts", "ts_expert_0")
+    out = tmp_path / "lib.safetensors"
+    assert main(["build", "user/one", "user/experts/ts_expert_0", "-o", str(out), "-q", "--workers", "0"]) == 0
+    assert Library.load(out).names == ["user/one", "user/experts/ts_expert_0"]
+    capsys.readouterr()
+    assert main(["build", "user/absent", "-o", str(tmp_path / "x.safetensors"), "-q"]) == EXIT_FAILED
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "adapter 'user/absent': no such local folder" in err[0], err
