@@ -54,9 +54,15 @@ class _ScopeMasks:
             return None, None
         rows = x.shape[0] if x.dim() >= 2 else 1
         if rows != self.rows:
+            repeated = (
+                f". generate with num_beams or num_return_sequences = {rows // self.rows} repeats each row: give "
+                f"one entry per repeated row ([entry for entry in allowed for _ in range({rows // self.rows})])"
+                if rows > self.rows and rows % self.rows == 0
+                else ""
+            )
             raise ValueError(
                 f"lag_triton.scope was given {self.rows} batch rows, but layer {layer_name!r} got "
-                f"an input of shape {tuple(x.shape)} ({rows} rows)"
+                f"an input of shape {tuple(x.shape)} ({rows} rows){repeated}"
             )
         per_row = x.numel() // max(1, rows * x.shape[-1])
         key = (rows, per_row, mask.device)

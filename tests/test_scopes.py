@@ -165,6 +165,28 @@ def test_generate_with_left_padding_stays_in_scope(libraries):
             assert picked - {-1} <= set(allowed), (module, b)
 
 
+def test_beam_search_needs_an_entry_per_beam_and_keeps_each_beam_in_its_rows_set(libraries):
+    """generate(num_beams=3) repeats each batch row 3 times: a scope of the unrepeated rows is
+    refused saying how to repeat it, and the repeated scope keeps every beam in its row's set."""
+    docs, _ = libraries
+    model = _patched(docs, k=2, top_m=1)
+    ids = _ids(2, 5, seed=11)
+    rows = [["doc1"], ["doc3", "doc4"]]
+    kw = dict(num_beams=3, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with pytest.raises(ValueError, match=r"\(6 rows\)\. generate with num_beams .* = 3 repeats each row"):
+        with torch.no_grad(), lag_triton.scope(model, rows):
+            model.generate(input_ids=ids, **kw)
+    with torch.no_grad(), lag_triton.scope(model, [r for r in rows for _ in range(3)]), lag_triton.trace(model) as tr:
+        model.generate(input_ids=ids, **kw)
+    for module, sel in tr.selections.items():
+        prefill = sel[: 6 * 5].reshape(6, 5)  # 6 beams x 5 tokens, then one token per beam per step
+        steps = sel[6 * 5 :].reshape(-1, 6).T  # beams are reordered only within their batch row
+        assert steps.shape[1] >= 2
+        for beam in range(6):
+            allowed = {1} if beam < 3 else {3, 4}
+            assert set(prefill[beam].tolist()) | set(steps[beam].tolist()) <= allowed, (module, beam)
+
+
 def test_scopes_nest_and_restore(libraries):
     docs, _ = libraries
     model = _patched(docs, k=2, top_m=1)
