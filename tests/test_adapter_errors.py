@@ -155,6 +155,7 @@ def test_a_single_folder_is_one_adapter(adapter):
         (["x"], "x", TypeError, "adapter names must be a list of strings, got str"),
         (["x", "y"], ["a", "a"], ValueError, "adapter names must be unique; repeated: ['a']"),
         (["x"], [1], TypeError, "adapter names must be strings"),
+        (["/r1/ckpt-500", "/r2/ckpt-500"], None, ValueError, "2 folders are named 'ckpt-500' (/r1/ckpt-500, /r2/"),
     ],
 )
 def test_bad_paths_and_names(paths, names, error, needle):

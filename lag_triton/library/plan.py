@@ -154,7 +154,15 @@ def check_folder_names(paths, names) -> tuple[list[Path], list[str]]:
             raise ValueError(f"{len(names)} names for {len(paths)} adapter folders")
     folders = adapter_folders(paths)  # after the cheap checks: this may download
     if names is None:
-        names = check_names([default_adapter_name(p, f) for p, f in zip(paths, folders)])
+        names = [default_adapter_name(p, f) for p, f in zip(paths, folders)]
+        clash = {n: [str(p) for p, m in zip(paths, names) if m == n] for n in names if names.count(n) > 1}
+        if clash:
+            name, where = next(iter(clash.items()))
+            raise ValueError(
+                f"adapters are named by their folder's name by default, and {len(where)} folders are named "
+                f"{name!r} ({', '.join(where[:3])}{', ...' if len(where) > 3 else ''}); give names= (the "
+                "command line: --names), e.g. from the folders' parents"
+            )
     return folders, names
 
 
