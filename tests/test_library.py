@@ -166,7 +166,8 @@ def test_build_does_not_depend_on_folder_order_for_each_adapter(llama, tmp_path)
         ("init_lora_weights", "lora_ga", "init_lora_weights='lora_ga'"),
         ("kasa_config", {"beta": 1e-4}, "KaSA truncates the base weight"),
         ("monteclora_config", {"num_samples": 2}, "MonteCLoRA samples its factors"),
-        ("use_bdlora", {"nblocks": 2}, "BD-LoRA stores block-diagonal factors"),
+        ("use_bdlora", {"nblocks": 0}, "use_bdlora={'nblocks': 0} must be an object with a positive integer nblocks"),
+        ("use_bdlora", {"target_modules_bd_a": "q_proj"}, "must give target_modules_bd_a as a list of strings"),
     ],
 )
 def test_refused_config_fields_name_adapter_and_field(llama, tmp_path, field, value, needle):
@@ -177,6 +178,40 @@ def test_refused_config_fields_name_adapter_and_field(llama, tmp_path, field, va
     with pytest.raises(AdapterError, match=needle) as info:
         Library.from_peft([path], progress=False)
     assert str(path) in str(info.value)
+
+
+def test_a_bdlora_adapter_is_the_lora_of_its_block_diagonal_factors(tmp_path):
+    """BD-LoRA (block-diagonal A on some modules, B on others, stored as the blocks side by side)
+    reproduces PEFT's forward; a file whose blocks do not fit the config is refused by module."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.config import BdLoraConfig
+
+    model = tiny_model("llama")
+    bd = BdLoraConfig(target_modules_bd_a=["q_proj", "up_proj"], target_modules_bd_b=["down_proj"], nblocks=2)
+    config = LoraConfig(r=4, target_modules=["q_proj", "up_proj", "down_proj"], init_lora_weights=False, use_bdlora=bd)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)  # BD-LoRA starts its block-diagonal B at zero
+    peft_model.save_pretrained(str(tmp_path / "bd"))
+    ids = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        want = peft_model(input_ids=ids).logits
+    peft_model.unload()
+    library = Library.from_peft([tmp_path / "bd"], progress=False)
+    lag_triton.patch(model, library, k=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+
+    cfg = json.loads((tmp_path / "bd" / "adapter_config.json").read_text())
+    cfg["use_bdlora"]["nblocks"] = 4  # the stored blocks are halves, not quarters
+    (tmp_path / "bd" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(
+        AdapterError,
+        match=r"down_proj': lora_A \(4, 80\) and lora_B \(48, 2\) .* \(BD-LoRA: lora_B block-diagonal, 4 blocks\)",
+    ):
+        Library.from_peft([tmp_path / "bd"], progress=False)
 
 
 def test_a_velora_adapter_is_its_lora(tmp_path):

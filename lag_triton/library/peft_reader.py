@@ -43,7 +43,6 @@ _REFUSED_CONFIG = (
         "which LAG cannot represent",
     ),
     ("monteclora_config", (None,), "MonteCLoRA samples its factors, which LAG cannot represent"),
-    ("use_bdlora", (None,), "BD-LoRA stores block-diagonal factors in a compact form, which LAG does not expand"),
 )
 # VeLoRA changes only the backward (compressed activations for A's gradient); its forward is LoRA's,
 # and the projection it saves for training is not part of the update.
@@ -92,6 +91,22 @@ class ModuleFactors:
     d_in: int
     d_out: int
     scaling: float
+    block_diagonal: str = ""  # BD-LoRA: "A" or "B" is stored as its nblocks diagonal blocks side by side
+    nblocks: int = 1
+
+    def stored_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(lora_A, lora_B) shapes in the file."""
+        a, b = (self.rank, self.d_in), (self.d_out, self.rank)
+        if self.block_diagonal == "A":
+            a = (self.rank, self.d_in // self.nblocks)
+        elif self.block_diagonal == "B":
+            b = (self.d_out, self.rank // self.nblocks)
+        return a, b
+
+
+def _block_diagonal(weight: torch.Tensor, nblocks: int) -> torch.Tensor:
+    """PEFT's BD-LoRA factor [out, in / nblocks] as the dense [out, in] block-diagonal matrix it is."""
+    return torch.block_diag(*torch.chunk(weight, nblocks, dim=0))
 
 
 @dataclass
@@ -149,6 +164,14 @@ class PeftAdapter:
             if not isinstance(value, (dict, set)) and value in fine:
                 continue
             raise self._field_error(name, f"is refused: {why}")
+        bd = cfg.get("use_bdlora")
+        if bd is not None:
+            if not (isinstance(bd, dict) and _is_positive_int(bd.get("nblocks", 1))):
+                raise self._field_error("use_bdlora", "must be an object with a positive integer nblocks")
+            for name in ("target_modules_bd_a", "target_modules_bd_b"):
+                patterns = bd.get(name) or []
+                if not (isinstance(patterns, list) and all(isinstance(x, str) for x in patterns)):
+                    raise self._field_error("use_bdlora", f"must give {name} as a list of strings")
         init = cfg.get("init_lora_weights")
         if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
             raise self._field_error("init_lora_weights", f"is refused: {_BASE_CHANGING_WHY}")
@@ -269,16 +292,31 @@ class PeftAdapter:
                     "(convolution LoRA is refused)"
                 )
             rank = _pattern_value(cfg.get("rank_pattern") or {}, module, cfg["r"])
-            if shape_a[0] != rank or shape_b[1] != rank:
+            kind, nblocks = self._block_diagonal_kind(module)
+            d_in = shape_a[1] * (nblocks if kind == "A" else 1)
+            factors = ModuleFactors(pair["A"], pair["B"], rank, d_in, shape_b[0], 0.0, kind, nblocks)
+            if (shape_a, shape_b) != factors.stored_shapes() or rank % nblocks:
+                bd = f" (BD-LoRA: lora_{kind} block-diagonal, {nblocks} blocks)" if kind else ""
                 raise self.error(
                     f"module {module!r}: lora_A {shape_a} and lora_B {shape_b} disagree with the "
-                    f"configured rank r={rank} (r / rank_pattern)"
+                    f"configured rank r={rank} (r / rank_pattern){bd}"
                 )
-            if rank > min(shape_a[1], shape_b[0]):
-                raise self.error(f"module {module!r}: rank {rank} exceeds the layer's size {shape_b[0]}x{shape_a[1]}")
+            if rank > min(d_in, shape_b[0]):
+                raise self.error(f"module {module!r}: rank {rank} exceeds the layer's size {shape_b[0]}x{d_in}")
             alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"])
-            scaling = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
-            self.modules[module] = ModuleFactors(pair["A"], pair["B"], rank, shape_a[1], shape_b[0], scaling)
+            factors.scaling = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+            self.modules[module] = factors
+
+    def _block_diagonal_kind(self, module: str) -> tuple[str, int]:
+        """("A" / "B" / "", nblocks): which factor BD-LoRA stores block-diagonal for ``module``
+        (PEFT: a pattern of target_modules_bd_a / _bd_b that is a substring of the module's name)."""
+        bd = self.config.get("use_bdlora")
+        if not bd:
+            return "", 1
+        for kind in ("A", "B"):
+            if any(p in module for p in bd.get(f"target_modules_bd_{kind.lower()}") or []):
+                return kind, bd.get("nblocks", 1)
+        return "", 1
 
     def load_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """module -> (lora_A [r, d_in], lora_B [d_out, r]) for every module, read now."""
@@ -300,7 +338,11 @@ class PeftAdapter:
         out = {}
         for m, f in self.modules.items():
             a, b = tensors[f.key_a], tensors[f.key_b]
-            if a.shape != (f.rank, f.d_in) or b.shape != (f.d_out, f.rank):
+            if (tuple(a.shape), tuple(b.shape)) != f.stored_shapes():
                 raise self.error(f"module {m!r}: tensors changed shape while reading (file rewritten?)")
+            if f.block_diagonal == "A":
+                a = _block_diagonal(a, f.nblocks)
+            elif f.block_diagonal == "B":
+                b = _block_diagonal(b, f.nblocks)
             out[m] = (a, b)
         return out
