@@ -334,6 +334,13 @@ def _check_layer(lib: Library, name: str, module: nn.Module | None, weights, mod
     """The base layer's sizes, device and compute dtype (``.device``, ``.dtype``), after checking
     that ``weights`` can route this layer. Which layers qualify and which dtype: :mod:`.layers`."""
     if module is None:
+        if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+            raise ValueError(
+                f"library {lib.label} targets module {name!r}, and {type(model).__name__} is a PEFT model (its "
+                "layers are PEFT's adapter wrappers, named under base_model.model.): LAG patches the base model "
+                "itself. Take it out first: model = peft_model.unload() (or merge_and_unload() to keep the "
+                "active adapter merged in), then patch that"
+            )
         raise ValueError(
             f"library {lib.label} targets module {name!r}, which {type(model).__name__} "
             f"does not have{_name_hint(name, model)}"

@@ -349,6 +349,12 @@ def test_library_under_another_prefix_is_refused_with_the_rename_that_fits(small
     ]:  # fmt: skip
         with pytest.raises(ValueError, match=re.escape(expect)):
             lag_triton.patch(tiny_model("llama"), library)
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(tiny_model("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"PeftModel is a PEFT model .* model = peft_model\.unload\(\)"):
+        lag_triton.patch(peft_model, small_library)
+    assert not any(isinstance(m, lag_triton.LagLinear) for m in peft_model.modules())
     deeper = _renamed(small_library, lambda n: n.replace("layers.1.", "layers.7."))  # a layer the model lacks
     with pytest.raises(ValueError, match=r"'model.layers.7.[a-z_.]+', which LlamaForCausalLM does not have \(was"):
         lag_triton.patch(tiny_model("llama"), deeper)
