@@ -121,6 +121,24 @@ def test_kv_cache_generation_equals_no_cache(patched_llama):
     assert torch.equal(cached, uncached)
 
 
+def test_continuous_batching_generates_what_each_request_generates_alone(patched_llama):
+    """transformers' continuous batching (generate_batch: requests packed into one row, paged KV
+    cache) routes every token as generate() does for that request alone."""
+    if not hasattr(patched_llama, "generate_batch"):
+        pytest.skip("this transformers has no continuous batching (generate_batch)")
+    from transformers import GenerationConfig
+
+    g = torch.Generator().manual_seed(3)
+    requests = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (6, 3, 9)]
+    config = GenerationConfig(max_new_tokens=5, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    batched = patched_llama.generate_batch(inputs=requests, generation_config=config, progress_bar=False)
+    by_prompt = {tuple(out.prompt_ids): out.generated_tokens for out in batched.values()}
+    assert sorted(by_prompt) == sorted(map(tuple, requests))
+    for ids in requests:
+        alone = patched_llama.generate(input_ids=torch.tensor([ids]), max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert by_prompt[tuple(ids)] == alone[0, len(ids) :].tolist(), ids
+
+
 def test_trace_records_every_token_of_every_call(patched_llama):
     ids = torch.randint(1, VOCAB, (2, 7))
     with lag_triton.trace(patched_llama) as tr:
