@@ -12,7 +12,7 @@ import lag_triton
 from lag_triton import AdapterError, Library, LibraryFormatError
 from lag_triton.library.align import align_lora
 
-from factories import VOCAB, make_adapter, tiny_model
+from factories import VOCAB, make_adapter, peft_logits, tiny_model
 
 
 # -- alignment ---------------------------------------------------------------------------------
@@ -195,10 +195,9 @@ def test_a_bdlora_adapter_is_the_lora_of_its_block_diagonal_factors(tmp_path):
             if "lora_B" in name:
                 param.normal_(0, 0.1)  # BD-LoRA starts its block-diagonal B at zero
     peft_model.save_pretrained(str(tmp_path / "bd"))
-    ids = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(8))
-    with torch.no_grad():
-        want = peft_model(input_ids=ids).logits
     peft_model.unload()
+    ids = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(8))
+    want = peft_logits(model, tmp_path / "bd", ids)
     library = Library.from_peft([tmp_path / "bd"], progress=False)
     lag_triton.patch(model, library, k=1)
     with torch.no_grad():
@@ -216,20 +215,13 @@ def test_a_bdlora_adapter_is_the_lora_of_its_block_diagonal_factors(tmp_path):
 
 def test_a_velora_adapter_is_its_lora(tmp_path):
     """VeLoRA changes only the backward; its saved projection is skipped and the forward is PEFT's."""
-    from peft import LoraConfig, get_peft_model
     from peft.tuners.lora.config import VeloraConfig
 
     model = tiny_model("llama")
-    config = LoraConfig(
-        r=4, target_modules=["q_proj", "up_proj"], init_lora_weights=False, velora_config=VeloraConfig()
-    )
-    peft_model = get_peft_model(model, config)
-    peft_model.save_pretrained(str(tmp_path / "velora"))
+    path = make_adapter(model, tmp_path / "velora", seed=3, targets=["q_proj", "up_proj"], velora_config=VeloraConfig())
     ids = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        want = peft_model(input_ids=ids).logits
-    peft_model.unload()
-    lag_triton.patch(model, Library.from_peft([tmp_path / "velora"], progress=False), k=1)
+    want = peft_logits(model, path, ids)
+    lag_triton.patch(model, Library.from_peft([path], progress=False), k=1)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
 

@@ -292,9 +292,11 @@ class PeftAdapter:
                     "(convolution LoRA is refused)"
                 )
             rank = _pattern_value(cfg.get("rank_pattern") or {}, module, cfg["r"])
+            alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"])
+            scaling = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
             kind, nblocks = self._block_diagonal_kind(module)
             d_in = shape_a[1] * (nblocks if kind == "A" else 1)
-            factors = ModuleFactors(pair["A"], pair["B"], rank, d_in, shape_b[0], 0.0, kind, nblocks)
+            factors = ModuleFactors(pair["A"], pair["B"], rank, d_in, shape_b[0], scaling, kind, nblocks)
             if (shape_a, shape_b) != factors.stored_shapes() or rank % nblocks:
                 bd = f" (BD-LoRA: lora_{kind} block-diagonal, {nblocks} blocks)" if kind else ""
                 raise self.error(
@@ -303,8 +305,6 @@ class PeftAdapter:
                 )
             if rank > min(d_in, shape_b[0]):
                 raise self.error(f"module {module!r}: rank {rank} exceeds the layer's size {shape_b[0]}x{d_in}")
-            alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"])
-            factors.scaling = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
             self.modules[module] = factors
 
     def _block_diagonal_kind(self, module: str) -> tuple[str, int]:

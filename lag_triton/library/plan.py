@@ -9,6 +9,7 @@ the same plan, hence the same header and layout, as one built from scratch.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,9 +156,10 @@ def check_folder_names(paths, names) -> tuple[list[Path], list[str]]:
     folders = adapter_folders(paths)  # after the cheap checks: this may download
     if names is None:
         names = [default_adapter_name(p, f) for p, f in zip(paths, folders)]
-        clash = {n: [str(p) for p, m in zip(paths, names) if m == n] for n in names if names.count(n) > 1}
-        if clash:
-            name, where = next(iter(clash.items()))
+        counts = Counter(names)  # not names.count per name: quadratic in a 10,000-adapter build
+        name = next((n for n in names if counts[n] > 1), None)
+        if name is not None:
+            where = [str(p) for p, n in zip(paths, names) if n == name]
             raise ValueError(
                 f"adapters are named by their folder's name by default, and {len(where)} folders are named "
                 f"{name!r} ({', '.join(where[:3])}{', ...' if len(where) > 3 else ''}); give names= (the "
