@@ -70,6 +70,7 @@ def _build(args: argparse.Namespace) -> int:
         dtype=_DTYPES[args.dtype],
         workers=args.workers,
         progress=not args.quiet,
+        general_adapters=args.general,
     )
     print(f"wrote {report}")
     return 0
@@ -119,6 +120,10 @@ def _info(args: argparse.Namespace) -> int:
     print(f"adapters    {len(stored.names)}  (r_max {r_max}, dtype {dtypes})")
     print(f"size        {sum(m.nbytes for m in stored.modules.values()):,} bytes")
     print(f"modules     {len(stored.modules)}")
+    if stored.general is not None:
+        general_names = stored.general[0]
+        shown = ", ".join(general_names[:3]) + (", ..." if len(general_names) > 3 else "")
+        print(f"general     mean of {len(general_names)} general adapters subtracted (GKS): {shown}")
     for name, (m, (_, ranks)) in modules.items():
         rank_set = sorted(set(ranks.tolist())) if ranks is not None else [m.rank]
         print(f"  {name}: {m.num_adapters} adapters, {m.d_in} -> {m.d_out}, ranks {rank_set}, {_size(m.nbytes)}")
@@ -208,6 +213,13 @@ def _parser(with_demo: bool = True) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, type=Path, help="library file to write (.safetensors)")
     p.add_argument("--names", nargs="+", help="adapter names (default: folder names, Hub paths as given)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="storage dtype")
+    p.add_argument(
+        "--general",
+        nargs="+",
+        metavar="ADAPTER",
+        help="general adapters (folders or Hub paths) whose mean lora_A / lora_B is subtracted from every "
+        "adapter first: PEFT Arrow's general knowledge subtraction (GKS); `add` then subtracts the same mean",
+    )
     _workers_and_quiet(p)
     p.set_defaults(func=_build)
 

@@ -116,6 +116,43 @@ def peft_logits(model, adapter: Path, input_ids: torch.Tensor, **inputs) -> torc
     return out
 
 
+def peft_arrow_logits(
+    model, library, task_paths, input_ids: torch.Tensor, *, top_k: int, temperature: float, general_paths=None
+) -> torch.Tensor:
+    """Logits of PEFT's Arrow (``create_arrow_model``; GKS when ``general_paths`` are given) over
+    ``task_paths`` with every prototype set to ``library``'s (model left unchanged). PEFT finds a
+    prototype by 15 power iterations from a random start, which stop short where the top two
+    singular values are close; asserted here: run to convergence on PEFT's own factors (after its
+    GKS), its method finds the library's prototypes."""
+    from peft import ArrowConfig, create_arrow_model
+
+    config = ArrowConfig(top_k=top_k, router_temperature=temperature, use_gks=general_paths is not None)
+    extra = {} if general_paths is None else {"general_adapter_paths": [str(p) for p in general_paths]}
+    peft_model = create_arrow_model(model, [str(p) for p in task_paths], config, **extra)
+    with torch.no_grad():
+        peft_model(input_ids=input_ids)  # PEFT subtracts the general mean and builds its prototypes
+    routed = 0
+    for name, module in peft_model.named_modules():
+        if hasattr(module, "lora_arrow"):
+            arrow = module.lora_arrow["arrow_router"]
+            ours = library.modules[name.removeprefix("base_model.model.")]
+            exact = ours.prototypes[torch.argsort(ours.adapter_ids)].to(arrow.prototypes.dtype)  # adapter order
+            converged = torch.stack(
+                [
+                    arrow.top_right_singular_vec_from_BA(module.lora_A[n].weight, module.lora_B[n].weight, iters=500)
+                    for n in arrow.task_adapter_names
+                ]
+            )
+            assert torch.nn.functional.cosine_similarity(converged, exact.float()).abs().min() > 1 - 1e-5, name
+            arrow.prototypes.copy_(exact)
+            routed += 1
+    assert routed == len(library.modules)
+    with torch.no_grad():
+        out = peft_model(input_ids=input_ids).logits
+    peft_model.unload()
+    return out
+
+
 # -- raw safetensors files, for tests that damage them on purpose ------------------------------------
 def read_raw(path: Path) -> tuple[dict, bytes]:
     """(header JSON object, data bytes) of a safetensors file."""

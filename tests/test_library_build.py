@@ -177,8 +177,8 @@ _KILLED_BUILD = textwrap.dedent("""
     from lag_triton.library import build, build_library
 
     real, count = build.align_and_write, [0]
-    def slow(target, job):
-        real(target, job)
+    def slow(target, job, *general):
+        real(target, job, *general)
         count[0] += 1
         if count[0] == 2:
             print("ready", flush=True)

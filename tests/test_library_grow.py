@@ -57,7 +57,11 @@ def test_add_never_realigns_the_old_adapters_and_adds_in_steps(adapters, tmp_pat
     _build(adapters[:1], lib)
     aligned = []
     real = build.align_and_write
-    monkeypatch.setattr(build, "align_and_write", lambda target, job: (aligned.append(job[0].name), real(target, job)))
+    monkeypatch.setattr(
+        build,
+        "align_and_write",
+        lambda target, job, *general: (aligned.append(job[0].name), real(target, job, *general)),
+    )
     for step in (adapters[1:3], adapters[3:4], adapters[4:]):
         add_adapters(lib, step, workers=0, progress=False)
     assert aligned == ["a1", "a2", "a3", "a4"] and lib.read_bytes() == scratch

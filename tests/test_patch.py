@@ -11,7 +11,7 @@ import torch
 import lag_triton
 from lag_triton import Library
 
-from factories import VOCAB, make_adapter, peft_logits, tiny_model
+from factories import VOCAB, make_adapter, peft_arrow_logits, peft_logits, tiny_model
 
 
 def _logits(model, ids, **kw):
@@ -46,38 +46,14 @@ def test_arrow_router_reproduces_peft_arrow(tmp_path):
     Arrow (create_arrow_model): |x . p| over every adapter, softmax over the top k, the sum of their
     scaled LoRA outputs. PEFT finds each prototype by 15 power iterations from a random start, ours is
     the exact top right singular vector of s B A (a thin SVD): PEFT's iteration run to convergence
-    gives ours, and with PEFT given ours the logits agree to fp32 rounding."""
-    from peft import ArrowConfig, create_arrow_model
-
+    gives ours (asserted by peft_arrow_logits), and with PEFT given ours the logits agree to fp32
+    rounding."""
     model = tiny_model("llama")
     paths = [make_adapter(model, tmp_path / f"a{i}", seed=30 + i, r=4) for i in range(6)]
     ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(4))
     library = Library.from_peft(paths, progress=False)
-    base = _logits(model, ids)
-
-    peft_model = create_arrow_model(model, [str(p) for p in paths], ArrowConfig(top_k=3, router_temperature=0.5))
-    _logits(peft_model, ids)  # builds PEFT's prototypes
-    routed = 0
-    for name, module in peft_model.named_modules():
-        if hasattr(module, "lora_arrow"):
-            arrow = module.lora_arrow["arrow_router"]
-            ours = library.modules[name.removeprefix("base_model.model.")]
-            exact = ours.prototypes[torch.argsort(ours.adapter_ids)]  # rows in adapter order, as PEFT's
-            # PEFT's 15 iterations stop short where the top two singular values are close (|cos| 0.98
-            # here); run to convergence, its method finds our prototypes
-            converged = torch.stack(
-                [
-                    arrow.top_right_singular_vec_from_BA(module.lora_A[n].weight, module.lora_B[n].weight, iters=500)
-                    for n in arrow.task_adapter_names
-                ]
-            )
-            assert torch.nn.functional.cosine_similarity(converged, exact).abs().min() > 1 - 1e-5
-            arrow.prototypes.copy_(exact)
-            routed += 1
-    assert routed == len(library.modules)
-    want = _logits(peft_model, ids)
-    peft_model.unload()
-    assert (want - base).abs().max() > 1e-2
+    want = peft_arrow_logits(model, library, paths, ids, top_k=3, temperature=0.5)
+    assert (want - _logits(model, ids)).abs().max() > 1e-2
 
     lag_triton.patch(model, library, router="arrow", k=3, top_m=3, temperature=0.5)
     torch.testing.assert_close(_logits(model, ids), want, rtol=1e-5, atol=1e-5)

@@ -2,6 +2,7 @@
 build it streaming into the file, grow or shrink it in place."""
 
 from .build import BuildReport, build_library
+from .general import GeneralKnowledge
 from .grow import add_adapters, remove_adapters
 from .library import Library, LibraryFormatError
 from .peft_reader import AdapterError
@@ -10,6 +11,7 @@ from .weights import ModuleWeights
 __all__ = [
     "Library",
     "ModuleWeights",
+    "GeneralKnowledge",
     "AdapterError",
     "LibraryFormatError",
     "BuildReport",

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .align import align_lora
+from .general import GeneralKnowledge
 from .peft_reader import PeftAdapter
 from .plan import LibraryPlan, check_folder_names, plan_adapters, single_base_model
 from .weights import FACTOR_DTYPES, ModuleWeights
@@ -50,13 +51,18 @@ class BuildReport:
 
 
 # -- one adapter ----------------------------------------------------------------------------------
-def align_adapter(adapter: PeftAdapter, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """module -> (A* [rank, d_in], B* [d_out, rank]) in ``dtype``, aligned in float64.
+def align_adapter(
+    adapter: PeftAdapter, dtype: torch.dtype, general: GeneralKnowledge | None = None
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """module -> (A* [rank, d_in], B* [d_out, rank]) in ``dtype``, aligned in float64, after
+    subtracting ``general``'s mean factors (GKS, :mod:`.general`) when given.
 
     Modules of one rank and shape are aligned in one batched call. Raises AdapterError naming the
     module for non-finite factors or an update that overflows ``dtype``.
     """
     factors = adapter.load_factors()
+    if general is not None:
+        factors = general.subtract(factors)
     batches: dict[tuple[int, int, int], list[str]] = {}
     for module, f in adapter.modules.items():
         batches.setdefault((f.rank, f.d_in, f.d_out), []).append(module)
@@ -88,7 +94,7 @@ def align_adapter(adapter: PeftAdapter, dtype: torch.dtype) -> dict[str, tuple[t
 Job = tuple[Path, list[tuple[str, int, int]]]  # adapter folder, its (module, row, rank) in the plan
 
 
-def align_and_write(target, job: Job) -> None:
+def align_and_write(target, job: Job, general: GeneralKnowledge | None = None) -> None:
     """Open, check against the plan, align and write one adapter (in this process or a worker)."""
     path, rows = job
     adapter = PeftAdapter.open(path)
@@ -97,23 +103,24 @@ def align_and_write(target, job: Job) -> None:
     if found != planned:
         changed = sorted(set(found.items()) ^ set(planned.items()))[:3]
         raise adapter.error(f"changed while the library was being built (modules/ranks {changed})")
-    aligned = align_adapter(adapter, target.dtype)
+    aligned = align_adapter(adapter, target.dtype, general)
     for module, row, _ in rows:
         target.write_row(module, row, *aligned[module])
 
 
 # -- many adapters: in this process or over worker processes ------------------------------------------
 _worker_target = None
+_worker_general: GeneralKnowledge | None = None
 
 
-def _init_worker(target) -> None:
-    global _worker_target
+def _init_worker(target, general: GeneralKnowledge | None) -> None:
+    global _worker_target, _worker_general
     torch.set_num_threads(1)  # one core per worker: the workers are the parallelism
-    _worker_target = target
+    _worker_target, _worker_general = target, general  # the means cross once per worker, not per job
 
 
 def _worker_job(job: Job) -> None:
-    align_and_write(_worker_target, job)
+    align_and_write(_worker_target, job, _worker_general)
 
 
 def default_workers(jobs: int) -> int:
@@ -122,8 +129,17 @@ def default_workers(jobs: int) -> int:
     return 0 if jobs < _MIN_ADAPTERS_FOR_WORKERS or cores < 2 else min(cores, jobs)
 
 
-def run_jobs(target, jobs: list[Job], *, workers: int | None, progress: bool, desc: str) -> None:
-    """Align and write every job; ``workers`` = 0 aligns here, None picks :func:`default_workers`."""
+def run_jobs(
+    target,
+    jobs: list[Job],
+    *,
+    workers: int | None,
+    progress: bool,
+    desc: str,
+    general: GeneralKnowledge | None = None,
+) -> None:
+    """Align and write every job (subtracting ``general``'s means first, when given); ``workers`` = 0
+    aligns here, None picks :func:`default_workers`."""
     workers = default_workers(len(jobs)) if workers is None else workers
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ValueError(f"workers must be an int >= 0 (0 = align in this process), got {workers!r}")
@@ -133,14 +149,16 @@ def run_jobs(target, jobs: list[Job], *, workers: int | None, progress: bool, de
             torch.set_num_threads(1)  # r x r and r x d matrices: more threads only contend (3x slower on 2 busy cores)
             try:
                 for job in jobs:
-                    align_and_write(target, job)
+                    align_and_write(target, job, general)
                     bar.update(1)
             finally:
                 torch.set_num_threads(threads)
             return
         context = multiprocessing.get_context("forkserver")  # no fork of a process with OpenMP threads
         context.set_forkserver_preload(["lag_triton.library.build"])  # import torch once, in the server
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(target,)) as pool:
+        with ProcessPoolExecutor(
+            workers, mp_context=context, initializer=_init_worker, initargs=(target, general)
+        ) as pool:
             pending: deque = deque()
             try:
                 for job in jobs:  # at most 2 jobs per worker in flight: memory stays bounded
@@ -170,11 +188,12 @@ def check_dtype(dtype) -> torch.dtype:
     return dtype
 
 
-def plan_build(paths, names, dtype) -> tuple[list[Path], LibraryPlan]:
+def plan_build(paths, names, dtype, general_adapters=None) -> tuple[list[Path], LibraryPlan]:
     paths, names = check_folder_names(paths, names)
     dtype = check_dtype(dtype)
-    modules, base_models = plan_adapters(paths)
-    return paths, LibraryPlan(names, dtype, modules, single_base_model(base_models))
+    general = None if general_adapters is None else GeneralKnowledge.from_peft(general_adapters)
+    modules, base_models = plan_adapters(paths, general=general)
+    return paths, LibraryPlan(names, dtype, modules, single_base_model(base_models), general)
 
 
 def jobs_for(plan: LibraryPlan, paths: list[Path], first_index: int = 0) -> list[Job]:
@@ -187,18 +206,33 @@ def jobs_for(plan: LibraryPlan, paths: list[Path], first_index: int = 0) -> list
 
 
 def build_library(
-    paths, output, *, names=None, dtype: torch.dtype = torch.float32, workers: int | None = None, progress: bool = True
+    paths,
+    output,
+    *,
+    names=None,
+    dtype: torch.dtype = torch.float32,
+    workers: int | None = None,
+    progress: bool = True,
+    general_adapters=None,
 ) -> BuildReport:
     """Align PEFT folders straight into the library file ``output`` (see the module docstring).
 
-    The file has the same bytes as ``Library.from_peft(paths, names, dtype=dtype).save(output)``.
-    ``workers``: processes aligning in parallel (0: this process; None: one per core for 16+
-    adapters). ``output`` keeps its old content until the new file is complete.
+    The file has the same bytes as ``Library.from_peft(paths, names, dtype=dtype,
+    general_adapters=general_adapters).save(output)``. ``workers``: processes aligning in parallel
+    (0: this process; None: one per core for 16+ adapters). ``output`` keeps its old content until
+    the new file is complete.
     """
     start = time.perf_counter()
-    paths, plan = plan_build(paths, names, dtype)
+    paths, plan = plan_build(paths, names, dtype, general_adapters)
     with LibraryWriter(Path(output), plan) as writer:
-        run_jobs(writer.target, jobs_for(plan, paths), workers=workers, progress=progress, desc="aligning adapters")
+        run_jobs(
+            writer.target,
+            jobs_for(plan, paths),
+            workers=workers,
+            progress=progress,
+            desc="aligning adapters",
+            general=plan.general,
+        )
     return BuildReport(
         Path(output),
         len(plan.names),
@@ -223,7 +257,7 @@ class MemoryTarget:
         self.b[module][row, :, :rank] = b_star
 
     def weights(self) -> dict[str, ModuleWeights]:
-        index = self.plan.index_tensors()
+        index = self.plan.fixed_tensors()
         return {
             m: ModuleWeights(
                 a_star=self.a[m],
@@ -236,8 +270,12 @@ class MemoryTarget:
         }
 
 
-def build_in_memory(paths, names, dtype, progress: bool) -> tuple[LibraryPlan, dict[str, ModuleWeights]]:
-    paths, plan = plan_build(paths, names, dtype)
+def build_in_memory(
+    paths, names, dtype, progress: bool, general_adapters=None
+) -> tuple[LibraryPlan, dict[str, ModuleWeights]]:
+    paths, plan = plan_build(paths, names, dtype, general_adapters)
     target = MemoryTarget(plan)
-    run_jobs(target, jobs_for(plan, paths), workers=0, progress=progress, desc="aligning adapters")
+    run_jobs(
+        target, jobs_for(plan, paths), workers=0, progress=progress, desc="aligning adapters", general=plan.general
+    )
     return plan, target.weights()

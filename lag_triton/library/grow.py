@@ -4,7 +4,9 @@ Neither re-aligns an adapter already in the library: its rows are copied from th
 the kernel, ``copy_file_range``, when the rank padding is unchanged; re-padded otherwise), and
 only new adapters are aligned. The result has the same bytes as building the library from
 scratch from the same folders in the same order (``add``: old adapters, then the new ones), as
-long as the old file was built by lag_triton (ascending rows, true ranks recorded).
+long as the old file was built by lag_triton (ascending rows, true ranks recorded). A library
+built with general knowledge subtraction keeps its means: ``add`` subtracts them from the new
+adapters, as the build did from the others.
 
 Both write a complete new file next to the old one and rename it over it: the library is
 replaced atomically, and the disk must hold a second copy while the call runs.
@@ -49,7 +51,8 @@ def add_adapters(
     """Append the PEFT folders ``paths`` to the library file ``library`` (replaced atomically, or
     written to ``output``). New adapters are aligned into the library's dtype; existing ones are
     copied. Raises ValueError for a name already in the library, AdapterError for an adapter whose
-    module shapes differ from the library's (or from each other), LibraryFormatError for a bad file.
+    module shapes differ from the library's (or from each other, or from the general means the
+    library subtracts), LibraryFormatError for a bad file.
     """
     start = time.perf_counter()
     src = existing_library_path(library)
@@ -66,10 +69,15 @@ def add_adapters(
     modules = {name: plan for name, (plan, _) in _module_plans(stored).items()}
     old_rows = {name: plan.num_adapters for name, plan in modules.items()}
     first = len(stored.names)
+    general = stored.general_knowledge()
     modules, base_models = plan_adapters(
-        paths, first_index=first, modules=modules, known_base_models={stored.base_model} if stored.base_model else set()
+        paths,
+        first_index=first,
+        modules=modules,
+        known_base_models={stored.base_model} if stored.base_model else set(),
+        general=general,
     )
-    plan = LibraryPlan(stored.names + new_names, dtype, modules, single_base_model(base_models))
+    plan = LibraryPlan(stored.names + new_names, dtype, modules, single_base_model(base_models), general)
     source = RowSource(stored)
     try:
         with LibraryWriter(out, plan) as writer:
@@ -81,6 +89,7 @@ def add_adapters(
                 workers=workers,
                 progress=progress,
                 desc="aligning new adapters",
+                general=general,
             )
     finally:
         source.close()
@@ -115,7 +124,11 @@ def remove_adapters(library, names, *, output=None) -> BuildReport:
             )
             runs += [(name, dst, src_row, count) for dst, src_row, count in _runs(rows)]
     plan = LibraryPlan(
-        [stored.names[i] for i in kept], _factor_dtype(stored), dict(sorted(modules.items())), stored.base_model
+        [stored.names[i] for i in kept],
+        _factor_dtype(stored),
+        dict(sorted(modules.items())),
+        stored.base_model,
+        stored.general_knowledge(),
     )
     source = RowSource(stored)
     try:

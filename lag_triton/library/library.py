@@ -16,6 +16,7 @@ import torch
 
 from . import safetensors_io as sio
 from .build import build_in_memory, build_library
+from .general import GeneralKnowledge
 from .plan import library_metadata
 from .stored import LibraryFormatError, check_names, existing_library_path, read_stored
 from .weights import FIELDS, ModuleWeights
@@ -35,6 +36,7 @@ class Library:
         *,
         base_model: str | None = None,
         source: str | None = None,
+        general: GeneralKnowledge | None = None,
     ):
         self.names = _check_names(names)
         if not isinstance(modules, dict) or not modules:
@@ -47,6 +49,7 @@ class Library:
             raise TypeError(f"base_model must be a string or None, got {type(base_model).__name__}")
         self.base_model = base_model
         self.source = source  # where it was loaded from, for error messages
+        self.general = _check_general(general, self.modules)
 
     def check(self) -> None:
         """Check every value routing relies on (reads all the data): adapter ids index ``names`` once
@@ -59,9 +62,10 @@ class Library:
 
     # -- description ---------------------------------------------------------------------------
     def __repr__(self) -> str:
+        gks = f", GKS over {len(self.general.names)} general adapters" if self.general else ""
         return (
             f"Library({len(self.names)} adapters, {len(self.modules)} modules, r_max={self.r_max}, "
-            f"dtype={self.dtype}, {self.nbytes / 2**20:.1f} MiB)"
+            f"dtype={self.dtype}, {self.nbytes / 2**20:.1f} MiB{gks})"
         )
 
     @property
@@ -85,7 +89,7 @@ class Library:
     def to(self, device=None, dtype: torch.dtype | None = None, *, copy: bool = False) -> Library:
         """Move/cast the factors; ``copy=True`` gives tensors that share nothing with this library."""
         modules = {name: m.to(device, dtype, copy=copy) for name, m in self.modules.items()}
-        return Library(self.names, modules, base_model=self.base_model, source=self.source)
+        return Library(self.names, modules, base_model=self.base_model, source=self.source, general=self.general)
 
     # -- building --------------------------------------------------------------------------------
     @classmethod
@@ -98,6 +102,7 @@ class Library:
         progress: bool = True,
         output: str | os.PathLike | None = None,
         workers: int | None = None,
+        general_adapters: str | os.PathLike | Iterable[str | os.PathLike] | None = None,
     ) -> Library:
         """Align PEFT LoRA folders (a list of them, or one folder) into a library.
 
@@ -108,13 +113,26 @@ class Library:
         :func:`.build.build_library`) and the library returned is ``Library.load(output,
         check_values=False)``: its values were checked as they were aligned, so the file just
         written is not read again (``patch`` checks the copies it keeps).
+
+        ``general_adapters`` (PEFT folders or Hub paths): general knowledge subtraction, as PEFT's
+        ``create_arrow_model(..., general_adapter_paths=...)`` with ``use_gks=True`` does it: their
+        mean lora_A and lora_B are subtracted from every adapter's before it is aligned
+        (:mod:`.general`); the library keeps the means, so ``add`` subtracts the same ones.
         Raises :class:`AdapterError` naming the folder, file and field.
         """
         if output is not None:
-            build_library(paths, output, names=names, dtype=dtype, workers=workers, progress=progress)
+            build_library(
+                paths,
+                output,
+                names=names,
+                dtype=dtype,
+                workers=workers,
+                progress=progress,
+                general_adapters=general_adapters,
+            )
             return cls.load(output, check_values=False)
-        plan, weights = build_in_memory(paths, names, dtype, progress)
-        return cls(plan.names, weights, base_model=plan.base_model)
+        plan, weights = build_in_memory(paths, names, dtype, progress, general_adapters)
+        return cls(plan.names, weights, base_model=plan.base_model, general=plan.general)
 
     # -- files -------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
@@ -126,7 +144,9 @@ class Library:
             for f in _TENSOR_FIELDS
             if getattr(m, f) is not None
         }
-        metadata = library_metadata(self.names, self.base_model, self.modules, self.r_max, self.dtype)
+        if self.general is not None:
+            tensors.update(self.general.tensors())
+        metadata = library_metadata(self.names, self.base_model, self.modules, self.r_max, self.dtype, self.general)
         sio.write(Path(path), tensors, metadata)
 
     @classmethod
@@ -158,7 +178,9 @@ def _load(path: Path, check_values: bool = True) -> Library:
             weights[module] = ModuleWeights(**parts)
         except ValueError as e:
             raise stored.fail(f"module {module!r}: {e}") from None
-    lib = Library(stored.names, weights, base_model=stored.base_model, source=str(path))
+    lib = Library(
+        stored.names, weights, base_model=stored.base_model, source=str(path), general=stored.general_knowledge()
+    )
     if not check_values:
         return lib
     for module, m in weights.items():
@@ -167,3 +189,21 @@ def _load(path: Path, check_values: bool = True) -> Library:
         except ValueError as e:
             raise stored.fail(f"module {module!r}: {e}") from None
     return lib
+
+
+def _check_general(general: GeneralKnowledge | None, modules: dict[str, ModuleWeights]) -> GeneralKnowledge | None:
+    """``general`` if it holds means of every module's shape (its ranks are checked as it is built)."""
+    if general is None:
+        return None
+    if not isinstance(general, GeneralKnowledge):
+        raise TypeError(f"general must be a GeneralKnowledge or None, got {type(general).__name__}")
+    for name, m in modules.items():
+        mean = general.means.get(name)
+        if mean is None:
+            raise ValueError(f"the general knowledge has no means for module {name!r}")
+        if (mean[0].shape[1], mean[1].shape[0]) != (m.a_star.shape[2], m.b_star.shape[1]):
+            raise ValueError(
+                f"module {name!r}: the general means are {mean[0].shape[1]} x {mean[1].shape[0]} (d_in x d_out), "
+                f"the factors {m.a_star.shape[2]} x {m.b_star.shape[1]}"
+            )
+    return general

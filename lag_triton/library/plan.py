@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 
 from . import safetensors_io as sio
+from .general import GeneralKnowledge
 from .peft_reader import PeftAdapter
 from .sources import adapter_folders, default_adapter_name
-from .stored import FORMAT, FORMAT_VERSION, check_names
+from .stored import FORMAT, FORMAT_VERSION, PLAIN_FORMAT_VERSION, check_names
 
 
 @dataclass
@@ -37,12 +38,14 @@ class ModulePlan:
 
 @dataclass
 class LibraryPlan:
-    """Names, dtype, base model and every module's rows; every module is padded to ``r_max``."""
+    """Names, dtype, base model, every module's rows (each module padded to ``r_max``) and the
+    general knowledge subtracted from every adapter (GKS, or None)."""
 
     names: list[str]
     dtype: torch.dtype
     modules: dict[str, ModulePlan]
     base_model: str | None = None
+    general: GeneralKnowledge | None = None
 
     @property
     def r_max(self) -> int:
@@ -62,16 +65,17 @@ class LibraryPlan:
                     f"{name}::ranks": (torch.int32, (n,)),
                 }
             )
-        return out
+        return out | (self.general.specs() if self.general else {})
 
     def metadata(self) -> dict[str, str]:
-        return library_metadata(self.names, self.base_model, list(self.modules), self.r_max, self.dtype)
+        return library_metadata(self.names, self.base_model, list(self.modules), self.r_max, self.dtype, self.general)
 
     def layout(self) -> sio.Layout:
         return sio.plan_layout(self.specs(), self.metadata())
 
-    def index_tensors(self) -> dict[str, torch.Tensor]:
-        out = {}
+    def fixed_tensors(self) -> dict[str, torch.Tensor]:
+        """The small tensors known before any adapter is aligned: index maps and general means."""
+        out = self.general.tensors() if self.general else {}
         for name, m in self.modules.items():
             out[f"{name}::adapter_ids"] = torch.tensor(m.ids, dtype=torch.int64)
             out[f"{name}::ranks"] = torch.tensor(m.ranks, dtype=torch.int32)
@@ -86,8 +90,11 @@ class LibraryPlan:
         return rows
 
 
-def library_metadata(names, base_model, modules, r_max: int, dtype: torch.dtype) -> dict[str, str]:
-    """The file's string metadata (shared with ``Library.save``, so both write the same header)."""
+def library_metadata(
+    names, base_model, modules, r_max: int, dtype: torch.dtype, general: GeneralKnowledge | None = None
+) -> dict[str, str]:
+    """The file's string metadata (shared with ``Library.save``, so both write the same header).
+    A library without general knowledge is written as format version 1, which older readers read."""
     header = {
         "names": list(names),
         "base_model": base_model,
@@ -95,9 +102,11 @@ def library_metadata(names, base_model, modules, r_max: int, dtype: torch.dtype)
         "r_max": r_max,
         "dtype": str(dtype).removeprefix("torch."),
     }
+    if general is not None:
+        header["general"] = general.header()
     return {
         "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(FORMAT_VERSION if general is not None else PLAIN_FORMAT_VERSION),
         "library": json.dumps(header, sort_keys=True, separators=(",", ":")),
     }
 
@@ -107,12 +116,14 @@ def plan_adapters(
     first_index: int = 0,
     modules: dict[str, ModulePlan] | None = None,
     known_base_models: set[str] | None = None,
+    general: GeneralKnowledge | None = None,
 ) -> tuple[dict[str, ModulePlan], set[str]]:
     """Read every folder's config and tensor headers (no tensor data) and add its rows to ``modules``
     (the modules of an existing library, for ``add``; one adapter is in memory at a time).
 
     Adapter ``j`` gets index ``first_index + j``. A module's d_in x d_out must agree across
-    adapters and with ``modules``: else :class:`AdapterError` naming both sides.
+    adapters and with ``modules``, and with ``general``'s means when given: else
+    :class:`AdapterError` naming both sides.
     Returns (modules sorted by name, the base models declared so far).
     """
     modules = {} if modules is None else modules
@@ -120,6 +131,8 @@ def plan_adapters(
     base_models = set(known_base_models or ())
     for j, path in enumerate(paths):
         adapter = PeftAdapter.open(path)
+        if general is not None:
+            general.check(adapter)
         if adapter.base_model:
             base_models.add(adapter.base_model)
         for module, f in adapter.modules.items():

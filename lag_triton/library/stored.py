@@ -3,6 +3,10 @@
 File layout: tensors ``<module>::<field>`` (fields in :mod:`.weights`), and string metadata
 ``format`` = "lag_triton.library", ``format_version``, and ``library`` = a JSON object with
 ``names`` (the adapters, in id order), ``modules``, ``base_model``, ``r_max`` and ``dtype``.
+Format version 2 adds the general knowledge subtracted from every adapter (:mod:`.general`):
+``library.general`` = {``names``: the general adapters, ``modules``} and float32 tensors
+``general::<module>::lora_A`` [r, d_in] and ``::lora_B`` [d_out, r]; a library without it is
+written as version 1, byte for byte as before.
 
 :func:`read_stored` checks every header field it uses and raises :class:`LibraryFormatError`
 naming the file and the field. ``Library.load``, ``lag_triton info`` and the in-place
@@ -19,10 +23,13 @@ from pathlib import Path
 import torch
 
 from . import safetensors_io as sio
+from .general import FIELDS as GENERAL_FIELDS
+from .general import MEAN_DTYPE, GeneralKnowledge, tensor_name
 from .weights import FIELDS
 
 FORMAT = "lag_triton.library"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this reads and writes (a library with general knowledge)
+PLAIN_FORMAT_VERSION = 1  # what a library without general knowledge is written as
 FILE_DTYPES = {
     **{f: ("F64", "F32", "F16", "BF16") for f in ("a_star", "b_star", "prototypes")},
     "adapter_ids": ("I64", "I32"),
@@ -87,6 +94,7 @@ class StoredLibrary:
     names: list[str]
     modules: dict[str, StoredModule]  # in the order of the metadata's 'modules'
     base_model: str | None
+    general: tuple[list[str], list[str]] | None = None  # GKS: (general adapter names, modules with means)
 
     def fail(self, message: str) -> LibraryFormatError:
         return LibraryFormatError(f"library file {str(self.path)!r}: {message}")
@@ -94,6 +102,21 @@ class StoredLibrary:
     @property
     def factor_dtypes(self) -> set[torch.dtype]:
         return {m.entries[f].torch_dtype for m in self.modules.values() for f in ("a_star", "b_star", "prototypes")}
+
+    def general_knowledge(self) -> GeneralKnowledge | None:
+        """The general means (GKS) the library was built with, read from the file; None without."""
+        if self.general is None:
+            return None
+        names, modules = self.general
+        try:  # a SafetensorsProblem is a ValueError too
+            tensors = sio.read_tensors(
+                self.path, self.header, [tensor_name(m, f) for m in modules for f in GENERAL_FIELDS]
+            )
+            return GeneralKnowledge(
+                names, {m: tuple(tensors[tensor_name(m, f)] for f in GENERAL_FIELDS) for m in modules}
+            )
+        except ValueError as e:
+            raise self.fail(str(e)) from None
 
     def index_maps(self, module: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(adapter_ids int64, ranks int64 or None) of ``module``, read from the file and checked:
@@ -145,12 +168,15 @@ def read_stored(path: Path) -> StoredLibrary:
     base_model = info.get("base_model")
     if base_model is not None and not isinstance(base_model, str):
         raise fail(f"'base_model' must be a string or null, got {base_model!r:.40}")
+    general, general_entries = _general(info, header, modules, fail)
     expected = {f"{m}::{f}": (m, f) for m in modules for f in FIELDS}
-    stray = sorted(set(header.entries) - set(expected))
+    stray = sorted(set(header.entries) - set(expected) - set(general_entries))
     if stray:
         raise fail(f"tensor {stray[0]!r} belongs to no module listed in 'modules'")
     per_module: dict[str, dict[str, sio.Entry]] = {m: {} for m in modules}
     for name, entry in header.entries.items():
+        if name in general_entries:
+            continue
         module, field = expected[name]
         if entry.dtype not in FILE_DTYPES[field]:
             raise fail(
@@ -162,7 +188,51 @@ def read_stored(path: Path) -> StoredLibrary:
         if missing:
             raise fail(f"module {module!r} lacks tensors {missing}")
         _check_shapes(module, entries, fail)
-    return StoredLibrary(path, header, names, {m: StoredModule(m, per_module[m]) for m in modules}, base_model)
+        if general is not None:
+            means = tuple(general_entries[tensor_name(module, f)].shape for f in GENERAL_FIELDS)
+            if (means[0][1], means[1][0]) != (entries["a_star"].shape[2], entries["b_star"].shape[1]):
+                raise fail(
+                    f"module {module!r}: its general means are {means[0][1]} x {means[1][0]} (d_in x d_out), "
+                    f"its factors {entries['a_star'].shape[2]} x {entries['b_star'].shape[1]}"
+                )
+    stored_modules = {m: StoredModule(m, per_module[m]) for m in modules}
+    return StoredLibrary(path, header, names, stored_modules, base_model, general)
+
+
+def _general(info: dict, header: sio.Header, modules: list[str], fail) -> tuple[tuple | None, dict[str, sio.Entry]]:
+    """((general adapter names, modules with means), their tensors' entries), or (None, {}) for a
+    library without GKS; checked: every library module has float32 means [r, d_in] and [d_out, r]."""
+    general = info.get("general")
+    if general is None:
+        return None, {}
+    if not (isinstance(general, dict) and isinstance(general.get("names"), list) and general["names"]):
+        raise fail(f"'general' must be an object with a non-empty 'names' list, got {general!r:.80}")
+    if not all(isinstance(n, str) for n in general["names"]):
+        raise fail("'general': 'names' must be strings")
+    targets = general.get("modules")
+    if not (
+        isinstance(targets, list) and all(isinstance(m, str) for m in targets) and len(set(targets)) == len(targets)
+    ):
+        raise fail(f"'general': 'modules' must be a list of distinct module names, got {targets!r:.80}")
+    missing = sorted(set(modules) - set(targets))
+    if missing:
+        raise fail(f"module {missing[0]!r} has no general means, though the library subtracts general knowledge")
+    entries = {}
+    for module in targets:
+        for field in GENERAL_FIELDS:
+            name = tensor_name(module, field)
+            entry = header.entries.get(name)
+            if entry is None:
+                raise fail(f"general knowledge: tensor {name!r} is missing")
+            if entry.torch_dtype != MEAN_DTYPE or len(entry.shape) != 2:
+                raise fail(
+                    f"general knowledge: tensor {name!r} must be a 2-D {MEAN_DTYPE}, got {entry.dtype} {entry.shape}"
+                )
+            entries[name] = entry
+        (rank, _), (_, rank_b) = (entries[tensor_name(module, f)].shape for f in GENERAL_FIELDS)
+        if rank != rank_b:
+            raise fail(f"general knowledge, module {module!r}: lora_A mean has rank {rank}, lora_B mean {rank_b}")
+    return (list(general["names"]), list(targets)), entries
 
 
 def _library_metadata(meta: dict[str, str], fail) -> dict:

@@ -6,7 +6,7 @@ from worker processes, then fsync and an atomic rename. A killed build leaves th
 was plus a temp file, which the next save or build to the same path removes (as ``Library.save``).
 
 :class:`LibraryWriter` knows a :class:`.plan.LibraryPlan`'s layout: it writes the header and the
-index maps at once, then each module row (A*, B*, prototype) where it belongs, or copies rows
+index maps (and general means) at once, then each module row (A*, B*, prototype) where it belongs, or copies rows
 from an existing library file (``add``/``remove``) without decoding them.
 """
 
@@ -151,7 +151,7 @@ class RowTarget:
 
 
 class LibraryWriter:
-    """The file of ``plan`` at ``path``: header and index maps written on creation, rows after."""
+    """The file of ``plan`` at ``path``: header, index maps and general means written on creation, rows after."""
 
     def __init__(self, path: Path, plan: LibraryPlan):
         self.plan = plan
@@ -159,7 +159,7 @@ class LibraryWriter:
         self.file = StreamingFile(Path(path), self.layout.size)
         try:
             self.file.pwrite(self.layout.head, 0)
-            for name, t in plan.index_tensors().items():
+            for name, t in plan.fixed_tensors().items():
                 self.file.pwrite(tensor_bytes(t), self.layout.data_start + self.layout.offsets[name][0])
             self.target = RowTarget(self.file.temp, plan, self.layout)
         except BaseException:
