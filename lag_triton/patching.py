@@ -177,6 +177,9 @@ class LagLinear(nn.Module):
         self.base_layer = base_layer
         self.module_name = name
         self.in_features, self.out_features = _linear_shape(base_layer)
+        # The shape the libraries are routed for. Model code may rewrite the public pair
+        # (transformers' resize_token_embeddings sets the output layer's out_features).
+        self._routed_shape = (self.in_features, self.out_features)
         self.routes = nn.ModuleList()
         self._trace_count = 0  # traces covering this layer, in any thread (see tracing)
         self._scope = None  # the lag_triton.scope in force, if any (see scopes)
@@ -198,16 +201,27 @@ class LagLinear(nn.Module):
         return getattr(self.base_layer, "bias", None)
 
     def __setattr__(self, name: str, value) -> None:
-        # ... and set them: transformers' tie_weights assigns the output layer's weight
-        if name in ("weight", "bias") and "base_layer" in self.__dict__.get("_modules", {}):
-            setattr(self.base_layer, name, value)
-        else:
-            super().__setattr__(name, value)
+        # ... and set them: transformers' tie_weights assigns the output layer's weight, and its
+        # resize_token_embeddings the out_features that go with it (kept here too; see forward)
+        base = self.__dict__.get("_modules", {}).get("base_layer")
+        if name in ("weight", "bias") and base is not None:
+            setattr(base, name, value)
+            return
+        if name in ("in_features", "out_features") and base is not None and hasattr(base, name):
+            setattr(base, name, value)
+        super().__setattr__(name, value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        x2 = x.reshape(-1, self.in_features)
-        y2 = y.reshape(-1, self.out_features)
+        d_in, d_out = self._routed_shape
+        if y.shape[-1] != d_out:
+            raise ValueError(
+                f"{self.module_name}: its base layer now gives {y.shape[-1]} outputs, but it had {d_out} when the "
+                "libraries were attached (resized after patch, e.g. by resize_token_embeddings, which re-ties a "
+                "routed lm_head): unpatch, resize, and patch with a library built for the new size"
+            )
+        x2 = x.reshape(-1, d_in)
+        y2 = y.reshape(-1, d_out)
         with _autocast_off(x.device.type):
             for route in self.routes:
                 allowed, rows = (

@@ -228,6 +228,15 @@ def test_a_routed_tied_output_layer_stays_tied_and_reproduces_peft(tmp_path):
     assert model.lm_head.base_layer.weight is embedding and "weight" not in model.lm_head._parameters
     torch.testing.assert_close(_logits(model, ids), want, rtol=1e-5, atol=1e-5)
 
+    # A resized vocabulary re-ties a wider weight: the library's lm_head no longer fits, said by name;
+    # unpatched, the model is the resized one (out_features follows the weight, as transformers sets it)
+    model.resize_token_embeddings(VOCAB + 7, mean_resizing=False)
+    assert model.lm_head.base_layer.weight is model.model.embed_tokens.weight
+    with pytest.raises(ValueError, match=r"lm_head: its base layer now gives 104 outputs, but it had 97 .*unpatch"):
+        _logits(model, ids)
+    lag_triton.unpatch(model)
+    assert model.lm_head.out_features == VOCAB + 7 and _logits(model, ids).shape[-1] == VOCAB + 7
+
 
 # -- refused input leaves the model untouched ------------------------------------------------------
 @pytest.fixture(scope="module")
