@@ -71,6 +71,7 @@ def _build(args: argparse.Namespace) -> int:
         workers=args.workers,
         progress=not args.quiet,
         general_adapters=args.general,
+        resume=args.resume,
     )
     print(f"wrote {report}")
     return 0
@@ -220,6 +221,12 @@ def _parser(with_demo: bool = True) -> argparse.ArgumentParser:
         help="general adapters (folders or Hub paths) whose mean lora_A / lora_B is subtracted from every "
         "adapter first: PEFT Arrow's general knowledge subtraction (GKS); `add` then subtracts the same mean",
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a killed, interrupted or failed build of the same adapters to this output: "
+        "only the adapters it had not written (or that changed since) are aligned",
+    )
     _workers_and_quiet(p)
     p.set_defaults(func=_build)
 
@@ -271,8 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print(f"{parser.prog} {args.command}: interrupted", file=sys.stderr)
+        _print_notes(e)
         return 130
     except Exception as e:  # noqa: BLE001 - the one place every failure becomes one line
         if args.debug:
@@ -282,7 +290,15 @@ def main(argv: list[str] | None = None) -> int:
         kind = "" if documented and message else f"{type(e).__name__}: "
         hint = "" if args.debug else " (--debug for the traceback)"
         print(f"{parser.prog} {args.command}: error: {kind}{message}{hint if kind else ''}", file=sys.stderr)
+        if not args.debug:  # the traceback printed them
+            _print_notes(e)
         return EXIT_FAILED
+
+
+def _print_notes(error: BaseException) -> None:
+    """What the library added to an error (e.g. that a failed build can be resumed), one line each."""
+    for note in getattr(error, "__notes__", ()):
+        print(f"  {note}", file=sys.stderr)
 
 
 if __name__ == "__main__":

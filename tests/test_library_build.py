@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from safetensors.torch import save_file
 
 from lag_triton import AdapterError, Library
 from lag_triton.library import ModuleWeights, build_library
+from lag_triton.library.build import align_and_write as _ALIGN_AND_WRITE
 
 from factories import make_adapter, tiny_model
 
@@ -69,9 +71,24 @@ def test_worker_processes_write_the_same_file_and_report_errors(adapters, tmp_pa
     key = next(k for k in weights if k.endswith("lora_B.weight"))
     weights[key][0, 0] = float("nan")
     save_file(weights, str(bad / "adapter_model.safetensors"))
-    with pytest.raises(AdapterError, match=r"bad'.*non-finite values"):
-        build_library([*adapters, bad], tmp_path / "never.safetensors", workers=2, progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "memory.safetensors", "par.safetensors"]
+    never = tmp_path / "never.safetensors"
+    with pytest.raises(AdapterError, match=r"bad'.*non-finite values") as caught:
+        build_library([*adapters, bad], never, workers=2, progress=False)
+    assert not never.exists()
+    # the five good adapters' rows are kept for a resumed build, which aligns only the mended one
+    if sys.version_info >= (3, 11):
+        assert caught.value.__notes__[0].startswith("5 of 6 adapters are written to")
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith(".never")]) == 2
+    (bad / "adapter_model.safetensors").write_bytes((adapters[1] / "adapter_model.safetensors").read_bytes())
+    report = build_library([*adapters, bad], never, workers=2, progress=False, resume=True)
+    assert (report.aligned, report.resumed) == (1, 5)
+    assert never.read_bytes() == _saved_bytes([*adapters, bad], tmp_path, torch.float32)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "bad",
+        "memory.safetensors",
+        "never.safetensors",
+        "par.safetensors",
+    ]
 
 
 def test_bad_arguments_fail_before_any_file_is_written(adapters, tmp_path, monkeypatch):
@@ -171,16 +188,17 @@ def test_streaming_peak_memory_stays_flat_as_n_grows(tmp_path):
     assert growth["in_memory"] > 0.8 * library_mib, (growth, library_mib)
 
 
-# -- a killed build ---------------------------------------------------------------------------------------
+# -- a killed build, and resuming one ----------------------------------------------------------------------
 _KILLED_BUILD = textwrap.dedent("""
     import sys, time
-    from lag_triton.library import build, build_library
+    from lag_triton.library import build, build_library, resume
 
+    resume._SYNC_SECONDS = 0  # journal every adapter at once: the test knows what the journal holds
     real, count = build.align_and_write, [0]
     def slow(target, job, *general):
         real(target, job, *general)
         count[0] += 1
-        if count[0] == 2:
+        if count[0] == 3:  # two adapters journaled, the third written but not yet journaled
             print("ready", flush=True)
             time.sleep(60)
     build.align_and_write = slow
@@ -188,7 +206,27 @@ _KILLED_BUILD = textwrap.dedent("""
 """)
 
 
-def test_a_killed_build_leaves_the_old_library_intact_and_the_next_build_cleans_up(adapters, tmp_path):
+def _count_alignments(monkeypatch, fail_after: int | None = None) -> list[str]:
+    """Folder names of the adapters that build_library aligns from now on; with ``fail_after``, a
+    KeyboardInterrupt (Ctrl-C) once that many were aligned."""
+    from lag_triton.library import build
+
+    aligned = []
+
+    def counted(target, job, *general):
+        if fail_after is not None and len(aligned) == fail_after:
+            raise KeyboardInterrupt
+        _ALIGN_AND_WRITE(target, job, *general)  # not build's attribute: an earlier call replaced it
+        aligned.append(job[0].name)
+
+    monkeypatch.setattr(build, "align_and_write", counted)
+    return aligned
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_killed_build_leaves_the_old_library_intact_and_the_next_build_resumes_or_cleans_up(
+    adapters, tmp_path, monkeypatch, resume
+):
     out = tmp_path / "lib.safetensors"
     build_library(adapters[:2], out, workers=0, progress=False)
     before = out.read_bytes()
@@ -197,13 +235,80 @@ def test_a_killed_build_leaves_the_old_library_intact_and_the_next_build_cleans_
     )
     try:
         assert proc.stdout.readline().strip() == "ready"
-        temps = [p for p in tmp_path.iterdir() if p.name != out.name]
-        assert len(temps) == 1 and temps[0].name.endswith(".lag-tmp")  # the rows go to a temp file
+        temps = sorted(p.name for p in tmp_path.iterdir() if p.name != out.name)
+        # the rows go to a temp file, the adapters written so far to its journal
+        assert len(temps) == 2 and temps[0].endswith(".journal.lag-tmp") and temps[1].endswith(".lag-tmp"), temps
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert out.read_bytes() == before
     Library.load(out)
-    build_library(adapters, out, workers=0, progress=False)  # removes the dead build's temp file
+    aligned = _count_alignments(monkeypatch)
+    report = build_library(adapters, out, workers=0, progress=False, resume=resume)
+    # resumed: the two journaled adapters are kept, the third (written, not journaled) is aligned
+    # again; not resumed: the dead build's files are removed and every adapter is aligned
+    assert aligned == [p.name for p in (adapters[2:] if resume else adapters)]
+    assert (report.aligned, report.resumed) == ((3, 2) if resume else (5, 0))
+    assert ("2 kept from a killed build" in str(report)) == resume
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
-    assert Library.load(out).names == [p.name for p in adapters]
+    assert out.read_bytes() == _saved_bytes(adapters, tmp_path / "..", torch.float32)
+
+
+def test_an_interrupted_build_resumes_with_only_the_missing_or_changed_adapters(adapters, tmp_path, monkeypatch):
+    out = tmp_path / "out" / "lib.safetensors"
+    out.parent.mkdir()
+    expected = _saved_bytes(adapters, tmp_path, torch.bfloat16)
+
+    def interrupted(after: int, **kwargs) -> KeyboardInterrupt:
+        _count_alignments(monkeypatch, fail_after=after)
+        with pytest.raises(KeyboardInterrupt) as caught:
+            build_library(adapters, out, dtype=torch.bfloat16, workers=0, progress=False, **kwargs)
+        assert not out.exists() and len(list(out.parent.iterdir())) == 2  # temp file and journal kept
+        return caught.value
+
+    error = interrupted(3)
+    if sys.version_info >= (3, 11):
+        assert re.fullmatch(
+            r"3 of 5 adapters are written to .*\.lag-tmp; build again with resume=True .*", error.__notes__[0]
+        )
+    # another dtype is another file: nothing is resumed, and the dead build's files are removed
+    aligned = _count_alignments(monkeypatch)
+    assert build_library(adapters, out, workers=0, progress=False, resume=True).resumed == 0
+    assert len(aligned) == 5 and sorted(p.name for p in out.parent.iterdir()) == [out.name]
+    out.unlink()
+
+    interrupted(3)
+    interrupted(1, resume=True)  # a resumed build interrupted again keeps what it carried: 3 + 1
+    journal = next(p for p in out.parent.iterdir() if p.name.endswith(".journal.lag-tmp"))
+    assert len(journal.read_text().splitlines()) == 4
+    with journal.open("a") as f:  # a line torn by a kill mid-write is ignored
+        f.write('{"index": 4, "folder": "')
+    weights = adapters[1] / "adapter_model.safetensors"  # touched since it was aligned: aligned again
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    aligned = _count_alignments(monkeypatch)
+    report = build_library(adapters, out, dtype=torch.bfloat16, workers=0, progress=False, resume=True)
+    assert aligned == ["a1", "a4"] and (report.aligned, report.resumed) == (2, 3)
+    assert out.read_bytes() == expected and sorted(p.name for p in out.parent.iterdir()) == [out.name]
+
+
+def test_resume_on_the_command_line_and_from_peft(adapters, tmp_path, monkeypatch, capsys):
+    from lag_triton.__main__ import main
+
+    out = tmp_path / "lib.safetensors"
+    _count_alignments(monkeypatch, fail_after=2)
+    assert main(["build", *map(str, adapters), "-o", str(out), "--workers", "0", "-q"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err
+    if sys.version_info >= (3, 11):
+        assert "2 of 5 adapters are written to" in err and "(command line: --resume)" in err
+    aligned = _count_alignments(monkeypatch)
+    assert main(["build", *map(str, adapters), "-o", str(out), "--workers", "0", "-q", "--resume"]) == 0
+    assert "3 aligned, 2 kept from a killed build" in capsys.readouterr().out and len(aligned) == 3
+    assert out.read_bytes() == _saved_bytes(adapters, tmp_path, torch.float32)
+    with pytest.raises(ValueError, match="resume=True continues a build into a file: give output="):
+        Library.from_peft(adapters, progress=False, resume=True)
+    # from_peft(output=, resume=True) with nothing to resume is a plain build
+    del aligned[:]
+    lib = Library.from_peft(adapters, progress=False, output=tmp_path / "again.safetensors", resume=True)
+    assert lib.names == [p.name for p in adapters] and len(aligned) == 5

@@ -24,6 +24,7 @@ from .align import align_lora
 from .general import GeneralKnowledge
 from .peft_reader import PeftAdapter
 from .plan import LibraryPlan, check_folder_names, plan_adapters, single_base_model
+from .resume import BuildJournal, find_resumable, set_aside
 from .weights import FACTOR_DTYPES, ModuleWeights
 from .writer import LibraryWriter
 
@@ -41,9 +42,12 @@ class BuildReport:
     modules: int
     nbytes: int  # file size
     seconds: float
+    resumed: int = 0  # adapters whose rows a resumed build took from a killed build's temp file
 
     def __str__(self) -> str:
-        if self.aligned == self.adapters:  # a build: every adapter aligned
+        if self.resumed:
+            work = f"{self.aligned} aligned, {self.resumed} kept from a killed build, in {self.seconds:.1f} s"
+        elif self.aligned == self.adapters:  # a build: every adapter aligned
             work = f"built in {self.seconds:.1f} s, {self.aligned / max(self.seconds, 1e-9):.1f} adapters/s"
         else:  # add / remove: the other rows were copied, not aligned
             work = f"{self.aligned} aligned, {self.adapters - self.aligned} copied, in {self.seconds:.1f} s"
@@ -137,9 +141,12 @@ def run_jobs(
     progress: bool,
     desc: str,
     general: GeneralKnowledge | None = None,
+    on_done=None,
 ) -> None:
     """Align and write every job (subtracting ``general``'s means first, when given); ``workers`` = 0
-    aligns here, None picks :func:`default_workers`."""
+    aligns here, None picks :func:`default_workers`. ``on_done(position)`` is called, in job order,
+    once job ``position``'s rows are written."""
+    on_done = on_done or (lambda position: None)
     workers = default_workers(len(jobs)) if workers is None else workers
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ValueError(f"workers must be an int >= 0 (0 = align in this process), got {workers!r}")
@@ -148,8 +155,9 @@ def run_jobs(
             threads = torch.get_num_threads()
             torch.set_num_threads(1)  # r x r and r x d matrices: more threads only contend (3x slower on 2 busy cores)
             try:
-                for job in jobs:
+                for position, job in enumerate(jobs):
                     align_and_write(target, job, general)
+                    on_done(position)
                     bar.update(1)
             finally:
                 torch.set_num_threads(threads)
@@ -159,16 +167,21 @@ def run_jobs(
         with ProcessPoolExecutor(
             workers, mp_context=context, initializer=_init_worker, initargs=(target, general)
         ) as pool:
-            pending: deque = deque()
+            pending: deque = deque()  # (position, future)
+
+            def finish_oldest() -> None:
+                position, future = pending.popleft()
+                future.result()
+                on_done(position)
+                bar.update(1)
+
             try:
-                for job in jobs:  # at most 2 jobs per worker in flight: memory stays bounded
-                    pending.append(pool.submit(_worker_job, job))
+                for position, job in enumerate(jobs):  # at most 2 jobs per worker in flight: memory stays bounded
+                    pending.append((position, pool.submit(_worker_job, job)))
                     if len(pending) >= 2 * workers:
-                        pending.popleft().result()
-                        bar.update(1)
+                        finish_oldest()
                 while pending:
-                    pending.popleft().result()
-                    bar.update(1)
+                    finish_oldest()
             except BrokenProcessPool as e:
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise RuntimeError(
@@ -214,6 +227,7 @@ def build_library(
     workers: int | None = None,
     progress: bool = True,
     general_adapters=None,
+    resume: bool = False,
 ) -> BuildReport:
     """Align PEFT folders straight into the library file ``output`` (see the module docstring).
 
@@ -221,26 +235,61 @@ def build_library(
     general_adapters=general_adapters).save(output)``. ``workers``: processes aligning in parallel
     (0: this process; None: one per core for 16+ adapters). ``output`` keeps its old content until
     the new file is complete.
+
+    A build that is killed, interrupted or fails after some adapters were written leaves its temp
+    file and journal beside ``output``; ``resume=True`` continues the one of the same adapters, names
+    and dtype, aligning only the adapters it lacks or that changed since (:mod:`.resume`). Without
+    ``resume`` (or without such a file) the build starts from the first adapter and removes them.
     """
     start = time.perf_counter()
     paths, plan = plan_build(paths, names, dtype, general_adapters)
-    with LibraryWriter(Path(output), plan) as writer:
-        run_jobs(
-            writer.target,
-            jobs_for(plan, paths),
-            workers=workers,
-            progress=progress,
-            desc="aligning adapters",
-            general=plan.general,
-        )
+    output, layout = Path(output), plan.layout()
+    folders = dict(enumerate(paths))
+    found = find_resumable(output, layout.head, layout.size, folders) if resume else None
+    with LibraryWriter(output, plan, adopt=found[0] if found else None) as writer:
+        carried = found[1] if writer.file.adopted else set()
+        journal = BuildJournal(writer.file.temp, writer.file.fd, folders, carried)
+        todo = [i for i in range(len(paths)) if i not in carried]
+        jobs = jobs_for(plan, paths)
+        try:
+            run_jobs(
+                writer.target,
+                [jobs[i] for i in todo],
+                workers=workers,
+                progress=progress,
+                desc="aligning adapters" + (f" ({len(carried)} kept from a killed build)" if carried else ""),
+                general=plan.general,
+                on_done=lambda position: journal.done(todo[position]),
+            )
+        except BaseException as e:
+            _keep_for_resume(e, writer, journal, len(paths))
+            raise
+        journal.close(keep=False)
     return BuildReport(
-        Path(output),
+        output,
         len(plan.names),
-        len(plan.names),
+        len(todo),
         len(plan.modules),
-        writer.layout.size,
+        layout.size,
         time.perf_counter() - start,
+        resumed=len(carried),
     )
+
+
+def _keep_for_resume(error: BaseException, writer: LibraryWriter, journal: BuildJournal, total: int) -> None:
+    """A failed build keeps its temp file and journal when they hold some adapters' rows, and says so."""
+    if journal.entries == 0:
+        journal.close(keep=False)  # nothing worth keeping: the writer removes the temp file
+        return
+    journal.close(keep=True)
+    writer.target.close()
+    writer.file.keep()
+    kept = set_aside(writer.file.temp, writer.file.path)
+    if hasattr(error, "add_note"):  # Python 3.11+
+        error.add_note(
+            f"{journal.entries} of {total} adapters are written to {kept}; build again with "
+            "resume=True (command line: --resume) to align only the others"
+        )
 
 
 class MemoryTarget:

@@ -103,6 +103,7 @@ class Library:
         output: str | os.PathLike | None = None,
         workers: int | None = None,
         general_adapters: str | os.PathLike | Iterable[str | os.PathLike] | None = None,
+        resume: bool = False,
     ) -> Library:
         """Align PEFT LoRA folders (a list of them, or one folder) into a library.
 
@@ -118,8 +119,12 @@ class Library:
         ``create_arrow_model(..., general_adapter_paths=...)`` with ``use_gks=True`` does it: their
         mean lora_A and lora_B are subtracted from every adapter's before it is aligned
         (:mod:`.general`); the library keeps the means, so ``add`` subtracts the same ones.
+        ``resume`` (with ``output``): continue a killed or failed build of the same adapters into
+        that file, aligning only the adapters it lacks (:mod:`.resume`).
         Raises :class:`AdapterError` naming the folder, file and field.
         """
+        if resume and output is None:
+            raise ValueError("resume=True continues a build into a file: give output= as well")
         if output is not None:
             build_library(
                 paths,
@@ -129,6 +134,7 @@ class Library:
                 workers=workers,
                 progress=progress,
                 general_adapters=general_adapters,
+                resume=resume,
             )
             return cls.load(output, check_values=False)
         plan, weights = build_in_memory(paths, names, dtype, progress, general_adapters)

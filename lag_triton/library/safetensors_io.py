@@ -276,23 +276,47 @@ def _open_temp(path: Path) -> tuple[int, Path]:
         raise type(e)(e.errno, f"cannot write {str(path)!r}: {e.strerror}", str(path.parent)) from None
 
 
-def _remove_stale_temps(path: Path) -> None:
-    """Remove temp files that a killed save to ``path`` on this host left behind (its pid is gone)."""
+_SET_ASIDE = "kept"  # in place of the pid: a failed build's temp file, kept for a resumed build
+
+
+def stale_temps(path: Path) -> list[Path]:
+    """Temp files that a killed save or build to ``path`` on this host left behind (its pid is
+    gone), and those a failed build set aside (:func:`set_aside_temp`)."""
     prefix = _temp_prefix(path)
     try:
-        names = os.listdir(path.parent)
+        names = sorted(os.listdir(path.parent))
     except OSError:
-        return
+        return []
+    out = []
     for name in names:
         if not (name.startswith(prefix) and name.endswith(TEMP_SUFFIX)):
             continue
         pid = name[len(prefix) :].split(".", 1)[0]
-        if not pid.isdigit() or _pid_alive(int(pid)):
-            continue
+        if pid == _SET_ASIDE or (pid.isdigit() and not _pid_alive(int(pid))):
+            out.append(path.parent / name)
+    return out
+
+
+def set_aside_temp(path: Path) -> Path:
+    """A new name for a temp file of ``path`` that this process gives up but keeps (a failed build
+    that can be resumed): one that :func:`stale_temps` lists although this process lives on."""
+    return path.parent / f"{_temp_prefix(path)}{_SET_ASIDE}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+
+
+def _remove_stale_temps(path: Path) -> None:
+    for temp in stale_temps(path):
         try:
-            os.unlink(path.parent / name)
+            os.unlink(temp)
         except OSError:
             pass
+
+
+def _claim_temp(temp: Path, path: Path) -> Path:
+    """Rename a dead process's temp file for ``path`` to one of this process (so that no other
+    writer removes it as stale); raises FileNotFoundError if another process claimed it first."""
+    claimed = path.parent / f"{_temp_prefix(path)}{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    os.rename(temp, claimed)
+    return claimed
 
 
 def _pid_alive(pid: int) -> bool:

@@ -3,7 +3,8 @@
 :class:`StreamingFile` is the generic part: a temp file next to the target, space reserved up
 front (a full disk fails at the start, not after an hour), positioned writes from this process or
 from worker processes, then fsync and an atomic rename. A killed build leaves the target as it
-was plus a temp file, which the next save or build to the same path removes (as ``Library.save``).
+was plus a temp file, which the next save or build to the same path removes (as ``Library.save``)
+or a resumed build continues (:mod:`.resume`).
 
 :class:`LibraryWriter` knows a :class:`.plan.LibraryPlan`'s layout: it writes the header and the
 index maps (and general means) at once, then each module row (A*, B*, prototype) where it belongs, or copies rows
@@ -40,14 +41,24 @@ def pwrite_all(fd: int, data, offset: int) -> None:
 
 
 class StreamingFile:
-    """A file of known size written at offsets, committed atomically to ``path`` (see module doc)."""
+    """A file of known size written at offsets, committed atomically to ``path`` (see module doc).
+    ``adopt``: a dead build's temp file of that size to continue (:mod:`.resume`) instead of a new one."""
 
-    def __init__(self, path: Path, size: int):
+    def __init__(self, path: Path, size: int, adopt: Path | None = None):
         sio._check_target(path)
-        sio._remove_stale_temps(path)
         self.path, self.size = path, size
+        self.done = self.adopted = False
+        if adopt is not None:
+            try:
+                self.temp = sio._claim_temp(adopt, path)  # before the cleanup below could remove it
+                self.fd = os.open(self.temp, os.O_WRONLY)
+                self.adopted = True
+            except FileNotFoundError:  # another build claimed it first: start a new file
+                pass
+        sio._remove_stale_temps(path)
+        if self.adopted:
+            return
         self.fd, self.temp = sio._open_temp(path)
-        self.done = False
         try:
             self._reserve(size)
         except BaseException:
@@ -90,6 +101,12 @@ class StreamingFile:
             _unlink(self.temp)
             raise
         sio._fsync_dir(self.path.parent)
+
+    def keep(self) -> None:
+        """Close, leaving the temp file for a resumed build (:mod:`.resume`); ``path`` is untouched."""
+        if not self.done:
+            self.done = True
+            os.close(self.fd)
 
     def abort(self) -> None:
         if not self.done:
@@ -151,12 +168,13 @@ class RowTarget:
 
 
 class LibraryWriter:
-    """The file of ``plan`` at ``path``: header, index maps and general means written on creation, rows after."""
+    """The file of ``plan`` at ``path``: header, index maps and general means written on creation,
+    rows after; ``adopt`` continues a dead build's temp file of this plan (:mod:`.resume`)."""
 
-    def __init__(self, path: Path, plan: LibraryPlan):
+    def __init__(self, path: Path, plan: LibraryPlan, adopt: Path | None = None):
         self.plan = plan
         self.layout = plan.layout()
-        self.file = StreamingFile(Path(path), self.layout.size)
+        self.file = StreamingFile(Path(path), self.layout.size, adopt)
         try:
             self.file.pwrite(self.layout.head, 0)
             for name, t in plan.fixed_tensors().items():
