@@ -85,7 +85,13 @@ def _add(args: argparse.Namespace) -> int:
     _check_workers(args.workers)
     _check_output_file(args.output or args.library)
     report = add_adapters(
-        args.library, args.adapters, names=args.names, output=args.output, workers=args.workers, progress=not args.quiet
+        args.library,
+        args.adapters,
+        names=args.names,
+        output=args.output,
+        workers=args.workers,
+        progress=not args.quiet,
+        resume=args.resume,
     )
     print(f"wrote {report}")
     return 0
@@ -190,6 +196,15 @@ def _demo(args: argparse.Namespace) -> int:
     return demo.run(args)
 
 
+def _resume(p: argparse.ArgumentParser, command: str) -> None:
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"continue a killed, interrupted or failed `{command}` of the same adapters to the same file: "
+        "only the adapters it had not written (or that changed since) are aligned",
+    )
+
+
 def _workers_and_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workers",
@@ -221,12 +236,7 @@ def _parser(with_demo: bool = True) -> argparse.ArgumentParser:
         help="general adapters (folders or Hub paths) whose mean lora_A / lora_B is subtracted from every "
         "adapter first: PEFT Arrow's general knowledge subtraction (GKS); `add` then subtracts the same mean",
     )
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue a killed, interrupted or failed build of the same adapters to this output: "
-        "only the adapters it had not written (or that changed since) are aligned",
-    )
+    _resume(p, "build")
     _workers_and_quiet(p)
     p.set_defaults(func=_build)
 
@@ -240,6 +250,7 @@ def _parser(with_demo: bool = True) -> argparse.ArgumentParser:
     p.add_argument("adapters", nargs="+", help="PEFT adapter folders (or Hub paths) to add")
     p.add_argument("-o", "--output", type=Path, help="write the grown library here instead")
     p.add_argument("--names", nargs="+", help="names of the new adapters (default: folder names)")
+    _resume(p, "add")
     _workers_and_quiet(p)
     p.set_defaults(func=_add)
 

@@ -269,7 +269,8 @@ def test_an_interrupted_build_resumes_with_only_the_missing_or_changed_adapters(
     error = interrupted(3)
     if sys.version_info >= (3, 11):
         assert re.fullmatch(
-            r"3 of 5 adapters are written to .*\.lag-tmp; build again with resume=True .*", error.__notes__[0]
+            r"3 of 5 adapters are written to .*\.lag-tmp; run the same build again with resume=True .*",
+            error.__notes__[0],
         )
     # another dtype is another file: nothing is resumed, and the dead build's files are removed
     aligned = _count_alignments(monkeypatch)

@@ -243,21 +243,46 @@ def build_library(
     """
     start = time.perf_counter()
     paths, plan = plan_build(paths, names, dtype, general_adapters)
-    output, layout = Path(output), plan.layout()
-    folders = dict(enumerate(paths))
+    aligned, resumed, nbytes = write_library(
+        Path(output), plan, paths, workers=workers, progress=progress, desc="aligning adapters", resume=resume
+    )
+    n = len(plan.names)
+    return BuildReport(Path(output), n, aligned, len(plan.modules), nbytes, time.perf_counter() - start, resumed)
+
+
+def write_library(
+    output: Path,
+    plan: LibraryPlan,
+    paths: list[Path],
+    *,
+    first_index: int = 0,
+    workers: int | None,
+    progress: bool,
+    desc: str,
+    resume: bool,
+    copy_rows=None,
+) -> tuple[int, int, int]:
+    """Write ``plan``'s file at ``output``: ``copy_rows(writer)`` first (``add``: the library's
+    adapters), then adapters ``first_index``, ... aligned from ``paths``, each journaled once
+    written; with ``resume``, a dead or failed write of this plan is continued (:mod:`.resume`).
+    Returns (adapters aligned, adapters carried over from that write, file size)."""
+    layout = plan.layout()
+    folders = {first_index + j: path for j, path in enumerate(paths)}
     found = find_resumable(output, layout.head, layout.size, folders) if resume else None
     with LibraryWriter(output, plan, adopt=found[0] if found else None) as writer:
         carried = found[1] if writer.file.adopted else set()
         journal = BuildJournal(writer.file.temp, writer.file.fd, folders, carried)
-        todo = [i for i in range(len(paths)) if i not in carried]
-        jobs = jobs_for(plan, paths)
+        todo = [i for i in folders if i not in carried]
+        jobs = jobs_for(plan, paths, first_index)
         try:
+            if copy_rows is not None:
+                copy_rows(writer)
             run_jobs(
                 writer.target,
-                [jobs[i] for i in todo],
+                [jobs[i - first_index] for i in todo],
                 workers=workers,
                 progress=progress,
-                desc="aligning adapters" + (f" ({len(carried)} kept from a killed build)" if carried else ""),
+                desc=desc + (f" ({len(carried)} kept from a killed build)" if carried else ""),
                 general=plan.general,
                 on_done=lambda position: journal.done(todo[position]),
             )
@@ -265,15 +290,7 @@ def build_library(
             _keep_for_resume(e, writer, journal, len(paths))
             raise
         journal.close(keep=False)
-    return BuildReport(
-        output,
-        len(plan.names),
-        len(todo),
-        len(plan.modules),
-        layout.size,
-        time.perf_counter() - start,
-        resumed=len(carried),
-    )
+    return len(todo), len(carried), layout.size
 
 
 def _keep_for_resume(error: BaseException, writer: LibraryWriter, journal: BuildJournal, total: int) -> None:
@@ -287,8 +304,8 @@ def _keep_for_resume(error: BaseException, writer: LibraryWriter, journal: Build
     kept = set_aside(writer.file.temp, writer.file.path)
     if hasattr(error, "add_note"):  # Python 3.11+
         error.add_note(
-            f"{journal.entries} of {total} adapters are written to {kept}; build again with "
-            "resume=True (command line: --resume) to align only the others"
+            f"{journal.entries} of {total} adapters are written to {kept}; run the same build again "
+            "with resume=True (command line: --resume) to align only the others"
         )
 
 

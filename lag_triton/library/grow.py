@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .build import BuildReport, jobs_for, run_jobs
+from .build import BuildReport, write_library
 from .plan import LibraryPlan, ModulePlan, check_folder_names, plan_adapters, single_base_model
 from .stored import StoredLibrary, check_names, existing_library_path, read_stored
 from .writer import LibraryWriter, RowSource
@@ -46,13 +46,22 @@ def _module_plans(stored: StoredLibrary) -> dict[str, tuple[ModulePlan, list[int
 
 
 def add_adapters(
-    library, paths, *, names=None, output=None, workers: int | None = None, progress: bool = True
+    library,
+    paths,
+    *,
+    names=None,
+    output=None,
+    workers: int | None = None,
+    progress: bool = True,
+    resume: bool = False,
 ) -> BuildReport:
     """Append the PEFT folders ``paths`` to the library file ``library`` (replaced atomically, or
     written to ``output``). New adapters are aligned into the library's dtype; existing ones are
-    copied. Raises ValueError for a name already in the library, AdapterError for an adapter whose
-    module shapes differ from the library's (or from each other, or from the general means the
-    library subtracts), LibraryFormatError for a bad file.
+    copied. ``resume``: continue a killed or failed ``add`` of the same adapters to the same
+    library, aligning only the new adapters it had not written (:mod:`.resume`). Raises ValueError
+    for a name already in the library, AdapterError for an adapter whose module shapes differ from
+    the library's (or from each other, or from the general means the library subtracts),
+    LibraryFormatError for a bad file.
     """
     start = time.perf_counter()
     src = existing_library_path(library)
@@ -79,23 +88,26 @@ def add_adapters(
     )
     plan = LibraryPlan(stored.names + new_names, dtype, modules, single_base_model(base_models), general)
     source = RowSource(stored)
+
+    def copy_old_rows(writer: LibraryWriter) -> None:
+        for name, count in old_rows.items():
+            writer.copy_rows(name, 0, source, 0, count)
+
     try:
-        with LibraryWriter(out, plan) as writer:
-            for name, count in old_rows.items():
-                writer.copy_rows(name, 0, source, 0, count)
-            run_jobs(
-                writer.target,
-                jobs_for(plan, paths, first),
-                workers=workers,
-                progress=progress,
-                desc="aligning new adapters",
-                general=general,
-            )
+        aligned, resumed, nbytes = write_library(
+            out,
+            plan,
+            paths,
+            first_index=first,
+            workers=workers,
+            progress=progress,
+            desc="aligning new adapters",
+            resume=resume,
+            copy_rows=copy_old_rows,
+        )
     finally:
         source.close()
-    return BuildReport(
-        out, len(plan.names), len(new_names), len(plan.modules), writer.layout.size, time.perf_counter() - start
-    )
+    return BuildReport(out, len(plan.names), aligned, len(plan.modules), nbytes, time.perf_counter() - start, resumed)
 
 
 def remove_adapters(library, names, *, output=None) -> BuildReport:
