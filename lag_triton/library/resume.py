@@ -1,23 +1,24 @@
-"""Resuming a killed streaming build: its temp file plus a journal of the adapters it holds.
+"""Resuming a killed streaming build (or ``add``): its temp file plus a journal of the adapters it holds.
 
 A streaming build (:mod:`.build`) writes every adapter's rows at offsets fixed by the plan, into
 a temp file next to the output. Beside it, a journal lists the adapters whose rows are complete:
 one JSON line per adapter — its index, folder, and the size and mtime of its config and weights
 file — appended only after the temp file was fsynced, so a line never claims rows a crash could
-lose (lines are batched, one fsync a second at most). A build killed (SIGKILL, the OOM killer, a
-lost session, Ctrl-C) leaves both; ``build_library(..., resume=True)`` looks for them:
+lose (lines are batched, one fsync a second at most). A build that is killed (SIGKILL, the OOM
+killer, a lost session) leaves both under its pid; one that fails or is interrupted (an adapter
+error, Ctrl-C) renames them with "kept" in place of the pid (:func:`set_aside`), so that a resumed
+build in the same process finds them too. ``build_library(..., resume=True)`` looks for:
 
-- the temp file of a dead process (its pid is in the name), or one a failed build set aside (renamed
-  with "kept" for the pid), for the same output, with this build's
-  size and exactly this build's header (same names, modules, shapes, ranks, dtype, base model);
-- journal lines whose index, folder and file stamps still match: those adapters are not aligned
-  again; every other adapter is, as in a fresh build.
+- such a temp file for the same output, with this build's size and exactly this build's header
+  (same names, modules, shapes, ranks, dtype, base model, general means);
+- the journal lines whose index, folder and file stamps still match: those adapters are not
+  aligned again; every other adapter is, as in a fresh build.
 
 The result has the same bytes as a build from the start. Without a match, the build starts from the
-first adapter. A temp file a build claims is renamed to the claiming process's pid first, so no
-other build removes it as stale meanwhile, and its journal starts with the adapters carried over (so
-a resumed build killed again resumes as well); the next build to that output without ``resume``
-removes dead temp files and journals, as it always has.
+first adapter. A temp file a build adopts is renamed to its own pid first, so no other build
+removes it as stale meanwhile, and its new journal starts with the adapters carried over (so a
+resumed build killed again resumes as well); the next build or save to that output without
+``resume`` removes what dead builds left, as it always has.
 """
 
 from __future__ import annotations
