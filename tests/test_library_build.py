@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -244,7 +245,12 @@ def test_a_killed_build_leaves_the_old_library_intact_and_the_next_build_resumes
     assert out.read_bytes() == before
     Library.load(out)
     aligned = _count_alignments(monkeypatch)
-    report = build_library(adapters, out, workers=0, progress=False, resume=resume)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = build_library(adapters, out, workers=0, progress=False, resume=resume)
+    # starting over throws the dead build's work away: the warning says so, and how to keep it
+    said = [str(w.message) for w in caught if "starting over" in str(w.message)]
+    assert len(said) == (0 if resume else 1) and all("2 of 5 adapters written" in m for m in said)
     # resumed: the two journaled adapters are kept, the third (written, not journaled) is aligned
     # again; not resumed: the dead build's files are removed and every adapter is aligned
     assert aligned == [p.name for p in (adapters[2:] if resume else adapters)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
+import warnings
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -268,8 +269,15 @@ def write_library(
     Returns (adapters aligned, adapters carried over from that write, file size)."""
     layout = plan.layout()
     folders = {first_index + j: path for j, path in enumerate(paths)}
-    found = find_resumable(output, layout.head, layout.size, folders) if resume else None
-    with LibraryWriter(output, plan, adopt=found[0] if found else None) as writer:
+    found = find_resumable(output, layout.head, layout.size, folders)
+    if found and found[1] and not resume:  # about to be removed as stale: say what is thrown away
+        warnings.warn(
+            f"{output}: starting over, and removing what a killed run of this same build left "
+            f"({len(found[1])} of {len(folders)} adapters written, in {found[0].name}); "
+            "resume=True (command line: --resume) would have continued it",
+            stacklevel=3,
+        )
+    with LibraryWriter(output, plan, adopt=found[0] if found and resume else None) as writer:
         carried = found[1] if writer.file.adopted else set()
         journal = BuildJournal(writer.file.temp, writer.file.fd, folders, carried)
         todo = [i for i in folders if i not in carried]
