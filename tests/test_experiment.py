@@ -7,6 +7,8 @@ for, measured on this configuration: LAG k=5 answers more questions than Arrow t
 the answer position to the gold adapter more often.
 """
 
+import json
+
 import pytest
 
 from lag_triton.experiment import ExperimentConfig, run_experiment, run_seeds
@@ -133,3 +135,26 @@ def test_ablation_runs_variants_and_merges_parts(tmp_path, capsys):
     assert list(merged["variants"]) == ["default", "lr A = lr B"]
     table = capsys.readouterr().out
     assert "| default |" in table and "| lr A = lr B |" in table
+
+
+def test_general_knowledge_subtraction_rows_come_last_and_change_nothing_else(tmp_path):
+    """--general-adapters G adds Arrow / LAG / SpectR routed over the library with GKS (general
+    adapters trained on pre-training documents, their mean subtracted); the other rows are those of
+    a run without it, and the kept adapters include the general ones."""
+    tiny = dict(SMALL, adapters=3, hidden=32, intermediate=96, pretrain_steps=5, adapter_steps=3)
+    cfg = ExperimentConfig(**tiny, ks=(1,), generate_check=0)
+    plain = run_experiment(cfg, log=lambda *a: None)
+    gks = run_experiment(
+        ExperimentConfig(**tiny, ks=(1,), generate_check=0, general_adapters=2),
+        log=lambda *a: None,
+        adapters_dir=str(tmp_path),
+    )
+    added = ["arrow top-1 +GKS", "spectr k=N +GKS", "lag k=3 +GKS"]
+    assert sorted(gks["rows"]) == sorted([*plain["rows"], *added])
+    for name, row in plain["rows"].items():  # as JSON: a tiny run's oracle is 0, so "normalised" is NaN
+        assert json.dumps(gks["rows"][name], sort_keys=True) == json.dumps(row, sort_keys=True), name
+    rows = gks["rows"]
+    assert rows["lag k=3 +GKS"]["exact_match"] == rows["spectr k=N +GKS"]["exact_match"]  # k = N is SpectR
+    assert rows["arrow top-1 +GKS"]["routing"] != rows["arrow top-1"]["routing"]  # the prototypes moved
+    assert format_table(gks).splitlines()[-3].startswith("| lag k=3 +GKS |")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["doc0000", "doc0001", "doc0002", "general00", "general01"]

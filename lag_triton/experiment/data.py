@@ -158,6 +158,7 @@ class KnowledgeData:
     questions: list[Question]  # every fact of every document in every phrasing, doc-major
     pretrain: list[tuple[int, ...]]  # token sequences (prompt + answer) of the pre-training corpus
     templates: tuple[str, ...] = QUESTION_FORMS["subject-last"]
+    pretrain_questions: list[Question] = field(default_factory=list)  # the corpus as questions (doc -1)
 
     def by_doc(self) -> list[list[Question]]:
         out: list[list[Question]] = [[] for _ in self.documents]
@@ -242,9 +243,28 @@ def make_data(
     pre_facts = _random_facts(pre_entities, rng, RELATIONS + PRETRAIN_RELATIONS, value_form)
     if mention_doc_entities:
         pre_facts.update(_random_facts([e for ents in doc_entities for e in ents], rng, PRETRAIN_RELATIONS, value_form))
-    pretrain = []
-    for (e, r), v in pre_facts.items():
-        for t in range(len(templates)):
-            q = _qa(tok, templates, -1, e, r, v, t)
-            pretrain.append(q.prompt + q.answer)
-    return KnowledgeData(tok, documents, questions, pretrain, templates)
+    pre_questions = [
+        _qa(tok, templates, -1, e, r, v, t) for (e, r), v in pre_facts.items() for t in range(len(templates))
+    ]
+    pretrain = [q.prompt + q.answer for q in pre_questions]
+    return KnowledgeData(tok, documents, questions, pretrain, templates, pre_questions)
+
+
+def general_documents(data: KnowledgeData, count: int, entities_per_doc: int) -> list[list[Question]]:
+    """``count`` documents' worth of pre-training facts, for general adapters (GKS): each the
+    RELATIONS facts of ``entities_per_doc`` pre-training entities in every phrasing, shaped like a
+    knowledge document but about entities the base model was trained on, not a library document's."""
+    entities = list(dict.fromkeys(q.entity for q in data.pretrain_questions if q.doc == -1))
+    documents_entities = {e for d in data.documents for e in d.entities}
+    entities = [e for e in entities if e not in documents_entities]  # mention_doc_entities adds those
+    if count * entities_per_doc > len(entities):
+        raise ValueError(
+            f"{count} general adapters x {entities_per_doc} entities need {count * entities_per_doc} "
+            f"pre-training entities; the corpus has {len(entities)}"
+        )
+    group = {e: i // entities_per_doc for i, e in enumerate(entities[: count * entities_per_doc])}
+    out: list[list[Question]] = [[] for _ in range(count)]
+    for q in data.pretrain_questions:
+        if q.entity in group and q.relation in RELATIONS:
+            out[group[q.entity]].append(q)
+    return out

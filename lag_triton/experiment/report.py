@@ -72,10 +72,18 @@ def _cell(row: dict, get, scale: float = 1.0, digits: int = 1, pct: bool = False
     return text + ("%" if pct else "")
 
 
+GKS = " +GKS"  # suffix of the rows routed over the library with general knowledge subtraction
+
+
+def lag_rows(rows: dict) -> list[tuple[str, int]]:
+    """(row name, k) of the plain LAG rows ("lag k=5"; not "lag k=5 +GKS")."""
+    return [(name, int(name.split("=")[1])) for name in rows if name.startswith("lag k=") and not name.endswith(GKS)]
+
+
 def ordered_rows(result: dict) -> list[str]:
     rows = result["rows"]
-    lag = sorted((int(k.split("=")[1]), k) for k in rows if k.startswith("lag k="))
-    return [k for k in BASELINES if k in rows] + [k for _, k in lag]
+    lag = sorted((k, name) for name, k in lag_rows(rows))
+    return [k for k in BASELINES if k in rows] + [k for _, k in lag] + [k for k in rows if k.endswith(GKS)]
 
 
 def _routing(key: str, layer: str | None = None):
@@ -143,7 +151,7 @@ def format_routing_by_module(result: dict) -> str:
 
 
 def _lag_curve(rows: dict, get) -> tuple[list[int], list[float], list[float]]:
-    lag = sorted((int(k.split("=")[1]), r) for k, r in rows.items() if k.startswith("lag k="))
+    lag = sorted((k, rows[name]) for name, k in lag_rows(rows))
     sds = [get(r["sd"]) if r.get("sd") else 0.0 for _, r in lag]
     return [k for k, _ in lag], [get(r) for _, r in lag], [s or 0.0 for s in sds]
 

@@ -43,7 +43,7 @@ from .adapters import (
     train_adapters,
     uniform_merge_,
 )
-from .data import QUESTION_FORMS, VALUE_FORMS, make_data
+from .data import QUESTION_FORMS, VALUE_FORMS, general_documents, make_data
 from .evaluate import (
     QuestionBatch,
     exact_match,
@@ -53,7 +53,7 @@ from .evaluate import (
     routing_accuracy,
 )
 from .model import ModelSize, build_model, pretrain
-from .report import format_table, summarise_seeds, write_outputs
+from .report import GKS, format_table, summarise_seeds, write_outputs
 
 __all__ = ["ExperimentConfig", "run_experiment", "run_seeds", "format_table", "write_outputs"]
 
@@ -83,6 +83,7 @@ class ExperimentConfig:
     eval_batch: int = 512
     generate_check: int = 64  # questions re-scored with model.generate (0 = skip)
     check_limits: bool = True  # also run LAG k=N (must select exactly as SpectR)
+    general_adapters: int = 0  # > 0: also route with general knowledge subtraction (GKS) over this many
     extra: dict = field(default_factory=dict)
 
 
@@ -150,6 +151,37 @@ def routed_methods(cfg: ExperimentConfig) -> list[tuple[str, dict]]:
     ]
 
 
+def gks_methods(cfg: ExperimentConfig) -> list[tuple[str, dict]]:
+    """The routed methods also run on the GKS library: Arrow top-1, LAG k=5, SpectR."""
+    keep = {"arrow top-1", f"lag k={min(5, cfg.adapters)}", "spectr k=N"}
+    return [(name + GKS, kw) for name, kw in routed_methods(cfg) if name in keep]
+
+
+def build_gks_library(cfg: ExperimentConfig, model, data, folders, names, adapters_dir: str, log=print):
+    """General knowledge subtraction, as PEFT's Arrow does it (``use_gks``): ``general_adapters``
+    adapters trained like the knowledge adapters (same steps, rates and text) on documents about
+    pre-training entities (:func:`.data.general_documents`); the library of the same knowledge
+    adapters with their mean factors subtracted (:mod:`lag_triton.library.general`)."""
+    import lag_triton
+
+    docs = general_documents(data, cfg.general_adapters, cfg.entities_per_doc)
+    weights, info = train_adapters(
+        model,
+        docs,
+        cfg.adapter_steps,
+        cfg.seed + 7919,  # not the knowledge adapters' seed: their A inits would be drawn again
+        lr=cfg.adapter_lr,
+        lr_a_ratio=cfg.lr_a_ratio,
+        text=cfg.adapter_text,
+        a_init_scale=cfg.a_init_scale,
+        device=cfg.device,
+    )
+    general = save_peft_folders(weights, adapters_dir, [f"general{i:02d}" for i in range(len(docs))])
+    lib = lag_triton.Library.from_peft(folders, names=names, progress=False, general_adapters=general)
+    log(f"[gks] {len(docs)} general adapters (final loss {info['final_loss_per_adapter']:.4f}); their mean subtracted")
+    return lib
+
+
 def _cost(lib, kw: dict) -> int:
     return factors_read_per_token(lib, kw["router"], kw.get("k"))
 
@@ -204,13 +236,16 @@ def evaluate_baselines(cfg: ExperimentConfig, model, weights, folders, names, qb
     return peft_weight_diff
 
 
-def evaluate_routed(cfg: ExperimentConfig, model, lib, data, qb: QuestionBatch, gold_lib: torch.Tensor, rows: _Rows):
-    """Every routed method through ``lag_triton.patch``, traced. Returns (per-method selections, and
-    the ``model.generate`` re-check of LAG k=5 on a sample, {} when skipped)."""
+def evaluate_routed(
+    cfg: ExperimentConfig, model, lib, data, qb: QuestionBatch, gold_lib: torch.Tensor, rows: _Rows, methods=None
+):
+    """Every routed method (default :func:`routed_methods`) through ``lag_triton.patch``, traced.
+    Returns (per-method selections, and the ``model.generate`` re-check of LAG k=5 on a sample, {}
+    when skipped)."""
     import lag_triton
 
     traces, gen_check = {}, {}
-    for name, kw in routed_methods(cfg):
+    for name, kw in routed_methods(cfg) if methods is None else methods:
         lag_triton.patch(model, lib, backend=cfg.backend, **kw)
         try:
             with lag_triton.trace(model) as tr:
@@ -245,7 +280,11 @@ def run_experiment(
         qb = QuestionBatch(data.questions)
         rows = _Rows(qb, len(data.templates), log)
         peft_weight_diff = evaluate_baselines(cfg, model, weights, folders, names, qb, rows)
-    traces, gen_check = evaluate_routed(cfg, model, lib, data, qb, gold_library_index(lib, names, qb), rows)
+        gold_lib = gold_library_index(lib, names, qb)
+        traces, gen_check = evaluate_routed(cfg, model, lib, data, qb, gold_lib, rows)
+        if cfg.general_adapters:  # last: the runs above are those of a run without it
+            gks_lib = build_gks_library(cfg, model, data, folders, names, adapters_dir or tmp, log)
+            evaluate_routed(replace(cfg, generate_check=0), model, gks_lib, data, qb, gold_lib, rows, gks_methods(cfg))
     t_end = time.perf_counter()
     result = {
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
@@ -351,6 +390,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--question-form", choices=sorted(QUESTION_FORMS), default=d.question_form)
     p.add_argument("--value-form", choices=VALUE_FORMS, default=d.value_form)
     p.add_argument("--backend", default=d.backend)
+    p.add_argument(
+        "--general-adapters",
+        type=int,
+        default=d.general_adapters,
+        metavar="G",
+        help="also route with general knowledge subtraction (PEFT Arrow's use_gks) over G general adapters "
+        "trained on pre-training documents (rows '... +GKS'; 0: none)",
+    )
     p.add_argument("--stem", default="lag_demo", help="file name stem of the JSON and PNG")
     p.add_argument(
         "--keep-adapters", action="store_true", help="write the PEFT folders under OUT/adapters (OUT/adapters/seedS)"
@@ -375,6 +422,7 @@ def config_from_args(args) -> ExperimentConfig:
         adapter_text=args.adapter_text,
         question_form=args.question_form,
         value_form=args.value_form,
+        general_adapters=args.general_adapters,
     )
 
 
