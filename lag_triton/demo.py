@@ -4,7 +4,8 @@ Runs :mod:`lag_triton.experiment` (synthetic documents, a tiny Llama, one knowle
 document; no adapter / uniform merge / Arrow / SpectR / LAG(k) / oracle), prints the table,
 writes JSON + PNG to ``--out``, and checks that a one-adapter library with k=1 gives the same
 logits as PEFT's own LoRA forward of that adapter (fp32, rtol 1e-5). ``--seeds S`` repeats the
-experiment for S seeds and reports mean ± sd.
+experiment for S seeds and reports mean ± sd; ``--general-adapters G`` adds rows routed with
+general knowledge subtraction (GKS) over G general adapters.
 """
 
 from __future__ import annotations

@@ -15,6 +15,9 @@
 4. Exact match (EM), EM normalised by the oracle (the paper's Eq. 9: score / oracle * 100),
    routing accuracy per layer and at the answer position, and the adapter factors each token
    reads (evaluate.py); tables and plot in report.py.
+5. With ``--general-adapters G``, last (so the rows above are unchanged): Arrow, LAG k=5 and
+   SpectR again over the library built with general knowledge subtraction, the mean of G general
+   adapters trained on documents about pre-training entities (rows "... +GKS").
 """
 
 from __future__ import annotations
@@ -303,6 +306,7 @@ def run_experiment(
         "environment": {
             "python": platform.python_version(),
             "torch": torch.__version__,
+            **_versions("transformers", "peft"),  # their numerics move the figures in the last digits
             "threads": torch.get_num_threads(),
             "machine": platform.machine(),
         },
@@ -310,6 +314,18 @@ def run_experiment(
     if out_dir:
         write_outputs(result, out_dir, stem=stem, log=log)
     return result
+
+
+def _versions(*packages: str) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in packages:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
 
 
 def _checks(traces, methods, n, peft_weight_diff, gen_check) -> dict:
