@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import warnings
 
 import torch
 from safetensors.torch import save_file
@@ -195,7 +196,10 @@ def load_peft_all(model, folders: list[str], names: list[str]):
     """One PeftModel holding every adapter (loaded by PEFT from the written folders)."""
     from peft import PeftModel
 
-    peft_model = PeftModel.from_pretrained(model, folders[0], adapter_name=names[0])
+    with warnings.catch_warnings():
+        # PEFT 0.21 reads model.is_gradient_checkpointing, which transformers 5.25 deprecates: not ours to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = PeftModel.from_pretrained(model, folders[0], adapter_name=names[0])
     for folder, name in zip(folders[1:], names[1:]):
         peft_model.load_adapter(folder, adapter_name=name)
     return peft_model.eval()
