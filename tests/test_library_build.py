@@ -10,8 +10,10 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -319,3 +321,88 @@ def test_resume_on_the_command_line_and_from_peft(adapters, tmp_path, monkeypatc
     del aligned[:]
     lib = Library.from_peft(adapters, progress=False, output=tmp_path / "again.safetensors", resume=True)
     assert lib.names == [p.name for p in adapters] and len(aligned) == 5
+
+
+@pytest.fixture(scope="module")
+def interrupted_build(adapters, tmp_path_factory):
+    """The files an interrupted bf16 build of ``adapters`` leaves (4 of 5 adapters journaled), by
+    name, and the bytes of the complete library."""
+    from lag_triton.library import build
+
+    folder = tmp_path_factory.mktemp("interrupted")
+    out = folder / "lib.safetensors"
+    done = []
+
+    def four_then_interrupt(target, job, *general):
+        if len(done) == 4:
+            raise KeyboardInterrupt
+        _ALIGN_AND_WRITE(target, job, *general)
+        done.append(job[0].name)
+
+    build.align_and_write = four_then_interrupt
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            build_library(adapters, out, dtype=torch.bfloat16, workers=0, progress=False)
+    finally:
+        build.align_and_write = _ALIGN_AND_WRITE
+    left = {p.name: p.read_bytes() for p in folder.iterdir()}
+    scratch = tmp_path_factory.mktemp("scratch") / "lib.safetensors"
+    build_library(adapters, scratch, dtype=torch.bfloat16, workers=0, progress=False)
+    return left, scratch.read_bytes()
+
+
+def test_a_journal_torn_anywhere_resumes_to_the_same_bytes(adapters, interrupted_build):
+    """A kill can cut the journal at any byte (and a line may be written twice): resuming keeps
+    exactly the adapters of its complete lines and gives the bytes of a build from scratch."""
+    pytest.importorskip("hypothesis")
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    left, complete = interrupted_build
+    journal_name = next(n for n in left if n.endswith(".journal.lag-tmp"))
+    lines = left[journal_name].decode().splitlines(keepends=True)
+    assert len(lines) == 4
+
+    @settings(derandomize=True, database=None, deadline=None, max_examples=25)
+    @given(cut=st.integers(0, len(left[journal_name])), repeat=st.booleans())
+    def resume_after(cut: int, repeat: bool) -> None:
+        journal = left[journal_name][:cut]
+        if repeat and journal:
+            journal = lines[0].encode() + journal
+        whole = sum(1 for i in range(1, 5) if len("".join(lines[:i]).encode()) <= cut)  # lines kept whole
+        if repeat and journal:
+            whole = max(whole, 1)  # the repeated first line is whole (and counts once)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            for name, data in left.items():
+                (folder / name).write_bytes(journal if name == journal_name else data)
+            report = build_library(
+                adapters, folder / "lib.safetensors", dtype=torch.bfloat16, workers=0, progress=False, resume=True
+            )
+            assert (report.resumed, report.aligned) == (whole, 5 - whole)
+            assert (folder / "lib.safetensors").read_bytes() == complete
+            assert [p.name for p in folder.iterdir()] == ["lib.safetensors"]
+
+    resume_after()
+
+
+def test_a_build_that_loses_the_race_for_a_dead_builds_file_starts_over(adapters, interrupted_build, monkeypatch):
+    """Two builds resuming at once: the one whose claim (a rename) fails builds from the start."""
+    from lag_triton.library import safetensors_io
+
+    left, complete = interrupted_build
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for name, data in left.items():
+            (folder / name).write_bytes(data)
+
+        def claimed_by_another(temp, path):
+            os.unlink(temp)  # the other build renamed it away
+            raise FileNotFoundError(temp)
+
+        monkeypatch.setattr(safetensors_io, "_claim_temp", claimed_by_another)
+        report = build_library(
+            adapters, folder / "lib.safetensors", dtype=torch.bfloat16, workers=0, progress=False, resume=True
+        )
+        assert (report.resumed, report.aligned) == (0, 5)
+        assert (folder / "lib.safetensors").read_bytes() == complete
