@@ -56,17 +56,60 @@ def _check_workers(workers) -> None:
         raise UsageError(f"--workers must be >= 0 (0 = align in this process), got {workers}")
 
 
+def _list_file(path: str, option: str) -> list[tuple[int, str]]:
+    """(line number, line) of a list file ('-': standard input), without blank and '#' lines."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"{option} {path!r}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{option} {path!r} is not UTF-8 text") from None
+    lines = enumerate(text.splitlines(), 1)
+    return [(n, line) for n, line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def _adapters_and_names(args: argparse.Namespace) -> tuple[list[str], list[str] | None]:
+    """The adapters of the command line, then those of --adapters-from (a line: folder or Hub path,
+    optionally a tab and its name), and their names (--names, or the file's), checked."""
+    adapters, names = list(args.adapters), args.names
+    if args.adapters_from is not None:
+        rows = _list_file(args.adapters_from, "--adapters-from")
+        fields = [(n, [f.strip() for f in line.split("\t")]) for n, line in rows]
+        bad = next(((n, f) for n, f in fields if len(f) > 2 or not all(f)), None)
+        if bad is not None:
+            raise UsageError(
+                f"--adapters-from {args.adapters_from!r}, line {bad[0]}: expected a folder or Hub path, "
+                f"optionally a tab and the adapter's name; got {len(bad[1])} fields {bad[1][:3]}"
+            )
+        named = [n for n, f in fields if len(f) == 2]
+        if named and (len(named) != len(fields) or adapters or names is not None):
+            unnamed = next((n for n, f in fields if len(f) == 1), None)
+            raise UsageError(
+                f"--adapters-from {args.adapters_from!r} names adapters (line {named[0]}): then every line "
+                "must name its adapter"
+                + (f" (line {unnamed} does not)" if unnamed else "")
+                + ", and no adapter or --names may come from the command line"
+            )
+        adapters += [f[0] for _, f in fields]
+        if named:
+            names = [f[1] for _, f in fields]
+    if not adapters:
+        raise UsageError("no adapters: give PEFT folders (or Hub paths), or --adapters-from FILE")
+    if names is not None and len(names) != len(adapters):
+        raise UsageError(f"--names gives {len(names)} names for {len(adapters)} adapter folders")
+    return adapters, names
+
+
 def _build(args: argparse.Namespace) -> int:
     from .library import build_library
 
-    if args.names is not None and len(args.names) != len(args.adapters):
-        raise UsageError(f"--names gives {len(args.names)} names for {len(args.adapters)} adapter folders")
+    adapters, names = _adapters_and_names(args)
     _check_workers(args.workers)
     _check_output_file(args.output)
     report = build_library(
-        args.adapters,
+        adapters,
         args.output,
-        names=args.names,
+        names=names,
         dtype=_DTYPES[args.dtype],
         workers=args.workers,
         progress=not args.quiet,
@@ -80,14 +123,13 @@ def _build(args: argparse.Namespace) -> int:
 def _add(args: argparse.Namespace) -> int:
     from .library import add_adapters
 
-    if args.names is not None and len(args.names) != len(args.adapters):
-        raise UsageError(f"--names gives {len(args.names)} names for {len(args.adapters)} adapter folders")
+    adapters, names = _adapters_and_names(args)
     _check_workers(args.workers)
     _check_output_file(args.output or args.library)
     report = add_adapters(
         args.library,
-        args.adapters,
-        names=args.names,
+        adapters,
+        names=names,
         output=args.output,
         workers=args.workers,
         progress=not args.quiet,
@@ -100,8 +142,13 @@ def _add(args: argparse.Namespace) -> int:
 def _remove(args: argparse.Namespace) -> int:
     from .library import remove_adapters
 
+    names = list(args.names)
+    if args.names_from is not None:
+        names += [line.strip() for _, line in _list_file(args.names_from, "--names-from")]
+    if not names:
+        raise UsageError("no adapters to remove: give their names, or --names-from FILE")
     _check_output_file(args.output or args.library)
-    print(f"wrote {remove_adapters(args.library, args.names, output=args.output)}")
+    print(f"wrote {remove_adapters(args.library, names, output=args.output)}")
     return 0
 
 
@@ -196,6 +243,15 @@ def _demo(args: argparse.Namespace) -> int:
     return demo.run(args)
 
 
+def _adapters_from(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--adapters-from",
+        metavar="FILE",
+        help="more adapters, one per line: a folder or Hub path, optionally a tab and its name ('-': standard "
+        "input; '#' lines skipped); for libraries too large for a command line",
+    )
+
+
 def _resume(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument(
         "--resume",
@@ -225,7 +281,8 @@ def _parser(with_demo: bool = True) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("build", parents=[debug], help="align PEFT LoRA folders into one library file", epilog=_EPILOG)
-    p.add_argument("adapters", nargs="+", help="PEFT adapter folders, or Hub paths user/repo[/subfolder]")
+    p.add_argument("adapters", nargs="*", help="PEFT adapter folders, or Hub paths user/repo[/subfolder]")
+    _adapters_from(p)
     p.add_argument("-o", "--output", required=True, type=Path, help="library file to write (.safetensors)")
     p.add_argument("--names", nargs="+", help="adapter names (default: folder names, Hub paths as given)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="storage dtype")
@@ -247,7 +304,8 @@ def _parser(with_demo: bool = True) -> argparse.ArgumentParser:
         help="append PEFT LoRA folders to a library file (existing adapters are not re-aligned)",
     )
     p.add_argument("library", type=Path, help="library file, replaced atomically unless -o is given")
-    p.add_argument("adapters", nargs="+", help="PEFT adapter folders (or Hub paths) to add")
+    p.add_argument("adapters", nargs="*", help="PEFT adapter folders (or Hub paths) to add")
+    _adapters_from(p)
     p.add_argument("-o", "--output", type=Path, help="write the grown library here instead")
     p.add_argument("--names", nargs="+", help="names of the new adapters (default: folder names)")
     _resume(p, "add")
@@ -256,7 +314,10 @@ def _parser(with_demo: bool = True) -> argparse.ArgumentParser:
 
     p = sub.add_parser("remove", parents=[debug], help="drop adapters from a library file", epilog=_EPILOG)
     p.add_argument("library", type=Path, help="library file, replaced atomically unless -o is given")
-    p.add_argument("names", nargs="+", help="names of the adapters to drop")
+    p.add_argument("names", nargs="*", help="names of the adapters to drop")
+    p.add_argument(
+        "--names-from", metavar="FILE", help="more names, one per line ('-': standard input; '#' lines skipped)"
+    )
     p.add_argument("-o", "--output", type=Path, help="write the smaller library here instead")
     p.set_defaults(func=_remove)
 

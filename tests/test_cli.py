@@ -200,3 +200,53 @@ def test_add_and_remove_errors_are_one_line(adapters, tmp_path, capsys, monkeypa
     assert main(["add", str(lib), str(adapters[2]), "-o", str(tmp_path / "no" / "x"), "-q"]) == EXIT_USAGE
     _one_line_error(capsys, "does not exist")
     assert lib.read_bytes() == before
+
+
+def test_adapter_and_name_lists_from_files(adapters, tmp_path, capsys, monkeypatch):
+    """--adapters-from / --names-from: for more adapters than a command line holds."""
+    import io
+
+    scratch, lib = tmp_path / "scratch.safetensors", tmp_path / "lib.safetensors"
+    assert main(["build", *map(str, adapters), "-o", str(scratch), "-q", "--names", "x", "y", "z"]) == 0
+    listed = tmp_path / "adapters.txt"
+    listed.write_text(f"# one per line\n{adapters[0]}\tx\n\n  {adapters[1]}\ty  \n{adapters[2]}\tz\n")
+    assert main(["build", "--adapters-from", str(listed), "-o", str(lib), "-q"]) == 0
+    assert lib.read_bytes() == scratch.read_bytes()
+    # without names, after the command line's adapters; '-' reads standard input
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{adapters[1]}\n{adapters[2]}\n"))
+    assert main(["build", str(adapters[0]), "--adapters-from", "-", "-o", str(lib), "-q"]) == 0
+    assert Library.load(lib).names == ["doc0", "doc1", "doc2"]
+    (tmp_path / "drop.txt").write_text("doc1\n# keep doc2\n")
+    assert main(["remove", str(lib), "doc0", "--names-from", str(tmp_path / "drop.txt")]) == 0
+    assert Library.load(lib).names == ["doc2"]
+    (tmp_path / "more.txt").write_text(f"{adapters[0]}\n{adapters[1]}\n")
+    assert main(["add", str(lib), "--adapters-from", str(tmp_path / "more.txt"), "-q"]) == 0
+    assert Library.load(lib).names == ["doc2", "doc0", "doc1"]
+    capsys.readouterr()
+
+    _fail_if_aligning(monkeypatch)
+    out = ["-o", str(tmp_path / "never.safetensors"), "-q"]
+    for text, needle in [
+        (
+            f"{adapters[0]}\tx\n{adapters[1]}\n",
+            "names adapters (line 1): then every line must name its adapter (line 2",
+        ),
+        (f"{adapters[0]}\tx\ty\n", "line 1: expected a folder or Hub path, optionally a tab and the adapter's name"),
+        (f"{adapters[0]}\t\n", "line 1: expected a folder or Hub path"),
+        (f"\t{adapters[0]}\n", "line 1: expected a folder or Hub path"),
+        ("# nothing\n\n", "no adapters: give PEFT folders (or Hub paths), or --adapters-from FILE"),
+    ]:
+        listed.write_text(text)
+        assert main(["build", "--adapters-from", str(listed), *out]) == EXIT_USAGE
+        _one_line_error(capsys, needle)
+    listed.write_text(f"{adapters[0]}\tx\n")
+    assert main(["build", str(adapters[1]), "--adapters-from", str(listed), *out]) == EXIT_USAGE
+    _one_line_error(capsys, "no adapter or --names may come from the command line")
+    assert main(["build", "--adapters-from", str(tmp_path / "missing.txt"), *out]) == EXIT_USAGE
+    _one_line_error(capsys, "--adapters-from", "missing.txt", "No such file or directory")
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00")
+    assert main(["build", "--adapters-from", str(tmp_path / "binary.txt"), *out]) == EXIT_USAGE
+    _one_line_error(capsys, "is not UTF-8 text")
+    assert main(["remove", str(lib)]) == EXIT_USAGE
+    _one_line_error(capsys, "no adapters to remove: give their names, or --names-from FILE")
+    assert not (tmp_path / "never.safetensors").exists()
