@@ -46,12 +46,14 @@ class BuildReport:
     resumed: int = 0  # adapters whose rows a resumed build took from a killed build's temp file
 
     def __str__(self) -> str:
-        if self.resumed:
-            work = f"{self.aligned} aligned, {self.resumed} kept from a killed build, in {self.seconds:.1f} s"
-        elif self.aligned == self.adapters:  # a build: every adapter aligned
+        copied = self.adapters - self.aligned - self.resumed  # add / remove: rows of the old library
+        if self.aligned == self.adapters:  # a build: every adapter aligned
             work = f"built in {self.seconds:.1f} s, {self.aligned / max(self.seconds, 1e-9):.1f} adapters/s"
-        else:  # add / remove: the other rows were copied, not aligned
-            work = f"{self.aligned} aligned, {self.adapters - self.aligned} copied, in {self.seconds:.1f} s"
+        else:
+            parts = [f"{self.aligned} aligned"]
+            parts += [f"{self.resumed} kept from a killed build"] if self.resumed else []
+            parts += [f"{copied} copied"] if copied else []
+            work = ", ".join(parts) + f", in {self.seconds:.1f} s"
         return f"{self.path}: {self.adapters} adapters, {self.modules} modules, {self.nbytes:,} bytes ({work})"
 
 
