@@ -279,8 +279,8 @@ def write_library(
             "resume=True (command line: --resume) would have continued it",
             stacklevel=3,
         )
-    with LibraryWriter(output, plan, adopt=found[0] if found and resume else None) as writer:
-        carried = found[1] if writer.file.adopted else set()
+    with LibraryWriter(output, plan, adopt=found[0] if found and resume else None, layout=layout) as writer:
+        carried = found[1] if writer.file.adopted else {}
         journal = BuildJournal(writer.file.temp, writer.file.fd, folders, carried)
         todo = [i for i in folders if i not in carried]
         jobs = jobs_for(plan, paths, first_index)

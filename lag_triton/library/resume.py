@@ -55,18 +55,18 @@ def _key(folder: Path) -> str:
 
 class BuildJournal:
     """Records adapters whose rows are in the temp file (``data_fd``), durably (module docstring).
-    ``folders``: adapter index -> folder; ``carried``: indices whose rows an adopted file holds."""
+    ``folders``: adapter index -> folder; ``carried``: index -> the verified journal line of each
+    adapter whose rows an adopted file holds (:func:`find_resumable`), recorded again as it was."""
 
-    def __init__(self, temp: Path, data_fd: int, folders: dict[int, Path], carried=()):
+    def __init__(self, temp: Path, data_fd: int, folders: dict[int, Path], carried: dict[int, str] | None = None):
         self.path = journal_path(temp)
         self.data_fd = data_fd
         self.folders = folders
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
-        self.pending: list[str] = []
-        self.entries = 0  # adapters recorded, pending lines included
+        carried = carried or {}
+        self.pending: list[str] = [carried[index] for index in sorted(carried)]
+        self.entries = len(self.pending)  # adapters recorded, pending lines included
         self.last_sync = time.monotonic()
-        for index in sorted(carried):
-            self.done(index)
         self.flush()
 
     def done(self, index: int) -> None:
@@ -109,10 +109,10 @@ def set_aside(temp: Path, path: Path) -> Path:
     return kept
 
 
-def find_resumable(path: Path, head: bytes, size: int, folders: dict[int, Path]) -> tuple[Path, set[int]] | None:
-    """A dead build's temp file for ``path`` with this ``head`` and ``size``, and the adapter indices
-    whose rows it holds unchanged (``folders``: index -> folder of every adapter to build); None when
-    there is none. The largest such set wins when several dead builds left files."""
+def find_resumable(path: Path, head: bytes, size: int, folders: dict[int, Path]) -> tuple[Path, dict[int, str]] | None:
+    """A dead build's temp file for ``path`` with this ``head`` and ``size``, and the adapters whose
+    rows it holds unchanged: index -> their journal line (``folders``: index -> folder of every
+    adapter to build); None when there is none. The most adapters win when several builds left files."""
     best = None
     for temp in sio.stale_temps(path):
         if temp.name.endswith(_JOURNAL + sio.TEMP_SUFFIX) or not journal_path(temp).is_file():
@@ -131,8 +131,8 @@ def find_resumable(path: Path, head: bytes, size: int, folders: dict[int, Path])
     return best
 
 
-def _journal_entries(journal: Path, folders: dict[int, Path]) -> set[int]:
-    done = set()
+def _journal_entries(journal: Path, folders: dict[int, Path]) -> dict[int, str]:
+    done = {}
     for line in journal.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             entry = json.loads(line)
@@ -142,7 +142,7 @@ def _journal_entries(journal: Path, folders: dict[int, Path]) -> set[int]:
         if isinstance(index, int) and index in folders and _key(folders[index]) == folder:
             try:
                 if adapter_stamp(folders[index]) == stamp:
-                    done.add(index)
+                    done[index] = line
             except Exception:  # the adapter is gone or unreadable now: the build will say so
                 continue
     return done

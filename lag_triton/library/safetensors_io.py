@@ -268,8 +268,14 @@ def _temp_prefix(path: Path) -> str:
     return f".{path.name}.{socket.gethostname()}."
 
 
+def _temp_name(path: Path, owner: str) -> Path:
+    """A fresh temp file name for ``path``: ``owner`` is the writing process's pid, or _SET_ASIDE
+    (what :func:`stale_temps` parses back)."""
+    return path.parent / f"{_temp_prefix(path)}{owner}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+
+
 def _open_temp(path: Path) -> tuple[int, Path]:
-    temp = path.parent / f"{_temp_prefix(path)}{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    temp = _temp_name(path, str(os.getpid()))
     try:
         return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), temp
     except OSError as e:
@@ -300,7 +306,7 @@ def stale_temps(path: Path) -> list[Path]:
 def set_aside_temp(path: Path) -> Path:
     """A new name for a temp file of ``path`` that this process gives up but keeps (a failed build
     that can be resumed): one that :func:`stale_temps` lists although this process lives on."""
-    return path.parent / f"{_temp_prefix(path)}{_SET_ASIDE}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    return _temp_name(path, _SET_ASIDE)
 
 
 def _remove_stale_temps(path: Path) -> None:
@@ -314,7 +320,7 @@ def _remove_stale_temps(path: Path) -> None:
 def _claim_temp(temp: Path, path: Path) -> Path:
     """Rename a dead process's temp file for ``path`` to one of this process (so that no other
     writer removes it as stale); raises FileNotFoundError if another process claimed it first."""
-    claimed = path.parent / f"{_temp_prefix(path)}{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    claimed = _temp_name(path, str(os.getpid()))
     os.rename(temp, claimed)
     return claimed
 

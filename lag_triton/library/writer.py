@@ -171,9 +171,9 @@ class LibraryWriter:
     """The file of ``plan`` at ``path``: header, index maps and general means written on creation,
     rows after; ``adopt`` continues a dead build's temp file of this plan (:mod:`.resume`)."""
 
-    def __init__(self, path: Path, plan: LibraryPlan, adopt: Path | None = None):
+    def __init__(self, path: Path, plan: LibraryPlan, adopt: Path | None = None, layout: sio.Layout | None = None):
         self.plan = plan
-        self.layout = plan.layout()
+        self.layout = plan.layout() if layout is None else layout  # ``layout``: plan.layout(), when known
         self.file = StreamingFile(Path(path), self.layout.size, adopt)
         try:
             self.file.pwrite(self.layout.head, 0)
