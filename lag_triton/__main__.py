@@ -279,6 +279,7 @@ def _parser(with_demo: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lag_triton", description=__doc__, epilog=_EPILOG)
     parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.commands = sub.choices  # command name -> its parser, for _parse
 
     p = sub.add_parser("build", parents=[debug], help="align PEFT LoRA folders into one library file", epilog=_EPILOG)
     p.add_argument("adapters", nargs="*", help="PEFT adapter folders, or Hub paths user/repo[/subfolder]")
@@ -344,7 +345,7 @@ def _parser(with_demo: bool = True) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser(with_demo="demo" in argv)
-    args = parser.parse_args(argv)  # exits 2 with argparse's own one-line message on a bad command line
+    args = _parse(parser, argv)  # exits 2 with argparse's own one-line message on a bad command line
     try:
         return args.func(args)
     except UsageError as e:
@@ -365,6 +366,23 @@ def main(argv: list[str] | None = None) -> int:
         if not args.debug:  # the traceback printed them
             _print_notes(e)
         return EXIT_FAILED
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, except that a command's options may come between its positional
+    arguments (``remove LIB --names-from F NAME``, ``build A -o X B``): plain argparse stops filling
+    a positional list at the first option, and its intermixed parsing refuses subparsers, so the
+    command's own parser takes the arguments after the command name."""
+    commands = parser.commands
+    at = next((i for i, arg in enumerate(argv) if not arg.startswith("-")), None)
+    if at is None or argv[at] not in commands:
+        return parser.parse_args(argv)  # help, a missing or unknown command: argparse's own message
+    if any(arg != "--debug" for arg in argv[:at]):
+        return parser.parse_args(argv)  # -h, or an unknown option before the command
+    args = commands[argv[at]].parse_intermixed_args(argv[at + 1 :])
+    args.command = argv[at]
+    args.debug = "--debug" in argv[:at] or getattr(args, "debug", False)
+    return args
 
 
 def _print_notes(error: BaseException) -> None:

@@ -139,6 +139,20 @@ def test_argparse_errors_exit_2(capsys):
     assert info.value.code == EXIT_USAGE
 
 
+def test_options_may_come_between_positional_arguments(adapters, tmp_path):
+    """argparse alone stops filling a positional list at the first option: `build A -o X B` and
+    `remove LIB --names-from F NAME` would fail with "unrecognized arguments"."""
+    lib, scratch = tmp_path / "lib.safetensors", tmp_path / "scratch.safetensors"
+    assert main(["build", str(adapters[0]), "-o", str(scratch), "-q", str(adapters[1]), str(adapters[2])]) == 0
+    assert main(["build", *map(str, adapters), "-o", str(lib), "-q"]) == 0
+    assert lib.read_bytes() == scratch.read_bytes()
+    (tmp_path / "drop.txt").write_text("doc1\n")
+    assert main(["remove", str(lib), "--names-from", str(tmp_path / "drop.txt"), "doc0"]) == 0
+    assert Library.load(lib).names == ["doc2"]
+    assert main(["--debug", "add", str(lib), "--workers", "0", str(adapters[0]), "-q"]) == 0
+    assert Library.load(lib).names == ["doc2", "doc0"]
+
+
 def test_unexpected_exceptions_are_one_line_unless_debug(tmp_path, capsys, monkeypatch):
     from lag_triton.library import stored
 
