@@ -376,28 +376,39 @@ def test_spectr_rerank_matches_reference(ops, dtype, t, n, d, r, k, m, combine, 
 
 
 @pytest.mark.parametrize(
-    "t,n,d,r,k,m,path",
+    "t,n,d,r,k,m,path,block_k,block_d",
     [
-        (1, 50, 100, 128, 20, 1, "split"),  # 8 candidates per partial-z program
-        (2, 40, 70, 64, 12, 3, "split"),
-        (9, 60, 50, 128, 20, 1, "fused"),  # 4 candidates per select step
-        (3, 40, 40, 128, 20, 16, "split"),  # top_m 16: 16 candidates per step, 8 warps
-        (9, 30, 33, 16, 20, 3, "fused"),
+        # d a multiple of 16: the aligned tiles
+        (1, 50, 128, 128, 20, 1, "split", 8, 16),
+        (2, 40, 64, 64, 12, 3, "split", 16, 16),
+        (9, 60, 96, 128, 20, 1, "fused", 4, 16),
+        (3, 40, 48, 128, 20, 16, "split", 16, 16),  # top_m 16: 16 candidates per step, 8 warps
+        # odd d: scalar loads, tiles an eighth the size, d steps below 16 once candidates are at M_PAD
+        (1, 50, 100, 128, 20, 1, "split", 1, 16),
+        (2, 40, 70, 64, 12, 3, "split", 4, 8),
+        (9, 60, 50, 128, 20, 1, "fused", 1, 8),
+        (3, 40, 40, 128, 20, 16, "split", 16, 4),
+        (9, 30, 33, 16, 20, 3, "fused", 4, 16),
     ],
 )
-def test_spectr_rerank_gpu_launch_plans(ops, monkeypatch, t, n, d, r, k, m, path):
-    """The launch plans a GPU gets for large ranks (fewer candidates per step, shorter d steps), run
-    under the interpreter by planning as on a GPU: the reference's ranking and z."""
+def test_spectr_rerank_gpu_launch_plans(ops, monkeypatch, t, n, d, r, k, m, path, block_k, block_d):
+    """The launch plans a GPU gets for large ranks and for odd d_in (fewer candidates per step,
+    shorter d steps), run under the interpreter by planning as on a GPU: the plan the launcher
+    picked for these operands, then the reference's ranking and z."""
     mod = triton_module(ops, "spectr_rerank")
     monkeypatch.setattr(mod, "interpreting", lambda: False)
     monkeypatch.setattr(mod, "num_sms", lambda device: 4)
-    plan = mod.rerank_plan(t, n, r, d, k, m, False, 4)
-    assert plan.path == path
-    assert plan.block_k * plan.r_pad * plan.block_d <= mod.GATHER_TILE or plan.gather_warps == 8
+    plans = []
+    plan_for = mod.rerank_plan
+    monkeypatch.setattr(mod, "rerank_plan", lambda *args: plans.append(plan_for(*args)) or plans[-1])
     x = randn(t, d, seed=90)
     a = _mixed_rank(randn(n, r, d, seed=91), 1, seed=92)
     cand = _candidates(t, n, k, seed=93)
     sel, w, z = ops.spectr_rerank(x, a, cand, m, "softmax", 0.7)
+    (plan,) = plans
+    tile = mod.GATHER_TILE if d % 16 == 0 else mod.UNALIGNED_GATHER_TILE
+    assert (plan.path, plan.block_k, plan.block_d) == (path, block_k, block_d)
+    assert plan.block_k * plan.r_pad * plan.block_d <= tile or plan.gather_warps == 8
     ref_sel, ref_w, ref_z = reference.spectr_rerank(x, a, cand, m, "softmax", 0.7)
     z64_all = torch.einsum("nrd,td->tnr", a.double(), x.double())
     tol = red_tol(x, a.reshape(n * r, d)) * r**0.5
@@ -406,6 +417,26 @@ def test_spectr_rerank_gpu_launch_plans(ops, monkeypatch, t, n, d, r, k, m, path
         z.double(), z64_all.gather(1, sel.long()[:, :, None].expand(-1, -1, r)), atol=tol, rtol=0
     )
     torch.testing.assert_close(w, ref_w, atol=max(1e-5, 4 * tol), rtol=1e-4)
+
+
+def test_spectr_rerank_plans_as_triton_specialises(ops, monkeypatch):
+    """The launcher plans aligned tiles exactly where Triton's launch marks x and A* divisible by 16:
+    a d_in that is a multiple of 16 with x 4 bytes off a 16-byte boundary gets the unaligned ones."""
+    mod = triton_module(ops, "spectr_rerank")
+    monkeypatch.setattr(mod, "interpreting", lambda: False)
+    seen = []
+    plan_for = mod.rerank_plan
+    monkeypatch.setattr(mod, "rerank_plan", lambda *args: seen.append(args[-1]) or plan_for(*args))
+    n, r, d, t = 24, 6, 64, 2
+    a = randn(n, r, d, seed=94)
+    cand = _candidates(t, n, 8, seed=95)
+    x = randn(t, d, seed=96)
+    shifted = randn(t * d + 1, seed=96)[1:].view(t, d)  # fp32: 4 bytes past the allocation's start
+    odd_rows = randn(t, d + 1, seed=96)[:, :d]  # row stride 65
+    for operand, aligned in ((x, True), (shifted, False), (odd_rows, False)):
+        sel = ops.spectr_rerank(operand, a, cand, 1, "softmax", 1.0)[0]
+        assert seen.pop() is aligned
+        assert torch.equal(sel, reference.spectr_rerank(operand, a, cand, 1, "softmax", 1.0)[0])
 
 
 def test_spectr_rerank_ties_lower_adapter_index(ops):

@@ -9,8 +9,9 @@ here. Must run with TRITON_INTERPRET unset (the interpreter swaps the top-k impl
 Every configuration is compiled twice, as a launch specialises it: *aligned* (pointers and the
 strides / widths that are multiples of 16 on real model shapes, e.g. d_in = 3072, carry Triton's
 divisibility-16 attribute, which is what lets loads vectorise and the d-loops pipeline) and
-*unaligned* (no attribute: the odd-size path, e.g. d_in = 2049), except the kernels launched
-only on aligned operands (``ALIGNED_ONLY``). ``--resources`` prints what
+*unaligned* (no attribute: the odd-size path, e.g. d_in = 2049), except where a launcher picks its
+configuration by alignment (``Case.alignments``: the rerank's tiles, the filtering GEMM launched on
+aligned operands only). ``--resources`` prints what
 ptxas reports per configuration (registers per thread, spill bytes, shared memory): static
 evidence about the compiled kernels that needs no GPU.
 
@@ -22,12 +23,14 @@ the interpreter runs programs one after another, so no CPU test can see a missin
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import subprocess
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from typing import NamedTuple
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -43,6 +46,20 @@ S = sys.modules[__package__ + ".spectr_rerank"]
 G = sys.modules[__package__ + ".group_by_adapter"]
 L = sys.modules[__package__ + ".lora_apply"]
 T = sys.modules[__package__ + ".tuning"]
+
+
+class Case(NamedTuple):
+    """One launch configuration: kernel, argument types, constexprs, warps, and the specialisations it
+    is launched with (True: aligned, False: unaligned; a plan that depends on alignment, as the
+    rerank's does, yields one case per specialisation)."""
+
+    name: str
+    fn: object
+    sig: dict
+    consts: dict
+    warps: int
+    alignments: tuple[bool, ...] = (True, False)
+
 
 # Integer arguments that are multiples of 16 on aligned shapes (pointers always are: torch allocations).
 ALIGNED_INTS = {
@@ -83,88 +100,29 @@ RERANK_SHAPES = [
 
 
 def _rerank_cases(dt: str):
-    """Every kernel launch of spectr_rerank's plans for RERANK_SHAPES (configs from S.rerank_plan)."""
+    """Every kernel launch of spectr_rerank's plans for RERANK_SHAPES (configs from S.rerank_plan),
+    aligned and unaligned: the plan gives unaligned operands smaller tiles."""
+    for (t, n, r, d, k, m, scores), aligned in itertools.product(RERANK_SHAPES, (True, False)):
+        yield from (
+            Case(*case, alignments=(aligned,)) for case in _rerank_plan_cases(dt, t, n, r, d, k, m, scores, aligned)
+        )
+
+
+def _rerank_plan_cases(dt: str, t: int, n: int, r: int, d: int, k: int, m: int, scores: bool, aligned: bool):
+    """The launches of one spectr_rerank plan (aligned or not)."""
     x_a = {"x_ptr": "*" + dt, "a_ptr": "*" + dt}
     strides = {"stride_xt": "i32", "stride_an": "i32", "stride_ar": "i32"}
-    for t, n, r, d, k, m, scores in RERANK_SHAPES:
-        plan = S.rerank_plan(t, n, r, d, k, m, scores, HOPPER_SMS)
-        shape = f"T{t} N{n} r{r} d{d} k{k} m{m}"
-        if plan.path == "split":
-            sig = {
-                **x_a,
-                "cand_ptr": "*i32",
-                "zp_ptr": "*fp32",
-                "sel_ptr": "*i32",
-                "w_ptr": "*fp32",
-                "z_ptr": "*fp32",
-                "ticket_ptr": "*i32",
-                "T": "i32",
-                "N": "i32",
-                "R": "i32",
-                "D": "i32",
-                "K": "i32",
-                "M": "i32",
-                "temperature": "fp32",
-                "d_per_split": "i32",
-                **strides,
-            }
-            for fold in (False, True):  # as the launcher passes them (fold_splits())
-                yield (
-                    f"rerank partial_z {dt} {shape} fold={fold}",
-                    S._partial_z_kernel,
-                    sig,
-                    {
-                        "R_PAD": plan.r_pad,
-                        "BLOCK_K": plan.block_k,
-                        "BLOCK_D": plan.block_d,
-                        **plan.partial_fold_consts(fold, m > 1),
-                    },
-                    plan.gather_warps,
-                )
-        if plan.path == "grouped" and dt == "bf16":  # the counting sort reads adapter ids only: once
-            group_sig = {"cand_ptr": "*i32", "count_ptr": "*i32", "P": "i32", "N": "i32"}
-            yield f"rerank count_pairs {shape}", G._count_pairs_kernel, group_sig, {"BLOCK": G.GROUP_BLOCK}, 4
-            group_sig = {
-                "cand_ptr": "*i32",
-                "cursor_ptr": "*i32",
-                "grouped_ad_ptr": "*i32",
-                "grouped_pair_ptr": "*i64",
-                "P": "i32",
-                "N": "i32",
-            }
-            yield f"rerank scatter_pairs {shape}", G._scatter_pairs_kernel, group_sig, {"BLOCK": G.GROUP_BLOCK}, 4
-            sig = {
-                **x_a,
-                "sorted_ad_ptr": "*i32",
-                "sorted_pair_ptr": "*i64",
-                "z_ptr": "*fp32",
-                "P": "i32",
-                "N": "i32",
-                "R": "i32",
-                "D": "i32",
-                "K": "i32",
-                **strides,
-            }
-            yield (
-                f"rerank grouped_z {dt} {shape}",
-                S._grouped_z_kernel,
-                sig,
-                {
-                    "R_PAD": max(plan.r_pad, 16),
-                    "BLOCK_P": plan.block_p,
-                    "BLOCK_D": plan.grouped_block_d,
-                    "UPCAST": False,
-                },
-                4,
-            )
+    plan = S.rerank_plan(t, n, r, d, k, m, scores, HOPPER_SMS, aligned)
+    shape = f"T{t} N{n} r{r} d{d} k{k} m{m}"
+    if plan.path == "split":
         sig = {
             **x_a,
             "cand_ptr": "*i32",
-            "cs_ptr": "*fp32",
             "zp_ptr": "*fp32",
             "sel_ptr": "*i32",
             "w_ptr": "*fp32",
             "z_ptr": "*fp32",
+            "ticket_ptr": "*i32",
             "T": "i32",
             "N": "i32",
             "R": "i32",
@@ -172,25 +130,92 @@ def _rerank_cases(dt: str):
             "K": "i32",
             "M": "i32",
             "temperature": "fp32",
+            "d_per_split": "i32",
             **strides,
-            "stride_cs": "i32",
+        }
+        for fold in (False, True):  # as the launcher passes them (fold_splits())
+            yield (
+                f"rerank partial_z {dt} {shape} fold={fold}",
+                S._partial_z_kernel,
+                sig,
+                {
+                    "R_PAD": plan.r_pad,
+                    "BLOCK_K": plan.block_k,
+                    "BLOCK_D": plan.block_d,
+                    **plan.partial_fold_consts(fold, m > 1),
+                },
+                plan.gather_warps,
+            )
+    if plan.path == "grouped" and dt == "bf16":  # the counting sort reads adapter ids only: once
+        group_sig = {"cand_ptr": "*i32", "count_ptr": "*i32", "P": "i32", "N": "i32"}
+        yield f"rerank count_pairs {shape}", G._count_pairs_kernel, group_sig, {"BLOCK": G.GROUP_BLOCK}, 4
+        group_sig = {
+            "cand_ptr": "*i32",
+            "cursor_ptr": "*i32",
+            "grouped_ad_ptr": "*i32",
+            "grouped_pair_ptr": "*i64",
+            "P": "i32",
+            "N": "i32",
+        }
+        yield f"rerank scatter_pairs {shape}", G._scatter_pairs_kernel, group_sig, {"BLOCK": G.GROUP_BLOCK}, 4
+        sig = {
+            **x_a,
+            "sorted_ad_ptr": "*i32",
+            "sorted_pair_ptr": "*i64",
+            "z_ptr": "*fp32",
+            "P": "i32",
+            "N": "i32",
+            "R": "i32",
+            "D": "i32",
+            "K": "i32",
+            **strides,
         }
         yield (
-            f"rerank select {dt} {shape} {plan.path}",
-            S._select_kernel,
+            f"rerank grouped_z {dt} {shape}",
+            S._grouped_z_kernel,
             sig,
             {
-                "Z_MODE": plan.z_mode,
-                "Z_SPLITS": plan.z_splits,
-                "HAS_SCORES": scores,
-                "SOFTMAX": m > 1,
-                "R_PAD": plan.r_pad,
-                "M_PAD": plan.m_pad,
-                "BLOCK_K": plan.block_k,
-                "BLOCK_D": plan.block_d,
+                "R_PAD": max(plan.r_pad, 16),
+                "BLOCK_P": plan.block_p,
+                "BLOCK_D": plan.grouped_block_d,
+                "UPCAST": False,
             },
-            plan.select_warps,
+            4,
         )
+    sig = {
+        **x_a,
+        "cand_ptr": "*i32",
+        "cs_ptr": "*fp32",
+        "zp_ptr": "*fp32",
+        "sel_ptr": "*i32",
+        "w_ptr": "*fp32",
+        "z_ptr": "*fp32",
+        "T": "i32",
+        "N": "i32",
+        "R": "i32",
+        "D": "i32",
+        "K": "i32",
+        "M": "i32",
+        "temperature": "fp32",
+        **strides,
+        "stride_cs": "i32",
+    }
+    yield (
+        f"rerank select {dt} {shape} {plan.path}",
+        S._select_kernel,
+        sig,
+        {
+            "Z_MODE": plan.z_mode,
+            "Z_SPLITS": plan.z_splits,
+            "HAS_SCORES": scores,
+            "SOFTMAX": m > 1,
+            "R_PAD": plan.r_pad,
+            "M_PAD": plan.m_pad,
+            "BLOCK_K": plan.block_k,
+            "BLOCK_D": plan.block_d,
+        },
+        plan.select_warps,
+    )
 
 
 def _apply_sig(dt: str) -> dict:
@@ -219,16 +244,17 @@ def _select_consts(cfg: dict, kp: int, scoped: bool, split: bool, fold: bool) ->
     return dict(cfg, HAS_SCOPE=scoped, SPLIT=split, SPLITS=splits, K_PAD=kp, **A.select_fold_consts(fold, splits, kp))
 
 
-def _cases():
-    """Every configuration of ``_launch_cases`` once: the plans of different shapes often coincide
-    (same kernel, signature, constants and warps), and one compile covers them all."""
+def _jobs():
+    """Every (configuration, specialisation) of ``_launch_cases`` once: the plans of different
+    shapes often coincide (same kernel, signature, constants and warps), and one compile covers
+    them all."""
     seen = set()
-    for case in _launch_cases():
-        _, fn, sig, consts, warps = case
-        key = (fn.__name__, tuple(sig.items()), tuple(sorted(consts.items())), warps)
-        if key not in seen:
-            seen.add(key)
-            yield case
+    for case in map(lambda c: Case(*c), _launch_cases()):
+        for aligned in case.alignments:
+            key = (case.fn.__name__, tuple(case.sig.items()), tuple(sorted(case.consts.items())), case.warps, aligned)
+            if key not in seen:
+                seen.add(key)
+                yield case, aligned
 
 
 def _launch_cases():
@@ -368,14 +394,10 @@ def _launch_cases():
             )
 
 
-#: kernels launched only on aligned operands (``arrow_filter.operands_fit``): no unaligned compile
-ALIGNED_ONLY = (AF._filter_gemm_kernel,)
-
-
 def _filter_cases():
     """The filtering GEMM path (arrow_filter), as filter_plan sizes it (GPU_CONFIG; compiled with 3
     pipeline stages, as GPU_CONFIG launches it). The GEMM is launched for 16-bit aligned operands
-    only (``operands_fit``, ALIGNED_ONLY); the finish kernel for any."""
+    only (``operands_fit``); the finish kernel for any."""
     assert AF.GPU_CONFIG["num_stages"] == 3
     common = {"T": "i32", "N": "i32", "D": "i32", "K": "i32", "S": "i32", "STRIDE": "i32"}
     strides = {"stride_xt": "i32", "stride_pn": "i32", "stride_allowed": "i32"}
@@ -391,12 +413,13 @@ def _filter_cases():
                 plan = AF.filter_plan(t, n, k)
                 cfg = {key: plan[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "CAP")}
                 if k == 20 and dt != "fp32":  # the GEMM's code does not depend on k; its CAP only moves pointers
-                    yield (
+                    yield Case(
                         f"arrow filter gemm {dt} scoped={scoped} {cfg}",
                         AF._filter_gemm_kernel,
                         gemm_sig,
                         dict(cfg, HAS_SCOPE=scoped, UPCAST=False),
                         plan["num_warps"],
+                        alignments=(True,),
                     )
                 consts = dict(K_PAD=AF.next_pow2(k), CAP=plan["CAP"], RESCORE_N=plan["RESCORE_N"])
                 yield (
@@ -469,9 +492,9 @@ def _ptxas_resources(ptx: str, capability: int) -> dict:
 
 
 def _compile(job):
-    """Compile case `index` of _cases() (aligned or not); returns (name, error or None, resources or None)."""
-    index, aligned, capability, resources = job
-    name, fn, sig, consts, warps = list(_cases())[index]
+    """Compile job `index` of _jobs(); returns (name, error or None, resources or None)."""
+    index, capability, resources = job
+    (name, fn, sig, consts, warps, _), aligned = list(_jobs())[index]
     name = f"{name} {'aligned' if aligned else 'unaligned'}"
     full_sig = dict(sig, **{k: "constexpr" for k in consts})
     attrs = {}
@@ -511,12 +534,7 @@ def main(argv=None) -> int:
         print("unset TRITON_INTERPRET: the interpreter build of these kernels is not what a GPU compiles")
         return 2
     capability = args.capability_opt or args.capability
-    jobs = [
-        (i, aligned, capability, args.resources)
-        for i, case in enumerate(_cases())
-        for aligned in (True, False)
-        if aligned or case[1] not in ALIGNED_ONLY
-    ]
+    jobs = [(i, capability, args.resources) for i in range(sum(1 for _ in _jobs()))]
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         results = list(pool.map(_compile, jobs))
     failures = 0

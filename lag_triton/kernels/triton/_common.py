@@ -57,6 +57,14 @@ def prev_pow2(n: int) -> int:
     return 1 << (int(n).bit_length() - 1) if n >= 1 else 0
 
 
+def divisible_by_16(*tensors: torch.Tensor, ints: tuple[int, ...] = ()) -> bool:
+    """Whether a launch gets Triton's divisibility-16 specialisation on these operands: every data
+    pointer 16-byte aligned and every integer (widths, row strides) a multiple of 16. Only then do
+    loads along a unit-stride dim vectorise; without it every scalar load holds its own 64-bit
+    address, so the launch plans give such operands smaller tiles (``_aot_check --resources``)."""
+    return all(t.data_ptr() % 16 == 0 for t in tensors) and all(i % 16 == 0 for i in ints)
+
+
 def rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     """Kernels index the last dim with unit stride; copy only when it is not (a shape/stride check, no sync)."""
     return t if t.stride(-1) == 1 else t.contiguous()

@@ -42,6 +42,7 @@ from ._common import (
     EMPTY_SLOT,
     beats,
     cdiv,
+    divisible_by_16,
     dot_scores,
     flush_buffer,
     interpreting,
@@ -214,8 +215,8 @@ def operands_fit(x: torch.Tensor, prototypes: torch.Tensor) -> bool:
     and odd strides, which spill, keep the GEMM + select path. The interpreter takes any operands."""
     if interpreting():
         return True
-    return x.dtype in (torch.float16, torch.bfloat16) and all(
-        t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 for t in (x, prototypes)
+    return x.dtype in (torch.float16, torch.bfloat16) and divisible_by_16(
+        x, prototypes, ints=(x.stride(0), prototypes.stride(0))
     )
 
 

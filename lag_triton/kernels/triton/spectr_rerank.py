@@ -38,6 +38,7 @@ from ._common import (
     EMPTY_SLOT,
     NO_ADAPTER,
     cdiv,
+    divisible_by_16,
     fold_splits,
     interpreting,
     last_to_arrive,
@@ -395,6 +396,9 @@ def _rank_token(
 #: thread at 4 warps; half of it in a select that gathers): on sm_90 the rank-6 to rank-128
 #: configurations compile without spills at these sizes (``_aot_check --resources``)
 GATHER_TILE = 16384
+#: the same for operands without Triton's divisibility-16 specialisation (odd d_in): their loads are
+#: scalar, each holding a 64-bit address, so a tile costs about three times the registers
+UNALIGNED_GATHER_TILE = GATHER_TILE // 8
 
 
 @dataclass(frozen=True)
@@ -429,32 +433,42 @@ class RerankPlan:
         return self.gather_warps if self.z_mode == 0 else 4
 
 
-def _gather_blocks(m_pad: int, r_pad: int, tile: int) -> dict:
+def _gather_blocks(m_pad: int, r_pad: int, tile: int, min_block_d: int) -> dict:
     """Launch constants of the gather-GEMV tiles [BLOCK_K or M_PAD, R_PAD, BLOCK_D]: at most ``tile``
     fp32 values, a large rank taking fewer candidates per step (down to M_PAD, which the running
-    top-m needs), then a shorter d step; a tile still larger (top_m 16 at rank 128) gets 8 warps."""
+    top-m needs) while the d step keeps 16 elements (32 bytes of a row: whole sectors), then a
+    shorter d step (down to ``min_block_d``); a tile still larger gets 8 warps."""
     if interpreting():  # larger steps: fewer interpreted iterations
         block_k = max(m_pad, 64)
         return dict(block_k=block_k, block_d=max(16, min(128, prev_pow2(8192 // (max(m_pad, 16) * r_pad)))))
     block_k = max(m_pad, min(16, tile // (r_pad * 16)))
-    block_d = max(16, min(64, prev_pow2(tile // (block_k * r_pad))))
+    block_d = max(min_block_d, min(64, prev_pow2(tile // (block_k * r_pad))))
     return dict(block_k=block_k, block_d=block_d, gather_warps=8 if block_k * r_pad * block_d > tile else 4)
 
 
-def rerank_plan(t: int, n: int, r: int, d: int, k: int, m: int, has_scores: bool, sms: int) -> RerankPlan:
-    """The launch plan of ``spectr_rerank`` for these shapes on a GPU with ``sms`` SMs."""
+def rerank_plan(
+    t: int, n: int, r: int, d: int, k: int, m: int, has_scores: bool, sms: int, aligned: bool = True
+) -> RerankPlan:
+    """The launch plan of ``spectr_rerank`` for these shapes on a GPU with ``sms`` SMs; ``aligned``:
+    x and A* get Triton's divisibility-16 specialisation (:func:`._common.divisible_by_16`)."""
     m_pad, r_pad = next_pow2(m), next_pow2(r)
     pads = dict(m_pad=m_pad, r_pad=r_pad)
+    # A vectorised load needs a d step of at least one 16-byte vector per row and lane group; scalar
+    # loads can step by less, which keeps the largest tiles (top_m 16 at rank 128) spill-free.
+    tile, min_block_d = (GATHER_TILE, 16) if aligned else (UNALIGNED_GATHER_TILE, 4)
     # The select that gathers z itself (fused, scores) keeps its running top-m and the winners' tile
     # live beside the gather tile: half the tile of the partial-z programs.
-    select_blocks = _gather_blocks(m_pad, r_pad, GATHER_TILE // 2)
+    select_blocks = _gather_blocks(m_pad, r_pad, tile // 2, min_block_d)
     if has_scores:  # ranking needs no z: the select computes only the winners' z
         return RerankPlan("scores", **pads, **select_blocks)
-    blocks = _gather_blocks(m_pad, r_pad, GATHER_TILE)
+    blocks = _gather_blocks(m_pad, r_pad, tile, min_block_d)
     if t >= 64 and t * k >= n:  # many tokens sharing adapters; [BLOCK_P, R_PAD] fp32 accumulators x 2
         block_p = 128 if interpreting() else (64 if r_pad <= 32 else 32)
-        return RerankPlan("grouped", **pads, **blocks, block_p=block_p, grouped_block_d=128 if interpreting() else 64)
-    k_blocks = cdiv(k, blocks["block_k"])
+        block_d = 128 if interpreting() else (64 if aligned else 16)
+        return RerankPlan("grouped", **pads, **blocks, block_p=block_p, grouped_block_d=block_d)
+    # Whether to split d follows the shapes alone (the candidate blocks of the aligned tiles): an odd
+    # d_in takes the path of its aligned neighbours.
+    k_blocks = cdiv(k, _gather_blocks(m_pad, r_pad, GATHER_TILE, 16)["block_k"])
     if t * k_blocks < 2 * sms:  # few tokens: split d across programs so that the whole GPU streams A*
         d_blocks = cdiv(d, blocks["block_d"])
         splits = max(1, min(d_blocks, cdiv(4 * sms, t * k_blocks), 64))
@@ -504,9 +518,10 @@ def spectr_rerank(
         return sel, w, z
     has_scores = candidate_scores is not None
     cs = candidate_scores.float().contiguous() if has_scores else w  # dummy pointer when absent
-    plan = rerank_plan(t, n, r, d, k, m, has_scores, num_sms(dev))
-    softmax = m > 1 and combine == "softmax"
     strides = (x.stride(0), a_star.stride(0), a_star.stride(1))
+    aligned = divisible_by_16(x, a_star, ints=(d, *strides))
+    plan = rerank_plan(t, n, r, d, k, m, has_scores, num_sms(dev), aligned)
+    softmax = m > 1 and combine == "softmax"
     zp = w  # dummy pointer unless a z path writes it
     if plan.path == "grouped":
         p = t * k
