@@ -153,7 +153,9 @@ def run(args) -> dict:
     with TreeRss() as rss:
         t0 = time.perf_counter()
         if args.in_memory:
-            lib = Library.from_peft(paths, dtype=_DTYPES[args.library_dtype], progress=not args.quiet)
+            lib = Library.from_peft(
+                paths, dtype=_DTYPES[args.library_dtype], workers=args.workers, progress=not args.quiet
+            )
             lib.save(output)
             del lib
         else:
@@ -206,7 +208,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rank", type=int, default=6)
     p.add_argument("--adapter-dtype", choices=sorted(_DTYPES), default="bfloat16")
     p.add_argument("--library-dtype", choices=sorted(_DTYPES), default="bfloat16")
-    p.add_argument("--workers", type=int, default=None, help="alignment processes (default: one per core)")
+    p.add_argument(
+        "--workers", type=int, default=None, help="alignment processes (default: one per core; in memory: none)"
+    )
     p.add_argument("--in-memory", action="store_true", help="Library.from_peft + save (the old way), to compare")
     p.add_argument("--cold", action="store_true", help="evict the adapter files from the page cache first")
     p.add_argument("--keep", action="store_true", help="keep the library file (default: delete it)")

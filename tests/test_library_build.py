@@ -94,6 +94,42 @@ def test_worker_processes_write_the_same_file_and_report_errors(adapters, tmp_pa
     ]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_in_memory_build_with_workers_is_the_same_library(adapters, tmp_path, dtype, monkeypatch):
+    """workers=N in memory: the rows come back from the worker processes as bytes; the library saves
+    to the same bytes as the one aligned in this process, whose default stays in-process."""
+    from lag_triton.library import build
+
+    received = []
+    receive = build.MemoryTarget.receive
+    monkeypatch.setattr(build.MemoryTarget, "receive", lambda self, rows: received.append(rows) or receive(self, rows))
+    parallel = Library.from_peft(adapters, dtype=dtype, progress=False, workers=2)
+    assert len(received) == len(adapters)  # every adapter's rows came from a worker
+    parallel.save(tmp_path / "parallel.safetensors")
+    assert (tmp_path / "parallel.safetensors").read_bytes() == _saved_bytes(adapters, tmp_path, dtype)
+    assert all(m.a_star.dtype == dtype for m in parallel.modules.values())
+    started = []
+    monkeypatch.setattr(build, "ProcessPoolExecutor", lambda *a, **k: started.append(a) or pytest.fail("workers"))
+    Library.from_peft(adapters[:2], progress=False)
+    assert started == []
+
+
+def test_in_memory_build_reports_a_worker_s_adapter_error(adapters, tmp_path):
+    """An adapter that fails inside a worker (non-finite weights are found as it is aligned, after
+    every header was planned): its error, naming it, as from an in-process build."""
+    from safetensors.torch import load_file
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in adapters[1].iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    weights = load_file(str(bad / "adapter_model.safetensors"))
+    weights[next(k for k in weights if k.endswith("lora_B.weight"))][0, 0] = float("nan")
+    save_file(weights, str(bad / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match=r"bad'.*non-finite values"):
+        Library.from_peft([*adapters, bad], progress=False, workers=2)
+
+
 def test_bad_arguments_fail_before_any_file_is_written(adapters, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="workers must be an int >= 0"):
         build_library(adapters, tmp_path / "x", workers=-1, progress=False)

@@ -27,7 +27,7 @@ from .peft_reader import PeftAdapter
 from .plan import LibraryPlan, check_folder_names, plan_adapters, single_base_model
 from .resume import BuildJournal, find_resumable, set_aside
 from .weights import FACTOR_DTYPES, ModuleWeights
-from .writer import LibraryWriter
+from .writer import LibraryWriter, tensor_bytes
 
 # Below this many adapters, starting worker processes costs more than it saves.
 _MIN_ADAPTERS_FOR_WORKERS = 16
@@ -126,8 +126,9 @@ def _init_worker(target, general: GeneralKnowledge | None) -> None:
     _worker_target, _worker_general = target, general  # the means cross once per worker, not per job
 
 
-def _worker_job(job: Job) -> None:
+def _worker_job(job: Job) -> list | None:
     align_and_write(_worker_target, job, _worker_general)
+    return _worker_target.take() if isinstance(_worker_target, RowsToParent) else None
 
 
 def default_workers(jobs: int) -> int:
@@ -148,7 +149,8 @@ def run_jobs(
 ) -> None:
     """Align and write every job (subtracting ``general``'s means first, when given); ``workers`` = 0
     aligns here, None picks :func:`default_workers`. ``on_done(position)`` is called, in job order,
-    once job ``position``'s rows are written."""
+    once job ``position``'s rows are written. Workers write a file target's rows themselves; a
+    :class:`MemoryTarget`'s rows come back with each job's result."""
     on_done = on_done or (lambda position: None)
     workers = default_workers(len(jobs)) if workers is None else workers
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
@@ -167,14 +169,18 @@ def run_jobs(
             return
         context = multiprocessing.get_context("forkserver")  # no fork of a process with OpenMP threads
         context.set_forkserver_preload(["lag_triton.library.build"])  # import torch once, in the server
+        in_memory = isinstance(target, MemoryTarget)
+        worker_target = RowsToParent(target.dtype) if in_memory else target
         with ProcessPoolExecutor(
-            workers, mp_context=context, initializer=_init_worker, initargs=(target, general)
+            workers, mp_context=context, initializer=_init_worker, initargs=(worker_target, general)
         ) as pool:
             pending: deque = deque()  # (position, future)
 
             def finish_oldest() -> None:
                 position, future = pending.popleft()
-                future.result()
+                rows = future.result()
+                if in_memory:
+                    target.receive(rows)
                 on_done(position)
                 bar.update(1)
 
@@ -332,6 +338,11 @@ class MemoryTarget:
         self.a[module][row, :rank] = a_star
         self.b[module][row, :, :rank] = b_star
 
+    def receive(self, rows: list) -> None:
+        """Write the rows a worker's :class:`RowsToParent` sent back."""
+        for module, row, a_star, b_star in rows:
+            self.write_row(module, row, *(RowsToParent.tensor(t, self.dtype) for t in (a_star, b_star)))
+
     def weights(self) -> dict[str, ModuleWeights]:
         index = self.plan.fixed_tensors()
         return {
@@ -346,12 +357,40 @@ class MemoryTarget:
         }
 
 
+class RowsToParent:
+    """A worker's target in an in-memory build: the aligned rows of the adapter it is given, which the
+    job returns to the parent's :class:`MemoryTarget`. They travel as bytes: a pickled tensor would
+    cross through shared memory (/dev/shm), which containers often keep to 64 MB."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.rows: list = []
+
+    def write_row(self, module: str, row: int, a_star: torch.Tensor, b_star: torch.Tensor) -> None:
+        # bytearray: unpickled writable, so the parent wraps it without a copy
+        self.rows.append((module, row, *((tuple(t.shape), bytearray(tensor_bytes(t))) for t in (a_star, b_star))))
+
+    def take(self) -> list:
+        rows, self.rows = self.rows, []
+        return rows
+
+    @staticmethod
+    def tensor(sent: tuple[tuple[int, ...], bytearray], dtype: torch.dtype) -> torch.Tensor:
+        shape, data = sent
+        return torch.frombuffer(data, dtype=dtype).view(shape) if data else torch.empty(shape, dtype=dtype)
+
+
 def build_in_memory(
-    paths, names, dtype, progress: bool, general_adapters=None
+    paths, names, dtype, progress: bool, general_adapters=None, workers: int = 0
 ) -> tuple[LibraryPlan, dict[str, ModuleWeights]]:
     paths, plan = plan_build(paths, names, dtype, general_adapters)
     target = MemoryTarget(plan)
     run_jobs(
-        target, jobs_for(plan, paths), workers=0, progress=progress, desc="aligning adapters", general=plan.general
+        target,
+        jobs_for(plan, paths),
+        workers=workers,
+        progress=progress,
+        desc="aligning adapters",
+        general=plan.general,
     )
     return plan, target.weights()

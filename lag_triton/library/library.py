@@ -110,10 +110,15 @@ class Library:
         Reads every folder's config and tensor headers first (so a bad adapter fails before any
         work), then loads and aligns one adapter at a time. Without ``output`` the library is
         built in memory. With ``output`` the aligned rows stream straight into that file (memory
-        bounded by a few adapters whatever N is; ``workers`` processes align in parallel, see
-        :func:`.build.build_library`) and the library returned is ``Library.load(output,
+        bounded by a few adapters whatever N is) and the library returned is ``Library.load(output,
         check_values=False)``: its values were checked as they were aligned, so the file just
         written is not read again (``patch`` checks the copies it keeps).
+
+        ``workers``: processes that align in parallel (0: this process). With ``output``, None
+        starts one per core from 16 adapters on (:func:`.build.build_library`); in memory, None
+        aligns in this process (an unguarded script keeps working) and ``workers=N`` aligns in N
+        processes that send each adapter's rows back. Either way the library is the same, bit for bit, and
+        a script that starts workers must guard its top level with ``if __name__ == "__main__":``.
 
         ``general_adapters`` (PEFT folders or Hub paths): general knowledge subtraction, as PEFT's
         ``create_arrow_model(..., general_adapter_paths=...)`` with ``use_gks=True`` does it: their
@@ -137,7 +142,8 @@ class Library:
                 resume=resume,
             )
             return cls.load(output, check_values=False)
-        plan, weights = build_in_memory(paths, names, dtype, progress, general_adapters)
+        workers = 0 if workers is None else workers  # in memory, workers are asked for (see above)
+        plan, weights = build_in_memory(paths, names, dtype, progress, general_adapters, workers)
         return cls(plan.names, weights, base_model=plan.base_model, general=plan.general)
 
     # -- files -------------------------------------------------------------------------------------
