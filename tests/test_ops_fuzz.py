@@ -6,7 +6,8 @@ scores, missing candidates (-1), candidate scores, top_m and combine, and for th
 opt-in paths (the one-launch decode Arrow, the filtering GEMM). Operands are small integers and
 weights multiples of 1/4, so every fp32 dot product and sum is exact in any order: the selections,
 scores, z and y must equal the reference's exactly (ties included), and only the softmax weights get
-a tolerance (exp differs by an ulp between implementations).
+a tolerance (exp differs by an ulp between implementations). The rerank also draws the launch plans
+a GPU makes (its tile sizes and SM count) in place of the interpreter's larger tiles.
 
 Derandomized (the same examples in every run, no database): ``LAG_FUZZ_EXAMPLES`` (default 8 per
 op and backend) raises the count for a long hunt, e.g. ``LAG_FUZZ_EXAMPLES=500 LAG_FUZZ_SEED=3``
@@ -105,7 +106,13 @@ def test_fuzz_spectr_rerank(ops, monkeypatch, data):
     if data.draw(st.booleans(), label="candidate scores"):  # the "arrow" router: rank and weight by a_i
         scores = torch.randint(0, 5, (t, k), generator=g).float().to(DEVICE)
         scores[cand < 0] = float("nan")
-    with _drawn_path(ops, monkeypatch, data):
+    with _drawn_path(ops, monkeypatch, data), monkeypatch.context() as mp:
+        if ops.name == "triton" and data.draw(st.booleans(), label="GPU tiles"):
+            # plan as on a GPU: its tile sizes (aligned, or an eighth of them for odd d_in) and SM count
+            mod = __import__("sys").modules[f"{ops.module.__name__}.spectr_rerank"]
+            sms = data.draw(st.sampled_from([4, 132]), label="SMs")
+            mp.setattr(mod, "interpreting", lambda: False)
+            mp.setattr(mod, "num_sms", lambda device: sms)
         sel, w, z = ops.spectr_rerank(x, a, cand, m, combine, temperature, scores)
     ref_sel, ref_w, ref_z = reference.spectr_rerank(x, a, cand, m, combine, temperature, scores)
     assert torch.equal(sel, ref_sel)
