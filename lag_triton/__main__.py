@@ -1,4 +1,4 @@
-"""Command line: ``python -m lag_triton {build,add,remove,info,demo}``."""
+"""Command line: ``python -m lag_triton {build,add,remove,info,doctor,demo}``."""
 
 from __future__ import annotations
 
@@ -215,6 +215,12 @@ def _check_device(text: str) -> None:
             raise UsageError(f"--device {text} cannot be used: {str(e).splitlines()[0]}") from None
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from .doctor import run
+
+    return run(self_test=not args.no_self_test)
+
+
 def _demo(args: argparse.Namespace) -> int:
     if args.adapters < 1:
         raise UsageError(f"--adapters must be >= 1, got {args.adapters}")
@@ -327,6 +333,17 @@ def _parser(with_demo: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--adapters", action="store_true", help="also list every adapter name")
     p.add_argument("--check", action="store_true", help="read and check every factor value (reads the whole file)")
     p.set_defaults(func=_info)
+
+    p = sub.add_parser(
+        "doctor",
+        parents=[debug],
+        epilog=_EPILOG,
+        help="versions, devices, the backend each device gets, and a self-test of every available backend",
+    )
+    p.add_argument(
+        "--no-self-test", action="store_true", help="only report; do not run the backends against the reference"
+    )
+    p.set_defaults(func=_doctor)
 
     p = sub.add_parser(
         "demo",

@@ -1,0 +1,182 @@
+"""``python -m lag_triton doctor``: what this installation can run, and whether it runs it right.
+
+Prints the versions that matter, the devices, which backend ``backend="auto"`` picks on each (and
+why every other one is unavailable there), then a self-test: every available kernel backend runs
+the three ops on each device against the reference (``lag_triton.kernels.reference``) on random
+inputs of odd sizes, 16-bit and fp32. The operands are small integers and the weights multiples of
+1/4, so every fp32 dot product and sum is exact in any order: selections, scores, z and the
+updated y must equal the reference's bit for bit (ties included), the softmax weights to 2e-6.
+On first use on a GPU this compiles the kernels (the CUDA extension: minutes). Exit status 0 when
+every available backend passed, 1 when one did not.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .kernels import BACKENDS, ENV_OVERRIDE, backend_unavailable_reason, get_ops, reference, resolve_backend
+
+#: (T, N, d_in, d_out, r, k, top_m): decode and prefill token counts around the kernels' thresholds,
+#: d_in both a multiple of 16 (vectorised loads) and odd (the unaligned plans), N not a power of two
+CASES = (
+    (1, 301, 64, 96, 6, 20, 1),
+    (7, 301, 67, 33, 6, 20, 3),
+    (70, 301, 64, 96, 5, 20, 1),
+    (133, 97, 131, 70, 16, 8, 2),
+)
+DTYPES = (torch.bfloat16, torch.float32)
+_ENVIRONMENT = (ENV_OVERRIDE, "LAG_TRITON_FOLD_SPLITS", "LAG_TRITON_FILTER_GEMM", "TRITON_INTERPRET")
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """One output of one op that differs from the reference's."""
+
+    backend: str
+    device: str
+    op: str
+    case: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.backend} on {self.device}: {self.op} {self.case}: {self.detail}"
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for package in ("lag_triton", "torch", "triton", "transformers", "peft", "safetensors"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    found["torch"] = torch.__version__  # its own spelling: a CUDA build's local version included
+    found["torch CUDA"] = torch.version.cuda or "none (a CPU build)"
+    found["python"] = platform.python_version()
+    return found
+
+
+def devices() -> list[torch.device]:
+    return [torch.device("cpu")] + [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+
+
+def describe(device: torch.device) -> str:
+    if device.type != "cuda":
+        return f"{device}: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    p = torch.cuda.get_device_properties(device)
+    return f"{device}: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs"
+
+
+def _ints(shape, gen, lo=-3, hi=4, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    return torch.randint(lo, hi, shape, generator=gen).to(dtype).to(device)
+
+
+def _differs(name: str, got: torch.Tensor, want: torch.Tensor, atol: float = 0.0) -> str | None:
+    """None when ``got`` equals ``want`` (NaN equal to NaN; within ``atol``), else where it differs."""
+    if got.shape != want.shape or got.dtype != want.dtype:
+        return f"{name}: {tuple(got.shape)} {got.dtype}, the reference {tuple(want.shape)} {want.dtype}"
+    g, w = got.double().cpu(), want.double().cpu()
+    bad = ~(((g - w).abs() <= atol) | (g.isnan() & w.isnan()) | (g == w))
+    if not bad.any():
+        return None
+    at = tuple(int(i) for i in bad.nonzero()[0])
+    count = int(bad.sum())
+    differ = "1 element differs" if count == 1 else f"{count} elements differ"
+    return f"{name}{list(at)} = {g[at].item():g}, the reference {w[at].item():g} ({differ})"
+
+
+def check_backend(backend: str, device: torch.device, seed: int = 0) -> Iterator[Mismatch]:
+    """Run backend ``backend``'s three ops on ``device`` against the reference (see the module
+    docstring); an op that raises is a mismatch too, and the case goes on to the next one."""
+    for (t, n, d_in, d_out, r, k, m), dtype in ((case, dtype) for case in CASES for dtype in DTYPES):
+        case = f"T={t} N={n} d_in={d_in} d_out={d_out} r={r} k={k} top_m={m} {str(dtype).removeprefix('torch.')}"
+        checks = _case_checks(
+            get_ops(backend),
+            device,
+            torch.Generator().manual_seed(seed + 7919 * t + n),
+            dtype,
+            t,
+            n,
+            d_in,
+            d_out,
+            r,
+            k,
+            m,
+        )
+        op = "arrow_topk"
+        try:
+            for op, detail in checks:
+                if detail is not None:
+                    yield Mismatch(backend, str(device), op, case, detail)
+        except Exception as e:  # noqa: BLE001 - a kernel that fails to compile or launch is a finding
+            yield Mismatch(backend, str(device), op, case, f"raised {type(e).__name__}: {str(e).strip()[:300]}")
+
+
+def _case_checks(ops, device, g, dtype, t, n, d_in, d_out, r, k, m) -> Iterator[tuple[str, str | None]]:
+    """(op, where its output differs from the reference's, or None) for the three ops, in pipeline order."""
+    x = _ints((t, d_in), g, dtype=dtype, device=device)
+    prototypes = _ints((n, d_in), g, lo=-2, hi=3, dtype=dtype, device=device)
+    want_idx, want_scores = reference.arrow_topk(x, prototypes, k)
+    yield "arrow_topk", None  # the op that runs next, should it raise
+    idx, scores = ops.arrow_topk(x, prototypes, k)
+    yield "arrow_topk", _differs("idx", idx, want_idx) or _differs("scores", scores, want_scores)
+
+    a_star = _ints((n, r, d_in), g, lo=-2, hi=3, dtype=dtype, device=device)
+    candidates = want_idx.clone()
+    candidates[torch.rand(candidates.shape, generator=g).to(device) < 0.1] = -1  # missing candidates
+    want = reference.spectr_rerank(x, a_star, candidates, m, "softmax", 0.7)
+    yield "spectr_rerank", None
+    sel, w, z = ops.spectr_rerank(x, a_star, candidates, m, "softmax", 0.7)
+    yield "spectr_rerank", _differs("sel", sel, want[0]) or _differs("z", z, want[2]) or _differs("w", w, want[1], 2e-6)
+
+    b_star = _ints((n, d_out, r), g, dtype=dtype, device=device)
+    y0 = _ints((t, d_out), g, lo=-8, hi=9, dtype=dtype, device=device)
+    w = (torch.randint(0, 5, (t, m), generator=g).float() / 4).to(device)
+    z = _ints((t, m, r), g, device=device)
+    expected = reference.lora_apply(y0.clone(), b_star, want[0], w, z)
+    yield "lora_apply", None
+    y = ops.lora_apply(y0.clone(), ops.prepare_b_star(b_star), want[0], w, z)
+    yield "lora_apply", _differs("y", y, expected)
+
+
+def run(out: Callable[[str], None] = print, self_test: bool = True) -> int:
+    """Print the report; 0 when every available backend passed its self-test, else 1."""
+    out("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
+    set_env = [f"{name}={os.environ[name]}" for name in _ENVIRONMENT if name in os.environ]
+    out("environment: " + (", ".join(set_env) or "no lag_triton or Triton variables set"))
+    if not torch.cuda.is_available():
+        out("CUDA: not available to torch" + ("" if torch.version.cuda else " (a CPU build of torch)"))
+    failures = 0
+    for device in devices():
+        out(describe(device))
+        try:
+            out(f"  backend='auto' routes with: {resolve_backend('auto', device)}")
+        except RuntimeError as e:
+            out(f"  backend='auto': {e}")
+        for backend in BACKENDS:
+            reason = backend_unavailable_reason(backend, device)
+            if reason is not None:
+                out(f"  {backend}: unavailable: {reason}")
+            elif backend == "torch":
+                out("  torch: available (the reference)")
+            elif not self_test:
+                out(f"  {backend}: available")
+            else:
+                start = time.perf_counter()
+                mismatches = list(check_backend(backend, device))
+                seconds = time.perf_counter() - start
+                cases = len(CASES) * len(DTYPES)
+                if not mismatches:
+                    out(f"  {backend}: available; self-test passed ({cases} cases x 3 ops, {seconds:.1f} s)")
+                    continue
+                failures += 1
+                out(f"  {backend}: available; SELF-TEST FAILED ({len(mismatches)} of {cases * 3} checks):")
+                for mismatch in mismatches[:10]:
+                    out(f"    {mismatch.op} {mismatch.case}: {mismatch.detail}")
+    return 1 if failures else 0
