@@ -458,9 +458,8 @@ def rerank_plan(
     tile, min_block_d = (GATHER_TILE, 16) if aligned else (UNALIGNED_GATHER_TILE, 4)
     # The select that gathers z itself (fused, scores) keeps its running top-m and the winners' tile
     # live beside the gather tile: half the tile of the partial-z programs.
-    select_blocks = _gather_blocks(m_pad, r_pad, tile // 2, min_block_d)
     if has_scores:  # ranking needs no z: the select computes only the winners' z
-        return RerankPlan("scores", **pads, **select_blocks)
+        return RerankPlan("scores", **pads, **_gather_blocks(m_pad, r_pad, tile // 2, min_block_d))
     blocks = _gather_blocks(m_pad, r_pad, tile, min_block_d)
     if t >= 64 and t * k >= n:  # many tokens sharing adapters; [BLOCK_P, R_PAD] fp32 accumulators x 2
         block_p = 128 if interpreting() else (64 if r_pad <= 32 else 32)
@@ -468,14 +467,14 @@ def rerank_plan(
         return RerankPlan("grouped", **pads, **blocks, block_p=block_p, grouped_block_d=block_d)
     # Whether to split d follows the shapes alone (the candidate blocks of the aligned tiles): an odd
     # d_in takes the path of its aligned neighbours.
-    k_blocks = cdiv(k, _gather_blocks(m_pad, r_pad, GATHER_TILE, 16)["block_k"])
+    k_blocks = cdiv(k, (blocks if aligned else _gather_blocks(m_pad, r_pad, GATHER_TILE, 16))["block_k"])
     if t * k_blocks < 2 * sms:  # few tokens: split d across programs so that the whole GPU streams A*
         d_blocks = cdiv(d, blocks["block_d"])
         splits = max(1, min(d_blocks, cdiv(4 * sms, t * k_blocks), 64))
         per = cdiv(d_blocks, splits)
         z_splits = cdiv(d_blocks, per)
         return RerankPlan("split", **pads, **blocks, z_splits=z_splits, d_per_split=per * blocks["block_d"])
-    return RerankPlan("fused", **pads, **select_blocks)
+    return RerankPlan("fused", **pads, **_gather_blocks(m_pad, r_pad, tile // 2, min_block_d))
 
 
 @on_tensor_device
