@@ -129,6 +129,7 @@ def test_save_killed_with_sigkill_leaves_the_old_library_intact(saved, tmp_path,
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        proc.stdout.close()
     assert saved.read_bytes() == before
     Library.load(saved)
     # the next save to the same path removes the dead process's temp file

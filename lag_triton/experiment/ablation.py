@@ -23,7 +23,7 @@ from dataclasses import replace
 
 import torch
 
-from .run import ExperimentConfig, run_experiment
+from .run import ExperimentConfig, package_versions, run_experiment
 
 # name -> (what changes, overrides of ExperimentConfig). The first is the default itself.
 VARIANTS: dict[str, tuple[str, dict]] = {
@@ -166,6 +166,7 @@ def main(argv=None) -> int:
         "base_config": {k: v for k, v in vars(base).items() if k != "extra"},
         "environment": {
             "torch": torch.__version__,
+            **package_versions("transformers", "peft"),
             "threads": torch.get_num_threads(),
             "date": time.strftime("%Y-%m-%d"),
         },

@@ -306,7 +306,7 @@ def run_experiment(
         "environment": {
             "python": platform.python_version(),
             "torch": torch.__version__,
-            **_versions("transformers", "peft"),  # their numerics move the figures in the last digits
+            **package_versions("transformers", "peft"),  # their numerics move the figures in the last digits
             "threads": torch.get_num_threads(),
             "machine": platform.machine(),
         },
@@ -316,7 +316,7 @@ def run_experiment(
     return result
 
 
-def _versions(*packages: str) -> dict[str, str]:
+def package_versions(*packages: str) -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
