@@ -111,6 +111,8 @@ def test_gks_file_round_trip_and_every_build_path_agree(folders, tmp_path):
     build_library(tasks, tmp_path / "workers.safetensors", general_adapters=general, workers=2, progress=False)
     assert _bytes(tmp_path / "memory.safetensors") == _bytes(tmp_path / "streamed.safetensors")
     assert _bytes(tmp_path / "memory.safetensors") == _bytes(tmp_path / "workers.safetensors")
+    Library.from_peft(tasks, general_adapters=general, progress=False, workers=2).save(tmp_path / "sent.safetensors")
+    assert _bytes(tmp_path / "memory.safetensors") == _bytes(tmp_path / "sent.safetensors")
 
     header, _ = read_raw(tmp_path / "memory.safetensors")
     assert header["__metadata__"]["format_version"] == "2"
