@@ -112,6 +112,8 @@ def _rerank_plan_cases(dt: str, t: int, n: int, r: int, d: int, k: int, m: int, 
     """The launches of one spectr_rerank plan (aligned or not)."""
     x_a = {"x_ptr": "*" + dt, "a_ptr": "*" + dt}
     strides = {"stride_xt": "i32", "stride_an": "i32", "stride_ar": "i32"}
+    outputs = {"sel_ptr": "*i32", "w_ptr": "*fp32", "z_ptr": "*fp32"}  # and the sizes after them:
+    sizes = {"T": "i32", "N": "i32", "R": "i32", "D": "i32", "K": "i32", "M": "i32", "temperature": "fp32"}
     plan = S.rerank_plan(t, n, r, d, k, m, scores, HOPPER_SMS, aligned)
     shape = f"T{t} N{n} r{r} d{d} k{k} m{m}"
     if plan.path == "split":
@@ -119,17 +121,9 @@ def _rerank_plan_cases(dt: str, t: int, n: int, r: int, d: int, k: int, m: int, 
             **x_a,
             "cand_ptr": "*i32",
             "zp_ptr": "*fp32",
-            "sel_ptr": "*i32",
-            "w_ptr": "*fp32",
-            "z_ptr": "*fp32",
+            **outputs,
             "ticket_ptr": "*i32",
-            "T": "i32",
-            "N": "i32",
-            "R": "i32",
-            "D": "i32",
-            "K": "i32",
-            "M": "i32",
-            "temperature": "fp32",
+            **sizes,
             "d_per_split": "i32",
             **strides,
         }
@@ -187,16 +181,8 @@ def _rerank_plan_cases(dt: str, t: int, n: int, r: int, d: int, k: int, m: int, 
         "cand_ptr": "*i32",
         "cs_ptr": "*fp32",
         "zp_ptr": "*fp32",
-        "sel_ptr": "*i32",
-        "w_ptr": "*fp32",
-        "z_ptr": "*fp32",
-        "T": "i32",
-        "N": "i32",
-        "R": "i32",
-        "D": "i32",
-        "K": "i32",
-        "M": "i32",
-        "temperature": "fp32",
+        **outputs,
+        **sizes,
         **strides,
         "stride_cs": "i32",
     }
