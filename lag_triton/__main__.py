@@ -338,11 +338,10 @@ def _parser(with_demo: bool = True) -> argparse.ArgumentParser:
         "doctor",
         parents=[debug],
         epilog=_EPILOG,
-        help="versions, devices, the backend each device gets, and a self-test of every available backend",
+        help="versions, devices, the backend each device gets, and a self-test of every available backend "
+        "(its ops against the reference, a patched model under torch.compile)",
     )
-    p.add_argument(
-        "--no-self-test", action="store_true", help="only report; do not run the backends against the reference"
-    )
+    p.add_argument("--no-self-test", action="store_true", help="only report; run no backend")
     p.set_defaults(func=_doctor)
 
     p = sub.add_parser(

@@ -6,8 +6,10 @@ the three ops on each device against the reference (``lag_triton.kernels.referen
 inputs of odd sizes, 16-bit and fp32. The operands are small integers and the weights multiples of
 1/4, so every fp32 dot product and sum is exact in any order: selections, scores, z and the
 updated y must equal the reference's bit for bit (ties included), the softmax weights to 2e-6.
-On first use on a GPU this compiles the kernels (the CUDA extension: minutes). Exit status 0 when
-every available backend passed, 1 when one did not.
+Then, for every available backend the reference included, a small model patched with it must
+compile whole with ``torch.compile(fullgraph=True)`` (the path of transformers' static-cache
+generation) and equal its eager forward. On first use on a GPU this compiles the kernels (the CUDA
+extension: minutes). Exit status 0 when every available backend passed, 1 when one did not.
 """
 
 from __future__ import annotations
@@ -145,6 +147,39 @@ def _case_checks(ops, device, g, dtype, t, n, d_in, d_out, r, k, m) -> Iterator[
     yield "lora_apply", _differs("y", y, expected)
 
 
+def compile_check(backend: str, device: torch.device) -> str | None:
+    """None when ``torch.compile(fullgraph=True)`` takes a model patched with ``backend`` whole (no
+    graph break) and its forward equals the eager one; else what went wrong. The path transformers'
+    static-cache generation takes: a torch release whose custom-op support lags shows here.
+    ``aot_eager`` on CPU (no C++ toolchain needed), inductor on a GPU."""
+    from .library.library import Library
+    from .library.weights import ModuleWeights
+    from .patching import patch
+
+    g = torch.Generator().manual_seed(1)
+    n, r, d_in, d_out = 37, 4, 64, 48
+    a_star = torch.randn(n, r, d_in, generator=g) / d_in**0.5
+    weights = ModuleWeights(a_star, torch.randn(n, d_out, r, generator=g), a_star[:, 0].clone(), torch.arange(n))
+    model = torch.nn.Sequential(torch.nn.Linear(d_in, d_out)).to(device).eval()
+    x = torch.randn(3, 5, d_in, generator=g).to(device)
+    torch._dynamo.reset()
+    try:
+        patch(model, Library([f"a{i}" for i in range(n)], {"0": weights}), k=8, top_m=2, backend=backend)
+        compiled = torch.compile(
+            model, fullgraph=True, dynamic=False, backend="inductor" if device.type == "cuda" else "aot_eager"
+        )
+        with torch.no_grad():
+            want, got = model(x), compiled(x)
+    except Exception as e:  # noqa: BLE001 - a graph break (fullgraph) or a compiler error is the finding
+        first_line = (str(e).strip().splitlines() or [""])[0][:300]
+        return f"patch + torch.compile(fullgraph=True) raised {type(e).__name__}: {first_line}"
+    finally:
+        torch._dynamo.reset()
+    if not torch.allclose(got, want, rtol=1e-5, atol=1e-5):
+        return f"the compiled forward differs from the eager one by up to {(got - want).abs().max().item():.3g}"
+    return None
+
+
 def run(out: Callable[[str], None] = print, self_test: bool = True) -> int:
     """Print the report; 0 when every available backend passed its self-test, else 1."""
     out("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
@@ -163,20 +198,35 @@ def run(out: Callable[[str], None] = print, self_test: bool = True) -> int:
             reason = backend_unavailable_reason(backend, device)
             if reason is not None:
                 out(f"  {backend}: unavailable: {reason}")
-            elif backend == "torch":
-                out("  torch: available (the reference)")
-            elif not self_test:
-                out(f"  {backend}: available")
-            else:
-                start = time.perf_counter()
-                mismatches = list(check_backend(backend, device))
-                seconds = time.perf_counter() - start
-                cases = len(CASES) * len(DTYPES)
-                if not mismatches:
-                    out(f"  {backend}: available; self-test passed ({cases} cases x 3 ops, {seconds:.1f} s)")
-                    continue
-                failures += 1
-                out(f"  {backend}: available; SELF-TEST FAILED ({len(mismatches)} of {cases * 3} checks):")
-                for mismatch in mismatches[:10]:
-                    out(f"    {mismatch.op} {mismatch.case}: {mismatch.detail}")
+                continue
+            if not self_test:
+                out(f"  {backend}: available" + (" (the reference)" if backend == "torch" else ""))
+                continue
+            failures += not _self_test(backend, device, out)
     return 1 if failures else 0
+
+
+def _self_test(backend: str, device: torch.device, out: Callable[[str], None]) -> bool:
+    """Report ``backend``'s self-test on ``device``: its ops against the reference (not for the
+    reference itself), then a compiled patched model. True when both pass."""
+    findings, passed_ops = [], " (the reference); " if backend == "torch" else "; "
+    if backend != "torch":
+        start = time.perf_counter()
+        mismatches = list(check_backend(backend, device))
+        checks = 3 * len(CASES) * len(DTYPES)
+        passed_ops = f"; ops equal the reference ({checks} checks, {time.perf_counter() - start:.1f} s); "
+        if mismatches:
+            findings.append(f"its ops differ from the reference in {len(mismatches)} of {checks} checks:")
+            findings += [f"  {m.op} {m.case}: {m.detail}" for m in mismatches[:10]]
+    start = time.perf_counter()
+    error = compile_check(backend, device)
+    if error is not None:
+        findings.append(error)
+    if not findings:
+        seconds = time.perf_counter() - start
+        out(f"  {backend}: available{passed_ops}torch.compile(fullgraph=True) equals eager ({seconds:.1f} s)")
+        return True
+    out(f"  {backend}: available; SELF-TEST FAILED:")
+    for line in findings:
+        out(f"    {line}")
+    return False

@@ -31,10 +31,12 @@ def test_report_and_passing_self_test(two_cases, capsys):
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
     assert f"torch {torch.__version__}" in out and "lag_triton " in out
-    assert "cpu: " in out and "torch: available (the reference)" in out
+    assert "cpu: " in out
+    assert "torch: available (the reference); torch.compile(fullgraph=True) equals eager" in out
     if ON_CPU:
         assert "backend='auto' routes with: torch" in out
-        assert "triton: available; self-test passed (4 cases x 3 ops" in out
+        assert "triton: available; ops equal the reference (12 checks" in out
+        assert out.count("torch.compile(fullgraph=True) equals eager") == 2
         assert "cuda: unavailable: the cuda backend needs CUDA tensors, got device cpu" in out
 
 
@@ -51,8 +53,8 @@ def test_a_wrong_output_and_a_failing_op_are_reported(two_cases, capsys, monkeyp
     monkeypatch.setattr(backend, "lora_apply", off_by_a_quarter)
     assert main(["doctor"]) == 1
     out = capsys.readouterr().out
-    assert "triton: available; SELF-TEST FAILED (4 of 12 checks):" in out
-    assert out.count("    lora_apply T=") == 4 and "(1 element differs)" in out
+    assert "triton: available; SELF-TEST FAILED:\n    its ops differ from the reference in 4 of 12 checks:" in out
+    assert out.count("      lora_apply T=") == 4 and "(1 element differs)" in out
     assert "arrow_topk T=" not in out and "spectr_rerank T=" not in out
 
     def no_kernel(*args, **kwargs):
@@ -65,9 +67,25 @@ def test_a_wrong_output_and_a_failing_op_are_reported(two_cases, capsys, monkeyp
     assert len(mismatches) == len(doctor.CASES) * len(doctor.DTYPES)
 
 
+def test_a_compile_failure_is_reported(two_cases, capsys, monkeypatch):
+    def graph_break(*args, **kwargs):
+        raise torch._dynamo.exc.Unsupported("graph break in a custom op")
+
+    monkeypatch.setattr(doctor, "check_backend", lambda *a: iter(()))  # the ops pass: only compiling fails
+    monkeypatch.setattr(torch, "compile", graph_break)
+    assert main(["doctor"]) == 1
+    out = capsys.readouterr().out
+    assert (
+        "torch: available; SELF-TEST FAILED:\n    patch + torch.compile(fullgraph=True) raised Unsupported: graph break"
+        in out
+    )
+
+
 def test_report_only_runs_no_backend(capsys, monkeypatch):
     monkeypatch.setattr(doctor, "check_backend", lambda *a: pytest.fail("self-test ran"))
+    monkeypatch.setattr(doctor, "compile_check", lambda *a: pytest.fail("compile check ran"))
     assert main(["doctor", "--no-self-test"]) == 0
     out = capsys.readouterr().out
+    assert "  torch: available (the reference)\n" in out
     if ON_CPU:
         assert "  triton: available\n" in out
