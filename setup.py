@@ -9,10 +9,12 @@ by lag_triton.kernels.cuda instead. Set LAG_TRITON_NO_CUDA_EXT=1 to skip the bui
 
 import importlib.util
 import os
+import shutil
 import sys
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
@@ -59,4 +61,20 @@ def _cuda_extension_kwargs():
     return {"ext_modules": [ext], "cmdclass": {"build_ext": cpp_extension.BuildExtension}}
 
 
-setup(**_cuda_extension_kwargs())
+class BuildPyWithCudaSources(build_py):
+    """Also copies csrc/ into the built package (lag_triton/kernels/cuda/csrc), so that a wheel or a
+    non-editable install, which has no repository beside it, carries the CUDA sources and can
+    JIT-build the CUDA backend on first use (``lag_triton.kernels.cuda.csrc_dir``)."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib, "lag_triton", "kernels", "cuda", "csrc")
+        target.mkdir(parents=True, exist_ok=True)
+        for path in sorted(CSRC.iterdir()):
+            if path.suffix in BUILD.SOURCE_SUFFIXES:
+                shutil.copy2(path, target / path.name)
+
+
+kwargs = _cuda_extension_kwargs()
+kwargs.setdefault("cmdclass", {})["build_py"] = BuildPyWithCudaSources
+setup(**kwargs)

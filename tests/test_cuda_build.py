@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import pytest
 import torch
 
 from lag_triton.kernels import cuda as cuda_backend
-from lag_triton.kernels.cuda.build_info import find_nvcc
+from lag_triton.kernels.cuda.build_info import SOURCE_SUFFIXES, find_nvcc
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -59,6 +60,35 @@ def test_sources_present():
     for name in cuda_backend.SOURCES:
         assert (CSRC / name).is_file(), name
     assert cuda_backend.csrc_dir().resolve() == CSRC.resolve()
+
+
+def test_a_wheel_carries_the_cuda_sources(tmp_path, monkeypatch):
+    """A wheel or a non-editable install has no repository beside it: setup.py's build_py copies
+    csrc/ into the package, and csrc_dir() takes that copy, so the backend can still JIT-build."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md", "MANIFEST.in"):
+        shutil.copy2(ROOT / name, src / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.so")
+    shutil.copytree(ROOT / "lag_triton", src / "lag_triton", ignore=ignore)
+    shutil.copytree(CSRC, src / "csrc", ignore=ignore)
+    command = [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q"]
+    env = dict(os.environ, LAG_TRITON_NO_CUDA_EXT="1")  # the sources, not an ahead-of-time build
+    built = subprocess.run([*command, "-w", str(tmp_path / "dist")], env=env, capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("lag_triton-*.whl")
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    packaged = tmp_path / "site" / "lag_triton" / "kernels" / "cuda" / "csrc"
+    assert sorted(p.name for p in packaged.iterdir()) == sorted(
+        p.name for p in CSRC.iterdir() if p.suffix in SOURCE_SUFFIXES
+    )
+    assert set(cuda_backend.SOURCES) <= {p.name for p in packaged.iterdir()}
+    monkeypatch.delenv("LAG_TRITON_CSRC", raising=False)
+    monkeypatch.setattr(cuda_backend, "PACKAGED_CSRC", packaged)
+    assert cuda_backend.csrc_dir() == packaged
+    for p in CSRC.iterdir():
+        if p.suffix in SOURCE_SUFFIXES:
+            assert (packaged / p.name).read_bytes() == p.read_bytes()
 
 
 @pytest.mark.parametrize("name", CU_FILES + ["lag_common.cuh", "lag_cuda.h"])

@@ -56,11 +56,18 @@ _ext: ModuleType | None = None
 _error: str | None = None
 
 
+#: the copy of csrc/ that a wheel or a non-editable install carries (setup.py's build_py)
+PACKAGED_CSRC = Path(__file__).resolve().parent / "csrc"
+
+
 def csrc_dir() -> Path:
-    """The csrc/ folder: next to the lag_triton package in the repository (or LAG_TRITON_CSRC)."""
+    """The CUDA sources: LAG_TRITON_CSRC if set, else the installed package's copy, else csrc/ next
+    to the lag_triton package in the repository (an editable install, a checkout on PYTHONPATH)."""
     override = os.environ.get("LAG_TRITON_CSRC")
     if override:
         return Path(override)
+    if PACKAGED_CSRC.is_dir():
+        return PACKAGED_CSRC
     return Path(__file__).resolve().parents[3] / "csrc"
 
 

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 SOURCES = ("binding.cpp", "arrow_topk.cu", "spectr_rerank.cu", "lora_apply.cu")  # in csrc/
+SOURCE_SUFFIXES = (".cpp", ".cu", ".cuh", ".h")  # every file of csrc/ the build reads (headers included)
 NVCC_FLAGS = ("-O3", "-lineinfo")
 
 
