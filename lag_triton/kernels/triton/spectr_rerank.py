@@ -397,7 +397,8 @@ def _rank_token(
 #: configurations compile without spills at these sizes (``_aot_check --resources``)
 GATHER_TILE = 16384
 #: the same for operands without Triton's divisibility-16 specialisation (odd d_in): their loads are
-#: scalar, each holding a 64-bit address, so a tile costs about three times the registers
+#: scalar, each holding a 64-bit address, so a tile costs four times the registers or more (sm_90:
+#: an aligned rank-6 partial-z tile 63 registers, the same tile unaligned 255 and spilling)
 UNALIGNED_GATHER_TILE = GATHER_TILE // 8
 
 
