@@ -15,6 +15,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 _BACKENDS = ("auto", "triton", "cuda", "torch")
 EXIT_FAILED = 1  # the work was attempted and failed (unreadable or invalid input, ...)
 EXIT_USAGE = 2  # the command line cannot be carried out as given (as argparse's own errors)
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a program whose reader went away
 
 _EPILOG = (
     f"Errors print one line (add --debug for the traceback). Exit status: 0 on success, {EXIT_FAILED} "
@@ -371,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog} {args.command}: interrupted", file=sys.stderr)
         _print_notes(e)
         return 130
+    except BrokenPipeError:  # the reader left (`info --adapters | head`): stop quietly, as SIGPIPE would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush cannot fail
+        return EXIT_BROKEN_PIPE
     except Exception as e:  # noqa: BLE001 - the one place every failure becomes one line
         if args.debug:
             traceback.print_exc()

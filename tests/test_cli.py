@@ -170,6 +170,21 @@ def test_unexpected_exceptions_are_one_line_unless_debug(tmp_path, capsys, monke
     assert "Traceback" in capsys.readouterr().err
 
 
+def test_a_reader_that_leaves_ends_the_command_quietly(tmp_path, capsys, monkeypatch):
+    """`lag_triton info LIB --adapters | head`: the pipe closes under a print; exit as SIGPIPE
+    would (141) with no error line, instead of "error: [Errno 32] Broken pipe"."""
+    import lag_triton.__main__ as cli
+
+    def write_to_a_closed_pipe(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "_info", write_to_a_closed_pipe)
+    with open(tmp_path / "stdout", "w") as out:
+        monkeypatch.setattr(sys, "stdout", out)
+        assert main(["info", str(tmp_path / "x")]) == cli.EXIT_BROKEN_PIPE == 141
+    assert capsys.readouterr().err == ""
+
+
 def test_module_entry_point_exit_codes(tmp_path):
     out = subprocess.run([sys.executable, "-m", "lag_triton", "--help"], capture_output=True, text=True, check=True)
     assert "build" in out.stdout and "demo" in out.stdout
