@@ -393,13 +393,10 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     arguments (``remove LIB --names-from F NAME``, ``build A -o X B``): plain argparse stops filling
     a positional list at the first option, and its intermixed parsing refuses subparsers, so the
     command's own parser takes the arguments after the command name."""
-    commands = parser.commands
     at = next((i for i, arg in enumerate(argv) if not arg.startswith("-")), None)
-    if at is None or argv[at] not in commands:
-        return parser.parse_args(argv)  # help, a missing or unknown command: argparse's own message
-    if any(arg != "--debug" for arg in argv[:at]):
-        return parser.parse_args(argv)  # -h, or an unknown option before the command
-    args = commands[argv[at]].parse_intermixed_args(argv[at + 1 :])
+    if at is None or argv[at] not in parser.commands or any(arg != "--debug" for arg in argv[:at]):
+        return parser.parse_args(argv)  # help, a missing or unknown command or option: argparse's own message
+    args = parser.commands[argv[at]].parse_intermixed_args(argv[at + 1 :])
     args.command = argv[at]
     args.debug = "--debug" in argv[:at] or getattr(args, "debug", False)
     return args

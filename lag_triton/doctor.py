@@ -96,55 +96,54 @@ def _differs(name: str, got: torch.Tensor, want: torch.Tensor, atol: float = 0.0
 def check_backend(backend: str, device: torch.device, seed: int = 0) -> Iterator[Mismatch]:
     """Run backend ``backend``'s three ops on ``device`` against the reference (see the module
     docstring); an op that raises is a mismatch too, and the case goes on to the next one."""
+    ops = get_ops(backend)
     for (t, n, d_in, d_out, r, k, m), dtype in ((case, dtype) for case in CASES for dtype in DTYPES):
         case = f"T={t} N={n} d_in={d_in} d_out={d_out} r={r} k={k} top_m={m} {str(dtype).removeprefix('torch.')}"
-        checks = _case_checks(
-            get_ops(backend),
-            device,
-            torch.Generator().manual_seed(seed + 7919 * t + n),
-            dtype,
-            t,
-            n,
-            d_in,
-            d_out,
-            r,
-            k,
-            m,
-        )
-        op = "arrow_topk"
-        try:
-            for op, detail in checks:
-                if detail is not None:
-                    yield Mismatch(backend, str(device), op, case, detail)
-        except Exception as e:  # noqa: BLE001 - a kernel that fails to compile or launch is a finding
-            yield Mismatch(backend, str(device), op, case, f"raised {type(e).__name__}: {str(e).strip()[:300]}")
+        g = torch.Generator().manual_seed(seed + 7919 * t + n)
+        for op, check in _case_checks(ops, device, g, dtype, t, n, d_in, d_out, r, k, m):
+            try:
+                detail = check()
+            except Exception as e:  # noqa: BLE001 - a kernel that fails to compile or launch is a finding
+                yield Mismatch(backend, str(device), op, case, f"raised {type(e).__name__}: {str(e).strip()[:300]}")
+                break
+            if detail is not None:
+                yield Mismatch(backend, str(device), op, case, detail)
 
 
-def _case_checks(ops, device, g, dtype, t, n, d_in, d_out, r, k, m) -> Iterator[tuple[str, str | None]]:
-    """(op, where its output differs from the reference's, or None) for the three ops, in pipeline order."""
+def _case_checks(ops, device, g, dtype, t, n, d_in, d_out, r, k, m) -> Iterator[tuple[str, Callable[[], str | None]]]:
+    """(op, a check that runs it and says where its output differs from the reference's, or None)
+    for the three ops, in pipeline order; each takes its inputs from the reference's outputs."""
     x = _ints((t, d_in), g, dtype=dtype, device=device)
     prototypes = _ints((n, d_in), g, lo=-2, hi=3, dtype=dtype, device=device)
     want_idx, want_scores = reference.arrow_topk(x, prototypes, k)
-    yield "arrow_topk", None  # the op that runs next, should it raise
-    idx, scores = ops.arrow_topk(x, prototypes, k)
-    yield "arrow_topk", _differs("idx", idx, want_idx) or _differs("scores", scores, want_scores)
+
+    def arrow_topk() -> str | None:
+        idx, scores = ops.arrow_topk(x, prototypes, k)
+        return _differs("idx", idx, want_idx) or _differs("scores", scores, want_scores)
+
+    yield "arrow_topk", arrow_topk
 
     a_star = _ints((n, r, d_in), g, lo=-2, hi=3, dtype=dtype, device=device)
     candidates = want_idx.clone()
     candidates[torch.rand(candidates.shape, generator=g).to(device) < 0.1] = -1  # missing candidates
-    want = reference.spectr_rerank(x, a_star, candidates, m, "softmax", 0.7)
-    yield "spectr_rerank", None
-    sel, w, z = ops.spectr_rerank(x, a_star, candidates, m, "softmax", 0.7)
-    yield "spectr_rerank", _differs("sel", sel, want[0]) or _differs("z", z, want[2]) or _differs("w", w, want[1], 2e-6)
+    want_sel, want_w, want_z = reference.spectr_rerank(x, a_star, candidates, m, "softmax", 0.7)
+
+    def spectr_rerank() -> str | None:
+        sel, w, z = ops.spectr_rerank(x, a_star, candidates, m, "softmax", 0.7)
+        return _differs("sel", sel, want_sel) or _differs("z", z, want_z) or _differs("w", w, want_w, 2e-6)
+
+    yield "spectr_rerank", spectr_rerank
 
     b_star = _ints((n, d_out, r), g, dtype=dtype, device=device)
     y0 = _ints((t, d_out), g, lo=-8, hi=9, dtype=dtype, device=device)
-    w = (torch.randint(0, 5, (t, m), generator=g).float() / 4).to(device)
+    weights = (torch.randint(0, 5, (t, m), generator=g).float() / 4).to(device)
     z = _ints((t, m, r), g, device=device)
-    expected = reference.lora_apply(y0.clone(), b_star, want[0], w, z)
-    yield "lora_apply", None
-    y = ops.lora_apply(y0.clone(), ops.prepare_b_star(b_star), want[0], w, z)
-    yield "lora_apply", _differs("y", y, expected)
+    expected = reference.lora_apply(y0.clone(), b_star, want_sel, weights, z)
+
+    def lora_apply() -> str | None:
+        return _differs("y", ops.lora_apply(y0.clone(), ops.prepare_b_star(b_star), want_sel, weights, z), expected)
+
+    yield "lora_apply", lora_apply
 
 
 def compile_check(backend: str, device: torch.device) -> str | None:
