@@ -279,7 +279,15 @@ class StaticDecoder:
 
         self.model, self.batch, self.max_len = model, batch, max_len
         hf = _hf_model(model)
-        self.cache = StaticCache(config=hf.config, max_cache_len=max_len)
+        # older transformers (4.45) allocate the cache up front: they need the batch, device and dtype
+        params = inspect.signature(StaticCache).parameters
+        eager = {
+            "batch_size" if "batch_size" in params else "max_batch_size": batch,
+            "device": device,
+            "dtype": hf.dtype,
+        }
+        eager = {k: v for k, v in eager.items() if k in params}
+        self.cache = StaticCache(config=hf.config, max_cache_len=max_len, **eager)
         self.cache_kw, keep = _forward_kwargs(model)
         self.extra = {"logits_to_keep": 1} if keep else {}
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
@@ -610,7 +618,12 @@ def run_peft(e2e: E2E):
         )
         del lib
         free_memory(device)
-        if e2e.budget.expired():
+        import peft
+
+        skipped = "time budget" if e2e.budget.expired() else None
+        if not hasattr(peft, "create_arrow_model"):
+            skipped = f"PEFT {peft.__version__} has no Arrow router"
+        if skipped:
             e2e.row(
                 model=name,
                 layers=layers,
@@ -619,7 +632,7 @@ def run_peft(e2e: E2E):
                 phase="all",
                 batch=0,
                 tokens=0,
-                status="skipped: time budget",
+                status=f"skipped: {skipped}",
             )
             return
         from peft import ArrowConfig, create_arrow_model

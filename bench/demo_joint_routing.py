@@ -20,7 +20,7 @@ import torch
 
 import lag_triton
 from lag_triton.experiment.evaluate import QuestionBatch, exact_match, gold_hits, gold_library_index
-from lag_triton.experiment.run import ExperimentConfig, build_data_and_base, build_library, set_determinism
+from lag_triton.experiment.run import ExperimentConfig, build_data_and_base, build_library, determinism
 
 ROUTERS = {
     "arrow top-1": dict(router="arrow", top_m=1),
@@ -33,37 +33,37 @@ IDENTITY_MODULES = ("model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"
 def joint_routing(seed: int, **sizes) -> dict:
     """The figures of one seed at the demo's default configuration (``sizes`` override it)."""
     cfg = ExperimentConfig(seed=seed, **sizes)
-    set_determinism(seed)
-    quiet = lambda *a: None  # noqa: E731
-    data, model, _ = build_data_and_base(cfg, quiet)
-    with tempfile.TemporaryDirectory() as tmp:
-        _, _, names, _, lib = build_library(cfg, model, data, tmp, quiet)
-    qb = QuestionBatch(data.questions)
-    gold_lib = gold_library_index(lib, names, qb)
-    out = {}
-    for name, kw in ROUTERS.items():
-        lag_triton.patch(model, lib, backend="torch", **kw)
-        try:
-            with lag_triton.trace(model) as tr:
-                em = exact_match(model, qb, cfg.eval_batch, cfg.device)
-        finally:
-            lag_triton.unpatch(model)
-        hit = {m: h[qb.answer_position] for m, h in gold_hits(tr.selections, qb, gold_lib).items()}
-        both = torch.stack([hit[m] for m in IDENTITY_MODULES]).all(0)
-        out[name] = {
-            "exact_match": float(em.float().mean()),
-            "identity_modules_both_gold": float(both.float().mean()),
-            "exact_match_given_both_gold": float(em[both].float().mean()),
-            "exact_match_otherwise": float(em[~both].float().mean()),
-            "routing_per_module": {m: float(h.float().mean()) for m, h in sorted(hit.items())},
-        }
-        print(
-            f"seed {seed} {name:<12} EM {out[name]['exact_match']:.3f}  L0 gate+up gold {both.float().mean():.3f}  "
-            f"EM | both gold {out[name]['exact_match_given_both_gold']:.3f}  "
-            f"EM | not {out[name]['exact_match_otherwise']:.3f}",
-            flush=True,
-        )
-    return out
+    with determinism(seed):
+        quiet = lambda *a: None  # noqa: E731
+        data, model, _ = build_data_and_base(cfg, quiet)
+        with tempfile.TemporaryDirectory() as tmp:
+            _, _, names, _, lib = build_library(cfg, model, data, tmp, quiet)
+        qb = QuestionBatch(data.questions)
+        gold_lib = gold_library_index(lib, names, qb)
+        out = {}
+        for name, kw in ROUTERS.items():
+            lag_triton.patch(model, lib, backend="torch", **kw)
+            try:
+                with lag_triton.trace(model) as tr:
+                    em = exact_match(model, qb, cfg.eval_batch, cfg.device)
+            finally:
+                lag_triton.unpatch(model)
+            hit = {m: h[qb.answer_position] for m, h in gold_hits(tr.selections, qb, gold_lib).items()}
+            both = torch.stack([hit[m] for m in IDENTITY_MODULES]).all(0)
+            out[name] = {
+                "exact_match": float(em.float().mean()),
+                "identity_modules_both_gold": float(both.float().mean()),
+                "exact_match_given_both_gold": float(em[both].float().mean()),
+                "exact_match_otherwise": float(em[~both].float().mean()),
+                "routing_per_module": {m: float(h.float().mean()) for m, h in sorted(hit.items())},
+            }
+            print(
+                f"seed {seed} {name:<12} EM {out[name]['exact_match']:.3f}  L0 gate+up gold {both.float().mean():.3f}  "
+                f"EM | both gold {out[name]['exact_match_given_both_gold']:.3f}  "
+                f"EM | not {out[name]['exact_match_otherwise']:.3f}",
+                flush=True,
+            )
+        return out
 
 
 def main(argv=None) -> int:

@@ -25,7 +25,13 @@ from bench import (
     report,
     timing,
 )
+from lag_triton.kernels import backend_unavailable_reason
 
+TRITON_UNAVAILABLE = backend_unavailable_reason("triton", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+#: scripts that import the Triton backend's modules themselves (an old Triton refuses the import)
+needs_triton = pytest.mark.skipif(
+    TRITON_UNAVAILABLE is not None, reason=f"the Triton backend is unavailable here: {TRITON_UNAVAILABLE}"
+)
 TINY = ["--device", "cpu", "--shapes", "32:48", "--n", "40", "--rep-ms", "1", "--warmup-ms", "0", "--rotate", "2"]
 
 
@@ -286,7 +292,14 @@ def test_e2e_and_report(tmp_path):
         assert (main_model, backend, "prefill", 1) in ok
         assert (main_model, backend, "decode", 1) in ok
     assert (main_model, "base", "decode", 2) in ok
-    assert any(b == "peft-arrow" and p == "prefill" for _, b, p, _ in ok)
+    import peft
+
+    if hasattr(peft, "create_arrow_model"):
+        assert any(b == "peft-arrow" and p == "prefill" for _, b, p, _ in ok)
+    else:  # an older PEFT (the floor, 0.17): the comparison is a row that says why it did not run
+        assert [r["status"] for r in rows if r["backend"] == "peft-arrow"] == [
+            f"skipped: PEFT {peft.__version__} has no Arrow router"
+        ]
     assert all(r["tokens_per_s"] > 0 for r in rows if r["status"] == "ok")
 
     # report: markdown + README block + PNG (from the kernel JSON, which has layer rows)
@@ -356,6 +369,7 @@ def test_profile_layer_reports_kernels_per_call(tmp_path, capsys):
     assert "torch  N=9 T=3 16->12" in capsys.readouterr().out
 
 
+@needs_triton
 def test_bench_host_counts_the_launches_it_stubs(tmp_path):
     """bench_host.py times lag_triton's own Python with every launch stubbed: each row counts the
     launches its call plans (the layer = its three ops; prefill groups pairs by adapter) and has a
@@ -417,6 +431,7 @@ def test_e2e_table_puts_eager_extras_in_their_own_columns():
     assert lag.endswith("| 3.00 (333) |  | cuda-graph |")
 
 
+@needs_triton
 def test_probe_topk_rows_and_report(tmp_path):
     """The merge-step probe runs (interpreter) and the report renders its table; the interpreter's
     timings mean nothing, only the plumbing is checked."""
@@ -448,6 +463,7 @@ def test_scope_fraction_rows_and_their_table(tmp_path):
     assert text.count("under a scope") == 2 and text.count("### Arrow retrieval") == 2
 
 
+@needs_triton
 def test_triton_fold_variant_runs_folded_and_gets_its_column(tmp_path, monkeypatch):
     """--backends triton-fold times the Triton backend with split reductions folded into one launch
     (the unfolded rerank select must not launch, warm-up and timed calls alike), and the report
@@ -476,6 +492,7 @@ def test_triton_fold_variant_runs_folded_and_gets_its_column(tmp_path, monkeypat
     assert "| triton | triton folded |" in report.render(json.loads(out.read_text()))
 
 
+@needs_triton
 def test_triton_filter_variant_takes_the_filtering_gemm(tmp_path, monkeypatch):
     """--backends triton-filter times the Triton backend with the filtering GEMM on (every call of
     the Arrow op goes through it at these shapes) and the report gives it its own column."""
@@ -499,6 +516,7 @@ def test_triton_filter_variant_takes_the_filtering_gemm(tmp_path, monkeypatch):
     assert "| triton | triton filtering GEMM |" in report.render(json.loads(out.read_text()))
 
 
+@needs_triton
 def test_tune_kernels_writes_a_table_the_launchers_accept(tmp_path):
     """The tuning script times candidates through tuning.forced and writes a table that load_table
     accepts, one entry per op and shape bucket (every entry here: --min-gain=-inf, since at these

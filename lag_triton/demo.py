@@ -38,27 +38,27 @@ def peft_equivalence_check(
     from .experiment.data import make_data
     from .experiment.model import ModelSize, build_model, pad_batch
 
-    exp.set_determinism(seed)
-    data = make_data(adapters, seed=seed)
-    model = build_model(len(data.tokenizer), ModelSize(hidden, layers, 4, 3 * hidden), seed).to(device)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    # PEFT's default init scale and equal learning rates: an adapter whose effect is large and generic
-    weights, _ = train_adapters(model, data.by_doc(), steps=10, seed=seed, device=device)
-    ids = pad_batch([q.prompt + q.answer for q in data.questions[:64]]).to(device)
-    with tempfile.TemporaryDirectory(prefix="lag_peft_check_") as tmp:
-        names = [f"doc{i:04d}" for i in range(adapters)]
-        folders = save_peft_folders(weights, tmp, names)
-        peft_model = load_peft_all(copy.deepcopy(model), folders[:1], names[:1])
-        with torch.no_grad():
-            ref = peft_model(input_ids=ids).logits.float()
-            base = model(input_ids=ids).logits.float()
-            lib = lag_triton.Library.from_peft(folders[:1], names=names[:1], progress=False)
-            lag_triton.patch(model, lib, k=1, top_m=1, router="lag", backend=backend)
-            try:
-                got = model(input_ids=ids).logits.float()
-            finally:
-                lag_triton.unpatch(model)
+    with exp.determinism(seed):
+        data = make_data(adapters, seed=seed)
+        model = build_model(len(data.tokenizer), ModelSize(hidden, layers, 4, 3 * hidden), seed).to(device)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        # PEFT's default init scale and equal learning rates: an adapter whose effect is large and generic
+        weights, _ = train_adapters(model, data.by_doc(), steps=10, seed=seed, device=device)
+        ids = pad_batch([q.prompt + q.answer for q in data.questions[:64]]).to(device)
+        with tempfile.TemporaryDirectory(prefix="lag_peft_check_") as tmp:
+            names = [f"doc{i:04d}" for i in range(adapters)]
+            folders = save_peft_folders(weights, tmp, names)
+            peft_model = load_peft_all(copy.deepcopy(model), folders[:1], names[:1])
+            with torch.no_grad():
+                ref = peft_model(input_ids=ids).logits.float()
+                base = model(input_ids=ids).logits.float()
+                lib = lag_triton.Library.from_peft(folders[:1], names=names[:1], progress=False)
+                lag_triton.patch(model, lib, k=1, top_m=1, router="lag", backend=backend)
+                try:
+                    got = model(input_ids=ids).logits.float()
+                finally:
+                    lag_triton.unpatch(model)
     ok = torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
     return {
         "adapter": names[0],

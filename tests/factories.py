@@ -9,7 +9,17 @@ import torch
 import transformers
 from peft import LoraConfig, get_peft_model
 
+from lag_triton.kernels import backend_unavailable_reason
+
 VOCAB = 97
+
+#: why the Triton backend cannot run here (None where it can: a GPU, or its interpreter on CPU);
+#: e.g. an installed Triton older than the kernels need, which refuses ``lag_triton.kernels.triton``
+TRITON_UNAVAILABLE = backend_unavailable_reason("triton", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+#: for tests that import the Triton backend's modules themselves
+needs_triton = pytest.mark.skipif(
+    TRITON_UNAVAILABLE is not None, reason=f"the Triton backend is unavailable here: {TRITON_UNAVAILABLE}"
+)
 
 # Llama and Qwen2 take the same sizes (a Llama-style decoder with grouped-query attention).
 _DECODER_SIZES = dict(
@@ -105,6 +115,19 @@ def make_adapter(
     return path
 
 
+def from_peft(name: str, module: str = "peft"):
+    """``module.name`` of the installed PEFT, or skip the test naming what this PEFT lacks (a test
+    of an adapter type or router that a PEFT release between the floor and CI's brought)."""
+    import importlib
+
+    import peft
+
+    found = getattr(importlib.import_module(module), name, None)
+    if found is None:
+        pytest.skip(f"PEFT {peft.__version__} has no {module}.{name}")
+    return found
+
+
 def peft_logits(model, adapter: Path, input_ids: torch.Tensor, **inputs) -> torch.Tensor:
     """Logits of PEFT's own LoRA forward of ``adapter`` on ``model`` (model left unchanged)."""
     from peft import PeftModel
@@ -124,8 +147,7 @@ def peft_arrow_logits(
     prototype by 15 power iterations from a random start, which stop short where the top two
     singular values are close; asserted here: run to convergence on PEFT's own factors (after its
     GKS), its method finds the library's prototypes."""
-    from peft import ArrowConfig, create_arrow_model
-
+    ArrowConfig, create_arrow_model = from_peft("ArrowConfig"), from_peft("create_arrow_model")
     config = ArrowConfig(top_k=top_k, router_temperature=temperature, use_gks=general_paths is not None)
     extra = {} if general_paths is None else {"general_adapter_paths": [str(p) for p in general_paths]}
     peft_model = create_arrow_model(model, [str(p) for p in task_paths], config, **extra)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from safetensors import safe_open
 
 import lag_triton
@@ -84,7 +85,11 @@ def test_patched_model_generates_the_same_with_and_without_cache(arch, tmp_path)
     kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.inference_mode():
         cached = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **kw)
-        uncached = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, **kw)
+        # cache_implementation unset: transformers 4.45 warns that gemma2's has no effect uncached with a
+        # malformed log call, which pytest's log capture raises
+        uncached = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, cache_implementation=None, **kw
+        )
     assert cached.shape[1] >= 6
     assert torch.equal(cached, uncached)
 
@@ -95,6 +100,8 @@ def test_moe_expert_parameters_are_refused_by_name(arch, tmp_path):
     """PEFT's "all-linear" on an MoE model also targets the experts' 3-D parameters
     (target_parameters), which LAG cannot route: refused, naming the adapter and the field."""
     model = tiny_model(arch)
+    if not any(p.dim() == 3 for p in model.parameters()):
+        pytest.skip(f"transformers {transformers.__version__} keeps {arch}'s experts as nn.Linear: nothing to refuse")
     path = make_adapter(model, tmp_path / "moe", seed=1, arch=arch)
     with pytest.raises(AdapterError, match=r"(?s)moe.*target_parameters"):
         Library.from_peft([path], progress=False)

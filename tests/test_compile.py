@@ -74,7 +74,14 @@ def test_torch_export_of_a_patched_model_holds_the_three_ops_and_runs(library, b
         def forward(self, ids):
             return self.model(input_ids=ids, use_cache=False).logits
 
-    exported = torch.export.export(Logits(model), (ids,))
+    try:
+        exported = torch.export.export(Logits(model), (ids,))
+    except Exception as patched_error:
+        try:  # the unpatched model: where torch.export cannot take it either, the failure is not ours
+            torch.export.export(Logits(tiny_model("llama").to(DEVICE)), (ids,))
+        except Exception as base_error:
+            pytest.skip(f"torch {torch.__version__} cannot export the unpatched model either: {base_error!r:.300}")
+        raise patched_error
     calls = [str(n.target) for n in exported.graph.nodes if n.op == "call_function" and "lag_triton" in str(n.target)]
     layers = sum(isinstance(m, lag_triton.LagLinear) for m in model.modules())
     assert sorted(set(calls)) == [f"lag_triton.{op}.default" for op in ("arrow_topk", "lora_apply", "spectr_rerank")]

@@ -10,12 +10,37 @@ the answer position to the gold adapter more often.
 import json
 
 import pytest
+import torch
 
 from lag_triton.experiment import ExperimentConfig, run_experiment, run_seeds
 from lag_triton.experiment.report import format_routing_by_module, format_table
+from lag_triton.experiment.run import determinism
 
 N = 12
 SMALL = dict(adapters=N, seed=0, hidden=64, intermediate=192, pretrain_steps=200, adapter_steps=60, backend="torch")
+
+
+def _deterministic_setting() -> tuple[bool, bool]:
+    return torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+
+
+@pytest.mark.parametrize("caller", [(False, False), (True, False)])
+def test_determinism_gives_the_callers_setting_back(caller):
+    """The experiment (run_experiment, the demo's PEFT check) seeds and turns deterministic
+    algorithms on inside ``determinism`` only: after it, an exception included, the caller's setting."""
+    restore = _deterministic_setting()
+    torch.use_deterministic_algorithms(caller[0], warn_only=caller[1])
+    try:
+        with determinism(3):
+            assert _deterministic_setting() == (True, True)
+            drawn = torch.rand(4)
+        assert _deterministic_setting() == caller
+        with pytest.raises(RuntimeError, match="inside"), determinism(3):
+            assert torch.equal(torch.rand(4), drawn)  # seeded
+            raise RuntimeError("inside")
+        assert _deterministic_setting() == caller
+    finally:
+        torch.use_deterministic_algorithms(restore[0], warn_only=restore[1])
 
 
 @pytest.fixture(scope="module")

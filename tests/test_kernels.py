@@ -28,6 +28,8 @@ from kernel_data import (
 from lag_triton.kernels import common, get_ops, reference
 from lag_triton.routing import RoutingConfig, route_and_apply
 
+from factories import needs_triton
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -483,10 +485,12 @@ def test_mixed_dtypes_rank_in_fp32_like_the_reference(ops, x_dtype):
     assert torch.equal(z, ref_z)
 
 
+@needs_triton
 def test_host_launch_arithmetic_matches_triton():
     """The launchers' plain-Python cdiv / next_pow2 / prev_pow2 (cheaper on the host than Triton's
     constexpr functions) agree with Triton's over every size a plan meets."""
-    triton = pytest.importorskip("triton")
+    import triton
+
     from lag_triton.kernels.triton._common import cdiv, next_pow2, prev_pow2
 
     for v in [*range(1, 4200), 2**20 - 1, 2**20, 2**20 + 1, 10**9]:
@@ -499,10 +503,10 @@ def test_host_launch_arithmetic_matches_triton():
 
 
 @pytest.mark.parametrize("t,k,n", [(133, 20, 1001), (7, 3, 2), (1, 1, 1), (2049, 5, 37)])
+@needs_triton
 def test_group_pairs_by_adapter_is_a_counting_sort(t, k, n):
     """The grouped rerank's device counting sort: a permutation of the pairs, each adapter's pairs
     contiguous, adapters ascending, pairs without an adapter (-1, out of range) last."""
-    pytest.importorskip("triton")
     from lag_triton.kernels.triton.group_by_adapter import group_pairs_by_adapter
 
     cand = torch.randint(-1, n + 1, (t, k), generator=gen(t + n), dtype=torch.int32).to(DEVICE)

@@ -19,16 +19,16 @@ from kernel_data import DEVICE, backend_ops, int_tensor, randn
 import lag_triton
 from lag_triton.kernels import resolve_backend
 
-from factories import VOCAB, tiny_library, tiny_model
+from factories import VOCAB, needs_triton, tiny_library, tiny_model
 
 
 def _common():
-    pytest.importorskip("triton")
     from lag_triton.kernels.triton import _common
 
     return _common
 
 
+@needs_triton
 def test_other_gpu_only_names_a_gpu_that_is_not_current(monkeypatch):
     common = _common()
 
@@ -47,6 +47,7 @@ def test_other_gpu_only_names_a_gpu_that_is_not_current(monkeypatch):
     assert common.other_gpu(torch.zeros(1)) is None
 
 
+@needs_triton
 def test_every_triton_launch_runs_on_its_tensors_device(monkeypatch):
     """With the tensors taken for another GPU's, each op makes that GPU current once, and each of
     its Triton launches happens inside (the scoring GEMM is torch's, which launches on its

@@ -12,7 +12,7 @@ import lag_triton
 from lag_triton import AdapterError, Library, LibraryFormatError
 from lag_triton.library.align import align_lora
 
-from factories import VOCAB, make_adapter, peft_logits, tiny_model
+from factories import VOCAB, from_peft, make_adapter, peft_logits, tiny_model
 
 
 # -- alignment ---------------------------------------------------------------------------------
@@ -184,8 +184,8 @@ def test_a_bdlora_adapter_is_the_lora_of_its_block_diagonal_factors(tmp_path):
     """BD-LoRA (block-diagonal A on some modules, B on others, stored as the blocks side by side)
     reproduces PEFT's forward; a file whose blocks do not fit the config is refused by module."""
     from peft import LoraConfig, get_peft_model
-    from peft.tuners.lora.config import BdLoraConfig
 
+    BdLoraConfig = from_peft("BdLoraConfig", "peft.tuners.lora.config")
     model = tiny_model("llama")
     bd = BdLoraConfig(target_modules_bd_a=["q_proj", "up_proj"], target_modules_bd_b=["down_proj"], nblocks=2)
     config = LoraConfig(r=4, target_modules=["q_proj", "up_proj", "down_proj"], init_lora_weights=False, use_bdlora=bd)
@@ -215,8 +215,7 @@ def test_a_bdlora_adapter_is_the_lora_of_its_block_diagonal_factors(tmp_path):
 
 def test_a_velora_adapter_is_its_lora(tmp_path):
     """VeLoRA changes only the backward; its saved projection is skipped and the forward is PEFT's."""
-    from peft.tuners.lora.config import VeloraConfig
-
+    VeloraConfig = from_peft("VeloraConfig", "peft.tuners.lora.config")
     model = tiny_model("llama")
     path = make_adapter(model, tmp_path / "velora", seed=3, targets=["q_proj", "up_proj"], velora_config=VeloraConfig())
     ids = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(7))

@@ -20,6 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from factories import needs_triton
+
+pytestmark = needs_triton  # compiles the Triton backend's kernels with the installed Triton
 ROOT = Path(__file__).resolve().parents[1]
 
 

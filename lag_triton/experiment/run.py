@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import platform
@@ -31,6 +32,7 @@ import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -90,10 +92,19 @@ class ExperimentConfig:
     extra: dict = field(default_factory=dict)
 
 
-def set_determinism(seed: int) -> None:
+@contextlib.contextmanager
+def determinism(seed: int) -> Iterator[None]:
+    """Inside: Python's and torch's generators seeded, torch's deterministic algorithms on (warning
+    where an op has none). After: the caller's deterministic-algorithms setting again (a library
+    function must not leave the process slower and warning; the seeded generators stay as drawn)."""
     random.seed(seed)
     torch.manual_seed(seed)
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 # --------------------------------------------------------------------------- the pieces
@@ -272,23 +283,25 @@ def run_experiment(
     stem: str = "lag_demo",
 ) -> dict:
     """The whole experiment for one seed; returns the result dict (and writes JSON + PNG to ``out_dir``)."""
-    t_start = time.perf_counter()
-    set_determinism(cfg.seed)
-    data, model, pre_losses = build_data_and_base(cfg, log)
-    t_adapters = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="lag_adapters_") as tmp:
-        weights, train_info, names, folders, lib = build_library(cfg, model, data, adapters_dir or tmp, log)
-        t_eval = time.perf_counter()
-        log("[eval]")
-        qb = QuestionBatch(data.questions)
-        rows = _Rows(qb, len(data.templates), log)
-        peft_weight_diff = evaluate_baselines(cfg, model, weights, folders, names, qb, rows)
-        gold_lib = gold_library_index(lib, names, qb)
-        traces, gen_check = evaluate_routed(cfg, model, lib, data, qb, gold_lib, rows)
-        if cfg.general_adapters:  # last: the runs above are those of a run without it
-            gks_lib = build_gks_library(cfg, model, data, folders, names, adapters_dir or tmp, log)
-            evaluate_routed(replace(cfg, generate_check=0), model, gks_lib, data, qb, gold_lib, rows, gks_methods(cfg))
-    t_end = time.perf_counter()
+    with determinism(cfg.seed):
+        t_start = time.perf_counter()
+        data, model, pre_losses = build_data_and_base(cfg, log)
+        t_adapters = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="lag_adapters_") as tmp:
+            weights, train_info, names, folders, lib = build_library(cfg, model, data, adapters_dir or tmp, log)
+            t_eval = time.perf_counter()
+            log("[eval]")
+            qb = QuestionBatch(data.questions)
+            rows = _Rows(qb, len(data.templates), log)
+            peft_weight_diff = evaluate_baselines(cfg, model, weights, folders, names, qb, rows)
+            gold_lib = gold_library_index(lib, names, qb)
+            traces, gen_check = evaluate_routed(cfg, model, lib, data, qb, gold_lib, rows)
+            if cfg.general_adapters:  # last: the runs above are those of a run without it
+                gks_lib = build_gks_library(cfg, model, data, folders, names, adapters_dir or tmp, log)
+                evaluate_routed(
+                    replace(cfg, generate_check=0), model, gks_lib, data, qb, gold_lib, rows, gks_methods(cfg)
+                )
+        t_end = time.perf_counter()
     result = {
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
         "adapter": {"rank": RANK, "alpha": ALPHA, "targets": list(TARGETS)},
