@@ -67,7 +67,8 @@ class LibraryRoute(nn.Module):
         self.register_buffer("a_star", weights.a_star, persistent=False)
         self.register_buffer("b_star", get_ops(backend).prepare_b_star(weights.b_star), persistent=False)
         self.register_buffer("prototypes", weights.prototypes, persistent=False)
-        self.register_buffer("adapter_ids", weights.adapter_ids, persistent=False)
+        # int64 whatever the library's ids were: traces give library indices with -1 for no adapter
+        self.register_buffer("adapter_ids", weights.adapter_ids.long(), persistent=False)
 
     @property
     def ops(self):
@@ -75,8 +76,8 @@ class LibraryRoute(nn.Module):
 
     def __setstate__(self, state) -> None:
         state.setdefault("requested_backend", state.get("backend"))  # pickled before routes followed devices
-        state.setdefault("unusable", None)
         super().__setstate__(state)
+        self._follow_device()  # loaded elsewhere (map_location="cpu", another machine's GPUs)
 
     def _apply(self, fn, recurse=True):
         # model.double() casts every float buffer; the kernels route in fp32 at most, so fp64
@@ -145,7 +146,10 @@ class _RoutedTermGradient(torch.autograd.Function):
     def forward(ctx, y, x, sel, a_star, b_star, prototypes, config: RoutingConfig):
         ctx.save_for_backward(x, sel, a_star, b_star, prototypes)
         ctx.config = config
-        return y.view_as(y)
+        # y itself, marked modified (the kernels wrote into it): model code may change the layer's
+        # output in place, as may the next library's kernels (a view made here would refuse both)
+        ctx.mark_dirty(y)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
@@ -176,7 +180,11 @@ class LagLinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.module_name = name
-        self.in_features, self.out_features = _linear_shape(base_layer)
+        # the wrapper's own copy: writing it through to the base (see __setattr__) would fail on a
+        # layer whose sizes are read-only properties, halfway through patch's swap
+        in_features, out_features = _linear_shape(base_layer)
+        nn.Module.__setattr__(self, "in_features", in_features)
+        nn.Module.__setattr__(self, "out_features", out_features)
         # The shape the libraries are routed for. Model code may rewrite the public pair
         # (transformers' resize_token_embeddings sets the output layer's out_features).
         self._routed_shape = (self.in_features, self.out_features)
@@ -470,12 +478,14 @@ def _build_routes(plan: list, libs: list[Library], already: int, build, held_byt
 def _attach(model: nn.Module, routes: list, libs: list[Library], already: int) -> nn.Module:
     """Swap the built routes [(module name, route)] into ``model`` (allocates nothing, so it cannot
     fail halfway) and record the ``libs`` attached after the ``already`` attached ones."""
-    for name, route in routes:
+    wrappers = {}  # every wrapper made before the first swap: a layer it cannot wrap changes nothing
+    for name, _ in routes:
         module = model.get_submodule(name)
-        if not isinstance(module, LagLinear):
-            module = LagLinear(module, name)
-            _set_submodule(model, name, module)
-        module.routes.append(route)
+        wrappers[name] = module if isinstance(module, LagLinear) else LagLinear(module, name)
+    for name, route in routes:
+        if model.get_submodule(name) is not wrappers[name]:
+            _set_submodule(model, name, wrappers[name])
+        wrappers[name].routes.append(route)
     if not already:
         model.register_state_dict_pre_hook(_warn_library_not_saved)
     model._lag_num_libraries = already + len(libs)

@@ -29,6 +29,11 @@ def library(tmp_path_factory):
     return tiny_library(tmp_path_factory.mktemp("adapters"), 7)
 
 
+@pytest.fixture(scope="module")
+def second_library(tmp_path_factory):
+    return tiny_library(tmp_path_factory.mktemp("second"), 5, prefix="b", seed=3)
+
+
 def _backends():
     return available_backends(DEVICE)
 
@@ -114,15 +119,17 @@ def test_patching_an_already_compiled_model_patches_the_model_it_wraps(library):
 
 
 @pytest.mark.parametrize("backend", _backends())
-def test_compiled_backward_equals_eager_reference(library, backend, monkeypatch):
+@pytest.mark.parametrize("libraries", [1, 2])
+def test_compiled_backward_equals_eager_reference(library, second_library, backend, libraries, monkeypatch):
     """A compiled forward + backward (fullgraph, gradients on): the input gradient equals the eager
-    reference backend's (the kernel backends' backward is written out: routing.routed_term_vjp)."""
+    reference backend's (the kernel backends' backward is written out: routing.routed_term_vjp).
+    With two libraries on a module the second's kernels write into the first's output."""
     install_backend(backend, DEVICE, monkeypatch)
     ids = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     grads = {}
     for name, compile_it in (("torch", False), (backend, True)):
         model = tiny_model("llama").to(DEVICE)
-        lag_triton.patch(model, library, backend=name, k=4, top_m=2)
+        lag_triton.patch(model, [library, second_library][:libraries], backend=name, k=4, top_m=2)
         emb = model.get_input_embeddings()(ids).detach().requires_grad_()
         forward = lambda e, model=model: model(inputs_embeds=e).logits  # noqa: E731
         if compile_it:

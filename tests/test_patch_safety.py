@@ -188,6 +188,24 @@ def test_an_explicit_backend_that_cannot_follow_the_model_says_so(library):
     assert auto.model.layers[0].mlp.up_proj(x).shape == (5, 80)
 
 
+@needs_triton_on_cpu
+def test_auto_backend_is_chosen_again_when_a_saved_model_loads_elsewhere(library, monkeypatch):
+    """A model saved where "auto" chose Triton (a GPU machine; simulated here by the override) and
+    loaded where it chooses another backend (map_location="cpu", a machine without Triton) routes
+    with the backend of the place it loaded, not the one it was saved with."""
+    monkeypatch.setenv("LAG_TRITON_BACKEND", "triton")
+    model = lag_triton.patch(tiny_model("llama"), library, k=3, top_m=2)
+    assert _backends(model) == {"triton"}
+    want = _logits(model, IDS)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    monkeypatch.delenv("LAG_TRITON_BACKEND")
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert _backends(loaded) == {"torch"}
+    torch.testing.assert_close(_logits(loaded, IDS), want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_patched_on_cpu_then_moved_to_the_gpu_routes_with_the_gpu_backend(library):
@@ -201,6 +219,22 @@ def test_patched_on_cpu_then_moved_to_the_gpu_routes_with_the_gpu_backend(librar
     moved.cpu()
     assert _backends(moved) == {"torch"}
     torch.testing.assert_close(_logits(moved, IDS), _logits(direct, ids).cpu(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if _NO_TRITON_ON_CPU is None else []))
+def test_a_patched_layers_output_may_be_changed_in_place_with_gradients_on(library, backend):
+    """Model code scales or adds into a projection's output in place (out.add_(...), +=); with the
+    kernels' output passed through the gradient Function that was refused ("a view ... is being
+    modified inplace"). The input gradient is the reference's."""
+    grads = []
+    for name in ("torch", backend):
+        layer = lag_triton.patch(tiny_model("llama"), library, k=3, top_m=2, backend=name).model.layers[0].mlp.up_proj
+        x = torch.randn(5, 48, generator=torch.Generator().manual_seed(4), requires_grad=True)
+        y = layer(x)
+        y.mul_(2)
+        (y * torch.arange(y.numel()).view_as(y)).sum().backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)
 
 
 # -- 5. autocast ---------------------------------------------------------------------------------------
@@ -312,6 +346,35 @@ def test_meta_and_quantized_models_are_refused(library):
     assert _unpatched(model)
 
 
+class _SizedByWeight(torch.nn.Module):
+    """A linear layer whose sizes are read-only properties of its weight, as some quantised layers have."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.weight = torch.nn.Parameter(linear.weight.detach().clone())
+
+    in_features = property(lambda self: self.weight.shape[1])
+    out_features = property(lambda self: self.weight.shape[0])
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight)
+
+
+def test_a_layer_with_read_only_sizes_is_patched(library):
+    """Wrapping such a layer must not write its sizes (that raised halfway through the swap, the
+    modules before it already patched); it routes like the nn.Linear it copies."""
+    model, want_model = tiny_model("llama"), tiny_model("llama")
+    name = list(library.modules)[-1]  # swapped last: every other module would already be patched
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, _SizedByWeight(model.get_submodule(name)))
+    lag_triton.patch(model, library, k=3)
+    lag_triton.patch(want_model, library, k=3)
+    assert model.get_submodule(name).in_features == want_model.get_submodule(name).in_features
+    torch.testing.assert_close(_logits(model, IDS), _logits(want_model, IDS), rtol=0, atol=0)
+    lag_triton.unpatch(model)
+    assert isinstance(model.get_submodule(name), _SizedByWeight) and _unpatched(model)
+
+
 def test_a_model_offloaded_by_accelerate_is_refused_and_still_runs(library):
     """Offloaded layers (accelerate's cpu_offload / disk offload) keep meta weights between forwards:
     refused, saying why, not with the advice for a model whose weights were never loaded."""
@@ -326,6 +389,28 @@ def test_a_model_offloaded_by_accelerate_is_refused_and_still_runs(library):
 
 
 # -- 7. traces nest and are per thread ----------------------------------------------------------------------
+@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.uint8])
+def test_traces_give_int64_library_indices_whatever_the_ids_dtype(library, ids_dtype):
+    """A Library may hold its index maps in any integer dtype; a trace gives library indices as
+    int64 with -1 for no adapter (a uint8 map once turned the -1 of an empty scope into 255)."""
+    narrow = Library(
+        library.names,
+        {
+            n: ModuleWeights(m.a_star, m.b_star, m.prototypes, m.adapter_ids.to(ids_dtype), m.ranks)
+            for n, m in library.modules.items()
+        },
+    )
+    traced = {}
+    for lib in (library, narrow):
+        model = lag_triton.patch(tiny_model("llama"), lib, k=3)
+        with lag_triton.trace(model) as tr, lag_triton.scope(model, [None, []]):
+            _logits(model, IDS)
+        traced[lib is narrow] = tr.selections
+    for module, picks in traced[True].items():
+        assert picks.dtype == torch.int64
+        assert torch.equal(picks, traced[False][module]) and (picks[IDS.shape[1] :] == -1).all()
+
+
 def test_nested_traces_each_get_their_whole_block(library):
     model = lag_triton.patch(tiny_model("llama"), library, k=2)
     name = "model.layers.1.mlp.down_proj"
