@@ -275,3 +275,226 @@ def test_scope_errors_name_what_is_wrong(libraries):
     with pytest.raises(TypeError, match="ambiguous"):
         with lag_triton.scope(both, [[1]]):
             pass
+
+
+def _scopes_in_force(model):
+    from lag_triton.patching import LagLinear
+
+    return {id(m._scope) for m in model.modules() if isinstance(m, LagLinear) and m._scope is not None}
+
+
+def test_a_second_asyncio_task_cannot_scope_a_model_another_task_holds(libraries):
+    """Two requests served by one event loop share a thread: the second task's scope is refused
+    (before changing anything) like a second thread's, instead of replacing the first's."""
+    import asyncio
+
+    docs, _ = libraries
+    model = _patched(docs, k=2, top_m=1)
+    ids = _ids(1, 5, seed=9)
+    free, _ = _routed(model, ids)
+    doc2, _ = _routed(model, ids, [["doc2"]])
+    got = {}
+
+    def forward():
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    async def first(second_tried):
+        with lag_triton.scope(model, [["doc2"]]):
+            await second_tried.wait()
+            got["first"] = forward()
+
+    async def second(second_tried):
+        try:
+            with lag_triton.scope(model, [["doc5"]]):
+                got["second"] = forward()
+        except RuntimeError as e:
+            got["second"] = e
+        got["between"] = forward()
+        second_tried.set()
+
+    async def main():
+        second_tried = asyncio.Event()
+        await asyncio.gather(first(second_tried), second(second_tried))
+
+    asyncio.run(main())
+    assert isinstance(got["second"], RuntimeError) and "another task" in str(got["second"]), got["second"]
+    torch.testing.assert_close(got["between"], doc2, rtol=0, atol=0)  # the first task's scope, untouched
+    torch.testing.assert_close(got["first"], doc2, rtol=0, atol=0)
+    assert not _scopes_in_force(model)
+    torch.testing.assert_close(_routed(model, ids)[0], free, rtol=0, atol=0)
+
+
+def test_a_task_nests_in_the_scope_it_was_started_under_and_exits_in_any_order(libraries):
+    """A task created inside a scope may open one inside it; when the creator's scope closes first,
+    the task's stays in force until it closes (exits remove their own scope, restoring nothing)."""
+    import asyncio
+
+    docs, _ = libraries
+    model = _patched(docs, k=2, top_m=1)
+    ids = _ids(1, 5, seed=9)
+    free, _ = _routed(model, ids)
+    doc5, _ = _routed(model, ids, [["doc5"]])
+    got = {}
+
+    def forward():
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    async def child(opened, release):
+        with lag_triton.scope(model, [["doc5"]]):
+            opened.set()
+            await release.wait()
+            got["child"] = forward()
+
+    async def main():
+        opened, release = asyncio.Event(), asyncio.Event()
+        with lag_triton.scope(model, [["doc2"]]):
+            task = asyncio.ensure_future(child(opened, release))  # inherits this context
+            await opened.wait()
+        got["parent closed"] = forward()
+        release.set()
+        await task
+        got["both closed"] = forward()
+
+    asyncio.run(main())
+    torch.testing.assert_close(got["parent closed"], doc5, rtol=0, atol=0)
+    torch.testing.assert_close(got["child"], doc5, rtol=0, atol=0)
+    torch.testing.assert_close(got["both closed"], free, rtol=0, atol=0)
+    assert not _scopes_in_force(model)
+
+
+def _flatten_mlp(model, layer=0):
+    """Layer ``layer``'s MLP fed [B*S, d] as Qwen2-MoE's shared expert is (hidden_states.view(-1, d))."""
+    mlp = model.model.layers[layer].mlp
+    forward = mlp.forward
+    mlp.forward = lambda x: forward(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
+
+
+def test_a_flattened_input_is_the_batch_row_major(libraries):
+    """A layer fed x.view(-1, d) is scoped as the [B, S, d] it came from: same logits, same
+    picks, in prefill and in cached decoding (T = B); a flattened input of no whole number of
+    tokens per row is refused naming the layer."""
+    docs, _ = libraries
+    model = _patched(docs, k=3, top_m=2)
+    ids = _ids(2, 6, seed=12)
+    sets = [["doc1", "doc4"], ["doc2"]]
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+
+    def run():
+        with torch.no_grad(), lag_triton.scope(model, sets), lag_triton.trace(model) as tr:
+            logits = model(input_ids=ids).logits
+            out = model.generate(input_ids=ids, **kw)
+        return logits, out, tr.selections
+
+    want_logits, want_out, want_sel = run()
+    _flatten_mlp(model)
+    got_logits, got_out, got_sel = run()
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-6, atol=1e-6)
+    assert torch.equal(got_out, want_out)
+    assert all(torch.equal(got_sel[m], want_sel[m]) for m in want_sel)
+    up = model.model.layers[0].mlp.up_proj
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp\.up_proj' got a flattened input .* 5 tokens"):
+        with torch.no_grad(), lag_triton.scope(model, sets):
+            up(torch.randn(5, up.in_features, device=DEVICE))
+
+
+def test_a_scope_refuses_per_expert_layers_whose_rows_no_shape_tells(libraries):
+    """An MoE block feeds each expert's linear layers a gather of its tokens: a scope restricting
+    such a layer would route tokens by the wrong row's set, so it is refused, the model untouched."""
+    from torch import nn
+
+    docs, _ = libraries
+    model = tiny_model("llama").to(DEVICE)
+    mlp = model.model.layers[0].mlp
+    expert = nn.Module()
+    expert.up_proj = mlp._modules.pop("up_proj")
+    mlp.experts = nn.ModuleList([expert])
+    name = "model.layers.0.mlp.up_proj"
+    moved = lag_triton.Library(docs.names, {name.replace("mlp.", "mlp.experts.0."): docs.modules[name]})
+    lag_triton.patch(model, moved, backend="torch", k=2)
+    with pytest.raises(ValueError, match=r"cannot restrict layer 'model\.layers\.0\.mlp\.experts\.0\.up_proj'"):
+        with lag_triton.scope(model, [["doc1"]]):
+            pass
+    assert not _scopes_in_force(model)
+
+
+def test_the_dict_form_checks_names_and_an_empty_dict_restricts_nothing(libraries):
+    docs, tasks = libraries
+    model = _patched([docs, tasks], k=2, top_m=1)
+    ids = _ids(2, 4, seed=13)
+    with pytest.raises(ValueError, match=r"library 0 does not have: \['typo'\]"):
+        with lag_triton.scope(model, {0: [["doc1", "typo"], None]}):
+            pass
+    with pytest.raises(ValueError, match=r"library 1 does not have: \['doc1'\]"):  # another library's name
+        with lag_triton.scope(model, {1: [["doc1"], None]}):
+            pass
+    assert not _scopes_in_force(model)
+    free, free_sel = _routed(model, ids)
+    unrestricted, sel = _routed(model, ids, {})
+    torch.testing.assert_close(unrestricted, free, rtol=0, atol=0)
+    assert all(torch.equal(sel[m], free_sel[m]) for m in free_sel)
+    with torch.no_grad(), lag_triton.scope(model, [["doc1"], ["doc2"]]):
+        with lag_triton.scope(model, {}):  # an inner scope replaces the outer: nothing restricted
+            inner = model(input_ids=ids).logits
+    torch.testing.assert_close(inner, free, rtol=0, atol=0)
+
+
+def test_a_bool_tensor_is_refused_with_several_libraries(libraries):
+    """A [B, N] mask indexes one library's names; which one is ambiguous when several are attached."""
+    docs, tasks = libraries
+    twin = lag_triton.Library([n.replace("task", "twin") for n in tasks.names], tasks.modules)
+    model = _patched([tasks, twin], k=2, top_m=1)
+    mask = torch.zeros(1, len(tasks.names), dtype=torch.bool)
+    mask[0, 1] = True
+    with pytest.raises(TypeError, match=r"bool tensor \[B, N\].*ambiguous.*\{library index: mask \[B, N\]\}"):
+        with lag_triton.scope(model, mask):
+            pass
+    with pytest.raises(TypeError, match="bool mask row is ambiguous"):
+        with lag_triton.scope(model, [mask[0]]):
+            pass
+    assert not _scopes_in_force(model)
+    ids = _ids(1, 4, seed=14)
+    with torch.no_grad(), lag_triton.scope(model, {1: mask}), lag_triton.trace(model) as tr:
+        model(input_ids=ids)
+    for module, sel in tr.library_selections[1].items():
+        _assert_within({module: sel}, [[1]], 4)
+
+
+def test_numpy_and_tensor_indices_and_masks_are_rows_and_a_generator_is_read_once(libraries):
+    import numpy as np
+
+    docs, tasks = libraries
+    model = _patched(docs, k=2, top_m=1)
+    ids = _ids(2, 5, seed=4)
+    want, _ = _routed(model, ids, [[1, 2], [5]])
+    row_mask = torch.zeros(N_ADAPTERS, dtype=torch.bool)
+    row_mask[[1, 2]] = True
+    for allowed in (
+        [[np.int64(1), np.int32(2)], [np.uint8(5)]],
+        [np.array([1, 2]), np.array([5])],
+        [torch.tensor([1, 2]), torch.tensor([5], dtype=torch.int32)],
+        [[torch.tensor(1), 2], (torch.tensor(5),)],
+        [row_mask, np.arange(N_ADAPTERS) == 5],
+        [np.array(["doc1", "doc2"]), ["doc5"]],
+        (row for row in [[1, 2], [5]]),
+    ):
+        torch.testing.assert_close(_routed(model, ids, allowed)[0], want, rtol=0, atol=0, msg=repr(allowed))
+    for row, error in (
+        (torch.tensor([1.0]), "row 0: adapter indices must be integers"),
+        (np.array([[1, 2]]), r"row 0: an array or tensor row must be 1-D"),
+        ([True], "row 0: a scope row holds adapter names .* got True"),
+        ([1.5], "row 0: a scope row holds adapter names .* got 1.5"),
+    ):
+        with pytest.raises(TypeError, match=error):
+            with lag_triton.scope(model, [row]):
+                pass
+    with pytest.raises(ValueError, match="row 0: a bool mask row for library 0 needs 7 entries, got 3"):
+        with lag_triton.scope(model, [torch.ones(3, dtype=torch.bool)]):
+            pass
+    both = _patched([docs, tasks], k=2, top_m=1)  # each library reads every row of the generator
+    with torch.no_grad(), lag_triton.scope(both, (r for r in [["doc3", "task1"], ["doc0"]])):
+        with lag_triton.trace(both) as tr:
+            both(input_ids=_ids(2, 4, seed=5))
+    for module, sel in tr.library_selections[1].items():
+        _assert_within({module: sel}, [[1], []], 4)
