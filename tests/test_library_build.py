@@ -442,3 +442,139 @@ def test_a_build_that_loses_the_race_for_a_dead_builds_file_starts_over(adapters
         )
         assert (report.resumed, report.aligned) == (0, 5)
         assert (folder / "lib.safetensors").read_bytes() == complete
+
+
+def _interrupted_then_resumed(paths, out, monkeypatch, after: int, mend, **kwargs):
+    """Interrupt a build of ``paths`` after ``after`` adapters, ``mend()`` the folders, resume it:
+    (the report, the warnings it gave, the folder names it aligned)."""
+    _count_alignments(monkeypatch, fail_after=after)
+    with pytest.raises(KeyboardInterrupt):
+        build_library(paths, out, workers=0, progress=False, **kwargs)
+    mend()
+    aligned = _count_alignments(monkeypatch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = build_library(paths, out, workers=0, progress=False, resume=True, **kwargs)
+    return report, [str(w.message) for w in caught], aligned
+
+
+def _head(path: Path) -> bytes:
+    data = path.read_bytes()
+    return data[: 8 + int.from_bytes(data[:8], "little")]
+
+
+def test_a_resumed_build_keeps_no_rows_that_moved_to_another_row(tmp_path, monkeypatch):
+    """Adapters that trade modules while every module keeps its number of adapters leave the header
+    unchanged, but move an unchanged adapter's rows: its kept rows would sit under another adapter's
+    id. The dead build's index maps differ from the new plan's, so the build starts over."""
+    model = tiny_model("llama")
+    targets = [["up_proj"], ["up_proj", "down_proj"], ["down_proj"], ["up_proj"]]
+    paths = [make_adapter(model, tmp_path / f"a{i}", seed=i, r=2, targets=t) for i, t in enumerate(targets)]
+    out = tmp_path / "out" / "lib.safetensors"
+    out.parent.mkdir()
+    heads = []
+
+    def trade_modules():  # a1, journaled and untouched, moves from row 1 to 0 of up_proj, 0 to 1 of down_proj
+        heads.append(_head(next(p for p in out.parent.iterdir() if not p.name.endswith(".journal.lag-tmp"))))
+        make_adapter(model, paths[0], seed=10, r=2, targets=["down_proj"])
+        make_adapter(model, paths[2], seed=12, r=2, targets=["up_proj"])
+
+    report, said, aligned = _interrupted_then_resumed(paths, out, monkeypatch, 3, trade_modules)
+    assert (report.aligned, report.resumed) == (4, 0) and aligned == ["a0", "a1", "a2", "a3"]
+    build_library(paths, tmp_path / "scratch.safetensors", workers=0, progress=False)
+    assert heads == [_head(tmp_path / "scratch.safetensors")]  # the header alone could not tell
+    assert len(said) == 1 and "3 of 4 adapters written" in said[0] and "rows cannot be kept" in said[0]
+    assert out.read_bytes() == (tmp_path / "scratch.safetensors").read_bytes()
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
+
+
+def test_a_resumed_build_keeps_no_rows_aligned_against_general_adapters_changed_since(tmp_path, monkeypatch):
+    """General adapters retrained in place (same names and shapes) leave the header unchanged; the
+    means in the dead build's file differ from the new ones, so its rows are not kept."""
+    model = tiny_model("llama")
+    tasks = [make_adapter(model, tmp_path / f"t{i}", seed=i, targets=["up_proj"]) for i in range(3)]
+    general = [make_adapter(model, tmp_path / "g0", seed=100, targets=["up_proj"])]
+    out = tmp_path / "out" / "lib.safetensors"
+    out.parent.mkdir()
+
+    def retrain_general():
+        make_adapter(model, general[0], seed=200, targets=["up_proj"])
+
+    report, said, aligned = _interrupted_then_resumed(
+        tasks, out, monkeypatch, 2, retrain_general, general_adapters=general
+    )
+    assert (report.aligned, report.resumed) == (3, 0) and len(aligned) == 3
+    assert len(said) == 1 and "rows cannot be kept" in said[0]
+    build_library(tasks, tmp_path / "scratch.safetensors", workers=0, progress=False, general_adapters=general)
+    assert out.read_bytes() == (tmp_path / "scratch.safetensors").read_bytes()
+
+
+def _save_again_after_reading(monkeypatch, folder: Path, model) -> None:
+    """Make every alignment of ``folder`` save it again (other weights) once it has been read: a
+    trainer writing checkpoints into a folder the build is reading."""
+    from lag_triton.library import build
+
+    def read_then_saved_again(target, job, *general):
+        _ALIGN_AND_WRITE(target, job, *general)
+        if job[0] == folder:
+            make_adapter(model, folder, seed=99, r=2, targets=["up_proj"])
+            stat = (folder / "adapter_model.safetensors").stat()  # past the clock's granularity
+            os.utime(folder / "adapter_model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+
+    monkeypatch.setattr(build, "align_and_write", read_then_saved_again)
+
+
+def test_the_journal_stamps_an_adapter_as_it_was_before_it_was_read(tmp_path, monkeypatch):
+    """An adapter saved again while it was being aligned is journaled with the stamp of the files it
+    was read from, so a resumed build aligns its new content instead of keeping the old rows."""
+    from lag_triton.library import build
+
+    model = tiny_model("llama")
+    paths = [make_adapter(model, tmp_path / f"a{i}", seed=i, r=2, targets=["up_proj"]) for i in range(3)]
+    out = tmp_path / "out" / "lib.safetensors"
+    out.parent.mkdir()
+    _save_again_after_reading(monkeypatch, paths[0], model)
+    real = build.align_and_write
+    done = []
+
+    def two_then_interrupt(target, job, *general):
+        if len(done) == 2:
+            raise KeyboardInterrupt
+        real(target, job, *general)
+        done.append(job[0].name)
+
+    monkeypatch.setattr(build, "align_and_write", two_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        build_library(paths, out, workers=0, progress=False)
+    aligned = _count_alignments(monkeypatch)
+    report = build_library(paths, out, workers=0, progress=False, resume=True)
+    assert aligned == ["a0", "a2"] and (report.aligned, report.resumed) == (2, 1)
+    assert out.read_bytes() == _saved_bytes(paths, tmp_path, torch.float32)
+
+
+def test_a_worker_returns_the_stamp_taken_before_it_read_the_adapter(tmp_path, monkeypatch):
+    from lag_triton.library import build
+    from lag_triton.library.resume import adapter_stamp
+
+    model = tiny_model("llama")
+    folder = make_adapter(model, tmp_path / "a0", seed=0, r=2, targets=["up_proj"])
+    paths, plan = build.plan_build([folder], None, torch.float32)
+    before = adapter_stamp(folder)
+    _save_again_after_reading(monkeypatch, folder, model)
+    monkeypatch.setattr(build, "_worker_target", build.RowsToParent(torch.float32))  # as _init_worker sets it
+    stamp, rows = build._worker_job(build.jobs_for(plan, paths)[0])
+    assert stamp == before != adapter_stamp(folder) and len(rows) == 2
+
+
+@pytest.mark.parametrize("where", [".", ".."])
+def test_a_folder_given_as_dot_or_dot_dot_is_named_by_the_folder_it_leads_to(adapters, tmp_path, monkeypatch, where):
+    folder = tmp_path / "my-adapter"
+    folder.mkdir()
+    for f in adapters[0].iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "inside").mkdir()
+    monkeypatch.chdir(folder if where == "." else folder / "inside")
+    assert Library.from_peft(where, progress=False).names == ["my-adapter"]
+    from lag_triton.library import GeneralKnowledge
+
+    assert GeneralKnowledge.from_peft(where).names == ["my-adapter"]

@@ -4,7 +4,10 @@ mismatches and bad names are refused with the file untouched."""
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -13,7 +16,7 @@ import torch
 from lag_triton import AdapterError, Library
 from lag_triton.library import add_adapters, build, build_library, remove_adapters
 
-from factories import make_adapter, tiny_model
+from factories import library_info, make_adapter, read_raw, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +175,67 @@ def test_add_then_remove_round_trips(adapters, tmp_path):
     add_adapters(lib, adapters[2:], workers=0, progress=False)
     remove_adapters(lib, [p.name for p in adapters[2:]])
     assert lib.read_bytes() == old
+
+
+@pytest.fixture(scope="module")
+def declaring(adapters, tmp_path_factory):
+    """Copies of a0-a3 whose configs declare base models "org/A", "org/B", "org/A" and none."""
+    tmp = tmp_path_factory.mktemp("declaring")
+    out = []
+    for folder, base in zip(adapters, ["org/A", "org/B", "org/A", None]):
+        copy = shutil.copytree(folder, tmp / folder.name)
+        config = json.loads((copy / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = base
+        (copy / "adapter_config.json").write_text(json.dumps(config))
+        out.append(copy)
+    return out
+
+
+def _info(path) -> dict:
+    return library_info(read_raw(path)[0])
+
+
+def test_add_and_remove_decide_the_base_model_as_a_build_of_their_adapters(declaring, tmp_path):
+    """A build names the base model its adapters' configs agree on (None when they disagree or none
+    names one); add and remove give the same bytes as that build, though the grown library's
+    base_model alone cannot tell "none named" from "they disagreed" or which adapters named it."""
+    for order in ([0, 1, 2, 3], [3, 0, 1, 2], [1, 3, 2, 0]):
+        paths = [declaring[i] for i in order]
+        scratch = _build(paths, tmp_path / "scratch.safetensors")
+        for split in (1, 2, 3):
+            lib = tmp_path / "lib.safetensors"
+            _build(paths[:split], lib)
+            add_adapters(lib, paths[split:], workers=0, progress=False)
+            assert lib.read_bytes() == scratch, (order, split)
+    full = tmp_path / "full.safetensors"
+    _build(declaring, full)
+    assert _info(full)["base_model"] is None
+    for drop in itertools.chain.from_iterable(itertools.combinations(range(4), n) for n in (1, 2, 3)):
+        rest = [p for i, p in enumerate(declaring) if i not in drop]
+        remove_adapters(full, [declaring[i].name for i in drop], output=tmp_path / "rest.safetensors")
+        assert (tmp_path / "rest.safetensors").read_bytes() == _build(rest, tmp_path / "scratch.safetensors"), drop
+        want = {0: "org/A", 1: "org/B", 2: "org/A"}
+        named = {want[i] for i in range(3) if i not in drop}
+        assert Library.load(tmp_path / "rest.safetensors").base_model == (named.pop() if len(named) == 1 else None)
+
+
+def test_only_libraries_whose_adapters_differ_record_each_adapter_s_base_model(adapters, declaring, tmp_path):
+    """Adapters that all name one base model, or none, give the file they always gave (format
+    version 1, no 'base_models'); others list each adapter's, read back by load and saved again."""
+    for paths, base_model in (([declaring[0], declaring[2]], "org/A"), (adapters[:3], None)):
+        _build(paths, tmp_path / "lib.safetensors")
+        info = _info(tmp_path / "lib.safetensors")
+        assert info["base_model"] == base_model and "base_models" not in info
+    mixed = [declaring[0], declaring[3], declaring[2]]
+    lib = tmp_path / "mixed.safetensors"
+    _build(mixed, lib)
+    header, _ = read_raw(lib)
+    assert header["__metadata__"]["format_version"] == "1"
+    assert library_info(header)["base_models"] == ["org/A", None, "org/A"]
+    loaded = Library.load(lib)
+    assert loaded.base_model == "org/A" and loaded.adapter_base_models == ["org/A", None, "org/A"]
+    loaded.save(tmp_path / "saved.safetensors")
+    Library.from_peft(mixed, dtype=torch.bfloat16, progress=False).save(tmp_path / "memory.safetensors")
+    assert (tmp_path / "saved.safetensors").read_bytes() == lib.read_bytes()
+    assert (tmp_path / "memory.safetensors").read_bytes() == lib.read_bytes()
+    assert loaded.to(dtype=torch.float32).adapter_base_models == loaded.adapter_base_models

@@ -279,6 +279,15 @@ CORRUPTIONS = {
     "library not JSON": (_set_meta(library="{names"), "metadata field 'library' is not JSON"),
     "library is a list": (_set_meta(library="[1]"), "'library' must be a JSON object"),
     "not a library": (_set_meta(format="something"), "not a lag_triton library"),
+    "base_models not one per adapter": (
+        _mutate_info(base_models=["org/A"]),
+        "'base_models' must list, for each of the 3 adapters, its base model",
+    ),
+    "empty base model": (_mutate_info(base_models=["", None, None]), "'base_models' must list"),
+    "base_models disagree with base_model": (
+        _mutate_info(base_model=None, base_models=["org/A", None, "org/A"]),
+        "'base_models' (the base model each adapter declares) give base model 'org/A', but 'base_model' is None",
+    ),
 }
 
 
@@ -372,6 +381,15 @@ def test_libraries_in_memory_are_checked_on_construction(library):
         ModuleWeights(m.a_star, m.b_star[:, :, :2], m.prototypes, m.adapter_ids)
     with pytest.raises(ValueError, match=r"library .*module 'model.layers.0.mlp.up_proj': adapter_ids holds 5"):
         Library(library.names, {UP: ModuleWeights(m.a_star, m.b_star, m.prototypes, torch.tensor([0, 1, 5]))}).check()
+    with pytest.raises(ValueError, match="2 adapter_base_models for 3 adapter names"):
+        Library(library.names, library.modules, adapter_base_models=["org/A", None])
+    with pytest.raises(TypeError, match="adapter 'a1' has ''"):
+        Library(library.names, library.modules, adapter_base_models=[None, "", None])
+    with pytest.raises(ValueError, match="give base model None .* but base_model is 'org/A'"):
+        Library(library.names, library.modules, base_model="org/A", adapter_base_models=["org/A", "org/B", None])
+    mixed = Library(library.names, library.modules, base_model="org/A", adapter_base_models=["org/A", None, None])
+    assert Library(library.names, library.modules, base_model="org/A").adapter_base_models == ["org/A"] * 3
+    assert mixed.to(dtype=torch.float64).adapter_base_models == ["org/A", None, None]
 
 
 def test_memory_map_is_private(saved):

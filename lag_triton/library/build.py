@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 from .align import align_lora
 from .general import GeneralKnowledge
 from .peft_reader import PeftAdapter
-from .plan import LibraryPlan, check_folder_names, plan_adapters, single_base_model
-from .resume import BuildJournal, find_resumable, set_aside
+from .plan import LibraryPlan, check_folder_names, plan_adapters
+from .resume import BuildJournal, Stamp, find_resumable, set_aside, stamp_before_reading
 from .weights import FACTOR_DTYPES, ModuleWeights
 from .writer import LibraryWriter, tensor_bytes
 
@@ -126,9 +126,11 @@ def _init_worker(target, general: GeneralKnowledge | None) -> None:
     _worker_target, _worker_general = target, general  # the means cross once per worker, not per job
 
 
-def _worker_job(job: Job) -> list | None:
+def _worker_job(job: Job) -> tuple[Stamp, list | None]:
+    """(the adapter's stamp, taken before it is read; the rows, for an in-memory build)."""
+    stamp = stamp_before_reading(job[0])
     align_and_write(_worker_target, job, _worker_general)
-    return _worker_target.take() if isinstance(_worker_target, RowsToParent) else None
+    return stamp, (_worker_target.take() if isinstance(_worker_target, RowsToParent) else None)
 
 
 def default_workers(jobs: int) -> int:
@@ -148,10 +150,11 @@ def run_jobs(
     on_done=None,
 ) -> None:
     """Align and write every job (subtracting ``general``'s means first, when given); ``workers`` = 0
-    aligns here, None picks :func:`default_workers`. ``on_done(position)`` is called, in job order,
-    once job ``position``'s rows are written. Workers write a file target's rows themselves; a
-    :class:`MemoryTarget`'s rows come back with each job's result."""
-    on_done = on_done or (lambda position: None)
+    aligns here, None picks :func:`default_workers`. ``on_done(position, stamp)`` is called, in job
+    order, once job ``position``'s rows are written, with the stamp of the adapter's files taken
+    before it was read (:func:`.resume.stamp_before_reading`). Workers write a file target's rows
+    themselves; a :class:`MemoryTarget`'s rows come back with each job's result, as does the stamp."""
+    on_done = on_done or (lambda position, stamp: None)
     workers = default_workers(len(jobs)) if workers is None else workers
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ValueError(f"workers must be an int >= 0 (0 = align in this process), got {workers!r}")
@@ -161,8 +164,9 @@ def run_jobs(
             torch.set_num_threads(1)  # r x r and r x d matrices: more threads only contend (3x slower on 2 busy cores)
             try:
                 for position, job in enumerate(jobs):
+                    stamp = stamp_before_reading(job[0])
                     align_and_write(target, job, general)
-                    on_done(position)
+                    on_done(position, stamp)
                     bar.update(1)
             finally:
                 torch.set_num_threads(threads)
@@ -178,10 +182,10 @@ def run_jobs(
 
             def finish_oldest() -> None:
                 position, future = pending.popleft()
-                rows = future.result()
+                stamp, rows = future.result()
                 if in_memory:
                     target.receive(rows)
-                on_done(position)
+                on_done(position, stamp)
                 bar.update(1)
 
             try:
@@ -215,7 +219,7 @@ def plan_build(paths, names, dtype, general_adapters=None) -> tuple[list[Path], 
     dtype = check_dtype(dtype)
     general = None if general_adapters is None else GeneralKnowledge.from_peft(general_adapters)
     modules, base_models = plan_adapters(paths, general=general)
-    return paths, LibraryPlan(names, dtype, modules, single_base_model(base_models), general)
+    return paths, LibraryPlan(names, dtype, modules, base_models, general)
 
 
 def jobs_for(plan: LibraryPlan, paths: list[Path], first_index: int = 0) -> list[Job]:
@@ -277,16 +281,26 @@ def write_library(
     Returns (adapters aligned, adapters carried over from that write, file size)."""
     layout = plan.layout()
     folders = {first_index + j: path for j, path in enumerate(paths)}
-    found = find_resumable(output, layout.head, layout.size, folders)
-    if found and found[1] and not resume:  # about to be removed as stale: say what is thrown away
+    found = find_resumable(output, layout, plan.fixed_tensors(), folders)
+    # about to be removed as stale: say what is thrown away
+    if found and not found.resumable and found.written:
+        warnings.warn(
+            f"{output}: starting over, and removing what a killed run to this file left ({found.written} of "
+            f"{len(folders)} adapters written, in {found.temp.name}): its rows cannot be kept, since which "
+            "row holds which adapter or the general means changed (adapters target other modules now, or "
+            "the general adapters changed)",
+            stacklevel=3,
+        )
+    elif found and found.carried and not resume:
         warnings.warn(
             f"{output}: starting over, and removing what a killed run of this same build left "
-            f"({len(found[1])} of {len(folders)} adapters written, in {found[0].name}); "
+            f"({len(found.carried)} of {len(folders)} adapters written, in {found.temp.name}); "
             "resume=True (command line: --resume) would have continued it",
             stacklevel=3,
         )
-    with LibraryWriter(output, plan, adopt=found[0] if found and resume else None, layout=layout) as writer:
-        carried = found[1] if writer.file.adopted else {}
+    adopt = found.temp if found and found.resumable and resume else None
+    with LibraryWriter(output, plan, adopt=adopt, layout=layout) as writer:
+        carried = found.carried if writer.file.adopted else {}
         journal = BuildJournal(writer.file.temp, writer.file.fd, folders, carried)
         todo = [i for i in folders if i not in carried]
         jobs = jobs_for(plan, paths, first_index)
@@ -300,7 +314,7 @@ def write_library(
                 progress=progress,
                 desc=desc + (f" ({len(carried)} kept from a killed build)" if carried else ""),
                 general=plan.general,
-                on_done=lambda position: journal.done(todo[position]),
+                on_done=lambda position, stamp: journal.done(todo[position], stamp),
             )
         except BaseException as e:
             _keep_for_resume(e, writer, journal, len(paths))

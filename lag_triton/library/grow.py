@@ -6,7 +6,10 @@ only new adapters are aligned. The result has the same bytes as building the lib
 scratch from the same folders in the same order (``add``: old adapters, then the new ones), as
 long as the old file was built by lag_triton (ascending rows, true ranks recorded). A library
 built with general knowledge subtraction keeps its means: ``add`` subtracts them from the new
-adapters, as the build did from the others.
+adapters, as the build did from the others. The base model is decided as a build decides it, from
+the base model each adapter declares (``base_models``, :mod:`.stored`). A file written before that
+was recorded says only ``base_model``, and every adapter is taken to declare it: exact unless its
+adapters declared different base models, or only some of them declared one.
 
 Both write a complete new file next to the old one and rename it over it: the library is
 replaced atomically, and the disk must hold a second copy while the call runs.
@@ -20,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .build import BuildReport, write_library
-from .plan import LibraryPlan, ModulePlan, check_folder_names, plan_adapters, single_base_model
+from .plan import LibraryPlan, ModulePlan, check_folder_names, plan_adapters
 from .stored import StoredLibrary, check_names, existing_library_path, read_stored
 from .writer import LibraryWriter, RowSource
 
@@ -79,14 +82,8 @@ def add_adapters(
     old_rows = {name: plan.num_adapters for name, plan in modules.items()}
     first = len(stored.names)
     general = stored.general_knowledge()
-    modules, base_models = plan_adapters(
-        paths,
-        first_index=first,
-        modules=modules,
-        known_base_models={stored.base_model} if stored.base_model else set(),
-        general=general,
-    )
-    plan = LibraryPlan(stored.names + new_names, dtype, modules, single_base_model(base_models), general)
+    modules, new_base_models = plan_adapters(paths, first_index=first, modules=modules, general=general)
+    plan = LibraryPlan(stored.names + new_names, dtype, modules, stored.adapter_base_models + new_base_models, general)
     source = RowSource(stored)
 
     def copy_old_rows(writer: LibraryWriter) -> None:
@@ -135,11 +132,12 @@ def remove_adapters(library, names, *, output=None) -> BuildReport:
                 plan.d_in, plan.d_out, [new_id[ids[r]] for r in rows], [plan.ranks[r] for r in rows]
             )
             runs += [(name, dst, src_row, count) for dst, src_row, count in _runs(rows)]
+    base_models = stored.adapter_base_models
     plan = LibraryPlan(
         [stored.names[i] for i in kept],
         _factor_dtype(stored),
         dict(sorted(modules.items())),
-        stored.base_model,
+        [base_models[i] for i in kept],
         stored.general_knowledge(),
     )
     source = RowSource(stored)

@@ -18,7 +18,7 @@ from . import safetensors_io as sio
 from .build import build_in_memory, build_library
 from .general import GeneralKnowledge
 from .plan import library_metadata
-from .stored import LibraryFormatError, check_names, existing_library_path, read_stored
+from .stored import LibraryFormatError, check_names, existing_library_path, read_stored, single_base_model
 from .weights import FIELDS, ModuleWeights
 
 __all__ = ["Library", "LibraryFormatError"]
@@ -37,7 +37,11 @@ class Library:
         base_model: str | None = None,
         source: str | None = None,
         general: GeneralKnowledge | None = None,
+        adapter_base_models: Sequence[str | None] | None = None,
     ):
+        """``adapter_base_models``: the base model each adapter's PEFT config declares (None: none),
+        in ``names`` order, which ``add``/``remove`` need to decide ``base_model`` as a build would;
+        None: every adapter declares ``base_model``."""
         self.names = _check_names(names)
         if not isinstance(modules, dict) or not modules:
             raise ValueError("a library needs at least one module (a dict of module name -> ModuleWeights)")
@@ -48,6 +52,7 @@ class Library:
         if base_model is not None and not isinstance(base_model, str):
             raise TypeError(f"base_model must be a string or None, got {type(base_model).__name__}")
         self.base_model = base_model
+        self.adapter_base_models = _check_adapter_base_models(adapter_base_models, self.names, base_model)
         self.source = source  # where it was loaded from, for error messages
         self.general = _check_general(general, self.modules)
 
@@ -89,7 +94,14 @@ class Library:
     def to(self, device=None, dtype: torch.dtype | None = None, *, copy: bool = False) -> Library:
         """Move/cast the factors; ``copy=True`` gives tensors that share nothing with this library."""
         modules = {name: m.to(device, dtype, copy=copy) for name, m in self.modules.items()}
-        return Library(self.names, modules, base_model=self.base_model, source=self.source, general=self.general)
+        return Library(
+            self.names,
+            modules,
+            base_model=self.base_model,
+            source=self.source,
+            general=self.general,
+            adapter_base_models=self.adapter_base_models,
+        )
 
     # -- building --------------------------------------------------------------------------------
     @classmethod
@@ -144,7 +156,13 @@ class Library:
             return cls.load(output, check_values=False)
         workers = 0 if workers is None else workers  # in memory, workers are asked for (see above)
         plan, weights = build_in_memory(paths, names, dtype, progress, general_adapters, workers)
-        return cls(plan.names, weights, base_model=plan.base_model, general=plan.general)
+        return cls(
+            plan.names,
+            weights,
+            base_model=plan.base_model,
+            general=plan.general,
+            adapter_base_models=plan.adapter_base_models,
+        )
 
     # -- files -------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
@@ -158,7 +176,9 @@ class Library:
         }
         if self.general is not None:
             tensors.update(self.general.tensors())
-        metadata = library_metadata(self.names, self.base_model, self.modules, self.r_max, self.dtype, self.general)
+        metadata = library_metadata(
+            self.names, self.base_model, self.modules, self.r_max, self.dtype, self.general, self.adapter_base_models
+        )
         sio.write(Path(path), tensors, metadata)
 
     @classmethod
@@ -191,7 +211,12 @@ def _load(path: Path, check_values: bool = True) -> Library:
         except ValueError as e:
             raise stored.fail(f"module {module!r}: {e}") from None
     lib = Library(
-        stored.names, weights, base_model=stored.base_model, source=str(path), general=stored.general_knowledge()
+        stored.names,
+        weights,
+        base_model=stored.base_model,
+        source=str(path),
+        general=stored.general_knowledge(),
+        adapter_base_models=stored.base_models,
     )
     if not check_values:
         return lib
@@ -201,6 +226,27 @@ def _load(path: Path, check_values: bool = True) -> Library:
         except ValueError as e:
             raise stored.fail(f"module {module!r}: {e}") from None
     return lib
+
+
+def _check_adapter_base_models(base_models, names: list[str], base_model: str | None) -> list[str | None]:
+    if base_models is None:
+        return [base_model] * len(names)
+    if isinstance(base_models, (str, bytes)) or not isinstance(base_models, Sequence):
+        raise TypeError(f"adapter_base_models must be a list of strings or None, got {type(base_models).__name__}")
+    base_models = list(base_models)
+    if len(base_models) != len(names):
+        raise ValueError(f"{len(base_models)} adapter_base_models for {len(names)} adapter names")
+    for name, declared in zip(names, base_models):
+        if not (declared is None or (isinstance(declared, str) and declared)):
+            raise TypeError(
+                f"adapter_base_models must hold non-empty strings or None; adapter {name!r} has {declared!r:.60}"
+            )
+    if single_base_model(base_models) != base_model:
+        raise ValueError(
+            f"adapter_base_models give base model {single_base_model(base_models)!r} (every adapter that "
+            f"declares one must declare the same, else None), but base_model is {base_model!r}"
+        )
+    return base_models
 
 
 def _check_general(general: GeneralKnowledge | None, modules: dict[str, ModuleWeights]) -> GeneralKnowledge | None:

@@ -19,7 +19,7 @@ from . import safetensors_io as sio
 from .general import GeneralKnowledge
 from .peft_reader import PeftAdapter
 from .sources import adapter_folders, default_adapter_name
-from .stored import FORMAT, FORMAT_VERSION, PLAIN_FORMAT_VERSION, check_names
+from .stored import FORMAT, FORMAT_VERSION, PLAIN_FORMAT_VERSION, check_names, single_base_model
 
 
 @dataclass
@@ -38,14 +38,19 @@ class ModulePlan:
 
 @dataclass
 class LibraryPlan:
-    """Names, dtype, base model, every module's rows (each module padded to ``r_max``) and the
-    general knowledge subtracted from every adapter (GKS, or None)."""
+    """Names, dtype, every module's rows (each module padded to ``r_max``), the base model each
+    adapter's config declares (None: none; in ``names`` order) and the general knowledge subtracted
+    from every adapter (GKS, or None)."""
 
     names: list[str]
     dtype: torch.dtype
     modules: dict[str, ModulePlan]
-    base_model: str | None = None
+    adapter_base_models: list[str | None]
     general: GeneralKnowledge | None = None
+
+    @property
+    def base_model(self) -> str | None:
+        return single_base_model(self.adapter_base_models)
 
     @property
     def r_max(self) -> int:
@@ -68,7 +73,15 @@ class LibraryPlan:
         return out | (self.general.specs() if self.general else {})
 
     def metadata(self) -> dict[str, str]:
-        return library_metadata(self.names, self.base_model, list(self.modules), self.r_max, self.dtype, self.general)
+        return library_metadata(
+            self.names,
+            self.base_model,
+            list(self.modules),
+            self.r_max,
+            self.dtype,
+            self.general,
+            self.adapter_base_models,
+        )
 
     def layout(self) -> sio.Layout:
         return sio.plan_layout(self.specs(), self.metadata())
@@ -91,10 +104,18 @@ class LibraryPlan:
 
 
 def library_metadata(
-    names, base_model, modules, r_max: int, dtype: torch.dtype, general: GeneralKnowledge | None = None
+    names,
+    base_model,
+    modules,
+    r_max: int,
+    dtype: torch.dtype,
+    general: GeneralKnowledge | None = None,
+    adapter_base_models=None,
 ) -> dict[str, str]:
     """The file's string metadata (shared with ``Library.save``, so both write the same header).
-    A library without general knowledge is written as format version 1, which older readers read."""
+    A library without general knowledge is written as format version 1, which older readers read.
+    ``adapter_base_models`` (per adapter, or None) is written as ``base_models`` only where
+    ``base_model`` does not already say it (:mod:`.stored`), so other libraries keep their bytes."""
     header = {
         "names": list(names),
         "base_model": base_model,
@@ -102,6 +123,8 @@ def library_metadata(
         "r_max": r_max,
         "dtype": str(dtype).removeprefix("torch."),
     }
+    if adapter_base_models is not None and any(b != base_model for b in adapter_base_models):
+        header["base_models"] = list(adapter_base_models)
     if general is not None:
         header["general"] = general.header()
     return {
@@ -115,26 +138,24 @@ def plan_adapters(
     paths: list[Path],
     first_index: int = 0,
     modules: dict[str, ModulePlan] | None = None,
-    known_base_models: set[str] | None = None,
     general: GeneralKnowledge | None = None,
-) -> tuple[dict[str, ModulePlan], set[str]]:
+) -> tuple[dict[str, ModulePlan], list[str | None]]:
     """Read every folder's config and tensor headers (no tensor data) and add its rows to ``modules``
     (the modules of an existing library, for ``add``; one adapter is in memory at a time).
 
     Adapter ``j`` gets index ``first_index + j``. A module's d_in x d_out must agree across
     adapters and with ``modules``, and with ``general``'s means when given: else
     :class:`AdapterError` naming both sides.
-    Returns (modules sorted by name, the base models declared so far).
+    Returns (modules sorted by name, the base model each adapter of ``paths`` declares or None).
     """
     modules = {} if modules is None else modules
     origin = {m: "the library" for m in modules}
-    base_models = set(known_base_models or ())
+    base_models: list[str | None] = []
     for j, path in enumerate(paths):
         adapter = PeftAdapter.open(path)
         if general is not None:
             general.check(adapter)
-        if adapter.base_model:
-            base_models.add(adapter.base_model)
+        base_models.append(adapter.base_model or None)
         for module, f in adapter.modules.items():
             plan = modules.get(module)
             if plan is None:
@@ -179,8 +200,3 @@ def check_folder_names(paths, names) -> tuple[list[Path], list[str]]:
                 "command line: --names), e.g. from the folders' parents"
             )
     return folders, names
-
-
-def single_base_model(base_models: set[str]) -> str | None:
-    """The base model when every adapter that names one names the same, else None (as ``from_peft``)."""
-    return next(iter(base_models)) if len(base_models) == 1 else None

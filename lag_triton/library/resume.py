@@ -9,16 +9,22 @@ killer, a lost session) leaves both under its pid; one that fails or is interrup
 error, Ctrl-C) renames them with "kept" in place of the pid (:func:`set_aside`), so that a resumed
 build in the same process finds them too. ``build_library(..., resume=True)`` looks for:
 
-- such a temp file for the same output, with this build's size and exactly this build's header
-  (same names, modules, shapes, ranks, dtype, base model, general means);
+- such a temp file for the same output, with this build's size and header (names, modules, their
+  shapes, r_max, dtype, base model, the general adapters' names and modules) and this build's bytes
+  of the tensors fixed before any adapter is aligned (:meth:`.plan.LibraryPlan.fixed_tensors`):
+  every module's ``adapter_ids`` and ``ranks``, and the general means. The header alone does not
+  say which row of a module holds which adapter, nor what the means are: adapters that trade
+  modules while every module keeps its count, or general adapters retrained in place, leave it
+  unchanged, and the rows kept would then sit under other adapters or hold another subtraction;
 - the journal lines whose index, folder and file stamps still match: those adapters are not
-  aligned again; every other adapter is, as in a fresh build.
+  aligned again; every other adapter is, as in a fresh build. A stamp is taken before the adapter
+  is read, so an adapter saved again while it was being aligned fails to match and is aligned again.
 
 The result has the same bytes as a build from the start. Without a match, the build starts from the
-first adapter. A temp file a build adopts is renamed to its own pid first, so no other build
-removes it as stale meanwhile, and its new journal starts with the adapters carried over (so a
-resumed build killed again resumes as well); the next build or save to that output without
-``resume`` removes what dead builds left, as it always has.
+first adapter (warning when that throws a dead build's rows away). A temp file a build adopts is
+renamed to its own pid first, so no other build removes it as stale meanwhile, and its new journal
+starts with the adapters carried over (so a resumed build killed again resumes as well); the next
+build or save to that output without ``resume`` removes what dead builds left, as it always has.
 """
 
 from __future__ import annotations
@@ -26,10 +32,14 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from . import safetensors_io as sio
 from .peft_reader import PeftAdapter
+from .writer import tensor_bytes
 
 _JOURNAL = ".journal"
 _SYNC_SECONDS = 1.0  # at most one fsync of the data (and one journal write) per second
@@ -47,6 +57,19 @@ def adapter_stamp(folder: Path) -> list[int]:
         st = os.stat(file)
         out += [st.st_size, st.st_mtime_ns]
     return out
+
+
+Stamp = list[int] | None  # adapter_stamp, or None where it could not be taken (never matches again)
+
+
+def stamp_before_reading(folder: Path) -> Stamp:
+    """The stamp to journal for an adapter about to be read: taken first, so that a save of the
+    adapter while it is read leaves the journal an older stamp, and a resumed build aligns it again.
+    None where the files cannot be stat'ed: opening the adapter then raises the error that names it."""
+    try:
+        return adapter_stamp(folder)
+    except Exception:
+        return None
 
 
 def _key(folder: Path) -> str:
@@ -69,9 +92,9 @@ class BuildJournal:
         self.last_sync = time.monotonic()
         self.flush()
 
-    def done(self, index: int) -> None:
-        folder = self.folders[index]
-        self.pending.append(json.dumps({"index": index, "folder": _key(folder), "stamp": adapter_stamp(folder)}))
+    def done(self, index: int, stamp: Stamp) -> None:
+        """Record adapter ``index`` as written, with the stamp its files had before it was read."""
+        self.pending.append(json.dumps({"index": index, "folder": _key(self.folders[index]), "stamp": stamp}))
         self.entries += 1
         if time.monotonic() - self.last_sync >= _SYNC_SECONDS:
             self.flush()
@@ -109,37 +132,77 @@ def set_aside(temp: Path, path: Path) -> Path:
     return kept
 
 
-def find_resumable(path: Path, head: bytes, size: int, folders: dict[int, Path]) -> tuple[Path, dict[int, str]] | None:
-    """A dead build's temp file for ``path`` with this ``head`` and ``size``, and the adapters whose
-    rows it holds unchanged: index -> their journal line (``folders``: index -> folder of every
-    adapter to build); None when there is none. The most adapters win when several builds left files."""
-    best = None
+@dataclass(frozen=True)
+class DeadBuild:
+    """A dead build's temp file for this output with this build's size and header.
+    ``carried``: index -> journal line of each adapter whose rows it holds unchanged; ``written``:
+    adapters its journal lists; ``resumable``: False when its index maps or general means differ
+    from this build's (module docstring), so none of its rows can be kept."""
+
+    temp: Path
+    carried: dict[int, str]
+    written: int
+    resumable: bool
+
+
+def find_resumable(
+    path: Path, layout: sio.Layout, fixed: dict[str, torch.Tensor], folders: dict[int, Path]
+) -> DeadBuild | None:
+    """The dead build's temp file for ``path`` that this build (``layout``, and ``fixed``, the
+    plan's fixed tensors) could continue, and what it holds (``folders``: index -> folder of every
+    adapter to build); None when no dead build left one with this size and header. One whose fixed
+    tensors differ is returned only when no other matches (``resumable`` False, so that the build
+    can say what it throws away); among the others the most adapters win."""
+    best, best_key = None, None
     for temp in sio.stale_temps(path):
         if temp.name.endswith(_JOURNAL + sio.TEMP_SUFFIX) or not journal_path(temp).is_file():
             continue
         try:
-            if os.path.getsize(temp) != size:
+            if os.path.getsize(temp) != layout.size:
                 continue
             with open(temp, "rb") as f:
-                if f.read(len(head)) != head:
+                if f.read(layout.data_start) != layout.head:
                     continue
-            done = _journal_entries(journal_path(temp), folders)
+                resumable = _holds_fixed_tensors(f, layout, fixed)
+            lines = _journal_lines(journal_path(temp))
         except OSError:
             continue
-        if best is None or len(done) > len(best[1]):
-            best = (temp, done)
+        carried = _unchanged(lines, folders) if resumable else {}
+        written = len({index for index, *_ in lines})
+        key = (resumable, len(carried), written)
+        if best_key is None or key > best_key:
+            best, best_key = DeadBuild(temp, carried, written, resumable), key
     return best
 
 
-def _journal_entries(journal: Path, folders: dict[int, Path]) -> dict[int, str]:
-    done = {}
+def _holds_fixed_tensors(f, layout: sio.Layout, fixed: dict[str, torch.Tensor]) -> bool:
+    """Whether the file ``f`` holds at the layout's offsets the bytes the writer would write there."""
+    for name, t in fixed.items():
+        begin, end = layout.offsets[name]
+        f.seek(layout.data_start + begin)
+        if f.read(end - begin) != tensor_bytes(t):
+            return False
+    return True
+
+
+def _journal_lines(journal: Path) -> list[tuple[int, str, object, str]]:
+    """(index, folder, stamp, line) of every complete line."""
+    out = []
     for line in journal.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             entry = json.loads(line)
             index, folder, stamp = entry["index"], entry["folder"], entry["stamp"]
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a torn last line (killed mid-write): that adapter is aligned again
-        if isinstance(index, int) and index in folders and _key(folders[index]) == folder:
+        if isinstance(index, int):
+            out.append((index, folder, stamp, line))
+    return out
+
+
+def _unchanged(lines: list[tuple[int, str, object, str]], folders: dict[int, Path]) -> dict[int, str]:
+    done = {}
+    for index, folder, stamp, line in lines:
+        if index in folders and _key(folders[index]) == folder and stamp is not None:
             try:
                 if adapter_stamp(folders[index]) == stamp:
                     done[index] = line

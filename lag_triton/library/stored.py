@@ -8,6 +8,14 @@ Format version 2 adds the general knowledge subtracted from every adapter (:mod:
 ``general::<module>::lora_A`` [r, d_in] and ``::lora_B`` [d_out, r]; a library without it is
 written as version 1, byte for byte as before.
 
+``base_model`` is the base model the adapters' configs declare when those that declare one agree,
+else null. In any version, ``library.base_models`` may list, in ``names`` order, the base model each
+adapter declares (null: none); it is written only where ``base_model`` does not say it already
+(adapters that declare different base models, or some that declare none), so that ``add`` and
+``remove`` set the ``base_model`` a build of their adapters would. Readers that predate it ignore
+it and read ``base_model`` as before (so it needs no new version); without it, every adapter is
+taken to declare ``base_model``.
+
 :func:`read_stored` checks every header field it uses and raises :class:`LibraryFormatError`
 naming the file and the field. ``Library.load``, ``lag_triton info`` and the in-place
 ``add``/``remove`` all start here, so they accept and refuse exactly the same files.
@@ -95,6 +103,13 @@ class StoredLibrary:
     modules: dict[str, StoredModule]  # in the order of the metadata's 'modules'
     base_model: str | None
     general: tuple[list[str], list[str]] | None = None  # GKS: (general adapter names, modules with means)
+    base_models: list[str | None] | None = None  # the optional 'base_models' (module docstring)
+
+    @property
+    def adapter_base_models(self) -> list[str | None]:
+        """The base model each adapter declares: 'base_models', or ``base_model`` for every adapter
+        of a file without it (all a file written before it existed says)."""
+        return list(self.base_models) if self.base_models is not None else [self.base_model] * len(self.names)
 
     def fail(self, message: str) -> LibraryFormatError:
         return LibraryFormatError(f"library file {str(self.path)!r}: {message}")
@@ -168,6 +183,7 @@ def read_stored(path: Path) -> StoredLibrary:
     base_model = info.get("base_model")
     if base_model is not None and not isinstance(base_model, str):
         raise fail(f"'base_model' must be a string or null, got {base_model!r:.40}")
+    base_models = _base_models(info, names, base_model, fail)
     general, general_entries = _general(info, header, modules, fail)
     expected = {f"{m}::{f}": (m, f) for m in modules for f in FIELDS}
     stray = sorted(set(header.entries) - set(expected) - set(general_entries))
@@ -196,7 +212,36 @@ def read_stored(path: Path) -> StoredLibrary:
                     f"its factors {entries['a_star'].shape[2]} x {entries['b_star'].shape[1]}"
                 )
     stored_modules = {m: StoredModule(m, per_module[m]) for m in modules}
-    return StoredLibrary(path, header, names, stored_modules, base_model, general)
+    return StoredLibrary(path, header, names, stored_modules, base_model, general, base_models)
+
+
+def single_base_model(adapter_base_models) -> str | None:
+    """The base model when every adapter that names one names the same, else None (as ``from_peft``)."""
+    named = set(filter(None, adapter_base_models))
+    return next(iter(named)) if len(named) == 1 else None
+
+
+def _base_models(info: dict, names: list[str], base_model: str | None, fail) -> list[str | None] | None:
+    """The optional 'base_models', checked: one non-empty string or null per name, agreeing with 'base_model'."""
+    base_models = info.get("base_models")
+    if base_models is None:
+        return None
+    if not (
+        isinstance(base_models, list)
+        and len(base_models) == len(names)
+        and all(b is None or (isinstance(b, str) and b) for b in base_models)
+    ):
+        raise fail(
+            f"'base_models' must list, for each of the {len(names)} adapters, its base model (a non-empty "
+            f"string) or null, got {base_models!r:.80}"
+        )
+    implied = single_base_model(base_models)
+    if implied != base_model:
+        raise fail(
+            f"'base_models' (the base model each adapter declares) give base model {implied!r}, "
+            f"but 'base_model' is {base_model!r}"
+        )
+    return base_models
 
 
 def _general(info: dict, header: sio.Header, modules: list[str], fail) -> tuple[tuple | None, dict[str, sio.Entry]]:

@@ -169,16 +169,18 @@ class RowTarget:
 
 class LibraryWriter:
     """The file of ``plan`` at ``path``: header, index maps and general means written on creation,
-    rows after; ``adopt`` continues a dead build's temp file of this plan (:mod:`.resume`)."""
+    rows after; ``adopt`` continues a dead build's temp file that already holds this plan's header,
+    index maps and general means, byte for byte (:func:`.resume.find_resumable` compared them)."""
 
     def __init__(self, path: Path, plan: LibraryPlan, adopt: Path | None = None, layout: sio.Layout | None = None):
         self.plan = plan
         self.layout = plan.layout() if layout is None else layout  # ``layout``: plan.layout(), when known
         self.file = StreamingFile(Path(path), self.layout.size, adopt)
         try:
-            self.file.pwrite(self.layout.head, 0)
-            for name, t in plan.fixed_tensors().items():
-                self.file.pwrite(tensor_bytes(t), self.layout.data_start + self.layout.offsets[name][0])
+            if not self.file.adopted:  # an adopted file holds them already: find_resumable adopts no other
+                self.file.pwrite(self.layout.head, 0)
+                for name, t in plan.fixed_tensors().items():
+                    self.file.pwrite(tensor_bytes(t), self.layout.data_start + self.layout.offsets[name][0])
             self.target = RowTarget(self.file.temp, plan, self.layout)
         except BaseException:
             self.file.abort()
