@@ -28,13 +28,30 @@ class UsageError(Exception):
     """A command-line value that cannot work, found before any work starts."""
 
 
-def _check_output_file(path: Path) -> None:
+def _check_output_file(path: Path, option: str = "-o/--output") -> None:
     from .library.safetensors_io import check_output_path
 
     try:
         check_output_path(path)
     except OSError as e:
-        raise UsageError(f"-o/--output: {e.args[1] if len(e.args) > 1 else e}") from None
+        raise UsageError(f"{option}: {e.args[1] if len(e.args) > 1 else e}") from None
+
+
+def _check_library_output(args: argparse.Namespace) -> None:
+    """``add`` / ``remove``: the library exists (else the error ``info`` gives: exit 1), and the file
+    written (-o, or the library itself, replaced in place) can be written."""
+    from .library.stored import existing_library_path
+
+    existing_library_path(args.library)
+    if args.output is not None:
+        _check_output_file(args.output)
+    else:
+        _check_output_file(args.library, "library (replaced in place; -o/--output writes elsewhere)")
+
+
+def _repeated(names: list[str]) -> list[str]:
+    seen: set[str] = set()
+    return sorted({n for n in names if n in seen or seen.add(n)})
 
 
 def _check_output_folder(path: Path, option: str) -> None:
@@ -57,16 +74,30 @@ def _check_workers(workers) -> None:
         raise UsageError(f"--workers must be >= 0 (0 = align in this process), got {workers}")
 
 
+_BLANK = " \t"  # what a list file's lines and fields are stripped of: no other character ends a path
+
+
+def _read_stdin(option: str) -> bytes | str:
+    stdin = sys.stdin
+    if stdin is None or stdin.closed:  # `<&-`: Python sets sys.stdin to None
+        raise UsageError(f"{option} '-': standard input is closed")
+    buffer = getattr(stdin, "buffer", None)  # the bytes, decoded below as a file's (not in the locale's encoding)
+    return buffer.read() if buffer is not None else stdin.read()
+
+
 def _list_file(path: str, option: str) -> list[tuple[int, str]]:
-    """(line number, line) of a list file ('-': standard input), without blank and '#' lines."""
+    """(line number, line) of a list file ('-': standard input), without blank and '#' lines.
+    UTF-8 (a byte order mark skipped); lines end at "\n" only (a "\r" before it is dropped), as
+    folder names may hold any other character str.splitlines() would break at (U+2028, "\x0c", ...)."""
     try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+        data = _read_stdin(option) if path == "-" else Path(path).read_bytes()
+        text = data.decode("utf-8-sig") if isinstance(data, bytes) else data.removeprefix("\ufeff")
     except OSError as e:
         raise UsageError(f"{option} {path!r}: {e.strerror or e}") from None
     except UnicodeDecodeError:
         raise UsageError(f"{option} {path!r} is not UTF-8 text") from None
-    lines = enumerate(text.splitlines(), 1)
-    return [(n, line) for n, line in lines if line.strip() and not line.strip().startswith("#")]
+    lines = enumerate((line.removesuffix("\r") for line in text.split("\n")), 1)
+    return [(n, line) for n, line in lines if line.strip(_BLANK) and not line.strip(_BLANK).startswith("#")]
 
 
 def _adapters_and_names(args: argparse.Namespace) -> tuple[list[str], list[str] | None]:
@@ -75,7 +106,7 @@ def _adapters_and_names(args: argparse.Namespace) -> tuple[list[str], list[str] 
     adapters, names = list(args.adapters), args.names
     if args.adapters_from is not None:
         rows = _list_file(args.adapters_from, "--adapters-from")
-        fields = [(n, [f.strip() for f in line.split("\t")]) for n, line in rows]
+        fields = [(n, [f.strip(_BLANK) for f in line.split("\t")]) for n, line in rows]
         bad = next(((n, f) for n, f in fields if len(f) > 2 or not all(f)), None)
         if bad is not None:
             raise UsageError(
@@ -98,6 +129,9 @@ def _adapters_and_names(args: argparse.Namespace) -> tuple[list[str], list[str] 
         raise UsageError("no adapters: give PEFT folders (or Hub paths), or --adapters-from FILE")
     if names is not None and len(names) != len(adapters):
         raise UsageError(f"--names gives {len(names)} names for {len(adapters)} adapter folders")
+    if names is not None and _repeated(names):
+        given = "--names" if args.names is not None else f"--adapters-from {args.adapters_from!r}"
+        raise UsageError(f"{given} gives the same name to several adapters: {_repeated(names)[:10]}")
     return adapters, names
 
 
@@ -126,7 +160,7 @@ def _add(args: argparse.Namespace) -> int:
 
     adapters, names = _adapters_and_names(args)
     _check_workers(args.workers)
-    _check_output_file(args.output or args.library)
+    _check_library_output(args)
     report = add_adapters(
         args.library,
         adapters,
@@ -145,10 +179,12 @@ def _remove(args: argparse.Namespace) -> int:
 
     names = list(args.names)
     if args.names_from is not None:
-        names += [line.strip() for _, line in _list_file(args.names_from, "--names-from")]
+        names += [line.strip(_BLANK) for _, line in _list_file(args.names_from, "--names-from")]
     if not names:
         raise UsageError("no adapters to remove: give their names, or --names-from FILE")
-    _check_output_file(args.output or args.library)
+    if _repeated(names):
+        raise UsageError(f"the names of the adapters to remove repeat: {_repeated(names)[:10]}")
+    _check_library_output(args)
     print(f"wrote {remove_adapters(args.library, names, output=args.output)}")
     return 0
 
@@ -222,6 +258,40 @@ def _doctor(args: argparse.Namespace) -> int:
     return run(self_test=not args.no_self_test)
 
 
+def _check_stem(stem: str) -> None:
+    """The demo writes OUT/STEM.json and OUT/STEM.png: STEM must name a file in OUT."""
+    separators = {"/", os.sep, os.altsep} - {None}
+    if stem in ("", ".", "..") or "\0" in stem or any(sep in stem for sep in separators):
+        raise UsageError(f"--stem must be a plain file name (no folder; the files go to --out), got {stem!r}")
+
+
+def _check_general_adapters(args: argparse.Namespace) -> None:
+    """--general-adapters G: G >= 0, and G general documents the demo's data can provide (their
+    pre-training entities are finite: asked of the data generator itself, on the demo's settings)."""
+    count = args.general_adapters
+    if count < 0:
+        raise UsageError(f"--general-adapters must be >= 0 (0: none), got {count}")
+    if count == 0:
+        return
+    from .experiment.data import general_documents, make_data
+    from .experiment.run import config_from_args
+
+    cfg = config_from_args(args)
+    data = make_data(  # the first seed's; the number of pre-training entities is the same for every seed
+        cfg.adapters,
+        cfg.entities_per_doc,
+        cfg.pretrain_entities,
+        seed=cfg.seed,
+        mention_doc_entities=cfg.mention_doc_entities,
+        question_form=cfg.question_form,
+        value_form=cfg.value_form,
+    )
+    try:
+        general_documents(data, count, cfg.entities_per_doc)
+    except ValueError as e:
+        raise UsageError(f"--general-adapters {count} is too many: {e}") from None
+
+
 def _demo(args: argparse.Namespace) -> int:
     if args.adapters < 1:
         raise UsageError(f"--adapters must be >= 1, got {args.adapters}")
@@ -243,6 +313,8 @@ def _demo(args: argparse.Namespace) -> int:
         raise UsageError(f"--ks must be comma-separated integers >= 1, got {args.ks!r}")
     if args.backend not in _BACKENDS:
         raise UsageError(f"--backend must be one of {', '.join(_BACKENDS)}, got {args.backend!r}")
+    _check_stem(args.stem)
+    _check_general_adapters(args)
     _check_device(args.device)
     _check_output_folder(Path(args.out), "--out")
     from . import demo
@@ -364,7 +436,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser(with_demo="demo" in argv)
     args = _parse(parser, argv)  # exits 2 with argparse's own one-line message on a bad command line
     try:
-        return args.func(args)
+        code = args.func(args)
+        # A pipe's stdout is block-buffered: write it out here, where a reader that went away is caught
+        # below, rather than at interpreter exit ("Exception ignored ... BrokenPipeError", exit 120).
+        sys.stdout.flush()
+        return code
     except UsageError as e:
         print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -9,7 +9,9 @@ updated y must equal the reference's bit for bit (ties included), the softmax we
 Then, for every available backend the reference included, a small model patched with it must
 compile whole with ``torch.compile(fullgraph=True)`` (the path of transformers' static-cache
 generation) and equal its eager forward. On first use on a GPU this compiles the kernels (the CUDA
-extension: minutes). Exit status 0 when every available backend passed, 1 when one did not.
+extension: minutes). Exit status 0 when every available backend passed, 1 when one did not, or
+when ``LAG_TRITON_BACKEND`` names a backend no device here can use (every ``backend="auto"`` patch
+would raise).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ CASES = (
     (133, 97, 131, 70, 16, 8, 2),
 )
 DTYPES = (torch.bfloat16, torch.float32)
+OPS_PER_CASE = 3  # arrow_topk, spectr_rerank, lora_apply: the checks of one case and dtype (_case_checks)
 _ENVIRONMENT = (ENV_OVERRIDE, "LAG_TRITON_FOLD_SPLITS", "LAG_TRITON_FILTER_GEMM", "TRITON_INTERPRET")
 
 
@@ -46,6 +49,7 @@ class Mismatch:
     op: str
     case: str
     detail: str
+    not_run: int = 0  # the case's later checks, not run because this op raised
 
     def __str__(self) -> str:
         return f"{self.backend} on {self.device}: {self.op} {self.case}: {self.detail}"
@@ -100,11 +104,12 @@ def check_backend(backend: str, device: torch.device, seed: int = 0) -> Iterator
     for (t, n, d_in, d_out, r, k, m), dtype in ((case, dtype) for case in CASES for dtype in DTYPES):
         case = f"T={t} N={n} d_in={d_in} d_out={d_out} r={r} k={k} top_m={m} {str(dtype).removeprefix('torch.')}"
         g = torch.Generator().manual_seed(seed + 7919 * t + n)
-        for op, check in _case_checks(ops, device, g, dtype, t, n, d_in, d_out, r, k, m):
+        for i, (op, check) in enumerate(_case_checks(ops, device, g, dtype, t, n, d_in, d_out, r, k, m)):
             try:
                 detail = check()
             except Exception as e:  # noqa: BLE001 - a kernel that fails to compile or launch is a finding
-                yield Mismatch(backend, str(device), op, case, f"raised {type(e).__name__}: {str(e).strip()[:300]}")
+                raised = f"raised {type(e).__name__}: {str(e).strip()[:300]}"
+                yield Mismatch(backend, str(device), op, case, raised, not_run=OPS_PER_CASE - 1 - i)
                 break
             if detail is not None:
                 yield Mismatch(backend, str(device), op, case, detail)
@@ -186,13 +191,15 @@ def run(out: Callable[[str], None] = print, self_test: bool = True) -> int:
     out("environment: " + (", ".join(set_env) or "no lag_triton or Triton variables set"))
     if not torch.cuda.is_available():
         out("CUDA: not available to torch" + ("" if torch.version.cuda else " (a CPU build of torch)"))
-    failures = 0
-    for device in devices():
+    failures, auto_errors = 0, []
+    all_devices = devices()
+    for device in all_devices:
         out(describe(device))
         try:
             out(f"  backend='auto' routes with: {resolve_backend('auto', device)}")
         except RuntimeError as e:
             out(f"  backend='auto': {e}")
+            auto_errors.append(str(e))
         for backend in BACKENDS:
             reason = backend_unavailable_reason(backend, device)
             if reason is not None:
@@ -202,6 +209,13 @@ def run(out: Callable[[str], None] = print, self_test: bool = True) -> int:
                 out(f"  {backend}: available" + (" (the reference)" if backend == "torch" else ""))
                 continue
             failures += not _self_test(backend, device, out)
+    if len(auto_errors) == len(all_devices):  # only an unusable LAG_TRITON_BACKEND makes "auto" fail
+        override = os.environ.get(ENV_OVERRIDE, "")
+        out(
+            f"FAILED: {ENV_OVERRIDE}={override} leaves backend='auto' no backend on any device here, so every "
+            f"patch with backend='auto' raises: {auto_errors[0]} (unset it, or name a backend listed available)"
+        )
+        failures += 1
     return 1 if failures else 0
 
 
@@ -212,10 +226,12 @@ def _self_test(backend: str, device: torch.device, out: Callable[[str], None]) -
     if backend != "torch":
         start = time.perf_counter()
         mismatches = list(check_backend(backend, device))
-        checks = 3 * len(CASES) * len(DTYPES)
+        not_run = sum(m.not_run for m in mismatches)
+        checks = OPS_PER_CASE * len(CASES) * len(DTYPES) - not_run  # those that ran
         passed_ops = f"; ops equal the reference ({checks} checks, {time.perf_counter() - start:.1f} s); "
         if mismatches:
-            findings.append(f"its ops differ from the reference in {len(mismatches)} of {checks} checks:")
+            skipped = f" ({not_run} more not run: an op raised before them)" if not_run else ""
+            findings.append(f"its ops differ from the reference in {len(mismatches)} of {checks} checks{skipped}:")
             findings += [f"  {m.op} {m.case}: {m.detail}" for m in mismatches[:10]]
     start = time.perf_counter()
     error = compile_check(backend, device)

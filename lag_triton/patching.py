@@ -416,12 +416,12 @@ def patch(
         temperature=_as_float("temperature", temperature),
         combine=combine,
     )
-    libs = _as_libraries(libraries)
-    if process_group is not None:  # sharded over ranks: lag_triton.sharding owns that path
-        from .sharding import patch_sharded
+    if process_group is not None:  # sharded over ranks: lag_triton.sharding owns that path (and loading:
+        from .sharding import patch_sharded  # a file that one rank cannot read must fail every rank)
 
-        patch_sharded(model, libs, config, backend, process_group)
+        patch_sharded(model, libraries, config, backend, process_group)
         return given
+    libs = _as_libraries(libraries)
     already = getattr(model, "_lag_num_libraries", 0)
     modules = dict(model.named_modules())
     plan = []  # (module name, library index, weights, backend, LayerInfo: .device, compute .dtype)

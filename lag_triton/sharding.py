@@ -47,7 +47,7 @@ import torch.distributed as dist
 from .kernels import resolve_backend
 from .kernels.common import selection_weights
 from .library.weights import check_finite, held_dtype
-from .patching import LibraryRoute, _attach, _build_routes, _check_layer, _route_dtype
+from .patching import LibraryRoute, _as_libraries, _attach, _build_routes, _check_layer, _route_dtype
 
 __all__ = ["ShardedRoute", "patch_sharded", "shard_bounds", "traffic"]
 
@@ -319,7 +319,7 @@ class ShardedRoute(LibraryRoute):
 
 
 # -- patch ------------------------------------------------------------------------------------------
-def _group_info(group) -> tuple[int, int, str]:
+def _group_info(group) -> tuple[int, int, dict[str, str]]:
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError(
             "process_group given but torch.distributed is not initialised "
@@ -330,7 +330,59 @@ def _group_info(group) -> tuple[int, int, str]:
             f"process_group must be a torch.distributed.ProcessGroup (dist.group.WORLD for the default "
             f"group), got {type(group).__name__}"
         )
-    return dist.get_rank(group), dist.get_world_size(group), dist.get_backend(group)
+    get_config = getattr(dist, "get_backend_config", None)  # "cpu:gloo,cuda:nccl": per device type
+    backends = device_backends(get_config(group) if get_config is not None else dist.get_backend(group))
+    return dist.get_rank(group), dist.get_world_size(group), backends
+
+
+# What "undefined" (``init_process_group()`` without a backend) stands for where only the name is known
+# (a torch without get_backend_config): gloo for CPU tensors and NCCL for CUDA tensors, torch's
+# default_device_backend_map. (Recent torch releases set up the detected accelerator's backend only,
+# which get_backend_config reports: "cuda:nccl" on a GPU machine, "cpu:gloo" elsewhere.)
+_DEFAULT_BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
+_CAPABILITY = {"gloo": ("cpu", "cuda"), "nccl": ("cuda",), "mpi": ("cpu", "cuda"), "ucc": ("cpu", "cuda")}
+
+
+def device_backends(config: str) -> dict[str, str]:
+    """Device type -> communication backend of a process group, from its backend config
+    (``dist.get_backend_config``: "cpu:gloo,cuda:nccl", "cuda:nccl", "cpu:gloo,cuda:gloo") or its
+    backend name (``dist.get_backend``: "nccl", "gloo", or "undefined" for a group made by
+    ``init_process_group()`` without a backend, which torch gives its default per-device backends)."""
+    config = str(config).strip().lower()
+    if ":" in config:
+        pairs = [pair.split(":", 1) for pair in config.split(",") if pair.strip()]
+        return {device.strip(): backend.strip() for device, backend in pairs}
+    if config in ("", "undefined"):
+        return dict(_DEFAULT_BACKENDS)
+    capability = getattr(getattr(dist, "Backend", None), "backend_capability", None) or _CAPABILITY
+    return dict.fromkeys(capability.get(config, ("cpu", "cuda")), config)
+
+
+def comm_problem(device_type: str, backends: dict[str, str]) -> str | None:
+    """Why a layer on ``device_type`` cannot be routed over a group with ``backends``, or None:
+    CUDA layers need NCCL for CUDA tensors, CPU layers a backend for CPU tensors (gloo)."""
+    backend = backends.get(device_type)
+    if device_type == "cuda" and backend == "nccl":
+        return None
+    if device_type == "cpu" and backend is not None and backend != "nccl":
+        return None
+    uses = f"uses {backend} for {device_type} tensors" if backend else f"has no backend for {device_type} tensors"
+    config = ",".join(f"{d}:{b}" for d, b in backends.items())
+    return f"the process group ({config}) {uses}: use gloo for CPU models and nccl for CUDA models"
+
+
+def comm_device(backends: dict[str, str]) -> torch.device:
+    """Where patch's own agreement collectives run: CPU when the group has a CPU backend (the same
+    choice on every rank, whose groups have the same config), else this rank's current CUDA device."""
+    if "cpu" in backends:
+        return torch.device("cpu")
+    if "cuda" in backends:
+        return torch.device("cuda", torch.cuda.current_device())
+    config = ",".join(f"{d}:{b}" for d, b in backends.items())
+    raise ValueError(
+        f"the process group ({config}) has no backend for CPU or CUDA tensors: use gloo for CPU models "
+        "and nccl for CUDA models"
+    )
 
 
 def _fingerprint(libs, plan, config) -> str:
@@ -368,18 +420,16 @@ def _local_rows(weights, lo: int, hi: int, device, dtype):
     )
 
 
-def _plan(model, libs, backend: str, comm: str, already: int) -> list:
+def _plan(model, libs, backend: str, backends: dict[str, str], already: int) -> list:
     """``patch``'s checks, per module: (name, library index, weights, backend, layer info)."""
     modules = dict(model.named_modules())
     plan = []
     for offset, lib in enumerate(libs):
         for name, weights in lib.modules.items():
             layer = _check_layer(lib, name, modules.get(name), weights, model)
-            if (layer.device.type == "cuda") != (comm == "nccl"):
-                raise ValueError(
-                    f"module {name!r} is on {layer.device} but the process group uses {comm}: "
-                    "use gloo for CPU models and nccl for CUDA models"
-                )
+            problem = comm_problem(layer.device.type, backends)
+            if problem is not None:
+                raise ValueError(f"module {name!r} is on {layer.device} but {problem}")
             try:  # the whole module's maps: ids and ranks must index the same names on every rank
                 weights.check_maps(len(lib.names))
             except ValueError as e:
@@ -388,19 +438,21 @@ def _plan(model, libs, backend: str, comm: str, already: int) -> list:
     return plan
 
 
-def patch_sharded(model, libs, config, backend: str, group):
-    """``patch`` with a process group (called by :func:`lag_triton.patch`): checks like ``patch``, then
-    each rank copies only its rows of every module. Every rank must call it with the same arguments;
-    an error on one rank is raised on every rank."""
-    rank, world, comm = _group_info(group)
+def patch_sharded(model, libraries, config, backend: str, group):
+    """``patch`` with a process group (called by :func:`lag_triton.patch`): loads ``libraries`` (as
+    ``patch`` takes them) and checks like ``patch``, then each rank copies only its rows of every
+    module. Every rank must call it with the same arguments; an error on one rank (a library file
+    missing on its node, say) is raised on every rank."""
+    rank, world, backends = _group_info(group)
     already = getattr(model, "_lag_num_libraries", 0)
-    comm_device = torch.device("cuda", torch.cuda.current_device()) if comm == "nccl" else torch.device("cpu")
+    agree_on = comm_device(backends)  # raises alike on every rank: their groups have the same config
     try:
-        plan = _plan(model, libs, backend, comm, already)
+        libs = _as_libraries(libraries)
+        plan = _plan(model, libs, backend, backends, already)
     except BaseException:
-        _agree(None, group, rank, world, comm_device)
+        _agree(None, group, rank, world, agree_on)
         raise
-    _agree(_fingerprint(libs, plan, config), group, rank, world, comm_device)
+    _agree(_fingerprint(libs, plan, config), group, rank, world, agree_on)
 
     def build(name, idx, weights, be, layer):
         lo, hi = shard_bounds(weights.num_adapters, world)[rank : rank + 2]
@@ -415,9 +467,9 @@ def patch_sharded(model, libs, config, backend: str, group):
     try:  # every rank copies its shards, then all agree that all did before any model changes
         routes = _build_routes(plan, libs, already, build, lambda w, layer: _shard_bytes(w, layer, world, rank))
     except BaseException:
-        _agree(None, group, rank, world, comm_device, failed="failed to copy or check their shards")
+        _agree(None, group, rank, world, agree_on, failed="failed to copy or check their shards")
         raise
-    _agree("copied", group, rank, world, comm_device, failed="failed to copy or check their shards")
+    _agree("copied", group, rank, world, agree_on, failed="failed to copy or check their shards")
     return _attach(model, routes, libs, already)
 
 

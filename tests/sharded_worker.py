@@ -9,6 +9,7 @@ raise, which ``torch.multiprocessing.spawn`` turns into a test failure with the 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -190,6 +191,19 @@ def check_disagreement(rank: int, world: int, store: str, backend: str) -> None:
         assert f"ranks [{world - 1}] patch with other libraries" in str(e) or rank == world - 1, e
     else:
         raise AssertionError("patch accepted different libraries on different ranks")
+    # A library file the last rank cannot read (missing on its node): it raises its own error, the
+    # others that it failed its checks, instead of waiting for it in the first collective.
+    path = Path(store).with_name(f"library-rank{rank}.safetensors")
+    if rank != world - 1:
+        lib.save(path)
+    try:
+        lag_triton.patch(model, str(path), process_group=dist.group.WORLD)
+    except FileNotFoundError as e:
+        assert rank == world - 1 and "does not exist" in str(e), e
+    except ValueError as e:
+        assert rank != world - 1 and f"ranks [{world - 1}] failed their patch checks" in str(e), e
+    else:
+        raise AssertionError("patch went ahead although a rank could not load its library")
     wrong = nn.Sequential(nn.Linear(8, 5)).to(device) if rank == 0 else model  # rank 0: 8 -> 5, not 8 -> 4
     try:
         lag_triton.patch(wrong, lib, process_group=dist.group.WORLD)

@@ -121,6 +121,11 @@ def test_names_count_is_a_usage_error(adapters, tmp_path, capsys, monkeypatch):
             marks=pytest.mark.skipif(torch.version.cuda is not None, reason="needs a CPU-only torch"),
         ),
         (["--out", "{file}"], "exists and is not a folder"),
+        (["--general-adapters", "-1"], "--general-adapters must be >= 0 (0: none), got -1"),
+        (["--general-adapters", "33"], "--general-adapters 33 is too many: 33 general adapters x 3 entities need 99"),
+        (["--stem", "sub/name"], "--stem must be a plain file name"),
+        (["--stem", ".."], "--stem must be a plain file name"),
+        (["--stem", ""], "--stem must be a plain file name"),
     ],
 )
 def test_demo_usage_errors_exit_2_before_any_work(tmp_path, capsys, monkeypatch, args, needle):
@@ -131,6 +136,17 @@ def test_demo_usage_errors_exit_2_before_any_work(tmp_path, capsys, monkeypatch,
     args = [a.format(file=tmp_path / "file") for a in args]
     assert main(["demo", *args]) == EXIT_USAGE
     _one_line_error(capsys, needle)
+
+
+def test_demo_accepts_as_many_general_adapters_as_the_data_provides(tmp_path, monkeypatch):
+    """The bound --general-adapters is checked against is the data generator's own (32 by default:
+    96 pre-training entities, 3 per general document), not a stricter one."""
+    from lag_triton import demo
+
+    ran = []
+    monkeypatch.setattr(demo, "run", lambda a: ran.append((a.general_adapters, a.stem)) or 0)
+    assert main(["demo", "--general-adapters", "32", "--stem", "run.v2", "--out", str(tmp_path)]) == 0
+    assert ran == [(32, "run.v2")]
 
 
 def test_argparse_errors_exit_2(capsys):
@@ -183,6 +199,29 @@ def test_a_reader_that_leaves_ends_the_command_quietly(tmp_path, capsys, monkeyp
         monkeypatch.setattr(sys, "stdout", out)
         assert main(["info", str(tmp_path / "x")]) == cli.EXIT_BROKEN_PIPE == 141
     assert capsys.readouterr().err == ""
+
+
+def test_a_closed_pipe_ends_a_block_buffered_command_quietly(adapters, tmp_path):
+    """`info --adapters | head` with Python's default block-buffered stdout (no PYTHONUNBUFFERED): the
+    output was written at interpreter exit, outside main, which printed "Exception ignored ...
+    BrokenPipeError" and exited 120. The reader here is gone before the command writes anything."""
+    lib = tmp_path / "lib.safetensors"
+    assert main(["build", *map(str, adapters), "-o", str(lib), "-q"]) == 0
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "lag_triton", "info", str(lib), "--adapters"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert (run.returncode, run.stderr) == (141, "")
 
 
 def test_module_entry_point_exit_codes(tmp_path):
@@ -279,3 +318,64 @@ def test_adapter_and_name_lists_from_files(adapters, tmp_path, capsys, monkeypat
     assert main(["remove", str(lib)]) == EXIT_USAGE
     _one_line_error(capsys, "no adapters to remove: give their names, or --names-from FILE")
     assert not (tmp_path / "never.safetensors").exists()
+
+
+def test_list_files_split_at_newlines_only_and_skip_a_byte_order_mark(adapters, tmp_path):
+    """A list file from a Windows editor (a UTF-8 byte order mark, CRLF) and folder names holding
+    characters str.splitlines() breaks at (U+2028, form feed, U+0085): each line is one folder."""
+    import shutil
+
+    odd = tmp_path / "doc\u2028v2\x0cx\x85"
+    shutil.copytree(adapters[1], odd)
+    listed = tmp_path / "adapters.txt"
+    listed.write_bytes(b"\xef\xbb\xbf" + f"{adapters[0]}\r\n{odd}\r\n".encode())
+    lib = tmp_path / "lib.safetensors"
+    assert main(["build", "--adapters-from", str(listed), "-o", str(lib), "-q"]) == 0
+    assert Library.load(lib).names == ["doc0", odd.name]
+    (tmp_path / "drop.txt").write_bytes(b"\xef\xbb\xbf" + f"{odd.name}\r\n".encode())
+    assert main(["remove", str(lib), "--names-from", str(tmp_path / "drop.txt")]) == 0
+    assert Library.load(lib).names == ["doc0"]
+
+
+def test_standard_input_lists_closed_or_not_utf8_are_usage_errors(adapters, tmp_path, capsys, monkeypatch):
+    """`--names-from -` with standard input closed (`<&-`: sys.stdin is None) raised AttributeError;
+    bytes that are not UTF-8 were decoded with the locale's error handler instead of refused."""
+    import io
+
+    lib = tmp_path / "lib.safetensors"
+    assert main(["build", *map(str, adapters[:2]), "-o", str(lib), "-q"]) == 0
+    before = lib.read_bytes()
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdin", None)
+    assert main(["remove", str(lib), "--names-from", "-"]) == EXIT_USAGE
+    _one_line_error(capsys, "--names-from '-': standard input is closed")
+    for command in (["remove", str(lib), "--names-from", "-"], ["add", str(lib), "--adapters-from", "-", "-q"]):
+        stdin = io.TextIOWrapper(io.BytesIO(b"doc0\n\xff\n"), encoding="utf-8", errors="surrogateescape")
+        monkeypatch.setattr(sys, "stdin", stdin)
+        assert main(command) == EXIT_USAGE
+        _one_line_error(capsys, "'-' is not UTF-8 text")
+    assert lib.read_bytes() == before
+
+
+def test_repeated_names_and_a_folder_as_library_are_named_as_given(adapters, tmp_path, capsys, monkeypatch):
+    lib = tmp_path / "lib.safetensors"
+    assert main(["build", *map(str, adapters[:2]), "-o", str(lib), "-q"]) == 0
+    before = lib.read_bytes()
+    capsys.readouterr()
+    _fail_if_aligning(monkeypatch)
+    assert main(["remove", str(lib), "doc0", "doc0"]) == EXIT_USAGE
+    _one_line_error(capsys, "the names of the adapters to remove repeat: ['doc0']")
+    out = ["-o", str(tmp_path / "never.safetensors"), "-q"]
+    assert main(["build", *map(str, adapters[:2]), "--names", "a", "a", *out]) == EXIT_USAGE
+    _one_line_error(capsys, "--names gives the same name to several adapters: ['a']")
+    listed = tmp_path / "adapters.txt"
+    listed.write_text(f"{adapters[0]}\tx\n{adapters[1]}\tx\n")
+    assert main(["build", "--adapters-from", str(listed), *out]) == EXIT_USAGE
+    _one_line_error(capsys, "adapters.txt' gives the same name to several adapters: ['x']")
+    # the library argument is a folder and no -o: the error is the library's, as `info` gives it
+    assert main(["add", str(adapters[0]), str(adapters[1]), "-q"]) == EXIT_FAILED
+    line = _one_line_error(capsys, str(adapters[0]), "is a directory, not a library file")
+    assert "-o/--output" not in line
+    assert main(["remove", str(tmp_path), "doc0"]) == EXIT_FAILED
+    _one_line_error(capsys, "is a directory, not a library file")
+    assert lib.read_bytes() == before and not (tmp_path / "never.safetensors").exists()

@@ -96,3 +96,44 @@ def test_report_only_runs_no_backend(capsys, monkeypatch):
     if ON_CPU:
         triton_line = "available" if TRITON_UNAVAILABLE is None else f"unavailable: {TRITON_UNAVAILABLE}"
         assert f"  triton: {triton_line}\n" in out
+
+
+@pytest.mark.parametrize("value", ["nope", "cuda"])
+def test_an_unusable_backend_override_fails(capsys, monkeypatch, value):
+    """LAG_TRITON_BACKEND naming an unknown backend, or one no device here can use, makes every
+    patch with backend="auto" raise: the report said so per device, yet exited 0."""
+    if value == "cuda" and torch.cuda.is_available():
+        pytest.skip("the cuda backend may be usable on this machine's GPUs")
+    monkeypatch.setenv("LAG_TRITON_BACKEND", value)
+    assert main(["doctor", "--no-self-test"]) == 1
+    out = capsys.readouterr().out
+    assert f"FAILED: LAG_TRITON_BACKEND={value} leaves backend='auto' no backend on any device here" in out
+    assert f"lag_triton backend '{value}' is unavailable: " in out
+    monkeypatch.setenv("LAG_TRITON_BACKEND", "torch")  # usable everywhere
+    assert main(["doctor", "--no-self-test"]) == 0
+    assert "FAILED" not in capsys.readouterr().out
+
+
+def test_checks_not_run_after_an_op_raised_are_not_counted(two_cases, capsys, monkeypatch):
+    """A case stops at the op that raised: "N of M checks" counts the checks that ran, and says how
+    many did not (not the 12 a full run has). A stand-in backend: the reference, its rerank failing."""
+    from types import SimpleNamespace
+
+    from lag_triton.kernels import reference
+
+    def no_kernel(*args, **kwargs):
+        raise RuntimeError("ptxas fatal: out of registers")
+
+    ops = SimpleNamespace(
+        arrow_topk=reference.arrow_topk,
+        spectr_rerank=no_kernel,
+        lora_apply=reference.lora_apply,
+        prepare_b_star=lambda b: b,
+    )
+    monkeypatch.setattr(doctor, "get_ops", lambda backend: ops)
+    monkeypatch.setattr(doctor, "compile_check", lambda *a: None)
+    lines = []
+    assert not doctor._self_test("stand-in", torch.device("cpu"), lines.append)
+    out = "\n".join(lines)
+    assert "its ops differ from the reference in 4 of 8 checks (4 more not run: an op raised before them):" in out
+    assert out.count("spectr_rerank T=") == 4 and "lora_apply T=" not in out

@@ -183,3 +183,31 @@ def test_general_knowledge_subtraction_rows_come_last_and_change_nothing_else(tm
     assert rows["arrow top-1 +GKS"]["routing"] != rows["arrow top-1"]["routing"]  # the prototypes moved
     assert format_table(gks).splitlines()[-3].startswith("| lag k=3 +GKS |")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["doc0000", "doc0001", "doc0002", "general00", "general01"]
+
+
+def test_plot_writes_a_png_when_no_score_can_be_normalised(tmp_path):
+    """An oracle that answers nothing (a tiny or untrained run) makes every row's normalised score NaN:
+    the plot has no finite point on its log-scaled k axis, and matplotlib raised "Data cannot be
+    log-scaled" after the table, losing the PNG. A synthetic result: no experiment runs."""
+    from lag_triton.experiment.report import write_outputs
+
+    def row(factors, routed=0.25):
+        return {
+            "exact_match": 0.0,
+            "normalised": float("nan"),
+            "factors_per_token": factors,
+            "routing": {"per_layer_answer_position": {"layer0": routed, "layer1": routed}},
+        }
+
+    rows = {"no adapter": {"exact_match": 0.0, "normalised": float("nan"), "factors_per_token": 0}}
+    rows |= {"oracle": row(100), "arrow top-1": row(300), "spectr k=N": row(900)}
+    rows |= {f"lag k={k}": row(300 + 100 * k, 0.25 + k / 100) for k in (1, 2, 4)}
+    result = {
+        "rows": rows,
+        "diagnostics": {"chance_routing": 0.25},
+        "config": {"adapters": 4, "hidden": 16, "layers": 2, "seed": 0},
+    }
+    jpath, ppath = write_outputs(result, str(tmp_path), stem="nan", log=lambda *a: None)
+    with open(ppath, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert json.load(open(jpath))["rows"]["lag k=2"]["exact_match"] == 0.0

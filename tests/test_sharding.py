@@ -4,6 +4,7 @@ output what one device holding the whole library does, over gloo in 2 and 3 spaw
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -14,8 +15,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import lag_triton
-from lag_triton import Library
-from lag_triton.sharding import shard_bounds, traffic
+from lag_triton import Library, sharding
+from lag_triton.sharding import comm_device, comm_problem, device_backends, shard_bounds, traffic
 
 from factories import make_adapter, tiny_model
 
@@ -123,5 +124,61 @@ def test_a_sharded_model_refuses_to_pickle(tmp_path):
                 model(torch.ones(1, 8))
         with pytest.raises(TypeError, match="ProcessGroup"):
             lag_triton.patch(nn.Sequential(nn.Linear(8, 4)), sharded_worker.tie_library(), process_group="world")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    ("config", "cuda_ok", "cpu_ok"),
+    [
+        ("nccl", True, False),
+        ("cuda:nccl", True, False),  # init_process_group() on a CUDA machine, torch >= 2.6
+        ("cpu:gloo,cuda:nccl", True, True),  # init_process_group() on a CUDA machine, torch < 2.6
+        ("undefined", True, True),  # get_backend()'s answer for such a group (no get_backend_config)
+        ("gloo", False, True),
+        ("cpu:gloo,cuda:gloo", False, True),  # get_backend_config() of a "gloo" group
+        ("cpu:gloo", False, True),  # init_process_group() on a CPU machine
+        ("mpi", False, True),
+    ],
+)
+def test_the_backend_decision_accepts_default_and_multi_device_groups(config, cuda_ok, cpu_ok):
+    """Bug: the check compared get_backend() with "nccl", refusing every CUDA model on a group made
+    by init_process_group() without a backend ('undefined', or "cpu:gloo,cuda:nccl")."""
+    backends = device_backends(config)
+    assert (comm_problem("cuda", backends) is None) == cuda_ok
+    assert (comm_problem("cpu", backends) is None) == cpu_ok
+    problem = comm_problem("cuda", backends) or comm_problem("cpu", backends)
+    assert problem is None or "use gloo for CPU models and nccl for CUDA models" in problem
+    assert comm_problem("xpu", backends) is not None
+    if "cpu" in backends:  # patch's own agreement runs where every rank's group can run it
+        assert comm_device(backends) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("has_config", [True, False])
+def test_a_default_backend_group_accepts_cuda_layers(tmp_path, monkeypatch, has_config):
+    """A group from init_process_group() without a backend, as torchrun scripts make it: on a CUDA
+    machine get_backend() says 'undefined' and get_backend_config() "cpu:gloo,cuda:nccl" (simulated:
+    the layer is reported on cuda:0; only the check is run, nothing is copied there)."""
+    dist.init_process_group(init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert dist.get_backend(dist.group.WORLD) == "undefined"
+        lib = sharded_worker.tie_library()
+        model = nn.Sequential(nn.Linear(8, 4))
+        lag_triton.patch(model, lib, process_group=dist.group.WORLD)  # a CPU model on it: gloo
+        lag_triton.unpatch(model)
+        if has_config:
+            monkeypatch.setattr(dist, "get_backend_config", lambda group=None: "cpu:gloo,cuda:nccl")
+        else:  # an older torch without get_backend_config: decided from 'undefined'
+            monkeypatch.delattr(dist, "get_backend_config")
+        real = sharding._check_layer
+        monkeypatch.setattr(
+            sharding, "_check_layer", lambda *a: dataclasses.replace(real(*a), device=torch.device("cuda", 0))
+        )
+        _, _, backends = sharding._group_info(dist.group.WORLD)
+        plan = sharding._plan(model, [lib], "torch", backends, 0)
+        assert [entry[0] for entry in plan] == ["0"] and comm_device(backends) == torch.device("cpu")
+        monkeypatch.setattr(dist, "get_backend_config", lambda group=None: "cpu:gloo,cuda:gloo", raising=False)
+        with pytest.raises(ValueError, match="uses gloo for cuda tensors"):
+            sharding._plan(model, [lib], "torch", sharding._group_info(dist.group.WORLD)[2], 0)
     finally:
         dist.destroy_process_group()

@@ -165,7 +165,8 @@ def plot(result: dict, path: str) -> None:
     rows = result["rows"]
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.4))
     ks, score, score_sd = _lag_curve(rows, lambda r: r["normalised"])
-    ax1.errorbar(ks, score, yerr=score_sd, fmt="o-", color="C0", capsize=3, label="LAG (Arrow top-k + SpectR)")
+    if any(math.isfinite(v) for v in score):  # all NaN when the oracle answers nothing (normalised = EM / 0)
+        ax1.errorbar(ks, score, yerr=score_sd, fmt="o-", color="C0", capsize=3, label="LAG (Arrow top-k + SpectR)")
     for name, (color, ls) in [
         ("arrow top-1", ("C1", "--")),
         ("spectr k=N", ("C2", "-.")),
@@ -173,8 +174,17 @@ def plot(result: dict, path: str) -> None:
         ("no adapter", ("k", ":")),
         ("oracle", ("C3", "-")),
     ]:
-        if name in rows:
+        if name in rows and math.isfinite(rows[name]["normalised"]):
             ax1.axhline(rows[name]["normalised"], color=color, ls=ls, label=name)
+    if not ax1.lines:
+        ax1.text(
+            0.5,
+            0.5,
+            "no normalised scores:\nthe oracle answers nothing",
+            ha="center",
+            va="center",
+            transform=ax1.transAxes,
+        )
     ax1.set_ylabel("exact match, normalised (oracle = 100)")
     ax1.set_title("score vs k (cf. LAG paper Fig. 3)")
 
@@ -204,9 +214,15 @@ def plot(result: dict, path: str) -> None:
     ax3.set_title("cost: N·d + k·r·d (LAG) vs N·r·d (SpectR)")
     for ax in (ax1, ax2, ax3):
         ax.set_xscale("log")
-        ax.set_xticks(ks, [str(k) for k in ks])
+        if ks:  # explicit: a panel with no finite point has no data limits to log-scale
+            lo, hi = min(ks), max(ks)
+            pad = (hi / lo) ** 0.05 if hi > lo else 1.25
+            ax.set_xlim(lo / pad, hi * pad)
+            ax.set_xticks(ks, [str(k) for k in ks])
+            ax.set_xticks([], minor=True)  # no "3x10^0" between them
         ax.set_xlabel("k (Arrow candidates reranked by SpectR)")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     c = result["config"]
     seeds = result.get("seeds")
     fig.suptitle(
