@@ -307,6 +307,7 @@ def test_weights_that_cannot_route_are_refused_on_construction(library):
         ("nan", "a_star holds NaN or inf"),
         ("id_out_of_range", "adapter_ids holds 9, outside"),
         ("negative_id", "adapter_ids holds -1, outside"),
+        ("ids_out_of_order", r"adapter_ids must increase from row to row \(rows in library order"),
         ("meta_library", "meta device"),
     ],
 )
@@ -318,6 +319,9 @@ def test_library_values_the_forward_needs_are_checked_before_patching(library, d
         a = m.a_star.clone()
         a[1, 0, 3] = float("nan")
         modules[name] = ModuleWeights(a, m.b_star, m.prototypes, m.adapter_ids, m.ranks)
+    elif defect == "ids_out_of_order":  # the same adapters, rows in another order: ties would follow the rows
+        flip = [f.flip(0) for f in (m.a_star, m.b_star, m.prototypes, m.adapter_ids, m.ranks)]
+        modules[name] = ModuleWeights(*flip)
     elif defect in ("id_out_of_range", "negative_id"):
         ids = m.adapter_ids.clone()
         ids[-1] = 9 if defect == "id_out_of_range" else -1

@@ -122,8 +122,9 @@ class ModuleWeights:
         return sum(t.numel() * held_dtype(t, dtype).itemsize for t in tensors if t is not None)
 
     def check_values(self, num_names: int) -> None:
-        """Raise ValueError naming the field unless ids index ``num_names`` names once each, ranks
-        lie in [1, r] and every factor is finite. Reads all the data (a host sync on a GPU)."""
+        """Raise ValueError naming the field unless ids index ``num_names`` names once each, in
+        increasing order, ranks lie in [1, r] and every factor is finite. Reads all the data (a host
+        sync on a GPU)."""
         self.check_maps(num_names)
         check_finite(**{f: getattr(self, f) for f in FACTORS})
 
@@ -139,6 +140,11 @@ class ModuleWeights:
             )
         if ids.unique().numel() != ids.numel():
             raise ValueError(f"adapter_ids repeats an adapter: {ids.tolist()[:20]}")
+        if (ids[1:] < ids[:-1]).any():  # every backend breaks a tie by row: rows must be in library order
+            raise ValueError(
+                f"adapter_ids must increase from row to row (rows in library order, so that ties go to the "
+                f"lower adapter index), got {ids.tolist()[:20]}"
+            )
         if self.ranks is not None:
             ranks = self.ranks.to("cpu", torch.int64)
             if ((ranks < 1) | (ranks > self.rank)).any():
