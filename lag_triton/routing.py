@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .kernels import Backend
-from .kernels.common import COMBINE_MODES, constant_weights, selection_weights
+from .kernels.common import COMBINE_MODES, constant_weights, scoped_rows, selection_weights
 
 ROUTERS = ("lag", "arrow", "spectr")
 
@@ -69,7 +69,7 @@ def route(
     if config.router == "spectr":
         candidates = torch.arange(n, device=x.device, dtype=torch.int32).expand(x.shape[0], n)
         if allowed is not None:
-            candidates = torch.where(allowed[scope.long()], candidates, -1)
+            candidates = torch.where(scoped_rows(allowed, scope), candidates, -1)
         candidates = candidates.contiguous()
     else:
         candidates, scores = ops.arrow_topk(x, prototypes, k, allowed, scope)

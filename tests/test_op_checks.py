@@ -126,6 +126,10 @@ APPLY_CASES = {
         dict(y=torch.zeros(T, D_OUT, dtype=torch.int32)),
         r"y has dtype torch.int32; expected fp32, fp16 or bf16",
     ),
+    "y rows overlap": (  # every row one memory row: the kernels' parallel adds would race (made on
+        dict(y=torch.zeros(D_OUT, device=DEVICE).expand(T, D_OUT)),  # DEVICE: .to would copy it dense)
+        r"y's elements overlap in memory \(shape \(3, 12\), strides \(0, 1\)\)",
+    ),
     "sel wrong T": (dict(sel=torch.zeros(T + 1, M, dtype=torch.int32)), r"sel must be \[T=3, m\], got shape \(4, 2\)"),
     "sel 1-D": (dict(sel=torch.zeros(T, dtype=torch.int32)), r"sel must be \[T=3, m\], got shape \(3,\)"),
     "sel int64": (dict(sel=torch.zeros(T, M, dtype=torch.int64)), r"sel must be int32, got torch.int64"),

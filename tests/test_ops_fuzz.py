@@ -21,7 +21,7 @@ import os
 
 import pytest
 import torch
-from kernel_data import DEVICE, backend_ops, gen, int_tensor
+from kernel_data import DEVICE, backend_ops, gen, int_tensor, triton_module
 
 from lag_triton.kernels import reference
 
@@ -77,11 +77,46 @@ def test_fuzz_arrow_topk(ops, monkeypatch, data):
         density = data.draw(st.sampled_from([0.0, 0.05, 0.5, 1.0]), label="density")
         allowed = (torch.rand(rows, n, generator=gen(s + 2)) < density).to(DEVICE)
         scope = torch.randint(-1, rows + 1, (t,), generator=gen(s + 3), dtype=torch.int32).to(DEVICE)
+        if data.draw(st.booleans(), label="scope a strided view"):
+            scope = torch.stack([scope, scope], 1)[:, 0]
+    if ops.name == "triton" and data.draw(st.booleans(), label="k past the select's lists (torch.topk)"):
+        monkeypatch.setattr(triton_module(ops, "arrow_topk"), "MAX_K_PAD", (1 << (k - 1).bit_length()) // 2)
     with _drawn_path(ops, monkeypatch, data):
         idx, scores = ops.arrow_topk(x, p, k, allowed, scope)
     ref_idx, ref_scores = reference.arrow_topk(x, p, k, allowed, scope)
     assert torch.equal(idx, ref_idx)
     torch.testing.assert_close(scores, ref_scores, equal_nan=True, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("past_the_lists", [False, True], ids=["select", "torch.topk"])
+def test_arrow_topk_reads_a_strided_scope_and_out_of_range_rows_allow_nothing(ops, monkeypatch, past_the_lists):
+    """The scope's stride is honoured (the kernels read scope_ptr + t), and a row out of [0, S)
+    allows nothing on every path, the torch.topk one past the select's lists included (it indexed
+    allowed[scope]: -1 took the last row, S raised)."""
+    t, n, d, k = 6, 40, 9, 5
+    x, p = int_tensor(t, d, seed=1), int_tensor(n, d, seed=2, lo=-2, hi=3)
+    allowed = torch.zeros(3, n, dtype=torch.bool)
+    allowed[0, :10], allowed[1, 20:], allowed[2, ::3] = True, True, True
+    rows = torch.tensor([[0, 9], [-1, 9], [1, 9], [3, 9], [2, 9], [0, 9]], dtype=torch.int32)
+    scope = rows.to(DEVICE)[:, 0]  # stride 2
+    if past_the_lists:
+        monkeypatch.setattr(triton_module(ops, "arrow_topk"), "MAX_K_PAD", 2)
+    idx, scores = ops.arrow_topk(x, p, k, allowed.to(DEVICE), scope)
+    ref_idx, ref_scores = reference.arrow_topk(x, p, k, allowed.to(DEVICE), scope.contiguous())
+    assert torch.equal(idx, ref_idx) and (idx[[1, 3]] == -1).all()
+    torch.testing.assert_close(scores, ref_scores, equal_nan=True, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("path", TRITON_PATHS)
+def test_arrow_topk_of_zero_wide_inputs_is_the_reference(ops, monkeypatch, path):
+    """d_in = 0: every score is 0, so the lowest ids win (the one-launch plan divided by zero)."""
+    if path:
+        triton_module(ops, "arrow_topk")
+        monkeypatch.setenv(path, "1")
+    x, p = torch.zeros(3, 0, device=DEVICE), torch.zeros(11, 0, device=DEVICE)
+    idx, scores = ops.arrow_topk(x, p, 4)
+    ref_idx, ref_scores = reference.arrow_topk(x, p, 4)
+    assert torch.equal(idx, ref_idx) and torch.equal(scores, ref_scores)
 
 
 @FUZZ

@@ -54,6 +54,14 @@ def check_topk_args(
         _check_same_device(x=x, allowed=allowed, scope=scope)
 
 
+def scoped_rows(allowed: torch.Tensor, scope: torch.Tensor) -> torch.Tensor:
+    """``allowed[scope[t]]`` for every token: [T, N] bool. A scope row out of [0, S) allows nothing
+    (it reads an appended all-False row: checking the range would cost a host sync)."""
+    rows = allowed.shape[0]
+    table = torch.cat([allowed, allowed.new_zeros(1, allowed.shape[1])])
+    return table[torch.where((scope >= 0) & (scope < rows), scope, rows).long()]
+
+
 def check_rerank_args(
     x: torch.Tensor,
     a_star: torch.Tensor,
@@ -84,6 +92,16 @@ def check_rerank_args(
         )
 
 
+def _overlaps_itself(t: torch.Tensor) -> bool:
+    """Whether two indices of ``t`` address the same element (an expanded or as_strided view)."""
+    span = 1  # elements spanned by the dims of smaller stride
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1):
+        if stride < span:
+            return True
+        span += stride * (size - 1)
+    return False
+
+
 def check_apply_args(
     y: torch.Tensor, b_star: torch.Tensor, sel: torch.Tensor, w: torch.Tensor, z: torch.Tensor
 ) -> None:
@@ -93,6 +111,11 @@ def check_apply_args(
         raise ValueError(f"y must be [T, d_out={b_star.shape[1]}], got shape {tuple(y.shape)}")
     if y.dtype not in ACTIVATION_DTYPES:
         raise ValueError(f"y has dtype {y.dtype}; expected fp32, fp16 or bf16")
+    if _overlaps_itself(y):
+        raise ValueError(
+            f"y's elements overlap in memory (shape {tuple(y.shape)}, strides {y.stride()}): the kernels add "
+            "into every element at once; pass a tensor whose elements are distinct (y.contiguous())"
+        )
     t, m = sel.shape if sel.dim() == 2 else (None, None)
     if t != y.shape[0]:
         raise ValueError(f"sel must be [T={y.shape[0]}, m], got shape {tuple(sel.shape)}")

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import check_apply_args, check_rerank_args, check_topk_args, selection_weights
+from .common import check_apply_args, check_rerank_args, check_topk_args, scoped_rows, selection_weights
 
 __all__ = ["arrow_topk", "spectr_rerank", "lora_apply"]
 
@@ -65,11 +65,7 @@ def arrow_topk(
     A scope row out of [0, S) allows nothing (checking the range would cost a host sync).
     """
     check_topk_args(x, prototypes, k, allowed, scope)
-    valid = None
-    if allowed is not None:
-        rows = allowed.shape[0]  # an out-of-range scope row reads an appended all-False row
-        table = torch.cat([allowed, allowed.new_zeros(1, allowed.shape[1])])
-        valid = table[torch.where((scope >= 0) & (scope < rows), scope, rows).long()]  # [T, N]
+    valid = None if allowed is None else scoped_rows(allowed, scope)
     return topk_of_scores((x.float() @ prototypes.float().T).abs(), k, valid)
 
 

@@ -144,7 +144,7 @@ def decode_plan(t: int, n: int, d: int, k_pad: int, sms: int) -> dict | None:
     if t > DECODE_MAX_T or nb * t_pad > DECODE_MAX_BLOCKS * RANK_ROWS or k_pad > block_n:
         return None
     # ~2 programs per SM in all: split d_in when there are fewer blocks than that
-    d_blocks = cdiv(d, block_d)
+    d_blocks = max(1, cdiv(d, block_d))  # d_in = 0: one empty split, every score 0
     per = cdiv(d_blocks, max(1, min(d_blocks, cdiv(2 * sms, nb))))
     splits = cdiv(d_blocks, per)
     return dict(

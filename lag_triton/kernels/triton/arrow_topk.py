@@ -35,7 +35,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import check_topk_args, empty_topk_outputs, matching_operands, prototype_scores, score_row_chunks
+from ..common import (
+    check_topk_args,
+    empty_topk_outputs,
+    matching_operands,
+    prototype_scores,
+    scoped_rows,
+    score_row_chunks,
+)
 from ..reference import topk_of_scores
 from ._common import (
     EMPTY_SLOT,
@@ -185,10 +192,13 @@ def _select(
     t, n = scores.shape
     k_pad = next_pow2(k)
     if k_pad > MAX_K_PAD:
-        valid = None if allowed is None else allowed[scope.long()]
+        valid = None if allowed is None else scoped_rows(allowed, scope)
         idx_sorted, values = topk_of_scores(scores.abs(), k, valid)
-        idx.copy_(idx_sorted)
-        out_scores.copy_(values)
+        found = idx_sorted.shape[1]  # fewer than k when n < k (the filtering GEMM's sample): -1 / NaN after
+        idx[:, :found].copy_(idx_sorted)
+        out_scores[:, :found].copy_(values)
+        idx[:, found:].fill_(-1)
+        out_scores[:, found:].fill_(float("nan"))
         return
     cfg = tuned("arrow_select", scores.device, k_pad=k_pad, t=t, n=n) or select_config(k_pad)
     if cfg["CAP"] < cfg["BLOCK"]:
@@ -243,6 +253,7 @@ def arrow_topk(
     check_topk_args(x, prototypes, k, allowed, scope)
     x = rows_contiguous(x)
     prototypes = rows_contiguous(prototypes)
+    scope = None if scope is None else scope.contiguous()  # the kernels read it at scope_ptr + t
     x, prototypes = matching_operands(x, prototypes)
     t, n = x.shape[0], prototypes.shape[0]
     idx, scores = empty_topk_outputs(x, k)
