@@ -405,12 +405,15 @@ def ticket_counters(device: torch.device, n: int) -> torch.Tensor:
     """At least ``n`` zeroed int32 ticket counters for one launch on ``device``'s current stream.
 
     Kernels leave every counter they use at 0, so a buffer is zeroed once, when created, and
-    serves every later launch on its stream (launches on one stream run in order). One buffer per
-    (device, stream, size class): launches on concurrent streams never share counters, and
-    buffers are never freed, so a CUDA graph that captured one keeps a valid pointer. (Graphs
-    captured on one stream share its counters: they must not be replayed concurrently.)
+    serves every later eager launch on its stream (launches on one stream run in order). One
+    buffer per (device, stream, size class): launches on concurrent streams never share counters.
+    While a CUDA graph is being captured each launch gets its own counters, zeroed by the graph on
+    every replay: a buffer created during a capture would be zeroed only in that one graph, and
+    another graph captured later on the stream could replay it first, from whatever it held.
     """
     size = next_pow2(n, 1024)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(size, dtype=torch.int32, device=device)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (str(device), stream, size)
     buf = _ticket_buffers.get(key)
