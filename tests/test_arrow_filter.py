@@ -24,6 +24,8 @@ from kernel_data import (
 
 from lag_triton.kernels import get_ops, reference, resolve_backend
 
+from factories import needs_triton
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -274,3 +276,30 @@ def test_filter_plan_bounds(ops, filtering):
     assert filtering.filter_plan(limits["t"], n, 2 * filtering.MAX_K_PAD) is None
     if limits["t"] > 1:
         assert filtering.filter_plan(limits["t"] - 1, n, 20) is None
+
+
+# The finish kernel's read-then-reset of its row's survivor count, as _aot_check.counter_reset_error
+# finds it in the PTX of every finish configuration (registers as Triton emits them). The interpreter
+# runs a program's threads as one, so only the PTX can show that a lagging warp may read the reset 0.
+_COUNT_READ = "ld.global.b32 { %r54 }, [ %rd15 + 0 ];"
+_COUNT_RESET = "@%p1 st.global.b32 [ %rd15 + 0 ], { %r446 };"
+_SEED_READ = "@%p141 ld.global.b32 { %r326 }, [ %rd221 + 0 ];"
+
+
+@pytest.mark.parametrize(
+    "ptx,error",
+    [
+        ([_COUNT_READ, "bar.sync 0;", _COUNT_RESET, _SEED_READ], None),
+        ([_COUNT_READ, "barrier.sync 0;", _COUNT_RESET], None),
+        ([_COUNT_READ, _COUNT_RESET, "bar.sync 0;", _SEED_READ], "no CTA barrier between"),  # as it was
+        (["bar.sync 0;", _COUNT_READ, _COUNT_RESET], "no CTA barrier between"),
+        ([_COUNT_READ, "bar.sync 0;", _SEED_READ], "no global store to the counter's address"),
+        ([_COUNT_RESET], "no global load"),
+    ],
+)
+@needs_triton
+def test_counter_reset_rule(ptx, error):
+    from lag_triton.kernels.triton._aot_check import counter_reset_error
+
+    found = counter_reset_error("\n".join(ptx))
+    assert (found is None) if error is None else (found is not None and error in found), found

@@ -897,3 +897,148 @@ class TestRealSizes:
             ref_sel = route_and_apply(x2, y_ref, a, b, protos, cfg, reference)
             assert torch.equal(sel, ref_sel)
             torch.testing.assert_close(y.float(), y_ref.float(), atol=0.05, rtol=2e-2)
+
+
+# ----------------------------------------------------------------------------- grouping, tiny norms, d_in = 0
+
+
+@pytest.mark.parametrize("m", [2, 3])
+def test_lora_apply_prefill_groups_tokens_by_their_first_choice(ops, monkeypatch, m):
+    """The prefill apply groups tokens by sel[:, 0] (what its shared-adapter tiles are for) with top_m > 1
+    too: the kernels once read the strided column sel[:, :1] as contiguous, i.e. sel.flatten()[:T],
+    mixing in other tokens' later choices (the output stayed right; only the grouping was lost)."""
+    mod = triton_module(ops, "lora_apply")
+    t, n, d_out, r = mod.SORT_MIN_T + 6, 9, 40, 3
+    seen = []
+    group = mod.group_pairs_by_adapter
+    monkeypatch.setattr(mod, "group_pairs_by_adapter", lambda *a: seen.append(group(*a)) or seen[-1])
+    g = gen(120)
+    sel = torch.stack([torch.randperm(n, generator=g)[:m] for _ in range(t)]).to(torch.int32).to(DEVICE)
+    sel[: t // 2, 0] = 4  # a run of one first choice, that later choices of other tokens would break up
+    b, w, z = randn(n, d_out, r, seed=121), torch.rand(t, m, generator=gen(122)).to(DEVICE), randn(t, m, r, seed=123)
+    y0 = randn(t, d_out, seed=124)
+    y = ops.lora_apply(y0.clone(), b, sel, w, z)
+    torch.testing.assert_close(y, reference.lora_apply(y0.clone(), b, sel, w, z), atol=1e-5, rtol=1e-5)
+    ((keys, order),) = seen
+    assert torch.equal(order.sort().values, torch.arange(t, device=DEVICE)), "not a permutation of the tokens"
+    assert torch.equal(keys, sel[:, 0][order]), "grouped by something other than each token's first choice"
+    assert (keys.diff() >= 0).all()
+
+
+@needs_triton
+def test_group_pairs_by_adapter_strided_views_and_wide_slots(monkeypatch):
+    """A strided view (a column of sel) is grouped by its own elements, and the int64 slot counters
+    (taken from 2**31 pairs on) give the same counting sort."""
+    import sys
+
+    from lag_triton.kernels.triton.group_by_adapter import group_pairs_by_adapter
+
+    mod = sys.modules[group_pairs_by_adapter.__module__]
+    sel = torch.randint(-1, 12, (70, 3), generator=gen(125), dtype=torch.int32).to(DEVICE)
+    col = sel[:, :1]
+    assert not col.reshape(-1).is_contiguous()
+    for wide in (False, True):
+        if wide:
+            monkeypatch.setattr(mod, "WIDE_SLOTS_FROM", 0)
+        for cand in (col, sel):
+            ad, pair = group_pairs_by_adapter(cand, 11)
+            flat = cand.reshape(-1).long()
+            assert torch.equal(pair.sort().values, torch.arange(flat.numel(), device=DEVICE))
+            assert torch.equal(ad.long(), torch.where((flat >= 0) & (flat < 11), flat, -1)[pair])
+            assert (torch.where(ad >= 0, ad.long(), 11).diff() >= 0).all()
+
+
+@pytest.mark.parametrize("plan", ["interpreter", "gpu"])
+def test_spectr_rerank_tiny_norms_rank_like_the_reference(ops, monkeypatch, plan):
+    """Sums of squares below 2**-126 (subnormal) still rank: the norm is a correctly rounded sqrt (the
+    GPU's sqrt.approx.ftz flushed them to 0, so every tiny-norm candidate tied and the lowest ids won).
+    Under the interpreter the sqrt is numpy's, so this passes without the fix too; the PTX check is
+    that the compiled rerank holds sqrt.rn.f32 (test_spectr_rerank_ptx_sqrt_is_correctly_rounded)."""
+    if plan == "gpu":
+        mod = triton_module(ops, "spectr_rerank")
+        monkeypatch.setattr(mod, "interpreting", lambda: False)
+        monkeypatch.setattr(mod, "num_sms", lambda device: 4)
+    n, r, d = 6, 2, 8
+    a = torch.zeros(n, r, d)
+    a[:, 0, 0] = torch.tensor([1.0, 2.0, 3.0, 0.5, 2.5, 1.5])
+    a = a.to(DEVICE)
+    for t in (1, 9, 70):  # the split, fused and (from 64 tokens) grouped paths
+        x = torch.zeros(t, d, device=DEVICE)
+        x[:, 0] = 1e-20  # z = 5e-21 .. 3e-20: every z * z below 2**-126
+        cand = torch.tensor([[0, 1, 2, 3, 4, 5]] * t, dtype=torch.int32, device=DEVICE)
+        for m in (1, 2):
+            sel, w, z = ops.spectr_rerank(x, a, cand, m)
+            ref_sel, ref_w, ref_z = reference.spectr_rerank(x, a, cand, m)
+            assert sel[0].tolist() == ref_sel[0].tolist() == [2, 4][:m], (t, m)
+            assert torch.equal(sel, ref_sel) and torch.equal(z, ref_z), (t, m)
+            torch.testing.assert_close(w, ref_w, rtol=1e-6, atol=0)
+
+
+_SQRT_PTX_CHECK = """
+import os
+os.environ.pop("TRITON_INTERPRET", None)  # the GPU build of the kernels (_aot_check's rule)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lag_triton.kernels.triton import _aot_check as C
+names = {
+    "rerank select bf16 T2048 N100000 r6 d3072 k20 m1 fused",  # ranks by the norm, then the winners' norms
+    "rerank partial_z bf16 T1 N1000 r6 d8192 k20 m3 fold=True",  # the same in the folded split-d programs
+}
+for (name, fn, sig, consts, warps, _), aligned in C._jobs():
+    if name in names and not aligned:  # compiled once each: the sqrt does not depend on alignment
+        full = dict(sig, **{k: "constexpr" for k in consts})
+        ptx = triton.compile(
+            ASTSource(fn=fn, signature=full, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+            options=dict(num_warps=warps, num_stages=3),
+        ).asm["ptx"]
+        assert "sqrt.rn.f32" in ptx and "sqrt.approx" not in ptx, name
+        print("ok", name)
+"""
+
+
+@needs_triton
+def test_spectr_rerank_ptx_sqrt_is_correctly_rounded():
+    """The norms of the select (fused) and of the folded partial-z programs compile to sqrt.rn.f32 for
+    sm_90, not sqrt.approx.ftz: what the tiny-norms test cannot see on CPU. PTX only, no GPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    child = subprocess.run(
+        [sys.executable, "-c", _SQRT_PTX_CHECK], capture_output=True, text=True, timeout=900, env=env
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert child.stdout.count("ok") == 2, child.stdout
+
+
+@pytest.mark.parametrize("plan", ["interpreter", "gpu"])
+def test_spectr_rerank_d_in_zero(ops, monkeypatch, plan):
+    """d_in = 0: every z is 0, so every norm ties and the lowest candidate ids win, weights uniform
+    over the picks (softmax of equal keys), z 0 -- the reference's answer (rerank_plan divided by 0)."""
+    if plan == "gpu":
+        mod = triton_module(ops, "spectr_rerank")
+        monkeypatch.setattr(mod, "interpreting", lambda: False)
+        monkeypatch.setattr(mod, "num_sms", lambda device: 4)
+    n, r, k = 30, 6, 5
+    a = torch.zeros(n, r, 0, device=DEVICE)
+    for t in (1, 9, 70):  # split, fused, grouped (t * k >= n)
+        x = torch.zeros(t, 0, device=DEVICE)
+        cand = _candidates(t, n, k, seed=126)
+        scores = torch.rand(t, k, generator=gen(127)).to(DEVICE)
+        for m, combine, cs in (
+            (1, "softmax", None),
+            (3, "softmax", None),
+            (3, "uniform", None),
+            (2, "softmax", scores),
+        ):
+            sel, w, z = ops.spectr_rerank(x, a, cand, m, combine, 0.7, cs)
+            ref_sel, ref_w, ref_z = reference.spectr_rerank(x, a, cand, m, combine, 0.7, cs)
+            assert torch.equal(sel, ref_sel), (t, m, combine, cs is not None)
+            torch.testing.assert_close(w, ref_w, rtol=1e-6, atol=1e-7)
+            assert torch.equal(z, ref_z) and (z == 0).all()
+            if cs is None:
+                assert torch.equal(sel, cand.sort(dim=1).values[:, :m])

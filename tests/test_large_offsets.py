@@ -77,3 +77,54 @@ def test_row_offsets_past_int32(backend, t):
     if "Skipped" in child.stderr and child.returncode != 0:
         pytest.skip(child.stderr.strip().splitlines()[-1])
     assert child.returncode == 0 and child.stdout.strip().endswith("ok"), (child.returncode, child.stderr[-3000:])
+
+
+RANK_STRIDE_CHILD = textwrap.dedent(
+    """
+    import sys
+    import pytest
+    import torch
+    sys.path[:0] = [{tests!r}]
+    from lag_triton.kernels import use_triton_interpreter_without_gpu
+    use_triton_interpreter_without_gpu()
+    from lag_triton.kernels import reference
+    from kernel_data import DEVICE, backend_ops, int_tensor
+
+    mp = pytest.MonkeyPatch()
+    ops = backend_ops({backend!r}, mp)
+    t, n, d_out, r = {t}, 3, 40, 3
+    # B* [N, d_out, r] viewed from [r, N, d_out]-like storage: the rank stride stays an int32 argument
+    # (< 2**31) while c * stride for c = 2 passes 2**31; the storage is committed lazily
+    stride_r = 1_100_000_000
+    storage = torch.empty(n * d_out + (r - 1) * stride_r, dtype=torch.bfloat16, device=DEVICE)
+    b = storage.as_strided((n, d_out, r), (d_out, 1, stride_r))
+    vals = int_tensor(n, d_out, r, dtype=torch.bfloat16, seed=1)
+    b.copy_(vals)
+    assert ops.prepare_b_star(b).data_ptr() == b.data_ptr()  # taken as it is: no copy to hide the offsets
+    sel = (torch.arange(t * 2) % n).view(t, 2).to(torch.int32).to(DEVICE)
+    sel[: t // 2, 0] = 1  # from 64 tokens on: sorted tiles that share one adapter, and mixed ones
+    sel[:, 1] = (sel[:, 0] + 1) % n
+    w = torch.full((t, 2), 0.5, device=DEVICE)
+    z = int_tensor(t, 2, r, seed=2)
+    y0 = int_tensor(t, d_out, dtype=torch.bfloat16, seed=3)
+    want = reference.lora_apply(y0.clone(), vals, sel, w, z)
+    y = ops.lora_apply(y0.clone(), b, sel, w, z)
+    assert torch.equal(y, want), "apply with a rank stride past int32"
+    print("ok")
+    """
+)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("t", [2, 64], ids=["decode", "sorted"])
+def test_apply_rank_offsets_past_int32(backend, t):
+    """B* in any layout: c * stride_br must not wrap in 32 bits (a [r, N, d_out] library viewed as
+    [N, d_out, r] has stride_br = N * d_out: 82M at N = 10k, d_out = 8192, so from rank 27 on)."""
+    if torch.cuda.is_available() and torch.cuda.mem_get_info()[0] < 8 * 2**30:
+        pytest.skip("needs a ~4.4 GB tensor on the GPU")
+    code = RANK_STRIDE_CHILD.format(tests=str(TESTS), backend=backend, t=t)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]))
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    if "Skipped" in child.stderr and child.returncode != 0:
+        pytest.skip(child.stderr.strip().splitlines()[-1])
+    assert child.returncode == 0 and child.stdout.strip().endswith("ok"), (child.returncode, child.stderr[-3000:])

@@ -162,7 +162,11 @@ def _finish_kernel(
     rows = t + tl.arange(0, 1)
     buf = buf_ptr + t.to(tl.int64) * CAP
     count = tl.load(count_ptr + t)
-    tl.store(count_ptr + t, 0)  # counters stay zeroed between launches (ticket_counters)
+    # Every warp must have read the count before one thread zeroes it (counters stay zeroed between
+    # launches: ticket_counters): a lagging warp would read 0, dropping the row's survivors or taking
+    # the other branch, whose barriers the rest never reach (_aot_check.counter_reset_error).
+    tl.debug_barrier()
+    tl.store(count_ptr + t, 0)
     if count <= CAP:
         slot = tl.arange(0, K_PAD)[None, :]
         best = _sample_words(seed_idx_ptr, seed_score_ptr, t * K + slot, slot < K, STRIDE)

@@ -22,7 +22,7 @@ from ._common import cdiv
 @triton.jit
 def _pairs_and_buckets(cand_ptr, P, N, BLOCK: tl.constexpr):
     """This program's pair ids, their mask, adapters and buckets (bucket N: no adapter)."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # P = T * K: may pass 2**31
     mask = offs < P
     ad = tl.load(cand_ptr + offs, mask=mask, other=-1)
     return offs, mask, ad, tl.where((ad >= 0) & (ad < N), ad, N)
@@ -31,7 +31,7 @@ def _pairs_and_buckets(cand_ptr, P, N, BLOCK: tl.constexpr):
 @triton.jit
 def _count_pairs_kernel(
     cand_ptr,  # candidates [P] int32 (the [T, K] matrix, flat)
-    count_ptr,  # in/out: pairs per adapter [N + 1] int32, zeroed; bucket N = no adapter (-1 or out of range)
+    count_ptr,  # in/out: pairs per adapter [N + 1] (SLOTS), zeroed; bucket N = no adapter (-1 or out of range)
     P,
     N,
     BLOCK: tl.constexpr,
@@ -43,7 +43,7 @@ def _count_pairs_kernel(
 @triton.jit
 def _scatter_pairs_kernel(
     cand_ptr,  # candidates [P] int32
-    cursor_ptr,  # in/out: next free slot of each adapter's segment [N + 1] int32 (exclusive scan of counts)
+    cursor_ptr,  # in/out: next free slot of each adapter's segment [N + 1] (SLOTS; exclusive scan of counts)
     grouped_ad_ptr,  # out: adapter of each grouped slot [P] int32 (-1 for no adapter, last)
     grouped_pair_ptr,  # out: pair id t*K + c of each grouped slot [P] int64
     P,
@@ -57,6 +57,8 @@ def _scatter_pairs_kernel(
 
 
 GROUP_BLOCK = 1024  # pairs per program of the counting sort
+#: SLOTS, the counters' dtype: int32, or int64 from this many pairs on (T * K past int32; P is then i64 too)
+WIDE_SLOTS_FROM = 2**31
 
 
 def group_pairs_by_adapter(candidates: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,12 +69,15 @@ def group_pairs_by_adapter(candidates: torch.Tensor, n: int) -> tuple[torch.Tens
     and may differ between runs; nothing downstream depends on it (each pair's z is computed from
     its own row and written to its own slot).
     """
-    flat = candidates.reshape(-1)
+    # the kernels read pair p at flat offset p: a strided view (a column of sel) must be copied, as
+    # reshape would keep its stride
+    flat = candidates.reshape(-1).contiguous()
     p = flat.numel()
-    counts = torch.zeros(n + 1, dtype=torch.int32, device=flat.device)
+    slots = torch.int32 if p < WIDE_SLOTS_FROM else torch.int64
+    counts = torch.zeros(n + 1, dtype=slots, device=flat.device)
     grid = (cdiv(p, GROUP_BLOCK),)
     _count_pairs_kernel[grid](flat, counts, p, n, BLOCK=GROUP_BLOCK)
-    cursor = torch.cumsum(counts, 0, dtype=torch.int32).sub_(counts)
+    cursor = torch.cumsum(counts, 0, dtype=slots).sub_(counts)
     grouped_ad = torch.empty(p, dtype=torch.int32, device=flat.device)
     grouped_pair = torch.empty(p, dtype=torch.int64, device=flat.device)
     _scatter_pairs_kernel[grid](flat, cursor, grouped_ad, grouped_pair, p, n, BLOCK=GROUP_BLOCK)

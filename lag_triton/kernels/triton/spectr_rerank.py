@@ -127,6 +127,8 @@ def _partial_z_kernel(
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     s = tl.program_id(2)
     k_mask = offs_k < K
+    # int32 offsets suffice: rerank_plan takes this path for few tokens only (T * k-blocks < 2 * SMs),
+    # so Z_SPLITS * T * K stays far below 2**31
     cand = tl.load(cand_ptr + t * K + offs_k, mask=k_mask, other=0)
     d_lo = s * d_per_split
     d_hi = tl.minimum(D, d_lo + d_per_split)
@@ -190,7 +192,7 @@ def _grouped_z_kernel(
 ):
     """SGMV-style shrink: for each distinct adapter a in this tile of sorted pairs,
     z[rows of a] = X[tokens of those rows] @ A*_a^T  ([BLOCK_P, BLOCK_D] x [BLOCK_D, R_PAD] tl.dot)."""
-    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)  # P = T * K: may pass 2**31
     p_mask = offs_p < P
     ad = tl.load(sorted_ad_ptr + offs_p, mask=p_mask, other=NO_ADAPTER)
     ad = tl.where(p_mask & (ad >= 0) & (ad < N), ad, NO_ADAPTER)
@@ -321,14 +323,20 @@ def _rank_token(
     precomputed z (Z_MODE 1) is read through L2, as a folding launch's other programs wrote it."""
     offs_r = tl.arange(0, R_PAD)
     r_mask = offs_r < R
+    # int64 bases of the token's rows: T * K and T * M * R may pass 2**31 (a long prompt on the grouped
+    # path); offsets within one token's rows stay int32
+    t64 = t.to(tl.int64)
+    cand_row = cand_ptr + t64 * K
+    zp_tok = zp_ptr + t64 * K * R  # split s's partials lie s * T * K * R further on
+    split_stride = tl.cast(T, tl.int64) * K * R
     best = tl.full([1, M_PAD], EMPTY_SLOT, tl.int64)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         # .cg, as every load of a folding launch after its ticket (_aot_check.fold_ordering_error)
-        cand = tl.load(cand_ptr + t * K + offs_k, mask=k_mask, other=0, cache_modifier=".cg")
+        cand = tl.load(cand_row + offs_k, mask=k_mask, other=0, cache_modifier=".cg")
         if HAS_SCORES:
-            key = tl.load(cs_ptr + t * stride_cs + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            key = tl.load(cs_ptr + t64 * stride_cs + offs_k, mask=k_mask, other=0.0).to(tl.float32)
         else:
             if Z_MODE == 0:
                 z = _gather_z(
@@ -338,15 +346,15 @@ def _rank_token(
                 z = tl.zeros([BLOCK_K, R_PAD], dtype=tl.float32)
                 for s in range(Z_SPLITS):
                     z += tl.load(
-                        zp_ptr + ((s * T + t) * K + offs_k[:, None]).to(tl.int64) * R + offs_r[None, :],
+                        zp_tok + s * split_stride + (offs_k[:, None] * R + offs_r[None, :]),
                         mask=k_mask[:, None] & r_mask[None, :],
                         other=0.0,
                         cache_modifier=".cg",
                     )
-            # tl.sqrt is sqrt.approx on the GPU (np.sqrt under the interpreter): within an ulp of torch's
-            # norm, below z's own fp32 summation error; tl.sqrt_rn's slow-path call made the split and
-            # top_m > 1 selects spill (8-36 B on sm_90)
-            key = tl.sqrt(tl.sum(z * z, axis=1))
+            # correctly rounded, as torch's norm: tl.sqrt is sqrt.approx.ftz on the GPU (np.sqrt under
+            # the interpreter), which flushes sums of squares below 2**-126 to 0 and so ties tiny-norm
+            # candidates that the reference ranks (on sm_90 sqrt.rn adds no spills: _aot_check --resources)
+            key = tl.sqrt_rn(tl.sum(z * z, axis=1))
         words = pack(order_key(key), cand)
         words = tl.where(k_mask & (cand >= 0) & (cand < N), words, EMPTY_SLOT)  # -1: no candidate (a scope)
         best = merge_topk(best, tl.reshape(words, [1, BLOCK_K]), M_PAD)
@@ -359,7 +367,7 @@ def _rank_token(
         pos = tl.full([M_PAD], 2147483647, tl.int32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            cand = tl.load(cand_ptr + t * K + offs_k, mask=offs_k < K, other=-1, cache_modifier=".cg")
+            cand = tl.load(cand_row + offs_k, mask=offs_k < K, other=-1, cache_modifier=".cg")
             hit = cand[None, :] == sel[:, None]
             pos = tl.minimum(pos, tl.min(tl.where(hit, offs_k[None, :], 2147483647), axis=1))
         ok = ok & (pos < K)
@@ -370,15 +378,15 @@ def _rank_token(
         zs = tl.zeros([M_PAD, R_PAD], dtype=tl.float32)
         for s in range(Z_SPLITS):
             zs += tl.load(
-                zp_ptr + ((s * T + t) * K + pos[:, None]).to(tl.int64) * R + offs_r[None, :],
+                zp_tok + s * split_stride + (pos[:, None] * R + offs_r[None, :]),
                 mask=ok[:, None] & r_mask[None, :],
                 other=0.0,
                 cache_modifier=".cg",
             )
     if HAS_SCORES:
-        skey = tl.load(cs_ptr + t * stride_cs + pos, mask=ok, other=0.0).to(tl.float32)
+        skey = tl.load(cs_ptr + t64 * stride_cs + pos, mask=ok, other=0.0).to(tl.float32)
     else:
-        skey = tl.sqrt(tl.sum(zs * zs, axis=1))
+        skey = tl.sqrt_rn(tl.sum(zs * zs, axis=1))  # as the ranking's key
     # Weights over the valid picks only (fewer than M when a scope left fewer candidates); others 0.
     if SOFTMAX:
         v = tl.where(ok, skey / temperature, float("-inf"))
@@ -387,9 +395,10 @@ def _rank_token(
         w = tl.where(ok, e / tl.where(total > 0, total, 1.0), 0.0)
     else:
         w = tl.where(ok, 1.0 / tl.maximum(tl.sum(ok.to(tl.float32), axis=0), 1.0), 0.0)
-    tl.store(sel_ptr + t * M + offs_m, tl.where(ok, sel, -1), mask=m_mask)
-    tl.store(w_ptr + t * M + offs_m, w, mask=m_mask)
-    tl.store(z_ptr + (t * M + offs_m[:, None]) * R + offs_r[None, :], zs, mask=m_mask[:, None] & r_mask[None, :])
+    tl.store(sel_ptr + t64 * M + offs_m, tl.where(ok, sel, -1), mask=m_mask)
+    tl.store(w_ptr + t64 * M + offs_m, w, mask=m_mask)
+    z_out = z_ptr + t64 * M * R + (offs_m[:, None] * R + offs_r[None, :])
+    tl.store(z_out, zs, mask=m_mask[:, None] & r_mask[None, :])
 
 
 #: fp32 values of one gather-GEMV tile [candidates, R_PAD, BLOCK_D] of the partial-z programs (128 per
@@ -470,7 +479,7 @@ def rerank_plan(
     # d_in takes the path of its aligned neighbours.
     k_blocks = cdiv(k, (blocks if aligned else _gather_blocks(m_pad, r_pad, GATHER_TILE, 16))["block_k"])
     if t * k_blocks < 2 * sms:  # few tokens: split d across programs so that the whole GPU streams A*
-        d_blocks = cdiv(d, blocks["block_d"])
+        d_blocks = max(1, cdiv(d, blocks["block_d"]))  # d_in = 0: one split, whose z sums nothing
         splits = max(1, min(d_blocks, cdiv(4 * sms, t * k_blocks), 64))
         per = cdiv(d_blocks, splits)
         z_splits = cdiv(d_blocks, per)
