@@ -104,3 +104,18 @@ def test_every_apply_config_a_table_may_choose_is_exact(config):
     with tuning.forced("lora_apply", config):
         y = apply.lora_apply(y0.clone(), b, sel, w, z)
     torch.testing.assert_close(y, reference.lora_apply(y0.clone(), b, sel, w, z), atol=0, rtol=0)
+
+
+def test_an_entry_that_sets_some_keys_launches_over_the_defaults():
+    """A table entry may give only some of an op's keys (as ENTRIES' do): the launch takes the rest
+    from the default config (it took the entry alone: a KeyError for the missing block size)."""
+    x, p = _int_data(4, 16, seed=9), _int_data(300, 16, seed=10)
+    with tuning.forced("arrow_select", {"num_warps": 2}):
+        assert torch.equal(arrow.arrow_topk(x, p, 7)[0], reference.arrow_topk(x, p, 7)[0])
+    t, n, d_out, r = 70, 9, 100, 6
+    b = apply.prepare_b_star(_int_data(n, d_out, r, seed=11))
+    sel = torch.randint(0, n, (t, 1), generator=torch.Generator().manual_seed(12)).to(torch.int32).to(DEVICE)
+    w, z, y0 = torch.ones(t, 1, device=DEVICE), _int_data(t, 1, r, seed=13), _int_data(t, d_out, seed=14)
+    with tuning.forced("lora_apply", ENTRIES[2]["config"]):  # BLOCK_T and num_warps, no BLOCK_O
+        y = apply.lora_apply(y0.clone(), b, sel, w, z)
+    torch.testing.assert_close(y, reference.lora_apply(y0.clone(), b, sel, w, z), atol=0, rtol=0)

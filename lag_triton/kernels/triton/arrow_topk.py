@@ -200,7 +200,7 @@ def _select(
         idx[:, found:].fill_(-1)
         out_scores[:, found:].fill_(float("nan"))
         return
-    cfg = tuned("arrow_select", scores.device, k_pad=k_pad, t=t, n=n) or select_config(k_pad)
+    cfg = tuned("arrow_select", scores.device, select_config(k_pad), k_pad=k_pad, t=t, n=n)
     if cfg["CAP"] < cfg["BLOCK"]:
         raise ValueError(f"arrow_select config {cfg}: CAP must be >= BLOCK (a block's survivors must fit)")
     splits, per_split = split_plan(t, n, cfg["BLOCK"], num_sms(scores.device))

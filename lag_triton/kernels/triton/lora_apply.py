@@ -141,7 +141,7 @@ def lora_apply(
     sort = t >= SORT_MIN_T
     # tokens grouped by their first choice (pair id = token id, as sel[:, :1] has one column)
     order = group_pairs_by_adapter(sel[:, :1], n)[1] if sort else sel  # sel: an unread placeholder pointer
-    cfg = tuned("lora_apply", y.device, t=t, d_out=d_out, r=r) or apply_config(t, d_out, num_sms(y.device))
+    cfg = tuned("lora_apply", y.device, apply_config(t, d_out, num_sms(y.device)), t=t, d_out=d_out, r=r)
     grid = (cdiv(t, cfg["BLOCK_T"]), cdiv(d_out, cfg["BLOCK_O"]))
     _lora_apply_kernel[grid](
         target, b_star, sel, w, z, order, t, n, d_out, r, m, target.stride(0), *b_star.stride(), SORTED=sort, **cfg

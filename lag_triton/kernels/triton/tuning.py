@@ -10,10 +10,11 @@ can override them: a JSON file
 
 where each entry matches one op, optional exact keys (``k_pad``) and inclusive [lo, hi] ranges of
 shape sizes (``t``, ``n``, ``d_out``); the first matching entry wins (``measured``, the timings that
-chose it, is not a condition). Tables are looked up by the
-card's name in ``lag_triton/kernels/triton/tuned/<card slug>.json`` or taken from the file named by
-``LAG_TRITON_TUNING``. A table for another card is ignored. Lookups happen at launch, on the host,
-from shapes only: a launch stays deterministic and capturable in a CUDA graph.
+chose it, is not a condition), and its config is set over the default's (it may give some keys
+only). Tables are looked up by the card's name in ``lag_triton/kernels/triton/tuned/<card
+slug>.json`` or taken from the file named by ``LAG_TRITON_TUNING``. A table for another card is
+ignored. Lookups happen at launch, on the host, from shapes only: a launch stays deterministic and
+capturable in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -116,14 +117,15 @@ def _matches(entry: dict, op: str, shape: dict) -> bool:
     return True
 
 
-def tuned(op: str, device: torch.device, **shape: int) -> dict | None:
-    """The tuned config of ``op`` for these shape sizes on ``device``'s card, or None (use the default)."""
+def tuned(op: str, device: torch.device, default: dict, **shape: int) -> dict:
+    """The launch config of ``op`` for these shape sizes on ``device``'s card: ``default`` with what
+    a matching table entry (or ``forced``) sets over it (an entry may set only some keys)."""
     if op in _forced:
-        return dict(_forced[op])
+        return {**default, **_forced[op]}
     if device.type != "cuda":
-        return None
+        return dict(default)
     card = _card_name(device.index if device.index is not None else torch.cuda.current_device())
-    return lookup(_table_for(card, os.environ.get(ENV_TABLE) or None), op, **shape)
+    return {**default, **(lookup(_table_for(card, os.environ.get(ENV_TABLE) or None), op, **shape) or {})}
 
 
 @functools.cache
