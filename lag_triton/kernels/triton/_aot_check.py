@@ -18,8 +18,6 @@ evidence about the compiled kernels that needs no GPU.
 Every configuration that finishes a split reduction in its own launch (``last_to_arrive``) also has
 its PTX checked for the memory-ordering protocol that makes that safe (``fold_ordering_error``):
 the interpreter runs programs one after another, so no CPU test can see a missing barrier or fence.
-For the same reason the filtering path's finish kernel is checked for the barrier between every
-thread's read of its row's survivor count and the reset of that count (``counter_reset_error``).
 """
 
 from __future__ import annotations
@@ -453,37 +451,6 @@ def fold_ordering_error(ptx: str, folds: bool) -> str | None:
     return None
 
 
-_ADDRESS = re.compile(r"\[\s*([^\]]+?)\s*\]")
-
-
-def counter_reset_error(ptx: str) -> str | None:
-    """Why this PTX may zero a counter before every thread of the program has read it, or None.
-
-    The kernel's first global load reads the counter; the first global store to that address (one
-    thread's reset to 0) must come after a CTA barrier that follows the load. Without one, a warp
-    that reaches the load late reads the reset value instead (arrow_filter's finish kernel: its
-    row's survivors dropped, or the other branch and its barriers taken by that warp alone).
-    """
-    ops = [line.strip() for line in ptx.splitlines() if _MEMORY_OPS.search(line)]
-    load = next((i for i, op in enumerate(ops) if "ld.global" in op), None)
-    if load is None:
-        return "no global load (the counter read)"
-    address = _ADDRESS.search(ops[load]).group(1)
-    reset = next(
-        (
-            i
-            for i in range(load + 1, len(ops))
-            if "st.global" in ops[i] and (m := _ADDRESS.search(ops[i])) and m.group(1) == address
-        ),
-        None,
-    )
-    if reset is None:
-        return f"no global store to the counter's address after its read ({ops[load]})"
-    if not any(op.startswith(("bar.sync", "barrier.sync")) for op in ops[load + 1 : reset]):
-        return f"no CTA barrier between the counter's read and its reset ({ops[reset]})"
-    return None
-
-
 def _ptxas_resources(ptx: str, capability: int) -> dict:
     """Registers, spill bytes and stack of the kernel in `ptx`, as ``ptxas -v`` reports them."""
     from triton.backends.nvidia.compiler import get_ptxas
@@ -532,8 +499,6 @@ def _compile(job):
     except Exception as exc:  # noqa: BLE001 - report every failing config
         return name, repr(exc)[-2000:], None
     ordering = fold_ordering_error(kernel.asm["ptx"], folds=bool(consts.get("FOLD")) or fn is AD._decode_kernel)
-    if ordering is None and fn is AF._finish_kernel:
-        ordering = counter_reset_error(kernel.asm["ptx"])
     if ordering is not None:
         return name, f"memory ordering: {ordering}", None
     res = None

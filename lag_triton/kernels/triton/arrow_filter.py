@@ -53,7 +53,6 @@ from ._common import (
     rows_contiguous,
     scope_allows,
     store_topk,
-    ticket_counters,
     upcast_dot,
 )
 
@@ -138,7 +137,7 @@ def _finish_kernel(
     seed_idx_ptr,  # as in _filter_gemm_kernel
     seed_score_ptr,
     buf_ptr,  # survivors [T, CAP] int64; a rescored row's own scratch
-    count_ptr,  # survivors per row [>= T] int32; reset to 0 here
+    count_ptr,  # survivors per row [>= T] int32 (the GEMM's counts)
     idx_ptr,  # out: idx [T, K] int32
     score_ptr,  # out: |scores| [T, K] fp32
     allowed_ptr,  # scope masks [S, N] uint8 (when HAS_SCOPE)
@@ -162,11 +161,6 @@ def _finish_kernel(
     rows = t + tl.arange(0, 1)
     buf = buf_ptr + t.to(tl.int64) * CAP
     count = tl.load(count_ptr + t)
-    # Every warp must have read the count before one thread zeroes it (counters stay zeroed between
-    # launches: ticket_counters): a lagging warp would read 0, dropping the row's survivors or taking
-    # the other branch, whose barriers the rest never reach (_aot_check.counter_reset_error).
-    tl.debug_barrier()
-    tl.store(count_ptr + t, 0)
     if count <= CAP:
         slot = tl.arange(0, K_PAD)[None, :]
         best = _sample_words(seed_idx_ptr, seed_score_ptr, t * K + slot, slot < K, STRIDE)
@@ -270,7 +264,10 @@ def _filter_rows(x, prototypes, k, seed_idx, seed_scores, idx, scores, allowed_u
     cap = plan["CAP"]
     scoped = allowed_u8 is not None
     buf = torch.empty((t, cap), dtype=torch.int64, device=x.device)
-    counts = ticket_counters(x.device, t)
+    # zeroed per call, not the stream's cached ticket counters: the counts live from one launch to the
+    # next, so a launch between them on the stream (another thread's fold), or a call interrupted
+    # there, would corrupt a shared buffer for every later launch
+    counts = torch.zeros(t, dtype=torch.int32, device=x.device)
     allowed_arg, scope_arg = (allowed_u8, scope) if scoped else (buf, buf)  # buf: an unread placeholder
     s_rows = allowed_u8.shape[0] if scoped else 0
     stride_allowed = allowed_u8.stride(0) if scoped else 0
