@@ -273,19 +273,11 @@ def _check_general_adapters(args: argparse.Namespace) -> None:
         raise UsageError(f"--general-adapters must be >= 0 (0: none), got {count}")
     if count == 0:
         return
-    from .experiment.data import general_documents, make_data
-    from .experiment.run import config_from_args
+    from .experiment.data import general_documents
+    from .experiment.run import config_from_args, experiment_data
 
     cfg = config_from_args(args)
-    data = make_data(  # the first seed's; the number of pre-training entities is the same for every seed
-        cfg.adapters,
-        cfg.entities_per_doc,
-        cfg.pretrain_entities,
-        seed=cfg.seed,
-        mention_doc_entities=cfg.mention_doc_entities,
-        question_form=cfg.question_form,
-        value_form=cfg.value_form,
-    )
+    data = experiment_data(cfg)  # the first seed's; every seed has as many pre-training entities
     try:
         general_documents(data, count, cfg.entities_per_doc)
     except ValueError as e:

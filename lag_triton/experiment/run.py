@@ -110,9 +110,9 @@ def determinism(seed: int) -> Iterator[None]:
 # --------------------------------------------------------------------------- the pieces
 
 
-def build_data_and_base(cfg: ExperimentConfig, log=print):
-    """The documents, questions and pre-trained base model (fp32, frozen)."""
-    data = make_data(
+def experiment_data(cfg: ExperimentConfig):
+    """The documents and questions of ``cfg`` (no model: cheap)."""
+    return make_data(
         cfg.adapters,
         cfg.entities_per_doc,
         cfg.pretrain_entities,
@@ -121,6 +121,11 @@ def build_data_and_base(cfg: ExperimentConfig, log=print):
         question_form=cfg.question_form,
         value_form=cfg.value_form,
     )
+
+
+def build_data_and_base(cfg: ExperimentConfig, log=print):
+    """The documents, questions and pre-trained base model (fp32, frozen)."""
+    data = experiment_data(cfg)
     log(
         f"[data] {cfg.adapters} documents x {cfg.entities_per_doc} entities x 4 relations x "
         f"{len(data.templates)} phrasings ({cfg.question_form}, {cfg.value_form} values) = {len(data.questions)} "
