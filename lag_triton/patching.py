@@ -146,8 +146,12 @@ class _RoutedTermGradient(torch.autograd.Function):
     def forward(ctx, y, x, sel, a_star, b_star, prototypes, config: RoutingConfig):
         ctx.save_for_backward(x, sel, a_star, b_star, prototypes)
         ctx.config = config
-        # y itself, marked modified (the kernels wrote into it): model code may change the layer's
-        # output in place, as may the next library's kernels (a view made here would refuse both)
+        # Not a view of y: model code may change the layer's output in place, as may the next
+        # library's kernels, and autograd refuses in-place changes of a view made in a Function.
+        # Eagerly, y itself, marked modified (the kernels wrote into it); traced by torch.compile,
+        # whose older releases (2.4) treat a returned input as such a view even so, a copy.
+        if torch.compiler.is_compiling():
+            return y.clone()
         ctx.mark_dirty(y)
         return y
 
