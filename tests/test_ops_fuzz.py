@@ -119,6 +119,20 @@ def test_arrow_topk_of_zero_wide_inputs_is_the_reference(ops, monkeypatch, path)
     assert torch.equal(idx, ref_idx) and torch.equal(scores, ref_scores)
 
 
+def test_ops_with_no_tokens_or_no_picks_over_an_empty_library_are_the_reference(ops):
+    """T = 0 (and top_m = 0 for the apply) need no adapter: every backend returns what the reference
+    does, an empty library included (the CUDA binding refused N = 0 before looking at T)."""
+    x, a = torch.zeros(0, 8, device=DEVICE), torch.zeros(0, 4, 8, device=DEVICE)
+    sel, w, z = ops.spectr_rerank(x, a, torch.zeros(0, 2, dtype=torch.int32, device=DEVICE), 1)
+    assert sel.shape == (0, 1) and w.shape == (0, 1) and z.shape == (0, 1, 4)
+    b = torch.zeros(0, 5, 4, device=DEVICE)
+    for t, m in ((0, 1), (3, 0)):
+        y = torch.arange(t * 5, dtype=torch.float32, device=DEVICE).view(t, 5)
+        none = torch.zeros(t, m, dtype=torch.int32, device=DEVICE)
+        got = ops.lora_apply(y.clone(), b, none, torch.zeros(t, m, device=DEVICE), torch.zeros(t, m, 4, device=DEVICE))
+        assert torch.equal(got, y)
+
+
 @FUZZ
 @FUZZ_SEED
 @given(data=st.data())

@@ -216,6 +216,8 @@ def spectr_rerank(
     if candidate_scores is not None:
         candidate_scores = candidate_scores.to(device=x.device, dtype=torch.float32).contiguous()
     sel, w, z = empty_rerank_outputs(x, top_m, a_star.shape[1])
+    if x.shape[0] == 0:  # no tokens: nothing to rank (the binding refuses an empty library first)
+        return sel, w, z
     raise_on_error(
         ext.spectr_rerank(
             x,
@@ -240,6 +242,8 @@ def lora_apply(
     """y += sum_j w[:, j] * (B*[sel[:, j]] @ z[:, j]) in fp32, written in y's dtype, in place."""
     check_apply_args(y, b_star, sel, w, z)
     ext = _ext_for(y, b_star, sel, w, z)
+    if y.shape[0] == 0 or sel.shape[1] == 0:  # nothing to add (the binding refuses an empty library first)
+        return y
     b_star = b_star.contiguous()
     sel = sel.contiguous()
     w = w.contiguous()
