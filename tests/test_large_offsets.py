@@ -66,17 +66,21 @@ CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("t", [3, 64], ids=["decode", "grouped"])  # 64: the rerank and apply group by adapter
-def test_row_offsets_past_int32(backend, t):
-    if torch.cuda.is_available() and torch.cuda.mem_get_info()[0] < 12 * 2**30:
-        pytest.skip("needs two ~4 GiB tensors on the GPU")
-    code = CHILD.format(tests=str(TESTS), backend=backend, t=t)
+def _run_child(code: str) -> None:
+    """Run ``code`` in a fresh interpreter (its own backend and memory); it prints "ok" or skips."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]))
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     if "Skipped" in child.stderr and child.returncode != 0:
         pytest.skip(child.stderr.strip().splitlines()[-1])
     assert child.returncode == 0 and child.stdout.strip().endswith("ok"), (child.returncode, child.stderr[-3000:])
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("t", [3, 64], ids=["decode", "grouped"])  # 64: the rerank and apply group by adapter
+def test_row_offsets_past_int32(backend, t):
+    if torch.cuda.is_available() and torch.cuda.mem_get_info()[0] < 12 * 2**30:
+        pytest.skip("needs two ~4 GiB tensors on the GPU")
+    _run_child(CHILD.format(tests=str(TESTS), backend=backend, t=t))
 
 
 RANK_STRIDE_CHILD = textwrap.dedent(
@@ -122,9 +126,4 @@ def test_apply_rank_offsets_past_int32(backend, t):
     [N, d_out, r] has stride_br = N * d_out: 82M at N = 10k, d_out = 8192, so from rank 27 on)."""
     if torch.cuda.is_available() and torch.cuda.mem_get_info()[0] < 8 * 2**30:
         pytest.skip("needs a ~4.4 GB tensor on the GPU")
-    code = RANK_STRIDE_CHILD.format(tests=str(TESTS), backend=backend, t=t)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]))
-    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
-    if "Skipped" in child.stderr and child.returncode != 0:
-        pytest.skip(child.stderr.strip().splitlines()[-1])
-    assert child.returncode == 0 and child.stdout.strip().endswith("ok"), (child.returncode, child.stderr[-3000:])
+    _run_child(RANK_STRIDE_CHILD.format(tests=str(TESTS), backend=backend, t=t))

@@ -7,6 +7,8 @@ Triton and CUDA backends.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from emulated_cuda import install_backend
@@ -41,6 +43,11 @@ def _patched(library, backend="torch", **routing):
 
 def _ids(rows, length, seed=0):
     return torch.randint(1, VOCAB, (rows, length), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
 
 
 def _routed(model, ids, allowed=None):
@@ -232,9 +239,7 @@ def test_a_scope_covers_forwards_of_other_threads_and_only_one_thread_scopes_a_m
     scoped, _ = _routed(model, ids, [["doc2"]])
     assert not torch.allclose(scoped, free)
 
-    def forward():
-        with torch.no_grad():
-            return model(input_ids=ids).logits
+    forward = functools.partial(_logits, model, ids)
 
     def other_scope():
         with lag_triton.scope(model, [["doc5"]]):
@@ -295,9 +300,7 @@ def test_a_second_asyncio_task_cannot_scope_a_model_another_task_holds(libraries
     doc2, _ = _routed(model, ids, [["doc2"]])
     got = {}
 
-    def forward():
-        with torch.no_grad():
-            return model(input_ids=ids).logits
+    forward = functools.partial(_logits, model, ids)
 
     async def first(second_tried):
         with lag_triton.scope(model, [["doc2"]]):
@@ -337,9 +340,7 @@ def test_a_task_nests_in_the_scope_it_was_started_under_and_exits_in_any_order(l
     doc5, _ = _routed(model, ids, [["doc5"]])
     got = {}
 
-    def forward():
-        with torch.no_grad():
-            return model(input_ids=ids).logits
+    forward = functools.partial(_logits, model, ids)
 
     async def child(opened, release):
         with lag_triton.scope(model, [["doc5"]]):
