@@ -39,9 +39,16 @@ def _check_output_file(path: Path, option: str = "-o/--output") -> None:
 
 def _check_library_output(args: argparse.Namespace) -> None:
     """``add`` / ``remove``: the library exists (else the error ``info`` gives: exit 1), and the file
-    written (-o, or the library itself, replaced in place) can be written."""
+    written (-o, or the library itself, replaced in place) can be written; a library folder's
+    manifest can be replaced (and -o is refused: its parts are rewritten in place)."""
+    from .library.folder import MANIFEST, is_library_folder
     from .library.stored import existing_library_path
 
+    if is_library_folder(args.library):
+        if args.output is not None:
+            raise UsageError(f"-o/--output: {str(args.library)!r} is a library folder, grown or shrunk in place")
+        _check_output_file(args.library / MANIFEST, "library folder")
+        return
     existing_library_path(args.library)
     if args.output is not None:
         _check_output_file(args.output)
@@ -140,7 +147,13 @@ def _build(args: argparse.Namespace) -> int:
 
     adapters, names = _adapters_and_names(args)
     _check_workers(args.workers)
-    _check_output_file(args.output)
+    from .library.folder import is_library_folder
+
+    args.folder = args.folder or is_library_folder(args.output)  # a library folder is rebuilt as one
+    if args.folder:
+        _check_output_folder(args.output, "-o/--output")
+    else:
+        _check_output_file(args.output)
     report = build_library(
         adapters,
         args.output,
@@ -150,6 +163,7 @@ def _build(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         general_adapters=args.general,
         resume=args.resume,
+        folder=args.folder,
     )
     print(f"wrote {report}")
     return 0
@@ -198,26 +212,40 @@ def _size(nbytes: int) -> str:
 
 def _info(args: argparse.Namespace) -> int:
     from .library import Library
+    from .library.folder import is_library_folder, read_folder
     from .library.stored import existing_library_path, read_stored
 
-    stored = read_stored(existing_library_path(args.library))
+    folder = read_folder(args.library) if is_library_folder(args.library) else None
+    parts = folder.parts if folder else [read_stored(existing_library_path(args.library))]
     if args.check:
         Library.load(args.library)  # reads and checks every value
-    modules = {name: (m, stored.index_maps(name)) for name, m in stored.modules.items()}
-    dtypes = ", ".join(sorted(str(d).removeprefix("torch.") for d in stored.factor_dtypes))
-    r_max = max(m.rank for m in stored.modules.values())
-    print(f"library     {args.library}")
-    print(f"base model  {stored.base_model or 'unknown'}")
-    print(f"adapters    {len(stored.names)}  (r_max {r_max}, dtype {dtypes})")
-    print(f"size        {sum(m.nbytes for m in stored.modules.values()):,} bytes")
-    print(f"modules     {len(stored.modules)}")
-    if stored.general is not None:
-        general_names = stored.general[0]
+    modules: dict[str, list] = {}  # name -> [adapters, d_in, d_out, ranks, bytes] over the parts
+    for stored in parts:
+        for name, m in stored.modules.items():
+            _, ranks = stored.index_maps(name)
+            row = modules.setdefault(name, [0, m.d_in, m.d_out, set(), 0])
+            row[0] += m.num_adapters
+            row[3] |= set(ranks.tolist()) if ranks is not None else {m.rank}
+            row[4] += m.nbytes
+    names = folder.names if folder else parts[0].names
+    dtypes = ", ".join(sorted(str(d).removeprefix("torch.") for d in set().union(*(p.factor_dtypes for p in parts))))
+    r_max = max(m.rank for p in parts for m in p.modules.values())
+    print(f"library     {args.library}" + (f"  (a folder of {len(parts)} parts)" if folder else ""))
+    print(f"base model  {(folder or parts[0]).base_model or 'unknown'}")
+    print(f"adapters    {len(names)}  (r_max {r_max}, dtype {dtypes})")
+    print(f"size        {sum(row[4] for row in modules.values()):,} bytes")
+    print(f"modules     {len(modules)}")
+    if parts[0].general is not None:
+        general_names = parts[0].general[0]
         shown = ", ".join(general_names[:3]) + (", ..." if len(general_names) > 3 else "")
         print(f"general     mean of {len(general_names)} general adapters subtracted (GKS): {shown}")
-    for name, (m, (_, ranks)) in modules.items():
-        rank_set = sorted(set(ranks.tolist())) if ranks is not None else [m.rank]
-        print(f"  {name}: {m.num_adapters} adapters, {m.d_in} -> {m.d_out}, ranks {rank_set}, {_size(m.nbytes)}")
+    for name, (count, d_in, d_out, ranks, nbytes) in sorted(modules.items()):
+        print(f"  {name}: {count} adapters, {d_in} -> {d_out}, ranks {sorted(ranks)}, {_size(nbytes)}")
+    if folder:
+        print("parts")
+        for f, stored in zip(folder.files, parts):
+            size = sum(m.nbytes for m in stored.modules.values())
+            print(f"  {f}: {len(stored.names)} adapters, {len(stored.modules)} modules, {_size(size)}")
     print(
         "values      "
         + (
@@ -228,7 +256,7 @@ def _info(args: argparse.Namespace) -> int:
     )
     if args.adapters:
         print("adapter names:")
-        for i, n in enumerate(stored.names):
+        for i, n in enumerate(names):
             print(f"  {i}: {n}")
     return 0
 
@@ -355,7 +383,14 @@ def _parser(with_demo: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser("build", parents=[debug], help="align PEFT LoRA folders into one library file", epilog=_EPILOG)
     p.add_argument("adapters", nargs="*", help="PEFT adapter folders, or Hub paths user/repo[/subfolder]")
     _adapters_from(p)
-    p.add_argument("-o", "--output", required=True, type=Path, help="library file to write (.safetensors)")
+    p.add_argument(
+        "-o", "--output", required=True, type=Path, help="library file to write (.safetensors), or folder (--folder)"
+    )
+    p.add_argument(
+        "--folder",
+        action="store_true",
+        help="write a library folder (parts + library.json): `add` then writes only the new adapters",
+    )
     p.add_argument("--names", nargs="+", help="adapter names (default: folder names, Hub paths as given)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="storage dtype")
     p.add_argument(
@@ -373,9 +408,13 @@ def _parser(with_demo: bool = True) -> argparse.ArgumentParser:
         "add",
         parents=[debug],
         epilog=_EPILOG,
-        help="append PEFT LoRA folders to a library file (existing adapters are not re-aligned)",
+        help="append PEFT LoRA folders to a library file or folder (existing adapters are not re-aligned)",
     )
-    p.add_argument("library", type=Path, help="library file, replaced atomically unless -o is given")
+    p.add_argument(
+        "library",
+        type=Path,
+        help="library file, replaced atomically unless -o is given; or library folder, given a new part",
+    )
     p.add_argument("adapters", nargs="*", help="PEFT adapter folders (or Hub paths) to add")
     _adapters_from(p)
     p.add_argument("-o", "--output", type=Path, help="write the grown library here instead")
@@ -384,8 +423,12 @@ def _parser(with_demo: bool = True) -> argparse.ArgumentParser:
     _workers_and_quiet(p)
     p.set_defaults(func=_add)
 
-    p = sub.add_parser("remove", parents=[debug], help="drop adapters from a library file", epilog=_EPILOG)
-    p.add_argument("library", type=Path, help="library file, replaced atomically unless -o is given")
+    p = sub.add_parser("remove", parents=[debug], help="drop adapters from a library file or folder", epilog=_EPILOG)
+    p.add_argument(
+        "library",
+        type=Path,
+        help="library file, replaced atomically unless -o is given; or library folder (parts holding them rewritten)",
+    )
     p.add_argument("names", nargs="*", help="names of the adapters to drop")
     p.add_argument(
         "--names-from", metavar="FILE", help="more names, one per line ('-': standard input; '#' lines skipped)"
@@ -393,7 +436,9 @@ def _parser(with_demo: bool = True) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, help="write the smaller library here instead")
     p.set_defaults(func=_remove)
 
-    p = sub.add_parser("info", parents=[debug], help="describe a library file (sizes per module)", epilog=_EPILOG)
+    p = sub.add_parser(
+        "info", parents=[debug], help="describe a library file or folder (sizes per module)", epilog=_EPILOG
+    )
     p.add_argument("library", type=Path)
     p.add_argument("--adapters", action="store_true", help="also list every adapter name")
     p.add_argument("--check", action="store_true", help="read and check every factor value (reads the whole file)")

@@ -46,7 +46,7 @@ import torch.distributed as dist
 
 from .kernels import resolve_backend
 from .kernels.common import selection_weights
-from .library.weights import check_finite, held_dtype
+from .library.weights import check_finite
 from .patching import LibraryRoute, _as_libraries, _attach, _build_routes, _check_layer, _route_dtype
 
 __all__ = ["ShardedRoute", "patch_sharded", "shard_bounds", "traffic"]
@@ -387,7 +387,7 @@ def comm_device(backends: dict[str, str]) -> torch.device:
 
 def _fingerprint(libs, plan, config) -> str:
     """What every rank must agree on, or the collectives would pair up wrong data."""
-    desc = [(name, idx, w.num_adapters, w.rank, w.d_in, w.d_out, str(w.a_star.dtype)) for name, idx, w, _, _ in plan]
+    desc = [(name, idx, w.num_adapters, w.rank, w.d_in, w.d_out, str(w.dtype)) for name, idx, w, _, _ in plan]
     return json.dumps([[lib.names for lib in libs], desc, repr(config)], sort_keys=True)
 
 
@@ -410,14 +410,8 @@ def _agree(text: str | None, group, rank: int, world: int, device, failed: str =
 
 
 def _local_rows(weights, lo: int, hi: int, device, dtype):
-    """Rows [lo, hi) of a module's ModuleWeights, copied to the device (shapes [0, ...] when empty)."""
-
-    def rows(t):
-        return torch.empty((hi - lo, *t.shape[1:]), dtype=held_dtype(t, dtype), device=device).copy_(t[lo:hi])
-
-    return SimpleNamespace(
-        a_star=rows(weights.a_star), b_star=rows(weights.b_star), prototypes=rows(weights.prototypes)
-    )
+    """Rows [lo, hi) of a module's factors, copied to the device (shapes [0, ...] when empty)."""
+    return SimpleNamespace(**weights.copy_rows(lo, hi, device, dtype))
 
 
 def _plan(model, libs, backend: str, backends: dict[str, str], already: int) -> list:
@@ -476,5 +470,5 @@ def patch_sharded(model, libraries, config, backend: str, group):
 def _shard_bytes(weights, layer, world: int, rank: int) -> int:
     """Bytes this rank copies of ``weights``: its rows of the factors in the routing dtype, every id."""
     lo, hi = shard_bounds(weights.num_adapters, world)[rank : rank + 2]
-    row = sum(t[0].numel() for t in (weights.a_star, weights.b_star, weights.prototypes))
+    row = weights.rank * (weights.d_in + weights.d_out) + weights.d_in  # A*, B*, prototype
     return row * (hi - lo) * _route_dtype(layer.dtype).itemsize + weights.adapter_ids.numel() * 8

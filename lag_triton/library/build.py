@@ -41,18 +41,20 @@ class BuildReport:
     adapters: int  # in the library written
     aligned: int  # adapters aligned by this call (add: only the new ones)
     modules: int
-    nbytes: int  # file size
+    nbytes: int  # file size (a library folder: the part files this call wrote)
     seconds: float
     resumed: int = 0  # adapters whose rows a resumed build took from a killed build's temp file
+    untouched: int = 0  # a library folder's adapters in parts this call left as they were
 
     def __str__(self) -> str:
-        copied = self.adapters - self.aligned - self.resumed  # add / remove: rows of the old library
+        copied = self.adapters - self.aligned - self.resumed - self.untouched  # add / remove: old rows
         if self.aligned == self.adapters:  # a build: every adapter aligned
             work = f"built in {self.seconds:.1f} s, {self.aligned / max(self.seconds, 1e-9):.1f} adapters/s"
         else:
             parts = [f"{self.aligned} aligned"]
             parts += [f"{self.resumed} kept from a killed build"] if self.resumed else []
             parts += [f"{copied} copied"] if copied else []
+            parts += [f"{self.untouched} left in place"] if self.untouched else []
             work = ", ".join(parts) + f", in {self.seconds:.1f} s"
         return f"{self.path}: {self.adapters} adapters, {self.modules} modules, {self.nbytes:,} bytes ({work})"
 
@@ -241,6 +243,7 @@ def build_library(
     progress: bool = True,
     general_adapters=None,
     resume: bool = False,
+    folder: bool = False,
 ) -> BuildReport:
     """Align PEFT folders straight into the library file ``output`` (see the module docstring).
 
@@ -253,7 +256,15 @@ def build_library(
     file and journal beside ``output``; ``resume=True`` continues the one of the same adapters, names
     and dtype, aligning only the adapters it lacks or that changed since (:mod:`.resume`). Without
     ``resume`` (or without such a file) the build starts from the first adapter and removes them.
+
+    ``folder=True``, or an ``output`` that is a library folder: write a library folder there
+    (:mod:`.folder`; one part, replacing any parts it had, atomically).
     """
+    from .folder import build_folder, is_library_folder
+
+    if folder or is_library_folder(output):
+        kw = dict(names=names, dtype=dtype, workers=workers, progress=progress, resume=resume)
+        return build_folder(paths, output, general_adapters=general_adapters, **kw)
     start = time.perf_counter()
     paths, plan = plan_build(paths, names, dtype, general_adapters)
     aligned, resumed, nbytes = write_library(

@@ -12,7 +12,9 @@ was recorded says only ``base_model``, and every adapter is taken to declare it:
 adapters declared different base models, or only some of them declared one.
 
 Both write a complete new file next to the old one and rename it over it: the library is
-replaced atomically, and the disk must hold a second copy while the call runs.
+replaced atomically, and the disk must hold a second copy while the call runs. On a library folder
+(:mod:`.folder`) ``add`` writes one new part of the new adapters only, and ``remove`` rewrites only
+the parts that hold removed adapters.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .build import BuildReport, write_library
+from .folder import add_to_folder, is_library_folder, remove_from_folder
 from .plan import LibraryPlan, ModulePlan, check_folder_names, plan_adapters
 from .stored import StoredLibrary, check_names, existing_library_path, read_stored
 from .writer import LibraryWriter, RowSource
@@ -66,6 +69,9 @@ def add_adapters(
     the library's (or from each other, or from the general means the library subtracts),
     LibraryFormatError for a bad file.
     """
+    if is_library_folder(library):
+        _refuse_output(library, output, "add")
+        return add_to_folder(library, paths, names=names, workers=workers, progress=progress, resume=resume)
     start = time.perf_counter()
     src = existing_library_path(library)
     out = src if output is None else Path(output)
@@ -112,6 +118,9 @@ def remove_adapters(library, names, *, output=None) -> BuildReport:
     written to ``output``); a module no remaining adapter targets disappears, and the rank padding
     shrinks to the largest remaining rank. Raises ValueError for an unknown name or for removing
     every adapter."""
+    if is_library_folder(library):
+        _refuse_output(library, output, "remove")
+        return remove_from_folder(library, names)
     start = time.perf_counter()
     src = existing_library_path(library)
     out = src if output is None else Path(output)
@@ -148,6 +157,13 @@ def remove_adapters(library, names, *, output=None) -> BuildReport:
     finally:
         source.close()
     return BuildReport(out, len(plan.names), 0, len(plan.modules), writer.layout.size, time.perf_counter() - start)
+
+
+def _refuse_output(library, output, verb: str) -> None:
+    if output is not None:
+        raise ValueError(
+            f"{verb} on library folder {str(library)!r} rewrites its parts in place; output= (-o) is for library files"
+        )
 
 
 def _runs(rows: list[int]) -> list[tuple[int, int, int]]:

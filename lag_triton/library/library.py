@@ -1,5 +1,6 @@
 """The LAG adapter library: aligned factors per targeted module (:mod:`.weights`), built from PEFT
-folders (:mod:`.build`), saved to and memory-mapped from one safetensors file (format: :mod:`.stored`).
+folders (:mod:`.build`), saved to and memory-mapped from one safetensors file (format: :mod:`.stored`)
+or from a library folder of several such files (:mod:`.folder`).
 
 ``load`` checks every field it uses and raises :class:`LibraryFormatError` naming the file and the
 field; ``save`` replaces the target atomically and writes equal libraries to equal bytes, the same
@@ -16,8 +17,10 @@ import torch
 
 from . import safetensors_io as sio
 from .build import build_in_memory, build_library
+from .folder import is_library_folder, read_folder
 from .general import GeneralKnowledge
 from .plan import library_metadata
+from .stacked import StackedModuleWeights
 from .stored import LibraryFormatError, check_names, existing_library_path, read_stored, single_base_model
 from .weights import FIELDS, ModuleWeights
 
@@ -32,7 +35,7 @@ class Library:
     def __init__(
         self,
         names: Sequence[str],
-        modules: dict[str, ModuleWeights],
+        modules: dict[str, ModuleWeights | StackedModuleWeights],
         *,
         base_model: str | None = None,
         source: str | None = None,
@@ -46,7 +49,7 @@ class Library:
         if not isinstance(modules, dict) or not modules:
             raise ValueError("a library needs at least one module (a dict of module name -> ModuleWeights)")
         for name, m in modules.items():
-            if not isinstance(name, str) or not isinstance(m, ModuleWeights):
+            if not isinstance(name, str) or not isinstance(m, (ModuleWeights, StackedModuleWeights)):
                 raise TypeError(f"library modules must map str -> ModuleWeights, got {name!r} -> {type(m).__name__}")
         self.modules = dict(modules)
         if base_model is not None and not isinstance(base_model, str):
@@ -83,16 +86,15 @@ class Library:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(iter(self.modules.values())).a_star.dtype
+        return next(iter(self.modules.values())).dtype
 
     @property
     def nbytes(self) -> int:
-        return sum(
-            getattr(m, f).nbytes for m in self.modules.values() for f in _TENSOR_FIELDS if getattr(m, f) is not None
-        )
+        return sum(m.nbytes() for m in self.modules.values())
 
     def to(self, device=None, dtype: torch.dtype | None = None, *, copy: bool = False) -> Library:
-        """Move/cast the factors; ``copy=True`` gives tensors that share nothing with this library."""
+        """Move/cast the factors; ``copy=True`` gives tensors that share nothing with this library (a
+        folder's modules always come back as new, single tensors)."""
         modules = {name: m.to(device, dtype, copy=copy) for name, m in self.modules.items()}
         return Library(
             self.names,
@@ -116,6 +118,7 @@ class Library:
         workers: int | None = None,
         general_adapters: str | os.PathLike | Iterable[str | os.PathLike] | None = None,
         resume: bool = False,
+        folder: bool = False,
     ) -> Library:
         """Align PEFT LoRA folders (a list of them, or one folder) into a library.
 
@@ -137,11 +140,13 @@ class Library:
         mean lora_A and lora_B are subtracted from every adapter's before it is aligned
         (:mod:`.general`); the library keeps the means, so ``add`` subtracts the same ones.
         ``resume`` (with ``output``): continue a killed or failed build of the same adapters into
-        that file, aligning only the adapters it lacks (:mod:`.resume`).
+        that file, aligning only the adapters it lacks (:mod:`.resume`). ``folder=True`` (with
+        ``output``): write a library folder (:mod:`.folder`) there, which ``add`` grows by writing
+        only the new adapters; an ``output`` that is a library folder already is replaced as one.
         Raises :class:`AdapterError` naming the folder, file and field.
         """
-        if resume and output is None:
-            raise ValueError("resume=True continues a build into a file: give output= as well")
+        if (resume or folder) and output is None:
+            raise ValueError(f"{'resume' if resume else 'folder'}=True writes a file or folder: give output= as well")
         if output is not None:
             build_library(
                 paths,
@@ -152,6 +157,7 @@ class Library:
                 progress=progress,
                 general_adapters=general_adapters,
                 resume=resume,
+                folder=folder,
             )
             return cls.load(output, check_values=False)
         workers = 0 if workers is None else workers  # in memory, workers are asked for (see above)
@@ -168,9 +174,10 @@ class Library:
     def save(self, path: str | os.PathLike) -> None:
         """Write the library to one safetensors file, atomically (``path`` keeps its old content
         until the new file is complete and synced), with the same bytes for equal libraries."""
+        whole = {name: m if isinstance(m, ModuleWeights) else m.to() for name, m in self.modules.items()}
         tensors = {
             f"{module}::{f}": getattr(m, f)
-            for module, m in self.modules.items()
+            for module, m in whole.items()
             for f in _TENSOR_FIELDS
             if getattr(m, f) is not None
         }
@@ -183,7 +190,8 @@ class Library:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, check_values: bool = True) -> Library:
-        """Memory-map a library saved by :meth:`save` after checking it.
+        """Memory-map a library saved by :meth:`save` (or a library folder, :mod:`.folder`) after
+        checking it.
 
         The factors stay in the file's private memory map (``patch`` copies what it keeps). The
         header, names, dtypes, shapes and offsets are always checked; with ``check_values`` every
@@ -193,8 +201,36 @@ class Library:
         factors. Raises FileNotFoundError / IsADirectoryError for a bad path and
         :class:`LibraryFormatError`, naming the file and the field, for bad content.
         """
+        if isinstance(path, (str, os.PathLike)) and is_library_folder(path):
+            return _load_folder(Path(path), check_values)
         path = existing_library_path(path)
         return _load(path, check_values)
+
+
+def _load_folder(path: Path, check_values: bool) -> Library:
+    """A library folder's parts, each loaded as a file, read as one library: a module held by one
+    part at offset 0 and padded to r_max is that part's module, any other a stacked view of its parts."""
+    folder = read_folder(path)
+    parts = [_load(path / f, check_values) for f in folder.files]
+    r_max, modules = folder.r_max, {}
+    for name in folder.module_names:
+        held = [
+            (lib.modules[name], o, f) for lib, o, f in zip(parts, folder.offsets, folder.files) if name in lib.modules
+        ]
+        if len(held) == 1 and held[0][1] == 0 and held[0][0].rank == r_max:
+            modules[name] = held[0][0]
+        else:
+            modules[name] = StackedModuleWeights(
+                [w for w, _, _ in held], [o for _, o, _ in held], r_max, labels=[f"part {f!r}" for _, _, f in held]
+            )
+    return Library(
+        folder.names,
+        modules,
+        base_model=folder.base_model,
+        source=str(path),
+        general=parts[0].general,
+        adapter_base_models=folder.adapter_base_models,
+    )
 
 
 def _load(path: Path, check_values: bool = True) -> Library:

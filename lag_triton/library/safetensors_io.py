@@ -372,6 +372,26 @@ def write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     _fsync_dir(path.parent)
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    """Replace ``path`` atomically with ``data`` (temp file, fsync, rename, fsync of the folder)."""
+    _check_target(path)
+    _remove_stale_temps(path)
+    fd, temp = _open_temp(path)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
 def _fsync_dir(folder: Path) -> None:
     """Make the rename itself durable (POSIX); a no-op where folders cannot be opened."""
     try:

@@ -323,7 +323,10 @@ def existing_library_path(path) -> Path:
         raise TypeError(f"a library path must be a str or os.PathLike, got {type(path).__name__}")
     path = Path(path)
     if path.is_dir():
-        raise IsADirectoryError(f"library file {str(path)!r} is a directory, not a library file")
+        raise IsADirectoryError(
+            f"library file {str(path)!r} is a directory, not a library file (nor a library folder: "
+            "it has no library.json)"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"library file {str(path)!r} does not exist")
     return path

@@ -48,6 +48,28 @@ def check_finite(**factors: torch.Tensor) -> None:
             raise ValueError(f"{name} holds NaN or inf")
 
 
+def check_index_maps(adapter_ids: torch.Tensor, ranks: torch.Tensor | None, rank: int, num_names: int) -> None:
+    """Raise ValueError unless ``adapter_ids`` index ``num_names`` names once each, in increasing
+    order, and ``ranks`` (None: every adapter has rank ``rank``) lie in [1, rank]."""
+    ids = adapter_ids.to("cpu", torch.int64)
+    bad = ids[(ids < 0) | (ids >= num_names)]
+    if bad.numel():
+        raise ValueError(
+            f"adapter_ids holds {bad[0].item()}, outside [0, {num_names}) (the library has {num_names} names)"
+        )
+    if ids.unique().numel() != ids.numel():
+        raise ValueError(f"adapter_ids repeats an adapter: {ids.tolist()[:20]}")
+    if (ids[1:] < ids[:-1]).any():  # every backend breaks a tie by row: rows must be in library order
+        raise ValueError(
+            f"adapter_ids must increase from row to row (rows in library order, so that ties go to the "
+            f"lower adapter index), got {ids.tolist()[:20]}"
+        )
+    if ranks is not None:
+        ranks = ranks.to("cpu", torch.int64)
+        if ((ranks < 1) | (ranks > rank)).any():
+            raise ValueError(f"ranks must lie in [1, r={rank}], got {ranks.tolist()[:20]}")
+
+
 @dataclass(frozen=True)
 class ModuleWeights:
     """The aligned factors of every adapter that targets one module (shapes in the module docstring)."""
@@ -132,23 +154,23 @@ class ModuleWeights:
         """The index maps part of :meth:`check_values` (ids, ranks: a few bytes per adapter)."""
         if self.device.type == "meta":
             raise ValueError("tensors are on the meta device (they hold no values)")
-        ids = self.adapter_ids.to("cpu", torch.int64)
-        bad = ids[(ids < 0) | (ids >= num_names)]
-        if bad.numel():
-            raise ValueError(
-                f"adapter_ids holds {bad[0].item()}, outside [0, {num_names}) (the library has {num_names} names)"
+        check_index_maps(self.adapter_ids, self.ranks, self.rank, num_names)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the A* factors (what ``Library.dtype`` reports)."""
+        return self.a_star.dtype
+
+    def copy_rows(self, lo: int, hi: int, device=None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """New tensors holding rows [lo, hi) of the factors (``a_star``, ``b_star``, ``prototypes``;
+        [0, ...] shapes when empty) on ``device``, cast to ``dtype``: what a shard of them holds."""
+
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            return torch.empty((hi - lo, *t.shape[1:]), dtype=held_dtype(t, dtype), device=device or t.device).copy_(
+                t[lo:hi]
             )
-        if ids.unique().numel() != ids.numel():
-            raise ValueError(f"adapter_ids repeats an adapter: {ids.tolist()[:20]}")
-        if (ids[1:] < ids[:-1]).any():  # every backend breaks a tie by row: rows must be in library order
-            raise ValueError(
-                f"adapter_ids must increase from row to row (rows in library order, so that ties go to the "
-                f"lower adapter index), got {ids.tolist()[:20]}"
-            )
-        if self.ranks is not None:
-            ranks = self.ranks.to("cpu", torch.int64)
-            if ((ranks < 1) | (ranks > self.rank)).any():
-                raise ValueError(f"ranks must lie in [1, r={self.rank}], got {ranks.tolist()[:20]}")
+
+        return {f: rows(getattr(self, f)) for f in FACTORS}
 
     def to(self, device=None, dtype: torch.dtype | None = None, *, copy: bool = False) -> ModuleWeights:
         """Move to ``device``; cast the factors (not the integer maps) to ``dtype``.

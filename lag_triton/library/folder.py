@@ -1,0 +1,296 @@
+"""Library folders: one library stored as several part files, so that ``add`` writes only the new
+adapters instead of a copy of the whole library.
+
+A library folder holds ``library.json`` and the part files it lists::
+
+    {"format": "lag_triton.library-folder", "format_version": 1,
+     "parts": ["part-000000.lag.safetensors", "part-000001.lag.safetensors"]}
+
+Each part is a complete library file (:mod:`.stored`) over its own adapters. The folder's library
+is the parts' adapters in the order listed: adapter ``i`` of part ``j`` is library adapter
+``offset_j + i`` (``offset_j``: the adapters of the parts before it), and a module's rows are the
+rows of every part that targets it (:class:`.stacked.StackedModuleWeights`), padded to the largest
+rank of any part: the library equals one built from the same adapters in that order. Parts must
+agree: distinct adapter names, one d_in x d_out and one factor dtype per module, the same general
+knowledge (GKS names and means, bit for bit). The base model is decided from every adapter's, as a
+build decides it.
+
+Writers (one at a time per folder): a build (``build_folder``) writes one part; ``add`` writes one
+new part holding only the new adapters (O(new adapters)); ``remove`` rewrites only the parts that
+hold removed adapters and drops the parts it empties. Each writes its part files under names the
+manifest does not list, then replaces ``library.json`` atomically (the commit), then deletes the
+part files it no longer lists: a writer killed before the commit leaves the library as it was (its
+temp file and journal stay for ``resume``, :mod:`.resume`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from . import safetensors_io as sio
+from .build import BuildReport, build_library, check_dtype, write_library
+from .plan import LibraryPlan, ModulePlan, check_folder_names, plan_adapters
+from .stored import LibraryFormatError, StoredLibrary, check_names, read_stored, single_base_model
+
+MANIFEST = "library.json"
+FOLDER_FORMAT = "lag_triton.library-folder"
+FOLDER_FORMAT_VERSION = 1
+_PART = re.compile(r"part-(\d{6,})\.lag\.safetensors")
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:06d}.lag.safetensors"
+
+
+def is_library_folder(path) -> bool:
+    """True for a folder that holds a ``library.json`` (what ``Library.load`` reads as a folder)."""
+    path = Path(path)
+    return path.is_dir() and (path / MANIFEST).is_file()
+
+
+@dataclass(frozen=True)
+class StoredFolder:
+    """A library folder's checked manifest and its parts' checked headers (no factors read)."""
+
+    path: Path
+    files: list[str]  # the part files, in library order
+    parts: list[StoredLibrary]
+
+    def fail(self, message: str) -> LibraryFormatError:
+        return LibraryFormatError(f"library folder {str(self.path)!r}: {message}")
+
+    @property
+    def names(self) -> list[str]:
+        return [n for p in self.parts for n in p.names]
+
+    @property
+    def offsets(self) -> list[int]:
+        """Library id of each part's first adapter."""
+        out, n = [], 0
+        for p in self.parts:
+            out.append(n)
+            n += len(p.names)
+        return out
+
+    @property
+    def adapter_base_models(self) -> list[str | None]:
+        return [b for p in self.parts for b in p.adapter_base_models]
+
+    @property
+    def base_model(self) -> str | None:
+        return single_base_model(self.adapter_base_models)
+
+    @property
+    def r_max(self) -> int:
+        return max(m.rank for p in self.parts for m in p.modules.values())
+
+    @property
+    def module_names(self) -> list[str]:
+        return sorted({m for p in self.parts for m in p.modules})
+
+    @property
+    def factor_dtypes(self) -> set[torch.dtype]:
+        return set().union(*(p.factor_dtypes for p in self.parts))
+
+
+def read_folder(path) -> StoredFolder:
+    """Read and check a library folder's manifest and every part's header, and that the parts agree
+    (module docstring); reads no factors (the general means, if any, are compared). Raises
+    :class:`LibraryFormatError` naming the folder and the part."""
+    path = Path(path)
+    manifest = path / MANIFEST
+
+    def fail(message: str) -> LibraryFormatError:
+        return LibraryFormatError(f"library folder {str(path)!r}: {message}")
+
+    try:
+        info = json.loads(manifest.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise fail(f"it has no {MANIFEST}: not a library folder") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise fail(f"{MANIFEST} is not JSON ({e})") from None
+    if not isinstance(info, dict) or info.get("format") != FOLDER_FORMAT:
+        raise fail(f"{MANIFEST} is not a lag_triton library folder manifest (format {FOLDER_FORMAT!r} expected)")
+    version = info.get("format_version")
+    if not (isinstance(version, int) and not isinstance(version, bool) and version >= 1):
+        raise fail(f"{MANIFEST}: 'format_version' must be a positive integer, got {version!r:.40}")
+    if version > FOLDER_FORMAT_VERSION:
+        raise fail(f"folder format version {version}; this lag_triton reads up to {FOLDER_FORMAT_VERSION}: upgrade it")
+    files = info.get("parts")
+    if not (isinstance(files, list) and files and all(isinstance(f, str) for f in files)):
+        raise fail(f"{MANIFEST}: 'parts' must be a non-empty list of file names, got {files!r:.80}")
+    for f in files:
+        if f in ("", ".", "..") or "/" in f or "\\" in f or "\0" in f or f == MANIFEST:
+            raise fail(f"{MANIFEST}: part {f!r} is not a plain file name in the folder")
+    if len(set(files)) != len(files):
+        raise fail(f"{MANIFEST} lists a part twice: {sorted(f for f in set(files) if files.count(f) > 1)[:5]}")
+    for f in files:
+        if not (path / f).is_file():
+            raise fail(f"part {f!r}, listed in {MANIFEST}, is not a file in the folder")
+    folder = StoredFolder(path, files, [read_stored(path / f) for f in files])
+    _check_parts_agree(folder)
+    return folder
+
+
+def _check_parts_agree(folder: StoredFolder) -> None:
+    owner: dict[str, str] = {}
+    for f, part in zip(folder.files, folder.parts):
+        for n in part.names:
+            if n in owner:
+                raise folder.fail(f"adapter {n!r} is in both {owner[n]!r} and {f!r}: names must be unique")
+            owner[n] = f
+    seen: dict[str, tuple[str, tuple]] = {}
+    for f, part in zip(folder.files, folder.parts):
+        for name, m in part.modules.items():
+            shape = (m.d_in, m.d_out, tuple(str(m.entries[k].torch_dtype) for k in ("a_star", "b_star", "prototypes")))
+            first = seen.setdefault(name, (f, shape))
+            if first[1] != shape:
+                raise folder.fail(
+                    f"module {name!r} is {shape[0]} -> {shape[1]} in {shape[2]} in {f!r} but {first[1][0]} -> "
+                    f"{first[1][1]} in {first[1][2]} in {first[0]!r}: parts must share shapes and dtypes"
+                )
+    general = [p.general_knowledge() for p in folder.parts]
+    base = general[0]
+    for f, g in zip(folder.files[1:], general[1:]):
+        same = (g is None) == (base is None) and (
+            g is None
+            or (
+                g.names == base.names
+                and g.means.keys() == base.means.keys()
+                and all(torch.equal(x, y) for m in g.means for x, y in zip(g.means[m], base.means[m]))
+            )
+        )
+        if not same:
+            raise folder.fail(
+                f"part {f!r} subtracts other general knowledge (GKS) than {folder.files[0]!r}: every part of "
+                "a folder must be built with the same general adapters"
+            )
+
+
+# -- writing --------------------------------------------------------------------------------------------
+def _prepare(path: Path) -> list[str]:
+    """The part files of the library folder at ``path`` ([] for a new one, created here); refuses a
+    file, or a folder holding anything but library parts and their temp files."""
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"library folder {str(path)!r} is a file (a library file? write a folder elsewhere)")
+    if is_library_folder(path):
+        return read_folder(path).files
+    path.mkdir(parents=True, exist_ok=True)
+    other = sorted(e for e in os.listdir(path) if not (_PART.fullmatch(e) or e.startswith(".part-")))
+    if other:
+        raise FileExistsError(
+            f"folder {str(path)!r} holds {other[:3]} and no {MANIFEST}: not a library folder (choose an empty "
+            "or new folder)"
+        )
+    return []
+
+
+def _next_parts(files: list[str], count: int) -> list[str]:
+    """``count`` part names after every part listed or left in the folder's manifest."""
+    used = [int(m.group(1)) for m in map(_PART.fullmatch, files) if m]
+    start = max(used, default=-1) + 1
+    return [part_name(start + i) for i in range(count)]
+
+
+def _commit(path: Path, files: list[str]) -> None:
+    """Make ``files`` the folder's parts (atomic: the manifest is replaced whole), then delete the
+    part files no longer listed (what this writer replaced, and what killed writers left)."""
+    manifest = {"format": FOLDER_FORMAT, "format_version": FOLDER_FORMAT_VERSION, "parts": files}
+    sio.write_bytes(path / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    for entry in os.listdir(path):
+        if _PART.fullmatch(entry) and entry not in files:
+            try:
+                os.unlink(path / entry)
+            except FileNotFoundError:
+                pass
+
+
+def build_folder(paths, output, **build) -> BuildReport:
+    """:func:`.build.build_library` into the library folder ``output`` (created if missing; a folder
+    library already there is replaced whole, atomically): one part holding every adapter."""
+    output = Path(output)
+    old = _prepare(output)
+    (part,) = _next_parts(old, 1)
+    report = build_library(paths, output / part, **build)
+    _commit(output, [part])
+    return replace(report, path=output)
+
+
+def add_to_folder(path, paths, *, names=None, workers=None, progress=True, resume=False) -> BuildReport:
+    """Append the PEFT folders ``paths`` to the library folder ``path`` as one new part: only the
+    new adapters are read, aligned and written. Checks as :func:`.grow.add_adapters` does."""
+    start = time.perf_counter()
+    path = Path(path)
+    folder = read_folder(path)
+    paths, new_names = check_folder_names(paths, names)
+    taken = sorted(set(new_names) & set(folder.names))
+    if taken:
+        raise ValueError(
+            f"library folder {str(path)!r} already has adapters named {taken[:10]}: names must be unique "
+            "(remove the old ones first, or give other --names)"
+        )
+    dtypes = folder.factor_dtypes
+    if len(dtypes) != 1:
+        raise folder.fail(f"its parts mix factor dtypes {sorted(map(str, dtypes))}; add needs one dtype")
+    dtype = check_dtype(dtypes.pop())
+    shapes = {}
+    for part in folder.parts:
+        shapes.update({name: (m.d_in, m.d_out) for name, m in part.modules.items()})
+    first = len(folder.names)
+    general = folder.parts[0].general_knowledge()
+    # planned after the library's modules, so that a shape mismatch names the library's side
+    modules, base_models = plan_adapters(
+        paths, first_index=first, modules={m: ModulePlan(*s) for m, s in shapes.items()}, general=general
+    )
+    part_modules = {
+        m: ModulePlan(p.d_in, p.d_out, [i - first for i in p.ids], p.ranks) for m, p in modules.items() if p.ids
+    }
+    plan = LibraryPlan(new_names, dtype, part_modules, base_models, general)
+    (part,) = _next_parts(folder.files, 1)
+    aligned, resumed, nbytes = write_library(
+        path / part, plan, paths, workers=workers, progress=progress, desc="aligning new adapters", resume=resume
+    )
+    _commit(path, folder.files + [part])
+    n = first + len(new_names)
+    modules_after = len(set(shapes) | set(part_modules))
+    seconds = time.perf_counter() - start
+    return BuildReport(path, n, aligned, modules_after, nbytes, seconds, resumed, untouched=first)
+
+
+def remove_from_folder(path, names) -> BuildReport:
+    """Drop the adapters ``names`` from the library folder ``path``: each part that holds some is
+    rewritten without them (:func:`.grow.remove_adapters`), each it empties dropped, the others left
+    as they are. Raises ValueError for an unknown name or for removing every adapter."""
+    from .grow import remove_adapters
+
+    start = time.perf_counter()
+    path = Path(path)
+    folder = read_folder(path)
+    removed = set(check_names([names] if isinstance(names, str) else names))
+    unknown = sorted(removed - set(folder.names))
+    if unknown:
+        raise ValueError(f"library folder {str(path)!r} has no adapters named {unknown[:10]}")
+    if not set(folder.names) - removed:
+        raise ValueError(f"removing {len(removed)} adapters would leave library folder {str(path)!r} empty")
+    rewrite = [f for f, p in zip(folder.files, folder.parts) if removed & set(p.names) and set(p.names) - removed]
+    fresh = dict(zip(rewrite, _next_parts(folder.files, len(rewrite))))
+    files, written, untouched = [], 0, 0
+    for f, part in zip(folder.files, folder.parts):
+        gone = removed & set(part.names)
+        if not gone:
+            files.append(f)
+            untouched += len(part.names)
+        elif f in fresh:
+            written += remove_adapters(path / f, sorted(gone), output=path / fresh[f]).nbytes
+            files.append(fresh[f])
+    _commit(path, files)
+    after = read_folder(path)
+    seconds = time.perf_counter() - start
+    return BuildReport(path, len(after.names), 0, len(after.module_names), written, seconds, untouched=untouched)
