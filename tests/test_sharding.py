@@ -16,6 +16,7 @@ from torch import nn
 
 import lag_triton
 from lag_triton import Library, sharding
+from lag_triton.library import add_adapters, build_library
 from lag_triton.sharding import comm_device, comm_problem, device_backends, shard_bounds, traffic
 
 from factories import make_adapter, tiny_model
@@ -44,6 +45,10 @@ def library_file(tmp_path_factory):
     paths.append(make_adapter(model, tmp / "a4", seed=4, r=3, targets=["q_proj", "up_proj"]))
     path = tmp / "lib.safetensors"
     Library.from_peft(paths, progress=False).save(path)
+    folder = tmp / "lib"  # the same adapters as a library folder of three parts (stacked modules)
+    build_library(paths[:2], folder, folder=True, workers=0, progress=False)
+    for step in (paths[2:4], paths[4:]):
+        add_adapters(folder, step, workers=0, progress=False)
     return path
 
 
@@ -83,6 +88,12 @@ def _start(fn, world: int, *args, method: str = "fork", timeout: float = 120.0) 
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_equals_single_device_over_gloo(library_file, tmp_path, world):
     _start(sharded_worker.check_model, world, str(tmp_path / "store"), "gloo", str(library_file), SETTINGS)
+
+
+def test_a_sharded_library_folder_equals_single_device_over_gloo(library_file, tmp_path):
+    """Each rank copies its rows of every module from the parts that hold them (``copy_rows``)."""
+    folder = library_file.parent / "lib"
+    _start(sharded_worker.check_model, 3, str(tmp_path / "store"), "gloo", str(folder), SETTINGS[:1])
 
 
 @pytest.mark.parametrize("world", [2, 3])

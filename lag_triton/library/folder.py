@@ -146,15 +146,16 @@ def _check_parts_agree(folder: StoredFolder) -> None:
             if n in owner:
                 raise folder.fail(f"adapter {n!r} is in both {owner[n]!r} and {f!r}: names must be unique")
             owner[n] = f
-    seen: dict[str, tuple[str, tuple]] = {}
+    seen: dict[str, tuple[str, str]] = {}
     for f, part in zip(folder.files, folder.parts):
         for name, m in part.modules.items():
-            shape = (m.d_in, m.d_out, tuple(str(m.entries[k].torch_dtype) for k in ("a_star", "b_star", "prototypes")))
-            first = seen.setdefault(name, (f, shape))
-            if first[1] != shape:
+            dtypes = [str(m.entries[k].torch_dtype).removeprefix("torch.") for k in ("a_star", "b_star", "prototypes")]
+            desc = f"{m.d_in} -> {m.d_out}, {'/'.join(dict.fromkeys(dtypes))} factors"
+            first = seen.setdefault(name, (f, desc))
+            if first[1] != desc:
                 raise folder.fail(
-                    f"module {name!r} is {shape[0]} -> {shape[1]} in {shape[2]} in {f!r} but {first[1][0]} -> "
-                    f"{first[1][1]} in {first[1][2]} in {first[0]!r}: parts must share shapes and dtypes"
+                    f"module {name!r} is {desc} in {f!r} but {first[1]} in {first[0]!r}: parts must share "
+                    "shapes and dtypes"
                 )
     general = [p.general_knowledge() for p in folder.parts]
     base = general[0]

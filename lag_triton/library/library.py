@@ -145,8 +145,10 @@ class Library:
         only the new adapters; an ``output`` that is a library folder already is replaced as one.
         Raises :class:`AdapterError` naming the folder, file and field.
         """
-        if (resume or folder) and output is None:
-            raise ValueError(f"{'resume' if resume else 'folder'}=True writes a file or folder: give output= as well")
+        if resume and output is None:
+            raise ValueError("resume=True continues a build into a file: give output= as well")
+        if folder and output is None:
+            raise ValueError("folder=True writes a library folder: give output= (the folder) as well")
         if output is not None:
             build_library(
                 paths,

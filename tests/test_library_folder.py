@@ -1,0 +1,331 @@
+"""Library folders (a library stored as part files listed by library.json): ``add`` writes only the
+new adapters and leaves the other parts' bytes alone, ``remove`` rewrites only the parts that hold
+removed adapters, and the folder reads as the library a single-file build of the same adapters
+gives, byte for byte once saved, output for output once patched. Bad folders are refused naming
+the folder and the part; a writer that fails leaves the library as it was."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+
+import lag_triton
+from lag_triton import Library, LibraryFormatError
+from lag_triton.library import add_adapters, build, build_library, remove_adapters
+from lag_triton.library.folder import MANIFEST
+from lag_triton.library.stacked import StackedModuleWeights
+from lag_triton.library.weights import ModuleWeights
+
+from factories import make_adapter, tiny_model
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """a0-a5: ranks 4, 2, 3, 6, 2, 5 over overlapping module sets (a3 alone has rank 6, a4 alone
+    targets q_proj), so parts pad to different ranks and hold different modules."""
+    tmp = tmp_path_factory.mktemp("adapters")
+    model = tiny_model("llama")
+    specs = [
+        dict(r=4, targets=["up_proj", "down_proj"]),
+        dict(r=2, targets=["up_proj", "down_proj"]),
+        dict(r=3, targets=["up_proj", "v_proj"]),
+        dict(r=6, targets=["down_proj"]),
+        dict(r=2, targets=["q_proj", "up_proj"]),
+        dict(r=5, targets=["up_proj", "v_proj"]),
+    ]
+    return [make_adapter(model, tmp / f"a{i}", seed=i, **s) for i, s in enumerate(specs)]
+
+
+def _file(paths, path, **kw):
+    build_library(paths, path, dtype=torch.bfloat16, workers=0, progress=False, **kw)
+    return path.read_bytes()
+
+
+def _folder(paths, path, **kw):
+    build_library(paths, path, dtype=torch.bfloat16, workers=0, progress=False, folder=True, **kw)
+    return path
+
+
+def _as_file(folder, path):
+    Library.load(folder).save(path)
+    return path.read_bytes()
+
+
+def _parts(folder) -> list[str]:
+    return json.loads((folder / MANIFEST).read_text())["parts"]
+
+
+def _entries(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.mark.parametrize("steps", [[2], [3], [1, 3, 4], [1, 2, 3, 4, 5]])
+def test_a_folder_grown_by_add_reads_as_a_build_from_scratch(adapters, tmp_path, steps):
+    scratch = _file(adapters, tmp_path / "scratch.safetensors")
+    folder = _folder(adapters[: steps[0]], tmp_path / "lib")
+    bounds = steps + [len(adapters)]
+    for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+        before = {p: (folder / p).read_bytes() for p in _parts(folder)}
+        report = add_adapters(folder, adapters[lo:hi], workers=0, progress=False)
+        assert (report.adapters, report.aligned, report.untouched) == (hi, hi - lo, lo)
+        assert f"{hi - lo} aligned, {lo} left in place" in str(report)
+        assert all((folder / p).read_bytes() == b for p, b in before.items())  # old parts not rewritten
+        assert len(_parts(folder)) == i + 2
+    assert _entries(folder) == sorted([MANIFEST, *_parts(folder)])  # no temp files left
+    assert _as_file(folder, tmp_path / "saved.safetensors") == scratch
+    lib = Library.load(folder)
+    assert lib.names == [p.name for p in adapters] and lib.r_max == 6 and lib.source == str(folder)
+    assert any(isinstance(m, StackedModuleWeights) for m in lib.modules.values())
+
+
+def test_a_patched_model_routes_a_folder_as_the_file(adapters, tmp_path):
+    _file(adapters, tmp_path / "lib.safetensors")
+    folder = _folder(adapters[:2], tmp_path / "lib")
+    add_adapters(folder, adapters[2:4], workers=0, progress=False)
+    add_adapters(folder, adapters[4:], workers=0, progress=False)
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    logits = []
+    for lib in (tmp_path / "lib.safetensors", folder):
+        patched = lag_triton.patch(copy.deepcopy(model), lib, k=3, backend="torch")
+        with torch.no_grad(), lag_triton.trace(patched) as tr:
+            logits.append(patched(ids).logits)
+        logits.append(tr.selections)
+    assert torch.equal(logits[0], logits[2])
+    assert logits[1].keys() == logits[3].keys()
+    assert all(torch.equal(logits[1][m], logits[3][m]) for m in logits[1])
+
+
+def test_remove_rewrites_only_the_parts_that_hold_removed_adapters(adapters, tmp_path):
+    folder = _folder(adapters[:2], tmp_path / "lib")
+    for lo, hi in ((2, 4), (4, 6)):
+        add_adapters(folder, adapters[lo:hi], workers=0, progress=False)
+    first, second, third = _parts(folder)
+    kept = (folder / third).read_bytes()
+    report = remove_adapters(folder, ["a1", "a2", "a3"])  # a1 from the first part, the whole second part
+    parts = _parts(folder)
+    assert len(parts) == 2 and parts[1] == third and (folder / third).read_bytes() == kept
+    assert parts[0] not in (first, second) and _entries(folder) == sorted([MANIFEST, *parts])
+    assert (report.adapters, report.aligned, report.untouched) == (3, 0, 2) and "1 copied" in str(report)
+    rest = [p for p in adapters if p.name not in ("a1", "a2", "a3")]
+    assert _as_file(folder, tmp_path / "saved.safetensors") == _file(rest, tmp_path / "rest.safetensors")
+
+
+def test_remove_refuses_unknown_names_and_emptying_the_folder(adapters, tmp_path):
+    folder = _folder(adapters[:2], tmp_path / "lib")
+    add_adapters(folder, adapters[2:3], workers=0, progress=False)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(ValueError, match=r"library folder .*lib' has no adapters named \['nope'\]"):
+        remove_adapters(folder, ["a0", "nope"])
+    with pytest.raises(ValueError, match="would leave library folder .* empty"):
+        remove_adapters(folder, ["a0", "a1", "a2"])
+    with pytest.raises(ValueError, match="rewrites its parts in place; output= .* is for library files"):
+        remove_adapters(folder, ["a0"], output=tmp_path / "other.safetensors")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_add_refuses_taken_names_and_shape_mismatches_leaving_the_folder_untouched(adapters, tmp_path):
+    folder = _folder(adapters[:3], tmp_path / "lib")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(ValueError, match=r"already has adapters named \['a1'\]"):
+        add_adapters(folder, [adapters[1]], progress=False)
+    other = tiny_model("llama")
+    other.model.layers[1].mlp.up_proj = torch.nn.Linear(48, 96, bias=False)
+    wrong = make_adapter(other, tmp_path / "adapters" / "wrong", seed=9, targets=["up_proj"])
+    with pytest.raises(lag_triton.AdapterError, match=r"'model.layers.1.mlp.up_proj' has d_in x d_out = 48 x 96"):
+        add_adapters(folder, [adapters[3], wrong], progress=False)
+    with pytest.raises(ValueError, match="output= .* is for library files"):
+        add_adapters(folder, adapters[3:4], output=tmp_path / "x.safetensors", progress=False)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_an_interrupted_add_leaves_the_folder_and_resumes(adapters, tmp_path, monkeypatch):
+    scratch = _file(adapters, tmp_path / "scratch.safetensors")
+    folder = _folder(adapters[:2], tmp_path / "lib")
+    before = {p: (folder / p).read_bytes() for p in [MANIFEST, *_parts(folder)]}
+    real, aligned = build.align_and_write, []
+
+    def fail_on_third(target, job, *general):
+        if len(aligned) == 2:
+            raise KeyboardInterrupt
+        aligned.append(job[0].name)
+        real(target, job, *general)
+
+    monkeypatch.setattr(build, "align_and_write", fail_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        add_adapters(folder, adapters[2:], workers=0, progress=False)
+    assert {p: (folder / p).read_bytes() for p in before} == before and _parts(folder) == list(before)[1:]
+    assert Library.load(folder).names == ["a0", "a1"]
+    aligned.clear()
+    monkeypatch.setattr(
+        build, "align_and_write", lambda target, job, *g: (aligned.append(job[0].name), real(target, job, *g))
+    )
+    report = add_adapters(folder, adapters[2:], workers=0, progress=False, resume=True)
+    assert aligned == ["a4", "a5"] and (report.aligned, report.resumed, report.untouched) == (2, 2, 2)
+    assert _entries(folder) == sorted([MANIFEST, *_parts(folder)])
+    assert _as_file(folder, tmp_path / "saved.safetensors") == scratch
+
+
+def test_building_into_a_folder_replaces_it_whole_and_refuses_other_folders(adapters, tmp_path):
+    folder = _folder(adapters[:2], tmp_path / "lib")
+    add_adapters(folder, adapters[2:4], workers=0, progress=False)
+    build_library(adapters[3:], folder, dtype=torch.bfloat16, workers=0, progress=False)  # a folder stays one
+    (part,) = _parts(folder)
+    assert _entries(folder) == [MANIFEST, part] and Library.load(folder).names == ["a3", "a4", "a5"]
+    assert (folder / part).read_bytes() == _file(adapters[3:], tmp_path / "rest.safetensors")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"holds \['notes.txt'\] and no library.json"):
+        _folder(adapters[:1], other)
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        _folder(adapters[:1], tmp_path / "rest.safetensors")
+    assert _entries(other) == ["notes.txt"]
+    with pytest.raises(ValueError, match="folder=True writes a library folder: give output="):
+        Library.from_peft(adapters[:1], folder=True, progress=False)
+
+
+def test_general_knowledge_folders_grow_as_files_do(adapters, tmp_path):
+    """GKS needs the general adapters' ranks: four rank-3 adapters over parts of their modules."""
+    model = tiny_model("llama")
+    targets = ["q_proj", "v_proj", "up_proj", "down_proj"]
+    general = [make_adapter(model, tmp_path / f"g{i}", seed=20 + i, r=3, targets=targets) for i in range(2)]
+    paths = [make_adapter(model, tmp_path / f"k{i}", seed=30 + i, r=3, targets=targets[i:]) for i in range(4)]
+    scratch = _file(paths, tmp_path / "scratch.safetensors", general_adapters=general)
+    folder = _folder(paths[:1], tmp_path / "lib", general_adapters=general)
+    add_adapters(folder, paths[1:3], workers=0, progress=False)
+    add_adapters(folder, paths[3:], workers=0, progress=False)
+    assert _as_file(folder, tmp_path / "saved.safetensors") == scratch
+    plain = _folder(adapters[1:2], tmp_path / "plain")
+    shutil.copy(plain / _parts(plain)[0], folder / "part-000009.lag.safetensors")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["parts"].append("part-000009.lag.safetensors")
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(LibraryFormatError, match="part 'part-000009.lag.safetensors' subtracts other general"):
+        Library.load(folder)
+
+
+def _manifest(folder, **changes):
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest.update(changes)
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"format": "other"}, "is not a lag_triton library folder manifest"),
+        ({"format_version": 2}, "folder format version 2; this lag_triton reads up to 1"),
+        ({"format_version": "1"}, "'format_version' must be a positive integer"),
+        ({"parts": []}, "'parts' must be a non-empty list of file names"),
+        ({"parts": ["../lib.safetensors"]}, r"part '../lib.safetensors' is not a plain file name"),
+        ({"parts": ["part-000000.lag.safetensors"] * 2}, "lists a part twice"),
+        ({"parts": ["part-000000.lag.safetensors", "gone.safetensors"]}, "part 'gone.safetensors', listed in"),
+    ],
+)
+def test_bad_manifests_are_refused_naming_the_folder(adapters, tmp_path, change, message):
+    folder = _folder(adapters[:1], tmp_path / "lib")
+    _manifest(folder, **change)
+    with pytest.raises(LibraryFormatError, match=f"library folder '.*lib': .*{message}"):
+        Library.load(folder)
+
+
+def test_parts_that_disagree_are_refused_naming_both(adapters, tmp_path):
+    folder = _folder(adapters[:2], tmp_path / "lib")
+    (first,) = _parts(folder)
+    shutil.copy(folder / first, folder / "copy.safetensors")
+    _manifest(folder, parts=[first, "copy.safetensors"])
+    with pytest.raises(LibraryFormatError, match=rf"adapter 'a0' is in both '{first}' and 'copy.safetensors'"):
+        Library.load(folder)
+    build_library(adapters[2:3], folder / "fp32.safetensors", dtype=torch.float32, workers=0, progress=False)
+    _manifest(folder, parts=[first, "fp32.safetensors"])
+    with pytest.raises(
+        LibraryFormatError,
+        match=r"module '.*up_proj' is 48 -> 80, float32 factors in 'fp32.safetensors' but 48 -> 80, bfloat16 "
+        r"factors in 'part-000000.lag.safetensors'",
+    ):
+        Library.load(folder)
+    (folder / MANIFEST).write_text("{not json")
+    with pytest.raises(LibraryFormatError, match="library.json is not JSON"):
+        Library.load(folder)
+    (folder / MANIFEST).unlink()
+    with pytest.raises(IsADirectoryError, match="nor a library folder: it has no library.json"):
+        Library.load(folder)
+
+
+def _stacked_parts(dtype=torch.float32):
+    """Three parts of one module (d_in 7, d_out 5) padded to ranks 3, 1, 2 (the last without a
+    ranks tensor), 4, 1 and 3 adapters, and their rows concatenated by hand at rank 4."""
+    g = torch.Generator().manual_seed(0)
+    parts, whole = [], {"a_star": [], "b_star": [], "prototypes": []}
+    for n, r, ranks in ((4, 3, [3, 1, 2, 3]), (1, 1, [1]), (3, 2, None)):
+        a = torch.randn(n, r, 7, generator=g, dtype=dtype)
+        b = torch.randn(n, 5, r, generator=g, dtype=dtype)
+        ranks_t = None if ranks is None else torch.tensor(ranks, dtype=torch.int32)
+        parts.append(ModuleWeights(a, b, a[:, 0].clone(), torch.arange(n) * 2, ranks_t))  # ids 0, 2, ...
+        whole["a_star"].append(torch.nn.functional.pad(a, (0, 0, 0, 4 - r)))
+        whole["b_star"].append(torch.nn.functional.pad(b, (0, 4 - r)))
+        whole["prototypes"].append(a[:, 0])
+    return parts, {f: torch.cat(t) for f, t in whole.items()}
+
+
+def test_stacked_module_rows_equal_the_concatenated_parts_for_every_range():
+    parts, whole = _stacked_parts()
+    stacked = StackedModuleWeights(parts, [0, 8, 10], rank=4)
+    assert stacked.adapter_ids.tolist() == [0, 2, 4, 6, 8, 10, 12, 14]
+    assert stacked.ranks.tolist() == [3, 1, 2, 3, 1, 2, 2, 2] and stacked.ranks.dtype == torch.int32
+    for lo in range(9):
+        for hi in range(lo, 9):
+            rows = stacked.copy_rows(lo, hi, dtype=torch.bfloat16)
+            for f, t in whole.items():
+                assert torch.equal(rows[f], t[lo:hi].to(torch.bfloat16)), (f, lo, hi)
+    held = stacked.to(dtype=torch.float64)
+    assert all(torch.equal(getattr(held, f), t.double()) for f, t in whole.items())
+    assert stacked.nbytes(torch.float64) == held.nbytes() and stacked.nbytes() == stacked.to().nbytes()
+    assert torch.equal(stacked.prototypes, whole["prototypes"]) and stacked.dtype == torch.float32
+    stacked.check_values(15)
+    with pytest.raises(ValueError, match=r"adapter_ids holds 14, outside \[0, 14\)"):
+        stacked.check_values(14)
+    with pytest.raises(IndexError, match=r"rows \[3, 9\) of a module with 8 adapters"):
+        stacked.copy_rows(3, 9)
+
+
+def test_stacked_module_checks_name_the_part():
+    parts, _ = _stacked_parts()
+    parts[1].a_star[0, 0, 3] = float("nan")
+    stacked = StackedModuleWeights(parts, [0, 8, 10], rank=4, labels=["p0", "p1", "p2"])
+    with pytest.raises(ValueError, match="p1: a_star holds NaN or inf"):
+        stacked.check_values(15)
+    with pytest.raises(ValueError, match="p2 has rank 2, above the module's rank 1"):
+        StackedModuleWeights(parts[1:], [8, 10], rank=1, labels=["p1", "p2"])
+    with pytest.raises(ValueError, match=r"p1 holds \[torch.float64.*, p0 \[torch.float32"):
+        StackedModuleWeights([parts[0], parts[1].to(dtype=torch.float64)], [0, 8], rank=4, labels=["p0", "p1"])
+    with pytest.raises(ValueError, match=r"adapter_ids must increase from row to row"):
+        StackedModuleWeights(parts[:2], [8, 0], rank=4).check_maps(20)
+
+
+def test_the_command_line_builds_grows_shrinks_and_describes_folders(adapters, tmp_path, capsys):
+    from lag_triton.__main__ import main
+
+    folder = tmp_path / "lib"
+    args = ["--workers", "0", "-q"]
+    assert main(["build", *map(str, adapters[:2]), "-o", str(folder), "--folder", "--dtype", "bfloat16", *args]) == 0
+    assert main(["add", str(folder), *map(str, adapters[2:]), *args]) == 0
+    assert "4 aligned, 2 left in place" in capsys.readouterr().out
+    assert main(["add", str(folder), str(adapters[0]), "-o", str(tmp_path / "x.safetensors"), *args]) == 2
+    assert "is a library folder, grown or shrunk in place" in capsys.readouterr().err
+    assert main(["remove", str(folder), "a5"]) == 0
+    assert "0 aligned, 3 copied, 2 left in place" in capsys.readouterr().out
+    assert main(["info", str(folder), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "(a folder of 2 parts)" in out and "adapters    5  (r_max 6, dtype bfloat16)" in out
+    assert "model.layers.0.mlp.up_proj: 4 adapters, 48 -> 80, ranks [2, 3, 4]" in out
+    assert out.count(".lag.safetensors: ") == 2
+    assert main(["build", str(adapters[0]), "-o", str(tmp_path / "file"), *args]) == 0
+    assert main(["build", str(adapters[0]), "-o", str(tmp_path / "file"), "--folder", *args]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+    assert _as_file(folder, tmp_path / "saved.safetensors") == _file(adapters[:5], tmp_path / "s.safetensors")
