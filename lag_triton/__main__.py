@@ -1,4 +1,4 @@
-"""Command line: ``python -m lag_triton {build,add,remove,info,doctor,demo}``."""
+"""Command line: ``python -m lag_triton {build,add,remove,assemble,info,doctor,demo}``."""
 
 from __future__ import annotations
 
@@ -200,6 +200,17 @@ def _remove(args: argparse.Namespace) -> int:
         raise UsageError(f"the names of the adapters to remove repeat: {_repeated(names)[:10]}")
     _check_library_output(args)
     print(f"wrote {remove_adapters(args.library, names, output=args.output)}")
+    return 0
+
+
+def _assemble(args: argparse.Namespace) -> int:
+    from .library.folder import assemble_folder
+
+    _check_output_folder(args.folder, "folder")
+    report = assemble_folder(args.folder, args.libraries)
+    how = f"{_size(report.nbytes)} copied" if report.nbytes else "hard-linked, nothing copied"
+    parts = len(args.libraries)
+    print(f"wrote {report.path}: {report.adapters} adapters, {report.modules} modules ({parts} parts added, {how})")
     return 0
 
 
@@ -435,6 +446,16 @@ def _parser(with_demo: bool = True) -> argparse.ArgumentParser:
     )
     p.add_argument("-o", "--output", type=Path, help="write the smaller library here instead")
     p.set_defaults(func=_remove)
+
+    p = sub.add_parser(
+        "assemble",
+        parents=[debug],
+        epilog=_EPILOG,
+        help="make library files (built apart) the next parts of a library folder, hard-linked where possible",
+    )
+    p.add_argument("folder", type=Path, help="library folder (created if missing)")
+    p.add_argument("libraries", nargs="+", type=Path, help="library files, in library order")
+    p.set_defaults(func=_assemble)
 
     p = sub.add_parser(
         "info", parents=[debug], help="describe a library file or folder (sizes per module)", epilog=_EPILOG

@@ -329,3 +329,37 @@ def test_the_command_line_builds_grows_shrinks_and_describes_folders(adapters, t
     assert main(["build", str(adapters[0]), "-o", str(tmp_path / "file"), "--folder", *args]) == 2
     assert "exists and is not a folder" in capsys.readouterr().err
     assert _as_file(folder, tmp_path / "saved.safetensors") == _file(adapters[:5], tmp_path / "s.safetensors")
+
+
+def test_assemble_links_files_built_apart_into_one_folder(adapters, tmp_path, monkeypatch, capsys):
+    """Libraries built apart (e.g. on several machines) become parts without a copy: the folder reads
+    as one build of all their adapters, a later add to an original leaves its part alone, and where
+    hard links fail the files are copied."""
+    from lag_triton.__main__ import main
+    from lag_triton.library import assemble_folder
+
+    files = [tmp_path / f"shard{i}.safetensors" for i in range(3)]
+    for f, (lo, hi) in zip(files, ((0, 2), (2, 3), (3, 5))):
+        _file(adapters[lo:hi], f)
+    folder = tmp_path / "lib"
+    report = assemble_folder(folder, files[:2])
+    assert (report.adapters, report.nbytes, report.untouched) == (3, 0, 0)
+    assert all((folder / p).stat().st_ino == f.stat().st_ino for p, f in zip(_parts(folder), files))
+    monkeypatch.setattr("os.link", lambda *a: (_ for _ in ()).throw(OSError(18, "Invalid cross-device link")))
+    assert main(["assemble", str(folder), str(files[2])]) == 0
+    out = capsys.readouterr().out
+    assert "5 adapters" in out and "KiB copied" in out and "hard-linked" not in out
+    assert (folder / _parts(folder)[2]).stat().st_ino != files[2].stat().st_ino
+    add_adapters(files[0], adapters[5:], workers=0, progress=False)  # replaces shard0 by a rename
+    assert Library.load(folder).names == [f"a{i}" for i in range(5)]
+    assert _as_file(folder, tmp_path / "saved.safetensors") == _file(adapters[:5], tmp_path / "s.safetensors")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(
+        LibraryFormatError, match=r"adapter 'a2' is in both 'part-000001.lag.safetensors' and '.*shard1.safetensors'"
+    ):
+        assemble_folder(folder, [files[1]])
+    with pytest.raises(ValueError, match="given twice"):
+        assemble_folder(tmp_path / "new", [files[1], files[1]])
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        assemble_folder(folder, [tmp_path / "missing.safetensors"])
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

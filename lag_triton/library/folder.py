@@ -17,10 +17,12 @@ build decides it.
 
 Writers (one at a time per folder): a build (``build_folder``) writes one part; ``add`` writes one
 new part holding only the new adapters (O(new adapters)); ``remove`` rewrites only the parts that
-hold removed adapters and drops the parts it empties. Each writes its part files under names the
-manifest does not list, then replaces ``library.json`` atomically (the commit), then deletes the
-part files it no longer lists: a writer killed before the commit leaves the library as it was (its
-temp file and journal stay for ``resume``, :mod:`.resume`).
+hold removed adapters and drops the parts it empties; ``assemble_folder`` makes library files
+(built apart, e.g. on several machines) parts of a folder, hard-linked where it can (no copy).
+Each writes its part files under names the manifest does not list, then replaces ``library.json``
+atomically (the commit), then deletes the part files it no longer lists: a writer killed before
+the commit leaves the library as it was (its temp file and journal stay for ``resume``,
+:mod:`.resume`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,7 +40,14 @@ import torch
 from . import safetensors_io as sio
 from .build import BuildReport, build_library, check_dtype, write_library
 from .plan import LibraryPlan, ModulePlan, check_folder_names, plan_adapters
-from .stored import LibraryFormatError, StoredLibrary, check_names, read_stored, single_base_model
+from .stored import (
+    LibraryFormatError,
+    StoredLibrary,
+    check_names,
+    existing_library_path,
+    read_stored,
+    single_base_model,
+)
 
 MANIFEST = "library.json"
 FOLDER_FORMAT = "lag_triton.library-folder"
@@ -295,3 +305,36 @@ def remove_from_folder(path, names) -> BuildReport:
     after = read_folder(path)
     seconds = time.perf_counter() - start
     return BuildReport(path, len(after.names), 0, len(after.module_names), written, seconds, untouched=untouched)
+
+
+def assemble_folder(path, libraries) -> BuildReport:
+    """Make the library files ``libraries`` the next parts of the library folder ``path`` (created
+    if missing), in that order: hard links where the filesystem allows (no bytes copied; lag_triton
+    replaces a library file by renaming a new one over it, so a later ``add`` to the original leaves
+    the part as it was), else copies. Every file is checked, and against the folder's parts, before
+    the folder changes. Returns what it wrote (``nbytes``: bytes copied, 0 when all were linked)."""
+    start = time.perf_counter()
+    path = Path(path)
+    sources = [
+        existing_library_path(p) for p in ([libraries] if isinstance(libraries, (str, os.PathLike)) else libraries)
+    ]
+    if not sources:
+        raise ValueError("no library files to assemble")
+    if len(set(map(os.path.realpath, sources))) != len(sources):
+        raise ValueError("a library file is given twice: its adapters' names would repeat")
+    old = _prepare(path)
+    current = read_folder(path).parts if old else []
+    # checked as one folder before anything is linked; messages name the given files
+    _check_parts_agree(StoredFolder(path, old + [str(s) for s in sources], current + [read_stored(s) for s in sources]))
+    names, copied = _next_parts(old, len(sources)), 0
+    for source, name in zip(sources, names):
+        try:
+            os.link(source, path / name)
+        except OSError:  # another filesystem, or one without hard links
+            shutil.copyfile(source, path / name)
+            copied += (path / name).stat().st_size
+    _commit(path, old + names)
+    after = read_folder(path)
+    untouched = sum(len(p.names) for p in current)
+    seconds = time.perf_counter() - start
+    return BuildReport(path, len(after.names), 0, len(after.module_names), copied, seconds, untouched=untouched)
