@@ -363,3 +363,85 @@ def test_assemble_links_files_built_apart_into_one_folder(adapters, tmp_path, mo
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         assemble_folder(folder, [tmp_path / "missing.safetensors"])
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_a_remove_between_an_interrupted_add_and_its_resume_keeps_the_add_s_rows(adapters, tmp_path, monkeypatch):
+    """remove numbers its parts after the temp file a failed add left, so the resume still finds it."""
+    folder = _folder(adapters[:2], tmp_path / "lib")
+    real, aligned = build.align_and_write, []
+
+    def fail_on_third(target, job, *general):
+        if len(aligned) == 2:
+            raise KeyboardInterrupt
+        aligned.append(job[0].name)
+        real(target, job, *general)
+
+    monkeypatch.setattr(build, "align_and_write", fail_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        add_adapters(folder, adapters[2:], workers=0, progress=False)
+    remove_adapters(folder, ["a1"])
+    aligned.clear()
+    monkeypatch.setattr(
+        build, "align_and_write", lambda target, job, *g: (aligned.append(job[0].name), real(target, job, *g))
+    )
+    report = add_adapters(folder, adapters[2:], workers=0, progress=False, resume=True)
+    assert aligned == ["a4", "a5"] and report.resumed == 2
+    rest = [adapters[0], *adapters[2:]]
+    assert _as_file(folder, tmp_path / "saved.safetensors") == _file(rest, tmp_path / "rest.safetensors")
+    assert _entries(folder) == sorted([MANIFEST, *_parts(folder)])
+
+
+def test_a_folder_whose_writer_died_can_be_built_again(adapters, tmp_path):
+    """A first build killed while it wrote library.json leaves its temp file; a build whose folder
+    lost a part replaces the broken folder (a build replaces a folder whole)."""
+    import subprocess
+
+    from lag_triton.library import safetensors_io as sio
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid no process has now
+    folder = tmp_path / "lib"
+    folder.mkdir()
+    (folder / "part-000000.lag.safetensors").write_bytes(b"partial")
+    sio._temp_name(folder / MANIFEST, str(dead.pid)).write_text("{")  # what the killed writer left
+    _folder(adapters[:2], folder)
+    assert Library.load(folder).names == ["a0", "a1"] and _entries(folder) == sorted([MANIFEST, *_parts(folder)])
+    (folder / _parts(folder)[0]).unlink()
+    with pytest.raises(LibraryFormatError, match="is not a file in the folder"):
+        Library.load(folder)
+    with pytest.raises(LibraryFormatError, match="is not a file in the folder"):
+        add_adapters(folder, adapters[2:3], workers=0, progress=False)
+    _folder(adapters[2:4], folder)
+    assert Library.load(folder).names == ["a2", "a3"] and _entries(folder) == sorted([MANIFEST, *_parts(folder)])
+
+
+def test_a_load_that_races_a_commit_reads_the_new_parts(adapters, tmp_path, monkeypatch):
+    """remove deletes the parts it replaced once it commits; a load that read the old manifest reads again."""
+    from lag_triton.library import library as library_module
+
+    folder = _folder(adapters[:2], tmp_path / "lib")
+    add_adapters(folder, adapters[2:4], workers=0, progress=False)
+    real, calls = library_module._load, []
+
+    def load_after_a_commit(path, check_values=True):
+        if not calls:
+            remove_adapters(folder, ["a0"])
+        calls.append(path.name)
+        return real(path, check_values)
+
+    monkeypatch.setattr(library_module, "_load", load_after_a_commit)
+    assert Library.load(folder).names == ["a1", "a2", "a3"] and len(calls) == 3
+
+
+def test_a_general_knowledge_folder_loads_without_joining_its_parts(tmp_path):
+    model = tiny_model("llama")
+    targets = ["up_proj", "down_proj"]
+    general = [make_adapter(model, tmp_path / f"g{i}", seed=20 + i, r=3, targets=targets) for i in range(2)]
+    paths = [make_adapter(model, tmp_path / f"k{i}", seed=30 + i, r=3, targets=targets) for i in range(3)]
+    folder = _folder(paths[:1], tmp_path / "lib", general_adapters=general)
+    add_adapters(folder, paths[1:], workers=0, progress=False)
+    lib = Library.load(folder, check_values=False)
+    stacked = [m for m in lib.modules.values() if isinstance(m, StackedModuleWeights)]
+    assert stacked and not any("_whole" in vars(m) for m in stacked)  # no host copy of the joined rows
+    lib.nbytes, lib.dtype, repr(lib)
+    assert not any("_whole" in vars(m) for m in stacked)

@@ -115,8 +115,7 @@ def factors_read_per_token(lib, router: str, k: int | None = None) -> int:
     """
     total = 0
     for w in lib.modules.values():
-        n, r, d_in = w.a_star.shape
-        d_out = w.b_star.shape[1]
+        n, r, d_in, d_out = w.num_adapters, w.rank, w.d_in, w.d_out
         if router == "arrow":
             total += n * d_in + r * d_in + r * d_out
         elif router == "lag":

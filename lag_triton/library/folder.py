@@ -186,15 +186,24 @@ def _check_parts_agree(folder: StoredFolder) -> None:
 
 
 # -- writing --------------------------------------------------------------------------------------------
-def _prepare(path: Path) -> list[str]:
+def _prepare(path: Path, replace: bool = False) -> list[str]:
     """The part files of the library folder at ``path`` ([] for a new one, created here); refuses a
-    file, or a folder holding anything but library parts and their temp files."""
+    file, or a folder holding anything but library parts and their temp files. ``replace`` (a build,
+    which replaces the folder whole): a folder whose manifest or parts are broken counts as empty
+    (its commit deletes every part file it does not list)."""
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"library folder {str(path)!r} is a file (a library file? write a folder elsewhere)")
     if is_library_folder(path):
-        return read_folder(path).files
+        try:
+            return read_folder(path).files
+        except LibraryFormatError:
+            if not replace:
+                raise
+            return []
     path.mkdir(parents=True, exist_ok=True)
-    other = sorted(e for e in os.listdir(path) if not (_PART.fullmatch(e) or e.startswith(".part-")))
+    for stale in sio.stale_temps(path / MANIFEST):  # a writer killed while it replaced the manifest
+        stale.unlink(missing_ok=True)
+    other = sorted(e for e in os.listdir(path) if not (_PART.fullmatch(e) or e.startswith((".part-", f".{MANIFEST}."))))
     if other:
         raise FileExistsError(
             f"folder {str(path)!r} holds {other[:3]} and no {MANIFEST}: not a library folder (choose an empty "
@@ -203,10 +212,24 @@ def _prepare(path: Path) -> list[str]:
     return []
 
 
-def _next_parts(files: list[str], count: int) -> list[str]:
-    """``count`` part names after every part listed or left in the folder's manifest."""
-    used = [int(m.group(1)) for m in map(_PART.fullmatch, files) if m]
-    start = max(used, default=-1) + 1
+_TEMP_PART = re.compile(r"\.part-(\d{6,})\.lag\.safetensors\..*")
+
+
+def _next_parts(path: Path, count: int, *, after_temps: bool) -> list[str]:
+    """``count`` new part names of the folder at ``path``, numbered after every part file in it.
+
+    A killed or failed ``add`` or build leaves the temp file (and journal) of its part, unlisted:
+    ``after_temps=False`` (a build or ``add``, which resume such a file or, finding another plan in
+    it, discard it with a warning, as for a library file) takes the number of the newest one;
+    ``after_temps=True`` (``remove``, ``assemble``) numbers after them, leaving them to be resumed."""
+    entries = os.listdir(path)
+    parts = [int(m.group(1)) for m in map(_PART.fullmatch, entries) if m]
+    temps = [int(m.group(1)) for m in map(_TEMP_PART.fullmatch, entries) if m]
+    unfinished = set(temps) - set(parts)
+    if not after_temps and unfinished:
+        start = max(unfinished)  # listed after the other parts whatever its number: the manifest orders them
+    else:
+        start = max(parts + temps, default=-1) + 1
     return [part_name(start + i) for i in range(count)]
 
 
@@ -219,7 +242,7 @@ def _commit(path: Path, files: list[str]) -> None:
         if _PART.fullmatch(entry) and entry not in files:
             try:
                 os.unlink(path / entry)
-            except FileNotFoundError:
+            except OSError:  # gone already, or (elsewhere than POSIX) still mapped: the next commit retries
                 pass
 
 
@@ -227,8 +250,8 @@ def build_folder(paths, output, **build) -> BuildReport:
     """:func:`.build.build_library` into the library folder ``output`` (created if missing; a folder
     library already there is replaced whole, atomically): one part holding every adapter."""
     output = Path(output)
-    old = _prepare(output)
-    (part,) = _next_parts(old, 1)
+    _prepare(output, replace=True)
+    (part,) = _next_parts(output, 1, after_temps=False)
     report = build_library(paths, output / part, **build)
     _commit(output, [part])
     return replace(report, path=output)
@@ -264,7 +287,7 @@ def add_to_folder(path, paths, *, names=None, workers=None, progress=True, resum
         m: ModulePlan(p.d_in, p.d_out, [i - first for i in p.ids], p.ranks) for m, p in modules.items() if p.ids
     }
     plan = LibraryPlan(new_names, dtype, part_modules, base_models, general)
-    (part,) = _next_parts(folder.files, 1)
+    (part,) = _next_parts(path, 1, after_temps=False)
     aligned, resumed, nbytes = write_library(
         path / part, plan, paths, workers=workers, progress=progress, desc="aligning new adapters", resume=resume
     )
@@ -291,7 +314,7 @@ def remove_from_folder(path, names) -> BuildReport:
     if not set(folder.names) - removed:
         raise ValueError(f"removing {len(removed)} adapters would leave library folder {str(path)!r} empty")
     rewrite = [f for f, p in zip(folder.files, folder.parts) if removed & set(p.names) and set(p.names) - removed]
-    fresh = dict(zip(rewrite, _next_parts(folder.files, len(rewrite))))
+    fresh = dict(zip(rewrite, _next_parts(path, len(rewrite), after_temps=True)))
     files, written, untouched = [], 0, 0
     for f, part in zip(folder.files, folder.parts):
         gone = removed & set(part.names)
@@ -326,7 +349,7 @@ def assemble_folder(path, libraries) -> BuildReport:
     current = read_folder(path).parts if old else []
     # checked as one folder before anything is linked; messages name the given files
     _check_parts_agree(StoredFolder(path, old + [str(s) for s in sources], current + [read_stored(s) for s in sources]))
-    names, copied = _next_parts(old, len(sources)), 0
+    names, copied = _next_parts(path, len(sources), after_temps=True), 0
     for source, name in zip(sources, names):
         try:
             os.link(source, path / name)

@@ -212,8 +212,14 @@ class Library:
 def _load_folder(path: Path, check_values: bool) -> Library:
     """A library folder's parts, each loaded as a file, read as one library: a module held by one
     part at offset 0 and padded to r_max is that part's module, any other a stacked view of its parts."""
-    folder = read_folder(path)
-    parts = [_load(path / f, check_values) for f in folder.files]
+    for attempt in range(3):  # a writer that commits meanwhile deletes the parts it replaced: read again
+        folder = read_folder(path)
+        try:
+            parts = [_load(path / f, check_values) for f in folder.files]
+            break
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
     r_max, modules = folder.r_max, {}
     for name in folder.module_names:
         held = [
@@ -297,9 +303,9 @@ def _check_general(general: GeneralKnowledge | None, modules: dict[str, ModuleWe
         mean = general.means.get(name)
         if mean is None:
             raise ValueError(f"the general knowledge has no means for module {name!r}")
-        if (mean[0].shape[1], mean[1].shape[0]) != (m.a_star.shape[2], m.b_star.shape[1]):
+        if (mean[0].shape[1], mean[1].shape[0]) != (m.d_in, m.d_out):  # not m.a_star: a stacked module joins its parts
             raise ValueError(
                 f"module {name!r}: the general means are {mean[0].shape[1]} x {mean[1].shape[0]} (d_in x d_out), "
-                f"the factors {m.a_star.shape[2]} x {m.b_star.shape[1]}"
+                f"the factors {m.d_in} x {m.d_out}"
             )
     return general
