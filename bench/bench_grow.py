@@ -8,7 +8,8 @@ the first N into one library file and, chunk by chunk, into ``--parts`` files as
 library folder (hard links), then times, each on a warm page cache:
 
 * ``add`` of the last adapter and ``remove`` of it, on the file (a copy of every row) and on the
-  folder (one new part; the rewrite of the one part holding it);
+  folder (one new part; dropping it), then ``remove`` of the middle adapter (the folder rewrites
+  the one part holding it);
 * reading every module as ``patch`` keeps it: ``Library.load`` then ``to(copy=True)`` per module on
   the CPU, ``--repeats`` times each, alternating which goes first; the two must give equal tensors
   (checked first, module by module).
@@ -76,7 +77,11 @@ def run(args) -> dict:
         remove_s, _ = _timed(remove_adapters, lib, [new[0].name])
         out[f"add_{label}_s"], out[f"remove_{label}_s"] = round(add_s, 3), round(remove_s, 3)
         out[f"add_{label}_report"] = str(report)
+        middle = old[len(old) // 2].name  # a folder rewrites the part that holds it, without it
+        remove_s, report = _timed(remove_adapters, lib, [middle])
+        out[f"remove_middle_{label}_s"], out[f"remove_middle_{label}_report"] = round(remove_s, 3), str(report)
     whole, parted = Library.load(file), Library.load(folder)  # equal, module by module (bounded memory)
+    assert whole.names == parted.names
     for name, m in whole.modules.items():
         a, b = m.to(copy=True), parted.modules[name].to(copy=True)
         fields = ("a_star", "b_star", "prototypes", "adapter_ids", "ranks")

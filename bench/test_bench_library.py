@@ -80,6 +80,10 @@ def test_grow_benchmark_times_file_and_folder_and_checks_they_agree(tmp_path):
     results = record["results"]
     assert "1 aligned, 5 copied" in results["add_file_report"]
     assert "1 aligned, 5 left in place" in results["add_folder_report"]
+    assert (
+        "4 adapters" in results["remove_middle_file_report"]
+        and "2 copied, 2 left in place" in results["remove_middle_folder_report"]
+    )
     assert all(results[k] > 0 for k in ("add_file_s", "add_folder_s", "remove_file_s", "remove_folder_s"))
     assert len(results["read_as_patch_file_s"]) == len(results["read_as_patch_folder_s"]) == 1
     saved = next(tmp_path.glob("grow-folder-cpu-*-n5.json"))
