@@ -143,27 +143,33 @@ def test_add_refuses_taken_names_and_shape_mismatches_leaving_the_folder_untouch
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 
+_ALIGN = build.align_and_write
+
+
+def _count_alignments(monkeypatch, fail_after: int | None = None) -> list[str]:
+    """The adapters aligned from now on, by folder name; Ctrl-C (KeyboardInterrupt) after ``fail_after``."""
+    aligned = []
+
+    def counted(target, job, *general):
+        if len(aligned) == fail_after:
+            raise KeyboardInterrupt
+        aligned.append(job[0].name)
+        _ALIGN(target, job, *general)
+
+    monkeypatch.setattr(build, "align_and_write", counted)
+    return aligned
+
+
 def test_an_interrupted_add_leaves_the_folder_and_resumes(adapters, tmp_path, monkeypatch):
     scratch = _file(adapters, tmp_path / "scratch.safetensors")
     folder = _folder(adapters[:2], tmp_path / "lib")
     before = {p: (folder / p).read_bytes() for p in [MANIFEST, *_parts(folder)]}
-    real, aligned = build.align_and_write, []
-
-    def fail_on_third(target, job, *general):
-        if len(aligned) == 2:
-            raise KeyboardInterrupt
-        aligned.append(job[0].name)
-        real(target, job, *general)
-
-    monkeypatch.setattr(build, "align_and_write", fail_on_third)
+    _count_alignments(monkeypatch, fail_after=2)
     with pytest.raises(KeyboardInterrupt):
         add_adapters(folder, adapters[2:], workers=0, progress=False)
     assert {p: (folder / p).read_bytes() for p in before} == before and _parts(folder) == list(before)[1:]
     assert Library.load(folder).names == ["a0", "a1"]
-    aligned.clear()
-    monkeypatch.setattr(
-        build, "align_and_write", lambda target, job, *g: (aligned.append(job[0].name), real(target, job, *g))
-    )
+    aligned = _count_alignments(monkeypatch)
     report = add_adapters(folder, adapters[2:], workers=0, progress=False, resume=True)
     assert aligned == ["a4", "a5"] and (report.aligned, report.resumed, report.untouched) == (2, 2, 2)
     assert _entries(folder) == sorted([MANIFEST, *_parts(folder)])
@@ -368,22 +374,11 @@ def test_assemble_links_files_built_apart_into_one_folder(adapters, tmp_path, mo
 def test_a_remove_between_an_interrupted_add_and_its_resume_keeps_the_add_s_rows(adapters, tmp_path, monkeypatch):
     """remove numbers its parts after the temp file a failed add left, so the resume still finds it."""
     folder = _folder(adapters[:2], tmp_path / "lib")
-    real, aligned = build.align_and_write, []
-
-    def fail_on_third(target, job, *general):
-        if len(aligned) == 2:
-            raise KeyboardInterrupt
-        aligned.append(job[0].name)
-        real(target, job, *general)
-
-    monkeypatch.setattr(build, "align_and_write", fail_on_third)
+    _count_alignments(monkeypatch, fail_after=2)
     with pytest.raises(KeyboardInterrupt):
         add_adapters(folder, adapters[2:], workers=0, progress=False)
     remove_adapters(folder, ["a1"])
-    aligned.clear()
-    monkeypatch.setattr(
-        build, "align_and_write", lambda target, job, *g: (aligned.append(job[0].name), real(target, job, *g))
-    )
+    aligned = _count_alignments(monkeypatch)
     report = add_adapters(folder, adapters[2:], workers=0, progress=False, resume=True)
     assert aligned == ["a4", "a5"] and report.resumed == 2
     rest = [adapters[0], *adapters[2:]]

@@ -39,7 +39,7 @@ import torch
 
 from . import safetensors_io as sio
 from .build import BuildReport, build_library, check_dtype, write_library
-from .plan import LibraryPlan, ModulePlan, check_folder_names, plan_adapters
+from .plan import LibraryPlan, ModulePlan, check_new_adapters, plan_adapters, single_factor_dtype
 from .stored import (
     LibraryFormatError,
     StoredLibrary,
@@ -263,17 +263,9 @@ def add_to_folder(path, paths, *, names=None, workers=None, progress=True, resum
     start = time.perf_counter()
     path = Path(path)
     folder = read_folder(path)
-    paths, new_names = check_folder_names(paths, names)
-    taken = sorted(set(new_names) & set(folder.names))
-    if taken:
-        raise ValueError(
-            f"library folder {str(path)!r} already has adapters named {taken[:10]}: names must be unique "
-            "(remove the old ones first, or give other --names)"
-        )
-    dtypes = folder.factor_dtypes
-    if len(dtypes) != 1:
-        raise folder.fail(f"its parts mix factor dtypes {sorted(map(str, dtypes))}; add needs one dtype")
-    dtype = check_dtype(dtypes.pop())
+    label = f"library folder {str(path)!r}"
+    paths, new_names = check_new_adapters(paths, names, label, folder.names)
+    dtype = check_dtype(single_factor_dtype(folder.factor_dtypes, label))
     shapes = {}
     for part in folder.parts:
         shapes.update({name: (m.d_in, m.d_out) for name, m in part.modules.items()})

@@ -26,19 +26,13 @@ import torch
 
 from .build import BuildReport, write_library
 from .folder import add_to_folder, is_library_folder, remove_from_folder
-from .plan import LibraryPlan, ModulePlan, check_folder_names, plan_adapters
+from .plan import LibraryPlan, ModulePlan, check_new_adapters, plan_adapters, single_factor_dtype
 from .stored import StoredLibrary, check_names, existing_library_path, read_stored
 from .writer import LibraryWriter, RowSource
 
 
 def _factor_dtype(stored: StoredLibrary) -> torch.dtype:
-    dtypes = stored.factor_dtypes
-    if len(dtypes) != 1:
-        raise ValueError(
-            f"library file {str(stored.path)!r} mixes factor dtypes {sorted(map(str, dtypes))}; "
-            "add/remove need one dtype (load it, cast with .to(dtype=...) and save it first)"
-        )
-    return dtypes.pop()
+    return single_factor_dtype(stored.factor_dtypes, f"library file {str(stored.path)!r}")
 
 
 def _module_plans(stored: StoredLibrary) -> dict[str, tuple[ModulePlan, list[int]]]:
@@ -76,13 +70,7 @@ def add_adapters(
     src = existing_library_path(library)
     out = src if output is None else Path(output)
     stored = read_stored(src)
-    paths, new_names = check_folder_names(paths, names)
-    taken = sorted(set(new_names) & set(stored.names))
-    if taken:
-        raise ValueError(
-            f"library file {str(src)!r} already has adapters named {taken[:10]}: names must be unique "
-            "(remove the old ones first, or give other --names)"
-        )
+    paths, new_names = check_new_adapters(paths, names, f"library file {str(src)!r}", stored.names)
     dtype = _factor_dtype(stored)
     modules = {name: plan for name, (plan, _) in _module_plans(stored).items()}
     old_rows = {name: plan.num_adapters for name, plan in modules.items()}

@@ -200,3 +200,26 @@ def check_folder_names(paths, names) -> tuple[list[Path], list[str]]:
                 "command line: --names), e.g. from the folders' parents"
             )
     return folders, names
+
+
+def check_new_adapters(paths, names, library: str, existing: list[str]) -> tuple[list[Path], list[str]]:
+    """:func:`check_folder_names` for adapters added to ``library`` (its description, e.g. "library
+    file 'x'"), whose adapters are ``existing``: a name it has already is a ValueError."""
+    paths, new_names = check_folder_names(paths, names)
+    taken = sorted(set(new_names) & set(existing))
+    if taken:
+        raise ValueError(
+            f"{library} already has adapters named {taken[:10]}: names must be unique "
+            "(remove the old ones first, or give other --names)"
+        )
+    return paths, new_names
+
+
+def single_factor_dtype(dtypes: set[torch.dtype], library: str) -> torch.dtype:
+    """The one factor dtype of ``library`` (``add``/``remove`` write every row in it), else ValueError."""
+    if len(dtypes) != 1:
+        raise ValueError(
+            f"{library} mixes factor dtypes {sorted(map(str, dtypes))}; add/remove need one dtype (load it, "
+            "cast with .to(dtype=...) and save it first)"
+        )
+    return next(iter(dtypes))

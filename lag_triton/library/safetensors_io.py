@@ -341,45 +341,37 @@ def _write_tensor(fh, t: torch.Tensor) -> None:
 
 
 def write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write a safetensors file atomically: ``path`` holds either its old bytes or all the new ones.
-
-    The data goes to a temp file in the target folder, which is fsynced and renamed over
-    ``path`` (then the folder is fsynced). On any error the temp file is removed; one left by a
-    killed process is removed by the next save to the same path.
-    """
+    """Write a safetensors file atomically: ``path`` holds either its old bytes or all the new ones
+    (:func:`_replace`)."""
     tensors = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
     for name, t in tensors.items():
         if t.dtype not in DTYPE_NAMES:
             raise TypeError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store here")
     head, order = _serialised_header(tensors, metadata)
-    _check_target(path)
-    _remove_stale_temps(path)
-    fd, temp = _open_temp(path)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(head)
-            for name in order:
-                _write_tensor(fh, tensors[name])
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
+
+    def fill(fh) -> None:
+        fh.write(head)
+        for name in order:
+            _write_tensor(fh, tensors[name])
+
+    _replace(path, fill)
 
 
 def write_bytes(path: Path, data: bytes) -> None:
-    """Replace ``path`` atomically with ``data`` (temp file, fsync, rename, fsync of the folder)."""
+    """Replace ``path`` atomically with ``data`` (:func:`_replace`)."""
+    _replace(path, lambda fh: fh.write(data))
+
+
+def _replace(path: Path, fill) -> None:
+    """``fill(fh)`` writes a temp file in the target folder, which is fsynced and renamed over
+    ``path`` (then the folder is fsynced). On any error the temp file is removed; one left by a
+    killed process is removed by the next write to the same path."""
     _check_target(path)
     _remove_stale_temps(path)
     fd, temp = _open_temp(path)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            fill(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(temp, path)
