@@ -1,4 +1,4 @@
-"""Command line: ``python -m lag_triton {build,add,remove,assemble,info,doctor,demo}``."""
+"""Command line: ``python -m lag_triton {build,add,remove,assemble,compact,info,doctor,demo}``."""
 
 from __future__ import annotations
 
@@ -211,6 +211,18 @@ def _assemble(args: argparse.Namespace) -> int:
     how = f"{_size(report.nbytes)} copied" if report.nbytes else "hard-linked, nothing copied"
     parts = len(args.libraries)
     print(f"wrote {report.path}: {report.adapters} adapters, {report.modules} modules ({parts} parts added, {how})")
+    return 0
+
+
+def _compact(args: argparse.Namespace) -> int:
+    from .library.folder import MANIFEST, compact_folder, read_folder
+
+    read_folder(args.folder)  # a folder that is not a library folder fails here (exit 1), as info does
+    if args.output is not None:
+        _check_output_file(args.output)
+    else:
+        _check_output_file(args.folder / MANIFEST, "library folder")
+    print(f"wrote {compact_folder(args.folder, args.output)}")
     return 0
 
 
@@ -456,6 +468,16 @@ def _parser(with_demo: bool = True) -> argparse.ArgumentParser:
     p.add_argument("folder", type=Path, help="library folder (created if missing)")
     p.add_argument("libraries", nargs="+", type=Path, help="library files, in library order")
     p.set_defaults(func=_assemble)
+
+    p = sub.add_parser(
+        "compact",
+        parents=[debug],
+        epilog=_EPILOG,
+        help="merge a library folder's parts into one part, or into one library file (-o); rows are copied",
+    )
+    p.add_argument("folder", type=Path, help="library folder")
+    p.add_argument("-o", "--output", type=Path, help="write one library file here instead (the folder stays)")
+    p.set_defaults(func=_compact)
 
     p = sub.add_parser(
         "info", parents=[debug], help="describe a library file or folder (sizes per module)", epilog=_EPILOG

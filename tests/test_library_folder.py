@@ -440,3 +440,27 @@ def test_a_general_knowledge_folder_loads_without_joining_its_parts(tmp_path):
     assert stacked and not any("_whole" in vars(m) for m in stacked)  # no host copy of the joined rows
     lib.nbytes, lib.dtype, repr(lib)
     assert not any("_whole" in vars(m) for m in stacked)
+
+
+def test_compact_merges_the_parts_into_the_bytes_of_one_build(adapters, tmp_path, capsys):
+    """Rows are copied (re-padded where a part's rank is below the folder's), never re-aligned."""
+    from lag_triton.__main__ import main
+    from lag_triton.library import compact_folder
+
+    scratch = _file(adapters, tmp_path / "scratch.safetensors")
+    folder = _folder(adapters[:2], tmp_path / "lib")
+    for lo, hi in ((2, 3), (3, 5), (5, 6)):
+        add_adapters(folder, adapters[lo:hi], workers=0, progress=False)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert main(["compact", str(folder), "-o", str(tmp_path / "one.safetensors")]) == 0
+    assert "6 adapters, 8 modules" in capsys.readouterr().out
+    assert (tmp_path / "one.safetensors").read_bytes() == scratch
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # -o leaves the folder
+    report = compact_folder(folder)
+    (part,) = _parts(folder)
+    assert (folder / part).read_bytes() == scratch and _entries(folder) == [MANIFEST, part]
+    assert (report.adapters, report.aligned) == (6, 0)
+    again = compact_folder(folder)  # one part already: nothing written
+    assert (again.nbytes, again.untouched) == (0, 6) and _parts(folder) == [part]
+    assert main(["compact", str(tmp_path / "scratch.safetensors")]) == 1
+    assert "has no library.json: not a library folder" in capsys.readouterr().err

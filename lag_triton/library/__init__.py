@@ -2,7 +2,7 @@
 library folder of several; build it streaming into the file, grow or shrink it in place."""
 
 from .build import BuildReport, build_library
-from .folder import assemble_folder, is_library_folder
+from .folder import assemble_folder, compact_folder, is_library_folder
 from .general import GeneralKnowledge
 from .grow import add_adapters, remove_adapters
 from .library import Library, LibraryFormatError
@@ -22,5 +22,6 @@ __all__ = [
     "add_adapters",
     "remove_adapters",
     "assemble_folder",
+    "compact_folder",
     "is_library_folder",
 ]

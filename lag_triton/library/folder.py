@@ -18,7 +18,9 @@ build decides it.
 Writers (one at a time per folder): a build (``build_folder``) writes one part; ``add`` writes one
 new part holding only the new adapters (O(new adapters)); ``remove`` rewrites only the parts that
 hold removed adapters and drops the parts it empties; ``assemble_folder`` makes library files
-(built apart, e.g. on several machines) parts of a folder, hard-linked where it can (no copy).
+(built apart, e.g. on several machines) parts of a folder, hard-linked where it can (no copy);
+``compact_folder`` merges the parts into one part, or into one library file (rows copied, never
+re-aligned).
 Each writes its part files under names the manifest does not list, then replaces ``library.json``
 atomically (the commit), then deletes the part files it no longer lists: a writer killed before
 the commit leaves the library as it was (its temp file and journal stay for ``resume``,
@@ -39,7 +41,14 @@ import torch
 
 from . import safetensors_io as sio
 from .build import BuildReport, build_library, check_dtype, write_library
-from .plan import LibraryPlan, ModulePlan, check_new_adapters, plan_adapters, single_factor_dtype
+from .plan import (
+    LibraryPlan,
+    ModulePlan,
+    check_new_adapters,
+    plan_adapters,
+    single_factor_dtype,
+    stored_module_plans,
+)
 from .stored import (
     LibraryFormatError,
     StoredLibrary,
@@ -122,7 +131,7 @@ def read_folder(path) -> StoredFolder:
 
     try:
         info = json.loads(manifest.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no such folder, or a file
         raise fail(f"it has no {MANIFEST}: not a library folder") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise fail(f"{MANIFEST} is not JSON ({e})") from None
@@ -353,3 +362,49 @@ def assemble_folder(path, libraries) -> BuildReport:
     untouched = sum(len(p.names) for p in current)
     seconds = time.perf_counter() - start
     return BuildReport(path, len(after.names), 0, len(after.module_names), copied, seconds, untouched=untouched)
+
+
+def compact_folder(path, output=None) -> BuildReport:
+    """Merge the parts of the library folder ``path``: into one part (``output`` None; a folder of
+    one part is left as it is), or into the library file ``output`` (the folder left as it is). Rows
+    are copied by the kernel where the rank padding is unchanged (re-padded otherwise), never
+    re-aligned: the bytes are those of one build of all the adapters in order."""
+    from .writer import LibraryWriter, RowSource
+
+    start = time.perf_counter()
+    path = Path(path)
+    folder = read_folder(path)
+    label = f"library folder {str(path)!r}"
+    if output is None and len(folder.parts) == 1:
+        n = len(folder.names)
+        return BuildReport(path, n, 0, len(folder.module_names), 0, time.perf_counter() - start, untouched=n)
+    modules: dict[str, ModulePlan] = {}
+    copies = []  # (module, first row in the merged module, part index, rows)
+    for j, (part, offset) in enumerate(zip(folder.parts, folder.offsets)):
+        for name, (plan, ids) in stored_module_plans(part).items():
+            merged = modules.setdefault(name, ModulePlan(plan.d_in, plan.d_out))
+            copies.append((name, merged.num_adapters, j, len(ids)))
+            merged.ids += [offset + i for i in ids]
+            merged.ranks += plan.ranks
+    plan = LibraryPlan(
+        folder.names,
+        single_factor_dtype(folder.factor_dtypes, label),
+        dict(sorted(modules.items())),
+        folder.adapter_base_models,
+        folder.parts[0].general_knowledge(),
+    )
+    target = path / _next_parts(path, 1, after_temps=True)[0] if output is None else Path(output)
+    sources = [RowSource(part) for part in folder.parts]
+    try:
+        with LibraryWriter(target, plan) as writer:
+            for name, row, j, count in copies:
+                writer.copy_rows(name, row, sources[j], 0, count)
+    finally:
+        for source in sources:
+            source.close()
+    if output is None:
+        _commit(path, [target.name])
+    seconds = time.perf_counter() - start
+    return BuildReport(
+        path if output is None else target, len(plan.names), 0, len(modules), writer.layout.size, seconds
+    )

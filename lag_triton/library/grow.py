@@ -26,23 +26,20 @@ import torch
 
 from .build import BuildReport, write_library
 from .folder import add_to_folder, is_library_folder, remove_from_folder
-from .plan import LibraryPlan, ModulePlan, check_new_adapters, plan_adapters, single_factor_dtype
+from .plan import (
+    LibraryPlan,
+    ModulePlan,
+    check_new_adapters,
+    plan_adapters,
+    single_factor_dtype,
+    stored_module_plans,
+)
 from .stored import StoredLibrary, check_names, existing_library_path, read_stored
 from .writer import LibraryWriter, RowSource
 
 
 def _factor_dtype(stored: StoredLibrary) -> torch.dtype:
     return single_factor_dtype(stored.factor_dtypes, f"library file {str(stored.path)!r}")
-
-
-def _module_plans(stored: StoredLibrary) -> dict[str, tuple[ModulePlan, list[int]]]:
-    """module -> (its plan as stored, the stored adapter ids) from the file's checked index maps."""
-    out = {}
-    for name, m in stored.modules.items():
-        ids, ranks = stored.index_maps(name)
-        ranks = ranks.tolist() if ranks is not None else [m.rank] * m.num_adapters
-        out[name] = (ModulePlan(m.d_in, m.d_out, ids.tolist(), ranks), ids.tolist())
-    return out
 
 
 def add_adapters(
@@ -72,7 +69,7 @@ def add_adapters(
     stored = read_stored(src)
     paths, new_names = check_new_adapters(paths, names, f"library file {str(src)!r}", stored.names)
     dtype = _factor_dtype(stored)
-    modules = {name: plan for name, (plan, _) in _module_plans(stored).items()}
+    modules = {name: plan for name, (plan, _) in stored_module_plans(stored).items()}
     old_rows = {name: plan.num_adapters for name, plan in modules.items()}
     first = len(stored.names)
     general = stored.general_knowledge()
@@ -122,7 +119,7 @@ def remove_adapters(library, names, *, output=None) -> BuildReport:
         raise ValueError(f"removing {len(removed)} adapters would leave library file {str(src)!r} empty")
     new_id = {old: new for new, old in enumerate(kept)}
     modules, runs = {}, []
-    for name, (plan, ids) in _module_plans(stored).items():
+    for name, (plan, ids) in stored_module_plans(stored).items():
         rows = [r for r, i in enumerate(ids) if i in new_id]
         if rows:
             modules[name] = ModulePlan(

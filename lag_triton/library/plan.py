@@ -223,3 +223,15 @@ def single_factor_dtype(dtypes: set[torch.dtype], library: str) -> torch.dtype:
             "cast with .to(dtype=...) and save it first)"
         )
     return next(iter(dtypes))
+
+
+def stored_module_plans(stored) -> dict[str, tuple[ModulePlan, list[int]]]:
+    """module -> (its plan as a library file stores it, the stored adapter ids), from the file's
+    checked index maps (:class:`.stored.StoredLibrary`): what ``add``, ``remove`` and a folder's
+    compaction copy rows by."""
+    out = {}
+    for name, m in stored.modules.items():
+        ids, ranks = stored.index_maps(name)
+        ranks = ranks.tolist() if ranks is not None else [m.rank] * m.num_adapters
+        out[name] = (ModulePlan(m.d_in, m.d_out, ids.tolist(), ranks), ids.tolist())
+    return out
