@@ -418,11 +418,11 @@ def test_a_load_that_races_a_commit_reads_the_new_parts(adapters, tmp_path, monk
     add_adapters(folder, adapters[2:4], workers=0, progress=False)
     real, calls = library_module._load, []
 
-    def load_after_a_commit(path, check_values=True):
+    def load_after_a_commit(path, check_values=True, stored=None):
         if not calls:
             remove_adapters(folder, ["a0"])
         calls.append(path.name)
-        return real(path, check_values)
+        return real(path, check_values, stored)
 
     monkeypatch.setattr(library_module, "_load", load_after_a_commit)
     assert Library.load(folder).names == ["a1", "a2", "a3"] and len(calls) == 3

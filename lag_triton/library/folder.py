@@ -195,20 +195,20 @@ def _check_parts_agree(folder: StoredFolder) -> None:
 
 
 # -- writing --------------------------------------------------------------------------------------------
-def _prepare(path: Path, replace: bool = False) -> list[str]:
-    """The part files of the library folder at ``path`` ([] for a new one, created here); refuses a
-    file, or a folder holding anything but library parts and their temp files. ``replace`` (a build,
-    which replaces the folder whole): a folder whose manifest or parts are broken counts as empty
-    (its commit deletes every part file it does not list)."""
+def _prepare(path: Path, replace: bool = False) -> StoredFolder | None:
+    """The library folder at ``path`` (None for a new one, created here); refuses a file, or a
+    folder holding anything but library parts and their temp files. ``replace`` (a build, which
+    replaces the folder whole): a folder whose manifest or parts are broken counts as new (its
+    commit deletes every part file it does not list)."""
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"library folder {str(path)!r} is a file (a library file? write a folder elsewhere)")
     if is_library_folder(path):
         try:
-            return read_folder(path).files
+            return read_folder(path)
         except LibraryFormatError:
             if not replace:
                 raise
-            return []
+            return None
     path.mkdir(parents=True, exist_ok=True)
     for stale in sio.stale_temps(path / MANIFEST):  # a writer killed while it replaced the manifest
         stale.unlink(missing_ok=True)
@@ -218,7 +218,7 @@ def _prepare(path: Path, replace: bool = False) -> list[str]:
             f"folder {str(path)!r} holds {other[:3]} and no {MANIFEST}: not a library folder (choose an empty "
             "or new folder)"
         )
-    return []
+    return None
 
 
 _TEMP_PART = re.compile(r"\.part-(\d{6,})\.lag\.safetensors\..*")
@@ -316,17 +316,19 @@ def remove_from_folder(path, names) -> BuildReport:
         raise ValueError(f"removing {len(removed)} adapters would leave library folder {str(path)!r} empty")
     rewrite = [f for f, p in zip(folder.files, folder.parts) if removed & set(p.names) and set(p.names) - removed]
     fresh = dict(zip(rewrite, _next_parts(path, len(rewrite), after_temps=True)))
-    files, written, untouched = [], 0, 0
+    files, parts, written, untouched = [], [], 0, 0
     for f, part in zip(folder.files, folder.parts):
         gone = removed & set(part.names)
         if not gone:
             files.append(f)
+            parts.append(part)
             untouched += len(part.names)
         elif f in fresh:
             written += remove_adapters(path / f, sorted(gone), output=path / fresh[f]).nbytes
             files.append(fresh[f])
+            parts.append(read_stored(path / fresh[f]))
     _commit(path, files)
-    after = read_folder(path)
+    after = StoredFolder(path, files, parts)
     seconds = time.perf_counter() - start
     return BuildReport(path, len(after.names), 0, len(after.module_names), written, seconds, untouched=untouched)
 
@@ -346,10 +348,11 @@ def assemble_folder(path, libraries) -> BuildReport:
         raise ValueError("no library files to assemble")
     if len(set(map(os.path.realpath, sources))) != len(sources):
         raise ValueError("a library file is given twice: its adapters' names would repeat")
-    old = _prepare(path)
-    current = read_folder(path).parts if old else []
+    folder = _prepare(path)
+    old, current = (folder.files, folder.parts) if folder else ([], [])
+    new = [read_stored(s) for s in sources]
     # checked as one folder before anything is linked; messages name the given files
-    _check_parts_agree(StoredFolder(path, old + [str(s) for s in sources], current + [read_stored(s) for s in sources]))
+    _check_parts_agree(StoredFolder(path, old + [str(s) for s in sources], current + new))
     names, copied = _next_parts(path, len(sources), after_temps=True), 0
     for source, name in zip(sources, names):
         try:
@@ -358,7 +361,7 @@ def assemble_folder(path, libraries) -> BuildReport:
             shutil.copyfile(source, path / name)
             copied += (path / name).stat().st_size
     _commit(path, old + names)
-    after = read_folder(path)
+    after = StoredFolder(path, old + names, current + new)
     untouched = sum(len(p.names) for p in current)
     seconds = time.perf_counter() - start
     return BuildReport(path, len(after.names), 0, len(after.module_names), copied, seconds, untouched=untouched)

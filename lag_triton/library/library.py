@@ -21,7 +21,14 @@ from .folder import is_library_folder, read_folder
 from .general import GeneralKnowledge
 from .plan import library_metadata
 from .stacked import StackedModuleWeights
-from .stored import LibraryFormatError, check_names, existing_library_path, read_stored, single_base_model
+from .stored import (
+    LibraryFormatError,
+    StoredLibrary,
+    check_names,
+    existing_library_path,
+    read_stored,
+    single_base_model,
+)
 from .weights import FIELDS, ModuleWeights
 
 __all__ = ["Library", "LibraryFormatError"]
@@ -215,7 +222,7 @@ def _load_folder(path: Path, check_values: bool) -> Library:
     for attempt in range(3):  # a writer that commits meanwhile deletes the parts it replaced: read again
         folder = read_folder(path)
         try:
-            parts = [_load(path / f, check_values) for f in folder.files]
+            parts = [_load(path / f, check_values, stored) for f, stored in zip(folder.files, folder.parts)]
             break
         except FileNotFoundError:
             if attempt == 2:
@@ -241,8 +248,9 @@ def _load_folder(path: Path, check_values: bool) -> Library:
     )
 
 
-def _load(path: Path, check_values: bool = True) -> Library:
-    stored = read_stored(path)
+def _load(path: Path, check_values: bool = True, stored: StoredLibrary | None = None) -> Library:
+    """The library file at ``path``; ``stored``: its header, when read already (a folder's parts)."""
+    stored = read_stored(path) if stored is None else stored
     tensors = sio.map_tensors(path, stored.header)
     weights = {}
     for module in stored.modules:
