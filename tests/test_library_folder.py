@@ -456,6 +456,8 @@ def test_compact_merges_the_parts_into_the_bytes_of_one_build(adapters, tmp_path
     assert "6 adapters, 8 modules" in capsys.readouterr().out
     assert (tmp_path / "one.safetensors").read_bytes() == scratch
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # -o leaves the folder
+    with pytest.raises(ValueError, match="write the merged library file outside library folder"):
+        compact_folder(folder, folder / _parts(folder)[0])
     report = compact_folder(folder)
     (part,) = _parts(folder)
     assert (folder / part).read_bytes() == scratch and _entries(folder) == [MANIFEST, part]

@@ -378,6 +378,8 @@ def compact_folder(path, output=None) -> BuildReport:
     path = Path(path)
     folder = read_folder(path)
     label = f"library folder {str(path)!r}"
+    if output is not None and Path(output).resolve().parent == path.resolve():
+        raise ValueError(f"compact -o {str(output)!r}: write the merged library file outside {label}")
     if output is None and len(folder.parts) == 1:
         n = len(folder.names)
         return BuildReport(path, n, 0, len(folder.module_names), 0, time.perf_counter() - start, untouched=n)
