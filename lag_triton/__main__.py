@@ -207,6 +207,8 @@ def _assemble(args: argparse.Namespace) -> int:
     from .library.folder import assemble_folder
 
     _check_output_folder(args.folder, "folder")
+    if len(set(map(os.path.realpath, args.libraries))) != len(args.libraries):
+        raise UsageError("a library file is given twice: its adapters' names would repeat")
     report = assemble_folder(args.folder, args.libraries)
     how = f"{_size(report.nbytes)} copied" if report.nbytes else "hard-linked, nothing copied"
     parts = len(args.libraries)
@@ -219,6 +221,8 @@ def _compact(args: argparse.Namespace) -> int:
 
     read_folder(args.folder)  # a folder that is not a library folder fails here (exit 1), as info does
     if args.output is not None:
+        if args.output.resolve().parent == args.folder.resolve():
+            raise UsageError(f"-o/--output {str(args.output)!r}: write the merged library file outside the folder")
         _check_output_file(args.output)
     else:
         _check_output_file(args.folder / MANIFEST, "library folder")

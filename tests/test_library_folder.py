@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 
 import pytest
@@ -466,3 +467,97 @@ def test_compact_merges_the_parts_into_the_bytes_of_one_build(adapters, tmp_path
     assert (again.nbytes, again.untouched) == (0, 6) and _parts(folder) == [part]
     assert main(["compact", str(tmp_path / "scratch.safetensors")]) == 1
     assert "has no library.json: not a library folder" in capsys.readouterr().err
+
+
+def test_a_load_that_races_a_commit_while_reading_headers_reads_again(adapters, tmp_path, monkeypatch):
+    from lag_triton.library import folder as folder_module
+
+    folder = _folder(adapters[:2], tmp_path / "lib")
+    add_adapters(folder, adapters[2:4], workers=0, progress=False)
+    real, calls = folder_module.read_stored, []
+
+    def commit_while_reading(path):
+        calls.append(path.name)
+        if len(calls) == 1:
+            remove_adapters(folder, ["a0"])  # deletes the part whose header this load has just read
+        return real(path)
+
+    monkeypatch.setattr(folder_module, "read_stored", commit_while_reading)
+    assert Library.load(folder).names == ["a1", "a2", "a3"]
+    (folder / _parts(folder)[0]).unlink()  # no commit: a missing part is an error, not retried
+    with pytest.raises(LibraryFormatError, match="is not a file in the folder"):
+        Library.load(folder)
+
+
+def _kill_while_writing(operation, *args) -> None:
+    """Run ``operation(*args)`` in a forked child that is killed (SIGKILL) as its rows are complete."""
+    import multiprocessing
+    import os
+    import signal
+
+    def child():
+        from lag_triton.library import writer
+
+        writer.StreamingFile.commit = lambda self: os.kill(os.getpid(), signal.SIGKILL)
+        operation(*args)
+
+    process = multiprocessing.get_context("fork").Process(target=child)
+    process.start()
+    process.join(60)
+    assert process.exitcode == -signal.SIGKILL
+
+
+def test_writers_killed_or_failed_leave_only_what_a_resume_needs(adapters, tmp_path, monkeypatch):
+    """A killed compact leaves a temp file nothing can resume: the next commit removes it, and it
+    never takes the part of a failed add, which an add of other adapters leaves alone as well."""
+    import warnings
+
+    from lag_triton.library import compact_folder
+
+    folder = _folder(adapters[:1], tmp_path / "lib")
+    add_adapters(folder, adapters[1:2], workers=0, progress=False)
+    _count_alignments(monkeypatch, fail_after=1)
+    with pytest.raises(KeyboardInterrupt):  # a2 written and kept, with its journal
+        add_adapters(folder, adapters[2:5], workers=0, progress=False)
+    kept = sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+    _kill_while_writing(compact_folder, folder)
+    assert len([p for p in folder.iterdir() if p.name.startswith(".")]) == len(kept) + 1
+    assert Library.load(folder).names == ["a0", "a1"]
+    _count_alignments(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "starting over, and removing what a killed run left"
+        add_adapters(folder, adapters[5:], workers=0, progress=False)
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == kept  # compact's is gone
+    aligned = _count_alignments(monkeypatch)
+    report = add_adapters(folder, adapters[2:5], workers=0, progress=False, resume=True)
+    assert aligned == ["a3", "a4"] and report.resumed == 1
+    assert _entries(folder) == sorted([MANIFEST, *_parts(folder)])
+    order = [adapters[i] for i in (0, 1, 5, 2, 3, 4)]  # the manifest's order
+    assert Library.load(folder).names == [p.name for p in order]
+    assert _as_file(folder, tmp_path / "saved.safetensors") == _file(order, tmp_path / "ordered.safetensors")
+
+
+def test_assemble_checks_everything_before_the_folder_exists(adapters, tmp_path, monkeypatch, capsys):
+    from lag_triton.__main__ import main
+    from lag_triton.library import assemble_folder
+
+    bf16, fp32 = tmp_path / "bf16.safetensors", tmp_path / "fp32.safetensors"
+    _file(adapters[3:4], bf16)  # down_proj only
+    build_library(adapters[4:5], fp32, dtype=torch.float32, workers=0, progress=False)  # q_proj, up_proj
+    with pytest.raises(ValueError, match=r"mixes factor dtypes \['torch.bfloat16', 'torch.float32'\]; a folder needs"):
+        assemble_folder(tmp_path / "new", [bf16, fp32])
+    other = _folder(adapters[:1], tmp_path / "other")
+    with pytest.raises(ValueError, match="is a library folder; assemble takes library files"):
+        assemble_folder(tmp_path / "new", [bf16, other])
+    assert not (tmp_path / "new").exists()
+    assert main(["assemble", str(tmp_path / "new"), str(bf16), str(bf16)]) == 2
+    assert "given twice" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    assert main(["compact", str(other), "-o", str(other / "merged.safetensors")]) == 2
+    assert "outside the folder" in capsys.readouterr().err
+    synced = []
+    monkeypatch.setattr("os.link", lambda *a: (_ for _ in ()).throw(OSError(18, "Invalid cross-device link")))
+    real_fsync = os.fsync
+    monkeypatch.setattr("os.fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    assemble_folder(tmp_path / "new", [bf16])
+    part = _parts(tmp_path / "new")[0]
+    assert any(f".{part}." in s for s in synced)  # the copy was synced before the manifest listed it

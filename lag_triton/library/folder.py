@@ -22,9 +22,11 @@ hold removed adapters and drops the parts it empties; ``assemble_folder`` makes 
 ``compact_folder`` merges the parts into one part, or into one library file (rows copied, never
 re-aligned).
 Each writes its part files under names the manifest does not list, then replaces ``library.json``
-atomically (the commit), then deletes the part files it no longer lists: a writer killed before
-the commit leaves the library as it was (its temp file and journal stay for ``resume``,
-:mod:`.resume`).
+atomically (the commit), then deletes the part files it no longer lists and the temp files of
+killed writers that nothing can resume: a writer killed before the commit leaves the library as it
+was. A killed or failed build or ``add`` keeps its temp file and journal (:mod:`.resume`); the same
+build or ``add`` run again takes that part (``resume`` continues it, a fresh run discards it with
+the warning a library file's build gives); every other writer numbers its parts after it.
 """
 
 from __future__ import annotations
@@ -34,13 +36,13 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import safetensors_io as sio
-from .build import BuildReport, build_library, check_dtype, write_library
+from .build import BuildReport, check_dtype, plan_build, write_library
 from .plan import (
     LibraryPlan,
     ModulePlan,
@@ -49,6 +51,7 @@ from .plan import (
     single_factor_dtype,
     stored_module_plans,
 )
+from .resume import find_resumable, unresumable
 from .stored import (
     LibraryFormatError,
     StoredLibrary,
@@ -224,22 +227,40 @@ def _prepare(path: Path, replace: bool = False) -> StoredFolder | None:
 _TEMP_PART = re.compile(r"\.part-(\d{6,})\.lag\.safetensors\..*")
 
 
-def _next_parts(path: Path, count: int, *, after_temps: bool) -> list[str]:
-    """``count`` new part names of the folder at ``path``, numbered after every part file in it.
-
-    A killed or failed ``add`` or build leaves the temp file (and journal) of its part, unlisted:
-    ``after_temps=False`` (a build or ``add``, which resume such a file or, finding another plan in
-    it, discard it with a warning, as for a library file) takes the number of the newest one;
-    ``after_temps=True`` (``remove``, ``assemble``) numbers after them, leaving them to be resumed."""
+def _numbers(path: Path) -> tuple[set[int], set[int]]:
+    """(numbers of the part files in the folder, listed or not; numbers only temp files have)."""
     entries = os.listdir(path)
-    parts = [int(m.group(1)) for m in map(_PART.fullmatch, entries) if m]
-    temps = [int(m.group(1)) for m in map(_TEMP_PART.fullmatch, entries) if m]
-    unfinished = set(temps) - set(parts)
-    if not after_temps and unfinished:
-        start = max(unfinished)  # listed after the other parts whatever its number: the manifest orders them
-    else:
-        start = max(parts + temps, default=-1) + 1
+    parts = {int(m.group(1)) for m in map(_PART.fullmatch, entries) if m}
+    temps = {int(m.group(1)) for m in map(_TEMP_PART.fullmatch, entries) if m}
+    return parts, temps - parts
+
+
+def _next_parts(path: Path, count: int) -> list[str]:
+    """``count`` new part names, numbered after every part and temp file in the folder (so that no
+    writer takes the name of a killed ``add``'s part, whose temp file a resume continues)."""
+    parts, unfinished = _numbers(path)
+    start = max(parts | unfinished, default=-1) + 1
     return [part_name(start + i) for i in range(count)]
+
+
+def _part_for(path: Path, plan: LibraryPlan, folders: dict[int, Path]) -> str:
+    """The part a build or ``add`` of ``plan`` writes: that of a killed or failed run of this same
+    plan, found as a library file's build finds one (:func:`.resume.find_resumable`: same size and
+    header), so that ``resume`` continues it and a fresh run discards it with the file's warning;
+    else a new one."""
+    layout, fixed = plan.layout(), plan.fixed_tensors()
+    for number in sorted(_numbers(path)[1], reverse=True):
+        if find_resumable(path / part_name(number), layout, fixed, folders) is not None:
+            return part_name(number)
+    return _next_parts(path, 1)[0]
+
+
+def _discard_dead_temps(path: Path) -> None:
+    """Remove what killed writers left that nothing can resume: dead temp files without a journal
+    (a killed ``remove``, ``compact`` or ``assemble`` copy) and journals without their temp file."""
+    for number in _numbers(path)[1]:
+        for temp in unresumable(sio.stale_temps(path / part_name(number))):
+            temp.unlink(missing_ok=True)
 
 
 def _commit(path: Path, files: list[str]) -> None:
@@ -253,17 +274,25 @@ def _commit(path: Path, files: list[str]) -> None:
                 os.unlink(path / entry)
             except OSError:  # gone already, or (elsewhere than POSIX) still mapped: the next commit retries
                 pass
+    _discard_dead_temps(path)
 
 
-def build_folder(paths, output, **build) -> BuildReport:
+def build_folder(
+    paths, output, *, names=None, dtype=torch.float32, workers=None, progress=True, general_adapters=None, resume=False
+) -> BuildReport:
     """:func:`.build.build_library` into the library folder ``output`` (created if missing; a folder
     library already there is replaced whole, atomically): one part holding every adapter."""
+    start = time.perf_counter()
     output = Path(output)
+    paths, plan = plan_build(paths, names, dtype, general_adapters)
     _prepare(output, replace=True)
-    (part,) = _next_parts(output, 1, after_temps=False)
-    report = build_library(paths, output / part, **build)
+    part = _part_for(output, plan, dict(enumerate(paths)))
+    aligned, resumed, nbytes = write_library(
+        output / part, plan, paths, workers=workers, progress=progress, desc="aligning adapters", resume=resume
+    )
     _commit(output, [part])
-    return replace(report, path=output)
+    n = len(plan.names)
+    return BuildReport(output, n, aligned, len(plan.modules), nbytes, time.perf_counter() - start, resumed)
 
 
 def add_to_folder(path, paths, *, names=None, workers=None, progress=True, resume=False) -> BuildReport:
@@ -274,7 +303,7 @@ def add_to_folder(path, paths, *, names=None, workers=None, progress=True, resum
     folder = read_folder(path)
     label = f"library folder {str(path)!r}"
     paths, new_names = check_new_adapters(paths, names, label, folder.names)
-    dtype = check_dtype(single_factor_dtype(folder.factor_dtypes, label))
+    dtype = check_dtype(single_factor_dtype(folder.factor_dtypes, label, "add"))
     shapes = {}
     for part in folder.parts:
         shapes.update({name: (m.d_in, m.d_out) for name, m in part.modules.items()})
@@ -288,7 +317,7 @@ def add_to_folder(path, paths, *, names=None, workers=None, progress=True, resum
         m: ModulePlan(p.d_in, p.d_out, [i - first for i in p.ids], p.ranks) for m, p in modules.items() if p.ids
     }
     plan = LibraryPlan(new_names, dtype, part_modules, base_models, general)
-    (part,) = _next_parts(path, 1, after_temps=False)
+    part = _part_for(path, plan, {j: p for j, p in enumerate(paths)})
     aligned, resumed, nbytes = write_library(
         path / part, plan, paths, workers=workers, progress=progress, desc="aligning new adapters", resume=resume
     )
@@ -315,7 +344,7 @@ def remove_from_folder(path, names) -> BuildReport:
     if not set(folder.names) - removed:
         raise ValueError(f"removing {len(removed)} adapters would leave library folder {str(path)!r} empty")
     rewrite = [f for f, p in zip(folder.files, folder.parts) if removed & set(p.names) and set(p.names) - removed]
-    fresh = dict(zip(rewrite, _next_parts(path, len(rewrite), after_temps=True)))
+    fresh = dict(zip(rewrite, _next_parts(path, len(rewrite))))
     files, parts, written, untouched = [], [], 0, 0
     for f, part in zip(folder.files, folder.parts):
         gone = removed & set(part.names)
@@ -337,28 +366,41 @@ def assemble_folder(path, libraries) -> BuildReport:
     """Make the library files ``libraries`` the next parts of the library folder ``path`` (created
     if missing), in that order: hard links where the filesystem allows (no bytes copied; lag_triton
     replaces a library file by renaming a new one over it, so a later ``add`` to the original leaves
-    the part as it was), else copies. Every file is checked, and against the folder's parts, before
-    the folder changes. Returns what it wrote (``nbytes``: bytes copied, 0 when all were linked)."""
+    the part as it was), else synced copies. Every file is checked, and against the folder's parts
+    (one factor dtype for all), before the folder changes. Returns what it wrote (``nbytes``: bytes
+    copied, 0 when all were linked)."""
     start = time.perf_counter()
     path = Path(path)
-    sources = [
-        existing_library_path(p) for p in ([libraries] if isinstance(libraries, (str, os.PathLike)) else libraries)
-    ]
-    if not sources:
+    given = [libraries] if isinstance(libraries, (str, os.PathLike)) else list(libraries)
+    if not given:
         raise ValueError("no library files to assemble")
+    for p in given:
+        if isinstance(p, (str, os.PathLike)) and is_library_folder(p):
+            raise ValueError(
+                f"{str(p)!r} is a library folder; assemble takes library files (compact -o FILE merges a "
+                "folder into one)"
+            )
+    sources = [existing_library_path(p) for p in given]
     if len(set(map(os.path.realpath, sources))) != len(sources):
         raise ValueError("a library file is given twice: its adapters' names would repeat")
-    folder = _prepare(path)
-    old, current = (folder.files, folder.parts) if folder else ([], [])
     new = [read_stored(s) for s in sources]
+    folder = _prepare(path) if is_library_folder(path) else None  # a new folder is made once all is checked
+    old, current = (folder.files, folder.parts) if folder else ([], [])
     # checked as one folder before anything is linked; messages name the given files
-    _check_parts_agree(StoredFolder(path, old + [str(s) for s in sources], current + new))
-    names, copied = _next_parts(path, len(sources), after_temps=True), 0
+    candidate = StoredFolder(path, old + [str(s) for s in sources], current + new)
+    _check_parts_agree(candidate)
+    single_factor_dtype(
+        candidate.factor_dtypes, f"library folder {str(path)!r} with {len(sources)} new parts", "a folder"
+    )
+    if folder is None:
+        _prepare(path)
+    names, copied = _next_parts(path, len(sources)), 0
     for source, name in zip(sources, names):
         try:
             os.link(source, path / name)
-        except OSError:  # another filesystem, or one without hard links
-            shutil.copyfile(source, path / name)
+        except OSError:  # another filesystem, or one without hard links: a synced copy, renamed into place
+            with open(source, "rb") as src:
+                sio.replace_with(path / name, lambda fh: shutil.copyfileobj(src, fh, 2**24))
             copied += (path / name).stat().st_size
     _commit(path, old + names)
     after = StoredFolder(path, old + names, current + new)
@@ -393,12 +435,12 @@ def compact_folder(path, output=None) -> BuildReport:
             merged.ranks += plan.ranks
     plan = LibraryPlan(
         folder.names,
-        single_factor_dtype(folder.factor_dtypes, label),
+        single_factor_dtype(folder.factor_dtypes, label, "compact"),
         dict(sorted(modules.items())),
         folder.adapter_base_models,
         folder.parts[0].general_knowledge(),
     )
-    target = path / _next_parts(path, 1, after_temps=True)[0] if output is None else Path(output)
+    target = path / _next_parts(path, 1)[0] if output is None else Path(output)
     sources = [RowSource(part) for part in folder.parts]
     try:
         with LibraryWriter(target, plan) as writer:

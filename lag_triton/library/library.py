@@ -17,7 +17,7 @@ import torch
 
 from . import safetensors_io as sio
 from .build import build_in_memory, build_library
-from .folder import is_library_folder, read_folder
+from .folder import MANIFEST, is_library_folder, read_folder
 from .general import GeneralKnowledge
 from .plan import library_metadata
 from .stacked import StackedModuleWeights
@@ -220,12 +220,13 @@ def _load_folder(path: Path, check_values: bool) -> Library:
     """A library folder's parts, each loaded as a file, read as one library: a module held by one
     part at offset 0 and padded to r_max is that part's module, any other a stacked view of its parts."""
     for attempt in range(3):  # a writer that commits meanwhile deletes the parts it replaced: read again
-        folder = read_folder(path)
+        manifest = _stamp(path / MANIFEST)
         try:
+            folder = read_folder(path)
             parts = [_load(path / f, check_values, stored) for f, stored in zip(folder.files, folder.parts)]
             break
-        except FileNotFoundError:
-            if attempt == 2:
+        except (FileNotFoundError, LibraryFormatError):
+            if attempt == 2 or _stamp(path / MANIFEST) == manifest:  # no commit came between: a real error
                 raise
     r_max, modules = folder.r_max, {}
     for name in folder.module_names:
@@ -246,6 +247,15 @@ def _load_folder(path: Path, check_values: bool) -> Library:
         general=parts[0].general,
         adapter_base_models=folder.adapter_base_models,
     )
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """(inode, mtime) of ``path``: a commit renames a new manifest over the old one."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 def _load(path: Path, check_values: bool = True, stored: StoredLibrary | None = None) -> Library:

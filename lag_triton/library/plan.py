@@ -215,11 +215,11 @@ def check_new_adapters(paths, names, library: str, existing: list[str]) -> tuple
     return paths, new_names
 
 
-def single_factor_dtype(dtypes: set[torch.dtype], library: str) -> torch.dtype:
-    """The one factor dtype of ``library`` (``add``/``remove`` write every row in it), else ValueError."""
+def single_factor_dtype(dtypes: set[torch.dtype], library: str, needs: str = "add/remove") -> torch.dtype:
+    """The one factor dtype of ``library`` (what ``needs`` writes every row in), else ValueError."""
     if len(dtypes) != 1:
         raise ValueError(
-            f"{library} mixes factor dtypes {sorted(map(str, dtypes))}; add/remove need one dtype (load it, "
+            f"{library} mixes factor dtypes {sorted(map(str, dtypes))}; {needs} needs one dtype (load it, "
             "cast with .to(dtype=...) and save it first)"
         )
     return next(iter(dtypes))

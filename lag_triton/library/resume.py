@@ -123,6 +123,20 @@ class BuildJournal:
                     pass
 
 
+def unresumable(temps: list[Path]) -> list[Path]:
+    """Of the dead temp files of one output (:func:`.safetensors_io.stale_temps`), those no build can
+    resume: temp files without a journal, and journals without their temp file."""
+    names = {t.name for t in temps}
+    out = []
+    for temp in temps:
+        if temp.name.endswith(_JOURNAL + sio.TEMP_SUFFIX):
+            if temp.name.removesuffix(_JOURNAL + sio.TEMP_SUFFIX) + sio.TEMP_SUFFIX not in names:
+                out.append(temp)
+        elif journal_path(temp).name not in names:
+            out.append(temp)
+    return out
+
+
 def set_aside(temp: Path, path: Path) -> Path:
     """Rename a failed build's temp file of ``path`` and its journal so that a resumed build finds
     them, in this process too (whose pid is alive); returns the temp file's new name."""

@@ -342,7 +342,7 @@ def _write_tensor(fh, t: torch.Tensor) -> None:
 
 def write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write a safetensors file atomically: ``path`` holds either its old bytes or all the new ones
-    (:func:`_replace`)."""
+    (:func:`replace_with`)."""
     tensors = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
     for name, t in tensors.items():
         if t.dtype not in DTYPE_NAMES:
@@ -354,15 +354,15 @@ def write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
         for name in order:
             _write_tensor(fh, tensors[name])
 
-    _replace(path, fill)
+    replace_with(path, fill)
 
 
 def write_bytes(path: Path, data: bytes) -> None:
-    """Replace ``path`` atomically with ``data`` (:func:`_replace`)."""
-    _replace(path, lambda fh: fh.write(data))
+    """Replace ``path`` atomically with ``data`` (:func:`replace_with`)."""
+    replace_with(path, lambda fh: fh.write(data))
 
 
-def _replace(path: Path, fill) -> None:
+def replace_with(path: Path, fill) -> None:
     """``fill(fh)`` writes a temp file in the target folder, which is fsynced and renamed over
     ``path`` (then the folder is fsynced). On any error the temp file is removed; one left by a
     killed process is removed by the next write to the same path."""
