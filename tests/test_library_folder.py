@@ -439,7 +439,9 @@ def test_a_general_knowledge_folder_loads_without_joining_its_parts(tmp_path):
     lib = Library.load(folder, check_values=False)
     stacked = [m for m in lib.modules.values() if isinstance(m, StackedModuleWeights)]
     assert stacked and not any("_whole" in vars(m) for m in stacked)  # no host copy of the joined rows
-    lib.nbytes, lib.dtype, repr(lib)
+    from lag_triton.experiment.evaluate import factors_read_per_token
+
+    lib.nbytes, lib.dtype, repr(lib), factors_read_per_token(lib, "lag", 2)
     assert not any("_whole" in vars(m) for m in stacked)
 
 
