@@ -61,7 +61,8 @@ def _parts(folder) -> list[str]:
 
 
 def _entries(folder) -> list[str]:
-    return sorted(p.name for p in folder.iterdir())
+    """The folder's files but its writers' lock file (which stays, empty: removing a lock file races)."""
+    return sorted(p.name for p in folder.iterdir() if p.name != ".lock")
 
 
 @pytest.mark.parametrize("steps", [[2], [3], [1, 3, 4], [1, 2, 3, 4, 5]])
@@ -563,3 +564,35 @@ def test_assemble_checks_everything_before_the_folder_exists(adapters, tmp_path,
     assemble_folder(tmp_path / "new", [bf16])
     part = _parts(tmp_path / "new")[0]
     assert any(f".{part}." in s for s in synced)  # the copy was synced before the manifest listed it
+
+
+def test_a_second_writer_fails_at_once_while_one_holds_the_folder(adapters, tmp_path, capsys):
+    """Two writers at once would each commit a manifest without the other's part (and delete it as
+    unlisted): the second fails instead, naming the folder, and the folder is as the first left it."""
+    import fcntl
+
+    from lag_triton.__main__ import main
+    from lag_triton.library import assemble_folder, compact_folder
+    from lag_triton.library.folder import FolderBusy
+
+    folder = _folder(adapters[:2], tmp_path / "lib")
+    add_adapters(folder, adapters[2:3], workers=0, progress=False)
+    _file(adapters[4:5], tmp_path / "other.safetensors")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with open(folder / ".lock") as held:  # what a writer in another process holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        writers = [
+            lambda: add_adapters(folder, adapters[3:4], workers=0, progress=False),
+            lambda: remove_adapters(folder, ["a0"]),
+            lambda: compact_folder(folder),
+            lambda: assemble_folder(folder, [tmp_path / "other.safetensors"]),
+            lambda: _folder(adapters[3:4], folder),
+        ]
+        for writer in writers:
+            with pytest.raises(FolderBusy, match=r"library folder '.*lib': another writer .* one writer at a time"):
+                writer()
+        assert main(["remove", str(folder), "a0"]) == 1 and "another writer" in capsys.readouterr().err
+        compact_folder(folder, tmp_path / "merged.safetensors")  # -o only reads the folder
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    remove_adapters(folder, ["a0"])  # the lock is free again
+    assert Library.load(folder).names == ["a1", "a2"]

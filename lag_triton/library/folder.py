@@ -15,22 +15,24 @@ agree: distinct adapter names, one d_in x d_out and one factor dtype per module,
 knowledge (GKS names and means, bit for bit). The base model is decided from every adapter's, as a
 build decides it.
 
-Writers (one at a time per folder): a build (``build_folder``) writes one part; ``add`` writes one
-new part holding only the new adapters (O(new adapters)); ``remove`` rewrites only the parts that
-hold removed adapters and drops the parts it empties; ``assemble_folder`` makes library files
-(built apart, e.g. on several machines) parts of a folder, hard-linked where it can (no copy);
-``compact_folder`` merges the parts into one part, or into one library file (rows copied, never
-re-aligned).
-Each writes its part files under names the manifest does not list, then replaces ``library.json``
-atomically (the commit), then deletes the part files it no longer lists and the temp files of
-killed writers that nothing can resume: a writer killed before the commit leaves the library as it
-was. A killed or failed build or ``add`` keeps its temp file and journal (:mod:`.resume`); the same
-build or ``add`` run again takes that part (``resume`` continues it, a fresh run discards it with
-the warning a library file's build gives); every other writer numbers its parts after it.
+Writers (one at a time per folder: each holds an ``flock`` on the folder's ``.lock`` file from
+reading its state to its commit, and a second fails at once): a build (``build_folder``) writes one
+part; ``add`` writes one new part holding only the new adapters (O(new adapters)); ``remove``
+rewrites only the parts that hold removed adapters and drops the parts it empties;
+``assemble_folder`` makes library files (built apart, e.g. on several machines) parts of a folder,
+hard-linked where it can (no copy); ``compact_folder`` merges the parts into one part, or into one
+library file (rows copied, never re-aligned). Each writes its part files under names the manifest
+does not list, then replaces ``library.json`` atomically (the commit), then deletes the part files
+it no longer lists and the temp files of killed writers that nothing can resume: a writer killed
+before the commit leaves the library as it was. A killed or failed build or ``add`` keeps its temp
+file and journal (:mod:`.resume`); the same build or ``add`` run again takes that part (``resume``
+continues it, a fresh run discards it with the warning a library file's build gives); every other
+writer numbers its parts after it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -215,13 +217,49 @@ def _prepare(path: Path, replace: bool = False) -> StoredFolder | None:
     path.mkdir(parents=True, exist_ok=True)
     for stale in sio.stale_temps(path / MANIFEST):  # a writer killed while it replaced the manifest
         stale.unlink(missing_ok=True)
-    other = sorted(e for e in os.listdir(path) if not (_PART.fullmatch(e) or e.startswith((".part-", f".{MANIFEST}."))))
+    allowed = (".part-", f".{MANIFEST}.")  # temp files of parts and of the manifest
+    other = sorted(e for e in os.listdir(path) if not (_PART.fullmatch(e) or e == _LOCK or e.startswith(allowed)))
     if other:
         raise FileExistsError(
             f"folder {str(path)!r} holds {other[:3]} and no {MANIFEST}: not a library folder (choose an empty "
             "or new folder)"
         )
     return None
+
+
+_LOCK = ".lock"
+
+
+class FolderBusy(RuntimeError):
+    """Another writer holds the library folder's lock."""
+
+
+@contextlib.contextmanager
+def _one_writer(path: Path, new: bool = False):
+    """Hold the library folder's writer lock (``flock`` on its ``.lock`` file) from reading its
+    state to its commit: a second writer fails at once instead of one commit silently dropping the
+    other's part. Readers take no lock (a load that races a commit reads again). Without ``fcntl``
+    (not POSIX) there is no lock: one writer at a time is then up to the caller. ``new``: a folder
+    that :func:`_prepare` has just checked or made (a build's, an assemble's)."""
+    if not (new or is_library_folder(path)):
+        read_folder(path)  # raises what a folder that is not a library folder gets
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(path / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FolderBusy(
+                f"library folder {str(path)!r}: another writer (build, add, remove, assemble or compact) is at "
+                "work on it; one writer at a time"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 _TEMP_PART = re.compile(r"\.part-(\d{6,})\.lag\.safetensors\..*")
@@ -286,13 +324,14 @@ def build_folder(
     output = Path(output)
     paths, plan = plan_build(paths, names, dtype, general_adapters)
     _prepare(output, replace=True)
-    part = _part_for(output, plan, dict(enumerate(paths)))
-    aligned, resumed, nbytes = write_library(
-        output / part, plan, paths, workers=workers, progress=progress, desc="aligning adapters", resume=resume
-    )
-    _commit(output, [part])
-    n = len(plan.names)
-    return BuildReport(output, n, aligned, len(plan.modules), nbytes, time.perf_counter() - start, resumed)
+    with _one_writer(output, new=True):
+        part = _part_for(output, plan, dict(enumerate(paths)))
+        aligned, resumed, nbytes = write_library(
+            output / part, plan, paths, workers=workers, progress=progress, desc="aligning adapters", resume=resume
+        )
+        _commit(output, [part])
+        n = len(plan.names)
+        return BuildReport(output, n, aligned, len(plan.modules), nbytes, time.perf_counter() - start, resumed)
 
 
 def add_to_folder(path, paths, *, names=None, workers=None, progress=True, resume=False) -> BuildReport:
@@ -300,32 +339,33 @@ def add_to_folder(path, paths, *, names=None, workers=None, progress=True, resum
     new adapters are read, aligned and written. Checks as :func:`.grow.add_adapters` does."""
     start = time.perf_counter()
     path = Path(path)
-    folder = read_folder(path)
-    label = f"library folder {str(path)!r}"
-    paths, new_names = check_new_adapters(paths, names, label, folder.names)
-    dtype = check_dtype(single_factor_dtype(folder.factor_dtypes, label, "add"))
-    shapes = {}
-    for part in folder.parts:
-        shapes.update({name: (m.d_in, m.d_out) for name, m in part.modules.items()})
-    first = len(folder.names)
-    general = folder.parts[0].general_knowledge()
-    # planned after the library's modules, so that a shape mismatch names the library's side
-    modules, base_models = plan_adapters(
-        paths, first_index=first, modules={m: ModulePlan(*s) for m, s in shapes.items()}, general=general
-    )
-    part_modules = {
-        m: ModulePlan(p.d_in, p.d_out, [i - first for i in p.ids], p.ranks) for m, p in modules.items() if p.ids
-    }
-    plan = LibraryPlan(new_names, dtype, part_modules, base_models, general)
-    part = _part_for(path, plan, {j: p for j, p in enumerate(paths)})
-    aligned, resumed, nbytes = write_library(
-        path / part, plan, paths, workers=workers, progress=progress, desc="aligning new adapters", resume=resume
-    )
-    _commit(path, folder.files + [part])
-    n = first + len(new_names)
-    modules_after = len(set(shapes) | set(part_modules))
-    seconds = time.perf_counter() - start
-    return BuildReport(path, n, aligned, modules_after, nbytes, seconds, resumed, untouched=first)
+    with _one_writer(path):
+        folder = read_folder(path)
+        label = f"library folder {str(path)!r}"
+        paths, new_names = check_new_adapters(paths, names, label, folder.names)
+        dtype = check_dtype(single_factor_dtype(folder.factor_dtypes, label, "add"))
+        shapes = {}
+        for part in folder.parts:
+            shapes.update({name: (m.d_in, m.d_out) for name, m in part.modules.items()})
+        first = len(folder.names)
+        general = folder.parts[0].general_knowledge()
+        # planned after the library's modules, so that a shape mismatch names the library's side
+        modules, base_models = plan_adapters(
+            paths, first_index=first, modules={m: ModulePlan(*s) for m, s in shapes.items()}, general=general
+        )
+        part_modules = {
+            m: ModulePlan(p.d_in, p.d_out, [i - first for i in p.ids], p.ranks) for m, p in modules.items() if p.ids
+        }
+        plan = LibraryPlan(new_names, dtype, part_modules, base_models, general)
+        part = _part_for(path, plan, {j: p for j, p in enumerate(paths)})
+        aligned, resumed, nbytes = write_library(
+            path / part, plan, paths, workers=workers, progress=progress, desc="aligning new adapters", resume=resume
+        )
+        _commit(path, folder.files + [part])
+        n = first + len(new_names)
+        modules_after = len(set(shapes) | set(part_modules))
+        seconds = time.perf_counter() - start
+        return BuildReport(path, n, aligned, modules_after, nbytes, seconds, resumed, untouched=first)
 
 
 def remove_from_folder(path, names) -> BuildReport:
@@ -336,30 +376,31 @@ def remove_from_folder(path, names) -> BuildReport:
 
     start = time.perf_counter()
     path = Path(path)
-    folder = read_folder(path)
-    removed = set(check_names([names] if isinstance(names, str) else names))
-    unknown = sorted(removed - set(folder.names))
-    if unknown:
-        raise ValueError(f"library folder {str(path)!r} has no adapters named {unknown[:10]}")
-    if not set(folder.names) - removed:
-        raise ValueError(f"removing {len(removed)} adapters would leave library folder {str(path)!r} empty")
-    rewrite = [f for f, p in zip(folder.files, folder.parts) if removed & set(p.names) and set(p.names) - removed]
-    fresh = dict(zip(rewrite, _next_parts(path, len(rewrite))))
-    files, parts, written, untouched = [], [], 0, 0
-    for f, part in zip(folder.files, folder.parts):
-        gone = removed & set(part.names)
-        if not gone:
-            files.append(f)
-            parts.append(part)
-            untouched += len(part.names)
-        elif f in fresh:
-            written += remove_adapters(path / f, sorted(gone), output=path / fresh[f]).nbytes
-            files.append(fresh[f])
-            parts.append(read_stored(path / fresh[f]))
-    _commit(path, files)
-    after = StoredFolder(path, files, parts)
-    seconds = time.perf_counter() - start
-    return BuildReport(path, len(after.names), 0, len(after.module_names), written, seconds, untouched=untouched)
+    with _one_writer(path):
+        folder = read_folder(path)
+        removed = set(check_names([names] if isinstance(names, str) else names))
+        unknown = sorted(removed - set(folder.names))
+        if unknown:
+            raise ValueError(f"library folder {str(path)!r} has no adapters named {unknown[:10]}")
+        if not set(folder.names) - removed:
+            raise ValueError(f"removing {len(removed)} adapters would leave library folder {str(path)!r} empty")
+        rewrite = [f for f, p in zip(folder.files, folder.parts) if removed & set(p.names) and set(p.names) - removed]
+        fresh = dict(zip(rewrite, _next_parts(path, len(rewrite))))
+        files, parts, written, untouched = [], [], 0, 0
+        for f, part in zip(folder.files, folder.parts):
+            gone = removed & set(part.names)
+            if not gone:
+                files.append(f)
+                parts.append(part)
+                untouched += len(part.names)
+            elif f in fresh:
+                written += remove_adapters(path / f, sorted(gone), output=path / fresh[f]).nbytes
+                files.append(fresh[f])
+                parts.append(read_stored(path / fresh[f]))
+        _commit(path, files)
+        after = StoredFolder(path, files, parts)
+        seconds = time.perf_counter() - start
+        return BuildReport(path, len(after.names), 0, len(after.module_names), written, seconds, untouched=untouched)
 
 
 def assemble_folder(path, libraries) -> BuildReport:
@@ -384,16 +425,26 @@ def assemble_folder(path, libraries) -> BuildReport:
     if len(set(map(os.path.realpath, sources))) != len(sources):
         raise ValueError("a library file is given twice: its adapters' names would repeat")
     new = [read_stored(s) for s in sources]
-    folder = _prepare(path) if is_library_folder(path) else None  # a new folder is made once all is checked
-    old, current = (folder.files, folder.parts) if folder else ([], [])
-    # checked as one folder before anything is linked; messages name the given files
+    if not is_library_folder(path):  # checked before the folder is made
+        _check_new_parts(path, [], [], sources, new)
+        _prepare(path)
+    with _one_writer(path, new=True):
+        return _assemble(path, sources, new, start)
+
+
+def _check_new_parts(path: Path, old: list[str], current: list[StoredLibrary], sources, new) -> None:
+    """The folder ``old`` + ``sources`` is one (messages name the given files); one factor dtype."""
     candidate = StoredFolder(path, old + [str(s) for s in sources], current + new)
     _check_parts_agree(candidate)
     single_factor_dtype(
         candidate.factor_dtypes, f"library folder {str(path)!r} with {len(sources)} new parts", "a folder"
     )
-    if folder is None:
-        _prepare(path)
+
+
+def _assemble(path: Path, sources: list[Path], new: list[StoredLibrary], start: float) -> BuildReport:
+    folder = _prepare(path)
+    old, current = (folder.files, folder.parts) if folder else ([], [])
+    _check_new_parts(path, old, current, sources, new)
     names, copied = _next_parts(path, len(sources)), 0
     for source, name in zip(sources, names):
         try:
@@ -414,10 +465,15 @@ def compact_folder(path, output=None) -> BuildReport:
     one part is left as it is), or into the library file ``output`` (the folder left as it is). Rows
     are copied by the kernel where the rank padding is unchanged (re-padded otherwise), never
     re-aligned: the bytes are those of one build of all the adapters in order."""
-    from .writer import LibraryWriter, RowSource
-
     start = time.perf_counter()
     path = Path(path)
+    with _one_writer(path) if output is None else contextlib.nullcontext():  # -o only reads the folder
+        return _compact(path, output, start)
+
+
+def _compact(path: Path, output, start: float) -> BuildReport:
+    from .writer import LibraryWriter, RowSource
+
     folder = read_folder(path)
     label = f"library folder {str(path)!r}"
     if output is not None and Path(output).resolve().parent == path.resolve():
