@@ -10,6 +10,7 @@ import transformers
 from peft import LoraConfig, get_peft_model
 
 from lag_triton.kernels import backend_unavailable_reason
+from lag_triton.library import build as _build_module
 
 VOCAB = 97
 
@@ -375,3 +376,21 @@ def tiny_library(
         for i in range(n)
     ]
     return Library.from_peft(paths, progress=False)
+
+
+_ALIGN_AND_WRITE = _build_module.align_and_write  # the real one: a test may have replaced the attribute
+
+
+def count_alignments(monkeypatch, fail_after: int | None = None) -> list[str]:
+    """Folder names of the adapters that builds, ``add`` and ``remove`` align from now on; with
+    ``fail_after``, a KeyboardInterrupt (Ctrl-C) once that many were aligned."""
+    aligned = []
+
+    def counted(target, job, *general):
+        if fail_after is not None and len(aligned) == fail_after:
+            raise KeyboardInterrupt
+        _ALIGN_AND_WRITE(target, job, *general)
+        aligned.append(job[0].name)
+
+    monkeypatch.setattr(_build_module, "align_and_write", counted)
+    return aligned

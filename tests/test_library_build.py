@@ -23,7 +23,7 @@ from lag_triton import AdapterError, Library
 from lag_triton.library import ModuleWeights, build_library
 from lag_triton.library.build import align_and_write as _ALIGN_AND_WRITE
 
-from factories import make_adapter, tiny_model
+from factories import count_alignments, make_adapter, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -245,23 +245,6 @@ _KILLED_BUILD = textwrap.dedent("""
 """)
 
 
-def _count_alignments(monkeypatch, fail_after: int | None = None) -> list[str]:
-    """Folder names of the adapters that build_library aligns from now on; with ``fail_after``, a
-    KeyboardInterrupt (Ctrl-C) once that many were aligned."""
-    from lag_triton.library import build
-
-    aligned = []
-
-    def counted(target, job, *general):
-        if fail_after is not None and len(aligned) == fail_after:
-            raise KeyboardInterrupt
-        _ALIGN_AND_WRITE(target, job, *general)  # not build's attribute: an earlier call replaced it
-        aligned.append(job[0].name)
-
-    monkeypatch.setattr(build, "align_and_write", counted)
-    return aligned
-
-
 @pytest.mark.parametrize("resume", [False, True])
 def test_a_killed_build_leaves_the_old_library_intact_and_the_next_build_resumes_or_cleans_up(
     adapters, tmp_path, monkeypatch, resume
@@ -282,7 +265,7 @@ def test_a_killed_build_leaves_the_old_library_intact_and_the_next_build_resumes
         proc.wait()
     assert out.read_bytes() == before
     Library.load(out)
-    aligned = _count_alignments(monkeypatch)
+    aligned = count_alignments(monkeypatch)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report = build_library(adapters, out, workers=0, progress=False, resume=resume)
@@ -304,7 +287,7 @@ def test_an_interrupted_build_resumes_with_only_the_missing_or_changed_adapters(
     expected = _saved_bytes(adapters, tmp_path, torch.bfloat16)
 
     def interrupted(after: int, **kwargs) -> KeyboardInterrupt:
-        _count_alignments(monkeypatch, fail_after=after)
+        count_alignments(monkeypatch, fail_after=after)
         with pytest.raises(KeyboardInterrupt) as caught:
             build_library(adapters, out, dtype=torch.bfloat16, workers=0, progress=False, **kwargs)
         assert not out.exists() and len(list(out.parent.iterdir())) == 2  # temp file and journal kept
@@ -317,7 +300,7 @@ def test_an_interrupted_build_resumes_with_only_the_missing_or_changed_adapters(
             error.__notes__[0],
         )
     # another dtype is another file: nothing is resumed, and the dead build's files are removed
-    aligned = _count_alignments(monkeypatch)
+    aligned = count_alignments(monkeypatch)
     assert build_library(adapters, out, workers=0, progress=False, resume=True).resumed == 0
     assert len(aligned) == 5 and sorted(p.name for p in out.parent.iterdir()) == [out.name]
     out.unlink()
@@ -331,7 +314,7 @@ def test_an_interrupted_build_resumes_with_only_the_missing_or_changed_adapters(
     weights = adapters[1] / "adapter_model.safetensors"  # touched since it was aligned: aligned again
     stat = weights.stat()
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    aligned = _count_alignments(monkeypatch)
+    aligned = count_alignments(monkeypatch)
     report = build_library(adapters, out, dtype=torch.bfloat16, workers=0, progress=False, resume=True)
     assert aligned == ["a1", "a4"] and (report.aligned, report.resumed) == (2, 3)
     assert out.read_bytes() == expected and sorted(p.name for p in out.parent.iterdir()) == [out.name]
@@ -341,13 +324,13 @@ def test_resume_on_the_command_line_and_from_peft(adapters, tmp_path, monkeypatc
     from lag_triton.__main__ import main
 
     out = tmp_path / "lib.safetensors"
-    _count_alignments(monkeypatch, fail_after=2)
+    count_alignments(monkeypatch, fail_after=2)
     assert main(["build", *map(str, adapters), "-o", str(out), "--workers", "0", "-q"]) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err
     if sys.version_info >= (3, 11):
         assert "2 of 5 adapters are written to" in err and "(command line: --resume)" in err
-    aligned = _count_alignments(monkeypatch)
+    aligned = count_alignments(monkeypatch)
     assert main(["build", *map(str, adapters), "-o", str(out), "--workers", "0", "-q", "--resume"]) == 0
     assert "3 aligned, 2 kept from a killed build" in capsys.readouterr().out and len(aligned) == 3
     assert out.read_bytes() == _saved_bytes(adapters, tmp_path, torch.float32)
@@ -447,11 +430,11 @@ def test_a_build_that_loses_the_race_for_a_dead_builds_file_starts_over(adapters
 def _interrupted_then_resumed(paths, out, monkeypatch, after: int, mend, **kwargs):
     """Interrupt a build of ``paths`` after ``after`` adapters, ``mend()`` the folders, resume it:
     (the report, the warnings it gave, the folder names it aligned)."""
-    _count_alignments(monkeypatch, fail_after=after)
+    count_alignments(monkeypatch, fail_after=after)
     with pytest.raises(KeyboardInterrupt):
         build_library(paths, out, workers=0, progress=False, **kwargs)
     mend()
-    aligned = _count_alignments(monkeypatch)
+    aligned = count_alignments(monkeypatch)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report = build_library(paths, out, workers=0, progress=False, resume=True, **kwargs)
@@ -546,7 +529,7 @@ def test_the_journal_stamps_an_adapter_as_it_was_before_it_was_read(tmp_path, mo
     monkeypatch.setattr(build, "align_and_write", two_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         build_library(paths, out, workers=0, progress=False)
-    aligned = _count_alignments(monkeypatch)
+    aligned = count_alignments(monkeypatch)
     report = build_library(paths, out, workers=0, progress=False, resume=True)
     assert aligned == ["a0", "a2"] and (report.aligned, report.resumed) == (2, 1)
     assert out.read_bytes() == _saved_bytes(paths, tmp_path, torch.float32)

@@ -16,12 +16,12 @@ import torch
 
 import lag_triton
 from lag_triton import Library, LibraryFormatError
-from lag_triton.library import add_adapters, build, build_library, remove_adapters
+from lag_triton.library import add_adapters, build_library, remove_adapters
 from lag_triton.library.folder import MANIFEST
 from lag_triton.library.stacked import StackedModuleWeights
 from lag_triton.library.weights import ModuleWeights
 
-from factories import make_adapter, tiny_model
+from factories import count_alignments, make_adapter, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -145,33 +145,16 @@ def test_add_refuses_taken_names_and_shape_mismatches_leaving_the_folder_untouch
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 
-_ALIGN = build.align_and_write
-
-
-def _count_alignments(monkeypatch, fail_after: int | None = None) -> list[str]:
-    """The adapters aligned from now on, by folder name; Ctrl-C (KeyboardInterrupt) after ``fail_after``."""
-    aligned = []
-
-    def counted(target, job, *general):
-        if len(aligned) == fail_after:
-            raise KeyboardInterrupt
-        aligned.append(job[0].name)
-        _ALIGN(target, job, *general)
-
-    monkeypatch.setattr(build, "align_and_write", counted)
-    return aligned
-
-
 def test_an_interrupted_add_leaves_the_folder_and_resumes(adapters, tmp_path, monkeypatch):
     scratch = _file(adapters, tmp_path / "scratch.safetensors")
     folder = _folder(adapters[:2], tmp_path / "lib")
     before = {p: (folder / p).read_bytes() for p in [MANIFEST, *_parts(folder)]}
-    _count_alignments(monkeypatch, fail_after=2)
+    count_alignments(monkeypatch, fail_after=2)
     with pytest.raises(KeyboardInterrupt):
         add_adapters(folder, adapters[2:], workers=0, progress=False)
     assert {p: (folder / p).read_bytes() for p in before} == before and _parts(folder) == list(before)[1:]
     assert Library.load(folder).names == ["a0", "a1"]
-    aligned = _count_alignments(monkeypatch)
+    aligned = count_alignments(monkeypatch)
     report = add_adapters(folder, adapters[2:], workers=0, progress=False, resume=True)
     assert aligned == ["a4", "a5"] and (report.aligned, report.resumed, report.untouched) == (2, 2, 2)
     assert _entries(folder) == sorted([MANIFEST, *_parts(folder)])
@@ -376,11 +359,11 @@ def test_assemble_links_files_built_apart_into_one_folder(adapters, tmp_path, mo
 def test_a_remove_between_an_interrupted_add_and_its_resume_keeps_the_add_s_rows(adapters, tmp_path, monkeypatch):
     """remove numbers its parts after the temp file a failed add left, so the resume still finds it."""
     folder = _folder(adapters[:2], tmp_path / "lib")
-    _count_alignments(monkeypatch, fail_after=2)
+    count_alignments(monkeypatch, fail_after=2)
     with pytest.raises(KeyboardInterrupt):
         add_adapters(folder, adapters[2:], workers=0, progress=False)
     remove_adapters(folder, ["a1"])
-    aligned = _count_alignments(monkeypatch)
+    aligned = count_alignments(monkeypatch)
     report = add_adapters(folder, adapters[2:], workers=0, progress=False, resume=True)
     assert aligned == ["a4", "a5"] and report.resumed == 2
     rest = [adapters[0], *adapters[2:]]
@@ -519,19 +502,19 @@ def test_writers_killed_or_failed_leave_only_what_a_resume_needs(adapters, tmp_p
 
     folder = _folder(adapters[:1], tmp_path / "lib")
     add_adapters(folder, adapters[1:2], workers=0, progress=False)
-    _count_alignments(monkeypatch, fail_after=1)
+    count_alignments(monkeypatch, fail_after=1)
     with pytest.raises(KeyboardInterrupt):  # a2 written and kept, with its journal
         add_adapters(folder, adapters[2:5], workers=0, progress=False)
     kept = sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
     _kill_while_writing(compact_folder, folder)
     assert len([p for p in folder.iterdir() if p.name.startswith(".")]) == len(kept) + 1
     assert Library.load(folder).names == ["a0", "a1"]
-    _count_alignments(monkeypatch)
+    count_alignments(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "starting over, and removing what a killed run left"
         add_adapters(folder, adapters[5:], workers=0, progress=False)
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == kept  # compact's is gone
-    aligned = _count_alignments(monkeypatch)
+    aligned = count_alignments(monkeypatch)
     report = add_adapters(folder, adapters[2:5], workers=0, progress=False, resume=True)
     assert aligned == ["a3", "a4"] and report.resumed == 1
     assert _entries(folder) == sorted([MANIFEST, *_parts(folder)])

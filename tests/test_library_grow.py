@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from lag_triton import AdapterError, Library
-from lag_triton.library import add_adapters, build, build_library, remove_adapters
+from lag_triton.library import add_adapters, build_library, remove_adapters
 
-from factories import library_info, make_adapter, read_raw, tiny_model
+from factories import count_alignments, library_info, make_adapter, read_raw, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +59,7 @@ def test_add_never_realigns_the_old_adapters_and_adds_in_steps(adapters, tmp_pat
     scratch = _build(adapters, tmp_path / "scratch.safetensors")
     lib = tmp_path / "lib.safetensors"
     _build(adapters[:1], lib)
-    aligned = []
-    real = build.align_and_write
-    monkeypatch.setattr(
-        build,
-        "align_and_write",
-        lambda target, job, *general: (aligned.append(job[0].name), real(target, job, *general)),
-    )
+    aligned = count_alignments(monkeypatch)
     for step in (adapters[1:3], adapters[3:4], adapters[4:]):
         add_adapters(lib, step, workers=0, progress=False)
     assert aligned == ["a1", "a2", "a3", "a4"] and lib.read_bytes() == scratch
@@ -77,21 +71,13 @@ def test_an_interrupted_add_leaves_the_library_and_resumes_with_only_the_rest(ad
     scratch = _build(adapters, tmp_path / "scratch.safetensors")
     lib = tmp_path / "lib.safetensors"
     before = _build(adapters[:1], lib)
-    real, aligned = build.align_and_write, []
-
-    def interrupted_after_two(target, job, *general):
-        if len(aligned) == 2:
-            raise KeyboardInterrupt
-        real(target, job, *general)
-        aligned.append(job[0].name)
-
-    monkeypatch.setattr(build, "align_and_write", interrupted_after_two)
+    aligned = count_alignments(monkeypatch, fail_after=2)
     assert main(["add", str(lib), *map(str, adapters[1:]), "--workers", "0", "-q"]) == 130
     assert lib.read_bytes() == before and aligned == ["a1", "a2"]  # the library is as it was
     assert len([p for p in tmp_path.iterdir() if p.name.endswith(".lag-tmp")]) == 2  # temp file + journal
     err = capsys.readouterr().err
     assert "2 of 4 adapters are written to" in err or sys.version_info < (3, 11)  # exception notes: 3.11+
-    aligned.clear()
+    aligned = count_alignments(monkeypatch)
     assert main(["add", str(lib), *map(str, adapters[1:]), "--workers", "0", "-q", "--resume"]) == 0
     assert "2 aligned, 2 kept from a killed build, 1 copied" in capsys.readouterr().out and aligned == ["a3", "a4"]
     assert lib.read_bytes() == scratch
