@@ -203,17 +203,12 @@ def _check_parts_agree(folder: StoredFolder) -> None:
 def _prepare(path: Path, replace: bool = False) -> StoredFolder | None:
     """The library folder at ``path`` (None for a new one, created here); refuses a file, or a
     folder holding anything but library parts and their temp files. ``replace`` (a build, which
-    replaces the folder whole): a folder whose manifest or parts are broken counts as new (its
-    commit deletes every part file it does not list)."""
+    replaces the folder whole): a library folder, even one whose manifest or parts are broken,
+    counts as new (its commit deletes every part file it does not list)."""
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"library folder {str(path)!r} is a file (a library file? write a folder elsewhere)")
     if is_library_folder(path):
-        try:
-            return read_folder(path)
-        except LibraryFormatError:
-            if not replace:
-                raise
-            return None
+        return None if replace else read_folder(path)  # a build replaces it whole: nothing of it is read
     path.mkdir(parents=True, exist_ok=True)
     for stale in sio.stale_temps(path / MANIFEST):  # a writer killed while it replaced the manifest
         stale.unlink(missing_ok=True)

@@ -119,19 +119,21 @@ class StoredLibrary:
         return {m.entries[f].torch_dtype for m in self.modules.values() for f in ("a_star", "b_star", "prototypes")}
 
     def general_knowledge(self) -> GeneralKnowledge | None:
-        """The general means (GKS) the library was built with, read from the file; None without."""
+        """The general means (GKS) the library was built with, read from the file once (a folder's
+        load compares every part's, then loads them); None without."""
         if self.general is None:
             return None
-        names, modules = self.general
-        try:  # a SafetensorsProblem is a ValueError too
-            tensors = sio.read_tensors(
-                self.path, self.header, [tensor_name(m, f) for m in modules for f in GENERAL_FIELDS]
-            )
-            return GeneralKnowledge(
-                names, {m: tuple(tensors[tensor_name(m, f)] for f in GENERAL_FIELDS) for m in modules}
-            )
-        except ValueError as e:
-            raise self.fail(str(e)) from None
+        if "_general_knowledge" not in self.__dict__:
+            names, modules = self.general
+            try:  # a SafetensorsProblem is a ValueError too
+                tensors = sio.read_tensors(
+                    self.path, self.header, [tensor_name(m, f) for m in modules for f in GENERAL_FIELDS]
+                )
+                means = {m: tuple(tensors[tensor_name(m, f)] for f in GENERAL_FIELDS) for m in modules}
+                object.__setattr__(self, "_general_knowledge", GeneralKnowledge(names, means))  # frozen dataclass
+            except ValueError as e:
+                raise self.fail(str(e)) from None
+        return self.__dict__["_general_knowledge"]
 
     def index_maps(self, module: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(adapter_ids int64, ranks int64 or None) of ``module``, read from the file and checked:
