@@ -217,9 +217,10 @@ def _assemble(args: argparse.Namespace) -> int:
 
 
 def _compact(args: argparse.Namespace) -> int:
-    from .library.folder import MANIFEST, compact_folder, read_folder
+    from .library.folder import MANIFEST, compact_folder, is_library_folder, read_folder
 
-    read_folder(args.folder)  # a folder that is not a library folder fails here (exit 1), as info does
+    if not is_library_folder(args.folder):
+        read_folder(args.folder)  # raises the error info gives (exit 1); compact_folder reads a folder once
     if args.output is not None:
         if args.output.resolve().parent == args.folder.resolve():
             raise UsageError(f"-o/--output {str(args.output)!r}: write the merged library file outside the folder")
