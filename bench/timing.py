@@ -191,7 +191,7 @@ def measure_copy_bandwidth(device: torch.device, nbytes: int | None = None) -> d
     """Device-to-device copy bandwidth, bytes read + written per second (the memory roofline).
 
     The copy is an elementwise kernel (x * 1): inside a CUDA graph a plain ``copy_`` becomes a memcpy
-    node that the copy engines serve at ~2/3 of the bandwidth (H200: 2.7 vs 4.3 TB/s)."""
+    node that the copy engines serve at ~2/3 of the bandwidth (an early H200 probe, output not kept)."""
     if nbytes is None:
         nbytes = (1 << 30) if device.type == "cuda" else (64 << 20)
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)

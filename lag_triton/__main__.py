@@ -408,7 +408,12 @@ def _parser(with_demo: bool = True) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     parser.commands = sub.choices  # command name -> its parser, for _parse
 
-    p = sub.add_parser("build", parents=[debug], help="align PEFT LoRA folders into one library file", epilog=_EPILOG)
+    p = sub.add_parser(
+        "build",
+        parents=[debug],
+        help="align PEFT LoRA folders into one library file (or a library folder: --folder)",
+        epilog=_EPILOG,
+    )
     p.add_argument("adapters", nargs="*", help="PEFT adapter folders, or Hub paths user/repo[/subfolder]")
     _adapters_from(p)
     p.add_argument(

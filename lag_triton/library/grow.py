@@ -53,12 +53,12 @@ def add_adapters(
     resume: bool = False,
 ) -> BuildReport:
     """Append the PEFT folders ``paths`` to the library file ``library`` (replaced atomically, or
-    written to ``output``). New adapters are aligned into the library's dtype; existing ones are
-    copied. ``resume``: continue a killed or failed ``add`` of the same adapters to the same
-    library, aligning only the new adapters it had not written (:mod:`.resume`). Raises ValueError
-    for a name already in the library, AdapterError for an adapter whose module shapes differ from
-    the library's (or from each other, or from the general means the library subtracts),
-    LibraryFormatError for a bad file.
+    written to ``output``; a library folder gets one new part, :func:`.folder.add_to_folder`). New
+    adapters are aligned into the library's dtype; existing ones are copied. ``resume``: continue a
+    killed or failed ``add`` of the same adapters to the same library, aligning only the new adapters
+    it had not written (:mod:`.resume`). Raises ValueError for a name already in the library,
+    AdapterError for an adapter whose module shapes differ from the library's (or from each other, or
+    from the general means the library subtracts), LibraryFormatError for a bad file.
     """
     if is_library_folder(library):
         _refuse_output(library, output, "add")
@@ -100,9 +100,10 @@ def add_adapters(
 
 def remove_adapters(library, names, *, output=None) -> BuildReport:
     """Drop the adapters ``names`` from the library file ``library`` (replaced atomically, or
-    written to ``output``); a module no remaining adapter targets disappears, and the rank padding
-    shrinks to the largest remaining rank. Raises ValueError for an unknown name or for removing
-    every adapter."""
+    written to ``output``; a library folder rewrites only the parts that hold them,
+    :func:`.folder.remove_from_folder`); a module no remaining adapter targets disappears, and the
+    rank padding shrinks to the largest remaining rank. Raises ValueError for an unknown name or for
+    removing every adapter."""
     if is_library_folder(library):
         _refuse_output(library, output, "remove")
         return remove_from_folder(library, names)
