@@ -63,6 +63,7 @@ class LibraryRoute(nn.Module):
         self.backend = backend
         self.requested_backend = requested or backend
         self.unusable: str | None = None  # why ``backend`` cannot run on the factors' device, if it cannot
+        self.values_lost = False  # moved off the meta device (to_empty): the factors hold no library
         # Buffers (not parameters, not in state_dict) so that model.to(...) carries them along.
         self.register_buffer("a_star", weights.a_star, persistent=False)
         self.register_buffer("b_star", get_ops(backend).prepare_b_star(weights.b_star), persistent=False)
@@ -76,13 +77,17 @@ class LibraryRoute(nn.Module):
 
     def __setstate__(self, state) -> None:
         state.setdefault("requested_backend", state.get("backend"))  # pickled before routes followed devices
+        state.setdefault("values_lost", False)
         super().__setstate__(state)
         self._follow_device()  # loaded elsewhere (map_location="cpu", another machine's GPUs)
 
     def _apply(self, fn, recurse=True):
         # model.double() casts every float buffer; the kernels route in fp32 at most, so fp64
         # factors go back to fp32 (exactly: they were fp32 before).
+        was_meta = self.a_star.is_meta
         super()._apply(fn, recurse)
+        if was_meta and not self.a_star.is_meta:  # model.to("meta") then to_empty(): memory, no values
+            self.values_lost = True
         for name in ("a_star", "b_star", "prototypes"):
             t = getattr(self, name)
             if t.dtype == torch.float64:
@@ -107,6 +112,12 @@ class LibraryRoute(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """y [T, d_out] + this library's routed output for x [T, d_in] (in place when y has the
         factors' dtype), each token limited to ``allowed[scope[t]]`` when scoped. Returns (y, sel)."""
+        if self.values_lost:
+            raise RuntimeError(
+                f"library {self.library_index}'s factors went to the meta device and came back without values "
+                "(to_empty()): a base checkpoint does not hold the library (it is not model state). unpatch, "
+                "load the model's weights, and patch again"
+            )
         if self.unusable is not None:
             raise RuntimeError(
                 f"library {self.library_index} was patched with backend={self.backend!r}, which cannot run "
@@ -224,16 +235,17 @@ class LagLinear(nn.Module):
         super().__setattr__(name, value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
         d_in, d_out = self._routed_shape
-        if y.shape[-1] != d_out:
+        # The base layer runs on the tokens flattened (as F.linear does inside): viewing its [T, d_out]
+        # output back is free of shape guards, so torch.export keeps a dynamic sequence length.
+        x2 = x.reshape(-1, d_in)
+        y2 = self.base_layer(x2)
+        if y2.shape[-1] != d_out:
             raise ValueError(
-                f"{self.module_name}: its base layer now gives {y.shape[-1]} outputs, but it had {d_out} when the "
+                f"{self.module_name}: its base layer now gives {y2.shape[-1]} outputs, but it had {d_out} when the "
                 "libraries were attached (resized after patch, e.g. by resize_token_embeddings, which re-ties a "
                 "routed lm_head): unpatch, resize, and patch with a library built for the new size"
             )
-        x2 = x.reshape(-1, d_in)
-        y2 = y.reshape(-1, d_out)
         with _autocast_off(x.device.type):
             for route in self.routes:
                 allowed, rows = (
@@ -244,7 +256,7 @@ class LagLinear(nn.Module):
                     ids = torch.where(sel >= 0, route.adapter_ids[sel.long().clamp(min=0)], -1)  # -1: no adapter
                     for tracer in active_traces(self):
                         tracer.record(self.module_name, route.library_index, ids)
-        return y2.view(y.shape)
+        return y2.view(*x.shape[:-1], d_out)
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
@@ -359,6 +371,12 @@ def _name_hint(name: str, model: nn.Module) -> str:
 def _check_layer(lib: Library, name: str, module: nn.Module | None, weights, model: nn.Module) -> LayerInfo:
     """The base layer's sizes, device and compute dtype (``.device``, ``.dtype``), after checking
     that ``weights`` can route this layer. Which layers qualify and which dtype: :mod:`.layers`."""
+    if name == "":
+        raise ValueError(
+            f"library {lib.label} targets module '' (the model itself, a {type(model).__name__}): patch swaps "
+            "a model's layers for wrapped ones, so it cannot wrap the module it is given. Patch a module that "
+            "holds this layer (e.g. nn.Sequential(layer)) with the library's module renamed to its name there"
+        )
     if module is None:
         if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
             raise ValueError(
@@ -425,6 +443,7 @@ def patch(
 
         patch_sharded(model, libraries, config, backend, process_group)
         return given
+    check_patched_root(model, "patch")
     libs = _as_libraries(libraries)
     already = getattr(model, "_lag_num_libraries", 0)
     modules = dict(model.named_modules())
@@ -485,11 +504,11 @@ def _attach(model: nn.Module, routes: list, libs: list[Library], already: int) -
     wrappers = {}  # every wrapper made before the first swap: a layer it cannot wrap changes nothing
     for name, _ in routes:
         module = model.get_submodule(name)
-        wrappers[name] = module if isinstance(module, LagLinear) else LagLinear(module, name)
+        wrappers[name] = module if isinstance(module, LagLinear) else LagLinear(module, name).train(module.training)
     for name, route in routes:
         if model.get_submodule(name) is not wrappers[name]:
             _set_submodule(model, name, wrappers[name])
-        wrappers[name].routes.append(route)
+        wrappers[name].routes.append(route.train(wrappers[name].training))
     if not already:
         model.register_state_dict_pre_hook(_warn_library_not_saved)
     model._lag_num_libraries = already + len(libs)
@@ -532,18 +551,48 @@ def _uncompiled(model: nn.Module) -> nn.Module:
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Remove every LAG library: the original module objects go back where they were."""
+    """Remove every LAG library: the original module objects go back where they were. ``model`` is
+    the module ``patch`` was called on, or one that contains it."""
     given, model = model, _uncompiled(model)
+    roots = [m for m in model.modules() if hasattr(m, _ROOT_ATTR)]
+    if not roots:
+        check_patched_root(model, "unpatch")
     for name, module in list(model.named_modules()):
         if isinstance(module, LagLinear):
             _set_submodule(model, name, module.base_layer)
-    for attr in ("_lag_num_libraries", "_lag_library_names"):
-        if hasattr(model, attr):
-            delattr(model, attr)
-    hooks = getattr(model, "_state_dict_pre_hooks", {})
-    for key in [k for k, hook in hooks.items() if hook is _warn_library_not_saved]:
-        del hooks[key]
+    for root in roots:
+        for attr in (_ROOT_ATTR, "_lag_library_names"):
+            delattr(root, attr)
+        hooks = getattr(root, "_state_dict_pre_hooks", {})
+        for key in [k for k, hook in hooks.items() if hook is _warn_library_not_saved]:
+            del hooks[key]
     return given
+
+
+_ROOT_ATTR = "_lag_num_libraries"  # set on the module patch was called on, with "_lag_library_names"
+
+
+def patched_roots(model: nn.Module) -> list[str]:
+    """The names, under ``model`` ("" for itself), of the modules ``patch`` attached libraries through."""
+    return [name for name, m in model.named_modules() if hasattr(m, _ROOT_ATTR)]
+
+
+def check_patched_root(model: nn.Module, call: str) -> None:
+    """Refuse ``call`` on a module that holds LAG layers attached through another module: library
+    indices and names live on the module patch was called on, so two roots would number their
+    libraries alike (a scope's mask applied to the other's adapters, traces merged)."""
+    if hasattr(model, _ROOT_ATTR) or not any(isinstance(m, LagLinear) for m in model.modules()):
+        return
+    roots = patched_roots(model)
+    if roots:
+        where = f"its submodule{'s' if len(roots) > 1 else ''} {', '.join(map(repr, roots))}"
+        hint = f"call {call} on that module" + ("" if call == "unpatch" else ", or unpatch first")
+    else:
+        where, hint = "a module that contains it", f"call {call} on that module"
+    raise ValueError(
+        f"lag_triton.{call}: {type(model).__name__} holds LAG-patched layers attached through {where} (where patch "
+        f"was called, which numbers and names their libraries): {hint}"
+    )
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

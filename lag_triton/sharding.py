@@ -47,7 +47,15 @@ import torch.distributed as dist
 from .kernels import resolve_backend
 from .kernels.common import selection_weights
 from .library.weights import check_finite
-from .patching import LibraryRoute, _as_libraries, _attach, _build_routes, _check_layer, _route_dtype
+from .patching import (
+    LibraryRoute,
+    _as_libraries,
+    _attach,
+    _build_routes,
+    _check_layer,
+    _route_dtype,
+    check_patched_root,
+)
 
 __all__ = ["ShardedRoute", "patch_sharded", "shard_bounds", "traffic"]
 
@@ -441,6 +449,7 @@ def patch_sharded(model, libraries, config, backend: str, group):
     already = getattr(model, "_lag_num_libraries", 0)
     agree_on = comm_device(backends)  # raises alike on every rank: their groups have the same config
     try:
+        check_patched_root(model, "patch")
         libs = _as_libraries(libraries)
         plan = _plan(model, libs, backend, backends, already)
     except BaseException:

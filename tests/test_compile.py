@@ -69,24 +69,8 @@ def test_torch_export_of_a_patched_model_holds_the_three_ops_and_runs(library, b
     the three custom ops; the exported program gives the eager logits."""
     install_backend(backend, DEVICE, monkeypatch)
     model = lag_triton.patch(tiny_model("llama").to(DEVICE), library, backend=backend, k=4, top_m=2)
-    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(5)).to(DEVICE)
-
-    class Logits(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, ids):
-            return self.model(input_ids=ids, use_cache=False).logits
-
-    try:
-        exported = torch.export.export(Logits(model), (ids,))
-    except Exception as patched_error:
-        try:  # the unpatched model: where torch.export cannot take it either, the failure is not ours
-            torch.export.export(Logits(tiny_model("llama").to(DEVICE)), (ids,))
-        except Exception as base_error:
-            pytest.skip(f"torch {torch.__version__} cannot export the unpatched model either: {base_error!r:.300}")
-        raise patched_error
+    ids = _ids(2, 6, seed=5)
+    exported = _export(model, ids)
     calls = [str(n.target) for n in exported.graph.nodes if n.op == "call_function" and "lag_triton" in str(n.target)]
     layers = sum(isinstance(m, lag_triton.LagLinear) for m in model.modules())
     assert sorted(set(calls)) == [f"lag_triton.{op}.default" for op in ("arrow_topk", "lora_apply", "spectr_rerank")]
@@ -94,6 +78,46 @@ def test_torch_export_of_a_patched_model_holds_the_three_ops_and_runs(library, b
     with torch.no_grad():
         want = model(input_ids=ids).logits
     torch.testing.assert_close(exported.module()(ids), want, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_export_keeps_a_dynamic_sequence_length(library):
+    """A patched layer runs its base layer on the flattened tokens, so an exported patched model
+    takes any sequence length in its range, as the unpatched one does (reshaping the base layer's
+    output to [T, d_out] and viewing it back pinned the length to the example's)."""
+    model = lag_triton.patch(tiny_model("llama").to(DEVICE), library, backend="torch", k=4, top_m=2)
+    seq = torch.export.Dim("seq", min=2, max=64)
+    exported = _export(model, _ids(2, 6, seed=5), dynamic_shapes=({1: seq},))
+    for length in (3, 11):
+        ids = _ids(2, length, seed=length)
+        with torch.no_grad():
+            want = model(input_ids=ids).logits
+        torch.testing.assert_close(exported.module()(ids), want, rtol=1e-5, atol=1e-5)
+
+
+class _Logits(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(input_ids=ids, use_cache=False).logits
+
+
+def _ids(rows: int, length: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (rows, length), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+def _export(model, ids, **kwargs):
+    """torch.export of the patched ``model``'s logits; skips where this torch cannot export the
+    unpatched model with the same arguments either (then the failure is not ours)."""
+    try:
+        return torch.export.export(_Logits(model), (ids,), **kwargs)
+    except Exception as patched_error:
+        try:
+            torch.export.export(_Logits(tiny_model("llama").to(DEVICE)), (ids,), **kwargs)
+        except Exception as base_error:
+            pytest.skip(f"torch {torch.__version__} cannot export the unpatched model either: {base_error!r:.300}")
+        raise patched_error
 
 
 def test_patching_an_already_compiled_model_patches_the_model_it_wraps(library):

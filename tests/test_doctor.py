@@ -108,7 +108,7 @@ def test_an_unusable_backend_override_fails(capsys, monkeypatch, value):
     assert main(["doctor", "--no-self-test"]) == 1
     out = capsys.readouterr().out
     assert f"FAILED: LAG_TRITON_BACKEND={value} leaves backend='auto' no backend on any device here" in out
-    assert f"lag_triton backend '{value}' is unavailable: " in out
+    assert f"lag_triton backend '{value}' (from LAG_TRITON_BACKEND) is unavailable: " in out
     monkeypatch.setenv("LAG_TRITON_BACKEND", "torch")  # usable everywhere
     assert main(["doctor", "--no-self-test"]) == 0
     assert "FAILED" not in capsys.readouterr().out

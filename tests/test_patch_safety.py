@@ -542,3 +542,83 @@ def test_running_out_of_memory_leaves_the_model_untouched(library, monkeypatch, 
     assert {name: list(m.routes) for name, m in model.named_modules() if isinstance(m, LagLinear)} == layers_before
     assert model._lag_num_libraries == 1
     torch.testing.assert_close(_logits(model, IDS), want, rtol=0, atol=0)
+
+
+# -- 13. the module patch was called on ---------------------------------------------------------------------------
+def _routes(model) -> list[list[int]]:
+    return [[r.library_index for r in m.routes] for m in model.modules() if isinstance(m, LagLinear)]
+
+
+def test_libraries_are_attached_through_one_module(library):
+    """Library indices and names live on the module patch was called on: patching the model after
+    its backbone (or the backbone after the model) numbered both libraries 0, so a scope's mask for
+    one was applied to the other's adapters. Both are refused, model unchanged; the module that
+    contains the patched one scopes and unpatches through it."""
+    model = tiny_model("llama")
+    inner = Library(library.names, {n.removeprefix("model."): w for n, w in library.modules.items()})
+    lag_triton.patch(model.model, inner, k=2)
+    routes = _routes(model)
+    with pytest.raises(ValueError, match="attached through its submodule 'model'.*call patch on that module"):
+        lag_triton.patch(model, library, k=2)
+    assert _routes(model) == routes and not hasattr(model, "_lag_num_libraries")
+    other = Library([f"b{i}" for i in range(len(library.names))], inner.modules)
+    lag_triton.patch(model.model, other, k=2)  # the same root numbers it 1
+    assert {tuple(r) for r in _routes(model)} == {(0, 1)}
+    with lag_triton.trace(model) as tr, lag_triton.scope(model, [["b1"], ["b2"]]):  # names of library 1 only
+        _logits(model, IDS)
+    rows = torch.tensor([1, 2]).repeat_interleave(IDS.shape[1])[:, None]  # b1 for row 0, b2 for row 1
+    assert len(tr.library_selections[0]) == len(tr.library_selections[1]) == len(library.modules)
+    assert all((sel == -1).all() for sel in tr.library_selections[0].values())  # library 0: no adapter allowed
+    assert all(torch.equal(sel.cpu(), rows) for sel in tr.library_selections[1].values())
+    lag_triton.unpatch(model)
+    assert _unpatched(model) and not hasattr(model.model, "_lag_num_libraries")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LibraryNotSavedWarning)
+        model.state_dict()
+
+    lag_triton.patch(model, library, k=2)
+    routes = _routes(model)
+    for call in (lambda: lag_triton.patch(model.model, other), lambda: lag_triton.unpatch(model.model)):
+        with pytest.raises(ValueError, match="attached through a module that contains it"):
+            call()
+        assert _routes(model) == routes
+    with pytest.raises(ValueError, match="lag_triton.scope: .* a module that contains it"):
+        with lag_triton.scope(model.model, [None, None]):
+            pass
+
+
+def test_the_model_itself_cannot_be_a_librarys_module(library):
+    """A library module named "" is the module patch is given, which it cannot swap in place (it
+    wrapped the layer under itself: a cycle, no routing, state_dict recursing forever)."""
+    layer = torch.nn.Linear(16, 16)
+    weights = next(iter(library.modules.values()))
+    with pytest.raises(ValueError, match="targets module '' \\(the model itself, a Linear\\)"):
+        lag_triton.patch(layer, Library(library.names, {"": weights}))
+    assert not list(layer.children()) and not hasattr(layer, "_lag_num_libraries")
+
+
+def test_a_library_moved_to_meta_and_back_refuses_to_route(library):
+    """model.to("meta") then to_empty(): a base checkpoint restores the base weights, not the
+    library (not model state), so its factors hold garbage: the forward says so instead of routing
+    with it, and patching again routes as before."""
+    model = lag_triton.patch(tiny_model("llama"), library, k=2)
+    want = _logits(model, IDS)
+    base = {n: b.clone() for n, b in model.named_buffers() if ".routes." not in n}  # rotary's too
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LibraryNotSavedWarning)
+        state = copy.deepcopy(model.state_dict())
+    model.to("meta").to_empty(device="cpu")
+    model.load_state_dict(state)
+    for name, b in base.items():
+        model.get_buffer(name).copy_(b)
+    with pytest.raises(RuntimeError, match="went to the meta device and came back without values"):
+        _logits(model, IDS)
+    lag_triton.unpatch(model)
+    torch.testing.assert_close(_logits(lag_triton.patch(model, library, k=2), IDS), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_patched_modules_take_the_models_training_mode(library, training):
+    model = tiny_model("llama").train(training)
+    lag_triton.patch(model, library, k=2)
+    assert {m.training for m in model.modules()} == {training}

@@ -153,8 +153,10 @@ def backend_unavailable_reason(name: str, device: torch.device) -> str | None:
 def resolve_backend(backend: str, device: torch.device | str) -> str:
     """Turn "auto" (or LAG_TRITON_BACKEND) into a concrete backend name for ``device``; raise if unusable."""
     device = torch.device(device)
+    source = ""
     if backend == "auto":
         backend = os.environ.get(ENV_OVERRIDE, "auto") or "auto"
+        source = "" if backend == "auto" else f" (from {ENV_OVERRIDE})"
     if backend == "auto":
         if device.type != "cuda":
             return "torch"
@@ -163,7 +165,7 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
                 return name
     reason = backend_unavailable_reason(backend, device)
     if reason is not None:
-        raise RuntimeError(f"lag_triton backend {backend!r} is unavailable: {reason}")
+        raise RuntimeError(f"lag_triton backend {backend!r}{source} is unavailable: {reason}")
     return backend
 
 
