@@ -182,6 +182,22 @@ def _planted_scores(t, n, winners, seed):
     return x, p
 
 
+def test_split_merge_tiles_stay_small_as_k_grows(monkeypatch):
+    """The split-N merge's [rows, K_PAD + BLOCK_C] int64 tile, as compiled for a GPU, stays at most
+    4K words for every k the select takes: 16 rows at K_PAD = 1024 (32K words) needed 256 KB of
+    shared memory on sm_90, over the 227 KB a block may have, so its launch failed (the interpreter
+    has no such limit; _aot_check now compiles K_PAD 512 and 1024 and checks the limit)."""
+    import importlib
+
+    mod = importlib.import_module("lag_triton.kernels.triton.arrow_topk")
+    monkeypatch.setattr(importlib.import_module("lag_triton.kernels.triton._common"), "interpreting", lambda: False)
+    for k_pad in (1 << e for e in range(11)):
+        for t in (1, 2, 9, 16, 33, 263):
+            rows = mod.merge_rows(t, k_pad)
+            for splits in (2, 17, 64):
+                assert rows * (k_pad + mod.merge_block_c(rows, splits * k_pad, k_pad)) <= 4096, (k_pad, t, splits)
+
+
 @pytest.mark.parametrize("order", ["ascending", "descending", "equal", "ulps", "planted"])
 @pytest.mark.parametrize("t,n,k,sms", [(1, 1001, 20, 4), (3, 700, 5, 64), (9, 257, 16, 1), (2, 2049, 1, 16)])
 def test_arrow_select_buffer_flushes_and_splits(ops, monkeypatch, order, t, n, k, sms):
@@ -332,6 +348,25 @@ def test_lora_apply_skips_missing_picks(ops):
         torch.testing.assert_close(y, reference.lora_apply(y0.clone(), b, sel, w, z), atol=1e-5, rtol=1e-5)
         assert torch.equal(y[1], y0[1]), layout
         assert torch.isfinite(y).all(), layout
+
+
+def test_lora_apply_shared_adapter_tiles_skip_missing_picks(ops):
+    """At prefill sizes the Triton apply loads a tile's one adapter column once when every row with a
+    pick picks it; a row of that tile without a pick (sel -1) adds nothing there, not 0 * B* (NaN
+    beside an inf in B*, as the other rows' y rightly is)."""
+    t, n, d_out, r = 64, 3, 8, 2  # 64 >= the Triton apply's SORT_MIN_T
+    b = torch.ones(n, d_out, r)
+    b[2, 0, 0] = float("inf")
+    sel = torch.full((t, 2), 1, dtype=torch.int32)
+    sel[:, 1] = 2
+    sel[0, 1] = -1  # row 0: one pick only
+    w, z, y0 = torch.full((t, 2), 0.5), torch.ones(t, 2, r), torch.zeros(t, d_out)
+    sel, w, z, y0, b = (v.to(DEVICE) for v in (sel, w, z, y0, b))
+    want = reference.lora_apply(y0.clone(), b, sel, w, z)
+    for layout, bl in _layouts(ops, b).items():
+        y = ops.lora_apply(y0.clone(), bl, sel, w, z)
+        assert torch.isfinite(y[0]).all(), layout
+        torch.testing.assert_close(y, want, atol=1e-6, rtol=1e-6, equal_nan=True)
 
 
 # ----------------------------------------------------------------------------- spectr_rerank

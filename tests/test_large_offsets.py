@@ -119,6 +119,48 @@ RANK_STRIDE_CHILD = textwrap.dedent(
 )
 
 
+RERANK_RANK_STRIDE_CHILD = textwrap.dedent(
+    """
+    import sys
+    import pytest
+    import torch
+    sys.path[:0] = [{tests!r}]
+    from lag_triton.kernels import use_triton_interpreter_without_gpu
+    use_triton_interpreter_without_gpu()
+    from lag_triton.kernels import reference
+    from kernel_data import DEVICE, backend_ops, int_tensor
+
+    mp = pytest.MonkeyPatch()
+    ops = backend_ops({backend!r}, mp)
+    t, n, r, d, k = {t}, 3, 3, 24, 2
+    # A* [N, r, d_in] viewed from [r, N, d_in]-like storage (committed lazily): c * stride for c = 2
+    # passes 2**31
+    stride_r = 1_100_000_000
+    storage = torch.empty(n * d + (r - 1) * stride_r, dtype=torch.bfloat16, device=DEVICE)
+    a = storage.as_strided((n, r, d), (d, stride_r, 1))
+    vals = int_tensor(n, r, d, lo=-2, hi=3, dtype=torch.bfloat16, seed=2)
+    a.copy_(vals)
+    x = int_tensor(t, d, dtype=torch.bfloat16, seed=1)
+    cand = (torch.arange(t * k) % n).view(t, k).to(torch.int32).to(DEVICE)
+    cand[:, 1] = (cand[:, 0] + 1) % n
+    got, want = ops.spectr_rerank(x, a, cand, 1), reference.spectr_rerank(x, vals, cand, 1)
+    assert all(torch.equal(g, w) for g, w in zip(got, want)), "rerank with a rank stride past int32"
+    print("ok")
+    """
+)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("t", [2, 64], ids=["split", "grouped"])
+def test_rerank_rank_offsets_past_int32(backend, t):
+    """A* in any layout: its rank offsets c * stride_ar are int32 in the Triton kernels, so the
+    launcher copies a view whose rank stride would wrap (it crashed the interpreter: an illegal
+    address on a GPU)."""
+    if torch.cuda.is_available() and torch.cuda.mem_get_info()[0] < 8 * 2**30:
+        pytest.skip("needs a ~4.4 GB tensor on the GPU")
+    _run_child(RERANK_RANK_STRIDE_CHILD.format(tests=str(TESTS), backend=backend, t=t))
+
+
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("t", [2, 64], ids=["decode", "sorted"])
 def test_apply_rank_offsets_past_int32(backend, t):

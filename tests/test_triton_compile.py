@@ -97,6 +97,10 @@ _SAFE = [_STORES, "bar.sync 0;", _TICKET, "bar.sync 0;", _PARTIAL]
         ([_STORES, _TICKET, "bar.sync 0;", _PARTIAL], True, "no CTA barrier right before"),
         ([_STORES, "bar.sync 0;", _TICKET, _PARTIAL, "bar.sync 0;"], True, "before any CTA barrier"),
         ([*_SAFE, _PARTIAL.replace(".cg", "")], True, "not .cg"),
+        # cp.async (a pipelined load into shared memory): .ca goes through L1, .cg around it
+        ([*_SAFE, "cp.async.cg.shared.global [ %r3 + 0 ], [ %rd6 + 0 ], 16;", "cp.async.commit_group;"], True, None),
+        ([*_SAFE, "cp.async.ca.shared.global [ %r3 + 0 ], [ %rd6 + 0 ], 8;"], True, "not .cg"),
+        ([_STORES, "bar.sync 0;", _TICKET, "cp.async.cg.shared.global [ %r3 + 0 ], [ %rd6 + 0 ], 16;"], True, "before"),
     ],
 )
 def test_fold_ordering_rule(ptx, folds, error):

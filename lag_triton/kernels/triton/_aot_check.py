@@ -365,19 +365,20 @@ def _launch_cases():
                 AD.DECODE_WARPS,
             )
     yield from _filter_cases()
-    # the split-N merge, as arrow_topk launches it for decode-sized T (split_plan, then tiles of next_pow2(T) <= 16)
+    # the split-N merge, as arrow_topk launches it for decode-sized T (split_plan, then merge_rows)
     sig = {"part_ptr": "*i64", "idx_ptr": "*i32", "score_ptr": "*fp32", "T": "i32", "K": "i32"}
-    for t, n in ((1, 100_000), (1, 1_000_000), (2, 100_000), (16, 100_000), (32, 1_000_000)):
-        for kp in (1, 2, 32, 128):
-            splits, _ = A.split_plan(t, n, A.select_config(kp)["BLOCK"], HOPPER_SMS)
-            rows = min(16, A.next_pow2(t))
-            yield (
-                f"topk merge T{t} N{n} k{kp} splits{splits}",
-                A._merge_kernel,
-                sig,
-                {"SPLITS": splits, "K_PAD": kp, "BLOCK_T": rows, "BLOCK_C": A.merge_block_c(rows, splits * kp, kp)},
-                4,
-            )
+    shapes = ((1, 100_000), (1, 1_000_000), (2, 100_000), (16, 100_000), (32, 1_000_000))
+    cases = [(t, n, kp) for t, n in shapes for kp in (1, 2, 32, 128)]
+    for t, n, kp in cases + [(16, 100_000, 512), (16, 100_000, A.MAX_K_PAD)]:  # large k: fewer rows per tile
+        splits, _ = A.split_plan(t, n, A.select_config(kp)["BLOCK"], HOPPER_SMS)
+        rows = A.merge_rows(t, kp)
+        yield (
+            f"topk merge T{t} N{n} k{kp} splits{splits}",
+            A._merge_kernel,
+            sig,
+            {"SPLITS": splits, "K_PAD": kp, "BLOCK_T": rows, "BLOCK_C": A.merge_block_c(rows, splits * kp, kp)},
+            4,
+        )
 
 
 def _filter_cases():
@@ -417,7 +418,10 @@ def _filter_cases():
                 )
 
 
-_MEMORY_OPS = re.compile(r"\b(bar\.sync|barrier\.sync|atom\.|red\.|ld\.global|st\.global)")
+_MEMORY_OPS = re.compile(r"\b(bar\.sync|barrier\.sync|atom\.|red\.|ld\.global|st\.global|cp\.async)")
+# global loads: ld.global, and cp.async's pipelined copies to shared memory (.ca through L1, .cg and
+# .bulk around it; not its commit/wait bookkeeping)
+_LOAD = re.compile(r"ld\.global|cp\.async\.(ca|cg|bulk)\b")
 
 
 def fold_ordering_error(ptx: str, folds: bool) -> str | None:
@@ -442,10 +446,11 @@ def fold_ordering_error(ptx: str, folds: bool) -> str | None:
         if i == 0 or not ops[i - 1].startswith(("bar.sync", "barrier.sync")):
             return f"no CTA barrier right before the ticket atomic (before it: {ops[i - 1] if i else 'nothing'})"
         rest = ops[i + 1 :]
-        first_load = next((j for j, op in enumerate(rest) if "ld.global" in op), len(rest))
+        first_load = next((j for j, op in enumerate(rest) if _LOAD.search(op)), len(rest))
         if not any(op.startswith(("bar.sync", "barrier.sync")) for op in rest[:first_load]):
             return "a global load follows the ticket atomic before any CTA barrier"
-    cached = [op for op in ops[tickets[0] + 1 :] if "ld.global" in op and ".cg" not in op] if tickets else []
+    after = ops[tickets[0] + 1 :] if tickets else []
+    cached = [op for op in after if _LOAD.search(op) and ".cg" not in op and ".bulk" not in op]
     if cached:
         return f"a global load after the ticket atomic may hit a stale L1 line (not .cg): {cached[0]}"
     return None
@@ -477,6 +482,11 @@ def _ptxas_resources(ptx: str, capability: int) -> dict:
     )
 
 
+#: the most shared memory one block may use (opted in), by compute capability: a kernel over it
+#: compiles but fails at its first launch (Triton's OutOfResources)
+SHARED_MEMORY_LIMIT = {80: 166_912, 86: 101_376, 87: 166_912, 89: 101_376, 90: 232_448}
+
+
 def _compile(job):
     """Compile job `index` of _jobs(); returns (name, error or None, resources or None)."""
     index, capability, resources = job
@@ -501,6 +511,9 @@ def _compile(job):
     ordering = fold_ordering_error(kernel.asm["ptx"], folds=bool(consts.get("FOLD")) or fn is AD._decode_kernel)
     if ordering is not None:
         return name, f"memory ordering: {ordering}", None
+    limit = SHARED_MEMORY_LIMIT.get(capability, min(SHARED_MEMORY_LIMIT.values()))
+    if kernel.metadata.shared > limit:
+        return name, f"{kernel.metadata.shared} B of shared memory, over sm_{capability}'s {limit} B per block", None
     res = None
     if resources:
         res = _ptxas_resources(kernel.asm["ptx"], capability)

@@ -179,6 +179,13 @@ def split_plan(t: int, n: int, block: int, sms: int) -> tuple[int, int]:
     return cdiv(n, per_split), per_split
 
 
+def merge_rows(t: int, k_pad: int) -> int:
+    """Token rows per program of the split-N merge: up to 16, fewer as k grows, so that its
+    [rows, K_PAD + BLOCK_C] tiles stay ~2K words (16 rows at K_PAD = 1024 need 256 KB of shared
+    memory on sm_90, over the 227 KB a block may have: the launch failed)."""
+    return min(16, next_pow2(t), max(1, 2048 // k_pad))
+
+
 def _select(
     scores: torch.Tensor,
     k: int,
@@ -233,7 +240,7 @@ def _select(
         **cfg,
     )
     if splits > 1 and not fold:
-        merge_t = min(16, next_pow2(t))
+        merge_t = merge_rows(t, k_pad)
         block_c = merge_block_c(merge_t, splits * k_pad, k_pad)
         _merge_kernel[(cdiv(t, merge_t),)](
             part, idx, out_scores, t, k, SPLITS=splits, K_PAD=k_pad, BLOCK_T=merge_t, BLOCK_C=block_c, num_warps=4

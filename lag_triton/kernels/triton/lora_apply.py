@@ -89,7 +89,8 @@ def _lora_apply_kernel(
                 b_col = tl.load(
                     b_rank + lo.to(tl.int64) * stride_bn + o_off, mask=o_mask, other=0.0
                 )  # [BLOCK_O]: the tile's one adapter, loaded once
-                acc += b_col.to(tl.float32)[:, None] * zc[None, :]
+                # rows without a pick add nothing, not 0 * B* (NaN where B* holds an inf)
+                acc += tl.where(ok[None, :], b_col.to(tl.float32)[:, None] * zc[None, :], 0.0)
             else:
                 b_cols = tl.load(
                     b_rank + base[None, :] + o_off[:, None],

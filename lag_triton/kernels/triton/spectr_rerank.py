@@ -501,6 +501,10 @@ def spectr_rerank(
     check_rerank_args(x, a_star, candidates, top_m, combine, temperature, candidate_scores)
     x = rows_contiguous(x)
     a_star = rows_contiguous(a_star)
+    if a_star.stride(1) * max(0, a_star.shape[1] - 1) >= 2**31:
+        # rank offsets are int32 in the kernels (int64 would cost registers in every layout): a view
+        # of [r, N, d_in]-like storage, whose rank stride is N * d_in, is copied to rows of rank rows
+        a_star = a_star.contiguous()
     candidates = candidates.contiguous()
     x, a_star = matching_operands(x, a_star)
     t, d = x.shape
