@@ -53,7 +53,21 @@ def _check_library_output(args: argparse.Namespace) -> None:
     if args.output is not None:
         _check_output_file(args.output)
     else:
-        _check_output_file(args.library, "library (replaced in place; -o/--output writes elsewhere)")
+        in_place = Path(os.path.realpath(args.library))  # a link's target is replaced, not the link
+        _check_output_file(in_place, "library (replaced in place; -o/--output writes elsewhere)")
+
+
+def _check_not_input(output: Path, args: argparse.Namespace, adapters: list[str], option: str = "-o/--output") -> None:
+    """Writing ``output`` must not replace an input: an adapter's (or general adapter's) config or
+    weights, or the --adapters-from list file (compared as files, when ``output`` exists)."""
+    from .library.sources import input_overwritten
+
+    hit = input_overwritten(output, adapters) or input_overwritten(output, getattr(args, "general", None) or [])
+    listed = args.adapters_from
+    if hit is None and listed not in (None, "-") and os.path.isfile(output) and os.path.isfile(listed):
+        hit = listed if os.path.samefile(listed, output) else None
+    if hit is not None:
+        raise UsageError(f"{option} {str(output)!r} would overwrite the input {hit!r}")
 
 
 def _repeated(names: list[str]) -> list[str]:
@@ -61,8 +75,9 @@ def _repeated(names: list[str]) -> list[str]:
     return sorted({n for n in names if n in seen or seen.add(n)})
 
 
-def _check_output_folder(path: Path, option: str) -> None:
-    """``path`` is, or can be created as, a writable folder (checked before minutes of work)."""
+def _check_output_folder(path: Path, option: str, library: bool = False) -> None:
+    """``path`` is, or can be created as, a writable folder (checked before minutes of work);
+    ``library``: one that is empty or a library folder already (not another folder's files)."""
     existing = path
     while not existing.exists():
         if existing.parent == existing:
@@ -70,6 +85,8 @@ def _check_output_folder(path: Path, option: str) -> None:
         existing = existing.parent
     if existing == path and not path.is_dir():
         raise UsageError(f"{option} {str(path)!r} exists and is not a folder")
+    if library and existing == path and not (path / "library.json").is_file() and any(path.iterdir()):
+        raise UsageError(f"{option} {str(path)!r} is a folder that is not empty and not a library folder")
     if not existing.is_dir():
         raise UsageError(f"{option} {str(path)!r}: {str(existing)!r} is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -111,6 +128,9 @@ def _adapters_and_names(args: argparse.Namespace) -> tuple[list[str], list[str] 
     """The adapters of the command line, then those of --adapters-from (a line: folder or Hub path,
     optionally a tab and its name), and their names (--names, or the file's), checked."""
     adapters, names = list(args.adapters), args.names
+    blank = next((i for i, n in enumerate(names or []) if not n.strip()), None)
+    if blank is not None:
+        raise UsageError(f"--names: name {blank + 1} is empty ({names[blank]!r}): every adapter needs a name")
     if args.adapters_from is not None:
         rows = _list_file(args.adapters_from, "--adapters-from")
         fields = [(n, [f.strip(_BLANK) for f in line.split("\t")]) for n, line in rows]
@@ -151,8 +171,9 @@ def _build(args: argparse.Namespace) -> int:
 
     args.folder = args.folder or is_library_folder(args.output)  # a library folder is rebuilt as one
     if args.folder:
-        _check_output_folder(args.output, "-o/--output")
+        _check_output_folder(args.output, "-o/--output", library=True)
     else:
+        _check_not_input(args.output, args, adapters)
         _check_output_file(args.output)
     report = build_library(
         adapters,
@@ -171,10 +192,13 @@ def _build(args: argparse.Namespace) -> int:
 
 def _add(args: argparse.Namespace) -> int:
     from .library import add_adapters
+    from .library.folder import is_library_folder
 
     adapters, names = _adapters_and_names(args)
     _check_workers(args.workers)
     _check_library_output(args)
+    if not is_library_folder(args.library):  # a folder's new part gets a fresh name
+        _check_not_input(args.output or args.library, args, adapters, "-o/--output" if args.output else "library")
     report = add_adapters(
         args.library,
         adapters,
@@ -206,7 +230,7 @@ def _remove(args: argparse.Namespace) -> int:
 def _assemble(args: argparse.Namespace) -> int:
     from .library.folder import assemble_folder
 
-    _check_output_folder(args.folder, "folder")
+    _check_output_folder(args.folder, "folder", library=True)
     if len(set(map(os.path.realpath, args.libraries))) != len(args.libraries):
         raise UsageError("a library file is given twice: its adapters' names would repeat")
     report = assemble_folder(args.folder, args.libraries)
@@ -224,6 +248,10 @@ def _compact(args: argparse.Namespace) -> int:
     if args.output is not None:
         if args.output.resolve().parent == args.folder.resolve():
             raise UsageError(f"-o/--output {str(args.output)!r}: write the merged library file outside the folder")
+        if args.output.is_file():  # a part may be a link to a file outside the folder
+            for part in sorted(args.folder.iterdir()):
+                if part.is_file() and os.path.samefile(part, args.output):
+                    raise UsageError(f"-o/--output {str(args.output)!r} would overwrite the input {str(part)!r}")
         _check_output_file(args.output)
     else:
         _check_output_file(args.folder / MANIFEST, "library folder")

@@ -379,3 +379,73 @@ def test_repeated_names_and_a_folder_as_library_are_named_as_given(adapters, tmp
     assert main(["remove", str(tmp_path), "doc0"]) == EXIT_FAILED
     _one_line_error(capsys, "is a directory, not a library file")
     assert lib.read_bytes() == before and not (tmp_path / "never.safetensors").exists()
+
+
+@pytest.mark.parametrize("case", ["weights", "config", "general", "list_file", "add", "add_in_place", "compact"])
+def test_an_output_that_is_an_input_is_a_usage_error(adapters, tmp_path, capsys, monkeypatch, case):
+    import shutil
+
+    a0, a1 = (shutil.copytree(a, tmp_path / a.name) for a in adapters[:2])
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"{a1}\n")
+    lib = tmp_path / "lib.safetensors"
+    assert main(["build", str(a1), "-o", str(lib), "-q"]) == 0
+    if case == "compact":
+        folder = tmp_path / "folder"
+        assert main(["assemble", str(folder), str(lib)]) == 0
+        part = next(p for p in folder.iterdir() if p.suffix == ".safetensors")
+        part.unlink()
+        part.symlink_to(lib)  # a part linked to a file outside the folder
+    saved = {f: f.read_bytes() for d in (a0, a1) for f in d.iterdir()} | {lib: lib.read_bytes()}
+    weights, config = str(a0 / "adapter_model.safetensors"), str(a0 / "adapter_config.json")
+    argv, hit = {
+        "weights": (["build", str(a0), str(a1), "-o", weights], weights),
+        "config": (["build", str(a0), "-o", config], config),
+        "general": (["build", str(a1), "-o", weights, "--general", str(a0)], weights),
+        "list_file": (["build", "--adapters-from", str(listed), "-o", str(listed)], str(listed)),
+        "add": (["add", str(lib), str(a0), "-o", weights], weights),
+        "add_in_place": (["add", weights, str(a0)], weights),
+        "compact": (["compact", str(tmp_path / "folder"), "-o", str(lib)], None),
+    }[case]
+    saved[listed] = listed.read_bytes()
+    _fail_if_aligning(monkeypatch)
+    capsys.readouterr()
+    assert main([*argv, "-q"] if case != "compact" else argv) == EXIT_USAGE
+    _one_line_error(capsys, "would overwrite the input", *([hit] if hit else []))
+    assert all(f.read_bytes() == data for f, data in saved.items())
+
+
+def test_info_on_something_that_is_not_a_regular_file(tmp_path, capsys):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in (os.devnull, str(fifo)):
+        assert main(["info", path]) == EXIT_FAILED
+        _one_line_error(capsys, path, "is not a regular file")
+
+
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_an_empty_name_in_names_is_a_usage_error(adapters, tmp_path, capsys, monkeypatch, blank):
+    _fail_if_aligning(monkeypatch)
+    argv = ["build", *map(str, adapters[:2]), "-o", str(tmp_path / "x"), "--names", blank, "n2", "-q"]
+    assert main(argv) == EXIT_USAGE
+    _one_line_error(capsys, "--names", "is empty")
+
+
+@pytest.mark.parametrize("command", ["build", "assemble"])
+def test_a_non_empty_folder_that_is_no_library_folder_is_a_usage_error(
+    adapters, tmp_path, capsys, monkeypatch, command
+):
+    lib = tmp_path / "lib.safetensors"
+    assert main(["build", str(adapters[0]), "-o", str(lib), "-q"]) == 0
+    folder = tmp_path / "stuff"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    _fail_if_aligning(monkeypatch)
+    capsys.readouterr()
+    argv = {
+        "build": ["build", str(adapters[1]), "--folder", "-o", str(folder), "-q"],
+        "assemble": ["assemble", str(folder), str(lib)],
+    }[command]
+    assert main(argv) == EXIT_USAGE
+    _one_line_error(capsys, str(folder), "not empty and not a library folder")
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]

@@ -359,3 +359,44 @@ def test_fuzz_adapter_tensors(adapter_dir, workdir, data):
         event("refused (unreadable for safetensors too)")
         return
     _check_adapter(folder)
+
+
+# -- JSON that parses but that Python's reader refuses ------------------------------------------------
+_UNREADABLE_JSON = {
+    "huge_int": '{"r": ' + "9" * 5000 + "}",  # ValueError: over sys.get_int_max_str_digits()
+    "deep": "[" * 100_000 + "]" * 100_000,  # RecursionError
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_UNREADABLE_JSON))
+@pytest.mark.parametrize("where", ["adapter_config", "header", "library_metadata", "folder_manifest", "journal"])
+def test_json_python_cannot_read_is_the_documented_error(adapter_dir, library_file, workdir, kind, where):
+    from lag_triton.library.folder import MANIFEST, read_folder
+
+    text = _UNREADABLE_JSON[kind]
+    case = workdir / f"unreadable_{where}_{kind}"
+    if where == "adapter_config":
+        shutil.copytree(adapter_dir, case)
+        (case / "adapter_config.json").write_text(text)
+        with pytest.raises(AdapterError, match=f"{case.name}.*adapter_config.json is not valid JSON"):
+            Library.from_peft([case], progress=False)
+    elif where == "journal":
+        from lag_triton.library.resume import _journal_lines
+
+        case.write_text(text + "\n" + json.dumps({"index": 0, "folder": "a", "stamp": 1}) + "\n")
+        assert [entry[:3] for entry in _journal_lines(case)] == [(0, "a", 1)]
+    elif where == "folder_manifest":
+        case.mkdir()
+        (case / MANIFEST).write_text(text)
+        with pytest.raises(LibraryFormatError, match=f"{case.name}.*{MANIFEST} is not JSON"):
+            read_folder(case)
+    else:
+        header, data = read_raw(library_file)
+        path = case.with_suffix(".safetensors")
+        if where == "header":
+            write_raw(path, None, data, header_bytes=text.encode() + b" " * (-len(text) % 8))
+        else:
+            header["__metadata__"]["library"] = text
+            write_raw(path, header, data)
+        with pytest.raises(LibraryFormatError, match=f"{path.name}.*not JSON"):
+            Library.load(path)

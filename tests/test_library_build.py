@@ -147,6 +147,52 @@ def test_bad_arguments_fail_before_any_file_is_written(adapters, tmp_path, monke
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_output_that_is_an_adapter_file_is_refused_before_any_work(adapters, tmp_path, monkeypatch):
+    import shutil
+
+    from lag_triton.library import add_adapters, build
+
+    a0 = Path(shutil.copytree(adapters[0], tmp_path / "a0"))
+    lib = tmp_path / "lib.safetensors"
+    build_library(adapters[1:2], lib, progress=False)
+    saved = {f: f.read_bytes() for f in a0.iterdir()}
+
+    def boom(*args, **kwargs):
+        raise AssertionError("adapters were read before the output was checked")
+
+    monkeypatch.setattr(build, "plan_adapters", boom)
+    weights = a0 / "adapter_model.safetensors"
+    with pytest.raises(ValueError, match="would overwrite an input"):
+        build_library([a0, adapters[1]], weights, progress=False)
+    with pytest.raises(ValueError, match="would overwrite an input"):
+        build_library(iter([str(a0)]), a0 / "adapter_config.json", progress=False)
+    with pytest.raises(ValueError, match="general adapter file"):
+        build_library(adapters[1:2], weights, general_adapters=[a0], progress=False)
+    with pytest.raises(ValueError, match="would overwrite an input"):
+        add_adapters(lib, [a0], output=weights, progress=False)
+    assert {f: f.read_bytes() for f in a0.iterdir()} == saved
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_an_update_that_overflows_the_dtype_suggests_float32_only_for_float16(adapters, tmp_path, dtype):
+    import shutil
+
+    folder = Path(shutil.copytree(adapters[0], tmp_path / "big"))
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg["lora_alpha"] = 1e9 if dtype == torch.float16 else 1e40
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterError, match=f"overflows {dtype}") as info:
+        build_library([folder], tmp_path / "lib.safetensors", dtype=dtype, progress=False)
+    assert ("build in float32" in str(info.value)) == (dtype == torch.float16), str(info.value)
+    assert dtype == torch.float16 or f"exceeds the range of {dtype}" in str(info.value)
+
+
+def test_a_rank_above_the_layer_size_is_refused_naming_d_in_x_d_out(tmp_path):
+    folder = make_adapter(tiny_model("llama"), tmp_path / "big_rank", seed=0, r=60, targets=["up_proj"])  # 48 -> 80
+    with pytest.raises(AdapterError, match=r"up_proj': rank 60 exceeds the layer's size 48 x 80 \(d_in x d_out\)"):
+        build_library([folder], tmp_path / "lib.safetensors", progress=False)
+
+
 # -- memory ------------------------------------------------------------------------------------------
 def _big_adapters(root, n: int) -> list:
     """n PEFT folders of 4 modules 1024 -> 4096 at rank 16 (1.3 MB of float32 each)."""

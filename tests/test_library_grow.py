@@ -225,3 +225,23 @@ def test_only_libraries_whose_adapters_differ_record_each_adapter_s_base_model(a
     assert (tmp_path / "saved.safetensors").read_bytes() == lib.read_bytes()
     assert (tmp_path / "memory.safetensors").read_bytes() == lib.read_bytes()
     assert loaded.to(dtype=torch.float32).adapter_base_models == loaded.adapter_base_models
+
+
+@pytest.mark.parametrize("how", ["api", "cli"])
+def test_in_place_add_and_remove_through_a_symlink_replace_the_library_it_points_to(adapters, tmp_path, how):
+    from lag_triton.__main__ import main
+
+    real, link = tmp_path / "real" / "lib.safetensors", tmp_path / "link.safetensors"
+    real.parent.mkdir()
+    _build(adapters[:1], real)
+    link.symlink_to(real)
+    if how == "api":
+        add_adapters(link, adapters[1:2], workers=0, progress=False)
+    else:
+        assert main(["add", str(link), str(adapters[1]), "--workers", "0", "-q"]) == 0
+    assert link.is_symlink() and Library.load(real).names == ["a0", "a1"]
+    if how == "api":
+        remove_adapters(link, ["a0"])
+    else:
+        assert main(["remove", str(link), "a0"]) == 0
+    assert link.is_symlink() and Library.load(real).names == ["a1"]

@@ -26,6 +26,7 @@ from .general import GeneralKnowledge
 from .peft_reader import PeftAdapter
 from .plan import LibraryPlan, check_folder_names, plan_adapters
 from .resume import BuildJournal, Stamp, find_resumable, set_aside, stamp_before_reading
+from .sources import refuse_overwriting_inputs
 from .weights import FACTOR_DTYPES, ModuleWeights
 from .writer import LibraryWriter, tensor_bytes
 
@@ -92,9 +93,14 @@ def align_adapter(
         for j, m in enumerate(modules):
             a_j, b_j = a_star[j].to(dtype), b_star[j].to(dtype)
             if not bool(b_j.isfinite().all()):
+                fix = (
+                    "build in float32"  # float32 and bfloat16 share one range: only float16's is smaller
+                    if dtype == torch.float16
+                    else f"it exceeds the range of {dtype} (largest value {torch.finfo(dtype).max:.3g})"
+                )
                 raise adapter.error(
                     f"module {m!r}: the aligned update overflows {dtype} (its largest singular "
-                    f"value is {b_star[j].norm(dim=0).max().item():.3g}); build in float32"
+                    f"value is {b_star[j].norm(dim=0).max().item():.3g}); {fix}"
                 )
             out[m] = (a_j, b_j)
     return out
@@ -266,7 +272,12 @@ def build_library(
         kw = dict(names=names, dtype=dtype, workers=workers, progress=progress, resume=resume)
         return build_folder(paths, output, general_adapters=general_adapters, **kw)
     start = time.perf_counter()
-    paths, plan = plan_build(paths, names, dtype, general_adapters)
+    paths = paths if isinstance(paths, (str, os.PathLike)) else list(paths)
+    general = general_adapters
+    general = general if general is None or isinstance(general, (str, os.PathLike)) else list(general)
+    refuse_overwriting_inputs(output, paths)
+    refuse_overwriting_inputs(output, general or [], "general adapter")
+    paths, plan = plan_build(paths, names, dtype, general)
     aligned, resumed, nbytes = write_library(
         Path(output), plan, paths, workers=workers, progress=progress, desc="aligning adapters", resume=resume
     )

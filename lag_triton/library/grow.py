@@ -19,6 +19,7 @@ the parts that hold removed adapters.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from .plan import (
     single_factor_dtype,
     stored_module_plans,
 )
+from .sources import refuse_overwriting_inputs
 from .stored import StoredLibrary, check_names, existing_library_path, read_stored
 from .writer import LibraryWriter, RowSource
 
@@ -65,7 +67,9 @@ def add_adapters(
         return add_to_folder(library, paths, names=names, workers=workers, progress=progress, resume=resume)
     start = time.perf_counter()
     src = existing_library_path(library)
-    out = src if output is None else Path(output)
+    out = Path(os.path.realpath(src)) if output is None else Path(output)  # in place: a link's target
+    paths = paths if isinstance(paths, (str, os.PathLike)) else list(paths)
+    refuse_overwriting_inputs(out, paths)
     stored = read_stored(src)
     paths, new_names = check_new_adapters(paths, names, f"library file {str(src)!r}", stored.names)
     dtype = _factor_dtype(stored)
@@ -109,7 +113,7 @@ def remove_adapters(library, names, *, output=None) -> BuildReport:
         return remove_from_folder(library, names)
     start = time.perf_counter()
     src = existing_library_path(library)
-    out = src if output is None else Path(output)
+    out = Path(os.path.realpath(src)) if output is None else Path(output)  # in place: a link's target
     stored = read_stored(src)
     removed = set(check_names([names] if isinstance(names, str) else names))
     unknown = sorted(removed - set(stored.names))

@@ -137,7 +137,7 @@ class PeftAdapter:
             raise adapter.error(f"has no {_CONFIG}")
         try:
             config = json.loads(config_file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; too deep, huge ints
             raise adapter.error(f"{_CONFIG} is not valid JSON ({e})") from None
         except OSError as e:
             raise adapter.error(f"{_CONFIG} cannot be read ({e.strerror or e})") from None
@@ -304,7 +304,10 @@ class PeftAdapter:
                     f"configured rank r={rank} (r / rank_pattern){bd}"
                 )
             if rank > min(d_in, shape_b[0]):
-                raise self.error(f"module {module!r}: rank {rank} exceeds the layer's size {shape_b[0]}x{d_in}")
+                raise self.error(
+                    f"module {module!r}: rank {rank} exceeds the layer's size {d_in} x {shape_b[0]} (d_in x d_out): "
+                    "a rank is at most min(d_in, d_out)"
+                )
             self.modules[module] = factors
 
     def _block_diagonal_kind(self, module: str) -> tuple[str, int]:

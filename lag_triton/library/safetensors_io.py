@@ -97,7 +97,7 @@ def read_header(path: Path) -> Header:
         raw = fh.read(header_len)
     try:
         header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; too deep, huge ints
         raise SafetensorsProblem(f"not a safetensors file: its header is not JSON ({e})") from None
     if not isinstance(header, dict):
         raise SafetensorsProblem(f"not a safetensors file: its header is a JSON {json_type(header)}, not an object")

@@ -87,3 +87,28 @@ def default_adapter_name(source: str | os.PathLike, folder: Path) -> str:
     if folder.name in ("", ".."):  # "." or ".." name no folder: the one they lead to does
         return folder.resolve().name or str(folder.resolve())
     return folder.name
+
+
+def input_overwritten(output: str | os.PathLike, sources) -> str | None:
+    """The local adapter file (config or weights) among ``sources`` (adapter folders, or Hub paths:
+    not local, never compared) that ``output`` is, else None; None too while ``output`` is missing."""
+    if not os.path.isfile(output):
+        return None
+    for source in [sources] if isinstance(sources, (str, os.PathLike)) else sources:
+        if not isinstance(source, (str, os.PathLike)) or not os.path.isdir(source):
+            continue
+        for name in ADAPTER_FILES:
+            file = Path(source) / name
+            try:
+                if os.path.samefile(file, output):
+                    return str(file)
+            except OSError:  # the folder has no such file
+                continue
+    return None
+
+
+def refuse_overwriting_inputs(output: str | os.PathLike, sources, what: str = "adapter") -> None:
+    """Raise ValueError when writing ``output`` would replace a file of one of the adapters ``sources``."""
+    hit = input_overwritten(output, sources)
+    if hit is not None:
+        raise ValueError(f"output {str(output)!r} is {what} file {hit!r}: writing it would overwrite an input")

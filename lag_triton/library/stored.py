@@ -296,7 +296,7 @@ def _library_metadata(meta: dict[str, str], fail) -> dict:
         raise fail("metadata has no 'library' field")
     try:
         info = json.loads(meta["library"])
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError; too deep, huge ints
         raise fail(f"metadata field 'library' is not JSON ({e})") from None
     if not isinstance(info, dict):
         raise fail(f"metadata field 'library' must be a JSON object, got a JSON {sio.json_type(info)}")
@@ -318,7 +318,8 @@ def _check_shapes(module: str, entries: dict[str, sio.Entry], fail) -> None:
 
 
 def existing_library_path(path) -> Path:
-    """``path`` as a Path to an existing file, else TypeError / IsADirectoryError / FileNotFoundError."""
+    """``path`` as a Path to an existing file, else TypeError / IsADirectoryError / FileNotFoundError (OSError
+    for something else: a device, a FIFO)."""
     import os
 
     if not isinstance(path, (str, os.PathLike)):
@@ -329,6 +330,8 @@ def existing_library_path(path) -> Path:
             f"library file {str(path)!r} is a directory, not a library file (nor a library folder: "
             "it has no library.json)"
         )
+    if path.exists() and not path.is_file():  # a device, a FIFO, a socket
+        raise OSError(f"library file {str(path)!r} is not a regular file")
     if not path.is_file():
         raise FileNotFoundError(f"library file {str(path)!r} does not exist")
     return path
