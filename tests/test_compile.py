@@ -186,6 +186,41 @@ def test_compiled_decode_step_replays_in_cuda_graphs(library, backend, fold, mon
             torch.testing.assert_close(step(x).clone(), mlp(x), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a GPU")
+@pytest.mark.skipif("triton" not in _backends(), reason="the folded reductions are the Triton backend's")
+def test_folded_ops_replay_in_cuda_graphs_as_the_token_count_changes(monkeypatch):
+    """The folded kernels' cached ticket counters under inductor's CUDA-graph trees, with the token
+    count changing between calls: each new shape warms up eagerly (its allocations routed into the
+    graphs' pool) and records its own graph, and the tree checkpoints and restores that pool between
+    them, so counters allocated in it could be handed to a graph's outputs. Shapes large enough that
+    Arrow decode and the rerank split d_in (tickets taken); with inductor's pool assertions on where
+    this torch has them. Every call equals eager."""
+    monkeypatch.setenv("LAG_TRITON_FOLD_SPLITS", "1")
+    triton_config = torch._inductor.config.triton
+    if hasattr(triton_config, "slow_path_cudagraph_asserts"):  # the pool holds only tensors it tracks
+        monkeypatch.setattr(triton_config, "slow_path_cudagraph_asserts", True)
+    ops = get_ops("triton")
+    n, r, d, k = 3000, 6, 4096, 20
+    a_star = torch.randn(n, r, d, device=DEVICE, dtype=torch.bfloat16, generator=torch.Generator(DEVICE).manual_seed(0))
+    prototypes = a_star[:, 0].contiguous()
+
+    def route(x):
+        idx, _ = ops.arrow_topk(x, prototypes, k)
+        sel, _, z = ops.spectr_rerank(x, a_star, idx, 1)
+        return idx, sel, z
+
+    step = torch.compile(route, fullgraph=True, dynamic=False, mode="reduce-overhead")
+    with torch.no_grad():
+        for seed, t in enumerate((1, 2, 1, 3, 1, 2, 3, 1)):
+            x = torch.randn(
+                t, d, device=DEVICE, dtype=torch.bfloat16, generator=torch.Generator(DEVICE).manual_seed(seed)
+            )
+            got = [v.clone() for v in step(x)]
+            want = route(x)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (seed, t)
+            torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-5)
+
+
 # On CPU the reference backend only: the Triton ops go through the compiler as the same custom ops
 # (test above), and generating under the interpreter takes 40 s.
 @pytest.mark.parametrize("backend", [b for b in _backends() if DEVICE.type == "cuda" or b == "torch"])

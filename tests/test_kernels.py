@@ -248,6 +248,38 @@ def test_arrow_select_row_chunks_and_large_k(ops, monkeypatch):
         torch.testing.assert_close(scores, ref_scores, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("scoped", [False, True])
+def test_arrow_select_survivor_buffers_stay_within_the_chunk_bound(ops, monkeypatch, scoped):
+    """The select's per-row survivor buffers (CAP int64 words a split: 16 KB a row on a GPU, 1 GiB at
+    T = 64k whatever N) are bounded like the scores: the rows go in chunks whose buffers hold at
+    most SCORE_CHUNK_BYTES, with the reference's answer."""
+    mod = _triton_select_module(ops)
+    cap = mod.select_config(32)["CAP"]
+    launched = []
+    kernel = mod._select_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            def launch(scores, buf, *args, **kwargs):
+                launched.append(buf.numel() * buf.element_size())
+                return kernel[grid](scores, buf, *args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(mod, "_select_kernel", Counting())
+    bound = 4 * 8 * cap  # 4 rows' buffers; 6 rows' scores (150 adapters: 600 bytes a row)
+    monkeypatch.setattr(common, "SCORE_CHUNK_BYTES", bound)
+    t, n, k = 40, 150, 20  # beyond the one-launch decode (T <= 32)
+    x, p = int_tensor(t, 24, seed=90), int_tensor(n, 24, seed=91)
+    allowed = scope_masks(3, n, k, seed=92) if scoped else None
+    scope = (torch.arange(t) % 3).to(torch.int32).to(DEVICE) if scoped else None
+    idx, scores = ops.arrow_topk(x, p, k, allowed, scope)
+    ref_idx, ref_scores = reference.arrow_topk(x, p, k, allowed, scope)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(scores, ref_scores, atol=0, rtol=0, equal_nan=True)
+    assert len(launched) > 7 and max(launched) <= bound, launched  # each 6-row score chunk in 4 + 2
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "t,n,k,sms", [(1, 1001, 20, 4), (7, 300, 5, 64), (40, 200, 16, 4), (5, 64, 64, 2), (13, 2049, 1, 16)]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from lag_triton import AdapterError, Library
 from lag_triton.library import ModuleWeights, build_library
@@ -68,8 +68,6 @@ def test_worker_processes_write_the_same_file_and_report_errors(adapters, tmp_pa
     bad.mkdir()
     for f in adapters[1].iterdir():
         (bad / f.name).write_bytes(f.read_bytes())
-    from safetensors.torch import load_file
-
     weights = load_file(str(bad / "adapter_model.safetensors"))
     key = next(k for k in weights if k.endswith("lora_B.weight"))
     weights[key][0, 0] = float("nan")
@@ -607,3 +605,48 @@ def test_a_folder_given_as_dot_or_dot_dot_is_named_by_the_folder_it_leads_to(ada
     from lag_triton.library import GeneralKnowledge
 
     assert GeneralKnowledge.from_peft(where).names == ["my-adapter"]
+
+
+def test_build_workers_and_their_fork_server_ignore_ctrl_c():
+    """Ctrl-C in a terminal signals the whole process group: the fork server (importing torch) and
+    the workers printed KeyboardInterrupt tracebacks under the command's one line. They ignore it;
+    the building process still handles it (and shuts the pool down)."""
+    code = (
+        "import multiprocessing, signal\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from lag_triton.library import build\n"
+        "build._start_forkserver_ignoring_ctrl_c()\n"
+        "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler\n"
+        "with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('forkserver')) as pool:\n"
+        "    print(pool.submit(signal.getsignal, signal.SIGINT).result() == signal.SIG_IGN)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0 and done.stdout.strip() == "True", (done.stdout, done.stderr[-2000:])
+
+
+def test_a_long_output_name_builds_and_resumes(adapters, tmp_path, monkeypatch):
+    """A temp file's name adds the host's name, a pid, a random tag and suffixes (a journal's too) to
+    the output's: a long but valid output name, or a long hostname, passed the filesystem's 255
+    bytes and the build failed after planning, naming a temp file. Those temp names are shortened
+    with a digest of the output's name and the host's, so a failed build still resumes."""
+    monkeypatch.setattr("socket.gethostname", lambda: "pod-" + "h" * 59)
+    out = tmp_path / ("L" * 230 + ".safetensors")  # 242 bytes
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in adapters[0].iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    weights = load_file(str(bad / "adapter_model.safetensors"))
+    key = next(k for k in weights if k.endswith("lora_B.weight"))
+    weights[key][0, 0] = float("nan")
+    save_file(weights, str(bad / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match="non-finite values"):
+        build_library([*adapters, bad], out, workers=0, progress=False)
+    kept = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert len(kept) == 2 and all(len(name.encode()) <= 255 for name in kept), kept  # temp + journal
+    (bad / "adapter_model.safetensors").write_bytes((adapters[0] / "adapter_model.safetensors").read_bytes())
+    report = build_library([*adapters, bad], out, workers=0, progress=False, resume=True)
+    assert (report.aligned, report.resumed) == (1, len(adapters))
+    assert Library.load(out).names == [*(a.name for a in adapters), "bad"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["bad", out.name])

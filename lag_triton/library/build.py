@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import threading
 import time
 import warnings
 from collections import deque
@@ -128,6 +130,23 @@ _worker_target = None
 _worker_general: GeneralKnowledge | None = None
 
 
+def _start_forkserver_ignoring_ctrl_c() -> None:
+    """Start the fork server with SIGINT ignored, which it and the workers it forks keep (an ignored
+    signal survives exec; the server restores it in each child): Ctrl-C in a terminal reaches the
+    whole process group, and a server or worker interrupted while importing torch printed its
+    traceback under the command's one line. This process handles Ctrl-C and shuts the pool down.
+    Only the main thread may change a signal's handler: elsewhere the server starts as it would."""
+    from multiprocessing import forkserver
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        forkserver.ensure_running()  # spawns the server and returns: SIGINT is ignored here for milliseconds
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _init_worker(target, general: GeneralKnowledge | None) -> None:
     global _worker_target, _worker_general
     torch.set_num_threads(1)  # one core per worker: the workers are the parallelism
@@ -181,6 +200,7 @@ def run_jobs(
             return
         context = multiprocessing.get_context("forkserver")  # no fork of a process with OpenMP threads
         context.set_forkserver_preload(["lag_triton.library.build"])  # import torch once, in the server
+        _start_forkserver_ignoring_ctrl_c()
         in_memory = isinstance(target, MemoryTarget)
         worker_target = RowsToParent(target.dtype) if in_memory else target
         with ProcessPoolExecutor(

@@ -11,6 +11,7 @@ Callers turn :class:`SafetensorsProblem` into their own error type naming the fi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import mmap
@@ -264,8 +265,22 @@ def check_output_path(path: Path) -> None:
     os.unlink(temp)
 
 
+#: bytes a temp file name adds after its prefix: the owner (a pid, or _SET_ASIDE), 8 hex digits,
+#: TEMP_SUFFIX, and a journal's ".journal" (:func:`.resume.journal_path`), with room to spare
+_TEMP_TAIL_BYTES = 48
+_NAME_MAX = 255  # bytes in a file name (ext4, xfs, btrfs, APFS, tmpfs)
+
+
 def _temp_prefix(path: Path) -> str:
-    return f".{path.name}.{socket.gethostname()}."
+    """The start of every temp file name for ``path`` on this host: its name and the host's, or,
+    where they would leave a temp name too long for the filesystem (a long output name, a long pod
+    hostname), a shortened name and a digest of both (the same for the same path and host)."""
+    prefix = f".{path.name}.{socket.gethostname()}."
+    if len(os.fsencode(prefix)) + _TEMP_TAIL_BYTES <= _NAME_MAX:
+        return prefix
+    digest = hashlib.sha256(os.fsencode(prefix)).hexdigest()[:16]
+    short = os.fsencode(path.name)[:96].decode("utf-8", errors="ignore")
+    return f".{short}~{digest}."
 
 
 def _temp_name(path: Path, owner: str) -> Path:

@@ -211,6 +211,11 @@ def _select(
     if cfg["CAP"] < cfg["BLOCK"]:
         raise ValueError(f"arrow_select config {cfg}: CAP must be >= BLOCK (a block's survivors must fit)")
     splits, per_split = split_plan(t, n, cfg["BLOCK"], num_sms(scores.device))
+    chunks = score_row_chunks(t, 2 * splits * cfg["CAP"])  # a row's buffers: the bytes of 2 * CAP scores a split
+    if len(chunks) > 1:  # so that they stay within SCORE_CHUNK_BYTES too (16 KB a row: 1 GiB at T = 64k)
+        for rows in chunks:
+            _select(scores[rows], k, idx[rows], out_scores[rows], allowed, None if scope is None else scope[rows])
+        return
     buf = torch.empty((t, splits, cfg["CAP"]), dtype=torch.int64, device=scores.device)
     # buf stands in for the pointers a launch does not read (no split, no scope, no fold)
     part = torch.empty((t, splits, k_pad), dtype=torch.int64, device=scores.device) if splits > 1 else buf
