@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import subprocess
 import sys
 
@@ -449,3 +450,16 @@ def test_a_non_empty_folder_that_is_no_library_folder_is_a_usage_error(
     assert main(argv) == EXIT_USAGE
     _one_line_error(capsys, str(folder), "not empty and not a library folder")
     assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+
+
+def test_folders_of_one_name_are_a_usage_error(adapters, tmp_path, capsys, monkeypatch):
+    """Adapters are named by their folders: two folders of one name (checkpoints of two runs) are a
+    command-line problem like a name repeated in --names (exit 2, before any work), not a failure."""
+    for run in ("r1", "r2"):
+        shutil.copytree(adapters[0], tmp_path / run / "ckpt-500")
+    _fail_if_aligning(monkeypatch)
+    argv = ["build", str(tmp_path / "r1" / "ckpt-500"), str(tmp_path / "r2" / "ckpt-500"), "-o", str(tmp_path / "x")]
+    assert main([*argv, "-q"]) == EXIT_USAGE
+    _one_line_error(capsys, "2 folders are named 'ckpt-500'", "--names")
+    monkeypatch.undo()  # aligning allowed again
+    assert main([*argv, "-q", "--names", "a", "b"]) == 0
