@@ -285,6 +285,9 @@ def build_library(
 
     ``folder=True``, or an ``output`` that is a library folder: write a library folder there
     (:mod:`.folder`; one part, replacing any parts it had, atomically).
+
+    Raises ValueError, before any work, for an ``output`` that is one of the adapters' (or general
+    adapters') files, AdapterError for a bad adapter.
     """
     from .folder import build_folder, is_library_folder
 

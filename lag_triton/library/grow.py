@@ -58,9 +58,10 @@ def add_adapters(
     written to ``output``; a library folder gets one new part, :func:`.folder.add_to_folder`). New
     adapters are aligned into the library's dtype; existing ones are copied. ``resume``: continue a
     killed or failed ``add`` of the same adapters to the same library, aligning only the new adapters
-    it had not written (:mod:`.resume`). Raises ValueError for a name already in the library,
-    AdapterError for an adapter whose module shapes differ from the library's (or from each other, or
-    from the general means the library subtracts), LibraryFormatError for a bad file.
+    it had not written (:mod:`.resume`). Raises ValueError for a name already in the library or an
+    output that is one of the adapters' files, AdapterError for an adapter whose module shapes
+    differ from the library's (or from each other, or from the general means the library subtracts),
+    LibraryFormatError for a bad file.
     """
     if is_library_folder(library):
         _refuse_output(library, output, "add")
