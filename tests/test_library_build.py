@@ -60,18 +60,23 @@ def test_streamed_file_has_the_bytes_of_the_in_memory_build(adapters, tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again.safetensors", "lib.safetensors", "memory.safetensors"]
 
 
+def _with_a_nan(adapter: Path, folder: Path) -> Path:
+    """A copy of ``adapter`` at ``folder`` with one NaN in a lora_B: it fails as it is aligned."""
+    folder.mkdir()
+    for f in adapter.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    key = next(k for k in weights if k.endswith("lora_B.weight"))
+    weights[key][0, 0] = float("nan")
+    save_file(weights, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
 def test_worker_processes_write_the_same_file_and_report_errors(adapters, tmp_path):
     build_library(adapters, tmp_path / "par.safetensors", dtype=torch.bfloat16, workers=2, progress=False)
     assert (tmp_path / "par.safetensors").read_bytes() == _saved_bytes(adapters, tmp_path)
     # an adapter that fails inside a worker: its error, naming it, and no output and no temp file
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for f in adapters[1].iterdir():
-        (bad / f.name).write_bytes(f.read_bytes())
-    weights = load_file(str(bad / "adapter_model.safetensors"))
-    key = next(k for k in weights if k.endswith("lora_B.weight"))
-    weights[key][0, 0] = float("nan")
-    save_file(weights, str(bad / "adapter_model.safetensors"))
+    bad = _with_a_nan(adapters[1], tmp_path / "bad")
     never = tmp_path / "never.safetensors"
     with pytest.raises(AdapterError, match=r"bad'.*non-finite values") as caught:
         build_library([*adapters, bad], never, workers=2, progress=False)
@@ -633,14 +638,7 @@ def test_a_long_output_name_builds_and_resumes(adapters, tmp_path, monkeypatch):
     with a digest of the output's name and the host's, so a failed build still resumes."""
     monkeypatch.setattr("socket.gethostname", lambda: "pod-" + "h" * 59)
     out = tmp_path / ("L" * 230 + ".safetensors")  # 242 bytes
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for f in adapters[0].iterdir():
-        (bad / f.name).write_bytes(f.read_bytes())
-    weights = load_file(str(bad / "adapter_model.safetensors"))
-    key = next(k for k in weights if k.endswith("lora_B.weight"))
-    weights[key][0, 0] = float("nan")
-    save_file(weights, str(bad / "adapter_model.safetensors"))
+    bad = _with_a_nan(adapters[0], tmp_path / "bad")
     with pytest.raises(AdapterError, match="non-finite values"):
         build_library([*adapters, bad], out, workers=0, progress=False)
     kept = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
