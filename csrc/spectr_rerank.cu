@@ -305,7 +305,7 @@ __device__ __forceinline__ float nan_max(float a, float b) {
 __global__ void __launch_bounds__(kThreads)
 rerank_select_kernel(const int32_t* __restrict__ cand, const float* __restrict__ cand_scores,
                      const float* __restrict__ key_all, const float* __restrict__ z_all, int64_t T,
-                     int k, int r, int m, int uniform, float temperature,
+                     int k, int N, int r, int m, int uniform, float temperature,
                      int32_t* __restrict__ sel, float* __restrict__ w, float* __restrict__ z) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
@@ -320,7 +320,9 @@ rerank_select_kernel(const int32_t* __restrict__ cand, const float* __restrict__
     u64 best_k = 0ull;   // below every real key
     int best_p = 0x7fffffff;
     for (int p = lane; p < k; p += 32) {
-      if (ct[p] < 0) continue;  // -1: no candidate (a scope left fewer than k)
+      // -1: no candidate (a scope left fewer than k); >= N: none either, as the Triton backend reads
+      // it (the grouped z path never writes such a slot's key)
+      if (ct[p] < 0 || ct[p] >= N) continue;
       const u64 kk = pack_key(keys[p], ct[p]);
       const bool eligible = i == 0 || better(prev_k, prev_p, kk, p);
       if (eligible && better(kk, p, best_k, best_p)) {
@@ -439,7 +441,7 @@ extern "C" int lag_spectr_rerank_launch(const void* x, int x_dtype, const void* 
   if (rc != 0) return rc;
   const int64_t blocks = (T + kWarps - 1) / kWarps;
   rerank_select_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      candidates, candidate_scores, key_all, z_all, T, Ki, Ri, static_cast<int>(m), combine_uniform,
+      candidates, candidate_scores, key_all, z_all, T, Ki, Ni, Ri, static_cast<int>(m), combine_uniform,
       temperature, sel, w, z);
   return finish_launch();
 }

@@ -365,6 +365,23 @@ def test_spectr_rerank_missing_candidates(ops, t, m, combine, with_scores):
     assert torch.allclose(w.sum(1)[valid > 0], torch.ones_like(w.sum(1)[valid > 0]), atol=1e-5)
 
 
+@pytest.mark.parametrize("t", [9, 70])
+def test_spectr_rerank_candidates_past_n_are_no_candidates(ops, t):
+    """A candidate index >= N (outside the ops' contract; the reference would raise) is read as no
+    candidate by both GPU backends alike: the CUDA grouped path never wrote such a slot's key, which
+    its select then ranked (uninitialised memory)."""
+    n, r, d, k, m = 40, 6, 33, 6, 2
+    x, a = randn(t, d, seed=93), randn(n, r, d, seed=94)
+    cand = _candidates(t, n, k, seed=95)
+    cand[:, 1] = n + 3
+    cand[2, :] = n
+    got = ops.spectr_rerank(x, a, cand, m)
+    want = reference.spectr_rerank(x, a, torch.where(cand >= n, -1, cand), m)
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got[2], want[2], atol=1e-4, rtol=1e-4)
+
+
 def test_lora_apply_skips_missing_picks(ops):
     """sel -1 (no adapter) contributes nothing, even next to an adapter holding inf."""
     t, n, d_out, r = 6, 5, 40, 6
