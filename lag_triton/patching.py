@@ -236,6 +236,8 @@ class LagLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d_in, d_out = self._routed_shape
+        if x.shape[-1] != d_in:  # what the base layer would refuse, before the flattening below hides it
+            raise ValueError(f"{self.module_name}: input has {x.shape[-1]} features, the layer takes {d_in}")
         # The base layer runs on the tokens flattened (as F.linear does inside): viewing its [T, d_out]
         # output back is free of shape guards, so torch.export keeps a dynamic sequence length.
         x2 = x.reshape(-1, d_in)

@@ -912,20 +912,21 @@ def test_lora_apply_every_element_poisoned_output_row(ops):
 @pytest.mark.parametrize("top_m", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_route_and_apply_matches_reference(ops, router, top_m, dtype):
+    """The composed pipeline (retrieve, rerank, apply) against the reference, every token: with
+    small-integer data every score and z is exact in any summation order, so every routing decision
+    (ties to the lower adapter index) is the reference's, and y agrees to the weights' rounding."""
     t, n, d_in, d_out, r = 11, 37, 48, 40, 6
-    x = randn(t, d_in, dtype=dtype, seed=28)
-    a = _mixed_rank(randn(n, r, d_in, dtype=dtype, seed=29), 1, seed=30)
-    b = randn(n, d_out, r, dtype=dtype, seed=31)
+    x = int_tensor(t, d_in, dtype=dtype, seed=28)
+    a = _mixed_rank(int_tensor(n, r, d_in, dtype=dtype, seed=29), 1, seed=30)
+    b = int_tensor(n, d_out, r, dtype=dtype, seed=31)
     protos = a[:, 0].contiguous()
-    cfg = RoutingConfig(k=8, top_m=top_m, router=router, temperature=0.5)
-    y0 = randn(t, d_out, dtype=dtype, seed=32)
+    cfg = RoutingConfig(k=8, top_m=top_m, router=router, temperature=5.0)
+    y0 = int_tensor(t, d_out, dtype=dtype, seed=32)
     y, y_ref = y0.clone(), y0.clone()
     sel = route_and_apply(x, y, a, b, protos, cfg, ops)
     ref_sel = route_and_apply(x, y_ref, a, b, protos, cfg, reference)
-    agree = (sel == ref_sel).all(dim=1)
-    assert agree.float().mean() >= 0.9, "routing disagrees with the reference beyond near-ties"
-    atol = 1e-4 if dtype == torch.float32 else 0.05
-    torch.testing.assert_close(y[agree].float(), y_ref[agree].float(), atol=atol, rtol=1e-2)
+    assert torch.equal(sel, ref_sel)
+    torch.testing.assert_close(y.float(), y_ref.float(), atol=1e-3, rtol=1e-5 if dtype == torch.float32 else 1e-2)
 
 
 # ----------------------------------------------------------------------------- GPU-only, real sizes

@@ -622,3 +622,12 @@ def test_patched_modules_take_the_models_training_mode(library, training):
     model = tiny_model("llama").train(training)
     lag_triton.patch(model, library, k=2)
     assert {m.training for m in model.modules()} == {training}
+
+
+def test_an_input_of_the_wrong_width_is_refused_naming_the_layer(library):
+    """The base layer runs on the tokens flattened to [T, d_in]: an input whose width is not d_in
+    (but whose size is a multiple of it) must fail as the base layer would, not be re-cut into rows."""
+    model = lag_triton.patch(tiny_model("llama"), library, k=2)
+    layer = model.model.layers[0].mlp.up_proj
+    with pytest.raises(ValueError, match=f"up_proj: input has {2 * layer.in_features} features, the layer takes"):
+        layer(torch.randn(3, 2 * layer.in_features))
