@@ -107,11 +107,8 @@ class LibraryRoute(nn.Module):
         else:
             self.unusable = backend_unavailable_reason(self.backend, device)
 
-    def add_to(
-        self, x: torch.Tensor, y: torch.Tensor, allowed: torch.Tensor | None = None, scope: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """y [T, d_out] + this library's routed output for x [T, d_in] (in place when y has the
-        factors' dtype), each token limited to ``allowed[scope[t]]`` when scoped. Returns (y, sel)."""
+    def check_usable(self) -> None:
+        """Raise unless the factors can be routed: they hold the library, on a device the backend runs on."""
         if self.values_lost:
             raise RuntimeError(
                 f"library {self.library_index}'s factors went to the meta device and came back without values "
@@ -124,6 +121,13 @@ class LibraryRoute(nn.Module):
                 f"on {self.a_star.device}: {self.unusable}. Move the model back, or patch with "
                 "backend='auto' to choose the backend wherever the model goes"
             )
+
+    def add_to(
+        self, x: torch.Tensor, y: torch.Tensor, allowed: torch.Tensor | None = None, scope: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """y [T, d_out] + this library's routed output for x [T, d_in] (in place when y has the
+        factors' dtype), each token limited to ``allowed[scope[t]]`` when scoped. Returns (y, sel)."""
+        self.check_usable()
         dtype = self.a_star.dtype
         xr = x if x.dtype == dtype else x.to(dtype)
         if y.dtype == dtype:
@@ -433,18 +437,22 @@ def patch(
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch() needs a torch.nn.Module, got {type(model).__name__}")
     given, model = model, _uncompiled(model)
-    config = RoutingConfig(
-        k=_as_int(k),
-        top_m=_as_int(top_m),
-        router=router,
-        temperature=_as_float("temperature", temperature),
-        combine=combine,
-    )
-    if process_group is not None:  # sharded over ranks: lag_triton.sharding owns that path (and loading:
-        from .sharding import patch_sharded  # a file that one rank cannot read must fail every rank)
 
-        patch_sharded(model, libraries, config, backend, process_group)
+    def routing_config() -> RoutingConfig:
+        return RoutingConfig(
+            k=_as_int(k),
+            top_m=_as_int(top_m),
+            router=router,
+            temperature=_as_float("temperature", temperature),
+            combine=combine,
+        )
+
+    if process_group is not None:  # sharded over ranks: lag_triton.sharding owns that path (loading and
+        from .sharding import patch_sharded  # the settings too: what one rank refuses must fail every rank)
+
+        patch_sharded(model, libraries, routing_config, backend, process_group)
         return given
+    config = routing_config()
     check_patched_root(model, "patch")
     libs = _as_libraries(libraries)
     already = getattr(model, "_lag_num_libraries", 0)
@@ -556,7 +564,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     """Remove every LAG library: the original module objects go back where they were. ``model`` is
     the module ``patch`` was called on, or one that contains it."""
     given, model = model, _uncompiled(model)
-    roots = [m for m in model.modules() if hasattr(m, _ROOT_ATTR)]
+    roots = [m for m in model.modules() if _is_root(m)]
     if not roots:
         check_patched_root(model, "unpatch")
     for name, module in list(model.named_modules()):
@@ -574,16 +582,22 @@ def unpatch(model: nn.Module) -> nn.Module:
 _ROOT_ATTR = "_lag_num_libraries"  # set on the module patch was called on, with "_lag_library_names"
 
 
+def _is_root(module: nn.Module) -> bool:
+    """Whether ``patch`` was called on ``module`` itself (its own attribute: a torch.compile wrapper
+    forwards attribute reads to the model it wraps, which would count it twice)."""
+    return _ROOT_ATTR in module.__dict__
+
+
 def patched_roots(model: nn.Module) -> list[str]:
     """The names, under ``model`` ("" for itself), of the modules ``patch`` attached libraries through."""
-    return [name for name, m in model.named_modules() if hasattr(m, _ROOT_ATTR)]
+    return [name for name, m in model.named_modules() if _is_root(m)]
 
 
 def check_patched_root(model: nn.Module, call: str) -> None:
     """Refuse ``call`` on a module that holds LAG layers attached through another module: library
     indices and names live on the module patch was called on, so two roots would number their
     libraries alike (a scope's mask applied to the other's adapters, traces merged)."""
-    if hasattr(model, _ROOT_ATTR) or not any(isinstance(m, LagLinear) for m in model.modules()):
+    if _is_root(model) or not any(isinstance(m, LagLinear) for m in model.modules()):
         return
     roots = patched_roots(model)
     if roots:

@@ -74,6 +74,7 @@ class _ScopeMasks:
         self.rows = rows  # None: no library restricted (then no route has a mask)
         self._masks = masks  # id(LibraryRoute) -> mask; routes of unrestricted libraries are absent
         self._token_rows: dict[tuple, torch.Tensor] = {}
+        self._repeated: dict[tuple, bool] = {}
 
     def for_route(self, route: nn.Module, x: torch.Tensor, layer_name: str):
         """(allowed [B, N] bool, scope [T] int32) for the tokens of ``x`` (rule in the module docstring)."""
@@ -81,9 +82,15 @@ class _ScopeMasks:
         if mask is None:
             return None, None
         d_in = max(1, x.shape[-1]) if x.dim() else 1
+        stride = 1  # scope rows per input row
         if x.dim() >= 3:
             rows = x.shape[0]
-            if rows != self.rows:
+            if rows != self.rows and self._repeats_rows(route, mask, rows):
+                # an encoder-decoder's encoder runs on the batch's own rows, its decoder on them repeated
+                # (num_beams / num_return_sequences): input row i is scope row i * stride, whose copies
+                # all give the same set
+                stride = self.rows // rows
+            elif rows != self.rows:
                 repeated = (
                     f". generate with num_beams or num_return_sequences = {rows // self.rows} repeats each row: give "
                     f"one entry per repeated row ([entry for entry in allowed for _ in range({rows // self.rows})])"
@@ -104,12 +111,25 @@ class _ScopeMasks:
                     "is read as the batch flattened row-major, [B * S, d_in])"
                 )
             per_row = tokens // self.rows
-        key = (per_row, mask.device)
+        key = (per_row, stride, mask.device)
         token_rows = self._token_rows.get(key)
         if token_rows is None:
-            token_rows = torch.arange(self.rows, dtype=torch.int32, device=mask.device).repeat_interleave(per_row)
+            rows = torch.arange(0, self.rows, stride, dtype=torch.int32, device=mask.device)
+            token_rows = rows.repeat_interleave(per_row)
             self._token_rows[key] = token_rows
         return mask, token_rows
+
+    def _repeats_rows(self, route: nn.Module, mask: torch.Tensor, rows: int) -> bool:
+        """Whether this scope's rows are ``rows`` sets each repeated self.rows // rows times in a row
+        (one host read per route and row count, cached: the sets are fixed while the scope is open)."""
+        if rows == 0 or self.rows % rows:
+            return False
+        key = (id(route), rows)
+        found = self._repeated.get(key)
+        if found is None:
+            groups = mask.view(rows, self.rows // rows, -1)
+            found = self._repeated[key] = bool((groups == groups[:, :1]).all())
+        return found
 
 
 def _index(item) -> int | None:
@@ -275,10 +295,11 @@ def scope(model: nn.Module, allowed) -> Iterator[None]:
     The model is the one ``patch`` was called on; calls inside the block must have as many batch
     rows as ``allowed``.
     """
-    from .patching import LagLinear, check_patched_root, patched_roots
+    from .patching import LagLinear, _uncompiled, check_patched_root, patched_roots
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"scope() needs a torch.nn.Module, got {type(model).__name__}")
+    model = _uncompiled(model)
     layers = [m for m in model.modules() if isinstance(m, LagLinear)]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LAG-patched modules; call lag_triton.patch first")

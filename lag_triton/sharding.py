@@ -205,6 +205,7 @@ class ShardedRoute(LibraryRoute):
                 "lag_triton.scope does not restrict sharded routing (patch(..., "
                 "process_group=)) yet: scope an unsharded model"
             )
+        self.check_usable()
         xr = x if x.dtype == self.a_star.dtype else x.to(self.a_star.dtype)
         ex = _Exchange(self.group, self.rank, self.world)
         delta, sel = self._route(xr, ex)
@@ -395,8 +396,30 @@ def comm_device(backends: dict[str, str]) -> torch.device:
 
 def _fingerprint(libs, plan, config) -> str:
     """What every rank must agree on, or the collectives would pair up wrong data."""
-    desc = [(name, idx, w.num_adapters, w.rank, w.d_in, w.d_out, str(w.dtype)) for name, idx, w, _, _ in plan]
+    desc = [
+        # the dtype each layer routes in (the exchanged buffers' sizes) and which adapter each row is
+        (
+            name,
+            idx,
+            w.num_adapters,
+            w.rank,
+            w.d_in,
+            w.d_out,
+            str(w.dtype),
+            str(_route_dtype(layer.dtype)),
+            _ids_digest(w),
+        )
+        for name, idx, w, _, layer in plan
+    ]
     return json.dumps([[lib.names for lib in libs], desc, repr(config)], sort_keys=True)
+
+
+def _ids_digest(weights) -> str:
+    """A digest of a module's adapter ids and ranks (a few KB even at N = 100k)."""
+    h = hashlib.sha256(weights.adapter_ids.to("cpu", torch.int64).numpy().tobytes())
+    if weights.ranks is not None:
+        h.update(weights.ranks.to("cpu", torch.int64).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _agree(text: str | None, group, rank: int, world: int, device, failed: str = "failed their patch checks") -> None:
@@ -440,15 +463,17 @@ def _plan(model, libs, backend: str, backends: dict[str, str], already: int) -> 
     return plan
 
 
-def patch_sharded(model, libraries, config, backend: str, group):
-    """``patch`` with a process group (called by :func:`lag_triton.patch`): loads ``libraries`` (as
-    ``patch`` takes them) and checks like ``patch``, then each rank copies only its rows of every
-    module. Every rank must call it with the same arguments; an error on one rank (a library file
-    missing on its node, say) is raised on every rank."""
+def patch_sharded(model, libraries, routing_config, backend: str, group):
+    """``patch`` with a process group (called by :func:`lag_triton.patch`): checks the settings
+    (``routing_config()`` builds them), loads ``libraries`` (as ``patch`` takes them) and checks like
+    ``patch``, then each rank copies only its rows of every module. Every rank must call it with the
+    same arguments; an error on one rank (a library file missing on its node, a bad setting) is
+    raised on every rank."""
     rank, world, backends = _group_info(group)
     already = getattr(model, "_lag_num_libraries", 0)
     agree_on = comm_device(backends)  # raises alike on every rank: their groups have the same config
     try:
+        config = routing_config()
         check_patched_root(model, "patch")
         libs = _as_libraries(libraries)
         plan = _plan(model, libs, backend, backends, already)

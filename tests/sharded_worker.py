@@ -8,6 +8,7 @@ raise, which ``torch.multiprocessing.spawn`` turns into a test failure with the 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -241,8 +242,37 @@ def check_disagreement(rank: int, world: int, store: str, backend: str) -> None:
     else:
         raise AssertionError("patch went ahead although a rank ran out of memory")
     assert not any(isinstance(m, lag_triton.LagLinear) for m in model.modules())
+    sharding._local_rows = _LOCAL_ROWS
+    # A setting only the last rank refuses (k = 0): every rank raises (it hung the others).
+    try:
+        lag_triton.patch(model, lib, k=0 if rank == world - 1 else 2, process_group=dist.group.WORLD)
+    except ValueError as e:
+        assert ("k must be" in str(e)) == (rank == world - 1), e
+        assert rank == world - 1 or f"ranks [{world - 1}] failed their patch checks" in str(e), e
+    else:
+        raise AssertionError("patch went ahead although a rank refused its settings")
+    # Layers routing in another dtype on one rank (the exchanged buffers' sizes differ: gloo aborted at
+    # the first forward), and a library whose module maps rows to other adapters on one rank.
+    names = [*lib.names, "t5"]  # module "0": adapters 0-4 on every rank but the last, 1-5 there
+    first = Library(names, {"0": lib.modules["0"]})
+    shifted = Library(names, {"0": dataclasses.replace(lib.modules["0"], adapter_ids=torch.arange(1, 6))})
+    for case, ours, theirs in (("dtype", lib, lib), ("adapter ids", first, shifted)):
+        target = model.to(torch.bfloat16) if case == "dtype" and rank == world - 1 else model
+        try:
+            lag_triton.patch(target, theirs if rank == world - 1 else ours, process_group=dist.group.WORLD)
+        except ValueError as e:
+            assert f"ranks [{world - 1}] patch with other libraries" in str(e) or (
+                rank == world - 1 and "ranks [0" in str(e)
+            ), (case, e)
+        else:
+            raise AssertionError(f"patch accepted a different {case} on one rank")
+        model.float()
+    assert not any(isinstance(m, lag_triton.LagLinear) for m in model.modules())
     dist.barrier()
     dist.destroy_process_group()
+
+
+_LOCAL_ROWS = sharding._local_rows
 
 
 def _out_of_memory(*args, **kwargs):

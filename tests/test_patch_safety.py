@@ -631,3 +631,27 @@ def test_an_input_of_the_wrong_width_is_refused_naming_the_layer(library):
     layer = model.model.layers[0].mlp.up_proj
     with pytest.raises(ValueError, match=f"up_proj: input has {2 * layer.in_features} features, the layer takes"):
         layer(torch.randn(3, 2 * layer.in_features))
+
+
+def test_a_compiled_model_and_containers_scope_trace_and_unpatch_through_the_patched_module(library):
+    """torch.compile's wrapper forwards attribute reads to the model it wraps, so the model patched
+    through it was counted as two patched modules: scope refused it and unpatch of a container
+    holding it failed halfway (the layers unwrapped, the state_dict warning left). Two models
+    patched apart in one container cannot be traced (or scoped) together: their indices would mix."""
+    model = tiny_model("llama")
+    compiled = torch.compile(model, backend="eager")
+    lag_triton.patch(compiled, library, k=2)
+    with lag_triton.scope(compiled, [library.names[:1], library.names[1:2]]), lag_triton.trace(compiled) as tr:
+        _logits(model, IDS)
+    assert all(set(sel.flatten().tolist()) <= {0, 1} for sel in tr.selections.values())
+    lag_triton.unpatch(torch.nn.Sequential(compiled))
+    assert _unpatched(model) and not hasattr(model, "_lag_num_libraries")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LibraryNotSavedWarning)
+        model.state_dict()
+    both = torch.nn.ModuleDict({"a": lag_triton.patch(tiny_model("llama"), library, k=2), "b": model})
+    lag_triton.patch(model, library, k=2)
+    for call in (lambda: lag_triton.trace(both), lambda: lag_triton.scope(both, [None, None])):
+        with pytest.raises(ValueError, match=r"patched through several of its modules \('a', 'b'\)"):
+            with call():
+                pass

@@ -192,6 +192,28 @@ def test_beam_search_needs_an_entry_per_beam_and_keeps_each_beam_in_its_rows_set
             assert set(prefill[beam].tolist()) | set(steps[beam].tolist()) <= allowed, (module, beam)
 
 
+def test_beam_search_of_an_encoder_decoder_takes_the_repeated_scope_for_its_encoder_too(tmp_path):
+    """An encoder-decoder's generate runs the encoder on the batch's own rows and the decoder on them
+    repeated per beam: the scope of repeated rows (what the decoder needs) serves the encoder too,
+    each input row taking its copies' set (neither form worked); rows whose copies differ are refused."""
+    lib = tiny_library(tmp_path, 4, prefix="doc", arch="t5")
+    model = tiny_model("t5")
+    lag_triton.patch(model, lib, backend="torch", k=2, top_m=1)
+    ids = _ids(2, 6, seed=15)
+    rows = [["doc0", "doc1"], ["doc2"]]
+    with torch.no_grad(), lag_triton.scope(model, [r for r in rows for _ in range(2)]), lag_triton.trace(model) as tr:
+        model.generate(input_ids=ids, num_beams=2, max_new_tokens=3, do_sample=False)
+    encoder = {m: sel for m, sel in tr.selections.items() if m.startswith("encoder.")}
+    assert encoder and all(sel.shape[0] == 2 * 6 for sel in encoder.values())
+    _assert_within(encoder, [[0, 1], [2]], 6)
+    decoder = {m: sel for m, sel in tr.selections.items() if m.startswith("decoder.") and "DenseReluDense" in m}
+    for module, sel in decoder.items():  # a token per beam per step: [steps * 4] -> [4 beams, steps]
+        _assert_within({module: sel.reshape(-1, 4).T}, [[0, 1], [0, 1], [2], [2]], sel.shape[0] // 4)
+    with pytest.raises(ValueError, match=r"given 4 batch rows, but layer 'encoder\..*\(2 rows\)"):
+        with torch.no_grad(), lag_triton.scope(model, [["doc0"], ["doc1"], ["doc2"], ["doc2"]]):
+            model.generate(input_ids=ids, num_beams=2, max_new_tokens=2, do_sample=False)
+
+
 def test_scopes_nest_and_restore(libraries):
     docs, _ = libraries
     model = _patched(docs, k=2, top_m=1)

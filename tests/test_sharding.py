@@ -139,6 +139,21 @@ def test_a_sharded_model_refuses_to_pickle(tmp_path):
         dist.destroy_process_group()
 
 
+def test_a_sharded_library_moved_to_meta_and_back_refuses_to_route(tmp_path):
+    """As an unsharded one: to_empty() leaves the factors without values, and the forward says so
+    (the sharded route's own forward skipped the check and routed with garbage)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = nn.Sequential(nn.Linear(8, 4))
+        lag_triton.patch(model, sharded_worker.tie_library(), process_group=dist.group.WORLD)
+        model.to("meta").to_empty(device="cpu")
+        with pytest.raises(RuntimeError, match="went to the meta device and came back without values"):
+            with torch.no_grad():
+                model(torch.ones(1, 8))
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize(
     ("config", "cuda_ok", "cpu_ok"),
     [
