@@ -96,10 +96,10 @@ class StubBase(nn.Linear):
 
     def __init__(self, d_in: int, d_out: int, t: int, dtype: torch.dtype) -> None:
         super().__init__(d_in, d_out, bias=False, dtype=dtype)
-        self.out = torch.zeros(1, t, d_out, dtype=dtype)
+        self.out = torch.zeros(t, d_out, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out
+        return self.out.view(*x.shape[:-1], self.out.shape[-1])  # the patched layer passes [T, d_in]
 
 
 def per_call_us(cases: dict, iters: int, repeats: int = 30) -> dict:
