@@ -60,11 +60,13 @@ def test_config_that_is_not_an_object(adapter, text, needle):
 @pytest.mark.parametrize(
     "changes,needle",
     [
-        ({"lora_alpha": float("nan")}, "field lora_alpha=nan must be a finite positive number"),
-        ({"lora_alpha": float("inf")}, "field lora_alpha=inf must be a finite positive number"),
+        ({"lora_alpha": float("nan")}, "field lora_alpha=nan must be a finite non-zero number"),
+        ({"lora_alpha": float("inf")}, "field lora_alpha=inf must be a finite non-zero number"),
         ({"lora_alpha": True}, "field lora_alpha=True"),
+        ({"lora_alpha": 0}, "field lora_alpha=0 must be a finite non-zero number"),
+        ({"arrow_config": {"top_k": 2}}, "field arrow_config="),
         ({"alpha_pattern": {"q_proj": float("nan")}}, "field alpha_pattern="),
-        ({"alpha_pattern": {"q_proj": "x"}}, "maps 'q_proj' to 'x'; expected a finite positive number"),
+        ({"alpha_pattern": {"q_proj": "x"}}, "maps 'q_proj' to 'x'; expected a finite non-zero number"),
         ({"r": 4.0}, "field r=4.0 must be a positive integer"),
         ({"r": "4"}, "field r='4' must be a positive integer"),
         ({"rank_pattern": {"q_proj(": 4}}, "has key 'q_proj(', which is not a valid regular expression"),

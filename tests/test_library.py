@@ -36,22 +36,29 @@ def test_alignment_reproduces_the_update_and_its_svd(r, d_in, d_out):
     assert torch.equal(a_star, a2) and torch.equal(b_star, b2)
 
 
-@pytest.mark.parametrize("case", ["zero_b", "rank_deficient_a", "ill_conditioned"])
+@pytest.mark.parametrize("case", ["zero_b", "rank_deficient_a", "ill_conditioned", "kahan_a"])
 def test_alignment_of_degenerate_factors_falls_back_to_householder(case):
+    """Factors Cholesky-QR would orthogonalise badly take Householder QR; A* stays orthonormal. The
+    Kahan-like A (unit diagonal, -1 above: cond 1.5e9 at r = 28, a balanced Cholesky diagonal)
+    passed the old test and gave A* rows 1.97 off orthonormal."""
     g = torch.Generator().manual_seed(7)
-    a = torch.randn(2, 4, 50, generator=g, dtype=torch.float64)
-    b = torch.randn(2, 40, 4, generator=g, dtype=torch.float64)
+    r = 28 if case == "kahan_a" else 4
+    a = torch.randn(2, r, 50, generator=g, dtype=torch.float64)
+    b = torch.randn(2, 40, r, generator=g, dtype=torch.float64)
     if case == "zero_b":
         b[1] = 0  # PEFT's default initialisation
     elif case == "rank_deficient_a":
         a[0, 3] = a[0, 0] - 2 * a[0, 1]
-    else:
+    elif case == "ill_conditioned":
         a[1, 2] = a[1, 1] + 1e-6 * a[1, 2]
+    else:
+        kahan = torch.eye(r, dtype=torch.float64) - torch.triu(torch.ones(r, r, dtype=torch.float64), 1)
+        a[1] = (torch.linalg.qr(torch.randn(50, r, generator=g, dtype=torch.float64))[0] @ kahan).T
     s = torch.ones(2, dtype=torch.float64)
     a_star, b_star = align_lora(a, b, s)
     torch.testing.assert_close(b_star @ a_star, b @ a, rtol=0, atol=1e-10 * (b @ a).abs().max().item())
     torch.testing.assert_close(
-        a_star @ a_star.transpose(1, 2), torch.eye(4, dtype=torch.float64).expand(2, 4, 4), rtol=0, atol=1e-10
+        a_star @ a_star.transpose(1, 2), torch.eye(r, dtype=torch.float64).expand(2, r, r), rtol=0, atol=1e-10
     )
 
 

@@ -28,6 +28,7 @@ def _logits(model, ids, **kw):
         {},
         {"use_rslora": True},
         {"rank_pattern": {"layers.0.mlp.up_proj": 6, "q_proj": 2}, "alpha_pattern": {"layers.1.mlp.down_proj": 3.0}},
+        {"alpha": -8.0, "alpha_pattern": {"q_proj": -3.0, "c_fc": 2.0}},  # a negative alpha subtracts the update
     ],
 )
 def test_one_adapter_library_reproduces_peft(arch, variant, tmp_path):

@@ -43,6 +43,12 @@ _REFUSED_CONFIG = (
         "which LAG cannot represent",
     ),
     ("monteclora_config", (None,), "MonteCLoRA samples its factors, which LAG cannot represent"),
+    (
+        "arrow_config",
+        (None,),
+        "it is PEFT's Arrow router over other adapters, not an adapter (its lora_B is zero): build the library "
+        "from the task adapters it routes over",
+    ),
 )
 # VeLoRA changes only the backward (compressed activations for A's gradient); its forward is LoRA's,
 # and the projection it saves for training is not part of the update.
@@ -77,8 +83,9 @@ def _is_positive_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
-def _is_positive_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+def _is_nonzero_number(v) -> bool:
+    """A LoRA alpha: finite and not 0 (0 makes the update nothing; a negative one subtracts it, as PEFT allows)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v != 0
 
 
 @dataclass
@@ -177,13 +184,13 @@ class PeftAdapter:
             raise self._field_error("init_lora_weights", f"is refused: {_BASE_CHANGING_WHY}")
         if not _is_positive_int(cfg.get("r")):
             raise self._field_error("r", "must be a positive integer")
-        if not _is_positive_number(cfg.get("lora_alpha")):
-            raise self._field_error("lora_alpha", "must be a finite positive number")
+        if not _is_nonzero_number(cfg.get("lora_alpha")):
+            raise self._field_error("lora_alpha", "must be a finite non-zero number")
         if not isinstance(cfg.get("use_rslora"), (bool, type(None))):
             raise self._field_error("use_rslora", "must be true or false")
         for name, valid, what in (
             ("rank_pattern", _is_positive_int, "a positive integer"),
-            ("alpha_pattern", _is_positive_number, "a finite positive number"),
+            ("alpha_pattern", _is_nonzero_number, "a finite non-zero number"),
         ):
             patterns = cfg.get(name)
             if patterns is None:
