@@ -6,6 +6,7 @@ import argparse
 import math
 import os
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -380,13 +381,26 @@ def _check_general_adapters(args: argparse.Namespace) -> None:
         raise UsageError(f"--general-adapters {count} is too many: {e}") from None
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _check_experiment_args(args: argparse.Namespace) -> None:
+    """The demo's option checks, also those of ``python -m lag_triton.experiment.run [--ablation]``."""
+    from .experiment.data import max_documents
+
     if args.adapters < 1:
         raise UsageError(f"--adapters must be >= 1, got {args.adapters}")
+    if args.adapters > max_documents():  # before --general-adapters asks the data generator for them
+        raise UsageError(
+            f"--adapters must be <= {max_documents()} (the demo's documents need distinct entity names, and "
+            f"there are that many documents' worth), got {args.adapters}"
+        )
+    if getattr(args, "seed", 0) < 0:  # random.Random takes |seed|: -1 would draw seed 1's documents
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
     if args.layers < 1:
         raise UsageError(f"--layers must be >= 1, got {args.layers}")
-    if args.hidden < 4 or args.hidden % 4:
-        raise UsageError(f"--hidden must be a positive multiple of 4 (the demo model has 4 heads), got {args.hidden}")
+    if args.hidden < 8 or args.hidden % 8:
+        raise UsageError(
+            f"--hidden must be a positive multiple of 8 (4 heads of an even size, for rotary embeddings), "
+            f"got {args.hidden}"
+        )
     if args.seeds < 1:
         raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
     for option in ("pretrain_steps", "adapter_steps", "threads"):
@@ -404,7 +418,34 @@ def _demo(args: argparse.Namespace) -> int:
     _check_stem(args.stem)
     _check_general_adapters(args)
     _check_device(args.device)
-    _check_output_folder(Path(args.out), "--out")
+    if args.backend != "auto":
+        from .kernels import backend_unavailable_reason
+
+        reason = backend_unavailable_reason(args.backend, torch.device(args.device))
+        if reason is not None:
+            raise UsageError(f"--backend {args.backend} cannot run on --device {args.device}: {reason}")
+    _check_demo_output(Path(args.out), args.stem, getattr(args, "keep_adapters", False))
+
+
+def _check_demo_output(out: Path, stem: str, keep_adapters: bool) -> None:
+    """OUT gets STEM.json and STEM.png (and adapters/ with --keep-adapters): it is made, and a file
+    written in it, now, so that results that could not be written fail before minutes of work
+    (os.access says yes to root where nothing can be made, e.g. under /proc)."""
+    _check_output_folder(out, "--out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise UsageError(f"--out {str(out)!r}: cannot write there ({e.strerror or e})") from None
+    files, folders = [f"{stem}.json", f"{stem}.png"], ["adapters"] if keep_adapters else []
+    for name in files + folders:
+        if (out / name).exists() and (out / name).is_dir() != (name in folders):
+            raise UsageError(f"--out {str(out)!r}: {name!r} there is {'not ' if name in folders else ''}a folder")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    _check_experiment_args(args)
     from . import demo
 
     return demo.run(args)

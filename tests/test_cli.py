@@ -109,7 +109,14 @@ def test_names_count_is_a_usage_error(adapters, tmp_path, capsys, monkeypatch):
     [
         (["--adapters", "0"], "--adapters must be >= 1, got 0"),
         (["--adapters", "-3"], "--adapters must be >= 1, got -3"),
-        (["--hidden", "30"], "--hidden must be a positive multiple of 4"),
+        (["--hidden", "30"], "--hidden must be a positive multiple of 8"),
+        (["--hidden", "12"], "--hidden must be a positive multiple of 8"),  # rotary needs an even head size
+        (["--adapters", "2769"], "--adapters must be <= 2768"),  # the data's entity names run out (it hung)
+        (["--adapters", "3000", "--general-adapters", "1"], "--adapters must be <= 2768"),
+        (["--seed", "-1"], "--seed must be >= 0"),  # random.Random(-1) draws seed 1's data
+        (["--backend", "cuda"], "--backend cuda cannot run on --device cpu"),
+        (["--out", "{json_is_a_folder}"], "'lag_demo.json' there is a folder"),
+        (["--out", "/proc/lag_triton_demo"], "cannot write there"),
         (["--ks", "1,x"], "--ks must be comma-separated integers"),
         (["--seeds", "0"], "--seeds must be >= 1, got 0"),
         (["--lr-a-ratio", "-0.5"], "--lr-a-ratio must be a finite number >= 0, got -0.5"),
@@ -134,7 +141,8 @@ def test_demo_usage_errors_exit_2_before_any_work(tmp_path, capsys, monkeypatch,
 
     monkeypatch.setattr(demo, "run", lambda a: pytest.fail("the demo ran"))
     (tmp_path / "file").write_text("x")
-    args = [a.format(file=tmp_path / "file") for a in args]
+    (tmp_path / "out" / "lag_demo.json").mkdir(parents=True)
+    args = [a.format(file=tmp_path / "file", json_is_a_folder=tmp_path / "out") for a in args]
     assert main(["demo", *args]) == EXIT_USAGE
     _one_line_error(capsys, needle)
 

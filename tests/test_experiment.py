@@ -152,10 +152,13 @@ def test_ablation_runs_variants_and_merges_parts(tmp_path, capsys):
         assert got[name]["overrides"] == ablation.VARIANTS[name][1]
         assert set(got[name]["exact_match"]) == set(ablation.METHODS)
         path = tmp_path / f"{len(parts)}.json"
-        path.write_text(json.dumps({"variants": got}))
+        # the parts as `--ablation --adapters 6` records them (merge checks base_config against its own)
+        cli_base = ExperimentConfig(adapters=6, ks=(5,), generate_check=0, check_limits=False)
+        path.write_text(json.dumps({"base_config": ablation.config_record(cli_base), "variants": got}))
         parts.append(str(path))
     assert replace(base, **ablation.VARIANTS["lr A = lr B"][1]).lr_a_ratio == 1.0
-    assert ablation.main(["--merge", ",".join(parts), "--out", str(tmp_path), "--stem", "merged"]) == 0
+    merge = ["--merge", ",".join(parts), "--out", str(tmp_path), "--stem", "merged", "--adapters", "6"]
+    assert ablation.main(merge) == 0
     merged = json.loads((tmp_path / "merged.json").read_text())
     assert list(merged["variants"]) == ["default", "lr A = lr B"]
     table = capsys.readouterr().out
@@ -211,3 +214,119 @@ def test_plot_writes_a_png_when_no_score_can_be_normalised(tmp_path):
     with open(ppath, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert json.load(open(jpath))["rows"]["lag k=2"]["exact_match"] == 0.0
+
+
+def _tiny_ablation_base(adapters: int) -> ExperimentConfig:
+    tiny = dict(SMALL, adapters=adapters, hidden=32, intermediate=96, pretrain_steps=5, adapter_steps=3)
+    return ExperimentConfig(**tiny, ks=(5,), generate_check=0, check_limits=False)
+
+
+def test_ablation_below_five_adapters_uses_the_lag_k_n_row():
+    """At N < 5 the experiment's LAG k=5 row is "lag k=N" (k is capped at N): the ablation's summary,
+    log line and table read that row (they looked up "lag k=5": KeyError)."""
+    from lag_triton.experiment import ablation
+
+    got = ablation.run_ablation(_tiny_ablation_base(4), ["base: not pre-trained"], log=lambda *a: None)
+    summary = got["base: not pre-trained"]
+    assert set(summary["exact_match"]) == set(ablation.methods(4)) and "lag k=4" in summary["exact_match"]
+    table = ablation.format_ablation({"variants": got})
+    assert "| base: not pre-trained |" in table and "LAG k=5 is LAG k=N where N < 5" in table
+
+
+def _fake_variant() -> dict:
+    per_layer = {"layer0": 0.5, "layer1": 0.25}
+    routed = ("arrow top-1", "spectr k=N", "lag k=4")
+    return {
+        "what": "x",
+        "overrides": {},
+        "exact_match": {m: 0.5 for m in ("no adapter", "oracle", *routed)},
+        "normalised": {m: 50.0 for m in ("no adapter", "oracle", *routed)},
+        "routing_answer_position": {m: per_layer for m in routed},
+        "routing_question_tokens": {m: 0.1 for m in routed},
+        "chance_routing": 0.25,
+        "total_s": 1.0,
+    }
+
+
+def test_ablation_resumes_only_a_file_of_the_same_configuration(tmp_path, monkeypatch, capsys):
+    """OUT/STEM.json of another base_config (here N=8) is not resumed into (its rows would be merged
+    with rows of N=4): exit 2, one line naming the field and the file, before any work. The same
+    base_config resumes: its variants are kept."""
+    from lag_triton.experiment import ablation
+
+    ran = []
+    monkeypatch.setattr(ablation, "run_ablation", lambda base, names, **kw: ran.append(names) or {})
+    record = ablation.config_record(ExperimentConfig(adapters=8, ks=(5,), generate_check=0, check_limits=False))
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps({"base_config": record, "variants": {"default": _fake_variant()}}))
+    before = path.read_text()
+    argv = ["--adapters", "4", "--only", "default", "--out", str(tmp_path), "--stem", "a"]
+    assert ablation.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "adapters" in err[0] and str(path) in err[0], err
+    assert ran == [] and path.read_text() == before
+    # the same configuration: resumed, the stored variant kept
+    assert ablation.main(["--adapters", "8", "--only", "default", "--out", str(tmp_path), "--stem", "a"]) == 0
+    assert ran == [["default"]]
+    assert list(json.loads(path.read_text())["variants"]) == ["default"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--adapters", "0"], "--adapters must be >= 1"),
+        (["--seeds", "0"], "--seeds must be >= 1"),
+        (["--ablation", "--adapters", "-1"], "--adapters must be >= 1"),
+        (["--adapters", "0", "--ablation"], "--adapters must be >= 1"),  # --ablation anywhere
+        (["--adapters", "8", "--ablation", "--stem", "a/b"], "--stem must be a plain file name"),
+        (["--ablation", "--threads", "-1"], "--threads must be >= 0"),
+    ],
+)
+def test_experiment_entry_points_check_options_as_the_demo(argv, message, tmp_path, monkeypatch, capsys):
+    """`python -m lag_triton.experiment.run [--ablation]` applies the demo's option checks: exit 2 with
+    one line before any work (it ran --seeds 0 as one seed, --adapters -1 for minutes, --adapters 0 to
+    an AssertionError), and --ablation is recognised anywhere on the command line."""
+    from lag_triton.experiment import ablation, run
+
+    def no_work(*a, **kw):
+        raise AssertionError("work started")
+
+    monkeypatch.setattr(run, "run_configured", no_work)
+    monkeypatch.setattr(ablation, "run_ablation", no_work)
+    assert run.main([*argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_seeds_summary_keeps_the_generate_check():
+    """--seeds > 1: the model.generate re-check of every run is summed into the summary's checks."""
+    from lag_triton.experiment.report import summarise_seeds
+
+    def fake_run(seed, agree):
+        return {
+            "config": {"adapters": 4, "seed": seed},
+            "adapter": {},
+            "questions": 10,
+            "phrasings": [],
+            "rows": {"oracle": {"exact_match": 1.0}},
+            "checks": {
+                "peft_loaded_weights_max_abs_diff": 0.0,
+                "lag_k1_selects_as_arrow_top1": True,
+                "generate_vs_teacher_forced": {
+                    "method": "lag k=5",
+                    "questions": 16,
+                    "agree_with_teacher_forced": agree,
+                },
+            },
+            "diagnostics": {"chance_routing": 0.25},
+            "timings": {"total_s": 1.0},
+            "environment": {},
+        }
+
+    summary = summarise_seeds([fake_run(0, 16), fake_run(1, 15)])
+    assert summary["checks"]["generate_vs_teacher_forced"] == {
+        "method": "lag k=5",
+        "questions": 32,
+        "agree_with_teacher_forced": 31,
+    }
+    assert summary["checks"]["lag_k1_selects_as_arrow_top1"] is True

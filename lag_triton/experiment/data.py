@@ -103,9 +103,20 @@ _SYLLABLES = (
 )
 
 
+#: distinct pseudo-names entity_names can make (two or three syllables: no two spell the same)
+NAME_POOL = len(_SYLLABLES) ** 2 + len(_SYLLABLES) ** 3
+
+
+def max_documents(entities_per_doc: int = 3, pretrain_entities: int = 96) -> int:
+    """The most documents :func:`make_data` can name distinct entities for."""
+    return (NAME_POOL - pretrain_entities) // entities_per_doc
+
+
 def entity_names(count: int, rng: random.Random, taken: set[str] | None = None) -> list[str]:
     """``count`` distinct pseudo-names (two or three syllables), not in ``taken``."""
     taken = set() if taken is None else taken
+    if count + len(taken) > NAME_POOL:  # the draws below would never end
+        raise ValueError(f"{count} more entity names than the {NAME_POOL - len(taken)} of {NAME_POOL} left")
     names: list[str] = []
     while len(names) < count:
         name = "".join(rng.choice(_SYLLABLES) for _ in range(rng.choice((2, 3))))

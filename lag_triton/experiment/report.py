@@ -41,6 +41,13 @@ def summarise_seeds(runs: list[dict]) -> dict:
         k: all(r["checks"].get(k) is True for r in runs) for k, v in runs[0]["checks"].items() if isinstance(v, bool)
     }
     checks["peft_loaded_weights_max_abs_diff"] = max(r["checks"]["peft_loaded_weights_max_abs_diff"] for r in runs)
+    generated = [r["checks"]["generate_vs_teacher_forced"] for r in runs if "generate_vs_teacher_forced" in r["checks"]]
+    if generated:  # the model.generate re-check: its counts over every run's sample
+        checks["generate_vs_teacher_forced"] = {
+            "method": generated[0]["method"],
+            "questions": sum(g["questions"] for g in generated),
+            "agree_with_teacher_forced": sum(g["agree_with_teacher_forced"] for g in generated),
+        }
     return {
         "config": runs[0]["config"],
         "seeds": [r["config"]["seed"] for r in runs],

@@ -170,9 +170,14 @@ def routed_methods(cfg: ExperimentConfig) -> list[tuple[str, dict]]:
     ]
 
 
+def lag5_row(adapters: int) -> str:
+    """The name of the LAG k=5 row (k is capped at N, as in :func:`routed_methods`: "lag k=3" for N=3)."""
+    return f"lag k={min(5, adapters)}"
+
+
 def gks_methods(cfg: ExperimentConfig) -> list[tuple[str, dict]]:
     """The routed methods also run on the GKS library: Arrow top-1, LAG k=5, SpectR."""
-    keep = {"arrow top-1", f"lag k={min(5, cfg.adapters)}", "spectr k=N"}
+    keep = {"arrow top-1", lag5_row(cfg.adapters), "spectr k=N"}
     return [(name + GKS, kw) for name, kw in routed_methods(cfg) if name in keep]
 
 
@@ -460,15 +465,34 @@ def config_from_args(args) -> ExperimentConfig:
     )
 
 
+def check_arguments(args: argparse.Namespace, prog: str) -> bool:
+    """The demo's option checks (``python -m lag_triton demo``) on ``args`` (every option of
+    :func:`add_arguments`), before any work. On a usage error: one line on stderr, False."""
+    from lag_triton.__main__ import UsageError, _check_experiment_args
+
+    try:
+        _check_experiment_args(args)
+    except UsageError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return False
+    return True
+
+
+EXIT_USAGE = 2  # a command line that cannot be carried out (as argparse's own errors)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["--ablation"]:
+    if "--ablation" in argv:  # anywhere on the command line
         from . import ablation
 
-        return ablation.main(argv[1:])
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+        argv.remove("--ablation")
+        return ablation.main(argv)
+    p = argparse.ArgumentParser(prog="python -m lag_triton.experiment.run", description=__doc__.split("\n")[0])
     add_arguments(p)
     args = p.parse_args(argv)
+    if not check_arguments(args, p.prog):
+        return EXIT_USAGE
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = config_from_args(args)
