@@ -138,7 +138,7 @@ def read_folder(path) -> StoredFolder:
         info = json.loads(manifest.read_text(encoding="utf-8"))
     except (FileNotFoundError, NotADirectoryError):  # no such folder, or a file
         raise fail(f"it has no {MANIFEST}: not a library folder") from None
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; too deep, huge ints
+    except sio.JSON_ERRORS as e:
         raise fail(f"{MANIFEST} is not JSON ({e})") from None
     if not isinstance(info, dict) or info.get("format") != FOLDER_FORMAT:
         raise fail(f"{MANIFEST} is not a lag_triton library folder manifest (format {FOLDER_FORMAT!r} expected)")

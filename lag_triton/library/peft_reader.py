@@ -144,7 +144,7 @@ class PeftAdapter:
             raise adapter.error(f"has no {_CONFIG}")
         try:
             config = json.loads(config_file.read_text(encoding="utf-8"))
-        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; too deep, huge ints
+        except sio.JSON_ERRORS as e:
             raise adapter.error(f"{_CONFIG} is not valid JSON ({e})") from None
         except OSError as e:
             raise adapter.error(f"{_CONFIG} cannot be read ({e.strerror or e})") from None

@@ -206,7 +206,7 @@ def _journal_lines(journal: Path) -> list[tuple[int, str, object, str]]:
         try:
             entry = json.loads(line)
             index, folder, stamp = entry["index"], entry["folder"], entry["stamp"]
-        except (ValueError, RecursionError, KeyError, TypeError):  # ValueError: JSONDecodeError, huge ints
+        except (*sio.JSON_ERRORS, KeyError, TypeError):
             continue  # a torn last line (killed mid-write): that adapter is aligned again
         if isinstance(index, int):
             out.append((index, folder, stamp, line))

@@ -78,6 +78,11 @@ def json_type(value) -> str:
     )
 
 
+#: what json.loads raises on text it cannot take: JSONDecodeError and UnicodeDecodeError (ValueErrors),
+#: a ValueError for an integer past Python's digit limit, RecursionError for deep nesting
+JSON_ERRORS = (ValueError, RecursionError)
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -98,7 +103,7 @@ def read_header(path: Path) -> Header:
         raw = fh.read(header_len)
     try:
         header = json.loads(raw)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; too deep, huge ints
+    except JSON_ERRORS as e:
         raise SafetensorsProblem(f"not a safetensors file: its header is not JSON ({e})") from None
     if not isinstance(header, dict):
         raise SafetensorsProblem(f"not a safetensors file: its header is a JSON {json_type(header)}, not an object")

@@ -296,7 +296,7 @@ def _library_metadata(meta: dict[str, str], fail) -> dict:
         raise fail("metadata has no 'library' field")
     try:
         info = json.loads(meta["library"])
-    except (ValueError, RecursionError) as e:  # JSONDecodeError; too deep, huge ints
+    except sio.JSON_ERRORS as e:
         raise fail(f"metadata field 'library' is not JSON ({e})") from None
     if not isinstance(info, dict):
         raise fail(f"metadata field 'library' must be a JSON object, got a JSON {sio.json_type(info)}")
