@@ -160,18 +160,15 @@ def _adapters_and_names(args: argparse.Namespace) -> tuple[list[str], list[str] 
     if names is not None and _repeated(names):
         given = "--names" if args.names is not None else f"--adapters-from {args.adapters_from!r}"
         raise UsageError(f"{given} gives the same name to several adapters: {_repeated(names)[:10]}")
-    if names is None:  # named by their folders (a Hub path by itself): two of one name is a usage error too
+    if names is None:  # named by their folders: two of one name is a usage error too, found before fetching
+        from .library.plan import check_default_names
         from .library.sources import default_adapter_name
 
-        defaults = [default_adapter_name(a, Path(a)) if Path(a).is_dir() else a for a in adapters]
-        if _repeated(defaults):
-            name = _repeated(defaults)[0]
-            where = [a for a, n in zip(adapters, defaults) if n == name]
-            raise UsageError(
-                f"adapters are named by their folder's name, and {len(where)} folders are named {name!r} "
-                f"({', '.join(where[:3])}{', ...' if len(where) > 3 else ''}): give --names (or names in "
-                "the --adapters-from list), e.g. from the folders' parents"
-            )
+        defaults = [default_adapter_name(a, Path(a)) for a in adapters]  # a Hub path's needs no snapshot
+        try:
+            check_default_names(adapters, defaults)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     return adapters, names
 
 

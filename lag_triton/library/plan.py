@@ -190,16 +190,21 @@ def check_folder_names(paths, names) -> tuple[list[Path], list[str]]:
     folders = adapter_folders(paths)  # after the cheap checks: this may download
     if names is None:
         names = [default_adapter_name(p, f) for p, f in zip(paths, folders)]
-        counts = Counter(names)  # not names.count per name: quadratic in a 10,000-adapter build
-        name = next((n for n in names if counts[n] > 1), None)
-        if name is not None:
-            where = [str(p) for p, n in zip(paths, names) if n == name]
-            raise ValueError(
-                f"adapters are named by their folder's name by default, and {len(where)} folders are named "
-                f"{name!r} ({', '.join(where[:3])}{', ...' if len(where) > 3 else ''}); give names= (the "
-                "command line: --names), e.g. from the folders' parents"
-            )
+        check_default_names(paths, names)
     return folders, names
+
+
+def check_default_names(paths, names: list[str]) -> None:
+    """Raise ValueError when two adapters named by default (``names``, from ``paths``) share a name."""
+    counts = Counter(names)  # not names.count per name: quadratic in a 10,000-adapter build
+    name = next((n for n in names if counts[n] > 1), None)
+    if name is not None:
+        where = [str(p) for p, n in zip(paths, names) if n == name]
+        raise ValueError(
+            f"adapters are named by their folder's name by default, and {len(where)} folders are named "
+            f"{name!r} ({', '.join(where[:3])}{', ...' if len(where) > 3 else ''}); give names= (the "
+            "command line: --names), e.g. from the folders' parents"
+        )
 
 
 def check_new_adapters(paths, names, library: str, existing: list[str]) -> tuple[list[Path], list[str]]:

@@ -82,7 +82,7 @@ def adapter_folders(sources: list[str | os.PathLike]) -> list[Path]:
 def default_adapter_name(source: str | os.PathLike, folder: Path) -> str:
     """An adapter's name unless one is given: the folder's name, or the Hub path as written (a
     snapshot's folder is named by its commit)."""
-    if isinstance(source, str) and folder != Path(source):
+    if hub_path(source) is not None:  # fetched into a snapshot folder, or not fetched yet
         return source.strip("/")
     if folder.name in ("", ".."):  # "." or ".." name no folder: the one they lead to does
         return folder.resolve().name or str(folder.resolve())
