@@ -593,6 +593,20 @@ def patched_roots(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if _is_root(m)]
 
 
+def patched_root(model: nn.Module, call: str) -> nn.Module | None:
+    """The one module under ``model`` (itself included) that ``patch`` attached libraries through, or
+    None when they were attached through a module that contains ``model``. Raises ValueError for
+    several (models patched apart in one container): each numbers and names its own libraries, so
+    ``call``'s library indices and layer names would mix."""
+    roots = patched_roots(model)
+    if len(roots) > 1:
+        raise ValueError(
+            f"lag_triton.{call}: {type(model).__name__} holds libraries patched through several of its modules "
+            f"({', '.join(map(repr, roots))}), each numbering and naming its own: {call} each of those modules"
+        )
+    return model.get_submodule(roots[0]) if roots else None
+
+
 def check_patched_root(model: nn.Module, call: str) -> None:
     """Refuse ``call`` on a module that holds LAG layers attached through another module: library
     indices and names live on the module patch was called on, so two roots would number their

@@ -295,7 +295,7 @@ def scope(model: nn.Module, allowed) -> Iterator[None]:
     The model is the one ``patch`` was called on; calls inside the block must have as many batch
     rows as ``allowed``.
     """
-    from .patching import LagLinear, _uncompiled, check_patched_root, patched_roots
+    from .patching import LagLinear, _uncompiled, check_patched_root, patched_root
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"scope() needs a torch.nn.Module, got {type(model).__name__}")
@@ -303,15 +303,10 @@ def scope(model: nn.Module, allowed) -> Iterator[None]:
     layers = [m for m in model.modules() if isinstance(m, LagLinear)]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LAG-patched modules; call lag_triton.patch first")
-    roots = patched_roots(model)
-    if not roots:
-        check_patched_root(model, "scope")  # patched through a module that contains this one
-    if len(roots) > 1:  # libraries numbered apart: one index would name several
-        raise ValueError(
-            f"lag_triton.scope: {type(model).__name__} holds libraries patched through several of its modules "
-            f"({', '.join(map(repr, roots))}), each numbering its own: scope each of those modules"
-        )
-    library_names = model.get_submodule(roots[0])._lag_library_names
+    root = patched_root(model, "scope")
+    if root is None:
+        check_patched_root(model, "scope")  # patched through a module that contains this one: raises
+    library_names = root._lag_library_names
     masks = _resolve(allowed, library_names)
     rows = next(iter(masks.values())).shape[0] if masks else None
     per_route = {}

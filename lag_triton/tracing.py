@@ -70,19 +70,14 @@ def trace(model: nn.Module) -> Iterator[Trace]:
 
     Only forwards run by the thread that opened the block are recorded.
     """
-    from .patching import LagLinear, patched_roots
+    from .patching import LagLinear, patched_root
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"trace() needs a torch.nn.Module, got {type(model).__name__}")
     layers = [m for m in model.modules() if isinstance(m, LagLinear)]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LAG-patched modules; call lag_triton.patch first")
-    roots = patched_roots(model)
-    if len(roots) > 1:  # records are keyed by (module name, library index), each relative to its root
-        raise ValueError(
-            f"lag_triton.trace: {type(model).__name__} holds libraries patched through several of its modules "
-            f"({', '.join(map(repr, roots))}), whose layer names and library indices would mix: trace each"
-        )
+    patched_root(model, "trace")  # records are keyed by (layer name, library index): one root's
     tracer = Trace(layers)
     stack = _local.__dict__.setdefault("active", [])
     with _count_lock:
