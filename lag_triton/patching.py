@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .experts import LagExperts, expert_parent, unfold
 from .kernels import backend_unavailable_reason, get_ops, resolve_backend
 from .layers import LayerInfo, activation_dtype, describe_layer
 from .layers import linear_shape as _linear_shape
@@ -456,7 +457,7 @@ def patch(
     check_patched_root(model, "patch")
     libs = _as_libraries(libraries)
     already = getattr(model, "_lag_num_libraries", 0)
-    modules = dict(model.named_modules())
+    modules, unfolded = _modules_with_experts(model, libs)
     plan = []  # (module name, library index, weights, backend, LayerInfo: .device, compute .dtype)
     for offset, lib in enumerate(libs):
         for name, weights in lib.modules.items():
@@ -478,8 +479,25 @@ def patch(
     def held_bytes(weights, layer):
         return weights.nbytes(_route_dtype(layer.dtype))
 
-    _attach(model, _build_routes(plan, libs, already, build, held_bytes), libs, already)
+    _attach(model, _build_routes(plan, libs, already, build, held_bytes), libs, already, unfolded)
     return given
+
+
+def _modules_with_experts(model: nn.Module, libs: list[Library]) -> tuple[dict[str, nn.Module], dict[str, LagExperts]]:
+    """``model``'s named modules, plus the expert projections ``<experts>.<parameter>.<e>`` the
+    libraries target in expert modules not yet unfolded (:mod:`.experts`), and those unfolded
+    expert modules by path (built here, swapped in by ``_attach``)."""
+    modules = dict(model.named_modules())
+    wanted: dict[str, list[str]] = {}
+    for lib in libs:
+        for name in lib.modules:
+            path = None if name in modules else expert_parent(name, modules)
+            if path is not None:
+                wanted.setdefault(path, []).append(name)
+    unfolded = {path: unfold(path, modules[path], names) for path, names in wanted.items()}
+    for path, wrapper in unfolded.items():
+        modules.update({f"{path}.{n}": m for n, m in wrapper.named_modules() if n and n != "base_layer"})
+    return modules, unfolded
 
 
 def _build_routes(plan: list, libs: list[Library], already: int, build, held_bytes) -> list:
@@ -508,13 +526,22 @@ def _build_routes(plan: list, libs: list[Library], already: int, build, held_byt
     raise error
 
 
-def _attach(model: nn.Module, routes: list, libs: list[Library], already: int) -> nn.Module:
+def _attach(
+    model: nn.Module, routes: list, libs: list[Library], already: int, unfolded: dict[str, LagExperts] | None = None
+) -> nn.Module:
     """Swap the built routes [(module name, route)] into ``model`` (allocates nothing, so it cannot
-    fail halfway) and record the ``libs`` attached after the ``already`` attached ones."""
+    fail halfway) and record the ``libs`` attached after the ``already`` attached ones. ``unfolded``:
+    expert modules' wrappers by path, swapped in first (their projections are routes' modules)."""
+    modules = {
+        **dict(model.named_modules()),
+        **{f"{p}.{n}": m for p, w in (unfolded or {}).items() for n, m in w.named_modules() if n},
+    }
     wrappers = {}  # every wrapper made before the first swap: a layer it cannot wrap changes nothing
     for name, _ in routes:
-        module = model.get_submodule(name)
+        module = modules[name]
         wrappers[name] = module if isinstance(module, LagLinear) else LagLinear(module, name).train(module.training)
+    for path, wrapper in (unfolded or {}).items():
+        _set_submodule(model, path, wrapper.train(wrapper.base_layer.training))
     for name, route in routes:
         if model.get_submodule(name) is not wrappers[name]:
             _set_submodule(model, name, wrappers[name])
@@ -567,9 +594,10 @@ def unpatch(model: nn.Module) -> nn.Module:
     roots = [m for m in model.modules() if _is_root(m)]
     if not roots:
         check_patched_root(model, "unpatch")
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LagLinear):
-            _set_submodule(model, name, module.base_layer)
+    for kind in (LagLinear, LagExperts):  # LagLinears inside LagExperts first: those go back whole
+        for name, module in list(model.named_modules()):
+            if isinstance(module, kind):
+                _set_submodule(model, name, module.base_layer)
     for root in roots:
         for attr in (_ROOT_ATTR, "_lag_library_names"):
             delattr(root, attr)

@@ -32,7 +32,6 @@ _REFUSED_CONFIG = (
     ("bias", ("none", None), "bias training changes base-model biases, which LAG cannot route"),
     ("modules_to_save", ((), None), "modules_to_save replaces whole modules, which LAG cannot route"),
     ("trainable_token_indices", (None,), "trainable tokens change embeddings, which LAG cannot route"),
-    ("target_parameters", ((), None), "LoRA on raw parameters (target_parameters) is not supported"),
     ("layer_replication", (None,), "layer_replication changes the model's layers"),
     ("use_qalora", (False, None), "QALoRA pools inputs, which LAG cannot represent"),
     ("alora_invocation_tokens", (None,), "activated LoRA (aLoRA) is applied conditionally, which LAG cannot represent"),
@@ -65,6 +64,12 @@ _BASE_CHANGING_WHY = (
     "path_initial_model_for_weight_conversion=<the adapter saved at initialisation>) writes a plain LoRA "
     "of the original base (LoftQ adapters cannot be converted)"
 )
+# PEFT wraps each targeted parameter of a module (``target_parameters``) in a ParamWrapper, nested
+# in the order the module registers them: the first is innermost, so its factors sit under one
+# ".base_layer" per wrapper outside it. transformers' expert modules register their projections in
+# the order they run; a module's targeted parameters are sorted so to tell which key is which.
+_PARAMETER_ORDER = ("gate_up_proj", "up_proj", "down_proj")
+_WRAPPED = ".base_layer"
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight$")
 _WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 _CONFIG = "adapter_config.json"
@@ -77,6 +82,13 @@ def _pattern_value(patterns: dict, module: str, default):
         if re.match(rf"(.*\.)?({pattern})$", module):
             return value
     return default
+
+
+def _parameter_matches(module: str, target: str) -> bool:
+    """Whether a target_parameters entry names a parameter of ``module`` (PEFT's matching: the
+    parameter's full name is the entry or ends with "." + the entry)."""
+    full = f"{module}.{target.rpartition('.')[2]}"
+    return full == target or full.endswith("." + target)
 
 
 def _is_positive_int(v) -> bool:
@@ -100,14 +112,31 @@ class ModuleFactors:
     scaling: float
     block_diagonal: str = ""  # BD-LoRA: "A" or "B" is stored as its nblocks diagonal blocks side by side
     nblocks: int = 1
+    # LoRA on a 3-D expert parameter (target_parameters): the file holds every expert's factors in
+    # one pair, lora_A [rank * num_experts, d_in] and lora_B [d_out, rank * num_experts]; these are
+    # expert ``expert``'s (PEFT's ParamWrapper: A.reshape(E, r, d_in)[e], B.reshape(d_out, r, E)[..., e])
+    expert: int = 0
+    num_experts: int = 1
 
     def stored_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
         """(lora_A, lora_B) shapes in the file."""
-        a, b = (self.rank, self.d_in), (self.d_out, self.rank)
+        r = self.rank * self.num_experts
+        a, b = (r, self.d_in), (self.d_out, r)
         if self.block_diagonal == "A":
             a = (self.rank, self.d_in // self.nblocks)
         elif self.block_diagonal == "B":
             b = (self.d_out, self.rank // self.nblocks)
+        return a, b
+
+    def select(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This module's (lora_A [rank, d_in], lora_B [d_out, rank]) from the stored pair."""
+        if self.num_experts > 1:
+            a = a[self.expert * self.rank : (self.expert + 1) * self.rank]
+            b = b[:, self.expert :: self.num_experts]
+        if self.block_diagonal == "A":
+            a = _block_diagonal(a, self.nblocks)
+        elif self.block_diagonal == "B":
+            b = _block_diagonal(b, self.nblocks)
         return a, b
 
 
@@ -171,6 +200,9 @@ class PeftAdapter:
             if not isinstance(value, (dict, set)) and value in fine:
                 continue
             raise self._field_error(name, f"is refused: {why}")
+        targets = cfg.get("target_parameters")
+        if targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) and t for t in targets)):
+            raise self._field_error("target_parameters", "must be a list of parameter names")
         bd = cfg.get("use_bdlora")
         if bd is not None:
             if not (isinstance(bd, dict) and _is_positive_int(bd.get("nblocks", 1))):
@@ -289,6 +321,7 @@ class PeftAdapter:
             pair[match["factor"]] = key
         if not keys:
             raise self.error("contains no LoRA weights")
+        wrapped = self._wrapped_parameters(keys)
         for module, pair in sorted(keys.items()):
             if set(pair) != {"A", "B"}:
                 raise self.error(f"module {module!r} has lora_{''.join(pair)} but not its partner")
@@ -298,24 +331,107 @@ class PeftAdapter:
                     f"module {module!r}: lora_A {shape_a} / lora_B {shape_b} are not matrices "
                     "(convolution LoRA is refused)"
                 )
+            if module in wrapped:
+                self._index_parameter(module, *wrapped[module], pair, shape_a, shape_b)
+                continue
             rank = _pattern_value(cfg.get("rank_pattern") or {}, module, cfg["r"])
             alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"])
-            scaling = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
             kind, nblocks = self._block_diagonal_kind(module)
             d_in = shape_a[1] * (nblocks if kind == "A" else 1)
-            factors = ModuleFactors(pair["A"], pair["B"], rank, d_in, shape_b[0], scaling, kind, nblocks)
-            if (shape_a, shape_b) != factors.stored_shapes() or rank % nblocks:
-                bd = f" (BD-LoRA: lora_{kind} block-diagonal, {nblocks} blocks)" if kind else ""
+            factors = ModuleFactors(
+                pair["A"], pair["B"], rank, d_in, shape_b[0], self._scaling(rank, alpha), kind, nblocks
+            )
+            self._add_module(module, factors, shape_a, shape_b)
+
+    def _scaling(self, rank: int, alpha: float) -> float:
+        return alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
+
+    def _add_module(self, module: str, factors: ModuleFactors, shape_a, shape_b, what: str = "") -> None:
+        """Check ``factors`` against the stored shapes and keep them as ``module``."""
+        rank, kind, nblocks = factors.rank, factors.block_diagonal, factors.nblocks
+        if (shape_a, shape_b) != factors.stored_shapes() or rank % nblocks:
+            bd = f" (BD-LoRA: lora_{kind} block-diagonal, {nblocks} blocks)" if kind else ""
+            raise self.error(
+                f"module {module!r}{what}: lora_A {shape_a} and lora_B {shape_b} disagree with the "
+                f"configured rank r={rank} (r / rank_pattern){bd}"
+            )
+        if rank > min(factors.d_in, factors.d_out):
+            raise self.error(
+                f"module {module!r}{what}: rank {rank} exceeds the layer's size {factors.d_in} x {factors.d_out} "
+                "(d_in x d_out): a rank is at most min(d_in, d_out)"
+            )
+        self.modules[module] = factors
+
+    def _wrapped_parameters(self, keys: dict[str, dict[str, str]]) -> dict[str, tuple[str, str]]:
+        """Key module -> (module, parameter) for the factors of PEFT's ParamWrappers (target_parameters).
+
+        A module with n targeted parameters saves n factor pairs, at ``module``,
+        ``module.base_layer``, ... (outermost first); the innermost wraps the parameter the module
+        registers first (``_PARAMETER_ORDER``). Keys of target_modules LoRA are not in the result.
+        """
+        targets = self.config.get("target_parameters") or []
+        held: dict[str, set[int]] = {}  # module -> wrapper depths with factors
+        for key in keys:
+            module, depth = key, 0
+            while module.endswith(_WRAPPED):
+                module, depth = module[: -len(_WRAPPED)], depth + 1
+            held.setdefault(module, set()).add(depth)
+        out = {}
+        for module, depths in held.items():
+            names = list(dict.fromkeys(t.rpartition(".")[2] for t in targets if _parameter_matches(module, t)))
+            if not names:
+                if depths != {0}:
+                    raise self.error(
+                        f"module {module!r} has factors under {_WRAPPED!r} (PEFT's parameter wrappers) but no "
+                        "target_parameters entry names a parameter of it"
+                    )
+                continue
+            if len(names) > 1 and not set(names) <= set(_PARAMETER_ORDER):
                 raise self.error(
-                    f"module {module!r}: lora_A {shape_a} and lora_B {shape_b} disagree with the "
-                    f"configured rank r={rank} (r / rank_pattern){bd}"
+                    f"module {module!r}: target_parameters names its parameters {names}; LAG tells which saved factor "
+                    f"pair wraps which only for {', '.join(_PARAMETER_ORDER)} (transformers' expert modules, which "
+                    "register them in that order)"
                 )
-            if rank > min(d_in, shape_b[0]):
+            if depths != set(range(len(names))):
                 raise self.error(
-                    f"module {module!r}: rank {rank} exceeds the layer's size {d_in} x {shape_b[0]} (d_in x d_out): "
-                    "a rank is at most min(d_in, d_out)"
+                    f"module {module!r}: target_parameters names {len(names)} of its parameters ({', '.join(names)}) "
+                    f"but the file holds {len(depths)} factor pairs for it: cannot tell which pair wraps which "
+                    "parameter (a named parameter the model lacks?); save the adapter with target_parameters "
+                    "naming only the parameters the module has"
                 )
-            self.modules[module] = factors
+            ordered = sorted(names, key=lambda n: _PARAMETER_ORDER.index(n) if n in _PARAMETER_ORDER else 0)
+            for depth in depths:
+                out[module + _WRAPPED * depth] = (module, ordered[len(names) - 1 - depth])
+        return out
+
+    def _index_parameter(self, key_module: str, module: str, parameter: str, pair, shape_a, shape_b) -> None:
+        """The factors PEFT's ParamWrapper saved for ``module.parameter``: a 2-D ``weight`` is the
+        module's own LoRA; a 3-D expert parameter [E, ...] holds one LoRA per expert, kept as modules
+        ``module.parameter.<e>`` (what :mod:`lag_triton.experts` routes)."""
+        cfg, key = self.config, f"{module}.{parameter}"  # PEFT looks the patterns up by this key
+        if self._block_diagonal_kind(key)[0]:
+            raise self.error(f"parameter {key!r}: BD-LoRA on a targeted parameter is refused (PEFT has none)")
+        rank = _pattern_value(cfg.get("rank_pattern") or {}, key, cfg["r"])
+        scaling = self._scaling(rank, _pattern_value(cfg.get("alpha_pattern") or {}, key, cfg["lora_alpha"]))
+        experts, left = divmod(shape_a[0], rank)
+        what = f" (target_parameters {parameter!r}, factors {key_module}.lora_A/B)"
+        if left or experts < 1:
+            raise self.error(
+                f"module {module!r}{what}: lora_A {shape_a} is not [r * experts, d_in] for the configured rank r={rank}"
+            )
+        if parameter == "weight":  # a 2-D weight: PEFT's update is the module's plain LoRA
+            if experts != 1:
+                raise self.error(
+                    f"module {module!r}{what}: lora_A {shape_a} holds {experts} ranks of r={rank} for a weight"
+                )
+            factors = ModuleFactors(pair["A"], pair["B"], rank, shape_a[1], shape_b[0], scaling)
+            self._add_module(module, factors, shape_a, shape_b, what)
+            return
+        for e in range(experts):
+            factors = ModuleFactors(
+                pair["A"], pair["B"], rank, shape_a[1], shape_b[0], scaling, expert=e, num_experts=experts
+            )
+            self._add_module(f"{key}.{e}", factors, shape_a, shape_b, what)
 
     def _block_diagonal_kind(self, module: str) -> tuple[str, int]:
         """("A" / "B" / "", nblocks): which factor BD-LoRA stores block-diagonal for ``module``
@@ -335,7 +451,7 @@ class PeftAdapter:
             tensors = self._load_bin()
         else:
             header = self._safetensors_header(file)
-            wanted = [k for f in self.modules.values() for k in (f.key_a, f.key_b)]
+            wanted = list(dict.fromkeys(k for f in self.modules.values() for k in (f.key_a, f.key_b)))
             missing = [k for k in wanted if k not in header.entries]
             if missing:
                 raise self.error(f"{file.name} changed while reading: tensor {missing[0]!r} is gone")
@@ -350,9 +466,5 @@ class PeftAdapter:
             a, b = tensors[f.key_a], tensors[f.key_b]
             if (tuple(a.shape), tuple(b.shape)) != f.stored_shapes():
                 raise self.error(f"module {m!r}: tensors changed shape while reading (file rewritten?)")
-            if f.block_diagonal == "A":
-                a = _block_diagonal(a, f.nblocks)
-            elif f.block_diagonal == "B":
-                b = _block_diagonal(b, f.nblocks)
-            out[m] = (a, b)
+            out[m] = f.select(a, b)
         return out

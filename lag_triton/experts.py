@@ -1,0 +1,176 @@
+"""LAG through MoE experts kept as 3-D parameters (transformers' expert modules).
+
+transformers keeps a Mixtral / Qwen3-MoE / gpt-oss layer's experts as one module with 3-D
+parameters (``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]; transposed, [E, in, out], when
+the class says ``is_transposed``), and PEFT adapts them through ``target_parameters``: one LoRA per
+expert, which :mod:`.library.peft_reader` reads as modules ``<experts>.<parameter>.<e>``.
+
+To route those, :func:`unfold` wraps the experts module in a :class:`LagExperts` whose children
+``<parameter>.<e>`` are :class:`ExpertProjection` s: expert ``e``'s slice of the parameter as a
+linear layer, which ``patch`` then wraps like any other (scopes, tracing, every backend). Its
+forward runs the experts as transformers' eager loop does, each expert on the tokens the MoE router
+sends it, through these projections:
+
+    h = act(x @ W_up[e]ᵀ)  or  gate(x @ W_gate_up[e]ᵀ)      (the class's ``_apply_gate``)
+    y += weight · post_norm?(h @ W_down[e]ᵀ)                   (plus biases when ``has_bias``)
+
+so LAG picks an adapter per token per expert among the library's adapters for that expert.
+
+The class flags (``has_gate``, ``has_bias``, ``is_transposed``, ``has_post_expert_norm``) are
+those transformers' ``use_experts_implementation`` sets; an expert module without them is
+refused, as is expert parallelism. The loop reads which experts are hit on the host (as the eager
+loop does), so a patched MoE layer runs eagerly: no CUDA-graph capture or ``fullgraph`` compile.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ExpertProjection", "LagExperts", "expert_parent", "unfold"]
+
+_FLAGS = ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm")
+
+
+def _projections(experts: nn.Module) -> tuple[str, str]:
+    """The names of the first and second projection parameters of a transformers expert module."""
+    return ("gate_up_proj" if experts.has_gate else "up_proj", "down_proj")
+
+
+class ExpertProjection(nn.Module):
+    """Expert ``expert``'s slice of the 3-D parameter ``parameter`` of an expert module, as a linear
+    layer [..., in_features] -> [..., out_features]. Holds no tensors: it reads the expert module's
+    parameter at each call, so moving or loading the model moves and loads what it computes with."""
+
+    def __init__(self, experts: nn.Module, parameter: str, expert: int):
+        super().__init__()
+        self.__dict__["_experts"] = experts  # not a child: the wrapper owns it once (no second path to its parameters)
+        self.parameter, self.expert = parameter, expert
+        shape = getattr(experts, parameter).shape
+        self.in_features, self.out_features = (shape[1], shape[2]) if experts.is_transposed else (shape[2], shape[1])
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The expert's weight as a linear layer's, [out_features, in_features] (a view)."""
+        w = getattr(self._experts, self.parameter)[self.expert]
+        return w.T if self._experts.is_transposed else w
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        if not self._experts.has_bias:
+            return None
+        return getattr(self._experts, f"{self.parameter}_bias")[self.expert]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = getattr(self._experts, self.parameter)[self.expert]
+        # the products transformers' loops take, so an unrouted expert gives their bits
+        y = x @ w if self._experts.is_transposed else F.linear(x, w)
+        bias = self.bias
+        return y if bias is None else y + bias
+
+    def extra_repr(self) -> str:
+        return f"{self.parameter}[{self.expert}], in_features={self.in_features}, out_features={self.out_features}"
+
+
+class LagExperts(nn.Module):
+    """An expert module whose experts' projections are linear layers ``<parameter>.<e>`` (module
+    docstring). Its state_dict is the expert module's, under this module's name."""
+
+    def __init__(self, experts: nn.Module, name: str):
+        super().__init__()
+        self.base_layer = experts
+        self.module_name = name
+        for parameter in _projections(experts):
+            projections = [ExpertProjection(experts, parameter, e) for e in range(experts.num_experts)]
+            setattr(self, parameter, nn.ModuleList(projections))
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        experts = self.base_layer
+        signature = _signature(type(experts))  # the class's own argument names
+        bound = signature.bind(experts, *args, **kwargs)
+        bound.apply_defaults()
+        hidden, index, weights = (bound.arguments[n] for n in list(signature.parameters)[1:4])
+        up_proj, down_proj = (getattr(self, p) for p in _projections(experts))
+        out = torch.zeros_like(hidden)
+        with torch.no_grad():  # the experts some token is sent to (an index >= E is a sentinel: none)
+            hit = torch.unique(index[(index >= 0) & (index < experts.num_experts)]).tolist()
+        for e in hit:
+            slot, token = torch.where(index.T == e)  # transformers' order: by slot, then token
+            h = up_proj[e](hidden[token])
+            h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
+            y = down_proj[e](h)
+            if experts.has_post_expert_norm:
+                y = experts.post_expert_norm(y)
+            out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
+        return out
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)  # num_experts, flags, config: as the model code reads them
+
+    # -- state: the expert module's keys, under this module's name ----------------------------------
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        return self.base_layer.state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # Every key under this name is the expert module's (the projections hold no state; their
+        # names shadow its parameters'): move them under base_layer, where the recursion looks next.
+        for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "base_layer.")]:
+            state_dict[prefix + "base_layer." + key[len(prefix) :]] = state_dict.pop(key)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+@functools.cache
+def _signature(cls: type) -> inspect.Signature:
+    """The forward signature of an expert class: (self, hidden_states, top_k_index, top_k_weights),
+    by whatever names the class gives them (gpt-oss: router_indices, routing_weights)."""
+    return inspect.signature(cls.forward)
+
+
+def expert_parent(name: str, modules: dict[str, nn.Module]) -> str | None:
+    """The expert module a library module name ``<experts>.<parameter>.<e>`` refers to, if
+    ``modules`` (a model's named modules) has one at ``<experts>`` holding 3-D parameters."""
+    head, _, index = name.rpartition(".")
+    path, _, parameter = head.rpartition(".")
+    module = modules.get(path)
+    if not index.isdigit() or module is None or isinstance(module, LagExperts):
+        return None
+    held = getattr(module, parameter, None)
+    return path if isinstance(held, torch.Tensor) and held.dim() == 3 else None
+
+
+def unfold(path: str, experts: nn.Module, names: list[str]) -> LagExperts:
+    """The :class:`LagExperts` for the expert module at ``path`` (not yet in the model), after
+    checking that it can route the library modules ``names`` under it; raises ValueError naming
+    the module otherwise."""
+    missing = [f for f in (*_FLAGS, "num_experts") if not hasattr(experts, f)]
+    if missing:
+        raise ValueError(
+            f"module {path!r} ({type(experts).__name__}) holds experts as 3-D parameters but lacks "
+            f"{', '.join(missing)}: LAG routes the expert modules transformers marks with "
+            "use_experts_implementation (its flags say how the experts compute)"
+        )
+    if getattr(experts, "_is_expert_parallel", False):
+        raise ValueError(f"module {path!r} is split over ranks (expert parallelism), which LAG does not route")
+    wrapper = LagExperts(experts, path)
+    for name in names:
+        parameter, _, index = name[len(path) + 1 :].rpartition(".")
+        if parameter not in _projections(experts) or int(index) >= experts.num_experts:
+            raise ValueError(
+                f"module {name!r}: {type(experts).__name__} at {path!r} has {experts.num_experts} experts with "
+                f"projections {', '.join(_projections(experts))}; LAG routes "
+                f"<experts>.<projection>.<expert> for those"
+            )
+    return wrapper
