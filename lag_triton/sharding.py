@@ -44,6 +44,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
+from .experts import ExpertProjection, expert_parent
 from .kernels import resolve_backend
 from .kernels.common import selection_weights
 from .library.weights import check_finite
@@ -451,7 +452,16 @@ def _plan(model, libs, backend: str, backends: dict[str, str], already: int) -> 
     plan = []
     for offset, lib in enumerate(libs):
         for name, weights in lib.modules.items():
-            layer = _check_layer(lib, name, modules.get(name), weights, model)
+            module = modules.get(name)
+            if isinstance(getattr(module, "base_layer", module), ExpertProjection) or (
+                module is None and expert_parent(name, modules) is not None
+            ):
+                raise ValueError(
+                    f"library {lib.label}, module {name!r}: an expert of an MoE layer. Sharded routing does not "
+                    "route experts: each rank's tokens reach other experts, and the ranks must call every routed "
+                    "module together"
+                )
+            layer = _check_layer(lib, name, module, weights, model)
             problem = comm_problem(layer.device.type, backends)
             if problem is not None:
                 raise ValueError(f"module {name!r} is on {layer.device} but {problem}")

@@ -57,6 +57,11 @@ ARCHS = {
         dict(_WIDER, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
     ),
     "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(_WIDER, num_local_experts=4)),
+    "gpt_oss": (  # experts transposed ([E, in, out]), with biases and an interleaved, clamped gate
+        "GptOssForCausalLM",
+        "GptOssConfig",
+        dict(_WIDER, num_local_experts=4, num_experts_per_tok=2, layer_types=["full_attention"] * 2),
+    ),
     "gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig", _WIDER),
     "falcon": ("FalconForCausalLM", "FalconConfig", {k: v for k, v in _WIDER.items() if k != "head_dim"}),  # derived
     "opt": ("OPTForCausalLM", "OPTConfig", dict(_WIDER, ffn_dim=96, word_embed_proj_dim=64)),

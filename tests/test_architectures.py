@@ -7,13 +7,14 @@ Llama, Qwen2 and GPT-2 (Conv1D) are covered with more variants in test_patch.py.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-import transformers
 from safetensors import safe_open
 
 import lag_triton
-from lag_triton import AdapterError, LagLinear, Library
+from lag_triton import LagLinear, Library
 
 from factories import SEQ2SEQ, VOCAB, make_adapter, peft_logits, tiny_model
 
@@ -24,8 +25,9 @@ FAMILIES = [
     "phi3",  # fused qkv_proj and gate_up_proj
     "qwen3",
     "olmo2",
-    "mixtral",  # MoE: its experts are 3-D parameters, so the adapters target the attention only
+    "mixtral",  # MoE: transformers 5 keeps experts as 3-D parameters, which "all-linear" targets too
     "qwen3_moe",
+    "gpt_oss",  # MoE, experts transposed with biases
     "gpt_neox",  # fused query_key_value
     "falcon",
     "opt",
@@ -33,17 +35,35 @@ FAMILIES = [
     "t5",  # reads its projections' .weight in the forward
     "bart",
 ]
-_MOE_ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def _targets(arch):
-    return _MOE_ATTENTION if arch in ("mixtral", "qwen3_moe") else None  # None: PEFT's "all-linear"
+# MoE: the attention, and the experts' 3-D parameters (target_parameters; "all-linear" adds the
+# router's weight too, which LAG refuses: test_experts.py)
+_MOE = {"mixtral", "qwen3_moe", "gpt_oss"}
 
 
-def _lora_modules(adapter) -> set[str]:
-    """Names of the modules an adapter folder holds LoRA factors for."""
+def _adapter(model, path, arch, **kw):
+    if arch not in _MOE:
+        return make_adapter(model, path, arch=arch, **kw)
+    experts = ["gate_up_proj", "down_proj"] if any(p.dim() == 3 for p in model.parameters()) else None
+    return make_adapter(
+        model, path, arch=arch, targets=["q_proj", "k_proj", "v_proj", "o_proj"], target_parameters=experts, **kw
+    )
+
+
+def _lora_modules(adapter, model) -> set[str]:
+    """Names of the modules an adapter folder holds LoRA factors for: its linear layers', and, for a
+    3-D expert parameter it targets (target_parameters), ``<experts>.<parameter>.<e>`` per expert."""
     keys = safe_open(str(adapter / "adapter_model.safetensors"), "pt").keys()
     names = {key.removeprefix("base_model.model.").split(".lora_A.")[0] for key in keys if ".lora_A." in key}
+    targets = json.loads((adapter / "adapter_config.json").read_text()).get("target_parameters") or []
+    experts = {
+        (name.rpartition(".")[0], name.rpartition(".")[2], p.shape[0])
+        for name, p in model.named_parameters()
+        if p.dim() == 3 and any(name == t or name.endswith("." + t) for t in targets)
+    }
+    names -= {m + ".base_layer" * depth for m, _, _ in experts for depth in range(3)}
+    names |= {f"{m}.{p}.{e}" for m, p, n in experts for e in range(n)}
     assert names
     return names
 
@@ -61,25 +81,23 @@ def _logits(model, ids, extra):
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_one_adapter_library_reproduces_peft(arch, tmp_path):
     model = tiny_model(arch)
-    path = make_adapter(model, tmp_path / "a", seed=3, arch=arch, targets=_targets(arch))
+    path = _adapter(model, tmp_path / "a", arch, seed=3)
     ids, extra = _inputs(arch)
     want = peft_logits(model, path, ids, **extra)
     assert (want - _logits(model, ids, extra)).abs().max() > 1e-2  # the adapter really changes the output
 
+    trained = _lora_modules(path, model)
     library = Library.from_peft([path], progress=False)
     lag_triton.patch(model, library, k=1)
     patched = {name for name, m in model.named_modules() if isinstance(m, LagLinear)}
-    assert patched == _lora_modules(path)  # every module the adapter trains, no other
+    assert patched == trained  # every module the adapter trains, no other
     torch.testing.assert_close(_logits(model, ids, extra), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_patched_model_generates_the_same_with_and_without_cache(arch, tmp_path):
     model = tiny_model(arch)
-    paths = [
-        make_adapter(model, tmp_path / f"a{i}", seed=10 + i, arch=arch, targets=_targets(arch), r=2 + i)
-        for i in range(3)
-    ]
+    paths = [_adapter(model, tmp_path / f"a{i}", arch, seed=10 + i, r=2 + i) for i in range(3)]
     lag_triton.patch(model, Library.from_peft(paths, progress=False), k=2)
     ids, _ = _inputs(arch, seed=1)
     kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -92,16 +110,3 @@ def test_patched_model_generates_the_same_with_and_without_cache(arch, tmp_path)
         )
     assert cached.shape[1] >= 6
     assert torch.equal(cached, uncached)
-
-
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
-@pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys:RuntimeWarning")  # PEFT's, on saving
-def test_moe_expert_parameters_are_refused_by_name(arch, tmp_path):
-    """PEFT's "all-linear" on an MoE model also targets the experts' 3-D parameters
-    (target_parameters), which LAG cannot route: refused, naming the adapter and the field."""
-    model = tiny_model(arch)
-    if not any(p.dim() == 3 for p in model.parameters()):
-        pytest.skip(f"transformers {transformers.__version__} keeps {arch}'s experts as nn.Linear: nothing to refuse")
-    path = make_adapter(model, tmp_path / "moe", seed=1, arch=arch)
-    with pytest.raises(AdapterError, match=r"(?s)moe.*target_parameters"):
-        Library.from_peft([path], progress=False)

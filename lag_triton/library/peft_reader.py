@@ -378,7 +378,13 @@ class PeftAdapter:
             held.setdefault(module, set()).add(depth)
         out = {}
         for module, depths in held.items():
-            names = list(dict.fromkeys(t.rpartition(".")[2] for t in targets if _parameter_matches(module, t)))
+            matching = [t for t in targets if _parameter_matches(module, t)]
+            names = list(dict.fromkeys(t.rpartition(".")[2] for t in matching))
+            specific = list(dict.fromkeys(t.rpartition(".")[2] for t in matching if "." in t))
+            if depths == {0} and not specific and self._targets_module(module):
+                continue  # a target_modules layer: bare parameter names ("down_proj") match any module's name
+            if len(names) != len(depths) and len(specific) == len(depths):
+                names = specific  # PEFT wraps only the parameters a module has
             if not names:
                 if depths != {0}:
                     raise self.error(
@@ -403,6 +409,14 @@ class PeftAdapter:
             for depth in depths:
                 out[module + _WRAPPED * depth] = (module, ordered[len(names) - 1 - depth])
         return out
+
+    def _targets_module(self, module: str) -> bool:
+        """Whether target_modules names ``module`` (PEFT's matching: a regex string matches the whole
+        name; a list entry is the name or its last components; an unexpanded "all-linear" any)."""
+        targets = self.config.get("target_modules")
+        if isinstance(targets, str):
+            return targets == "all-linear" or re.fullmatch(targets, module) is not None
+        return any(module == t or module.endswith("." + t) for t in targets or () if isinstance(t, str))
 
     def _index_parameter(self, key_module: str, module: str, parameter: str, pair, shape_a, shape_b) -> None:
         """The factors PEFT's ParamWrapper saved for ``module.parameter``: a 2-D ``weight`` is the
