@@ -61,8 +61,9 @@ _HELD: contextvars.ContextVar[frozenset] = contextvars.ContextVar("lag_triton_sc
 # layer -> its open scopes, innermost last. Kept here, not on the layer, so that a copy of a layer
 # (deepcopy, pickle) is under no scope; exits remove their own entry, whatever order they come in.
 _STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# Per-expert layers of transformers' mixture-of-experts blocks (experts kept as nn.Linear) are fed
-# hidden_states[token_idx] for the tokens routed to that expert, in an order the shape cannot tell.
+# Per-expert layers of transformers' mixture-of-experts blocks (experts kept as nn.Linear, or as 3-D
+# parameters: lag_triton.experts) are fed hidden_states[token_idx] for the tokens routed to that
+# expert, in an order the shape cannot tell.
 _GATHERED = re.compile(r"(?:^|\.)experts\.\d+\.")
 
 
@@ -295,6 +296,7 @@ def scope(model: nn.Module, allowed) -> Iterator[None]:
     The model is the one ``patch`` was called on; calls inside the block must have as many batch
     rows as ``allowed``.
     """
+    from .experts import ExpertProjection
     from .patching import LagLinear, _uncompiled, check_patched_root, patched_root
 
     if not isinstance(model, nn.Module):
@@ -314,7 +316,7 @@ def scope(model: nn.Module, allowed) -> Iterator[None]:
         for route in layer.routes:
             mask = masks.get(route.library_index)
             if mask is not None:
-                if _GATHERED.search(layer.module_name + "."):
+                if _GATHERED.search(layer.module_name + ".") or isinstance(layer.base_layer, ExpertProjection):
                     raise ValueError(
                         f"lag_triton.scope cannot restrict layer {layer.module_name!r} (library "
                         f"{route.library_index}): a mixture-of-experts block feeds each expert's layers a "

@@ -1,0 +1,279 @@
+"""LAG through MoE experts kept as 3-D parameters (lag_triton/experts.py; PEFT's target_parameters).
+
+A one-adapter library reproduces PEFT's forward (the families in test_architectures.py); here: the
+unfolded expert module computes what transformers' own does, every (token, expert) pair is routed
+through that expert's library module as a naive per-token loop says, the reader's per-expert
+factors are PEFT's delta weights, and the refusals name what they refuse.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from test_backends_model import _require
+from test_reference import naive_layer
+
+import lag_triton
+from lag_triton import AdapterError, LagLinear, Library
+from lag_triton.experts import ExpertProjection, LagExperts, unfold
+from lag_triton.library.peft_reader import PeftAdapter
+from lag_triton.routing import RoutingConfig
+
+from factories import VOCAB, make_adapter, peft_logits, tiny_model
+
+MOE = ["qwen3_moe", "mixtral", "gpt_oss"]  # gpt-oss: [E, in, out] experts with biases and its own gate
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+EXPERTS = ["gate_up_proj", "down_proj"]
+
+
+def _moe(arch: str, seed: int = 0):
+    model = tiny_model(arch, seed=seed)
+    if not any(p.dim() == 3 for p in model.parameters()):
+        pytest.skip(f"this transformers keeps {arch}'s experts as nn.Linear (routed as linear layers)")
+    for p in model.parameters():  # larger than the init's: experts and adapters visibly change the logits
+        torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+def _experts(model) -> tuple[str, torch.nn.Module]:
+    return next((n, m) for n, m in model.named_modules() if n.endswith("mlp.experts"))
+
+
+def _router_output(model, experts, tokens: int, seed: int = 0):
+    """hidden [T, H], top-k expert indices [T, K] (distinct per token) and weights [T, K]."""
+    g = torch.Generator().manual_seed(seed)
+    k = model.config.num_experts_per_tok
+    index = torch.stack([torch.randperm(experts.num_experts, generator=g)[:k] for _ in range(tokens)])
+    hidden = torch.randn(tokens, model.config.hidden_size, generator=g)
+    return hidden, index, torch.rand(tokens, k, generator=g)
+
+
+@pytest.mark.parametrize("arch", MOE)
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm", "batched_mm"])
+def test_unfolded_expert_module_computes_as_transformers_does(arch, implementation):
+    model = _moe(arch)
+    model.config._experts_implementation = implementation
+    path, experts = _experts(model)
+    hidden, index, weights = _router_output(model, experts, tokens=13)
+    if arch == "qwen3_moe" and implementation == "eager":
+        index[3, 1] = experts.num_experts  # a sentinel (no expert), which Qwen3-MoE's eager loop skips
+    with torch.no_grad():
+        want = experts(hidden, index, weights)
+        got = LagExperts(experts, path)(hidden, index, weights)
+    # the same products on the same rows; not bit for bit: a BLAS may round a gathered copy otherwise
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert (want - experts(hidden, index, weights.flip(1))).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", MOE)
+@pytest.mark.parametrize("routing", [dict(k=2, top_m=1), dict(k=3, top_m=2), dict(router="arrow", top_m=1)])
+def test_every_token_expert_pair_routes_through_that_experts_library_module(arch, routing, tmp_path):
+    """Each expert's projection LAG-routes the tokens sent to it, among its own library module's
+    adapters: checked against a naive loop over (token, expert) pairs of docs/design.md's equations."""
+    model = _moe(arch)
+    paths = [
+        make_adapter(
+            model, tmp_path / f"a{i}", seed=i, arch=arch, targets=["q_proj"], target_parameters=EXPERTS, r=2 + i
+        )
+        for i in range(4)
+    ]
+    library = Library.from_peft(paths, progress=False)
+    path, experts = _experts(model)
+    hidden, index, weights = _router_output(model, experts, tokens=11, seed=1)
+    cfg = RoutingConfig(**routing)
+    up_name = "gate_up_proj" if experts.has_gate else "up_proj"
+
+    def routed(name: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        m = library.modules[name]
+        delta, _ = naive_layer(x[None], m.a_star, m.b_star, m.prototypes, cfg)
+        return base + delta[0].float()
+
+    want = torch.zeros_like(hidden)
+    with torch.no_grad():
+        for t in range(hidden.shape[0]):
+            for slot, e in enumerate(index[t].tolist()):
+                x = hidden[t]
+                h = routed(f"{path}.{up_name}.{e}", x, ExpertProjection(experts, up_name, e)(x))
+                h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
+                y = routed(f"{path}.down_proj.{e}", h, ExpertProjection(experts, "down_proj", e)(h))
+                want[t] += weights[t, slot] * y
+    lag_triton.patch(model, library, **routing)
+    with torch.no_grad(), lag_triton.trace(model) as tr:
+        got = model.get_submodule(path)(hidden, index, weights)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for e in range(experts.num_experts):  # each expert's layers saw exactly the tokens sent to it
+        assert tr.selections[f"{path}.down_proj.{e}"].shape[0] == int((index == e).sum())
+
+
+@pytest.mark.parametrize("arch", MOE)
+@pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys:RuntimeWarning")  # PEFT's; it applies them
+def test_reader_gives_each_expert_peft_s_delta_weight(arch, tmp_path):
+    """rank_pattern / alpha_pattern keyed by the parameter (as PEFT's all-linear sets for gate_up_proj)."""
+    model = _moe(arch)
+    patterns = dict(rank_pattern={"down_proj": 2}, alpha_pattern={"down_proj": 3.0})
+    path = make_adapter(
+        model, tmp_path / "a", seed=5, arch=arch, targets=["q_proj"], target_parameters=EXPERTS, **patterns
+    )
+    from peft import PeftModel
+
+    transposed = {n: m.is_transposed for n, m in model.named_modules() if n.endswith("experts")}
+    peft_model = PeftModel.from_pretrained(model, str(path))
+    adapter = PeftAdapter.open(path)
+    factors = adapter.load_factors()
+    checked = 0
+    for name, module in peft_model.named_modules():
+        if type(module).__name__ != "ParamWrapper":
+            continue
+        experts = name.removeprefix("base_model.model.").replace(".base_layer", "")
+        delta = module.get_delta_weight("default")  # [E, out, in], or [E, in, out] as the parameter
+        for e in range(delta.shape[0]):
+            key = f"{experts}.{module.parameter_name}.{e}"
+            a, b = factors[key]
+            want = delta[e].T if transposed[experts] else delta[e]
+            torch.testing.assert_close(adapter.modules[key].scaling * b @ a, want)
+            checked += 1
+    assert checked == 2 * 2 * 4  # layers x parameters x experts
+    assert {f.rank for n, f in adapter.modules.items() if ".down_proj." in n} == {2}
+    peft_model.unload()
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_one_targeted_expert_parameter_reproduces_peft(arch, tmp_path):
+    model = _moe(arch)
+    path = make_adapter(model, tmp_path / "a", seed=7, arch=arch, targets=["q_proj"], target_parameters=["down_proj"])
+    ids = torch.randint(2, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    want = peft_logits(model, path, ids)
+    lag_triton.patch(model, Library.from_peft([path], progress=False), k=1)
+    routed = {n for n, m in model.named_modules() if isinstance(m, LagLinear)}
+    assert {n.rpartition(".")[0].rpartition(".")[2] for n in routed if "experts" in n} == {"down_proj"}
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_experts_route_alike_on_every_backend(backend, tmp_path, monkeypatch):
+    """The kernels see an expert's tokens as any layer's (Triton under the interpreter, CUDA emulated on CPU)."""
+    _require(backend, monkeypatch)
+    model = _moe("gpt_oss")
+    paths = [
+        make_adapter(model, tmp_path / f"a{i}", seed=i, arch="gpt_oss", targets=["q_proj"], target_parameters=EXPERTS)
+        for i in range(3)
+    ]
+    library = Library.from_peft(paths, progress=False)
+    ids = torch.randint(2, VOCAB, (2, 7), generator=torch.Generator().manual_seed(4))
+    logits = {}
+    for be in ("torch", backend):
+        lag_triton.patch(model, library, k=2, backend=be)
+        with torch.no_grad(), lag_triton.trace(model) as tr:
+            logits[be] = (model(input_ids=ids).logits, tr.selections)
+        lag_triton.unpatch(model)
+    (want, want_sel), (got, got_sel) = logits["torch"], logits[backend]
+    assert got_sel.keys() == want_sel.keys() and all(torch.equal(got_sel[k], v) for k, v in want_sel.items())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::lag_triton.LibraryNotSavedWarning")
+def test_patched_moe_keeps_state_copies_and_unpatches(tmp_path):
+    model = _moe("qwen3_moe")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    original = _experts(model)[1]
+    paths = [
+        make_adapter(model, tmp_path / f"a{i}", seed=i, arch="qwen3_moe", target_parameters=EXPERTS, targets=["q_proj"])
+        for i in range(3)
+    ]
+    lag_triton.patch(model, Library.from_peft(paths, progress=False), k=2)
+    ids = torch.randint(2, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    patched = model.state_dict()  # the base model's keys and values, as unpatched
+    assert patched.keys() == state.keys() and all(torch.equal(patched[k], v) for k, v in state.items())
+    experts = _experts(model)[1]
+    assert isinstance(experts, LagExperts) and experts.num_experts == original.num_experts  # attributes read through
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(1.0) if "experts" in name else None
+        model.load_state_dict(state)  # a base checkpoint loads into the patched model
+        assert torch.equal(model(input_ids=ids).logits, want)
+        for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            assert torch.equal(clone(input_ids=ids).logits, want)
+    lag_triton.unpatch(model)
+    assert _experts(model)[1] is original
+    assert not any(isinstance(m, (LagLinear, LagExperts, ExpertProjection)) for m in model.modules())
+
+
+def test_experts_refuse_scopes_and_sharding(tmp_path):
+    model = _moe("qwen3_moe")
+    path = make_adapter(model, tmp_path / "a", seed=1, arch="qwen3_moe", targets=["q_proj"], target_parameters=EXPERTS)
+    library = Library.from_peft([path], progress=False)
+    from lag_triton.sharding import _plan
+
+    with pytest.raises(ValueError, match=r"experts\.(gate_up|down)_proj\.0'.*expert of an MoE layer"):
+        _plan(model, [library], "torch", {}, 0)
+    lag_triton.patch(model, library, k=1)
+    with pytest.raises(ValueError, match=r"cannot restrict layer '.*experts\.(gate_up|down)_proj\.\d'"):
+        with lag_triton.scope(model, [["a"]]):
+            pass
+
+
+def test_expert_modules_lagging_transformers_flags_or_split_over_ranks_are_refused():
+    class Experts(torch.nn.Module):  # 3-D parameters, but no use_experts_implementation flags
+        def __init__(self):
+            super().__init__()
+            self.num_experts = 2
+            self.down_proj = torch.nn.Parameter(torch.zeros(2, 4, 3))
+
+    with pytest.raises(ValueError, match=r"'m\.experts' \(Experts\).*lacks has_gate.*use_experts_implementation"):
+        unfold("m.experts", Experts(), ["m.experts.down_proj.0"])
+    experts = _experts(_moe("mixtral"))[1]
+    with pytest.raises(ValueError, match=r"4 experts with projections gate_up_proj, down_proj"):
+        unfold("x", experts, ["x.down_proj.4"])
+    with pytest.raises(ValueError, match=r"4 experts with projections gate_up_proj, down_proj"):
+        unfold("x", experts, ["x.up_proj.0"])
+    experts._is_expert_parallel = True
+    with pytest.raises(ValueError, match="expert parallelism"):
+        unfold("x", experts, ["x.down_proj.0"])
+
+
+def test_a_library_for_more_experts_than_the_model_has_is_refused_before_patching(tmp_path):
+    wide = _moe("qwen3_moe")
+    path = make_adapter(wide, tmp_path / "a", seed=1, arch="qwen3_moe", targets=["q_proj"], target_parameters=EXPERTS)
+    library = Library.from_peft([path], progress=False)
+    narrow = tiny_model("qwen3_moe")
+    narrow.config.num_experts = 2
+    for layer in narrow.model.layers:
+        layer.mlp.experts = type(layer.mlp.experts)(narrow.config)
+    with pytest.raises(ValueError, match=r"experts\.(gate_up|down)_proj\.[23]'.*2 experts"):
+        lag_triton.patch(narrow, library)
+    assert not any(isinstance(m, (LagLinear, LagExperts)) for m in narrow.modules())  # untouched
+
+
+def test_all_linear_moe_adapter_names_the_router_it_cannot_route(tmp_path):
+    """PEFT's "all-linear" on an MoE model also adapts the router's weight (target_parameters
+    'gate.weight'), whose forward is more than a linear map: refused at patch, naming it."""
+    model = _moe("qwen3_moe")
+    path = make_adapter(model, tmp_path / "a", seed=1, arch="qwen3_moe")  # "all-linear"
+    library = Library.from_peft([path], progress=False)
+    assert any(n.endswith("experts.down_proj.3") for n in library.modules)
+    with pytest.raises(TypeError, match=r"'model\.layers\.0\.mlp\.gate'.*router.*target_parameters"):
+        lag_triton.patch(model, library)
+
+
+@pytest.mark.parametrize(
+    "targets,message",
+    [
+        ("down_proj", r"target_parameters.*must be a list of parameter names"),
+        (["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.experts.up_proj"], r"names 3 of its parameters"),
+    ],
+)
+def test_reader_refuses_target_parameters_it_cannot_map(targets, message, tmp_path):
+    import json
+
+    model = _moe("qwen3_moe")
+    path = make_adapter(model, tmp_path / "a", seed=1, arch="qwen3_moe", targets=["q_proj"], target_parameters=EXPERTS)
+    config = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**config, "target_parameters": targets}))
+    with pytest.raises(AdapterError, match=message):
+        PeftAdapter.open(path)
