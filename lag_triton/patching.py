@@ -30,12 +30,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .experts import LagExperts, expert_parent, unfold
 from .kernels import backend_unavailable_reason, get_ops, resolve_backend
 from .layers import LayerInfo, activation_dtype, describe_layer
 from .layers import linear_shape as _linear_shape
 from .layers import route_dtype as _route_dtype
 from .library import Library
+from .moe import LagExperts, expert_parent, unfold
 from .routing import RoutingConfig, route_and_apply, routed_term_vjp
 from .tracing import Trace, active_traces, trace
 

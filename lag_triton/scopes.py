@@ -62,7 +62,7 @@ _HELD: contextvars.ContextVar[frozenset] = contextvars.ContextVar("lag_triton_sc
 # (deepcopy, pickle) is under no scope; exits remove their own entry, whatever order they come in.
 _STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # Per-expert layers of transformers' mixture-of-experts blocks (experts kept as nn.Linear, or as 3-D
-# parameters: lag_triton.experts) are fed hidden_states[token_idx] for the tokens routed to that
+# parameters: lag_triton.moe) are fed hidden_states[token_idx] for the tokens routed to that
 # expert, in an order the shape cannot tell.
 _GATHERED = re.compile(r"(?:^|\.)experts\.\d+\.")
 
@@ -296,7 +296,7 @@ def scope(model: nn.Module, allowed) -> Iterator[None]:
     The model is the one ``patch`` was called on; calls inside the block must have as many batch
     rows as ``allowed``.
     """
-    from .experts import ExpertProjection
+    from .moe import ExpertProjection
     from .patching import LagLinear, _uncompiled, check_patched_root, patched_root
 
     if not isinstance(model, nn.Module):

@@ -44,10 +44,10 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from .experts import ExpertProjection, expert_parent
 from .kernels import resolve_backend
 from .kernels.common import selection_weights
 from .library.weights import check_finite
+from .moe import ExpertProjection, expert_parent
 from .patching import (
     LibraryRoute,
     _as_libraries,

@@ -1,4 +1,4 @@
-"""LAG through MoE experts kept as 3-D parameters (lag_triton/experts.py; PEFT's target_parameters).
+"""LAG through MoE experts kept as 3-D parameters (lag_triton/moe.py; PEFT's target_parameters).
 
 A one-adapter library reproduces PEFT's forward (the families in test_architectures.py); here: the
 unfolded expert module computes what transformers' own does, every (token, expert) pair is routed
@@ -18,8 +18,8 @@ from test_reference import naive_layer
 
 import lag_triton
 from lag_triton import AdapterError, LagLinear, Library
-from lag_triton.experts import ExpertProjection, LagExperts, unfold
 from lag_triton.library.peft_reader import PeftAdapter
+from lag_triton.moe import ExpertProjection, LagExperts, unfold
 from lag_triton.routing import RoutingConfig
 
 from factories import VOCAB, make_adapter, peft_logits, tiny_model
@@ -277,3 +277,16 @@ def test_reader_refuses_target_parameters_it_cannot_map(targets, message, tmp_pa
     (path / "adapter_config.json").write_text(json.dumps({**config, "target_parameters": targets}))
     with pytest.raises(AdapterError, match=message):
         PeftAdapter.open(path)
+
+
+def test_a_targeted_2d_weight_is_its_modules_lora(tmp_path):
+    """target_parameters naming a linear layer's 2-D weight: PEFT's update is that layer's plain LoRA."""
+    model = tiny_model("llama")
+    path = make_adapter(model, tmp_path / "a", seed=2, targets=["v_proj"], target_parameters=["q_proj.weight"])
+    ids = torch.randint(2, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    want = peft_logits(model, path, ids)
+    library = Library.from_peft([path], progress=False)
+    assert {n.rpartition(".")[2] for n in library.modules} == {"q_proj", "v_proj"}
+    lag_triton.patch(model, library, k=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
