@@ -421,7 +421,7 @@ class PeftAdapter:
     def _index_parameter(self, key_module: str, module: str, parameter: str, pair, shape_a, shape_b) -> None:
         """The factors PEFT's ParamWrapper saved for ``module.parameter``: a 2-D ``weight`` is the
         module's own LoRA; a 3-D expert parameter [E, ...] holds one LoRA per expert, kept as modules
-        ``module.parameter.<e>`` (what :mod:`lag_triton.experts` routes)."""
+        ``module.parameter.<e>`` (what :mod:`lag_triton.moe` routes)."""
         cfg, key = self.config, f"{module}.{parameter}"  # PEFT looks the patterns up by this key
         if self._block_diagonal_kind(key)[0]:
             raise self.error(f"parameter {key!r}: BD-LoRA on a targeted parameter is refused (PEFT has none)")
