@@ -92,14 +92,6 @@ def _not_linear_hint(module: nn.Module) -> str:
         return "; a convolution mixes positions, not a per-token linear map (convolution LoRA is not supported)"
     if isinstance(module, nn.Bilinear):
         return "; nn.Bilinear takes two inputs"
-    weight = getattr(module, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
-        return (
-            "; it holds a 2-D weight, but its forward is more than x @ weight.T (an MoE router picks experts "
-            "from it). LoRA on such a module's weight (PEFT's target_parameters '<module>.weight', which "
-            '"all-linear" adds for MoE routers) is not supported: train the adapter with target_parameters '
-            "naming only the experts' parameters"
-        )
     return ""
 
 

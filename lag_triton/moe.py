@@ -16,6 +16,14 @@ sends it, through these projections:
 
 so LAG picks an adapter per token per expert among the library's adapters for that expert.
 
+The MoE router (PEFT's ``"all-linear"`` adapts its ``weight`` as ``target_parameters``
+``gate.weight``) is a module whose forward computes ``F.linear(x, self.weight[, self.bias])``
+once and then picks experts from it: ``patch`` wraps it in a ``LagRouter`` (patching.py) that runs
+its forward with that one product redirected through LAG (:func:`redirect_linear`), so routing
+picks experts from W x + the routed update, as PEFT's merged weight does. :func:`check_router`
+runs the forward once on a dummy input at patch time to make sure it computes that product
+exactly once.
+
 The class flags (``has_gate``, ``has_bias``, ``is_transposed``, ``has_post_expert_norm``) are
 those transformers' ``use_experts_implementation`` sets; an expert module without them is
 refused, as is expert parallelism. The loop reads which experts are hit on the host (as the eager
@@ -24,14 +32,28 @@ loop does), so a patched MoE layer runs eagerly: no CUDA-graph capture or ``full
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-__all__ = ["ExpertProjection", "LagExperts", "expert_parent", "unfold"]
+from .layers import linear_shape
+
+__all__ = [
+    "ExpertProjection",
+    "LagExperts",
+    "RouterView",
+    "check_router",
+    "expert_parent",
+    "is_router",
+    "redirect_linear",
+    "unfold",
+]
 
 _FLAGS = ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm")
 
@@ -174,3 +196,84 @@ def unfold(path: str, experts: nn.Module, names: list[str]) -> LagExperts:
                 f"<experts>.<projection>.<expert> for those"
             )
     return wrapper
+
+
+# -- routers ---------------------------------------------------------------------------------------
+def is_router(module: nn.Module) -> bool:
+    """Whether ``module`` may be an MoE router: not linear-like, but holding a 2-D floating-point
+    ``weight`` parameter (:func:`check_router` tells whether its forward uses it as one)."""
+    weight = module._parameters.get("weight") if isinstance(module, nn.Module) else None
+    return (
+        linear_shape(module) is None
+        and weight is not None
+        and weight.dim() == 2
+        and weight.is_floating_point()
+        and not isinstance(module, (nn.Embedding, nn.EmbeddingBag, nn.Bilinear, nn.modules.conv._ConvNd))
+    )
+
+
+class RouterView(nn.Module):
+    """A router's linear map ``x -> F.linear(x, weight, bias)`` as a linear-like layer, for the
+    checks patch makes of the layers it wraps. Holds no tensors of its own."""
+
+    def __init__(self, router: nn.Module):
+        super().__init__()
+        self.__dict__["_router"] = router
+        self.out_features, self.in_features = router.weight.shape
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._router.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        bias = getattr(self._router, "bias", None)
+        return bias if isinstance(bias, torch.Tensor) else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class _LinearRedirect(TorchFunctionMode):
+    """Sends every ``F.linear(x, weight, ...)`` of one weight (by identity) to ``fn``; counts them."""
+
+    def __init__(self, weight: torch.Tensor, fn: Callable[..., torch.Tensor]):
+        super().__init__()
+        self.weight, self.fn, self.calls = weight, fn, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and (args[1] if len(args) > 1 else kwargs.get("weight")) is self.weight:
+            self.calls += 1
+            return self.fn(*args, **kwargs)  # the mode is off inside its own handler: fn's F.linear runs plain
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def redirect_linear(weight: torch.Tensor, fn: Callable[..., torch.Tensor]) -> Iterator[_LinearRedirect]:
+    """Within the block, ``F.linear(x, weight, bias=None)`` calls ``fn(x, weight, bias)`` instead
+    (``.calls`` counts them)."""
+    with _LinearRedirect(weight, fn) as mode:
+        yield mode
+
+
+def check_router(name: str, router: nn.Module) -> None:
+    """Raise ValueError naming ``name`` unless the router's forward, run once on a dummy input
+    (no gradient), computes ``F.linear(x, self.weight[, bias])`` exactly once."""
+    weight = router.weight
+    x = torch.zeros(2, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    try:
+        with torch.no_grad(), redirect_linear(weight, F.linear) as mode:
+            router(x)
+    except Exception as e:  # noqa: BLE001 - whatever it raises, it is no router LAG can wrap
+        raise ValueError(
+            f"module {name!r} ({type(router).__name__}) is not linear-like; as an MoE router (a 2-D weight), "
+            f"its forward failed on a [2, {weight.shape[1]}] input: {type(e).__name__}: {e}"
+        ) from None
+    if mode.calls != 1:
+        raise ValueError(
+            f"module {name!r} ({type(router).__name__}) is not linear-like, and its forward computes "
+            f"F.linear(x, weight) {mode.calls} times (LAG routes a module whose forward computes it once, as an MoE "
+            "router does, and adds the routed update to that product). A router that casts its weight first "
+            "(F.linear(x.float(), self.weight.float())) is not supported"
+        )

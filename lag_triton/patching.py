@@ -28,6 +28,7 @@ import warnings
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .kernels import backend_unavailable_reason, get_ops, resolve_backend
@@ -35,11 +36,11 @@ from .layers import LayerInfo, activation_dtype, describe_layer
 from .layers import linear_shape as _linear_shape
 from .layers import route_dtype as _route_dtype
 from .library import Library
-from .moe import LagExperts, expert_parent, unfold
+from .moe import LagExperts, RouterView, check_router, expert_parent, is_router, redirect_linear, unfold
 from .routing import RoutingConfig, route_and_apply, routed_term_vjp
 from .tracing import Trace, active_traces, trace
 
-__all__ = ["LagLinear", "LibraryRoute", "LibraryNotSavedWarning", "patch", "unpatch", "trace", "Trace"]
+__all__ = ["LagLinear", "LagRouter", "LibraryRoute", "LibraryNotSavedWarning", "patch", "unpatch", "trace", "Trace"]
 
 LibraryLike = Library | str | os.PathLike
 
@@ -202,7 +203,7 @@ class LagLinear(nn.Module):
         self.module_name = name
         # the wrapper's own copy: writing it through to the base (see __setattr__) would fail on a
         # layer whose sizes are read-only properties, halfway through patch's swap
-        in_features, out_features = _linear_shape(base_layer)
+        in_features, out_features = self._base_shape(base_layer)
         nn.Module.__setattr__(self, "in_features", in_features)
         nn.Module.__setattr__(self, "out_features", out_features)
         # The shape the libraries are routed for. Model code may rewrite the public pair
@@ -253,6 +254,15 @@ class LagLinear(nn.Module):
                 "libraries were attached (resized after patch, e.g. by resize_token_embeddings, which re-ties a "
                 "routed lm_head): unpatch, resize, and patch with a library built for the new size"
             )
+        return self._add_routes(x, x2, y2).view(*x.shape[:-1], d_out)
+
+    @staticmethod
+    def _base_shape(base_layer: nn.Module) -> tuple[int, int]:
+        return _linear_shape(base_layer)
+
+    def _add_routes(self, x: torch.Tensor, x2: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
+        """y2 [T, d_out] plus every library's routed output for x2 [T, d_in], the input x [..., d_in]
+        flattened (whose shape tells a scope the batch rows)."""
         with _autocast_off(x.device.type):
             for route in self.routes:
                 allowed, rows = (
@@ -263,7 +273,7 @@ class LagLinear(nn.Module):
                     ids = torch.where(sel >= 0, route.adapter_ids[sel.long().clamp(min=0)], -1)  # -1: no adapter
                     for tracer in active_traces(self):
                         tracer.record(self.module_name, route.library_index, ids)
-        return y2.view(*x.shape[:-1], d_out)
+        return y2
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
@@ -286,6 +296,38 @@ class LagLinear(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+
+class LagRouter(LagLinear):
+    """An MoE router (a module whose forward computes ``F.linear(x, self.weight[, self.bias])``
+    once, then picks experts from it: :mod:`.moe`) plus the routed LoRA output of every attached
+    library, added to that product before the router uses it."""
+
+    @staticmethod
+    def _base_shape(base_layer: nn.Module) -> tuple[int, int]:
+        d_out, d_in = base_layer.weight.shape
+        return d_in, d_out
+
+    def forward(self, *args, **kwargs):
+        d_in, d_out = self._routed_shape
+
+        def routed_linear(x, weight, bias=None):
+            y = F.linear(x, weight, bias)
+            return self._add_routes(x, x.reshape(-1, d_in), y.reshape(-1, d_out)).view(y.shape)
+
+        with redirect_linear(self.base_layer.weight, routed_linear) as mode:
+            out = self.base_layer(*args, **kwargs)
+        if mode.calls != 1:  # checked at patch on a dummy input; a forward that branches may differ
+            raise RuntimeError(
+                f"{self.module_name}: the router computed F.linear(x, weight) {mode.calls} times in this forward, "
+                "so its libraries were not applied once"
+            )
+        return out
+
+
+def _wrap(module: nn.Module, name: str) -> LagLinear:
+    wrapper = LagRouter(module, name) if is_router(module) else LagLinear(module, name)
+    return wrapper.train(module.training)
 
 
 def _warn_library_not_saved(module, prefix, keep_vars) -> None:
@@ -397,6 +439,12 @@ def _check_layer(lib: Library, name: str, module: nn.Module | None, weights, mod
             f"does not have{_name_hint(name, model)}"
         )
     base = module.base_layer if isinstance(module, LagLinear) else module
+    if is_router(base):
+        try:
+            check_router(name, base)
+        except ValueError as e:
+            raise ValueError(f"library {lib.label}: {e}") from None
+        base = RouterView(base)
     try:
         layer = describe_layer(name, base, lambda: activation_dtype(model))
     except (TypeError, ValueError) as e:
@@ -539,7 +587,7 @@ def _attach(
     wrappers = {}  # every wrapper made before the first swap: a layer it cannot wrap changes nothing
     for name, _ in routes:
         module = modules[name]
-        wrappers[name] = module if isinstance(module, LagLinear) else LagLinear(module, name).train(module.training)
+        wrappers[name] = module if isinstance(module, LagLinear) else _wrap(module, name)
     for path, wrapper in (unfolded or {}).items():
         _set_submodule(model, path, wrapper.train(wrapper.base_layer.training))
     for name, route in routes:

@@ -47,7 +47,7 @@ import torch.distributed as dist
 from .kernels import resolve_backend
 from .kernels.common import selection_weights
 from .library.weights import check_finite
-from .moe import ExpertProjection, expert_parent
+from .moe import ExpertProjection, expert_parent, is_router
 from .patching import (
     LibraryRoute,
     _as_libraries,
@@ -453,13 +453,16 @@ def _plan(model, libs, backend: str, backends: dict[str, str], already: int) -> 
     for offset, lib in enumerate(libs):
         for name, weights in lib.modules.items():
             module = modules.get(name)
-            if isinstance(getattr(module, "base_layer", module), ExpertProjection) or (
-                module is None and expert_parent(name, modules) is not None
+            base = getattr(module, "base_layer", module)
+            if (
+                isinstance(base, ExpertProjection)
+                or is_router(base)
+                or (module is None and expert_parent(name, modules))
             ):
                 raise ValueError(
-                    f"library {lib.label}, module {name!r}: an expert of an MoE layer. Sharded routing does not "
-                    "route experts: each rank's tokens reach other experts, and the ranks must call every routed "
-                    "module together"
+                    f"library {lib.label}, module {name!r}: the router or an expert of an MoE layer. Sharded routing "
+                    "does not route MoE layers: each rank's tokens reach other experts, and the ranks must call "
+                    "every routed module together"
                 )
             layer = _check_layer(lib, name, module, weights, model)
             problem = comm_problem(layer.device.type, backends)

@@ -25,7 +25,8 @@ FAMILIES = [
     "phi3",  # fused qkv_proj and gate_up_proj
     "qwen3",
     "olmo2",
-    "mixtral",  # MoE: transformers 5 keeps experts as 3-D parameters, which "all-linear" targets too
+    "mixtral",  # MoE: transformers 5 keeps experts as 3-D parameters, which "all-linear" targets too,
+    # with the router's weight (tests/test_experts.py)
     "qwen3_moe",
     "gpt_oss",  # MoE, experts transposed with biases
     "gpt_neox",  # fused query_key_value
@@ -35,20 +36,6 @@ FAMILIES = [
     "t5",  # reads its projections' .weight in the forward
     "bart",
 ]
-
-
-# MoE: the attention, and the experts' 3-D parameters (target_parameters; "all-linear" adds the
-# router's weight too, which LAG refuses: test_experts.py)
-_MOE = {"mixtral", "qwen3_moe", "gpt_oss"}
-
-
-def _adapter(model, path, arch, **kw):
-    if arch not in _MOE:
-        return make_adapter(model, path, arch=arch, **kw)
-    experts = ["gate_up_proj", "down_proj"] if any(p.dim() == 3 for p in model.parameters()) else None
-    return make_adapter(
-        model, path, arch=arch, targets=["q_proj", "k_proj", "v_proj", "o_proj"], target_parameters=experts, **kw
-    )
 
 
 def _lora_modules(adapter, model) -> set[str]:
@@ -81,7 +68,7 @@ def _logits(model, ids, extra):
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_one_adapter_library_reproduces_peft(arch, tmp_path):
     model = tiny_model(arch)
-    path = _adapter(model, tmp_path / "a", arch, seed=3)
+    path = make_adapter(model, tmp_path / "a", seed=3, arch=arch)
     ids, extra = _inputs(arch)
     want = peft_logits(model, path, ids, **extra)
     assert (want - _logits(model, ids, extra)).abs().max() > 1e-2  # the adapter really changes the output
@@ -97,7 +84,7 @@ def test_one_adapter_library_reproduces_peft(arch, tmp_path):
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_patched_model_generates_the_same_with_and_without_cache(arch, tmp_path):
     model = tiny_model(arch)
-    paths = [_adapter(model, tmp_path / f"a{i}", arch, seed=10 + i, r=2 + i) for i in range(3)]
+    paths = [make_adapter(model, tmp_path / f"a{i}", seed=10 + i, arch=arch, r=2 + i) for i in range(3)]
     lag_triton.patch(model, Library.from_peft(paths, progress=False), k=2)
     ids, _ = _inputs(arch, seed=1)
     kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)

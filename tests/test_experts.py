@@ -20,6 +20,7 @@ import lag_triton
 from lag_triton import AdapterError, LagLinear, Library
 from lag_triton.library.peft_reader import PeftAdapter
 from lag_triton.moe import ExpertProjection, LagExperts, unfold
+from lag_triton.patching import LagRouter
 from lag_triton.routing import RoutingConfig
 
 from factories import VOCAB, make_adapter, peft_logits, tiny_model
@@ -210,7 +211,7 @@ def test_experts_refuse_scopes_and_sharding(tmp_path):
     library = Library.from_peft([path], progress=False)
     from lag_triton.sharding import _plan
 
-    with pytest.raises(ValueError, match=r"experts\.(gate_up|down)_proj\.0'.*expert of an MoE layer"):
+    with pytest.raises(ValueError, match=r"experts\.(gate_up|down)_proj\.0'.*an expert of an MoE layer"):
         _plan(model, [library], "torch", {}, 0)
     lag_triton.patch(model, library, k=1)
     with pytest.raises(ValueError, match=r"cannot restrict layer '.*experts\.(gate_up|down)_proj\.\d'"):
@@ -250,15 +251,60 @@ def test_a_library_for_more_experts_than_the_model_has_is_refused_before_patchin
     assert not any(isinstance(m, (LagLinear, LagExperts)) for m in narrow.modules())  # untouched
 
 
-def test_all_linear_moe_adapter_names_the_router_it_cannot_route(tmp_path):
-    """PEFT's "all-linear" on an MoE model also adapts the router's weight (target_parameters
-    'gate.weight'), whose forward is more than a linear map: refused at patch, naming it."""
+def test_all_linear_routes_the_router_and_every_expert(tmp_path):
+    """PEFT's "all-linear" on an MoE model adapts the router's weight too (target_parameters
+    'gate.weight'): LAG adds the routed update to the router's logits, before it picks experts."""
     model = _moe("qwen3_moe")
-    path = make_adapter(model, tmp_path / "a", seed=1, arch="qwen3_moe")  # "all-linear"
-    library = Library.from_peft([path], progress=False)
-    assert any(n.endswith("experts.down_proj.3") for n in library.modules)
-    with pytest.raises(TypeError, match=r"'model\.layers\.0\.mlp\.gate'.*router.*target_parameters"):
-        lag_triton.patch(model, library)
+    paths = [make_adapter(model, tmp_path / f"a{i}", seed=i, arch="qwen3_moe") for i in range(3)]  # "all-linear"
+    library = Library.from_peft(paths, progress=False)
+    assert "model.layers.0.mlp.gate" in library.modules and "model.layers.1.mlp.experts.down_proj.3" in library.modules
+    ids = torch.randint(2, VOCAB, (2, 7), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        base = model(input_ids=ids, output_router_logits=True).router_logits
+    lag_triton.patch(model, library, k=2)
+    assert isinstance(model.model.layers[0].mlp.gate, LagRouter)
+    with torch.no_grad(), lag_triton.trace(model) as tr:
+        routed = model(input_ids=ids, output_router_logits=True).router_logits
+    assert tr.selections["model.layers.0.mlp.gate"].shape[0] == ids.numel()  # every token, once
+    assert all((a - b).abs().max() > 1e-3 for a, b in zip(routed, base))  # the logits the router picks from moved
+    lag_triton.unpatch(model)  # scopes cannot restrict experts; a router is fed the batch's rows
+    paths = [
+        make_adapter(
+            model, tmp_path / f"g{i}", seed=i, arch="qwen3_moe", targets=["q_proj"], target_parameters=["gate.weight"]
+        )
+        for i in range(3)
+    ]
+    lag_triton.patch(model, Library.from_peft(paths, names=["a0", "a1", "a2"], progress=False), k=2)
+    with torch.no_grad(), lag_triton.scope(model, [["a1"], ["a2"]]), lag_triton.trace(model) as tr:
+        model(input_ids=ids)
+    picks = tr.selections["model.layers.1.mlp.gate"].view(2, 7, -1)
+    assert picks[0].eq(1).all() and picks[1].eq(2).all()  # the router's tokens are the batch's rows
+
+
+class _TwiceRouter(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(4, 8))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight) + torch.nn.functional.linear(2 * x, self.weight)
+
+
+class _CastRouter(_TwiceRouter):
+    def forward(self, x):
+        return torch.nn.functional.linear(x.float(), self.weight.double().float())
+
+
+@pytest.mark.parametrize("router,message", [(_TwiceRouter, "2 times"), (_CastRouter, "0 times.*casts its weight")])
+def test_a_module_whose_forward_is_not_one_product_with_its_weight_is_refused(router, message):
+    from lag_triton.library import ModuleWeights
+
+    model = torch.nn.Sequential(router())
+    a = torch.linalg.qr(torch.randn(8, 2))[0].T[None]
+    weights = ModuleWeights(a, torch.randn(1, 4, 2), a[:, 0].contiguous(), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match=rf"module '0' \({router.__name__}\) is not linear-like.*{message}"):
+        lag_triton.patch(model, Library(["a"], {"0": weights}))
+    assert isinstance(model[0], router)  # untouched
 
 
 @pytest.mark.parametrize(
