@@ -78,7 +78,10 @@ def _repeated(names: list[str]) -> list[str]:
 
 def _check_output_folder(path: Path, option: str, library: bool = False) -> None:
     """``path`` is, or can be created as, a writable folder (checked before minutes of work);
-    ``library``: one that is empty or a library folder already (not another folder's files)."""
+    ``library``: one that is empty, a library folder already, or holds only what a killed or failed
+    writer left there (which ``--resume`` continues); not another folder's files."""
+    from .library.folder import is_library_folder, writer_entry
+
     existing = path
     while not existing.exists():
         if existing.parent == existing:
@@ -86,8 +89,12 @@ def _check_output_folder(path: Path, option: str, library: bool = False) -> None
         existing = existing.parent
     if existing == path and not path.is_dir():
         raise UsageError(f"{option} {str(path)!r} exists and is not a folder")
-    if library and existing == path and not (path / "library.json").is_file() and any(path.iterdir()):
-        raise UsageError(f"{option} {str(path)!r} is a folder that is not empty and not a library folder")
+    if library and existing == path and not is_library_folder(path):
+        other = sorted(e for e in os.listdir(path) if not writer_entry(e))  # a killed writer's leftovers may stay
+        if other:
+            raise UsageError(
+                f"{option} {str(path)!r} is a folder that is not empty and not a library folder: {other[:3]}"
+            )
     if not existing.is_dir():
         raise UsageError(f"{option} {str(path)!r}: {str(existing)!r} is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -254,7 +261,7 @@ def _compact(args: argparse.Namespace) -> int:
     from .library.folder import MANIFEST, compact_folder, is_library_folder, read_folder
 
     if not is_library_folder(args.folder):
-        read_folder(args.folder)  # raises the error info gives (exit 1); compact_folder reads a folder once
+        read_folder(args.folder)  # raises the error info gives (exit 1), before the output is checked
     if args.output is not None:
         if args.output.resolve().parent == args.folder.resolve():
             raise UsageError(f"-o/--output {str(args.output)!r}: write the merged library file outside the folder")

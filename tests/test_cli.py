@@ -471,3 +471,24 @@ def test_folders_of_one_name_are_a_usage_error(adapters, tmp_path, capsys, monke
     _one_line_error(capsys, "2 folders are named 'ckpt-500'", "--names")
     monkeypatch.undo()  # aligning allowed again
     assert main([*argv, "-q", "--names", "a", "b"]) == 0
+
+
+def test_a_folder_build_that_failed_is_resumed_or_rerun_from_the_command_line(adapters, tmp_path, capsys, monkeypatch):
+    """A first ``build --folder`` that fails leaves the lock and its kept temp file and journal (no
+    library.json): ``--resume``, which its message recommends, and a plain rerun take that folder;
+    a file of anything else in it still makes it another folder."""
+    from factories import count_alignments
+
+    folder = tmp_path / "lib"
+    argv = ["build", *map(str, adapters), "-o", str(folder), "--folder", "--workers", "0", "-q"]
+    count_alignments(monkeypatch, fail_after=2)
+    assert main(argv) == 130 and "--resume" in capsys.readouterr().err
+    assert not (folder / "library.json").exists() and {p.name for p in folder.iterdir()} >= {".lock"}
+    (folder / "notes.txt").write_text("mine")
+    assert main([*argv, "--resume"]) == EXIT_USAGE
+    _one_line_error(capsys, str(folder), "not empty and not a library folder")
+    (folder / "notes.txt").unlink()
+    aligned = count_alignments(monkeypatch)
+    assert main([*argv, "--resume"]) == 0 and aligned == ["doc2"]
+    assert Library.load(folder).names == ["doc0", "doc1", "doc2"]
+    assert main(argv) == 0 and Library.load(folder).names == ["doc0", "doc1", "doc2"]

@@ -579,3 +579,130 @@ def test_a_second_writer_fails_at_once_while_one_holds_the_folder(adapters, tmp_
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     remove_adapters(folder, ["a0"])  # the lock is free again
     assert Library.load(folder).names == ["a1", "a2"]
+
+
+@pytest.mark.parametrize(
+    "ids, message",
+    [([0, 5], r"adapter_ids holds 5, outside \[0, 2\)"), ([1, 0], "adapter_ids must increase from row to row")],
+)
+def test_assemble_refuses_a_file_whose_index_maps_a_load_refuses(adapters, tmp_path, capsys, ids, message):
+    """A header says nothing of a module's adapter_ids: assemble reads them before the folder
+    changes, so that it never links a part that breaks the folder's load (and info, add, remove
+    refuse what a load refuses: ids must increase, not only be in range)."""
+    from lag_triton.__main__ import main
+    from lag_triton.library import assemble_folder
+    from lag_triton.library.stored import read_stored
+
+    from factories import read_raw, replace_tensor, write_raw
+
+    folder = _folder(adapters[4:5], tmp_path / "lib")
+    good = tmp_path / "good.safetensors"
+    _file(adapters[:2], good)
+    _file([adapters[2], adapters[5]], tmp_path / "other.safetensors")  # both target up_proj and v_proj
+    header, data = read_raw(tmp_path / "other.safetensors")
+    module = "model.layers.0.mlp.up_proj"
+    header, data = replace_tensor(header, data, f"{module}::adapter_ids", torch.tensor(ids).numpy().tobytes())
+    bad = write_raw(tmp_path / "bad.safetensors", header, data)
+    with pytest.raises(LibraryFormatError, match=rf"library file '.*bad.safetensors': module '{module}': {message}"):
+        Library.load(bad)
+    with pytest.raises(LibraryFormatError, match=rf"library file '.*bad.safetensors': module '{module}': {message}"):
+        read_stored(bad).index_maps(module)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(LibraryFormatError, match=rf"library file '.*bad.safetensors': module '{module}': {message}"):
+        assemble_folder(folder, [good, bad])
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert main(["assemble", str(tmp_path / "new"), str(bad)]) == 1 and "bad.safetensors" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    assert main(["info", str(bad)]) == 1 and message.replace("\\", "") in capsys.readouterr().err
+    assemble_folder(folder, [good])
+    assert Library.load(folder).names == ["a4", "a0", "a1"]
+
+
+def test_every_member_of_a_group_that_shares_a_folder_can_take_its_lock(adapters, tmp_path, monkeypatch):
+    """In a folder a group shares (umask 002) the lock file is as group-writable as the parts and the
+    manifest; and a writer that may only read it (made by another user under another umask, or in a
+    sticky folder where O_CREAT on another user's file fails: fs.protected_regular) still takes it,
+    as flock needs no write access."""
+    import errno
+    import stat
+
+    umask = os.umask(0o002)
+    try:
+        folder = _folder(adapters[:1], tmp_path / "lib")
+    finally:
+        os.umask(umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+    assert set(modes.values()) == {0o664}, modes
+    real_open = os.open
+
+    def as_another_member(file, flags, *args, **kwargs):
+        if os.path.basename(file) == ".lock" and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", as_another_member)
+    add_adapters(folder, adapters[1:2], workers=0, progress=False)
+    remove_adapters(folder, ["a0"])
+    assert Library.load(folder).names == ["a1"]
+
+
+def test_a_build_that_replaces_a_folder_removes_what_dead_builds_left(adapters, tmp_path, monkeypatch):
+    """An interrupted build or add keeps its temp file and journal for a resume; a build of other
+    adapters replaces the folder whole, so nothing can resume them any more: it removes them (as a
+    library file's build removes what dead builds to its path left), saying what is thrown away."""
+    folder = tmp_path / "lib"
+    count_alignments(monkeypatch, fail_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        _folder(adapters[:4], folder)
+    assert not (folder / MANIFEST).exists() and _entries(folder)  # the kept temp file and journal
+    count_alignments(monkeypatch)
+    with pytest.warns(UserWarning, match=r"removing what a killed run to this folder left \(2 adapters written"):
+        _folder(adapters[4:], folder)
+    assert _entries(folder) == sorted([MANIFEST, *_parts(folder)]) and Library.load(folder).names == ["a4", "a5"]
+    count_alignments(monkeypatch, fail_after=1)
+    with pytest.raises(KeyboardInterrupt):
+        add_adapters(folder, adapters[:3], workers=0, progress=False)
+    assert len(_entries(folder)) == 4  # the add's temp file and journal too
+    count_alignments(monkeypatch)
+    with pytest.warns(UserWarning, match=r"removing what a killed run to this folder left \(1 adapters written"):
+        _folder(adapters[:2], folder)
+    assert _entries(folder) == sorted([MANIFEST, *_parts(folder)]) and Library.load(folder).names == ["a0", "a1"]
+
+
+def test_compact_to_a_file_that_races_a_commit_reads_the_folder_again(adapters, tmp_path, monkeypatch):
+    """compact -o reads the folder as a load does, without the lock: a writer that commits meanwhile
+    deletes the parts it replaced, so it reads the new manifest's parts; and a part it cannot open
+    leaves no other part open."""
+    from lag_triton.library import compact_folder, writer
+    from lag_triton.library import folder as folder_module
+
+    folder = _folder(adapters[:2], tmp_path / "lib")
+    add_adapters(folder, adapters[2:4], workers=0, progress=False)
+    real_plans, calls = folder_module.stored_module_plans, []
+
+    def racing(stored):  # another process removes a3 (rewriting its part) as compact reads the first part
+        if not calls:
+            remove_adapters(folder, ["a3"])
+        calls.append(stored.path.name)
+        return real_plans(stored)
+
+    monkeypatch.setattr(folder_module, "stored_module_plans", racing)
+    report = compact_folder(folder, tmp_path / "merged.safetensors")
+    assert report.adapters == 3 and len(calls) > 2  # read again
+    merged = (tmp_path / "merged.safetensors").read_bytes()
+    assert merged == _file(adapters[:3], tmp_path / "scratch.safetensors")
+    monkeypatch.undo()
+    real_init, opened = writer.RowSource.__init__, []
+
+    def second_fails(self, stored):
+        if opened:
+            raise PermissionError(13, "Permission denied", str(stored.path))
+        real_init(self, stored)
+        opened.append(self.fd)
+
+    monkeypatch.setattr(writer.RowSource, "__init__", second_fails)
+    with pytest.raises(PermissionError):
+        compact_folder(folder, tmp_path / "again.safetensors")
+    held = [os.readlink(f"/proc/self/fd/{fd}") for fd in opened if os.path.exists(f"/proc/self/fd/{fd}")]
+    assert not [f for f in held if f.startswith(str(folder))]  # the part opened first was closed
+    assert not (tmp_path / "again.safetensors").exists()

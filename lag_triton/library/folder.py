@@ -27,7 +27,8 @@ it no longer lists and the temp files of killed writers that nothing can resume:
 before the commit leaves the library as it was. A killed or failed build or ``add`` keeps its temp
 file and journal (:mod:`.resume`); the same build or ``add`` run again takes that part (``resume``
 continues it, a fresh run discards it with the warning a library file's build gives); every other
-writer numbers its parts after it.
+writer numbers its parts after it, and a build, which replaces the folder whole, removes it once
+committed (warning what it throws away).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +55,7 @@ from .plan import (
     single_factor_dtype,
     stored_module_plans,
 )
-from .resume import find_resumable, unresumable
+from .resume import _journal_lines, find_resumable, journal_path, unresumable
 from .stored import (
     LibraryFormatError,
     StoredLibrary,
@@ -200,6 +202,14 @@ def _check_parts_agree(folder: StoredFolder) -> None:
 
 
 # -- writing --------------------------------------------------------------------------------------------
+def writer_entry(entry: str) -> bool:
+    """True for a folder entry a library folder's writer makes, or leaves when killed or failed
+    before its first commit (a part, its temp file and journal, a manifest temp file, the lock): a
+    folder holding only these may be written as a library folder (a build continues or discards
+    them); anything else is another folder's file."""
+    return bool(_PART.fullmatch(entry)) or entry == _LOCK or entry.startswith((".part-", f".{MANIFEST}."))
+
+
 def _prepare(path: Path, replace: bool = False) -> StoredFolder | None:
     """The library folder at ``path`` (None for a new one, created here); refuses a file, or a
     folder holding anything but library parts and their temp files. ``replace`` (a build, which
@@ -212,8 +222,7 @@ def _prepare(path: Path, replace: bool = False) -> StoredFolder | None:
     path.mkdir(parents=True, exist_ok=True)
     for stale in sio.stale_temps(path / MANIFEST):  # a writer killed while it replaced the manifest
         stale.unlink(missing_ok=True)
-    allowed = (".part-", f".{MANIFEST}.")  # temp files of parts and of the manifest
-    other = sorted(e for e in os.listdir(path) if not (_PART.fullmatch(e) or e == _LOCK or e.startswith(allowed)))
+    other = sorted(e for e in os.listdir(path) if not writer_entry(e))
     if other:
         raise FileExistsError(
             f"folder {str(path)!r} holds {other[:3]} and no {MANIFEST}: not a library folder (choose an empty "
@@ -243,7 +252,12 @@ def _one_writer(path: Path, new: bool = False):
     except ImportError:
         yield
         return
-    fd = os.open(path / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    # Read-only (flock needs no write access) and 0o666 less the umask, as the parts and manifest
+    # are: in a folder a group shares, every member's writer can open the lock whichever writer made it.
+    try:
+        fd = os.open(path / _LOCK, os.O_RDONLY | os.O_CREAT, 0o666)
+    except PermissionError:  # O_CREAT on another user's file in a sticky folder (fs.protected_regular)
+        fd = os.open(path / _LOCK, os.O_RDONLY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -296,6 +310,30 @@ def _discard_dead_temps(path: Path) -> None:
             temp.unlink(missing_ok=True)
 
 
+def _discard_dead_builds(path: Path) -> None:
+    """Remove the temp files and journals that killed or failed builds and ``add``s left, which
+    :func:`_discard_dead_temps` keeps for a resume: after a build replaced the folder whole nothing
+    can resume them (as a library file's build removes what dead builds to its path left), saying
+    what is thrown away as that build does."""
+    for number in sorted(_numbers(path)[1]):
+        temps = sio.stale_temps(path / part_name(number))
+        for temp in temps:
+            if journal_path(temp) not in temps:  # a journal, or a temp file without one (nothing to say)
+                continue
+            try:
+                written = len({index for index, *_ in _journal_lines(journal_path(temp))})
+            except OSError:
+                written = 0
+            if written:
+                warnings.warn(
+                    f"{path}: removing what a killed run to this folder left ({written} adapters written, in "
+                    f"{temp.name}): this build replaced the folder whole, so nothing can resume it",
+                    stacklevel=4,
+                )
+        for temp in temps:
+            temp.unlink(missing_ok=True)
+
+
 def _commit(path: Path, files: list[str]) -> None:
     """Make ``files`` the folder's parts (atomic: the manifest is replaced whole), then delete the
     part files no longer listed (what this writer replaced, and what killed writers left)."""
@@ -325,6 +363,7 @@ def build_folder(
             output / part, plan, paths, workers=workers, progress=progress, desc="aligning adapters", resume=resume
         )
         _commit(output, [part])
+        _discard_dead_builds(output)
         n = len(plan.names)
         return BuildReport(output, n, aligned, len(plan.modules), nbytes, time.perf_counter() - start, resumed)
 
@@ -402,9 +441,9 @@ def assemble_folder(path, libraries) -> BuildReport:
     """Make the library files ``libraries`` the next parts of the library folder ``path`` (created
     if missing), in that order: hard links where the filesystem allows (no bytes copied; lag_triton
     replaces a library file by renaming a new one over it, so a later ``add`` to the original leaves
-    the part as it was), else synced copies. Every file is checked, and against the folder's parts
-    (one factor dtype for all), before the folder changes. Returns what it wrote (``nbytes``: bytes
-    copied, 0 when all were linked)."""
+    the part as it was), else synced copies. Every file is checked (its index maps as a load checks
+    them), and against the folder's parts (one factor dtype for all), before the folder changes.
+    Returns what it wrote (``nbytes``: bytes copied, 0 when all were linked)."""
     start = time.perf_counter()
     path = Path(path)
     given = [libraries] if isinstance(libraries, (str, os.PathLike)) else list(libraries)
@@ -420,6 +459,9 @@ def assemble_folder(path, libraries) -> BuildReport:
     if len(set(map(os.path.realpath, sources))) != len(sources):
         raise ValueError("a library file is given twice: its adapters' names would repeat")
     new = [read_stored(s) for s in sources]
+    for stored in new:  # a header says nothing of them, and a part with bad ones breaks the folder's load
+        for module in stored.modules:
+            stored.index_maps(module)
     if not is_library_folder(path):  # checked before the folder is made
         _check_new_parts(path, [], [], sources, new)
         _prepare(path)
@@ -466,40 +508,74 @@ def compact_folder(path, output=None) -> BuildReport:
         return _compact(path, output, start)
 
 
-def _compact(path: Path, output, start: float) -> BuildReport:
-    from .writer import LibraryWriter, RowSource
+def _open_parts(path: Path, locked: bool) -> tuple[StoredFolder, list[dict], list]:
+    """The folder, each part's module plans (:func:`.plan.stored_module_plans`) and each part opened
+    (a :class:`.writer.RowSource`, to copy from once a commit may have deleted it). ``locked``
+    False (compact -o, a reader like a load): a writer that commits meanwhile deletes the parts it
+    replaced, so the folder is read again, as a load reads it, until its manifest stayed the same
+    from its reading to the last part opened (listed parts never change, so those are its parts)."""
+    from .library import _stamp
+    from .writer import RowSource
 
-    folder = read_folder(path)
+    for attempt in range(3):
+        before = _stamp(path / MANIFEST)
+        sources = []
+        try:
+            folder = read_folder(path)
+            plans = [stored_module_plans(part) for part in folder.parts]
+            for part in folder.parts:
+                sources.append(RowSource(part))
+            if locked or _stamp(path / MANIFEST) == before:
+                return folder, plans, sources
+        except BaseException as e:
+            _close(sources)
+            raced = isinstance(e, (FileNotFoundError, LibraryFormatError)) and _stamp(path / MANIFEST) != before
+            if locked or attempt == 2 or not raced:  # no commit came between: a real error
+                raise
+            continue
+        _close(sources)
+    raise LibraryFormatError(
+        f"library folder {str(path)!r}: writers committed while it was read, 3 times in a row; try again"
+    )
+
+
+def _close(sources) -> None:
+    for source in sources:
+        source.close()
+
+
+def _compact(path: Path, output, start: float) -> BuildReport:
+    from .writer import LibraryWriter
+
     label = f"library folder {str(path)!r}"
     if output is not None and Path(output).resolve().parent == path.resolve():
         raise ValueError(f"compact -o {str(output)!r}: write the merged library file outside {label}")
-    if output is None and len(folder.parts) == 1:
-        n = len(folder.names)
-        return BuildReport(path, n, 0, len(folder.module_names), 0, time.perf_counter() - start, untouched=n)
-    modules: dict[str, ModulePlan] = {}
-    copies = []  # (module, first row in the merged module, part index, rows)
-    for j, (part, offset) in enumerate(zip(folder.parts, folder.offsets)):
-        for name, (plan, ids) in stored_module_plans(part).items():
-            merged = modules.setdefault(name, ModulePlan(plan.d_in, plan.d_out))
-            copies.append((name, merged.num_adapters, j, len(ids)))
-            merged.ids += [offset + i for i in ids]
-            merged.ranks += plan.ranks
-    plan = LibraryPlan(
-        folder.names,
-        single_factor_dtype(folder.factor_dtypes, label, "compact"),
-        dict(sorted(modules.items())),
-        folder.adapter_base_models,
-        folder.parts[0].general_knowledge(),
-    )
-    target = path / _next_parts(path, 1)[0] if output is None else Path(output)
-    sources = [RowSource(part) for part in folder.parts]
+    folder, plans, sources = _open_parts(path, locked=output is None)
     try:
+        if output is None and len(folder.parts) == 1:
+            n = len(folder.names)
+            return BuildReport(path, n, 0, len(folder.module_names), 0, time.perf_counter() - start, untouched=n)
+        modules: dict[str, ModulePlan] = {}
+        copies = []  # (module, first row in the merged module, part index, rows)
+        for j, (part_plans, offset) in enumerate(zip(plans, folder.offsets)):
+            for name, (plan, ids) in part_plans.items():
+                merged = modules.setdefault(name, ModulePlan(plan.d_in, plan.d_out))
+                copies.append((name, merged.num_adapters, j, len(ids)))
+                merged.ids += [offset + i for i in ids]
+                merged.ranks += plan.ranks
+        plan = LibraryPlan(
+            folder.names,
+            single_factor_dtype(folder.factor_dtypes, label, "compact"),
+            dict(sorted(modules.items())),
+            folder.adapter_base_models,
+            folder.parts[0].general_knowledge(),
+        )
+        target = path / _next_parts(path, 1)[0] if output is None else Path(output)
         with LibraryWriter(target, plan) as writer:
             for name, row, j, count in copies:
                 writer.copy_rows(name, row, sources[j], 0, count)
     finally:
-        for source in sources:
-            source.close()
+        _close(sources)
     if output is None:
         _commit(path, [target.name])
     seconds = time.perf_counter() - start

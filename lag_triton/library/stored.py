@@ -33,7 +33,7 @@ import torch
 from . import safetensors_io as sio
 from .general import FIELDS as GENERAL_FIELDS
 from .general import MEAN_DTYPE, GeneralKnowledge, tensor_name
-from .weights import FIELDS
+from .weights import FIELDS, check_index_maps
 
 FORMAT = "lag_triton.library"
 FORMAT_VERSION = 2  # the newest this reads and writes (a library with general knowledge)
@@ -137,7 +137,7 @@ class StoredLibrary:
 
     def index_maps(self, module: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(adapter_ids int64, ranks int64 or None) of ``module``, read from the file and checked:
-        ids index ``names`` once each, ranks lie in [1, r]."""
+        ids index ``names`` once each, in increasing order, ranks lie in [1, r]."""
         m = self.modules[module]
         wanted = [f"{module}::adapter_ids"] + ([f"{module}::ranks"] if "ranks" in m.entries else [])
         try:
@@ -146,16 +146,10 @@ class StoredLibrary:
             raise self.fail(str(e)) from None
         ids = tensors[wanted[0]].to(torch.int64)
         ranks = tensors[wanted[1]].to(torch.int64) if len(wanted) > 1 else None
-        n = len(self.names)
-        bad = ids[(ids < 0) | (ids >= n)]
-        if bad.numel():
-            raise self.fail(
-                f"module {module!r}: adapter_ids holds {bad[0].item()}, outside [0, {n}) (the library has {n} names)"
-            )
-        if ids.unique().numel() != ids.numel():
-            raise self.fail(f"module {module!r}: adapter_ids repeats an adapter: {ids.tolist()[:20]}")
-        if ranks is not None and ((ranks < 1) | (ranks > m.rank)).any():
-            raise self.fail(f"module {module!r}: ranks must lie in [1, r={m.rank}], got {ranks.tolist()[:20]}")
+        try:  # what a load checks, so that info, add, remove and assemble refuse what a load refuses
+            check_index_maps(ids, ranks, m.rank, len(self.names))
+        except ValueError as e:
+            raise self.fail(f"module {module!r}: {e}") from None
         return ids, ranks
 
 
