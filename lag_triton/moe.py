@@ -110,6 +110,15 @@ class LagExperts(nn.Module):
             projections = [ExpertProjection(experts, parameter, e) for e in range(experts.num_experts)]
             setattr(self, parameter, nn.ModuleList(projections))
 
+    def projections(self) -> dict[str, nn.Module]:
+        """Every expert projection (or the LagLinear wrapping it) by its name in the model
+        (``<experts>.<parameter>.<e>``)."""
+        return {
+            f"{self.module_name}.{p}.{e}": m
+            for p in _projections(self.base_layer)
+            for e, m in enumerate(getattr(self, p))
+        }
+
     def forward(self, *args, **kwargs) -> torch.Tensor:
         experts = self.base_layer
         signature = _signature(type(experts))  # the class's own argument names

@@ -543,8 +543,8 @@ def _modules_with_experts(model: nn.Module, libs: list[Library]) -> tuple[dict[s
             if path is not None:
                 wanted.setdefault(path, []).append(name)
     unfolded = {path: unfold(path, modules[path], names) for path, names in wanted.items()}
-    for path, wrapper in unfolded.items():
-        modules.update({f"{path}.{n}": m for n, m in wrapper.named_modules() if n and n != "base_layer"})
+    for wrapper in unfolded.values():
+        modules.update(wrapper.projections())
     return modules, unfolded
 
 
@@ -582,7 +582,7 @@ def _attach(
     expert modules' wrappers by path, swapped in first (their projections are routes' modules)."""
     modules = {
         **dict(model.named_modules()),
-        **{f"{p}.{n}": m for p, w in (unfolded or {}).items() for n, m in w.named_modules() if n},
+        **{n: m for w in (unfolded or {}).values() for n, m in w.projections().items()},
     }
     wrappers = {}  # every wrapper made before the first swap: a layer it cannot wrap changes nothing
     for name, _ in routes:
