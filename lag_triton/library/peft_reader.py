@@ -415,8 +415,13 @@ class PeftAdapter:
         name; a list entry is the name or its last components; an unexpanded "all-linear" any)."""
         targets = self.config.get("target_modules")
         if isinstance(targets, str):
-            return targets == "all-linear" or re.fullmatch(targets, module) is not None
-        return any(module == t or module.endswith("." + t) for t in targets or () if isinstance(t, str))
+            try:
+                return targets == "all-linear" or re.fullmatch(targets, module) is not None
+            except re.error:
+                return False
+        if not isinstance(targets, (list, tuple)):  # the saved factors say what was targeted; this only disambiguates
+            return False
+        return any(module == t or module.endswith("." + t) for t in targets if isinstance(t, str))
 
     def _index_parameter(self, key_module: str, module: str, parameter: str, pair, shape_a, shape_b) -> None:
         """The factors PEFT's ParamWrapper saved for ``module.parameter``: a 2-D ``weight`` is the
