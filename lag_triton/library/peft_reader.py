@@ -381,7 +381,7 @@ class PeftAdapter:
             matching = [t for t in targets if _parameter_matches(module, t)]
             names = list(dict.fromkeys(t.rpartition(".")[2] for t in matching))
             specific = list(dict.fromkeys(t.rpartition(".")[2] for t in matching if "." in t))
-            if depths == {0} and not specific and self._targets_module(module):
+            if depths == {0} and not specific and (len(names) != 1 or self._targets_module(module)):
                 continue  # a target_modules layer: bare parameter names ("down_proj") match any module's name
             if len(names) != len(depths) and len(specific) == len(depths):
                 names = specific  # PEFT wraps only the parameters a module has
