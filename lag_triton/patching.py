@@ -533,16 +533,23 @@ def patch(
 
 def _modules_with_experts(model: nn.Module, libs: list[Library]) -> tuple[dict[str, nn.Module], dict[str, LagExperts]]:
     """``model``'s named modules, plus the expert projections ``<experts>.<parameter>.<e>`` the
-    libraries target in expert modules not yet unfolded (:mod:`.experts`), and those unfolded
+    libraries target in expert modules not yet unfolded (:mod:`.moe`), and those unfolded
     expert modules by path (built here, swapped in by ``_attach``)."""
     modules = dict(model.named_modules())
     wanted: dict[str, list[str]] = {}
+    labels: dict[str, str] = {}  # expert module -> the first library that targets it, for messages
     for lib in libs:
         for name in lib.modules:
             path = None if name in modules else expert_parent(name, modules)
             if path is not None:
                 wanted.setdefault(path, []).append(name)
-    unfolded = {path: unfold(path, modules[path], names) for path, names in wanted.items()}
+                labels.setdefault(path, lib.label)
+    unfolded = {}
+    for path, names in wanted.items():
+        try:
+            unfolded[path] = unfold(path, modules[path], names)
+        except ValueError as e:
+            raise ValueError(f"library {labels[path]}: {e}") from None
     for wrapper in unfolded.values():
         modules.update(wrapper.projections())
     return modules, unfolded
