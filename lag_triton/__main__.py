@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import sys
@@ -389,6 +390,12 @@ def _check_experiment_args(args: argparse.Namespace) -> None:
     """The demo's option checks, also those of ``python -m lag_triton.experiment.run [--ablation]``."""
     from .experiment.data import max_documents
 
+    missing = [m for m in ("peft", "matplotlib") if importlib.util.find_spec(m) is None]
+    if missing:  # the PEFT check and the plot come after minutes of training
+        raise UsageError(
+            f"the demo needs {' and '.join(missing)} (its check against PEFT's forward, its plot): "
+            "pip install 'lag_triton[demo]' (from a checkout: pip install -e '.[demo]')"
+        )
     if args.adapters < 1:
         raise UsageError(f"--adapters must be >= 1, got {args.adapters}")
     if args.adapters > max_documents():  # before --general-adapters asks the data generator for them

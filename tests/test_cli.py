@@ -147,6 +147,20 @@ def test_demo_usage_errors_exit_2_before_any_work(tmp_path, capsys, monkeypatch,
     _one_line_error(capsys, needle)
 
 
+@pytest.mark.parametrize("module", ["peft", "matplotlib"])
+def test_demo_without_its_extra_says_what_to_install_before_any_work(module, capsys, monkeypatch):
+    """Without the [demo] extra the demo printed its first lines, trained, then failed importing peft."""
+    import importlib.util
+
+    from lag_triton import demo
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else find_spec(name, *a))
+    monkeypatch.setattr(demo, "run", lambda a: pytest.fail("the demo ran"))
+    assert main(["demo"]) == EXIT_USAGE
+    _one_line_error(capsys, f"the demo needs {module}")
+
+
 def test_demo_accepts_as_many_general_adapters_as_the_data_provides(tmp_path, monkeypatch):
     """The bound --general-adapters is checked against is the data generator's own (32 by default:
     96 pre-training entities, 3 per general document), not a stricter one."""

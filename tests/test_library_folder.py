@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -334,7 +335,8 @@ def test_assemble_links_files_built_apart_into_one_folder(adapters, tmp_path, mo
         _file(adapters[lo:hi], f)
     folder = tmp_path / "lib"
     report = assemble_folder(folder, files[:2])
-    assert (report.adapters, report.nbytes, report.untouched) == (3, 0, 0)
+    assert (report.adapters, report.nbytes, report.untouched, report.linked) == (3, 0, 0, 3)
+    assert re.search(r"0 bytes \(0 aligned, 3 hard-linked, in [\d.]+ s\)$", str(report))  # it said "3 copied"
     assert all((folder / p).stat().st_ino == f.stat().st_ino for p, f in zip(_parts(folder), files))
     monkeypatch.setattr("os.link", lambda *a: (_ for _ in ()).throw(OSError(18, "Invalid cross-device link")))
     assert main(["assemble", str(folder), str(files[2])]) == 0

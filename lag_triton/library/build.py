@@ -48,15 +48,17 @@ class BuildReport:
     seconds: float
     resumed: int = 0  # adapters whose rows a resumed build took from a killed build's temp file
     untouched: int = 0  # a library folder's adapters in parts this call left as they were
+    linked: int = 0  # assemble: adapters whose library file became a part by a hard link (no bytes copied)
 
     def __str__(self) -> str:
-        copied = self.adapters - self.aligned - self.resumed - self.untouched  # add / remove: old rows
+        copied = self.adapters - self.aligned - self.resumed - self.untouched - self.linked  # old rows
         if self.aligned == self.adapters:  # a build: every adapter aligned
             work = f"built in {self.seconds:.1f} s, {self.aligned / max(self.seconds, 1e-9):.1f} adapters/s"
         else:
             parts = [f"{self.aligned} aligned"]
             parts += [f"{self.resumed} kept from a killed build"] if self.resumed else []
             parts += [f"{copied} copied"] if copied else []
+            parts += [f"{self.linked} hard-linked"] if self.linked else []
             parts += [f"{self.untouched} left in place"] if self.untouched else []
             work = ", ".join(parts) + f", in {self.seconds:.1f} s"
         return f"{self.path}: {self.adapters} adapters, {self.modules} modules, {self.nbytes:,} bytes ({work})"

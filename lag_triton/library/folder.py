@@ -482,10 +482,11 @@ def _assemble(path: Path, sources: list[Path], new: list[StoredLibrary], start: 
     folder = _prepare(path)
     old, current = (folder.files, folder.parts) if folder else ([], [])
     _check_new_parts(path, old, current, sources, new)
-    names, copied = _next_parts(path, len(sources)), 0
-    for source, name in zip(sources, names):
+    names, copied, linked = _next_parts(path, len(sources)), 0, 0
+    for source, name, stored in zip(sources, names, new):
         try:
             os.link(source, path / name)
+            linked += len(stored.names)
         except OSError:  # another filesystem, or one without hard links: a synced copy, renamed into place
             with open(source, "rb") as src:
                 sio.replace_with(path / name, lambda fh: shutil.copyfileobj(src, fh, 2**24))
@@ -494,7 +495,9 @@ def _assemble(path: Path, sources: list[Path], new: list[StoredLibrary], start: 
     after = StoredFolder(path, old + names, current + new)
     untouched = sum(len(p.names) for p in current)
     seconds = time.perf_counter() - start
-    return BuildReport(path, len(after.names), 0, len(after.module_names), copied, seconds, untouched=untouched)
+    return BuildReport(
+        path, len(after.names), 0, len(after.module_names), copied, seconds, untouched=untouched, linked=linked
+    )
 
 
 def compact_folder(path, output=None) -> BuildReport:
