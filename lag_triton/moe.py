@@ -56,6 +56,13 @@ __all__ = [
 ]
 
 _FLAGS = ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm")
+_HOOK_TABLES = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
 
 
 def _projections(experts: nn.Module) -> tuple[str, str]:
@@ -109,6 +116,10 @@ class LagExperts(nn.Module):
         for parameter in _projections(experts):
             projections = [ExpertProjection(experts, parameter, e) for e in range(experts.num_experts)]
             setattr(self, parameter, nn.ModuleList(projections))
+        # This forward runs in place of the expert module's, so it shares that module's hook tables:
+        # hooks registered on it (expert-load monitors, say) keep firing while it is wrapped.
+        for table in _HOOK_TABLES:
+            setattr(self, table, getattr(experts, table))
 
     def projections(self) -> dict[str, nn.Module]:
         """Every expert projection (or the LagLinear wrapping it) by its name in the model
@@ -209,16 +220,32 @@ def unfold(path: str, experts: nn.Module, names: list[str]) -> LagExperts:
 
 # -- routers ---------------------------------------------------------------------------------------
 def is_router(module: nn.Module) -> bool:
-    """Whether ``module`` may be an MoE router: not linear-like, but holding a 2-D floating-point
-    ``weight`` parameter (:func:`check_router` tells whether its forward uses it as one)."""
+    """Whether ``module`` may be an MoE router (:func:`check_router` tells whether its forward uses
+    its weight as one): not linear-like but holding a 2-D floating-point ``weight`` parameter, or an
+    ``nn.Linear`` subclass whose forward returns more than its product (Phi-MoE's, Llama-4's)."""
     weight = module._parameters.get("weight") if isinstance(module, nn.Module) else None
+    if weight is None or weight.dim() != 2 or not weight.is_floating_point():
+        return False
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag, nn.Bilinear, nn.modules.conv._ConvNd)):
+        return False
+    if linear_shape(module) is None:
+        return True
     return (
-        linear_shape(module) is None
-        and weight is not None
-        and weight.dim() == 2
-        and weight.is_floating_point()
-        and not isinstance(module, (nn.Embedding, nn.EmbeddingBag, nn.Bilinear, nn.modules.conv._ConvNd))
+        isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward and not _returns_tensor(module)
     )
+
+
+def _returns_tensor(layer: nn.Linear) -> bool:
+    """Whether a linear layer's forward, run once on a dummy input, returns a tensor (a forward that
+    fails here is left to be a linear layer, as it was before this check)."""
+    weight = layer.weight
+    try:
+        with torch.no_grad():
+            return isinstance(
+                layer(torch.zeros(1, layer.in_features, dtype=weight.dtype, device=weight.device)), torch.Tensor
+            )
+    except Exception:  # noqa: BLE001
+        return True
 
 
 class RouterView(nn.Module):
@@ -252,10 +279,16 @@ class _LinearRedirect(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear and (args[1] if len(args) > 1 else kwargs.get("weight")) is self.weight:
-            self.calls += 1
-            return self.fn(*args, **kwargs)  # the mode is off inside its own handler: fn's F.linear runs plain
+        if func is F.linear:
+            x, weight, bias = _linear_arguments(*args, **kwargs)
+            if weight is self.weight:
+                self.calls += 1
+                return self.fn(x, weight, bias)  # the mode is off inside its own handler: fn's F.linear runs plain
         return func(*args, **kwargs)
+
+
+def _linear_arguments(input, weight, bias=None):  # noqa: A002 - F.linear's own names, as callers may pass them
+    return input, weight, bias
 
 
 @contextlib.contextmanager

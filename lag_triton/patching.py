@@ -26,13 +26,14 @@ import numbers
 import os
 import warnings
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .kernels import backend_unavailable_reason, get_ops, resolve_backend
-from .layers import LayerInfo, activation_dtype, describe_layer
+from .layers import Conv1D, LayerInfo, activation_dtype, describe_layer
 from .layers import linear_shape as _linear_shape
 from .layers import route_dtype as _route_dtype
 from .library import Library
@@ -505,11 +506,11 @@ def patch(
     check_patched_root(model, "patch")
     libs = _as_libraries(libraries)
     already = getattr(model, "_lag_num_libraries", 0)
-    modules, unfolded = _modules_with_experts(model, libs)
+    targets = _targets(model, libs)
     plan = []  # (module name, library index, weights, backend, LayerInfo: .device, compute .dtype)
     for offset, lib in enumerate(libs):
         for name, weights in lib.modules.items():
-            layer = _check_layer(lib, name, modules.get(name), weights, model)
+            layer = _check_layer(lib, name, targets.modules.get(name), weights, model)
             plan.append((name, already + offset, weights, resolve_backend(backend, layer.device), layer))
 
     # Build every route first -- the library copies, checked on the copies the model will keep, in
@@ -527,23 +528,47 @@ def patch(
     def held_bytes(weights, layer):
         return weights.nbytes(_route_dtype(layer.dtype))
 
-    _attach(model, _build_routes(plan, libs, already, build, held_bytes), libs, already, unfolded)
+    _attach(model, _build_routes(plan, libs, already, build, held_bytes), libs, already, targets)
     return given
 
 
-def _modules_with_experts(model: nn.Module, libs: list[Library]) -> tuple[dict[str, nn.Module], dict[str, LagExperts]]:
-    """``model``'s named modules, plus the expert projections ``<experts>.<parameter>.<e>`` the
-    libraries target in expert modules not yet unfolded (:mod:`.moe`), and those unfolded
-    expert modules by path (built here, swapped in by ``_attach``)."""
+class _Targets(NamedTuple):
+    """Where each library module of a patch lives in the model."""
+
+    modules: dict[str, nn.Module]  # library module name -> the module it routes (or None: not found)
+    paths: dict[str, str]  # library module name -> that module's path, where the two differ
+    unfolded: dict[str, LagExperts]  # expert modules to swap in first, by path (:mod:`.moe`)
+
+
+def _targets(model: nn.Module, libs: list[Library]) -> _Targets:
+    """The modules the libraries' module names refer to: a module's path; ``<experts>.<parameter>.<e>``,
+    an expert of a transformers expert module (unfolded here, swapped in by ``_attach``); or
+    ``<module>.weight``, a layer or router whose weight PEFT adapted (``target_parameters``). Raises
+    ValueError naming the library and module for those it cannot route."""
     modules = dict(model.named_modules())
+    found: dict[str, nn.Module] = {}
+    paths: dict[str, str] = {}
     wanted: dict[str, list[str]] = {}
     labels: dict[str, str] = {}  # expert module -> the first library that targets it, for messages
     for lib in libs:
         for name in lib.modules:
-            path = None if name in modules else expert_parent(name, modules)
-            if path is not None:
+            if name in modules:
+                found[name] = modules[name]
+            elif (path := expert_parent(name, modules)) is not None:
                 wanted.setdefault(path, []).append(name)
                 labels.setdefault(path, lib.label)
+            elif name.endswith(".weight") and name[: -len(".weight")] in modules:
+                path = name[: -len(".weight")]
+                found[name], paths[name] = _weight_owner(lib, name, modules[path]), path
+    by_path: dict[str, str] = {}  # two library modules routed at one layer must have one name (traces, scopes)
+    for name, module in found.items():
+        path = paths.get(name, name)
+        named = module.module_name if isinstance(module, LagLinear) else by_path.setdefault(path, name)
+        if named != name:
+            raise ValueError(
+                f"module {path!r} is targeted both as {named!r} and as {name!r} (a LoRA of the layer and one of its "
+                "weight, target_parameters): build one library with one of the two"
+            )
     unfolded = {}
     for path, names in wanted.items():
         try:
@@ -551,8 +576,20 @@ def _modules_with_experts(model: nn.Module, libs: list[Library]) -> tuple[dict[s
         except ValueError as e:
             raise ValueError(f"library {labels[path]}: {e}") from None
     for wrapper in unfolded.values():
-        modules.update(wrapper.projections())
-    return modules, unfolded
+        found.update(wrapper.projections())
+    return _Targets(found, paths, unfolded)
+
+
+def _weight_owner(lib: Library, name: str, module: nn.Module) -> nn.Module:
+    """The layer whose 2-D weight the library module ``name`` (``<module>.weight``) adapts."""
+    base = module.base_layer if isinstance(module, LagLinear) else module
+    if Conv1D and isinstance(base, Conv1D):
+        raise ValueError(
+            f"library {lib.label}, module {name!r}: a LoRA of a Conv1D's weight (PEFT target_parameters), which "
+            "Conv1D stores [d_in, d_out], so PEFT's update is the transpose of the layer's own LoRA, and its Arrow "
+            "prototype another vector: train it with target_modules"
+        )
+    return module
 
 
 def _build_routes(plan: list, libs: list[Library], already: int, build, held_bytes) -> list:
@@ -581,26 +618,22 @@ def _build_routes(plan: list, libs: list[Library], already: int, build, held_byt
     raise error
 
 
-def _attach(
-    model: nn.Module, routes: list, libs: list[Library], already: int, unfolded: dict[str, LagExperts] | None = None
-) -> nn.Module:
+def _attach(model: nn.Module, routes: list, libs: list[Library], already: int, targets: _Targets) -> nn.Module:
     """Swap the built routes [(module name, route)] into ``model`` (allocates nothing, so it cannot
-    fail halfway) and record the ``libs`` attached after the ``already`` attached ones. ``unfolded``:
-    expert modules' wrappers by path, swapped in first (their projections are routes' modules)."""
-    modules = {
-        **dict(model.named_modules()),
-        **{n: m for w in (unfolded or {}).values() for n, m in w.projections().items()},
-    }
-    wrappers = {}  # every wrapper made before the first swap: a layer it cannot wrap changes nothing
+    fail halfway) and record the ``libs`` attached after the ``already`` attached ones. ``targets``:
+    where each module is (:func:`_targets`; unfolded expert modules are swapped in first)."""
+    wrappers = {}  # by path, every wrapper made before the first swap: a layer it cannot wrap changes nothing
     for name, _ in routes:
-        module = modules[name]
-        wrappers[name] = module if isinstance(module, LagLinear) else _wrap(module, name)
-    for path, wrapper in (unfolded or {}).items():
+        module, path = targets.modules[name], targets.paths.get(name, name)
+        if path not in wrappers:
+            wrappers[path] = module if isinstance(module, LagLinear) else _wrap(module, name)
+    for path, wrapper in targets.unfolded.items():
         _set_submodule(model, path, wrapper.train(wrapper.base_layer.training))
     for name, route in routes:
-        if model.get_submodule(name) is not wrappers[name]:
-            _set_submodule(model, name, wrappers[name])
-        wrappers[name].routes.append(route.train(wrappers[name].training))
+        path = targets.paths.get(name, name)
+        if model.get_submodule(path) is not wrappers[path]:
+            _set_submodule(model, path, wrappers[path])
+        wrappers[path].routes.append(route.train(wrappers[path].training))
     if not already:
         model.register_state_dict_pre_hook(_warn_library_not_saved)
     model._lag_num_libraries = already + len(libs)

@@ -47,7 +47,7 @@ import torch.distributed as dist
 from .kernels import resolve_backend
 from .kernels.common import selection_weights
 from .library.weights import check_finite
-from .moe import ExpertProjection, expert_parent, is_router
+from .moe import ExpertProjection, is_router
 from .patching import (
     LibraryRoute,
     _as_libraries,
@@ -55,6 +55,8 @@ from .patching import (
     _build_routes,
     _check_layer,
     _route_dtype,
+    _Targets,
+    _targets,
     check_patched_root,
 )
 
@@ -446,19 +448,16 @@ def _local_rows(weights, lo: int, hi: int, device, dtype):
     return SimpleNamespace(**weights.copy_rows(lo, hi, device, dtype))
 
 
-def _plan(model, libs, backend: str, backends: dict[str, str], already: int) -> list:
-    """``patch``'s checks, per module: (name, library index, weights, backend, layer info)."""
-    modules = dict(model.named_modules())
+def _plan(model, libs, backend: str, backends: dict[str, str], already: int) -> tuple[list, _Targets]:
+    """``patch``'s checks, per module: (name, library index, weights, backend, layer info); and
+    where the modules are."""
+    targets = _targets(model, libs)
     plan = []
     for offset, lib in enumerate(libs):
         for name, weights in lib.modules.items():
-            module = modules.get(name)
+            module = targets.modules.get(name)
             base = getattr(module, "base_layer", module)
-            if (
-                isinstance(base, ExpertProjection)
-                or is_router(base)
-                or (module is None and expert_parent(name, modules))
-            ):
+            if isinstance(base, ExpertProjection) or is_router(base):
                 raise ValueError(
                     f"library {lib.label}, module {name!r}: the router or an expert of an MoE layer. Sharded routing "
                     "does not route MoE layers: each rank's tokens reach other experts, and the ranks must call "
@@ -473,7 +472,7 @@ def _plan(model, libs, backend: str, backends: dict[str, str], already: int) -> 
             except ValueError as e:
                 raise ValueError(f"library {lib.label}, module {name!r}: {e}") from None
             plan.append((name, already + offset, weights, resolve_backend(backend, layer.device), layer))
-    return plan
+    return plan, targets
 
 
 def patch_sharded(model, libraries, routing_config, backend: str, group):
@@ -489,7 +488,7 @@ def patch_sharded(model, libraries, routing_config, backend: str, group):
         config = routing_config()
         check_patched_root(model, "patch")
         libs = _as_libraries(libraries)
-        plan = _plan(model, libs, backend, backends, already)
+        plan, targets = _plan(model, libs, backend, backends, already)
     except BaseException:
         _agree(None, group, rank, world, agree_on)
         raise
@@ -511,7 +510,7 @@ def patch_sharded(model, libraries, routing_config, backend: str, group):
         _agree(None, group, rank, world, agree_on, failed="failed to copy or check their shards")
         raise
     _agree("copied", group, rank, world, agree_on, failed="failed to copy or check their shards")
-    return _attach(model, routes, libs, already)
+    return _attach(model, routes, libs, already, targets)
 
 
 def _shard_bytes(weights, layer, world: int, rank: int) -> int:

@@ -257,7 +257,10 @@ def test_all_linear_routes_the_router_and_every_expert(tmp_path):
     model = _moe("qwen3_moe")
     paths = [make_adapter(model, tmp_path / f"a{i}", seed=i, arch="qwen3_moe") for i in range(3)]  # "all-linear"
     library = Library.from_peft(paths, progress=False)
-    assert "model.layers.0.mlp.gate" in library.modules and "model.layers.1.mlp.experts.down_proj.3" in library.modules
+    assert (
+        "model.layers.0.mlp.gate.weight" in library.modules
+        and "model.layers.1.mlp.experts.down_proj.3" in library.modules
+    )
     ids = torch.randint(2, VOCAB, (2, 7), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         base = model(input_ids=ids, output_router_logits=True).router_logits
@@ -265,7 +268,7 @@ def test_all_linear_routes_the_router_and_every_expert(tmp_path):
     assert isinstance(model.model.layers[0].mlp.gate, LagRouter)
     with torch.no_grad(), lag_triton.trace(model) as tr:
         routed = model(input_ids=ids, output_router_logits=True).router_logits
-    assert tr.selections["model.layers.0.mlp.gate"].shape[0] == ids.numel()  # every token, once
+    assert tr.selections["model.layers.0.mlp.gate.weight"].shape[0] == ids.numel()  # every token, once
     assert all((a - b).abs().max() > 1e-3 for a, b in zip(routed, base))  # the logits the router picks from moved
     lag_triton.unpatch(model)  # scopes cannot restrict experts; a router is fed the batch's rows
     paths = [
@@ -277,7 +280,7 @@ def test_all_linear_routes_the_router_and_every_expert(tmp_path):
     lag_triton.patch(model, Library.from_peft(paths, names=["a0", "a1", "a2"], progress=False), k=2)
     with torch.no_grad(), lag_triton.scope(model, [["a1"], ["a2"]]), lag_triton.trace(model) as tr:
         model(input_ids=ids)
-    picks = tr.selections["model.layers.1.mlp.gate"].view(2, 7, -1)
+    picks = tr.selections["model.layers.1.mlp.gate.weight"].view(2, 7, -1)
     assert picks[0].eq(1).all() and picks[1].eq(2).all()  # the router's tokens are the batch's rows
 
 
@@ -332,7 +335,7 @@ def test_a_targeted_2d_weight_is_its_modules_lora(tmp_path):
     ids = torch.randint(2, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
     want = peft_logits(model, path, ids)
     library = Library.from_peft([path], progress=False)
-    assert {n.rpartition(".")[2] for n in library.modules} == {"q_proj", "v_proj"}
+    assert {n.partition("self_attn.")[2] for n in library.modules} == {"q_proj.weight", "v_proj"}
     lag_triton.patch(model, library, k=1)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
@@ -350,3 +353,79 @@ def test_reader_reads_experts_whatever_target_modules_holds(target_modules, tmp_
     (path / "adapter_config.json").write_text(json.dumps({**config, "target_modules": target_modules}))
     modules = PeftAdapter.open(path).modules
     assert "model.layers.1.mlp.experts.gate_up_proj.3" in modules and "model.layers.1.self_attn.q_proj" in modules
+
+
+def _one_adapter(d_in: int, d_out: int, seed: int = 0):
+    """A one-adapter library module for a [d_in] -> [d_out] layer, and its update B*A* (dense)."""
+    from lag_triton.library import ModuleWeights
+
+    g = torch.Generator().manual_seed(seed)
+    a = torch.linalg.qr(torch.randn(d_in, 2, generator=g))[0].T[None]
+    b = torch.randn(1, d_out, 2, generator=g)
+    return ModuleWeights(a, b, a[:, 0].contiguous(), torch.zeros(1, dtype=torch.long)), b[0] @ a[0]
+
+
+class _KeywordRouter(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(4, 8))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(input=x, weight=self.weight).softmax(-1)
+
+
+class _LinearRouter(torch.nn.Linear):  # Phi-MoE's and Llama-4's routers subclass nn.Linear
+    def forward(self, x):
+        logits = super().forward(x)
+        return logits, logits.topk(2, dim=-1).indices
+
+
+@pytest.mark.parametrize("router", [_KeywordRouter, _LinearRouter])
+def test_routers_add_the_routed_update_to_their_one_product(router):
+    """F.linear called with keyword arguments, and an nn.Linear subclass returning a tuple (it was
+    wrapped as a linear layer and failed at its first forward)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(router() if router is _KeywordRouter else router(8, 4))
+    weights, delta = _one_adapter(8, 4)
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        model[0].weight += delta
+        want = model(x)
+        model[0].weight -= delta
+    lag_triton.patch(model, Library(["a"], {"0": weights}), k=1)
+    assert isinstance(model[0], LagRouter)
+    with torch.no_grad():
+        got = model(x)
+    torch.testing.assert_close(got, want)  # a tuple: the logits, and the experts picked from them
+
+
+def test_a_conv1d_weight_or_a_layer_targeted_twice_is_refused_before_patching():
+    from transformers.pytorch_utils import Conv1D
+
+    weights, _ = _one_adapter(8, 4)
+    for layer, modules, message in (
+        (Conv1D(4, 8), {"0.weight": weights}, r"module '0\.weight': a LoRA of a Conv1D's weight"),
+        (torch.nn.Linear(8, 4), {"0": weights, "0.weight": weights}, r"'0' is targeted both as '0' and as '0\.weight'"),
+    ):
+        model = torch.nn.Sequential(layer)
+        with pytest.raises(ValueError, match=message):
+            lag_triton.patch(model, Library(["a"], modules))
+        assert model[0] is layer
+
+
+def test_hooks_on_an_expert_module_keep_firing_while_it_is_patched(tmp_path):
+    model = _moe("qwen3_moe")
+    path, experts = _experts(model)
+    calls = []
+    experts.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    adapter = make_adapter(
+        model, tmp_path / "a", seed=1, arch="qwen3_moe", targets=["q_proj"], target_parameters=EXPERTS
+    )
+    lag_triton.patch(model, Library.from_peft([adapter], progress=False), k=1)
+    ids = torch.randint(2, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model(input_ids=ids)
+        assert calls == [torch.Size([14, model.config.hidden_size])]
+        lag_triton.unpatch(model)
+        model(input_ids=ids)
+    assert len(calls) == 2

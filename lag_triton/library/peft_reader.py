@@ -424,8 +424,9 @@ class PeftAdapter:
         return any(module == t or module.endswith("." + t) for t in targets if isinstance(t, str))
 
     def _index_parameter(self, key_module: str, module: str, parameter: str, pair, shape_a, shape_b) -> None:
-        """The factors PEFT's ParamWrapper saved for ``module.parameter``: a 2-D ``weight`` is the
-        module's own LoRA; a 3-D expert parameter [E, ...] holds one LoRA per expert, kept as modules
+        """The factors PEFT's ParamWrapper saved for ``module.parameter``: a 2-D ``weight``'s, kept as
+        module ``module.weight`` (its update is the layer's own LoRA; a router's, :mod:`lag_triton.moe`);
+        a 3-D expert parameter [E, ...] holds one LoRA per expert, kept as modules
         ``module.parameter.<e>`` (what :mod:`lag_triton.moe` routes)."""
         cfg, key = self.config, f"{module}.{parameter}"  # PEFT looks the patterns up by this key
         if self._block_diagonal_kind(key)[0]:
@@ -438,13 +439,13 @@ class PeftAdapter:
             raise self.error(
                 f"module {module!r}{what}: lora_A {shape_a} is not [r * experts, d_in] for the configured rank r={rank}"
             )
-        if parameter == "weight":  # a 2-D weight: PEFT's update is the module's plain LoRA
+        if parameter == "weight":  # a 2-D weight [d_out, d_in] (patch checks the layer stores it so)
             if experts != 1:
                 raise self.error(
                     f"module {module!r}{what}: lora_A {shape_a} holds {experts} ranks of r={rank} for a weight"
                 )
             factors = ModuleFactors(pair["A"], pair["B"], rank, shape_a[1], shape_b[0], scaling)
-            self._add_module(module, factors, shape_a, shape_b, what)
+            self._add_module(key, factors, shape_a, shape_b, what)
             return
         for e in range(experts):
             factors = ModuleFactors(
