@@ -16,22 +16,25 @@ from factories import VOCAB, from_peft, make_adapter, peft_logits, tiny_model
 
 
 # -- alignment ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("r,d_in,d_out", [(1, 7, 5), (6, 33, 20), (16, 40, 64)])
+@pytest.mark.parametrize("r,d_in,d_out", [(1, 7, 5), (6, 33, 20), (16, 40, 64), (9, 5, 12), (9, 12, 1), (8, 4, 4)])
 def test_alignment_reproduces_the_update_and_its_svd(r, d_in, d_out):
+    """The last three: a rank above the layer's size, aligned to k = min(r, d_in, d_out) rows."""
     g = torch.Generator().manual_seed(r)
     a = torch.randn(3, r, d_in, generator=g, dtype=torch.float64)
     b = torch.randn(3, d_out, r, generator=g, dtype=torch.float64)
     s = torch.tensor([2.0, 0.25, 1.0], dtype=torch.float64)
     a_star, b_star = align_lora(a, b, s)
+    k = min(r, d_in, d_out)
+    assert a_star.shape == (3, k, d_in) and b_star.shape == (3, d_out, k)
     dense = s[:, None, None] * b @ a
     torch.testing.assert_close(b_star @ a_star, dense, rtol=0, atol=1e-10 * dense.abs().max().item())
     torch.testing.assert_close(
-        a_star @ a_star.transpose(1, 2), torch.eye(r, dtype=torch.float64).expand(3, r, r), rtol=0, atol=1e-12
+        a_star @ a_star.transpose(1, 2), torch.eye(k, dtype=torch.float64).expand(3, k, k), rtol=0, atol=1e-12
     )
     _, sigma, vh = torch.linalg.svd(dense)
     top = vh[:, 0]
     assert torch.minimum((a_star[:, 0] - top).abs().amax(-1), (a_star[:, 0] + top).abs().amax(-1)).max() < 1e-10
-    torch.testing.assert_close(b_star.norm(dim=1), sigma[:, :r], rtol=1e-10, atol=1e-10)  # sigma descending
+    torch.testing.assert_close(b_star.norm(dim=1), sigma[:, :k], rtol=1e-10, atol=1e-10)  # sigma descending
     a2, b2 = align_lora(a, b, s)
     assert torch.equal(a_star, a2) and torch.equal(b_star, b2)
 

@@ -19,11 +19,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import lag_triton
 from lag_triton import AdapterError, Library
 from lag_triton.library import ModuleWeights, build_library
 from lag_triton.library.build import align_and_write as _ALIGN_AND_WRITE
 
-from factories import count_alignments, make_adapter, tiny_model
+from factories import VOCAB, count_alignments, make_adapter, peft_logits, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -190,10 +191,21 @@ def test_an_update_that_overflows_the_dtype_suggests_float32_only_for_float16(ad
     assert dtype == torch.float16 or f"exceeds the range of {dtype}" in str(info.value)
 
 
-def test_a_rank_above_the_layer_size_is_refused_naming_d_in_x_d_out(tmp_path):
-    folder = make_adapter(tiny_model("llama"), tmp_path / "big_rank", seed=0, r=60, targets=["up_proj"])  # 48 -> 80
-    with pytest.raises(AdapterError, match=r"up_proj': rank 60 exceeds the layer's size 48 x 80 \(d_in x d_out\)"):
-        build_library([folder], tmp_path / "lib.safetensors", progress=False)
+def test_a_rank_above_the_layer_size_is_held_at_that_size_and_reproduces_peft(tmp_path):
+    """PEFT saves a rank above min(d_in, d_out) ("all-linear" on Qwen2-MoE's 1-output shared-expert
+    gate, say; it was refused): the update has at most that rank, so the library holds that many."""
+    model = tiny_model("llama")
+    folder = make_adapter(
+        model, tmp_path / "big_rank", seed=0, r=60, targets=["up_proj", "v_proj"]
+    )  # 48 -> 80, 48 -> 32
+    build_library([folder], tmp_path / "lib.safetensors", progress=False)
+    library = Library.load(tmp_path / "lib.safetensors")
+    assert {n.rpartition(".")[2]: int(m.ranks[0]) for n, m in library.modules.items()} == {"up_proj": 48, "v_proj": 24}
+    ids = torch.randint(2, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    want = peft_logits(model, folder, ids)
+    lag_triton.patch(model, library, k=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
 
 
 # -- memory ------------------------------------------------------------------------------------------

@@ -45,7 +45,8 @@ def align_lora(a: torch.Tensor, b: torch.Tensor, scaling: torch.Tensor) -> tuple
         scaling: [M] LoRA scalings s (lora_alpha / r, or / sqrt(r) with rsLoRA).
 
     Returns:
-        (a_star [M, r, d_in], b_star [M, d_out, r]) in float64 with b_star @ a_star == s·B A.
+        (a_star [M, k, d_in], b_star [M, d_out, k]) in float64 with b_star @ a_star == s·B A, where
+        k = min(r, d_in, d_out) (a rank above the layer's size adds nothing: B A has rank <= k).
         Signs are fixed so that each row of A* has its largest-magnitude entry positive (the
         first such entry on ties), which makes builds deterministic.
 
@@ -58,7 +59,7 @@ def align_lora(a: torch.Tensor, b: torch.Tensor, scaling: torch.Tensor) -> tuple
     core = scaling.double()[:, None, None] * (r_b @ r_a.transpose(1, 2))
     if not bool(torch.isfinite(core).all()):
         raise ValueError("LoRA factors contain NaN or inf")
-    u_c, sigma, vh_c = torch.linalg.svd(core)
+    u_c, sigma, vh_c = torch.linalg.svd(core, full_matrices=False)  # k singular triplets
     v_c, u_sigma = vh_c.transpose(1, 2), u_c * sigma[:, None, :]
     if q_a is None:  # V = Qa Vc = A^T (Ra^-1 Vc)
         a_star = torch.linalg.solve_triangular(r_a, v_c, upper=True).transpose(1, 2) @ a

@@ -68,7 +68,8 @@ class BuildReport:
 def align_adapter(
     adapter: PeftAdapter, dtype: torch.dtype, general: GeneralKnowledge | None = None
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """module -> (A* [rank, d_in], B* [d_out, rank]) in ``dtype``, aligned in float64, after
+    """module -> (A* [rank, d_in], B* [d_out, rank]) in ``dtype`` (rank: the module's library rank),
+    aligned in float64, after
     subtracting ``general``'s mean factors (GKS, :mod:`.general`) when given.
 
     Modules of one rank and shape are aligned in one batched call. Raises AdapterError naming the
@@ -118,7 +119,7 @@ def align_and_write(target, job: Job, general: GeneralKnowledge | None = None) -
     path, rows = job
     adapter = PeftAdapter.open(path)
     planned = {m: rank for m, _, rank in rows}
-    found = {m: f.rank for m, f in adapter.modules.items()}
+    found = {m: f.library_rank for m, f in adapter.modules.items()}
     if found != planned:
         changed = sorted(set(found.items()) ^ set(planned.items()))[:3]
         raise adapter.error(f"changed while the library was being built (modules/ranks {changed})")

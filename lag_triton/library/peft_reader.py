@@ -118,6 +118,12 @@ class ModuleFactors:
     expert: int = 0
     num_experts: int = 1
 
+    @property
+    def library_rank(self) -> int:
+        """The rank the library holds: a rank above min(d_in, d_out) (PEFT saves one, e.g. "all-linear"
+        on a 1-output gate) is that minimum, which bounds the update's rank (:func:`.align.align_lora`)."""
+        return min(self.rank, self.d_in, self.d_out)
+
     def stored_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
         """(lora_A, lora_B) shapes in the file."""
         r = self.rank * self.num_experts
@@ -354,11 +360,6 @@ class PeftAdapter:
             raise self.error(
                 f"module {module!r}{what}: lora_A {shape_a} and lora_B {shape_b} disagree with the "
                 f"configured rank r={rank} (r / rank_pattern){bd}"
-            )
-        if rank > min(factors.d_in, factors.d_out):
-            raise self.error(
-                f"module {module!r}{what}: rank {rank} exceeds the layer's size {factors.d_in} x {factors.d_out} "
-                "(d_in x d_out): a rank is at most min(d_in, d_out)"
             )
         self.modules[module] = factors
 

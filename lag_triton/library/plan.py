@@ -168,7 +168,7 @@ def plan_adapters(
                     f"{plan.d_in} x {plan.d_out}: all adapters must share one base model"
                 )
             plan.ids.append(first_index + j)
-            plan.ranks.append(f.rank)
+            plan.ranks.append(f.library_rank)
     return dict(sorted(modules.items())), base_models
 
 
