@@ -18,7 +18,7 @@ so LAG picks an adapter per token per expert among the library's adapters for th
 
 The MoE router (PEFT's ``"all-linear"`` adapts its ``weight`` as ``target_parameters``
 ``gate.weight``) is a module whose forward computes ``F.linear(x, self.weight[, self.bias])``
-once and then picks experts from it: ``patch`` wraps it in a ``LagRouter`` (patching.py) that runs
+once and then picks experts from it: ``patch`` wraps it in a ``LagRouter`` (routed_layers.py) that runs
 its forward with that one product redirected through LAG (:func:`redirect_linear`), so routing
 picks experts from W x + the routed update, as PEFT's merged weight does. :func:`check_router`
 runs the forward once on a dummy input at patch time to make sure it computes that product
