@@ -381,10 +381,10 @@ def test_json_python_cannot_read_is_the_documented_error(adapter_dir, library_fi
         with pytest.raises(AdapterError, match=f"{case.name}.*adapter_config.json is not valid JSON"):
             Library.from_peft([case], progress=False)
     elif where == "journal":
-        from lag_triton.library.resume import _journal_lines
+        from lag_triton.library.resume import journal_lines
 
         case.write_text(text + "\n" + json.dumps({"index": 0, "folder": "a", "stamp": 1}) + "\n")
-        assert [entry[:3] for entry in _journal_lines(case)] == [(0, "a", 1)]
+        assert [entry[:3] for entry in journal_lines(case)] == [(0, "a", 1)]
     elif where == "folder_manifest":
         case.mkdir()
         (case / MANIFEST).write_text(text)

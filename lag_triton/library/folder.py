@@ -55,7 +55,7 @@ from .plan import (
     single_factor_dtype,
     stored_module_plans,
 )
-from .resume import _journal_lines, find_resumable, journal_path, unresumable
+from .resume import find_resumable, journal_lines, journal_path, unresumable, written_adapters
 from .stored import (
     LibraryFormatError,
     StoredLibrary,
@@ -321,7 +321,7 @@ def _discard_dead_builds(path: Path) -> None:
             if journal_path(temp) not in temps:  # a journal, or a temp file without one (nothing to say)
                 continue
             try:
-                written = len({index for index, *_ in _journal_lines(journal_path(temp))})
+                written = written_adapters(journal_lines(journal_path(temp)))
             except OSError:
                 written = 0
             if written:

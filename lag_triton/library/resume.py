@@ -178,15 +178,20 @@ def find_resumable(
                 if f.read(layout.data_start) != layout.head:
                     continue
                 resumable = _holds_fixed_tensors(f, layout, fixed)
-            lines = _journal_lines(journal_path(temp))
+            lines = journal_lines(journal_path(temp))
         except OSError:
             continue
         carried = _unchanged(lines, folders) if resumable else {}
-        written = len({index for index, *_ in lines})
+        written = written_adapters(lines)
         key = (resumable, len(carried), written)
         if best_key is None or key > best_key:
             best, best_key = DeadBuild(temp, carried, written, resumable), key
     return best
+
+
+def written_adapters(lines: list[tuple[int, str, object, str]]) -> int:
+    """How many adapters a journal's :func:`journal_lines` say are written."""
+    return len({index for index, *_ in lines})
 
 
 def _holds_fixed_tensors(f, layout: sio.Layout, fixed: dict[str, torch.Tensor]) -> bool:
@@ -199,7 +204,7 @@ def _holds_fixed_tensors(f, layout: sio.Layout, fixed: dict[str, torch.Tensor]) 
     return True
 
 
-def _journal_lines(journal: Path) -> list[tuple[int, str, object, str]]:
+def journal_lines(journal: Path) -> list[tuple[int, str, object, str]]:
     """(index, folder, stamp, line) of every complete line."""
     out = []
     for line in journal.read_text(encoding="utf-8", errors="replace").splitlines():
