@@ -280,6 +280,9 @@ class LagRouter(LagLinear):
         d_out, d_in = base_layer.weight.shape
         return d_in, d_out
 
+    # torch.compile runs it eagerly: dynamo traces the router's F.linear past the mode that redirects
+    # it (the routed update was silently missing from a compiled model's router logits)
+    @torch.compiler.disable
     def forward(self, *args, **kwargs):
         d_in, d_out = self._routed_shape
 

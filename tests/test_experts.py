@@ -429,3 +429,17 @@ def test_hooks_on_an_expert_module_keep_firing_while_it_is_patched(tmp_path):
         lag_triton.unpatch(model)
         model(input_ids=ids)
     assert len(calls) == 2
+
+
+def test_a_compiled_patched_moe_model_gives_the_eager_output(tmp_path):
+    """torch.compile (not fullgraph: the expert loop reads the experts hit on the host) traces the
+    router's redirect and the unfolded experts."""
+    model = _moe("qwen3_moe")
+    paths = [make_adapter(model, tmp_path / f"a{i}", seed=i, arch="qwen3_moe") for i in range(2)]  # "all-linear"
+    lag_triton.patch(model, Library.from_peft(paths, progress=False), k=2)
+    ids = torch.randint(2, VOCAB, (2, 7), generator=torch.Generator().manual_seed(6))
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        torch.testing.assert_close(compiled(input_ids=ids).logits, want)
+        torch.testing.assert_close(compiled(input_ids=ids[:, :5]).logits, model(input_ids=ids[:, :5]).logits)
