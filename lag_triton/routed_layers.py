@@ -7,6 +7,7 @@ with the backend's ops; a :class:`LagRouter` does so inside an MoE router's forw
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -280,10 +281,12 @@ class LagRouter(LagLinear):
         d_out, d_in = base_layer.weight.shape
         return d_in, d_out
 
-    # torch.compile runs it eagerly: dynamo traces the router's F.linear past the mode that redirects
-    # it (the routed update was silently missing from a compiled model's router logits)
-    @torch.compiler.disable
     def forward(self, *args, **kwargs):
+        # torch.compile runs it eagerly: dynamo traces the router's F.linear past the mode that
+        # redirects it (the routed update was silently missing from a compiled model's router logits)
+        return _outside_compile(LagRouter._routed_forward)(self, *args, **kwargs)
+
+    def _routed_forward(self, *args, **kwargs):
         d_in, d_out = self._routed_shape
 
         def routed_linear(x, weight, bias=None):
@@ -298,6 +301,13 @@ class LagRouter(LagLinear):
                 "so its libraries were not applied once"
             )
         return out
+
+
+@functools.cache
+def _outside_compile(fn):
+    # Decorated on first use, not at import: torch.compiler.disable imports torch._dynamo, and with
+    # it Triton, which must not come before the Triton interpreter is chosen (tests/conftest.py).
+    return torch.compiler.disable(fn)
 
 
 def _wrap(module: nn.Module, name: str) -> LagLinear:
