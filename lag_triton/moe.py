@@ -224,8 +224,8 @@ def is_router(module: nn.Module) -> bool:
     its weight as one): not linear-like but holding a 2-D floating-point ``weight`` parameter, or an
     ``nn.Linear`` subclass whose forward returns more than its product (Phi-MoE's, Llama-4's)."""
     weight = module._parameters.get("weight") if isinstance(module, nn.Module) else None
-    if weight is None or weight.dim() != 2 or not weight.is_floating_point():
-        return False
+    if weight is None or nn.parameter.is_lazy(weight) or weight.dim() != 2 or not weight.is_floating_point():
+        return False  # a lazy layer's weight has no shape yet (patch says to run it once first)
     if isinstance(module, (nn.Embedding, nn.EmbeddingBag, nn.Bilinear, nn.modules.conv._ConvNd)):
         return False
     if linear_shape(module) is None:

@@ -201,7 +201,7 @@ def test_a_default_backend_group_accepts_cuda_layers(tmp_path, monkeypatch, has_
             sharding, "_check_layer", lambda *a: dataclasses.replace(real(*a), device=torch.device("cuda", 0))
         )
         _, _, backends = sharding._group_info(dist.group.WORLD)
-        plan = sharding._plan(model, [lib], "torch", backends, 0)
+        plan, _ = sharding._plan(model, [lib], "torch", backends, 0)
         assert [entry[0] for entry in plan] == ["0"] and comm_device(backends) == torch.device("cpu")
         monkeypatch.setattr(dist, "get_backend_config", lambda group=None: "cpu:gloo,cuda:gloo", raising=False)
         with pytest.raises(ValueError, match="uses gloo for cuda tensors"):
