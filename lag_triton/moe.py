@@ -19,7 +19,7 @@ so LAG picks an adapter per token per expert among the library's adapters for th
 The MoE router (PEFT's ``"all-linear"`` adapts its ``weight`` as ``target_parameters``
 ``gate.weight``) is a module whose forward computes ``F.linear(x, self.weight[, self.bias])``
 once and then picks experts from it: ``patch`` wraps it in a ``LagRouter`` (routed_layers.py) that runs
-its forward with that one product redirected through LAG (:func:`redirect_linear`), so routing
+its forward with that one product redirected through LAG (:class:`LinearRedirect`), so routing
 picks experts from W x + the routed update, as PEFT's merged weight does. :func:`check_router`
 runs the forward once on a dummy input at patch time to make sure it computes that product
 exactly once.
@@ -32,10 +32,9 @@ loop does), so a patched MoE layer runs eagerly: no CUDA-graph capture or ``full
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +50,7 @@ __all__ = [
     "check_router",
     "expert_parent",
     "is_router",
-    "redirect_linear",
+    "LinearRedirect",
     "unfold",
 ]
 
@@ -270,8 +269,9 @@ class RouterView(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-class _LinearRedirect(TorchFunctionMode):
-    """Sends every ``F.linear(x, weight, ...)`` of one weight (by identity) to ``fn``; counts them."""
+class LinearRedirect(TorchFunctionMode):
+    """Within its ``with`` block, every ``F.linear(x, weight, bias=None)`` of one weight (matched by
+    identity) calls ``fn(x, weight, bias)`` instead; ``.calls`` counts them."""
 
     def __init__(self, weight: torch.Tensor, fn: Callable[..., torch.Tensor]):
         super().__init__()
@@ -291,21 +291,13 @@ def _linear_arguments(input, weight, bias=None):  # noqa: A002 - F.linear's own 
     return input, weight, bias
 
 
-@contextlib.contextmanager
-def redirect_linear(weight: torch.Tensor, fn: Callable[..., torch.Tensor]) -> Iterator[_LinearRedirect]:
-    """Within the block, ``F.linear(x, weight, bias=None)`` calls ``fn(x, weight, bias)`` instead
-    (``.calls`` counts them)."""
-    with _LinearRedirect(weight, fn) as mode:
-        yield mode
-
-
 def check_router(name: str, router: nn.Module) -> None:
     """Raise ValueError naming ``name`` unless the router's forward, run once on a dummy input
     (no gradient), computes ``F.linear(x, self.weight[, bias])`` exactly once."""
     weight = router.weight
     x = torch.zeros(2, weight.shape[1], dtype=weight.dtype, device=weight.device)
     try:
-        with torch.no_grad(), redirect_linear(weight, F.linear) as mode:
+        with torch.no_grad(), LinearRedirect(weight, F.linear) as mode:
             router(x)
     except Exception as e:  # noqa: BLE001 - whatever it raises, it is no router LAG can wrap
         raise ValueError(

@@ -135,7 +135,9 @@ def _name_hint(name: str, model: nn.Module) -> str:
     )
 
 
-def _check_layer(lib: Library, name: str, module: nn.Module | None, weights, model: nn.Module) -> LayerInfo:
+def _check_layer(
+    lib: Library, name: str, module: nn.Module | None, weights, model: nn.Module, router: bool = False
+) -> LayerInfo:
     """The base layer's sizes, device and compute dtype (``.device``, ``.dtype``), after checking
     that ``weights`` can route this layer. Which layers qualify and which dtype: :mod:`.layers`."""
     if name == "":
@@ -157,7 +159,7 @@ def _check_layer(lib: Library, name: str, module: nn.Module | None, weights, mod
             f"does not have{_name_hint(name, model)}"
         )
     base = module.base_layer if isinstance(module, LagLinear) else module
-    if is_router(base):
+    if router:  # an MoE router (:func:`_targets` tells)
         try:
             check_router(name, base)
         except ValueError as e:
@@ -227,7 +229,7 @@ def patch(
     plan = []  # (module name, library index, weights, backend, LayerInfo: .device, compute .dtype)
     for offset, lib in enumerate(libs):
         for name, weights in lib.modules.items():
-            layer = _check_layer(lib, name, targets.modules.get(name), weights, model)
+            layer = _check_layer(lib, name, targets.modules.get(name), weights, model, name in targets.routers)
             plan.append((name, already + offset, weights, resolve_backend(backend, layer.device), layer))
 
     # Build every route first -- the library copies, checked on the copies the model will keep, in
@@ -255,6 +257,7 @@ class _Targets(NamedTuple):
     modules: dict[str, nn.Module]  # library module name -> the module it routes (or None: not found)
     paths: dict[str, str]  # library module name -> that module's path, where the two differ
     unfolded: dict[str, LagExperts]  # expert modules to swap in first, by path (:mod:`.moe`)
+    routers: set[str]  # library module names whose module is an MoE router (:func:`.moe.is_router`)
 
 
 def _targets(model: nn.Module, libs: list[Library]) -> _Targets:
@@ -294,7 +297,9 @@ def _targets(model: nn.Module, libs: list[Library]) -> _Targets:
             raise ValueError(f"library {labels[path]}: {e}") from None
     for wrapper in unfolded.values():
         found.update(wrapper.projections())
-    return _Targets(found, paths, unfolded)
+    # told once per module: for an nn.Linear subclass with its own forward it takes a dummy forward
+    routers = {name for name, module in found.items() if is_router(getattr(module, "base_layer", module))}
+    return _Targets(found, paths, unfolded, routers)
 
 
 def _weight_owner(lib: Library, name: str, module: nn.Module) -> nn.Module:
@@ -343,7 +348,7 @@ def _attach(model: nn.Module, routes: list, libs: list[Library], already: int, t
     for name, _ in routes:
         module, path = targets.modules[name], targets.paths.get(name, name)
         if path not in wrappers:
-            wrappers[path] = module if isinstance(module, LagLinear) else _wrap(module, name)
+            wrappers[path] = module if isinstance(module, LagLinear) else _wrap(module, name, name in targets.routers)
     for path, wrapper in targets.unfolded.items():
         _set_submodule(model, path, wrapper.train(wrapper.base_layer.training))
     for name, route in routes:

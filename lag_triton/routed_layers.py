@@ -15,7 +15,7 @@ from torch import nn
 
 from .kernels import backend_unavailable_reason, get_ops, resolve_backend
 from .layers import linear_shape as _linear_shape
-from .moe import is_router, redirect_linear
+from .moe import LinearRedirect
 from .routing import RoutingConfig, route_and_apply, routed_term_vjp
 from .tracing import active_traces
 
@@ -293,7 +293,7 @@ class LagRouter(LagLinear):
             y = F.linear(x, weight, bias)
             return self._add_routes(x, x.reshape(-1, d_in), y.reshape(-1, d_out)).view(y.shape)
 
-        with redirect_linear(self.base_layer.weight, routed_linear) as mode:
+        with LinearRedirect(self.base_layer.weight, routed_linear) as mode:
             out = self.base_layer(*args, **kwargs)
         if mode.calls != 1:  # checked at patch on a dummy input; a forward that branches may differ
             raise RuntimeError(
@@ -310,6 +310,6 @@ def _outside_compile(fn):
     return torch.compiler.disable(fn)
 
 
-def _wrap(module: nn.Module, name: str) -> LagLinear:
-    wrapper = LagRouter(module, name) if is_router(module) else LagLinear(module, name)
+def _wrap(module: nn.Module, name: str, router: bool) -> LagLinear:
+    wrapper = LagRouter(module, name) if router else LagLinear(module, name)
     return wrapper.train(module.training)

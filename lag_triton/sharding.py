@@ -47,7 +47,7 @@ import torch.distributed as dist
 from .kernels import resolve_backend
 from .kernels.common import selection_weights
 from .library.weights import check_finite
-from .moe import ExpertProjection, is_router
+from .moe import ExpertProjection
 from .patching import (
     LibraryRoute,
     _as_libraries,
@@ -457,13 +457,13 @@ def _plan(model, libs, backend: str, backends: dict[str, str], already: int) -> 
         for name, weights in lib.modules.items():
             module = targets.modules.get(name)
             base = getattr(module, "base_layer", module)
-            if isinstance(base, ExpertProjection) or is_router(base):
+            if isinstance(base, ExpertProjection) or name in targets.routers:
                 raise ValueError(
                     f"library {lib.label}, module {name!r}: the router or an expert of an MoE layer. Sharded routing "
                     "does not route MoE layers: each rank's tokens reach other experts, and the ranks must call "
                     "every routed module together"
                 )
-            layer = _check_layer(lib, name, module, weights, model)
+            layer = _check_layer(lib, name, module, weights, model)  # not a router: refused above
             problem = comm_problem(layer.device.type, backends)
             if problem is not None:
                 raise ValueError(f"module {name!r} is on {layer.device} but {problem}")

@@ -69,8 +69,7 @@ def align_adapter(
     adapter: PeftAdapter, dtype: torch.dtype, general: GeneralKnowledge | None = None
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """module -> (A* [rank, d_in], B* [d_out, rank]) in ``dtype`` (rank: the module's library rank),
-    aligned in float64, after
-    subtracting ``general``'s mean factors (GKS, :mod:`.general`) when given.
+    aligned in float64, after subtracting ``general``'s mean factors (GKS, :mod:`.general`) when given.
 
     Modules of one rank and shape are aligned in one batched call. Raises AdapterError naming the
     module for non-finite factors or an update that overflows ``dtype``.
