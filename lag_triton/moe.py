@@ -249,12 +249,14 @@ def _returns_tensor(layer: nn.Linear) -> bool:
 
 class RouterView(nn.Module):
     """A router's linear map ``x -> F.linear(x, weight, bias)`` as a linear-like layer, for the
-    checks patch makes of the layers it wraps. Holds no tensors of its own."""
+    checks patch makes of the layers it wraps, computing in ``compute_dtype`` (the dtype its forward
+    takes that product in: :func:`check_router`). Holds no tensors of its own."""
 
-    def __init__(self, router: nn.Module):
+    def __init__(self, router: nn.Module, compute_dtype: torch.dtype):
         super().__init__()
         self.__dict__["_router"] = router
         self.out_features, self.in_features = router.weight.shape
+        self.compute_dtype = compute_dtype
 
     @property
     def weight(self) -> torch.Tensor:
@@ -269,31 +271,49 @@ class RouterView(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+# Tensor methods that return the weight cast (or moved): ~two dozen transformers routers take their
+# product in fp32, F.linear(x.type(torch.float32), self.weight.type(torch.float32)) (DeepSeek-V2/V3,
+# GLM-4-MoE, Ernie-4.5-MoE, Nemotron-H, ...), and a 16-bit model's weight reaches F.linear as such a copy.
+_CASTS = frozenset(getattr(torch.Tensor, name) for name in ("to", "type", "float", "double", "half", "bfloat16"))
+
+
 class LinearRedirect(TorchFunctionMode):
-    """Within its ``with`` block, every ``F.linear(x, weight, bias=None)`` of one weight (matched by
-    identity) calls ``fn(x, weight, bias)`` instead; ``.calls`` counts them."""
+    """Within its ``with`` block, every ``F.linear(x, w, bias=None)`` whose ``w`` is one weight
+    (matched by identity) or a copy of it that the block cast (``weight.float()``,
+    ``.type(torch.float32)``, ``.to(...)``, in any chain) calls ``fn(x, w, bias)`` instead.
+    ``.calls`` counts them; ``.dtype`` is the last such ``w``'s dtype."""
 
     def __init__(self, weight: torch.Tensor, fn: Callable[..., torch.Tensor]):
         super().__init__()
-        self.weight, self.fn, self.calls = weight, fn, 0
+        self.weight, self.fn, self.calls, self.dtype = weight, fn, 0, None
+        # held, so that no other tensor can take a copy's identity while the block runs
+        self._copies = [weight]
+
+    def _is_weight(self, t) -> bool:
+        return any(t is w for w in self._copies)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
             x, weight, bias = _linear_arguments(*args, **kwargs)
-            if weight is self.weight:
+            if self._is_weight(weight):
                 self.calls += 1
+                self.dtype = weight.dtype
                 return self.fn(x, weight, bias)  # the mode is off inside its own handler: fn's F.linear runs plain
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if func in _CASTS and args and self._is_weight(args[0]) and isinstance(out, torch.Tensor):
+            self._copies.append(out)
+        return out
 
 
 def _linear_arguments(input, weight, bias=None):  # noqa: A002 - F.linear's own names, as callers may pass them
     return input, weight, bias
 
 
-def check_router(name: str, router: nn.Module) -> None:
-    """Raise ValueError naming ``name`` unless the router's forward, run once on a dummy input
-    (no gradient), computes ``F.linear(x, self.weight[, bias])`` exactly once."""
+def check_router(name: str, router: nn.Module) -> torch.dtype:
+    """The dtype a router computes its product in; raises ValueError naming ``name`` unless its
+    forward, run once on a dummy input (no gradient), computes ``F.linear(x, self.weight[, bias])``
+    exactly once, with the weight as it is or cast (routers that take their logits in fp32)."""
     weight = router.weight
     x = torch.zeros(2, weight.shape[1], dtype=weight.dtype, device=weight.device)
     try:
@@ -308,6 +328,7 @@ def check_router(name: str, router: nn.Module) -> None:
         raise ValueError(
             f"module {name!r} ({type(router).__name__}) is not linear-like, and its forward computes "
             f"F.linear(x, weight) {mode.calls} times (LAG routes a module whose forward computes it once, as an MoE "
-            "router does, and adds the routed update to that product). A router that casts its weight first "
-            "(F.linear(x.float(), self.weight.float())) is not supported"
+            "router does, and adds the routed update to that product). Its weight may be cast on the way "
+            "(self.weight.float()), not otherwise changed"
         )
+    return mode.dtype

@@ -161,10 +161,9 @@ def _check_layer(
     base = module.base_layer if isinstance(module, LagLinear) else module
     if router:  # an MoE router (:func:`_targets` tells)
         try:
-            check_router(name, base)
+            base = RouterView(base, check_router(name, base))
         except ValueError as e:
             raise ValueError(f"library {lib.label}: {e}") from None
-        base = RouterView(base)
     try:
         layer = describe_layer(name, base, lambda: activation_dtype(model))
     except (TypeError, ValueError) as e:

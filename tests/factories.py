@@ -62,6 +62,20 @@ ARCHS = {
         "GptOssConfig",
         dict(_WIDER, num_local_experts=4, num_experts_per_tok=2, layer_types=["full_attention"] * 2),
     ),
+    "glm4_moe": (  # a router taking its logits in fp32 (F.linear(x.float(), weight.float())), shared experts
+        "Glm4MoeForCausalLM",
+        "Glm4MoeConfig",
+        dict(
+            _WIDER,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            n_shared_experts=1,
+            first_k_dense_replace=0,
+            n_group=1,
+            topk_group=1,
+        ),
+    ),
     "gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig", _WIDER),
     "falcon": ("FalconForCausalLM", "FalconConfig", {k: v for k, v in _WIDER.items() if k != "head_dim"}),  # derived
     "opt": ("OPTForCausalLM", "OPTConfig", dict(_WIDER, ffn_dim=96, word_embed_proj_dim=64)),

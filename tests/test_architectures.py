@@ -29,6 +29,7 @@ FAMILIES = [
     # with the router's weight (tests/test_experts.py)
     "qwen3_moe",
     "gpt_oss",  # MoE, experts transposed with biases
+    "glm4_moe",  # MoE whose router takes its logits in fp32
     "gpt_neox",  # fused query_key_value
     "falcon",
     "opt",

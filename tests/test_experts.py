@@ -293,12 +293,14 @@ class _TwiceRouter(torch.nn.Module):
         return torch.nn.functional.linear(x, self.weight) + torch.nn.functional.linear(2 * x, self.weight)
 
 
-class _CastRouter(_TwiceRouter):
+class _ScaledRouter(_TwiceRouter):
     def forward(self, x):
-        return torch.nn.functional.linear(x.float(), self.weight.double().float())
+        return torch.nn.functional.linear(x, 2 * self.weight)
 
 
-@pytest.mark.parametrize("router,message", [(_TwiceRouter, "2 times"), (_CastRouter, "0 times.*casts its weight")])
+@pytest.mark.parametrize(
+    "router,message", [(_TwiceRouter, "2 times"), (_ScaledRouter, "0 times.*not otherwise changed")]
+)
 def test_a_module_whose_forward_is_not_one_product_with_its_weight_is_refused(router, message):
     from lag_triton.library import ModuleWeights
 
@@ -397,6 +399,71 @@ def test_routers_add_the_routed_update_to_their_one_product(router):
     with torch.no_grad():
         got = model(x)
     torch.testing.assert_close(got, want)  # a tuple: the logits, and the experts picked from them
+
+
+class _Fp32Router(torch.nn.Module):
+    """Routers of ~two dozen transformers families take their logits in fp32 (DeepSeek-V3's, GLM-4-MoE's)."""
+
+    def __init__(self, cast):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(4, 8))
+        self.cast = cast
+
+    def forward(self, x):
+        return torch.nn.functional.linear(self.cast(x), self.cast(self.weight)).softmax(-1)
+
+
+_FP32_CASTS = {
+    "type": lambda t: t.type(torch.float32),
+    "float": lambda t: t.float(),
+    "to": lambda t: t.to(dtype=torch.float32),
+    "double-float": lambda t: t.double().float(),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cast", list(_FP32_CASTS))
+def test_a_router_taking_its_product_in_fp32_routes_in_fp32(cast, dtype):
+    """It was refused in a 16-bit model (the product's weight was a cast copy, not the parameter):
+    now the copy is matched, and the router's library module is held and routed in fp32, the
+    dtype its product runs in, so its logits carry the update to fp32 precision."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_Fp32Router(_FP32_CASTS[cast])).to(dtype)
+    weights, delta = _one_adapter(8, 4)
+    x = torch.randn(5, 8).to(dtype)
+    want = torch.nn.functional.linear(x.float(), model[0].weight.float() + delta).softmax(-1)
+    lag_triton.patch(model, Library(["a"], {"0": weights}), k=1)
+    assert isinstance(model[0], LagRouter) and model[0].routes[0].a_star.dtype == torch.float32
+    with torch.no_grad():
+        got = model(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_bf16_models_fp32_router_adds_the_update_to_its_fp32_logits(tmp_path):
+    """GLM-4-MoE's router computes F.linear(x.type(torch.float32), self.weight.type(torch.float32)):
+    in a bf16 model, all-linear's router module routes in fp32, and each layer's router logits (the
+    first of what it returns) are x·(W + ΔW)ᵀ in fp32 for the input it was given."""
+    model = _moe("glm4_moe")
+    path = make_adapter(model, tmp_path / "a", seed=4, arch="glm4_moe")  # "all-linear"
+    library = Library.from_peft([path], progress=False)
+    model = model.to(torch.bfloat16)
+    lag_triton.patch(model, library, k=1)
+    seen = {}
+    for name, module in model.named_modules():
+        if name.endswith("mlp.gate"):
+            assert isinstance(module, LagRouter) and module.routes[0].a_star.dtype == torch.float32
+            module.register_forward_hook(lambda m, args, out, name=name: seen.__setitem__(name, (args[0], out[0])))
+    ids = torch.randint(2, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert len(seen) == 2
+    for name, (x, logits) in seen.items():
+        weights = library.modules[name + ".weight"]
+        delta = weights.b_star[0].float() @ weights.a_star[0].float()
+        want = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]).float(), model.get_submodule(name).weight.float())
+        torch.testing.assert_close(logits, want + x.reshape(-1, x.shape[-1]).float() @ delta.T, rtol=1e-5, atol=1e-5)
+        assert (logits - want).abs().max() > 1e-2  # the update is there
 
 
 def test_a_conv1d_weight_or_a_layer_targeted_twice_is_refused_before_patching():
