@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import math
 import os
+import re
 import sys
 import tempfile
 import traceback
@@ -284,6 +285,33 @@ def _size(nbytes: int) -> str:
     return f"{nbytes} B"
 
 
+def _module_lines(modules: dict[str, list]) -> list[str]:
+    """``info``'s line per module ([adapters, d_in, d_out, ranks, bytes]) in natural order (layer 2
+    before layer 10), where a run of consecutive numbers ``<head>.<e>`` with equal adapters, sizes and
+    ranks takes one line: an MoE layer's experts (``<experts>.<parameter>.<e>``), 128 to a layer."""
+    runs: list[list] = []  # [head, first, last, row]; first is None for a name that ends in no number
+    for name in sorted(modules, key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)]):
+        head, _, tail = name.rpartition(".")
+        row = modules[name]
+        if not (head and tail.isdigit()):
+            runs.append([name, None, None, row])
+            continue
+        e = int(tail)
+        run = runs[-1] if runs else None
+        if run and run[1] is not None and run[0] == head and run[2] == e - 1 and run[3][:4] == row[:4]:
+            run[2], run[3] = e, [*row[:4], run[3][4] + row[4]]
+        else:
+            runs.append([head, e, e, row])
+    lines = []
+    for head, first, last, (count, d_in, d_out, ranks, nbytes) in runs:
+        what = f"{count} adapters, {d_in} -> {d_out}, ranks {sorted(ranks)}"
+        if first is None or first == last:
+            lines.append(f"{head if first is None else f'{head}.{first}'}: {what}, {_size(nbytes)}")
+        else:
+            lines.append(f"{head}.{{{first}..{last}}}: {last - first + 1} modules of {what}, {_size(nbytes)} in all")
+    return lines
+
+
 def _info(args: argparse.Namespace) -> int:
     from .library import Library
     from .library.folder import is_library_folder, read_folder
@@ -313,8 +341,8 @@ def _info(args: argparse.Namespace) -> int:
         general_names = parts[0].general[0]
         shown = ", ".join(general_names[:3]) + (", ..." if len(general_names) > 3 else "")
         print(f"general     mean of {len(general_names)} general adapters subtracted (GKS): {shown}")
-    for name, (count, d_in, d_out, ranks, nbytes) in sorted(modules.items()):
-        print(f"  {name}: {count} adapters, {d_in} -> {d_out}, ranks {sorted(ranks)}, {_size(nbytes)}")
+    for line in _module_lines(modules):
+        print(f"  {line}")
     if folder:
         print("parts")
         for f, stored in zip(folder.files, parts):

@@ -47,6 +47,45 @@ def test_build_then_info(adapters, tmp_path, capsys):
     assert "2: doc2" in text
 
 
+def test_info_gives_an_moe_layers_experts_one_line(tmp_path, capsys):
+    """An all-linear library of an MoE model has a module per (layer, parameter, expert): 12k for a
+    Qwen3-30B-sized model. info lists a run of equal experts on one line, layers in natural order."""
+    model = tiny_model("qwen3_moe")
+    if not any(p.dim() == 3 for p in model.parameters()):
+        pytest.skip("this transformers keeps the experts as nn.Linear (one module per expert and projection)")
+    paths = [make_adapter(model, tmp_path / f"a{i}", seed=i, arch="qwen3_moe", r=2) for i in range(2)]
+    assert main(["build", *map(str, paths), "-o", str(tmp_path / "lib.safetensors"), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "lib.safetensors")]) == 0
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines() if line.startswith("  model.")]
+    experts = [line.partition(", ranks")[0] for line in lines if ".experts." in line]
+    assert experts == [
+        f"model.layers.{layer}.mlp.experts.{p}.{{0..3}}: 4 modules of 2 adapters, {shape}"
+        for layer in (0, 1)
+        for p, shape in (("down_proj", "32 -> 64"), ("gate_up_proj", "64 -> 64"))
+    ]
+    assert lines.index(next(x for x in lines if "layers.1." in x)) > max(
+        i for i, x in enumerate(lines) if "layers.0." in x
+    )
+
+
+def test_info_groups_only_equal_consecutive_numbered_modules():
+    from lag_triton.__main__ import _module_lines
+
+    modules = {f"m.layers.{layer}.experts.w.{e}": [3, 8, 4, {2}, 100] for layer in (2, 10) for e in range(6)}
+    modules["m.layers.2.experts.w.3"] = [2, 8, 4, {2}, 50]  # an expert fewer adapters reach
+    modules["m.layers.10.q"] = [3, 8, 8, {1, 2}, 2048]
+    del modules["m.layers.10.experts.w.4"]
+    assert _module_lines(modules) == [
+        "m.layers.2.experts.w.{0..2}: 3 modules of 3 adapters, 8 -> 4, ranks [2], 300 B in all",
+        "m.layers.2.experts.w.3: 2 adapters, 8 -> 4, ranks [2], 50 B",
+        "m.layers.2.experts.w.{4..5}: 2 modules of 3 adapters, 8 -> 4, ranks [2], 200 B in all",
+        "m.layers.10.experts.w.{0..3}: 4 modules of 3 adapters, 8 -> 4, ranks [2], 400 B in all",
+        "m.layers.10.experts.w.5: 3 adapters, 8 -> 4, ranks [2], 100 B",
+        "m.layers.10.q: 3 adapters, 8 -> 8, ranks [1, 2], 2.0 KiB",
+    ]
+
+
 def test_failed_work_exits_1_with_one_line(adapters, tmp_path, capsys):
     assert main(["info", str(tmp_path / "missing.safetensors")]) == EXIT_FAILED
     _one_line_error(capsys, "missing.safetensors", "does not exist")
