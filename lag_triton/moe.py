@@ -249,14 +249,16 @@ def _returns_tensor(layer: nn.Linear) -> bool:
 
 class RouterView(nn.Module):
     """A router's linear map ``x -> F.linear(x, weight, bias)`` as a linear-like layer, for the
-    checks patch makes of the layers it wraps, computing in ``compute_dtype`` (the dtype its forward
-    takes that product in: :func:`check_router`). Holds no tensors of its own."""
+    checks patch makes of the layers it wraps. A router whose forward casts its weight for the
+    product (``cast_to``, :func:`check_router`) computes in that dtype (``compute_dtype``), whatever
+    the model is cast to; another in its weight's. Holds no tensors of its own."""
 
-    def __init__(self, router: nn.Module, compute_dtype: torch.dtype):
+    def __init__(self, router: nn.Module, cast_to: torch.dtype | None):
         super().__init__()
         self.__dict__["_router"] = router
         self.out_features, self.in_features = router.weight.shape
-        self.compute_dtype = compute_dtype
+        if cast_to is not None:
+            self.compute_dtype = cast_to
 
     @property
     def weight(self) -> torch.Tensor:
@@ -281,27 +283,30 @@ class LinearRedirect(TorchFunctionMode):
     """Within its ``with`` block, every ``F.linear(x, w, bias=None)`` whose ``w`` is one weight
     (matched by identity) or a copy of it that the block cast (``weight.float()``,
     ``.type(torch.float32)``, ``.to(...)``, in any chain) calls ``fn(x, w, bias)`` instead.
-    ``.calls`` counts them; ``.dtype`` is the last such ``w``'s dtype."""
+    ``.calls`` counts them; ``.cast_to`` is the last such ``w``'s dtype if the block cast it to get
+    there, else None."""
 
     def __init__(self, weight: torch.Tensor, fn: Callable[..., torch.Tensor]):
         super().__init__()
-        self.weight, self.fn, self.calls, self.dtype = weight, fn, 0, None
-        # held, so that no other tensor can take a copy's identity while the block runs
+        self.weight, self.fn, self.calls, self.cast_to = weight, fn, 0, None
+        # the weight, then every cast of it (w.float() of an fp32 w is w itself): held, so that no
+        # other tensor can take a copy's identity while the block runs
         self._copies = [weight]
 
-    def _is_weight(self, t) -> bool:
-        return any(t is w for w in self._copies)
+    def _last_copy(self, t) -> int:
+        return max((i for i, w in enumerate(self._copies) if t is w), default=-1)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
             x, weight, bias = _linear_arguments(*args, **kwargs)
-            if self._is_weight(weight):
+            copy = self._last_copy(weight)
+            if copy >= 0:
                 self.calls += 1
-                self.dtype = weight.dtype
+                self.cast_to = weight.dtype if copy > 0 else None
                 return self.fn(x, weight, bias)  # the mode is off inside its own handler: fn's F.linear runs plain
         out = func(*args, **kwargs)
-        if func in _CASTS and args and self._is_weight(args[0]) and isinstance(out, torch.Tensor):
+        if func in _CASTS and args and self._last_copy(args[0]) >= 0 and isinstance(out, torch.Tensor):
             self._copies.append(out)
         return out
 
@@ -310,12 +315,21 @@ def _linear_arguments(input, weight, bias=None):  # noqa: A002 - F.linear's own 
     return input, weight, bias
 
 
-def check_router(name: str, router: nn.Module) -> torch.dtype:
-    """The dtype a router computes its product in; raises ValueError naming ``name`` unless its
-    forward, run once on a dummy input (no gradient), computes ``F.linear(x, self.weight[, bias])``
-    exactly once, with the weight as it is or cast (routers that take their logits in fp32)."""
+def check_router(name: str, router: nn.Module) -> torch.dtype | None:
+    """The dtype a router's forward casts its weight to for its product (routers that take their
+    logits in fp32), or None where it takes the weight as it is. Raises ValueError naming ``name``
+    unless that forward, run once on a dummy input (no gradient), computes ``F.linear(x,
+    self.weight[, bias])`` exactly once. A forward that takes more than the hidden states
+    (MiniMax-M2's takes the expert-score bias too) cannot be run here: None, and every forward
+    checks that it computed the product once (:class:`.routed_layers.LagRouter`)."""
     weight = router.weight
     x = torch.zeros(2, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    try:
+        inspect.signature(router.forward).bind(x)
+    except TypeError:
+        return None
+    except ValueError:  # no signature to read (a builtin): run it
+        pass
     try:
         with torch.no_grad(), LinearRedirect(weight, F.linear) as mode:
             router(x)
@@ -331,4 +345,4 @@ def check_router(name: str, router: nn.Module) -> torch.dtype:
             "router does, and adds the routed update to that product). Its weight may be cast on the way "
             "(self.weight.float()), not otherwise changed"
         )
-    return mode.dtype
+    return mode.cast_to

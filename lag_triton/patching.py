@@ -241,7 +241,9 @@ def patch(
             copy.check_values(len(lib.names))
         except ValueError as e:
             raise ValueError(f"library {lib.label}, module {name!r}: {e}") from None
-        return LibraryRoute(idx, copy, config, be, requested=backend)
+        # a router whose forward casts its weight (to fp32) computes in that dtype whatever the model is cast to
+        fixed = layer.dtype if name in targets.routers and layer.dtype_from == "compute_dtype" else None
+        return LibraryRoute(idx, copy, config, be, requested=backend, fixed_dtype=fixed)
 
     def held_bytes(weights, layer):
         return weights.nbytes(_route_dtype(layer.dtype))

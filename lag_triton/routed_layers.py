@@ -31,12 +31,23 @@ class LibraryRoute(nn.Module):
     named explicitly stays; if it cannot run where the module went, the forward says so.
     """
 
-    def __init__(self, library_index: int, weights, config: RoutingConfig, backend: str, requested: str | None = None):
+    def __init__(
+        self,
+        library_index: int,
+        weights,
+        config: RoutingConfig,
+        backend: str,
+        requested: str | None = None,
+        fixed_dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         self.library_index = library_index
         self.config = config
         self.backend = backend
         self.requested_backend = requested or backend
+        # the dtype the layer computes in whatever the model is cast to (a router whose forward casts
+        # its weight to fp32), which the factors keep; None: they follow the model's casts
+        self.fixed_dtype = fixed_dtype
         self.unusable: str | None = None  # why ``backend`` cannot run on the factors' device, if it cannot
         self.values_lost = False  # moved off the meta device (to_empty): the factors hold no library
         # Buffers (not parameters, not in state_dict) so that model.to(...) carries them along.
@@ -53,19 +64,25 @@ class LibraryRoute(nn.Module):
     def __setstate__(self, state) -> None:
         state.setdefault("requested_backend", state.get("backend"))  # pickled before routes followed devices
         state.setdefault("values_lost", False)
+        state.setdefault("fixed_dtype", None)
         super().__setstate__(state)
         self._follow_device()  # loaded elsewhere (map_location="cpu", another machine's GPUs)
 
     def _apply(self, fn, recurse=True):
         # model.double() casts every float buffer; the kernels route in fp32 at most, so fp64
-        # factors go back to fp32 (exactly: they were fp32 before).
+        # factors go back to fp32 (exactly: they were fp32 before). A fixed dtype is kept: the factors
+        # are taken again from their values before the cast, on the device it moved them to.
         was_meta = self.a_star.is_meta
+        factors = ("a_star", "b_star", "prototypes")
+        before = {name: getattr(self, name) for name in factors}
         super()._apply(fn, recurse)
         if was_meta and not self.a_star.is_meta:  # model.to("meta") then to_empty(): memory, no values
             self.values_lost = True
-        for name in ("a_star", "b_star", "prototypes"):
+        for name in factors:
             t = getattr(self, name)
-            if t.dtype == torch.float64:
+            if self.fixed_dtype is not None and t.dtype != self.fixed_dtype:
+                setattr(self, name, before[name].to(t.device, self.fixed_dtype))
+            elif t.dtype == torch.float64:
                 setattr(self, name, t.float())
         self._follow_device()
         return self

@@ -76,6 +76,11 @@ ARCHS = {
             topk_group=1,
         ),
     ),
+    "minimax_m2": (  # a router taking the expert-score bias as a second argument
+        "MiniMaxM2ForCausalLM",
+        "MiniMaxM2Config",
+        dict(_WIDER, num_local_experts=4, num_experts_per_tok=2, rotary_dim=16, layer_types=["full_attention"] * 2),
+    ),
     "gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig", _WIDER),
     "falcon": ("FalconForCausalLM", "FalconConfig", {k: v for k, v in _WIDER.items() if k != "head_dim"}),  # derived
     "opt": ("OPTForCausalLM", "OPTConfig", dict(_WIDER, ffn_dim=96, word_embed_proj_dim=64)),

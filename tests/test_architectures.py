@@ -30,6 +30,7 @@ FAMILIES = [
     "qwen3_moe",
     "gpt_oss",  # MoE, experts transposed with biases
     "glm4_moe",  # MoE whose router takes its logits in fp32
+    "minimax_m2",  # MoE whose router takes the expert-score bias as an argument
     "gpt_neox",  # fused query_key_value
     "falcon",
     "opt",
