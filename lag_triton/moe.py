@@ -276,7 +276,9 @@ class RouterView(nn.Module):
 # Tensor methods that return the weight cast (or moved): ~two dozen transformers routers take their
 # product in fp32, F.linear(x.type(torch.float32), self.weight.type(torch.float32)) (DeepSeek-V2/V3,
 # GLM-4-MoE, Ernie-4.5-MoE, Nemotron-H, ...), and a 16-bit model's weight reaches F.linear as such a copy.
-_CASTS = frozenset(getattr(torch.Tensor, name) for name in ("to", "type", "float", "double", "half", "bfloat16"))
+_CASTS = frozenset(
+    getattr(torch.Tensor, name) for name in ("to", "type", "type_as", "float", "double", "half", "bfloat16")
+)
 
 
 class LinearRedirect(TorchFunctionMode):

@@ -418,6 +418,7 @@ _FP32_CASTS = {
     "float": lambda t: t.float(),
     "to": lambda t: t.to(dtype=torch.float32),
     "double-float": lambda t: t.double().float(),
+    "type_as": lambda t: t.type_as(torch.zeros((), dtype=torch.float32)),
 }
 
 
