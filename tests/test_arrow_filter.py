@@ -181,10 +181,12 @@ def _planted(t, n, k, plan, winners, ramp_rows):
     return x, p
 
 
+@pytest.mark.parametrize("flat_slots", [False, True])  # the atomic's form depends on the Triton release
 @pytest.mark.parametrize("t,n,k,seed,cap", [(5, 1001, 20, 32, 64), (18, 700, 5, 16, 32), (2, 257, 1, 64, 32)])
-def test_filter_planted_winners_and_overflowing_rows(ops, filtering, monkeypatch, t, n, k, seed, cap):
+def test_filter_planted_winners_and_overflowing_rows(ops, filtering, monkeypatch, t, n, k, seed, cap, flat_slots):
     """Winners in the sample, beside it (exact ties across it), on tile edges and in the last partial
     tile; rows whose buffers overflow (rescored: every adapter again) next to rows whose buffers do not."""
+    monkeypatch.setattr(filtering, "FLAT_SLOTS", flat_slots)
     plan = _plan(filtering, n, seed, cap)
     stride, block_n = plan["STRIDE"], plan["BLOCK_N"]
     edges = [n - 1, n - 2, 0, block_n - 1, block_n, 2 * block_n + 1, (n // block_n) * block_n]

@@ -404,7 +404,7 @@ def _filter_cases():
                         f"arrow filter gemm {dt} scoped={scoped} {cfg}",
                         AF._filter_gemm_kernel,
                         gemm_sig,
-                        dict(cfg, HAS_SCOPE=scoped, UPCAST=False),
+                        dict(cfg, HAS_SCOPE=scoped, UPCAST=False, FLAT_SLOTS=AF.FLAT_SLOTS),
                         plan["num_warps"],
                         alignments=(True,),
                     )

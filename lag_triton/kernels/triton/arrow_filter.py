@@ -31,6 +31,7 @@ until a GPU run has measured that (``LAG_TRITON_FILTER_GEMM=1``; the benchmarks'
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import torch
@@ -66,6 +67,10 @@ INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_s
 GPU_LIMITS = dict(seed=1024, n=16384, t=64, survivors=512)
 INTERPRETER_LIMITS = dict(seed=16, n=64, t=1, survivors=256)
 FINISH_WARPS = 4
+#: take the survivors' buffer slots by an atomic on the tile flattened to 1-D: Triton 3.8 and 3.9
+#: fail to compile the [BLOCK_M, BLOCK_N] atomic (an assertion in RemoveLayoutConversions); 3.7
+#: compiles both, the flat one in fewer registers; 3.4 to 3.6 spill 160-436 bytes with it (sm_90).
+FLAT_SLOTS = tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2]) >= (3, 7)
 
 
 @triton.jit
@@ -99,6 +104,7 @@ def _filter_gemm_kernel(
     stride_allowed,
     HAS_SCOPE: tl.constexpr,
     UPCAST: tl.constexpr,  # interpreter: bf16 tiles to fp32 before tl.dot (see _interpreter)
+    FLAT_SLOTS: tl.constexpr,  # the slots' atomic on the flattened tile (see FLAT_SLOTS)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -125,7 +131,17 @@ def _filter_gemm_kernel(
     survives = valid & beats(keys, cols[None, :], kth)
     if tl.sum(tl.sum(survives.to(tl.int32), axis=1), axis=0) > 0:
         # ~k * N / SEED survivors per row in all: an atomic slot each (their order is immaterial)
-        slot = tl.atomic_add(count_ptr + rows[:, None] + 0 * cols[None, :], 1, mask=survives, sem="relaxed")
+        counters = count_ptr + rows[:, None] + 0 * cols[None, :]
+        if FLAT_SLOTS:
+            slot = tl.atomic_add(
+                tl.reshape(counters, [BLOCK_M * BLOCK_N]),
+                1,
+                mask=tl.reshape(survives, [BLOCK_M * BLOCK_N]),
+                sem="relaxed",
+            )
+            slot = tl.reshape(slot, [BLOCK_M, BLOCK_N])
+        else:
+            slot = tl.atomic_add(counters, 1, mask=survives, sem="relaxed")
         offs = rows[:, None] * CAP + slot  # int32: a row chunk's buffer is at most SCORE_CHUNK_BYTES
         tl.store(buf_ptr + offs, pack(keys, cols[None, :]), mask=survives & (slot < CAP))
 
@@ -293,6 +309,7 @@ def _filter_rows(x, prototypes, k, seed_idx, seed_scores, idx, scores, allowed_u
         stride_allowed,
         HAS_SCOPE=scoped,
         UPCAST=upcast_dot(x.dtype),
+        FLAT_SLOTS=FLAT_SLOTS,
         BLOCK_M=plan["BLOCK_M"],
         BLOCK_N=plan["BLOCK_N"],
         BLOCK_K=plan["BLOCK_K"],
