@@ -317,6 +317,10 @@ def _linear_arguments(input, weight, bias=None):  # noqa: A002 - F.linear's own 
     return input, weight, bias
 
 
+# what is_router made of the module, for check_router's refusals
+_ROUTER = "was taken for an MoE router (a 2-D weight, and no linear layer's forward)"
+
+
 def check_router(name: str, router: nn.Module) -> torch.dtype | None:
     """The dtype a router's forward casts its weight to for its product (routers that take their
     logits in fp32), or None where it takes the weight as it is. Raises ValueError naming ``name``
@@ -337,12 +341,12 @@ def check_router(name: str, router: nn.Module) -> torch.dtype | None:
             router(x)
     except Exception as e:  # noqa: BLE001 - whatever it raises, it is no router LAG can wrap
         raise ValueError(
-            f"module {name!r} ({type(router).__name__}) is not linear-like; as an MoE router (a 2-D weight), "
-            f"its forward failed on a [2, {weight.shape[1]}] input: {type(e).__name__}: {e}"
+            f"module {name!r} ({type(router).__name__}) {_ROUTER}; its forward failed on a [2, {weight.shape[1]}] "
+            f"input: {type(e).__name__}: {e}"
         ) from None
     if mode.calls != 1:
         raise ValueError(
-            f"module {name!r} ({type(router).__name__}) is not linear-like, and its forward computes "
+            f"module {name!r} ({type(router).__name__}) {_ROUTER}, and its forward computes "
             f"F.linear(x, weight) {mode.calls} times (LAG routes a module whose forward computes it once, as an MoE "
             "router does, and adds the routed update to that product). Its weight may be cast on the way "
             "(self.weight.float()), not otherwise changed"
