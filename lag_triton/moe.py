@@ -32,6 +32,7 @@ loop does), so a patched MoE layer runs eagerly: no CUDA-graph capture or ``full
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from collections.abc import Callable
@@ -141,9 +142,10 @@ class LagExperts(nn.Module):
             hit = torch.unique(index[(index >= 0) & (index < experts.num_experts)]).tolist()
         for e in hit:
             slot, token = torch.where(index.T == e)  # transformers' order: by slot, then token
-            h = up_proj[e](hidden[token])
-            h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
-            y = down_proj[e](h)
+            with _gathered((up_proj[e], down_proj[e]), hidden, token):
+                h = up_proj[e](hidden[token])
+                h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
+                y = down_proj[e](h)
             if experts.has_post_expert_norm:
                 y = experts.post_expert_norm(y)
             out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
@@ -171,6 +173,21 @@ class LagExperts(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+
+@contextlib.contextmanager
+def _gathered(layers, hidden: torch.Tensor, token: torch.Tensor):
+    """Tell those of ``layers`` under a ``lag_triton.scope`` that their input is ``hidden[token]``, the
+    expert's tokens of the batch's (flattened row-major): the scope takes each one's batch row from
+    there (:meth:`.scopes._ScopeMasks.for_route`), as no shape of the gather tells it."""
+    scoped = [layer for layer in layers if getattr(layer, "_scope", None) is not None]
+    for layer in scoped:
+        layer._gathered = hidden, token
+    try:
+        yield
+    finally:
+        for layer in scoped:
+            layer._gathered = None
 
 
 @functools.cache

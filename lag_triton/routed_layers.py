@@ -202,6 +202,7 @@ class LagLinear(nn.Module):
         self.routes = nn.ModuleList()
         self._trace_count = 0  # traces covering this layer, in any thread (see tracing)
         self._scope = None  # the lag_triton.scope in force, if any (see scopes)
+        self._gathered = None  # (batch tokens, index): this call's input is a gather of them (MoE experts, moe.py)
 
     # Model code reads its projections' weights (T5's feed-forward casts to ``wo.weight.dtype``;
     # others tie or inspect them): the base layer's, as PEFT's LoRA layers give. GPTQ-style layers
@@ -256,7 +257,9 @@ class LagLinear(nn.Module):
         with _autocast_off(x.device.type):
             for route in self.routes:
                 allowed, rows = (
-                    (None, None) if self._scope is None else self._scope.for_route(route, x, self.module_name)
+                    (None, None)
+                    if self._scope is None
+                    else self._scope.for_route(route, x, self.module_name, self._gathered)
                 )
                 y2, sel = route.add_to(x2, y2, allowed, rows)
                 if self._trace_count:
@@ -269,6 +272,7 @@ class LagLinear(nn.Module):
         super().__setstate__(state)
         self._trace_count = 0  # a copy is covered by no open trace
         self._scope = None  # nor by a scope
+        self._gathered = None
 
     # -- state: the base layer's keys, under this module's name -------------------------------------
     def state_dict(self, *args, destination=None, prefix="", keep_vars=False):

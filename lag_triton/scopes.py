@@ -24,9 +24,11 @@ its batch rows in the leading dimension: S tokens per row (generate with ``num_b
 input x [T, d_in] is the batch flattened row-major, as ``x.view(-1, d_in)`` gives (Qwen2-MoE's
 shared expert): T must be a multiple of B, and row b owns tokens b*T/B .. (b+1)*T/B - 1. In cached
 decoding (S = 1) that is T = B, one token per row, the same as a 2-D [B, d_in] input with a row
-per token, so both readings agree. A layer fed a gather of some of the tokens (the per-expert
-layers of a mixture-of-experts block, ``...experts.<i>...``, where transformers keeps experts as
-separate linear layers) has rows that no shape tells: a scope restricting one is refused.
+per token, so both readings agree. The experts of a mixture-of-experts block kept as 3-D
+parameters (:mod:`.moe`) are each fed a gather of the tokens routed to them: their wrapper tells
+the scope which of the batch's tokens those are, and each token keeps its row's set. Where
+transformers keeps experts as separate linear layers (``...experts.<i>...``, older releases), the
+MoE block gathers the tokens itself and no shape tells their rows: a scope restricting one is refused.
 
 A scope covers every forward of the model while it is open, whichever thread runs it (``generate``
 started in a thread beside a streamer included). So one thread, and in it one task (asyncio task,
@@ -61,9 +63,9 @@ _HELD: contextvars.ContextVar[frozenset] = contextvars.ContextVar("lag_triton_sc
 # layer -> its open scopes, innermost last. Kept here, not on the layer, so that a copy of a layer
 # (deepcopy, pickle) is under no scope; exits remove their own entry, whatever order they come in.
 _STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# Per-expert layers of transformers' mixture-of-experts blocks (experts kept as nn.Linear, or as 3-D
-# parameters: lag_triton.moe) are fed hidden_states[token_idx] for the tokens routed to that
-# expert, in an order the shape cannot tell.
+# Per-expert layers of transformers' mixture-of-experts blocks kept as nn.Linear are fed
+# hidden_states[token_idx] for the tokens routed to that expert, in an order the shape cannot tell
+# (those kept as 3-D parameters are run by lag_triton.moe, which tells the scope).
 _GATHERED = re.compile(r"(?:^|\.)experts\.\d+\.")
 
 
@@ -77,11 +79,16 @@ class _ScopeMasks:
         self._token_rows: dict[tuple, torch.Tensor] = {}
         self._repeated: dict[tuple, bool] = {}
 
-    def for_route(self, route: nn.Module, x: torch.Tensor, layer_name: str):
-        """(allowed [B, N] bool, scope [T] int32) for the tokens of ``x`` (rule in the module docstring)."""
+    def for_route(self, route: nn.Module, x: torch.Tensor, layer_name: str, gathered=None):
+        """(allowed [B, N] bool, scope [T] int32) for the tokens of ``x`` (rule in the module docstring);
+        ``gathered`` (batch, index): x is batch[index], the tokens an MoE block sends one expert."""
         mask = self._masks.get(id(route))
         if mask is None:
             return None, None
+        if gathered is not None:
+            batch, index = gathered
+            mask, rows = self.for_route(route, batch, layer_name)
+            return mask, rows[index]
         d_in = max(1, x.shape[-1]) if x.dim() else 1
         stride = 1  # scope rows per input row
         if x.dim() >= 3:
@@ -296,7 +303,6 @@ def scope(model: nn.Module, allowed) -> Iterator[None]:
     The model is the one ``patch`` was called on; calls inside the block must have as many batch
     rows as ``allowed``.
     """
-    from .moe import ExpertProjection
     from .patching import LagLinear, _uncompiled, check_patched_root, patched_root
 
     if not isinstance(model, nn.Module):
@@ -316,7 +322,7 @@ def scope(model: nn.Module, allowed) -> Iterator[None]:
         for route in layer.routes:
             mask = masks.get(route.library_index)
             if mask is not None:
-                if _GATHERED.search(layer.module_name + ".") or isinstance(layer.base_layer, ExpertProjection):
+                if _GATHERED.search(layer.module_name + "."):
                     raise ValueError(
                         f"lag_triton.scope cannot restrict layer {layer.module_name!r} (library "
                         f"{route.library_index}): a mixture-of-experts block feeds each expert's layers a "

@@ -205,7 +205,7 @@ def test_patched_moe_keeps_state_copies_and_unpatches(tmp_path):
     assert not any(isinstance(m, (LagLinear, LagExperts, ExpertProjection)) for m in model.modules())
 
 
-def test_experts_refuse_scopes_and_sharding(tmp_path):
+def test_experts_refuse_sharding(tmp_path):
     model = _moe("qwen3_moe")
     path = make_adapter(model, tmp_path / "a", seed=1, arch="qwen3_moe", targets=["q_proj"], target_parameters=EXPERTS)
     library = Library.from_peft([path], progress=False)
@@ -213,10 +213,33 @@ def test_experts_refuse_scopes_and_sharding(tmp_path):
 
     with pytest.raises(ValueError, match=r"experts\.(gate_up|down)_proj\.0'.*an expert of an MoE layer"):
         _plan(model, [library], "torch", {}, 0)
-    lag_triton.patch(model, library, k=1)
-    with pytest.raises(ValueError, match=r"cannot restrict layer '.*experts\.(gate_up|down)_proj\.\d'"):
-        with lag_triton.scope(model, [["a"]]):
-            pass
+
+
+def test_a_scope_keeps_each_token_of_an_moe_layers_experts_to_its_rows_set(tmp_path):
+    """Each expert is fed a gather of the batch's tokens, whose rows no shape tells (scopes were
+    refused): LagExperts tells the scope which tokens they are. Row b, scoped to adapter b, gives
+    what the model patched with adapter b alone gives that row, in a forward and in a cached
+    generate (a row per token at decode)."""
+    model = _moe("qwen3_moe")
+    paths = [make_adapter(model, tmp_path / f"a{i}", seed=i, arch="qwen3_moe") for i in range(3)]  # all-linear
+    ids = torch.randint(2, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    want = []
+    for row, adapter in ((0, 2), (1, 0)):
+        lag_triton.patch(model, Library.from_peft([paths[adapter]], progress=False), k=1)
+        with torch.no_grad():
+            want.append(
+                (model(input_ids=ids[row : row + 1]).logits, model.generate(input_ids=ids[row : row + 1], **kw))
+            )
+        lag_triton.unpatch(model)
+    lag_triton.patch(model, Library.from_peft(paths, names=["a0", "a1", "a2"], progress=False), k=2)
+    with torch.no_grad(), lag_triton.scope(model, [["a2"], ["a0"]]), lag_triton.trace(model) as tr:
+        logits = model(input_ids=ids).logits
+        generated = model.generate(input_ids=ids, **kw)
+    assert tr.selections["model.layers.1.mlp.experts.down_proj.2"].numel() > 0  # the experts were scoped
+    for row, (row_logits, row_generated) in enumerate(want):
+        torch.testing.assert_close(logits[row : row + 1], row_logits, rtol=1e-5, atol=1e-5)
+        assert torch.equal(generated[row : row + 1], row_generated)
 
 
 def test_expert_modules_lagging_transformers_flags_or_split_over_ranks_are_refused():
@@ -270,7 +293,7 @@ def test_all_linear_routes_the_router_and_every_expert(tmp_path):
         routed = model(input_ids=ids, output_router_logits=True).router_logits
     assert tr.selections["model.layers.0.mlp.gate.weight"].shape[0] == ids.numel()  # every token, once
     assert all((a - b).abs().max() > 1e-3 for a, b in zip(routed, base))  # the logits the router picks from moved
-    lag_triton.unpatch(model)  # scopes cannot restrict experts; a router is fed the batch's rows
+    lag_triton.unpatch(model)  # a router is fed the batch's rows
     paths = [
         make_adapter(
             model, tmp_path / f"g{i}", seed=i, arch="qwen3_moe", targets=["q_proj"], target_parameters=["gate.weight"]
