@@ -33,6 +33,7 @@ loop does), so a patched MoE layer runs eagerly: no CUDA-graph capture or ``full
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import inspect
 from collections.abc import Callable
@@ -140,9 +141,10 @@ class LagExperts(nn.Module):
         out = torch.zeros_like(hidden)
         with torch.no_grad():  # the experts some token is sent to (an index >= E is a sentinel: none)
             hit = torch.unique(index[(index >= 0) & (index < experts.num_experts)]).tolist()
+        scoped = any(getattr(m, "_scope", None) is not None for m in (*up_proj, *down_proj))
         for e in hit:
             slot, token = torch.where(index.T == e)  # transformers' order: by slot, then token
-            with _gathered((up_proj[e], down_proj[e]), hidden, token):
+            with _feeding(scoped, hidden, token):
                 h = up_proj[e](hidden[token])
                 h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
                 y = down_proj[e](h)
@@ -175,19 +177,33 @@ class LagExperts(nn.Module):
         )
 
 
+# (batch tokens, index) while LagExperts runs an expert under a scope: its projections' input is
+# batch[index], whose batch rows the scope takes from there (no shape of the gather tells them).
+# Per thread and task: a module attribute would let a concurrent forward's gather stand for this one's.
+_EXPERT_TOKENS: contextvars.ContextVar = contextvars.ContextVar("lag_triton_expert_tokens", default=None)
+
+
 @contextlib.contextmanager
-def _gathered(layers, hidden: torch.Tensor, token: torch.Tensor):
-    """Tell those of ``layers`` under a ``lag_triton.scope`` that their input is ``hidden[token]``, the
-    expert's tokens of the batch's (flattened row-major): the scope takes each one's batch row from
-    there (:meth:`.scopes._ScopeMasks.for_route`), as no shape of the gather tells it."""
-    scoped = [layer for layer in layers if getattr(layer, "_scope", None) is not None]
-    for layer in scoped:
-        layer._gathered = hidden, token
+def _feeding(scoped: bool, batch: torch.Tensor, index: torch.Tensor):
+    if not scoped:  # nothing reads it (and dynamo need not trace a context variable)
+        yield
+        return
+    reset = _EXPERT_TOKENS.set((batch, index))
     try:
         yield
     finally:
-        for layer in scoped:
-            layer._gathered = None
+        _EXPERT_TOKENS.reset(reset)
+
+
+def expert_tokens(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch tokens, index) of the expert LagExperts is running, for a scope on its projection ``name``."""
+    gathered = _EXPERT_TOKENS.get()
+    if gathered is None:
+        raise RuntimeError(
+            f"{name}: an MoE expert's projection ran under a scope outside its experts module's forward, "
+            "so no one told the scope which of the batch's tokens it was given"
+        )
+    return gathered
 
 
 @functools.cache

@@ -15,7 +15,7 @@ from torch import nn
 
 from .kernels import backend_unavailable_reason, get_ops, resolve_backend
 from .layers import linear_shape as _linear_shape
-from .moe import LinearRedirect
+from .moe import ExpertProjection, LinearRedirect, expert_tokens
 from .routing import RoutingConfig, route_and_apply, routed_term_vjp
 from .tracing import active_traces
 
@@ -202,7 +202,6 @@ class LagLinear(nn.Module):
         self.routes = nn.ModuleList()
         self._trace_count = 0  # traces covering this layer, in any thread (see tracing)
         self._scope = None  # the lag_triton.scope in force, if any (see scopes)
-        self._gathered = None  # (batch tokens, index): this call's input is a gather of them (MoE experts, moe.py)
 
     # Model code reads its projections' weights (T5's feed-forward casts to ``wo.weight.dtype``;
     # others tie or inspect them): the base layer's, as PEFT's LoRA layers give. GPTQ-style layers
@@ -256,11 +255,7 @@ class LagLinear(nn.Module):
         flattened (whose shape tells a scope the batch rows)."""
         with _autocast_off(x.device.type):
             for route in self.routes:
-                allowed, rows = (
-                    (None, None)
-                    if self._scope is None
-                    else self._scope.for_route(route, x, self.module_name, self._gathered)
-                )
+                allowed, rows = (None, None) if self._scope is None else self._scope_rows(route, x)
                 y2, sel = route.add_to(x2, y2, allowed, rows)
                 if self._trace_count:
                     ids = torch.where(sel >= 0, route.adapter_ids[sel.long().clamp(min=0)], -1)  # -1: no adapter
@@ -268,11 +263,15 @@ class LagLinear(nn.Module):
                         tracer.record(self.module_name, route.library_index, ids)
         return y2
 
+    def _scope_rows(self, route, x):
+        # an MoE expert's projection is fed a gather of the batch's tokens: LagExperts says which
+        gathered = expert_tokens(self.module_name) if isinstance(self.base_layer, ExpertProjection) else None
+        return self._scope.for_route(route, x, self.module_name, gathered)
+
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
         self._trace_count = 0  # a copy is covered by no open trace
         self._scope = None  # nor by a scope
-        self._gathered = None
 
     # -- state: the base layer's keys, under this module's name -------------------------------------
     def state_dict(self, *args, destination=None, prefix="", keep_vars=False):

@@ -240,6 +240,9 @@ def test_a_scope_keeps_each_token_of_an_moe_layers_experts_to_its_rows_set(tmp_p
     for row, (row_logits, row_generated) in enumerate(want):
         torch.testing.assert_close(logits[row : row + 1], row_logits, rtol=1e-5, atol=1e-5)
         assert torch.equal(generated[row : row + 1], row_generated)
+    projection = model.model.layers[0].mlp.experts.down_proj[1]  # run on its own: no one says whose tokens
+    with lag_triton.scope(model, [["a2"], ["a0"]]), pytest.raises(RuntimeError, match="outside its experts module"):
+        projection(torch.randn(4, projection.in_features))
 
 
 def test_expert_modules_lagging_transformers_flags_or_split_over_ranks_are_refused():
