@@ -408,7 +408,7 @@ def _filter_cases():
                         plan["num_warps"],
                         alignments=(True,),
                     )
-                consts = dict(K_PAD=AF.next_pow2(k), CAP=plan["CAP"], RESCORE_N=plan["RESCORE_N"])
+                consts = dict(K_PAD=AF.finish_k_pad(k), CAP=plan["CAP"], RESCORE_N=plan["RESCORE_N"])
                 yield (
                     f"arrow filter finish {dt} scoped={scoped} {consts}",
                     AF._finish_kernel,

@@ -204,6 +204,13 @@ def _finish_kernel(
     store_topk(best, rows, rows >= 0, idx_ptr, score_ptr, K, K, K_PAD)
 
 
+def finish_k_pad(k: int) -> int:
+    """The finish kernel's running top-K_PAD for k: at least 2, since Triton 3.8 fails at random to
+    compile its rescoring at K_PAD = 1 ('tt.broadcast' op requires the same element type), which on
+    sm_90 took 168 registers and spilled where K_PAD = 2 takes 128; the k stored are the same."""
+    return max(2, next_pow2(k))
+
+
 def filter_config() -> dict:
     return dict(INTERPRETER_CONFIG if interpreting() else GPU_CONFIG)
 
@@ -337,7 +344,7 @@ def _filter_rows(x, prototypes, k, seed_idx, seed_scores, idx, scores, allowed_u
         prototypes.stride(0),
         stride_allowed,
         HAS_SCOPE=scoped,
-        K_PAD=next_pow2(k),
+        K_PAD=finish_k_pad(k),
         CAP=cap,
         RESCORE_N=plan["RESCORE_N"],
         RESCORE_D=plan["RESCORE_D"],
