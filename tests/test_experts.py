@@ -245,6 +245,35 @@ def test_a_scope_keeps_each_token_of_an_moe_layers_experts_to_its_rows_set(tmp_p
         projection(torch.randn(4, projection.in_features))
 
 
+def test_a_forward_in_another_thread_leaves_a_scoped_experts_tokens_alone(tmp_path):
+    """What the scope learns of an expert's gather is per thread: another thread's forward run in the
+    middle of an expert (between its two projections) changed it when it was a module attribute, and
+    the scoped rows then took adapters outside their sets."""
+    import threading
+
+    model = _moe("qwen3_moe")
+    paths = [make_adapter(model, tmp_path / f"a{i}", seed=i, arch="qwen3_moe") for i in range(3)]
+    lag_triton.patch(model, Library.from_peft(paths, names=["a0", "a1", "a2"], progress=False), k=2)
+    ids = torch.randint(2, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
+    sets = [["a1"], []]
+    with torch.no_grad(), lag_triton.scope(model, sets):
+        want = model(input_ids=ids).logits
+    other = threading.Thread(target=lambda: model(input_ids=ids[:, :5]))  # the same scope covers it
+
+    def run_other_once(*_):
+        if other.ident is None:
+            other.start()
+            other.join()
+
+    hooks = [p.register_forward_hook(run_other_once) for p in model.model.layers[1].mlp.experts.gate_up_proj]
+    with torch.no_grad(), lag_triton.scope(model, sets):
+        got = model(input_ids=ids).logits
+    for hook in hooks:
+        hook.remove()
+    assert other.ident is not None  # it ran, inside an expert of the scoped forward
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_expert_modules_lagging_transformers_flags_or_split_over_ranks_are_refused():
     class Experts(torch.nn.Module):  # 3-D parameters, but no use_experts_implementation flags
         def __init__(self):
