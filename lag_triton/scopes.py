@@ -29,6 +29,9 @@ parameters (:mod:`.moe`) are each fed a gather of the tokens routed to them: the
 the scope which of the batch's tokens those are, and each token keeps its row's set. Where
 transformers keeps experts as separate linear layers (``...experts.<i>...``, older releases), the
 MoE block gathers the tokens itself and no shape tells their rows: a scope restricting one is refused.
+The scoped model's own call is checked too, where it is given ``input_ids`` / ``inputs_embeds``
+(or the decoder's): their batch size must be the scope's, and in a decoder-only model a 2-D layer
+input must hold all of the call's B * S tokens (a block fed some of them is refused).
 
 A scope covers every forward of the model while it is open, whichever thread runs it (``generate``
 started in a thread beside a streamer included). So one thread, and in it one task (asyncio task,
@@ -69,6 +72,33 @@ _STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _GATHERED = re.compile(r"(?:^|\.)experts\.\d+\.")
 
 
+# (rows, tokens) of the scoped model's call running in this thread and task, where a decoder-only
+# model was called with input_ids / inputs_embeds [B, S, ...]: a 2-D input must hold all B * S tokens
+# (a block fed some of them, as Ernie-4.5-VL's text and vision experts are, would take wrong rows)
+_CALL: contextvars.ContextVar = contextvars.ContextVar("lag_triton_scoped_call", default=None)
+_BATCH_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds", "input_ids", "inputs_embeds")
+
+
+def _call_batch(args, kwargs) -> tuple[str, torch.Tensor] | None:
+    """(name, tensor) of the batch a model was called with: its (decoder's) token ids or embeddings."""
+    for key in _BATCH_INPUTS:
+        t = kwargs.get(key)
+        if isinstance(t, torch.Tensor) and t.dim() >= 2:
+            return key, t
+    if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 2 and not args[0].is_floating_point():
+        return "input_ids", args[0]  # model(input_ids) positionally
+    return None
+
+
+def _repeated_hint(given: int, rows: int) -> str:
+    if rows > given and rows % given == 0:
+        return (
+            f". generate with num_beams or num_return_sequences = {rows // given} repeats each row: give "
+            f"one entry per repeated row ([entry for entry in allowed for _ in range({rows // given})])"
+        )
+    return ""
+
+
 class _ScopeMasks:
     """The masks of one scope, per patched route: allowed [B, N_module] bool on the route's device."""
 
@@ -99,19 +129,20 @@ class _ScopeMasks:
                 # all give the same set
                 stride = self.rows // rows
             elif rows != self.rows:
-                repeated = (
-                    f". generate with num_beams or num_return_sequences = {rows // self.rows} repeats each row: give "
-                    f"one entry per repeated row ([entry for entry in allowed for _ in range({rows // self.rows})])"
-                    if rows > self.rows and rows % self.rows == 0
-                    else ""
-                )
                 raise ValueError(
                     f"lag_triton.scope was given {self.rows} batch rows, but layer {layer_name!r} got "
-                    f"an input of shape {tuple(x.shape)} ({rows} rows){repeated}"
+                    f"an input of shape {tuple(x.shape)} ({rows} rows){_repeated_hint(self.rows, rows)}"
                 )
             per_row = x.numel() // max(1, rows * d_in)
         else:
             tokens = x.numel() // d_in
+            call = _CALL.get()
+            if call is not None and tokens != call[1]:
+                raise ValueError(
+                    f"lag_triton.scope cannot tell the batch rows of layer {layer_name!r}'s tokens: it got a "
+                    f"flattened input of {tokens} tokens, and the batch has {call[1]} ({call[0]} rows); a block "
+                    "fed some of the batch's tokens (Ernie-4.5-VL's text and vision experts, say) cannot be scoped"
+                )
             if tokens % self.rows:
                 raise ValueError(
                     f"lag_triton.scope was given {self.rows} batch rows, but layer {layer_name!r} got a flattened "
@@ -284,6 +315,26 @@ def _resolve(allowed, library_names: dict[int, list[str]]) -> dict[int, torch.Te
     return masks
 
 
+def _enter_call(state: _ScopeMasks, model: nn.Module, args, kwargs) -> None:
+    """Refuse a call whose batch has other than the scope's rows (layers whose inputs do not show the
+    rows, as an MoE layer's experts, could not), and note its tokens for the layers' 2-D inputs."""
+    batch = _call_batch(args, kwargs)
+    if batch is None:
+        return
+    name, t = batch
+    if t.shape[0] != state.rows:
+        raise ValueError(
+            f"lag_triton.scope was given {state.rows} batch rows, but {type(model).__name__} was called with "
+            f"{name} of shape {tuple(t.shape)} ({t.shape[0]} rows){_repeated_hint(state.rows, t.shape[0])}"
+        )
+    decoder_only = not any(key.startswith("decoder_") for key in kwargs if kwargs[key] is not None)
+    _CALL.set((t.shape[0], t.shape[0] * t.shape[1]) if decoder_only else None)
+
+
+def _exit_call() -> None:
+    _CALL.set(None)
+
+
 def _holder_error(model: nn.Module, other_thread: bool) -> RuntimeError:
     who, each = ("another thread", "thread") if other_thread else ("another task (asyncio task or context)", "task")
     return RuntimeError(
@@ -343,9 +394,17 @@ def scope(model: nn.Module, allowed) -> Iterator[None]:
             _STACKS.setdefault(layer, []).append(state)
             layer._scope = state
     token = _HELD.set(held | {state})
+    hooks = []
+    if rows is not None:
+        hooks = [
+            model.register_forward_pre_hook(lambda m, a, kw: _enter_call(state, m, a, kw), with_kwargs=True),
+            model.register_forward_hook(lambda m, a, kw, out: _exit_call(), with_kwargs=True, always_call=True),
+        ]
     try:
         yield
     finally:
+        for hook in hooks:
+            hook.remove()
         try:
             _HELD.reset(token)
         except ValueError:  # exited in another context than it was entered in: that one is not ours to change

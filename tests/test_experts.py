@@ -245,6 +245,59 @@ def test_a_scope_keeps_each_token_of_an_moe_layers_experts_to_its_rows_set(tmp_p
         projection(torch.randn(4, projection.in_features))
 
 
+def test_a_scope_refuses_a_batch_whose_rows_only_expert_layers_see(tmp_path):
+    """A library of experts alone: no layer input shows the batch rows (a 4-row batch under a 2-row
+    scope took row 0's set for row 1), so the model's call is checked."""
+    model = _moe("qwen3_moe")
+    paths = [
+        make_adapter(model, tmp_path / f"a{i}", seed=i, arch="qwen3_moe", targets=["q_proj"], target_parameters=EXPERTS)
+        for i in range(2)
+    ]
+    built = Library.from_peft(paths, names=["a0", "a1"], progress=False)
+    library = Library(built.names, {name: w for name, w in built.modules.items() if ".experts." in name})
+    lag_triton.patch(model, library, k=1)
+    ids = torch.randint(2, VOCAB, (4, 5), generator=torch.Generator().manual_seed(0))
+    called = r"given 2 batch rows, but Qwen3MoeForCausalLM was called with input_ids of shape \(4, 5\) \(4 rows\)"
+    with pytest.raises(ValueError, match=called + r"\. generate with num_beams"):
+        with torch.no_grad(), lag_triton.scope(model, [["a0"], []]):
+            model(input_ids=ids)
+    with torch.no_grad(), lag_triton.scope(model, [["a0"], [], ["a1"], []]):
+        model(input_ids=ids)  # as many rows as the scope
+
+
+def test_a_scope_refuses_an_moe_block_fed_some_of_the_batchs_tokens(tmp_path):
+    """Ernie-4.5-VL runs its text experts on the text tokens only: their rows cannot be told (row 1,
+    scoped to no adapter, got row 0's), so the scope refuses them instead."""
+    import transformers
+
+    if not hasattr(transformers, "Ernie4_5_VLMoeTextModel"):
+        pytest.skip(f"transformers {transformers.__version__} has no Ernie4_5_VLMoeTextModel")
+    config = transformers.Ernie4_5_VLMoeTextConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        moe_num_experts=4,
+        moe_k=2,
+        moe_intermediate_size=[32, 32],
+        moe_num_shared_experts=0,
+        mlp_layer_types=["sparse"],
+        pad_token_id=0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [3, 3, 2]},
+    )
+    torch.manual_seed(0)
+    model = transformers.Ernie4_5_VLMoeTextModel(config).eval()
+    path = make_adapter(model, tmp_path / "a", seed=5, targets=["q_proj"], target_parameters=EXPERTS)
+    lag_triton.patch(model, Library.from_peft([path], names=["a0"], progress=False), k=1)
+    ids = torch.randint(2, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    types = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]])  # row 0: 2 text tokens, then 4 vision tokens
+    with pytest.raises(ValueError, match=r"flattened input of 8 tokens, and the batch has 12 \(2 rows\)"):
+        with torch.no_grad(), lag_triton.scope(model, [["a0"], []]):
+            model(input_ids=ids, moe_mm_token_type_ids=types)
+
+
 def test_a_forward_in_another_thread_leaves_a_scoped_experts_tokens_alone(tmp_path):
     """What the scope learns of an expert's gather is per thread: another thread's forward run in the
     middle of an expert (between its two projections) changed it when it was a module attribute, and

@@ -281,7 +281,9 @@ def test_scope_errors_name_what_is_wrong(libraries):
     with pytest.raises(ValueError, match="no attached library has: \\['nope'\\]"):
         with lag_triton.scope(model, [["doc1", "nope"]]):
             pass
-    with pytest.raises(ValueError, match="2 batch rows, but layer .*\\(3 rows\\)"):
+    with pytest.raises(
+        ValueError, match=r"2 batch rows, but LlamaForCausalLM was called with input_ids of shape \(3, 4\) \(3 rows\)"
+    ):
         with torch.no_grad(), lag_triton.scope(model, [["doc1"], ["doc2"]]):
             model(input_ids=_ids(3, 4))
     with pytest.raises(ValueError, match="out of range"):
