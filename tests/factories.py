@@ -81,6 +81,19 @@ ARCHS = {
         "MiniMaxM2Config",
         dict(_WIDER, num_local_experts=4, num_experts_per_tok=2, rotary_dim=16, layer_types=["full_attention"] * 2),
     ),
+    "ernie4_5_vl_text": (  # runs its text and vision experts each on its own tokens (moe_mm_token_type_ids)
+        "Ernie4_5_VLMoeTextModel",
+        "Ernie4_5_VLMoeTextConfig",
+        dict(
+            _WIDER,
+            moe_num_experts=4,
+            moe_k=2,
+            moe_intermediate_size=[32, 32],
+            moe_num_shared_experts=0,
+            mlp_layer_types=["sparse"] * 2,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [3, 3, 2]},
+        ),
+    ),
     "gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig", _WIDER),
     "falcon": ("FalconForCausalLM", "FalconConfig", {k: v for k, v in _WIDER.items() if k != "head_dim"}),  # derived
     "opt": ("OPTForCausalLM", "OPTConfig", dict(_WIDER, ffn_dim=96, word_embed_proj_dim=64)),

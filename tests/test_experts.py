@@ -268,27 +268,7 @@ def test_a_scope_refuses_a_batch_whose_rows_only_expert_layers_see(tmp_path):
 def test_a_scope_refuses_an_moe_block_fed_some_of_the_batchs_tokens(tmp_path):
     """Ernie-4.5-VL runs its text experts on the text tokens only: their rows cannot be told (row 1,
     scoped to no adapter, got row 0's), so the scope refuses them instead."""
-    import transformers
-
-    if not hasattr(transformers, "Ernie4_5_VLMoeTextModel"):
-        pytest.skip(f"transformers {transformers.__version__} has no Ernie4_5_VLMoeTextModel")
-    config = transformers.Ernie4_5_VLMoeTextConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        moe_num_experts=4,
-        moe_k=2,
-        moe_intermediate_size=[32, 32],
-        moe_num_shared_experts=0,
-        mlp_layer_types=["sparse"],
-        pad_token_id=0,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [3, 3, 2]},
-    )
-    torch.manual_seed(0)
-    model = transformers.Ernie4_5_VLMoeTextModel(config).eval()
+    model = tiny_model("ernie4_5_vl_text")
     path = make_adapter(model, tmp_path / "a", seed=5, targets=["q_proj"], target_parameters=EXPERTS)
     lag_triton.patch(model, Library.from_peft([path], names=["a0"], progress=False), k=1)
     ids = torch.randint(2, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
