@@ -114,10 +114,14 @@ def use_triton_interpreter_without_gpu() -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def version_tuple(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string such as Triton's ``3.9.0`` or ``3.6.0+git...``."""
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+
+
 def triton_too_old_reason(version: str) -> str | None:
     """Why Triton ``version`` cannot compile these kernels (None if it can)."""
-    numbers = [int(part) for part in re.findall(r"\d+", version)[:2]]
-    if tuple(numbers) >= MIN_TRITON:
+    if version_tuple(version) >= MIN_TRITON:
         return None
     floor = ".".join(map(str, MIN_TRITON))
     return (

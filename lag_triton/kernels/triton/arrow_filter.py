@@ -31,13 +31,13 @@ until a GPU run has measured that (``LAG_TRITON_FILTER_GEMM=1``; the benchmarks'
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import version_tuple
 from ..common import score_row_chunks
 from ._common import (
     EMPTY_SLOT,
@@ -70,7 +70,7 @@ FINISH_WARPS = 4
 #: take the survivors' buffer slots by an atomic on the tile flattened to 1-D: Triton 3.8 and 3.9
 #: fail to compile the [BLOCK_M, BLOCK_N] atomic (an assertion in RemoveLayoutConversions); 3.7
 #: compiles both, the flat one in fewer registers; 3.4 to 3.6 spill 160-436 bytes with it (sm_90).
-FLAT_SLOTS = tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2]) >= (3, 7)
+FLAT_SLOTS = version_tuple(triton.__version__) >= (3, 7)
 
 
 @triton.jit
