@@ -206,8 +206,8 @@ def _finish_kernel(
 
 def finish_k_pad(k: int) -> int:
     """The finish kernel's running top-K_PAD for k: at least 2, since Triton 3.8 fails at random to
-    compile its rescoring at K_PAD = 1 ('tt.broadcast' op requires the same element type), which on
-    sm_90 took 168 registers and spilled where K_PAD = 2 takes 128; the k stored are the same."""
+    compile its rescoring at K_PAD = 1 ('tt.broadcast' op requires the same element type); the k
+    stored are the same (registers: bench/results/aot-sm90-triton-*.txt)."""
     return max(2, next_pow2(k))
 
 
