@@ -362,18 +362,19 @@ rerank_select_kernel(const int32_t* __restrict__ cand, const float* __restrict__
     for (int i = lane; i < m; i += 32) wt[i] = st[i] >= 0 ? 1.f / valid : 0.f;
     return;
   }
-  // softmax(key / temperature) as torch computes it: exp(v - max(v)) / sum; NaN propagates.
+  // softmax(key / temperature) as the reference computes it: exp((key - max key) / temperature) / sum
+  // (no inf / inf at a tiny temperature); NaN propagates.
   float mx = -INFINITY;
   for (int i = lane; i < m; i += 32)
-    if (st[i] >= 0) mx = nan_max(mx, wt[i] / temperature);
+    if (st[i] >= 0) mx = nan_max(mx, wt[i]);
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) mx = nan_max(mx, __shfl_xor_sync(kFull, mx, o));
   float sum = 0.f;
   for (int i = lane; i < m; i += 32)
-    if (st[i] >= 0) sum += expf(wt[i] / temperature - mx);
+    if (st[i] >= 0) sum += expf((wt[i] - mx) / temperature);
   sum = warp_sum(sum);
   __syncwarp();
-  for (int i = lane; i < m; i += 32) wt[i] = st[i] >= 0 ? expf(wt[i] / temperature - mx) / sum : 0.f;
+  for (int i = lane; i < m; i += 32) wt[i] = st[i] >= 0 ? expf((wt[i] - mx) / temperature) / sum : 0.f;
 }
 
 template <typename TE>

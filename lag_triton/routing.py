@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .kernels import Backend
-from .kernels.common import COMBINE_MODES, constant_weights, scoped_rows, selection_weights
+from .kernels.common import COMBINE_MODES, check_temperature, constant_weights, scoped_rows, selection_weights
 
 ROUTERS = ("lag", "arrow", "spectr")
 
@@ -38,8 +38,7 @@ class RoutingConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if self.router == "lag" and self.top_m > self.k:
             raise ValueError(f"top_m={self.top_m} > k={self.k}: SpectR cannot pick more than the k Arrow candidates")
-        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
-            raise ValueError(f"temperature must be a number > 0, got {self.temperature!r}")
+        check_temperature(self.temperature)
 
     def sizes(self, n_adapters: int) -> tuple[int, int]:
         """(candidates k, selected m) for a module with ``n_adapters`` adapters."""

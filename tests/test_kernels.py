@@ -622,6 +622,32 @@ def test_spectr_rerank_nan_inf(ops):
         torch.testing.assert_close(z, ref_z, equal_nan=True)
 
 
+@pytest.mark.parametrize("temperature", [1.2e-38, 1e-30, 1e-3])
+def test_spectr_rerank_tiny_temperature_weights_the_best_pick(ops, temperature):
+    """softmax(key / t) at a temperature where key / t overflows fp32 is still the best pick alone
+    (the keys are shifted by their maximum first), never inf / inf = NaN; equal to the reference."""
+    n, r, d, k, m = 30, 6, 33, 8, 3
+    x = randn(5, d, seed=17) * 100  # norms in the thousands: key / 1e-30 overflows, key / 1e-3 does not
+    a = randn(n, r, d, seed=18)
+    cand = _candidates(5, n, k, seed=19)
+    cand[1, 2:] = -1  # a scope left this token two candidates: the third pick gets 0
+    cand[2, 1:] = -1  # ... and this one a single candidate
+    sel, w, z = ops.spectr_rerank(x, a, cand, m, "softmax", temperature)
+    ref_sel, ref_w, ref_z = reference.spectr_rerank(x, a, cand, m, "softmax", temperature)
+    assert torch.equal(sel, ref_sel)
+    assert torch.isfinite(ref_w).all() and torch.isfinite(w).all()
+    torch.testing.assert_close(w, ref_w, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(z, ref_z, rtol=1e-5, atol=1e-3)  # |z| ~ 1e3: fp32 sums in another order
+    norms = ref_z.norm(dim=-1)  # [T, m], descending within a row
+    picked = sel >= 0
+    gaps = norms[:, :1] - norms  # how far below the best each pick is
+    want = torch.exp(-gaps / temperature) * picked
+    want = want / want.sum(-1, keepdim=True)
+    torch.testing.assert_close(ref_w, want, atol=1e-5, rtol=1e-4)
+    if temperature < 1e-20:  # the limit: the best pick alone, whatever the others' keys
+        assert torch.equal(ref_w, torch.nn.functional.one_hot(torch.zeros(5, dtype=torch.long), m).float())
+
+
 # ----------------------------------------------------------------------------- folded split reductions
 
 

@@ -110,8 +110,11 @@ RERANK_CASES = {
     "top_m zero": (dict(top_m=0), r"top_m must be an int in \[1, k=5\], got 0"),
     "top_m above k": (dict(top_m=K + 1), r"top_m must be an int in \[1, k=5\], got 6"),
     "combine unknown": (dict(combine="max"), r"combine must be one of \('softmax', 'uniform'\), got 'max'"),
-    "temperature zero": (dict(temperature=0.0), r"temperature must be > 0, got 0.0"),
-    "temperature NaN": (dict(temperature=math.nan), r"temperature must be > 0, got nan"),
+    "temperature zero": (dict(temperature=0.0), r"temperature must be a number >= 1.18e-38 .*, got 0.0"),
+    "temperature NaN": (dict(temperature=math.nan), r"temperature must be a number >= 1.18e-38 .*, got nan"),
+    # 1 / t overflows float32 (a division may run as that product): the softmax would take inf / inf
+    "temperature subnormal": (dict(temperature=1e-39), r"temperature must be a number >= 1.18e-38 .*, got 1e-39"),
+    "temperature a string": (dict(temperature="1"), r"temperature must be a number >= 1.18e-38 .*, got '1'"),
     "scores wrong shape": (
         dict(candidate_scores=torch.zeros(T, K - 1)),
         r"candidate_scores shape \(3, 4\) != candidates shape \(3, 5\)",

@@ -8,6 +8,8 @@ message is formatted when it fails).
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 COMBINE_MODES = ("softmax", "uniform")
@@ -84,8 +86,7 @@ def check_rerank_args(
         raise ValueError(f"top_m must be an int in [1, k={k}], got {top_m!r}")
     if combine not in COMBINE_MODES:
         raise ValueError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    check_temperature(temperature)
     if candidate_scores is not None and candidate_scores.shape != candidates.shape:
         raise ValueError(
             f"candidate_scores shape {tuple(candidate_scores.shape)} != candidates shape {tuple(candidates.shape)}"
@@ -195,6 +196,22 @@ def constant_weights(top_m: int, combine: str) -> bool:
     return top_m == 1 or combine == "uniform"
 
 
+#: the smallest temperature: the softmax divides the keys by it in fp32, where 1 / t must stay finite
+#: (a division may run as a product with the reciprocal) -- the smallest normal fp32, 1.2e-38
+MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
+
+
+def check_temperature(temperature) -> None:
+    """Raise ValueError unless ``temperature`` is a number the weights can be computed with in fp32."""
+    if type(temperature) is float and temperature >= MIN_TEMPERATURE:  # every routed call's: no ABC check
+        return
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature >= MIN_TEMPERATURE:
+        raise ValueError(
+            f"temperature must be a number >= {MIN_TEMPERATURE:.3g} (the smallest normal float32: the weights "
+            f"divide by it in float32), got {temperature!r}"
+        )
+
+
 def selection_weights(
     selected_keys: torch.Tensor, combine: str, temperature: float, picked: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -202,12 +219,15 @@ def selection_weights(
 
     One pick gets weight 1; several get softmax(key / temperature) or 1 / top_m. Picks that are
     not ``picked`` ([T, m] bool: no candidate left, under a scope) get 0, and the weights spread
-    over the others.
+    over the others. The softmax takes (key - max key) / temperature: the same weights, and no
+    overflow (inf / inf) however small the temperature -- it tends to the best pick alone.
     """
     t, m = selected_keys.shape
     if picked is None:
         picked = torch.ones((t, m), dtype=torch.bool, device=selected_keys.device)
     if constant_weights(m, combine):
         return picked.float() / picked.sum(-1, keepdim=True).clamp(min=1)
-    logits = torch.where(picked, selected_keys.float() / temperature, float("-inf"))
+    keys = torch.where(picked, selected_keys.float(), float("-inf"))
+    top = keys.amax(dim=-1, keepdim=True)  # NaN if a picked key is NaN: it propagates, as in softmax
+    logits = torch.where(picked, (keys - top) / temperature, float("-inf"))
     return torch.where(picked, torch.softmax(logits, dim=-1), 0.0)

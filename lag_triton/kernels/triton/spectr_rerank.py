@@ -389,8 +389,9 @@ def _rank_token(
         skey = tl.sqrt_rn(tl.sum(zs * zs, axis=1))  # as the ranking's key
     # Weights over the valid picks only (fewer than M when a scope left fewer candidates); others 0.
     if SOFTMAX:
-        v = tl.where(ok, skey / temperature, float("-inf"))
-        e = tl.where(ok, tl.exp(v - tl.max(v, axis=0)), 0.0)
+        # (key - max key) / temperature, as common.selection_weights: no inf / inf at a tiny temperature
+        v = tl.where(ok, skey, float("-inf"))
+        e = tl.where(ok, tl.exp((v - tl.max(v, axis=0)) / temperature), 0.0)
         total = tl.sum(e, axis=0)
         w = tl.where(ok, e / tl.where(total > 0, total, 1.0), 0.0)
     else:
