@@ -288,6 +288,26 @@ def test_refused_tensors(llama, tmp_path, extra, needle):
         Library.from_peft([path], progress=False)
 
 
+def test_multihead_attention_lora_is_refused_at_build(tmp_path):
+    """PEFT adapts an nn.MultiheadAttention as one LoRA on its packed in_proj (at the attention module)
+    and one on its out_proj, saved under the wrapper (``attn.base_layer.out_proj``): not linear layers
+    of the model, so the build refuses the adapter, naming the module (patch would refuse the model)."""
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+            self.proj = torch.nn.Linear(16, 16)
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(Block(), LoraConfig(r=2, target_modules=["attn", "proj"], init_lora_weights=False))
+    model.save_pretrained(str(tmp_path / "mha"))
+    with pytest.raises(AdapterError, match=r"module 'attn.base_layer.out_proj' lies inside PEFT's wrapper of 'attn'"):
+        Library.from_peft([tmp_path / "mha"], progress=False)
+
+
 def test_rank_that_disagrees_with_config_and_shape_mismatch_across_adapters(llama, tmp_path):
     path = make_adapter(llama, tmp_path / "a", seed=0, r=4)
     cfg = json.loads((path / "adapter_config.json").read_text())

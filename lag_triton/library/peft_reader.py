@@ -328,6 +328,14 @@ class PeftAdapter:
         if not keys:
             raise self.error("contains no LoRA weights")
         wrapped = self._wrapped_parameters(keys)
+        for module in keys:
+            outer, nested, _ = module.partition(_WRAPPED + ".")
+            if nested:  # a module inside a PEFT wrapper: no layer of the model has that name
+                raise self.error(
+                    f"module {module!r} lies inside PEFT's wrapper of {outer!r} (its {_WRAPPED[1:]}): PEFT saves its "
+                    f"LoRA of an nn.MultiheadAttention so (the out_proj there, the packed in_proj on {outer!r} "
+                    "itself), which LAG refuses: it routes linear layers, and an attention module is not one"
+                )
         for module, pair in sorted(keys.items()):
             if set(pair) != {"A", "B"}:
                 raise self.error(f"module {module!r} has lora_{''.join(pair)} but not its partner")
