@@ -21,8 +21,8 @@ The MoE router (PEFT's ``"all-linear"`` adapts its ``weight`` as ``target_parame
 once and then picks experts from it: ``patch`` wraps it in a ``LagRouter`` (routed_layers.py) that runs
 its forward with that one product redirected through LAG (:class:`LinearRedirect`), so routing
 picks experts from W x + the routed update, as PEFT's merged weight does. :func:`check_router`
-runs the forward once on a dummy input at patch time to make sure it computes that product
-exactly once.
+runs the forward twice on a dummy input at patch time to make sure it computes that product
+exactly once each time.
 
 The class flags (``has_gate``, ``has_bias``, ``is_transposed``, ``has_post_expert_norm``) are
 those transformers' ``use_experts_implementation`` sets; an expert module without them is
@@ -357,8 +357,8 @@ _ROUTER = "was taken for an MoE router (a 2-D weight, and no linear layer's forw
 def check_router(name: str, router: nn.Module) -> torch.dtype | None:
     """The dtype a router's forward casts its weight to for its product (routers that take their
     logits in fp32), or None where it takes the weight as it is. Raises ValueError naming ``name``
-    unless that forward, run once on a dummy input (no gradient), computes ``F.linear(x,
-    self.weight[, bias])`` exactly once. A forward that takes more than the hidden states
+    unless that forward, run twice on a dummy input (no gradient), computes ``F.linear(x,
+    self.weight[, bias])`` exactly once each time. A forward that takes more than the hidden states
     (MiniMax-M2's takes the expert-score bias too) cannot be run here: None, and every forward
     checks that it computed the product once (:class:`.routed_layers.LagRouter`)."""
     weight = router.weight
@@ -369,19 +369,22 @@ def check_router(name: str, router: nn.Module) -> torch.dtype | None:
         return None
     except ValueError:  # no signature to read (a builtin): run it
         pass
-    try:
-        with torch.no_grad(), LinearRedirect(weight, F.linear) as mode:
-            router(x)
-    except Exception as e:  # noqa: BLE001 - whatever it raises, it is no router LAG can wrap
-        raise ValueError(
-            f"module {name!r} ({type(router).__name__}) {_ROUTER}; its forward failed on a [2, {weight.shape[1]}] "
-            f"input: {type(e).__name__}: {e}"
-        ) from None
-    if mode.calls != 1:
-        raise ValueError(
-            f"module {name!r} ({type(router).__name__}) {_ROUTER}, and its forward computes "
-            f"F.linear(x, weight) {mode.calls} times (LAG routes a module whose forward computes it once, as an MoE "
-            "router does, and adds the routed update to that product). Its weight may be cast on the way "
-            "(self.weight.float()), not otherwise changed"
-        )
+    # Twice: a forward that kept a copy of its weight from its first call (a cached cast) would reach
+    # F.linear with that copy from the second on, which no redirect can tell from another tensor.
+    for run in ("", " from its second call on"):
+        try:
+            with torch.no_grad(), LinearRedirect(weight, F.linear) as mode:
+                router(x)
+        except Exception as e:  # noqa: BLE001 - whatever it raises, it is no router LAG can wrap
+            raise ValueError(
+                f"module {name!r} ({type(router).__name__}) {_ROUTER}; its forward failed{run} on a "
+                f"[2, {weight.shape[1]}] input: {type(e).__name__}: {e}"
+            ) from None
+        if mode.calls != 1:
+            raise ValueError(
+                f"module {name!r} ({type(router).__name__}) {_ROUTER}, and its forward computes "
+                f"F.linear(x, weight) {mode.calls} times{run} (LAG routes a module whose forward computes it once, "
+                "as an MoE router does, and adds the routed update to that product). Its weight may be cast on the "
+                "way (self.weight.float()), not otherwise changed, nor kept cast from one call to the next"
+            )
     return mode.cast_to

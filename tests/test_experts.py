@@ -386,8 +386,22 @@ class _ScaledRouter(_TwiceRouter):
         return torch.nn.functional.linear(x, 2 * self.weight)
 
 
+class _CachingRouter(_TwiceRouter):
+    """Keeps its weight cast to fp64 from its first call (a copy no later call can be told by)."""
+
+    def forward(self, x):
+        if "cast" not in self.__dict__:
+            self.__dict__["cast"] = self.weight.double()
+        return torch.nn.functional.linear(x.double(), self.__dict__["cast"])
+
+
 @pytest.mark.parametrize(
-    "router,message", [(_TwiceRouter, "2 times"), (_ScaledRouter, "0 times.*not otherwise changed")]
+    "router,message",
+    [
+        (_TwiceRouter, "2 times"),
+        (_ScaledRouter, "0 times.*not otherwise changed"),
+        (_CachingRouter, "0 times from its second call on.*nor kept cast from one call to the next"),
+    ],
 )
 def test_a_module_whose_forward_is_not_one_product_with_its_weight_is_refused(router, message):
     from lag_triton.library import ModuleWeights
