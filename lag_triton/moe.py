@@ -312,37 +312,66 @@ class RouterView(nn.Module):
 _CASTS = frozenset(
     getattr(torch.Tensor, name) for name in ("to", "type", "type_as", "float", "double", "half", "bfloat16")
 )
+# ... and those that return it transposed, with the products that take it so: Kolibri1's router takes
+# torch.mm(x, self.weight.t(), out_dtype=torch.float32) on CUDA (fp32 logits from a 16-bit GEMM)
+_TRANSPOSES = frozenset((torch.Tensor.t, torch.t, torch.Tensor.transpose, torch.transpose))
+_TRANSPOSED_PROPERTIES = (torch.Tensor.T, torch.Tensor.mT)  # their getters reach the mode as bound __get__
+_MATMULS = frozenset((torch.mm, torch.matmul, torch.Tensor.mm, torch.Tensor.matmul))
+
+
+def _transposes(func, args) -> bool:
+    """Whether ``func(*args)`` returns its 2-D first argument transposed."""
+    if func in _TRANSPOSES:
+        return len(args) < 3 or (args[1] - args[2]) % 2 != 0  # t(w), or transpose(w, d0, d1) with d0 != d1
+    return getattr(func, "__self__", None) in _TRANSPOSED_PROPERTIES
 
 
 class LinearRedirect(TorchFunctionMode):
     """Within its ``with`` block, every ``F.linear(x, w, bias=None)`` whose ``w`` is one weight
     (matched by identity) or a copy of it that the block cast (``weight.float()``,
-    ``.type(torch.float32)``, ``.to(...)``, in any chain) calls ``fn(x, w, bias)`` instead.
-    ``.calls`` counts them; ``.cast_to`` is the last such ``w``'s dtype if the block cast it to get
-    there, else None."""
+    ``.type(torch.float32)``, ``.to(...)``, in any chain), and every ``torch.mm(x, wt[, out_dtype=])``
+    or ``matmul`` whose ``wt`` is such a weight transposed (``.t()``, ``.T``), calls ``fn(x, w,
+    bias)`` instead (an ``out_dtype`` product as ``fn(x.to(out_dtype), w.to(out_dtype), None)``: the
+    same fp32 product of 16-bit values, on any device). ``.calls`` counts them; ``.cast_to`` is the
+    last such product's dtype if the block cast the weight (or gave an ``out_dtype``) to get there,
+    else None."""
 
     def __init__(self, weight: torch.Tensor, fn: Callable[..., torch.Tensor]):
         super().__init__()
         self.weight, self.fn, self.calls, self.cast_to = weight, fn, 0, None
-        # the weight, then every cast of it (w.float() of an fp32 w is w itself): held, so that no
-        # other tensor can take a copy's identity while the block runs
-        self._copies = [weight]
+        # (tensor, transposed, cast) for the weight, then every cast or transpose of one of them (w.float()
+        # of an fp32 w is w itself, cast): held, so that no other tensor can take one's identity meanwhile
+        self._derived = [(weight, False, False)]
 
-    def _last_copy(self, t) -> int:
-        return max((i for i, w in enumerate(self._copies) if t is w), default=-1)
+    def _derivation(self, t) -> tuple[bool, bool] | None:
+        """(transposed, cast): how the block derived ``t`` from the weight, last way first; None: it did not."""
+        return next(((transposed, cast) for w, transposed, cast in reversed(self._derived) if t is w), None)
+
+    def _redirect(self, x: torch.Tensor, weight: torch.Tensor, bias, cast: bool) -> torch.Tensor:
+        self.calls += 1
+        self.cast_to = weight.dtype if cast else None
+        return self.fn(x, weight, bias)  # the mode is off inside its own handler: fn's F.linear runs plain
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
             x, weight, bias = _linear_arguments(*args, **kwargs)
-            copy = self._last_copy(weight)
-            if copy >= 0:
-                self.calls += 1
-                self.cast_to = weight.dtype if copy > 0 else None
-                return self.fn(x, weight, bias)  # the mode is off inside its own handler: fn's F.linear runs plain
+            how = self._derivation(weight)
+            if how is not None and not how[0]:
+                return self._redirect(x, weight, bias, cast=how[1])
+        elif func in _MATMULS and len(args) == 2 and set(kwargs) <= {"out_dtype"}:
+            how = self._derivation(args[1])
+            if how is not None and how[0]:
+                x, weight, dtype = args[0], args[1].T, kwargs.get("out_dtype")
+                if dtype is not None:
+                    x, weight = x.to(dtype), weight.to(dtype)
+                return self._redirect(x, weight, None, cast=how[1] or dtype is not None)
         out = func(*args, **kwargs)
-        if func in _CASTS and args and self._last_copy(args[0]) >= 0 and isinstance(out, torch.Tensor):
-            self._copies.append(out)
+        how = self._derivation(args[0]) if args and isinstance(out, torch.Tensor) else None
+        if how is not None and func in _CASTS:
+            self._derived.append((out, how[0], True))
+        elif how is not None and _transposes(func, args):
+            self._derived.append((out, not how[0], how[1]))
         return out
 
 

@@ -543,6 +543,46 @@ def test_a_router_taking_its_product_in_fp32_routes_in_fp32(cast, dtype):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+class _MatmulRouter(torch.nn.Module):
+    """A router that takes its product with the weight transposed: Kolibri1's, on CUDA, runs
+    torch.mm(x, self.weight.t(), out_dtype=torch.float32) (fp32 logits from a 16-bit GEMM)."""
+
+    def __init__(self, product):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(4, 8))
+        self.product = product
+
+    def forward(self, x):
+        return self.product(x.reshape(-1, 8), self.weight).softmax(-1)
+
+
+_TRANSPOSED_PRODUCTS = {
+    # CUDA-only in torch (no CPU kernel for mm with out_dtype): patched, it runs as the fp32 product
+    "mm-out_dtype": lambda x, w: torch.mm(x, w.t(), out_dtype=torch.float32),
+    "matmul-T-cast": lambda x, w: x.float() @ w.T.float(),
+    "cast-mm-transpose": lambda x, w: x.float().mm(w.float().transpose(0, 1)),
+    "matmul-mT": lambda x, w: torch.matmul(x.float(), w.float().mT),
+}
+
+
+@pytest.mark.parametrize("product", list(_TRANSPOSED_PRODUCTS))
+def test_a_router_taking_its_product_with_the_weight_transposed_routes_it(product):
+    """Such a router was refused at patch (no F.linear with its weight), or on CUDA, patched on CPU,
+    raised at its first forward: now its product is the one redirected, in fp32, as PEFT's merged
+    weight gives it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_MatmulRouter(_TRANSPOSED_PRODUCTS[product])).to(torch.bfloat16)
+    weights, delta = _one_adapter(8, 4)
+    x = torch.randn(5, 8).to(torch.bfloat16)
+    want = torch.nn.functional.linear(x.float(), model[0].weight.float() + delta).softmax(-1)
+    lag_triton.patch(model, Library(["a"], {"0": weights}), k=1)
+    assert isinstance(model[0], LagRouter) and model[0].routes[0].a_star.dtype == torch.float32
+    with torch.no_grad(), lag_triton.trace(model) as tr:
+        got = model(x)
+    assert got.dtype == torch.float32 and tr.selections["0"].shape == (5, 1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("cast", ["half", "bfloat16", "double"])
 def test_a_routers_fp32_library_stays_fp32_when_the_model_is_cast_after_patch(cast):
     """Its forward casts the weight to fp32 whatever the model's dtype, so the factors keep fp32
