@@ -41,6 +41,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.stateless import _reparametrize_module  # what torch.func.functional_call runs on
 from torch.overrides import TorchFunctionMode
 
 from .layers import linear_shape
@@ -80,6 +81,7 @@ class ExpertProjection(nn.Module):
         super().__init__()
         self.__dict__["_experts"] = experts  # not a child: the wrapper owns it once (no second path to its parameters)
         self.parameter, self.expert = parameter, expert
+        self.training = experts.training
         shape = getattr(experts, parameter).shape
         self.in_features, self.out_features = (shape[1], shape[2]) if experts.is_transposed else (shape[2], shape[1])
 
@@ -268,14 +270,19 @@ def is_router(module: nn.Module) -> bool:
 
 
 def _returns_tensor(layer: nn.Linear) -> bool:
-    """Whether a linear layer's forward, run once on a dummy input, returns a tensor (a forward that
-    fails here is left to be a linear layer, as it was before this check)."""
-    weight = layer.weight
+    """Whether a linear layer's forward returns a tensor, told by running it once on the meta device
+    (a forward that fails there is left to be a linear layer, as it was before this check). Its
+    parameters and buffers are meta copies for the call and its own hooks do not run, so the model's
+    state is left as it was (a forward that keeps statistics of its inputs, a QAT observer) even when
+    patch is then refused."""
+    meta = {
+        name: torch.empty_like(t, device="meta")
+        for name, t in (*layer.named_parameters(remove_duplicate=False), *layer.named_buffers(remove_duplicate=False))
+    }
+    x = torch.empty(1, layer.in_features, dtype=layer.weight.dtype, device="meta")
     try:
-        with torch.no_grad():
-            return isinstance(
-                layer(torch.zeros(1, layer.in_features, dtype=weight.dtype, device=weight.device)), torch.Tensor
-            )
+        with torch.no_grad(), _reparametrize_module(layer, meta):
+            return isinstance(type(layer).forward(layer, x), torch.Tensor)
     except Exception:  # noqa: BLE001
         return True
 

@@ -35,7 +35,7 @@ from .layers import Conv1D, LayerInfo, activation_dtype, describe_layer
 from .layers import route_dtype as _route_dtype
 from .library import Library
 from .moe import LagExperts, RouterView, check_router, expert_parent, is_router, unfold
-from .routed_layers import LagLinear, LagRouter, LibraryRoute, _wrap
+from .routed_layers import LagLinear, LagRouter, LibraryRoute, _wrap, in_training_mode_of
 from .routing import RoutingConfig
 from .tracing import Trace, trace
 
@@ -266,13 +266,20 @@ def _targets(model: nn.Module, libs: list[Library]) -> _Targets:
     an expert of a transformers expert module (unfolded here, swapped in by ``_attach``); or
     ``<module>.weight``, a layer or router whose weight PEFT adapted (``target_parameters``). Raises
     ValueError naming the library and module for those it cannot route."""
-    modules = dict(model.named_modules())
+    # every path to every module: one shared under two names (encoder and decoder, say) is at both
+    modules = dict(model.named_modules(remove_duplicate=False))
     found: dict[str, nn.Module] = {}
     paths: dict[str, str] = {}
     wanted: dict[str, list[str]] = {}
     labels: dict[str, str] = {}  # expert module -> the first library that targets it, for messages
     for lib in libs:
         for name in lib.modules:
+            wrapper = _wrapper_holding(name, modules)
+            if wrapper is not None:
+                raise ValueError(
+                    f"library {lib.label} targets module {name!r}, a part of the LAG-patched layer {wrapper!r} (its "
+                    f"wrapper's {name[len(wrapper) + 1 :]!r}): a library routes the layer, by its name {wrapper!r}"
+                )
             if name in modules:
                 found[name] = modules[name]
             elif (path := expert_parent(name, modules)) is not None:
@@ -282,8 +289,14 @@ def _targets(model: nn.Module, libs: list[Library]) -> _Targets:
                 path = name[: -len(".weight")]
                 found[name], paths[name] = _weight_owner(lib, name, modules[path]), path
     by_path: dict[str, str] = {}  # two library modules routed at one layer must have one name (traces, scopes)
+    by_object: dict[int, str] = {}  # ... and one layer object one path (its wrapper goes in one place)
     for name, module in found.items():
         path = paths.get(name, name)
+        if (first := by_object.setdefault(id(module), path)) != path:
+            raise ValueError(
+                f"modules {first!r} and {path!r}, both targeted, are one module object (shared under two paths): a "
+                "library routes it under one of its names"
+            )
         named = module.module_name if isinstance(module, LagLinear) else by_path.setdefault(path, name)
         if named != name:
             raise ValueError(
@@ -301,6 +314,19 @@ def _targets(model: nn.Module, libs: list[Library]) -> _Targets:
     # told once per module: for an nn.Linear subclass with its own forward it takes a dummy forward
     routers = {name for name, module in found.items() if is_router(getattr(module, "base_layer", module))}
     return _Targets(found, paths, unfolded, routers)
+
+
+def _wrapper_holding(name: str, modules: dict[str, nn.Module]) -> str | None:
+    """The path of the LAG wrapper (a patched layer, an unfolded expert module) whose own parts, its
+    base layer or routes, ``name`` lies in: a name PEFT's "all-linear" may give a patched model's
+    ``...up_proj.base_layer``, which wrapped again would be nested out of unpatch's reach."""
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        if parts[i] in ("base_layer", "routes") and isinstance(
+            modules.get(".".join(parts[:i])), (LagLinear, LagExperts)
+        ):
+            return ".".join(parts[:i])
+    return None
 
 
 def _weight_owner(lib: Library, name: str, module: nn.Module) -> nn.Module:
@@ -351,7 +377,7 @@ def _attach(model: nn.Module, routes: list, libs: list[Library], already: int, t
         if path not in wrappers:
             wrappers[path] = module if isinstance(module, LagLinear) else _wrap(module, name, name in targets.routers)
     for path, wrapper in targets.unfolded.items():
-        _set_submodule(model, path, wrapper.train(wrapper.base_layer.training))
+        _set_submodule(model, path, in_training_mode_of(wrapper, wrapper.base_layer))
     for name, route in routes:
         path = targets.paths.get(name, name)
         if model.get_submodule(path) is not wrappers[path]:

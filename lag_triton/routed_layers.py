@@ -19,7 +19,7 @@ from .moe import ExpertProjection, LinearRedirect, expert_tokens
 from .routing import RoutingConfig, route_and_apply, routed_term_vjp
 from .tracing import active_traces
 
-__all__ = ["LagLinear", "LagRouter", "LibraryRoute"]
+__all__ = ["LagLinear", "LagRouter", "LibraryRoute", "in_training_mode_of"]
 
 
 class LibraryRoute(nn.Module):
@@ -331,5 +331,15 @@ def _outside_compile(fn):
 
 
 def _wrap(module: nn.Module, name: str, router: bool) -> LagLinear:
-    wrapper = LagRouter(module, name) if router else LagLinear(module, name)
-    return wrapper.train(module.training)
+    return in_training_mode_of(LagRouter(module, name) if router else LagLinear(module, name), module)
+
+
+def in_training_mode_of(wrapper: nn.Module, base: nn.Module) -> nn.Module:
+    """``wrapper`` (and its own modules) in ``base``'s training mode. Not ``wrapper.train(...)``: that
+    would recurse into ``base`` and set the flags of its submodules, which may differ on purpose (a
+    child dropout kept in eval), and would call an override of ``base.train`` (loralib's merges weights)."""
+    wrapper.training = base.training
+    for child in wrapper.children():
+        if child is not base:
+            child.train(base.training)
+    return wrapper

@@ -655,3 +655,116 @@ def test_a_compiled_model_and_containers_scope_trace_and_unpatch_through_the_pat
         with pytest.raises(ValueError, match=r"patched through several of its modules \('a', 'b'\)"):
             with call():
                 pass
+
+
+# -- what patch leaves alone ---------------------------------------------------------------------------------
+def _one(d_in: int, d_out: int, seed: int = 0, n: int = 2) -> ModuleWeights:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.linalg.qr(torch.randn(n, d_in, 2, generator=g))[0].transpose(1, 2).contiguous()
+    return ModuleWeights(a, torch.randn(n, d_out, 2, generator=g), a[:, 0].contiguous(), torch.arange(n))
+
+
+class _CountingLinear(torch.nn.Linear):
+    """An nn.Linear subclass with a forward of its own (Falcon's are) that keeps statistics of its inputs."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__(d_in, d_out)
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.tokens_seen += x.shape[0]
+        return super().forward(x)
+
+
+def test_a_refused_patch_runs_no_layer_and_fires_no_hook():
+    """Telling an nn.Linear subclass with its own forward from a router that subclasses nn.Linear
+    runs its forward once: on meta copies of its state, without its hooks (it ran on the layer itself:
+    a refused patch changed its buffers and fired the user's hooks)."""
+    layer = _CountingLinear(8, 8)
+    model = torch.nn.Sequential(layer, torch.nn.Linear(8, 4))
+    fired = []
+    layer.register_forward_hook(lambda m, args, out: fired.append(args[0].shape))
+    with pytest.raises(ValueError, match=r"module '1'"):  # d_out 8 where the layer has 4: refused
+        lag_triton.patch(model, Library(["a", "b"], {"0": _one(8, 8), "1": _one(8, 8)}))
+    assert fired == [] and layer.tokens_seen.item() == 0 and _unpatched(model)
+    lag_triton.patch(model, Library(["a", "b"], {"0": _one(8, 8)}))
+    assert fired == [] and layer.tokens_seen.item() == 0
+    model(torch.randn(3, 8))
+    assert fired == [(3, 8)] and layer.tokens_seen.item() == 3  # the layer runs as a linear layer
+
+
+class _QuantLinearWithDropout(torch.nn.Module):
+    """A GPTQ-style linear-like layer with a child module (input dropout) its user keeps in eval."""
+
+    def __init__(self):
+        super().__init__()
+        self.in_features, self.out_features = 8, 8
+        self.register_buffer("qweight", torch.randint(-5, 5, (8, 8), dtype=torch.int8))
+        self.input_dropout = torch.nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.input_dropout(x) @ self.qweight.float().T
+
+
+def test_patch_and_unpatch_leave_a_layers_own_training_flags_alone():
+    """The wrapper takes the layer's training mode without calling train() on it, which recursed into
+    the layer: its child dropout, kept in eval, trained while patched and after unpatch."""
+    model = torch.nn.Sequential(_QuantLinearWithDropout(), torch.nn.LayerNorm(8)).train()
+    model[0].input_dropout.eval()
+    lag_triton.patch(model, Library(["a", "b"], {"0": _one(8, 8)}))
+    assert model[0].training and model[0].routes.training and not model[0].base_layer.input_dropout.training
+    x = torch.randn(4, 8)
+    assert torch.equal(model(x), model(x))
+    lag_triton.unpatch(model)
+    assert model[0].training and not model[0].input_dropout.training
+
+
+class _Shared(torch.nn.Module):
+    def __init__(self, share_parent: bool):
+        super().__init__()
+        layer = torch.nn.Linear(8, 8)
+        self.encoder = torch.nn.Sequential(layer)
+        self.decoder = self.encoder if share_parent else torch.nn.Sequential(layer)
+
+    def forward(self, x):
+        return self.decoder(self.encoder(x))
+
+
+@pytest.mark.parametrize("name", ["encoder.0", "decoder.0"])
+def test_a_layer_shared_under_two_paths_is_patched_at_the_path_the_library_names(name):
+    """Either path of a layer registered in two parents is the layer (the second was refused as
+    missing, with a hint to rename it to the first); the wrapper goes at the path named, so the other
+    call runs the layer alone. Both paths in one patch are refused (one parent may hold both)."""
+    model = _Shared(share_parent=False)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        layer = model.encoder[0]
+        base = layer(x)
+        lag_triton.patch(model, Library(["a", "b"], {name: _one(8, 8)}), k=1)
+        routed = model.get_submodule(name)
+        assert isinstance(routed, LagLinear) and routed.base_layer is layer
+        other = model.get_submodule("decoder.0" if name == "encoder.0" else "encoder.0")
+        assert other is layer and not torch.equal(routed(x), base)
+    lag_triton.unpatch(model)
+    assert model.encoder[0] is layer and model.decoder[0] is layer
+    for share_parent in (False, True):
+        model = _Shared(share_parent)
+        with pytest.raises(ValueError, match=r"modules 'encoder.0' and 'decoder.0', both targeted, are one module"):
+            lag_triton.patch(model, Library(["a", "b"], {"encoder.0": _one(8, 8), "decoder.0": _one(8, 8, seed=1)}))
+        assert _unpatched(model)
+
+
+@pytest.mark.parametrize("name", ["0.base_layer", "0.base_layer.weight", "1.routes.0"])
+def test_a_library_naming_a_part_of_a_patched_layer_is_refused(name):
+    """A patched model's named_modules() lists each wrapper's base layer (PEFT's "all-linear" on it
+    would target ``...base_layer``): wrapping it again nested one wrapper in another, which unpatch
+    could not take out (the model stayed patched, and every later patch and unpatch was refused)."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    lag_triton.patch(model, Library(["a", "b"], {"0": _one(8, 8), "1": _one(8, 8)}))
+    wrapper = name.split(".")[0]
+    with pytest.raises(
+        ValueError, match=rf"targets module '{re.escape(name)}', a part of the LAG-patched layer '{wrapper}'"
+    ):
+        lag_triton.patch(model, Library(["c", "d"], {name: _one(8, 8)}))
+    lag_triton.unpatch(model)
+    assert _unpatched(model)
