@@ -235,16 +235,19 @@ class LagLinear(nn.Module):
         if x.shape[-1] != d_in:  # what the base layer would refuse, before the flattening below hides it
             raise ValueError(f"{self.module_name}: input has {x.shape[-1]} features, the layer takes {d_in}")
         # The base layer runs on the tokens flattened (as F.linear does inside): viewing its [T, d_out]
-        # output back is free of shape guards, so torch.export keeps a dynamic sequence length.
+        # output back is free of shape guards, so torch.export keeps a dynamic sequence length. Hooks
+        # registered on it see the input as its callers give it, as before patch (a steering hook
+        # indexes positions, y[:, -1]): with those, its output is flattened instead.
+        base = self.base_layer
         x2 = x.reshape(-1, d_in)
-        y2 = self.base_layer(x2)
+        y2 = base(x) if base._forward_hooks or base._forward_pre_hooks else base(x2)
         if y2.shape[-1] != d_out:
             raise ValueError(
                 f"{self.module_name}: its base layer now gives {y2.shape[-1]} outputs, but it had {d_out} when the "
                 "libraries were attached (resized after patch, e.g. by resize_token_embeddings, which re-ties a "
                 "routed lm_head): unpatch, resize, and patch with a library built for the new size"
             )
-        return self._add_routes(x, x2, y2).view(*x.shape[:-1], d_out)
+        return self._add_routes(x, x2, y2.reshape(-1, d_out)).view(*x.shape[:-1], d_out)
 
     @staticmethod
     def _base_shape(base_layer: nn.Module) -> tuple[int, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import io
 import os
@@ -768,3 +769,28 @@ def test_a_library_naming_a_part_of_a_patched_layer_is_refused(name):
         lag_triton.patch(model, Library(["c", "d"], {name: _one(8, 8)}))
     lag_triton.unpatch(model)
     assert _unpatched(model)
+
+
+def test_hooks_on_a_layer_see_its_input_as_before_patch(library):
+    """A hook registered on a layer before patch sees what the layer's callers give it, [B, S, d]
+    (the layer ran on the tokens flattened, so a steering hook's ``out[:, -1] = 0`` zeroed a feature
+    of every token instead of each row's last position): with a library that adds nothing, the
+    hooked model's logits are the unpatched hooked model's."""
+    model = tiny_model("llama")
+    layer = model.model.layers[0].mlp.down_proj
+    shapes = []
+
+    def steer(module, args, out):
+        shapes.append(tuple(out.shape))
+        out[:, -1] = 0
+
+    layer.register_forward_hook(steer)
+    want = _logits(model, IDS)
+    silent = Library(
+        library.names,
+        {n: dataclasses.replace(w, b_star=torch.zeros_like(w.b_star)) for n, w in library.modules.items()},
+    )
+    lag_triton.patch(model, silent, k=2)
+    got = _logits(model, IDS)
+    assert shapes == [(2, 9, layer.out_features)] * 2
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
