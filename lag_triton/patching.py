@@ -483,7 +483,11 @@ def check_patched_root(model: nn.Module, call: str) -> None:
         where = f"its submodule{'s' if len(roots) > 1 else ''} {', '.join(map(repr, roots))}"
         hint = f"call {call} on that module" + ("" if call == "unpatch" else ", or unpatch first")
     else:
-        where, hint = "a module that contains it", f"call {call} on that module"
+        where = "a module that contains it"
+        hint = (
+            f"call {call} on that module (a copy of a part of a patched model has none: copy the module patch "
+            "was called on, or the part before patching it)"
+        )
     raise ValueError(
         f"lag_triton.{call}: {type(model).__name__} holds LAG-patched layers attached through {where} (where patch "
         f"was called, which numbers and names their libraries): {hint}"

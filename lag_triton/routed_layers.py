@@ -17,6 +17,7 @@ from .kernels import backend_unavailable_reason, get_ops, resolve_backend
 from .layers import linear_shape as _linear_shape
 from .moe import ExpertProjection, LinearRedirect, expert_tokens
 from .routing import RoutingConfig, route_and_apply, routed_term_vjp
+from .scopes import check_recomputation
 from .tracing import active_traces
 
 __all__ = ["LagLinear", "LagRouter", "LibraryRoute", "in_training_mode_of"]
@@ -165,19 +166,23 @@ class _RoutedTermGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, sel, a_star, b_star, prototypes = ctx.saved_tensors
-        grad_x = routed_term_vjp(x, sel, a_star, b_star, prototypes, ctx.config, grad)
+        with _autocast_off(grad.device.type, always=True):  # fp32, as the forward routed (and the torch backend's)
+            grad_x = routed_term_vjp(x, sel, a_star, b_star, prototypes, ctx.config, grad)
         return grad, grad_x.to(x.dtype), None, None, None, None, None
 
 
-def _autocast_off(device_type: str):
-    """Routing runs in the factors' dtype: autocast would turn z into bf16 and break the ops."""
+def _autocast_off(device_type: str, always: bool = False):
+    """Routing runs in the factors' dtype: autocast would turn z into bf16 and break the ops. With
+    ``always``, off whatever the flag says now (a compiled backward, traced under the caller's
+    autocast, reads it as off and still runs under it)."""
     try:
-        enabled = torch.is_autocast_enabled(device_type)
+        enabled = always or torch.is_autocast_enabled(device_type)
+        return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
     except TypeError:  # older torch: only the CUDA flag without an argument
         enabled = torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+        return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
     except RuntimeError:  # a device type autocast does not know (meta): it cannot be on there
-        enabled = False
-    return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
+        return contextlib.nullcontext()
 
 
 class LagLinear(nn.Module):
@@ -256,6 +261,8 @@ class LagLinear(nn.Module):
     def _add_routes(self, x: torch.Tensor, x2: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
         """y2 [T, d_out] plus every library's routed output for x2 [T, d_in], the input x [..., d_in]
         flattened (whose shape tells a scope the batch rows)."""
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            check_recomputation(self, self.module_name)
         with _autocast_off(x.device.type):
             for route in self.routes:
                 allowed, rows = (None, None) if self._scope is None else self._scope_rows(route, x)

@@ -66,6 +66,9 @@ _HELD: contextvars.ContextVar[frozenset] = contextvars.ContextVar("lag_triton_sc
 # layer -> its open scopes, innermost last. Kept here, not on the layer, so that a copy of a layer
 # (deepcopy, pickle) is under no scope; exits remove their own entry, whatever order they come in.
 _STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# the scope (or None) each layer last ran a forward with gradients under, outside a backward pass:
+# gradient checkpointing runs that forward again inside backward(), which must route it alike
+_GRAD_FORWARD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # Per-expert layers of transformers' mixture-of-experts blocks kept as nn.Linear are fed
 # hidden_states[token_idx] for the tokens routed to that expert, in an order the shape cannot tell
 # (those kept as 3-D parameters are run by lag_triton.moe, which tells the scope).
@@ -315,9 +318,49 @@ def _resolve(allowed, library_names: dict[int, list[str]]) -> dict[int, torch.Te
     return masks
 
 
+def check_recomputation(layer: nn.Module, name: str) -> None:
+    """Note the scope of ``layer``'s forward with gradients on; in backward() (the same forward run
+    again by gradient checkpointing), refuse another scope than that: the picks, and so the
+    gradients, would be another forward's (the common case: backward() after the scope's block)."""
+    if _current_graph_task_id() == -1:
+        _GRAD_FORWARD[layer] = layer._scope
+    elif _GRAD_FORWARD.get(layer, layer._scope) is not layer._scope:
+        raise RuntimeError(
+            f"{name}: backward() ran this layer's forward again (gradient checkpointing) under another "
+            "lag_triton.scope than its first run, or under none: the routed picks would differ from the "
+            "forward's. Call backward() inside the scope's block"
+        )
+
+
+def _current_graph_task_id() -> int:
+    get = getattr(torch._C, "_current_graph_task_id", None)  # -1 outside a backward pass
+    return -1 if get is None else get()
+
+
+class _CallHook:
+    """The scoped model's forward pre-hook (``state``) or post-hook (None) while the block is open.
+    Not a closure: a model pickled or deep-copied inside the block copies its hooks, and a copy of
+    this one is inert (the copy is in no scope, and the block's exit removes the original's alone)."""
+
+    def __init__(self, state: _ScopeMasks | None, pre: bool):
+        self.state, self.pre = state, pre
+
+    def __reduce__(self):
+        return _CallHook, (None, self.pre)
+
+    def __call__(self, model: nn.Module, args, kwargs, out=None) -> None:
+        if self.state is None:
+            return
+        if self.pre:
+            _enter_call(self.state, model, args, kwargs)
+        elif not torch.compiler.is_compiling():
+            _CALL.set(None)
+
+
 def _enter_call(state: _ScopeMasks, model: nn.Module, args, kwargs) -> None:
     """Refuse a call whose batch has other than the scope's rows (layers whose inputs do not show the
-    rows, as an MoE layer's experts, could not), and note its tokens for the layers' 2-D inputs."""
+    rows, as an MoE layer's experts, could not), and note its tokens for the layers' 2-D inputs
+    (eagerly: dynamo cannot trace a context variable's set, so a compiled call does not check those)."""
     batch = _call_batch(args, kwargs)
     if batch is None:
         return
@@ -327,12 +370,10 @@ def _enter_call(state: _ScopeMasks, model: nn.Module, args, kwargs) -> None:
             f"lag_triton.scope was given {state.rows} batch rows, but {type(model).__name__} was called with "
             f"{name} of shape {tuple(t.shape)} ({t.shape[0]} rows){_repeated_hint(state.rows, t.shape[0])}"
         )
+    if torch.compiler.is_compiling():
+        return
     decoder_only = not any(key.startswith("decoder_") for key in kwargs if kwargs[key] is not None)
     _CALL.set((t.shape[0], t.shape[0] * t.shape[1]) if decoder_only else None)
-
-
-def _exit_call() -> None:
-    _CALL.set(None)
 
 
 def _holder_error(model: nn.Module, other_thread: bool) -> RuntimeError:
@@ -397,8 +438,8 @@ def scope(model: nn.Module, allowed) -> Iterator[None]:
     hooks = []
     if rows is not None:
         hooks = [
-            model.register_forward_pre_hook(lambda m, a, kw: _enter_call(state, m, a, kw), with_kwargs=True),
-            model.register_forward_hook(lambda m, a, kw, out: _exit_call(), with_kwargs=True, always_call=True),
+            model.register_forward_pre_hook(_CallHook(state, pre=True), with_kwargs=True),
+            model.register_forward_hook(_CallHook(state, pre=False), with_kwargs=True, always_call=True),
         ]
     try:
         yield

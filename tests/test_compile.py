@@ -164,6 +164,40 @@ def test_compiled_backward_equals_eager_reference(library, second_library, backe
     torch.testing.assert_close(grads[True], grads[False], rtol=1e-3, atol=1e-4 * grads[False].abs().max().item())
 
 
+@pytest.mark.parametrize(
+    "backend,compile_it,inside",
+    [(b, True, False) for b in _backends()] + [(b, False, True) for b in _backends() if b != "torch"],
+)
+def test_the_routed_terms_gradient_is_fp32_under_autocast(library, backend, compile_it, inside, monkeypatch):
+    """The forward routes with autocast off, and so does the routed term's pullback: it ran in bf16
+    when a compiled backward was traced under the call's autocast, or when a kernel backend's
+    backward() ran inside the autocast block (6e-3 off; the torch backend's is autograd's own, which
+    autocast reaches there too, as it does any layer's). The base weight is 0, so the input gradient
+    is the pullback alone; the output gradient is exact in bf16, so the fp32 gradient without
+    autocast is the answer."""
+    install_backend(backend, DEVICE, monkeypatch)
+    model = lag_triton.patch(tiny_model("llama").to(DEVICE), library, backend=backend, k=4, top_m=2)
+    layer = model.model.layers[0].mlp.up_proj
+    with torch.no_grad():
+        layer.base_layer.weight.zero_()
+    g = torch.Generator().manual_seed(4)
+    x0 = torch.randn(6, layer.in_features, generator=g).to(DEVICE)
+    grad_out = torch.randn(6, layer.out_features, generator=g).bfloat16().float().to(DEVICE)
+
+    def input_grad(forward, autocast: bool):
+        x = x0.clone().requires_grad_()
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
+            y = forward(x)
+            if inside:
+                return torch.autograd.grad(y, x, grad_out.to(y.dtype))[0]
+        return torch.autograd.grad(y, x, grad_out.to(y.dtype))[0]
+
+    want = input_grad(layer, autocast=False)
+    forward = torch.compile(layer, fullgraph=True, backend="aot_eager") if compile_it else layer
+    got = input_grad(forward, autocast=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize(
     "backend,fold", [(b, False) for b in _backends() if b != "torch"] + [("triton", True)] * ("triton" in _backends())

@@ -586,6 +586,8 @@ def test_libraries_are_attached_through_one_module(library):
     with pytest.raises(ValueError, match="lag_triton.scope: .* a module that contains it"):
         with lag_triton.scope(model.model, [None, None]):
             pass
+    with pytest.raises(ValueError, match="a copy of a part of a patched model has none"):  # its root stayed behind
+        lag_triton.unpatch(copy.deepcopy(model.model))
 
 
 def test_the_model_itself_cannot_be_a_librarys_module(library):

@@ -523,3 +523,75 @@ def test_numpy_and_tensor_indices_and_masks_are_rows_and_a_generator_is_read_onc
             both(input_ids=_ids(2, 4, seed=5))
     for module, sel in tr.library_selections[1].items():
         _assert_within({module: sel}, [[1], []], 4)
+
+
+def test_a_model_copied_or_pickled_inside_a_scope_is_in_no_scope(libraries):
+    """The scope's call checks are hooks on the model: closures, they made pickle and torch.save fail
+    inside the block, and a deep copy made there kept checking every call against the closed scope's
+    batch size. Copies hold an inert hook now, and route unscoped (as their layers do)."""
+    import copy
+    import io
+    import pickle
+
+    docs, _ = libraries
+    model = _patched(docs, k=2)
+    unscoped = _logits(model, _ids(3, 5))
+    with lag_triton.scope(model, [["doc0"], ["doc1"]]):
+        copied = copy.deepcopy(model)
+        loaded = pickle.loads(pickle.dumps(model))
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        with pytest.raises(ValueError, match="was given 2 batch rows"):
+            model(input_ids=_ids(3, 5))
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    for twin in (copied, loaded, saved):
+        torch.testing.assert_close(_logits(twin, _ids(3, 5)), unscoped, rtol=0, atol=0)
+
+
+def test_a_scoped_model_compiles_whole(libraries):
+    """The scope's hook on the model noted the call's tokens in a context variable, which dynamo
+    cannot trace: fullgraph compile of a scoped call failed, and without fullgraph it broke the graph
+    three times. A compiled call keeps the batch-size check, and routes each row in its set."""
+    docs, _ = libraries
+    model = _patched(docs, k=2)
+    ids = _ids(2, 6)
+    with lag_triton.scope(model, [["doc2"], ["doc5"]]):
+        want = _logits(model, ids)
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        with torch.no_grad():
+            got = compiled(input_ids=ids).logits
+        # raised while tracing: fullgraph's dynamo wraps it, message and all
+        with pytest.raises((ValueError, torch._dynamo.exc.Unsupported), match="was given 2 batch rows"):
+            with torch.no_grad():
+                compiled(input_ids=_ids(3, 6))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_gradient_checkpointing_recomputes_under_the_forwards_scope(libraries):
+    """Checkpointing runs each layer's forward again inside backward(): inside the scope's block
+    that is the forward's routing and gradient; after the block the layers routed unscoped there
+    (kernel backends: other picks, silently wrong gradients; torch: a CheckpointError), now refused."""
+    docs, _ = libraries
+    ids = _ids(2, 7, seed=8)
+
+    def grads(checkpointing: bool, inside: bool):
+        model = tiny_model("llama").train()
+        lag_triton.patch(model, docs, k=4, top_m=2)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with lag_triton.scope(model, [["doc0", "doc3"], ["doc1"]]):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            if inside:
+                loss.backward()
+        if not inside:
+            loss.backward()
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    want = grads(checkpointing=False, inside=False)
+    got = grads(checkpointing=True, inside=True)
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-6, msg=name)
+    with pytest.raises(RuntimeError, match=r"ran this layer's forward again \(gradient checkpointing\) under another"):
+        grads(checkpointing=True, inside=False)
