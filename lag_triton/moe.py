@@ -275,12 +275,10 @@ def _returns_tensor(layer: nn.Linear) -> bool:
     parameters and buffers are meta copies for the call and its own hooks do not run, so the model's
     state is left as it was (a forward that keeps statistics of its inputs, a QAT observer) even when
     patch is then refused."""
-    meta = {
-        name: torch.empty_like(t, device="meta")
-        for name, t in (*layer.named_parameters(remove_duplicate=False), *layer.named_buffers(remove_duplicate=False))
-    }
-    x = torch.empty(1, layer.in_features, dtype=layer.weight.dtype, device="meta")
-    try:
+    state = (*layer.named_parameters(remove_duplicate=False), *layer.named_buffers(remove_duplicate=False))
+    try:  # all of it: a quantised weight (a tensor subclass) may have no meta copy
+        meta = {name: torch.empty_like(t, device="meta") for name, t in state}
+        x = torch.empty(1, layer.in_features, dtype=layer.weight.dtype, device="meta")
         with torch.no_grad(), _reparametrize_module(layer, meta):
             return isinstance(type(layer).forward(layer, x), torch.Tensor)
     except Exception:  # noqa: BLE001
