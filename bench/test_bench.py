@@ -397,6 +397,25 @@ def test_bench_host_counts_the_launches_it_stubs(tmp_path):
     assert record["shape"]["n"] == 50 and record["versions"]["triton"]
 
 
+@needs_triton
+def test_bench_host_moe_routes_each_hit_expert_projection(tmp_path):
+    """bench_host_moe.py: the patched expert module makes one routed call (the layer's launches) per
+    hit expert and projection, the unpatched one none; both rows are timed."""
+    out = tmp_path / "moe.json"
+    args = ["--t", "1,3", "--experts", "6", "--top-k", "2", "--n", "9", "--iters", "1", "--json", str(out)]
+    script = Path(__file__).resolve().parent / "bench_host_moe.py"
+    subprocess.run([sys.executable, str(script), *args], check=True, capture_output=True, timeout=300)
+    record = json.loads(out.read_text())
+    by_case = {(r["case"], r["t"]): r for r in record["rows"]}
+    assert len(by_case) == 4 and all(r["host_us"] > 0 for r in record["rows"])
+    for t in (1, 3):
+        patched = by_case["experts (patched)", t]
+        assert by_case["experts (unpatched)", t]["launches"] == 0
+        assert 2 <= patched["experts_hit"] <= min(6, 2 * t)
+        assert patched["launches"] >= 3 * 2 * patched["experts_hit"]  # >= three ops per hit expert and projection
+    assert record["shape"]["experts"] == 6
+
+
 def test_e2e_table_puts_eager_extras_in_their_own_columns():
     def row(backend, batch, mode, ms, **kw):
         return {
