@@ -270,19 +270,44 @@ def is_router(module: nn.Module) -> bool:
 
 
 def _returns_tensor(layer: nn.Linear) -> bool:
-    """Whether a linear layer's forward returns a tensor, told by running it once on the meta device
-    (a forward that fails there is left to be a linear layer, as it was before this check). Its
-    parameters and buffers are meta copies for the call and its own hooks do not run, so the model's
-    state is left as it was (a forward that keeps statistics of its inputs, a QAT observer) even when
-    patch is then refused."""
+    """Whether a linear layer's forward returns a tensor, told by running it once (:func:`_probing`):
+    on meta copies of its parameters and buffers, so its state is left as it was (a forward that
+    keeps statistics of its inputs, a QAT observer) even when patch is then refused; where the
+    forward cannot run on meta (it reads values: ``.item()``, a NaN guard), on a zero input as it is.
+    A forward that fails both ways is left to be a linear layer, as it was before this check."""
     state = (*layer.named_parameters(remove_duplicate=False), *layer.named_buffers(remove_duplicate=False))
     try:  # all of it: a quantised weight (a tensor subclass) may have no meta copy
         meta = {name: torch.empty_like(t, device="meta") for name, t in state}
         x = torch.empty(1, layer.in_features, dtype=layer.weight.dtype, device="meta")
-        with torch.no_grad(), _reparametrize_module(layer, meta):
+        with _probing(layer), _reparametrize_module(layer, meta):
+            return isinstance(type(layer).forward(layer, x), torch.Tensor)
+    except Exception:  # noqa: BLE001
+        pass
+    weight = layer.weight
+    try:
+        with _probing(layer):
+            x = torch.zeros(1, layer.in_features, dtype=weight.dtype, device=weight.device)
             return isinstance(type(layer).forward(layer, x), torch.Tensor)
     except Exception:  # noqa: BLE001
         return True
+
+
+@contextlib.contextmanager
+def _probing(module: nn.Module):
+    """A dry run of ``module``'s forward that patch makes to tell what it is: called as
+    ``type(module).forward`` (its hooks do not fire), without gradients, with the random number
+    generators' states put back, and every attribute the run set on it or its submodules (a cache
+    built on first use) put back too. Parameters and buffers changed in place stay changed: on meta
+    copies of them (:func:`_returns_tensor`) that leaves nothing."""
+    saved = [(m, dict(m.__dict__)) for m in module.modules()]
+    devices = sorted({t.device.index or 0 for t in module.parameters() if t.device.type == "cuda"})
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        for m, attributes in saved:
+            m.__dict__.clear()
+            m.__dict__.update(attributes)
 
 
 class RouterView(nn.Module):
@@ -391,10 +416,11 @@ _ROUTER = "was taken for an MoE router (a 2-D weight, and no linear layer's forw
 def check_router(name: str, router: nn.Module) -> torch.dtype | None:
     """The dtype a router's forward casts its weight to for its product (routers that take their
     logits in fp32), or None where it takes the weight as it is. Raises ValueError naming ``name``
-    unless that forward, run twice on a dummy input (no gradient), computes ``F.linear(x,
-    self.weight[, bias])`` exactly once each time. A forward that takes more than the hidden states
-    (MiniMax-M2's takes the expert-score bias too) cannot be run here: None, and every forward
-    checks that it computed the product once (:class:`.routed_layers.LagRouter`)."""
+    unless that forward, run twice on a dummy input (:func:`_probing`: no hooks, no gradient, its
+    attributes put back), computes ``F.linear(x, self.weight[, bias])`` exactly once each time. A
+    forward that takes more than the hidden states (MiniMax-M2's takes the expert-score bias too)
+    cannot be run here: None, and every forward checks that it computed the product once
+    (:class:`.routed_layers.LagRouter`)."""
     weight = router.weight
     x = torch.zeros(2, weight.shape[1], dtype=weight.dtype, device=weight.device)
     try:
@@ -403,22 +429,23 @@ def check_router(name: str, router: nn.Module) -> torch.dtype | None:
         return None
     except ValueError:  # no signature to read (a builtin): run it
         pass
-    # Twice: a forward that kept a copy of its weight from its first call (a cached cast) would reach
-    # F.linear with that copy from the second on, which no redirect can tell from another tensor.
-    for run in ("", " from its second call on"):
-        try:
-            with torch.no_grad(), LinearRedirect(weight, F.linear) as mode:
-                router(x)
-        except Exception as e:  # noqa: BLE001 - whatever it raises, it is no router LAG can wrap
-            raise ValueError(
-                f"module {name!r} ({type(router).__name__}) {_ROUTER}; its forward failed{run} on a "
-                f"[2, {weight.shape[1]}] input: {type(e).__name__}: {e}"
-            ) from None
-        if mode.calls != 1:
-            raise ValueError(
-                f"module {name!r} ({type(router).__name__}) {_ROUTER}, and its forward computes "
-                f"F.linear(x, weight) {mode.calls} times{run} (LAG routes a module whose forward computes it once, "
-                "as an MoE router does, and adds the routed update to that product). Its weight may be cast on the "
-                "way (self.weight.float()), not otherwise changed, nor kept cast from one call to the next"
-            )
+    # Twice in one dry run: a forward that kept a copy of its weight from its first call (a cached
+    # cast) would reach F.linear with that copy from the second on, which no redirect can tell.
+    with _probing(router):
+        for run in ("", " from its second call on"):
+            try:
+                with LinearRedirect(weight, F.linear) as mode:
+                    type(router).forward(router, x)
+            except Exception as e:  # noqa: BLE001 - whatever it raises, it is no router LAG can wrap
+                raise ValueError(
+                    f"module {name!r} ({type(router).__name__}) {_ROUTER}; its forward failed{run} on a "
+                    f"[2, {weight.shape[1]}] input: {type(e).__name__}: {e}"
+                ) from None
+            if mode.calls != 1:
+                raise ValueError(
+                    f"module {name!r} ({type(router).__name__}) {_ROUTER}, and its forward computes F.linear(x, "
+                    f"weight) {mode.calls} times{run} (LAG routes a module whose forward computes it once, as an MoE "
+                    "router does, and adds the routed update to that product). Its weight may be cast on the way "
+                    "(self.weight.float()), not otherwise changed, nor kept cast from one call to the next"
+                )
     return mode.cast_to

@@ -242,10 +242,16 @@ class LagLinear(nn.Module):
         # The base layer runs on the tokens flattened (as F.linear does inside): viewing its [T, d_out]
         # output back is free of shape guards, so torch.export keeps a dynamic sequence length. Hooks
         # registered on it see the input as its callers give it, as before patch (a steering hook
-        # indexes positions, y[:, -1]): with those, its output is flattened instead.
+        # indexes positions, y[:, -1]): with those, its output is flattened instead. A full backward
+        # hook makes that output a view the routes may not add into in place: they add into a copy.
         base = self.base_layer
         x2 = x.reshape(-1, d_in)
-        y2 = base(x) if base._forward_hooks or base._forward_pre_hooks else base(x2)
+        backward_hooks = bool(base._backward_hooks or base._backward_pre_hooks)
+        if backward_hooks or base._forward_hooks or base._forward_pre_hooks:
+            y2 = base(x)
+            y2 = y2.clone() if backward_hooks and torch.is_grad_enabled() else y2
+        else:
+            y2 = base(x2)
         if y2.shape[-1] != d_out:
             raise ValueError(
                 f"{self.module_name}: its base layer now gives {y2.shape[-1]} outputs, but it had {d_out} when the "
@@ -261,7 +267,7 @@ class LagLinear(nn.Module):
     def _add_routes(self, x: torch.Tensor, x2: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
         """y2 [T, d_out] plus every library's routed output for x2 [T, d_in], the input x [..., d_in]
         flattened (whose shape tells a scope the batch rows)."""
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if self.training and not torch.compiler.is_compiling():  # gradient checkpointing runs in training mode
             check_recomputation(self, self.module_name)
         with _autocast_off(x.device.type):
             for route in self.routes:

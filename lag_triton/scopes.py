@@ -66,9 +66,9 @@ _HELD: contextvars.ContextVar[frozenset] = contextvars.ContextVar("lag_triton_sc
 # layer -> its open scopes, innermost last. Kept here, not on the layer, so that a copy of a layer
 # (deepcopy, pickle) is under no scope; exits remove their own entry, whatever order they come in.
 _STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# the scope (or None) each layer last ran a forward with gradients under, outside a backward pass:
+# the scope (or None) each layer in training mode last ran its forward under, outside a backward pass:
 # gradient checkpointing runs that forward again inside backward(), which must route it alike
-_GRAD_FORWARD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LAST_FORWARD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # Per-expert layers of transformers' mixture-of-experts blocks kept as nn.Linear are fed
 # hidden_states[token_idx] for the tokens routed to that expert, in an order the shape cannot tell
 # (those kept as 3-D parameters are run by lag_triton.moe, which tells the scope).
@@ -319,16 +319,18 @@ def _resolve(allowed, library_names: dict[int, list[str]]) -> dict[int, torch.Te
 
 
 def check_recomputation(layer: nn.Module, name: str) -> None:
-    """Note the scope of ``layer``'s forward with gradients on; in backward() (the same forward run
-    again by gradient checkpointing), refuse another scope than that: the picks, and so the
-    gradients, would be another forward's (the common case: backward() after the scope's block)."""
+    """Note the scope of a forward of ``layer`` (in training mode); in backward() (gradient
+    checkpointing running a forward again), refuse another scope than the last forward's: the picks,
+    and so the gradients, would be another forward's. The common case: backward() after the
+    scope's block. Reentrant checkpointing runs the first forward without gradients: noted too."""
     if _current_graph_task_id() == -1:
-        _GRAD_FORWARD[layer] = layer._scope
-    elif _GRAD_FORWARD.get(layer, layer._scope) is not layer._scope:
+        _LAST_FORWARD[layer] = layer._scope
+    elif _LAST_FORWARD.get(layer, layer._scope) is not layer._scope:
         raise RuntimeError(
             f"{name}: backward() ran this layer's forward again (gradient checkpointing) under another "
-            "lag_triton.scope than its first run, or under none: the routed picks would differ from the "
-            "forward's. Call backward() inside the scope's block"
+            "lag_triton.scope than its last forward, or under none: the routed picks would differ from the "
+            "forward's. Call backward() inside the scope's block, before another forward of the model runs "
+            "under another scope"
         )
 
 

@@ -796,3 +796,67 @@ def test_hooks_on_a_layer_see_its_input_as_before_patch(library):
     got = _logits(model, IDS)
     assert shapes == [(2, 9, layer.out_features)] * 2
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+class _CachedLinear(torch.nn.Linear):
+    """Keeps its weight transposed and contiguous, built on first use (the probe's run is its first)."""
+
+    _wt = None
+
+    def forward(self, x):
+        if self._wt is None:
+            self._wt = self.weight.t().contiguous()
+        return x @ self._wt + self.bias
+
+
+class _GuardedRouter(torch.nn.Linear):
+    """A router subclassing nn.Linear whose forward reads values (a NaN guard): no meta run can tell it."""
+
+    def forward(self, x):
+        logits = super().forward(x)
+        if logits.isnan().any():
+            raise ValueError("NaN router logits")
+        return logits, logits.topk(2, dim=-1).indices
+
+
+def test_the_dry_runs_of_patch_leave_attributes_hooks_and_rng_alone():
+    """patch tells an nn.Linear subclass with a forward of its own, and checks a router, by dry runs:
+    what such a run sets on the module is put back (a cache built on first use held a meta tensor,
+    and the patched layer computed with it: garbage), its hooks do not fire and the random state does
+    not move (also when patch is then refused); a forward that reads values is run on its real state."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_CachedLinear(8, 8), _GuardedRouter(8, 4), torch.nn.Linear(4, 4))
+    fired = []
+    for layer in model:
+        layer.register_forward_pre_hook(lambda m, args: fired.append(type(m).__name__))
+    rng = torch.get_rng_state()
+    with pytest.raises(ValueError, match=r"module '2'"):  # d_in 8 where the layer has 4: refused
+        lag_triton.patch(model, Library(["a", "b"], {"0": _one(8, 8), "1.weight": _one(8, 4), "2": _one(8, 4)}))
+    cached = model[0]
+    assert fired == [] and torch.equal(torch.get_rng_state(), rng) and cached._wt is None
+    lag_triton.patch(model, Library(["a", "b"], {"0": _one(8, 8), "1.weight": _one(8, 4)}), k=1)
+    assert fired == [] and cached._wt is None
+    assert isinstance(model[1], lag_triton.patching.LagRouter)  # the meta run fails on its guard: run as it is
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(cached(x), torch.nn.functional.linear(x, cached.weight, cached.bias))
+        logits, picked = model[1](model[0](x))
+    assert logits.shape == (3, 4) and picked.shape == (3, 2)
+
+
+def test_a_full_backward_hook_on_a_layer_sees_its_gradient_as_before_patch(library):
+    """A full backward hook makes the layer's output a view of itself that may not be changed in
+    place: the routes add into a copy (a patched forward with gradients raised), and the hook sees
+    the gradient shaped as the layer's callers give it. The input gradient is the unhooked model's."""
+    grads = {}
+    for hooked in (False, True):
+        model = lag_triton.patch(tiny_model("llama"), library, k=2)
+        layer = model.model.layers[0].mlp.down_proj.base_layer
+        seen = []
+        if hooked:
+            layer.register_full_backward_hook(lambda m, grad_in, grad_out, seen=seen: seen.append(grad_out[0].shape))
+        embeds = model.get_input_embeddings()(IDS).detach().requires_grad_()
+        model(inputs_embeds=embeds).logits.sum().backward()
+        grads[hooked] = embeds.grad
+        assert seen == ([(*IDS.shape, layer.out_features)] if hooked else [])  # torch.Size == tuple
+    torch.testing.assert_close(grads[True], grads[False], rtol=0, atol=0)

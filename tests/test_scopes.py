@@ -556,6 +556,7 @@ def test_a_scoped_model_compiles_whole(libraries):
     docs, _ = libraries
     model = _patched(docs, k=2)
     ids = _ids(2, 6)
+    torch._dynamo.reset()  # fullgraph: another test's compiles must not have used up the recompile limit
     with lag_triton.scope(model, [["doc2"], ["doc5"]]):
         want = _logits(model, ids)
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
@@ -569,18 +570,25 @@ def test_a_scoped_model_compiles_whole(libraries):
     torch._dynamo.reset()
 
 
-def test_gradient_checkpointing_recomputes_under_the_forwards_scope(libraries):
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_recomputes_under_the_forwards_scope(libraries, reentrant):
     """Checkpointing runs each layer's forward again inside backward(): inside the scope's block
     that is the forward's routing and gradient; after the block the layers routed unscoped there
-    (kernel backends: other picks, silently wrong gradients; torch: a CheckpointError), now refused."""
+    (kernel backends: other picks, silently wrong gradients; torch: a CheckpointError), now refused,
+    also when reentrant checkpointing ran the first forward without gradients. An earlier forward
+    with gradients in eval mode under another scope (an attribution pass) is no checkpointed forward."""
     docs, _ = libraries
     ids = _ids(2, 7, seed=8)
 
     def grads(checkpointing: bool, inside: bool):
-        model = tiny_model("llama").train()
+        model = tiny_model("llama")
         lag_triton.patch(model, docs, k=4, top_m=2)
+        with lag_triton.scope(model, [["doc5"], ["doc6"]]):
+            model(input_ids=ids).logits.sum().backward()  # eval mode: no checkpointing
+        model.zero_grad()
+        model.train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         with lag_triton.scope(model, [["doc0", "doc3"], ["doc1"]]):
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             if inside:
