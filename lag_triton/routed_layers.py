@@ -137,7 +137,14 @@ class LibraryRoute(nn.Module):
             y = y + delta.to(y.dtype)
         if torch.is_grad_enabled() and xr.requires_grad and not self.ops.differentiable:
             # y's own gradient passes through as is; the routed term's is added in x
-            y = _RoutedTermGradient.apply(y, xr, sel, self.a_star, self.b_star, self.prototypes, self.config)
+            factors = (xr, sel, self.a_star, self.b_star, self.prototypes)
+            if torch.compiler.is_compiling():  # torch.compile and torch.export: an op that keeps its backward
+                config = self.config
+                y = torch.ops.lag_triton.routed_term_gradient(
+                    y, *factors, config.router, config.combine, config.temperature
+                )
+            else:
+                y = _RoutedTermGradient.apply(y, *factors, self.config)
         return y, sel
 
     def extra_repr(self) -> str:
@@ -148,27 +155,60 @@ class LibraryRoute(nn.Module):
 class _RoutedTermGradient(torch.autograd.Function):
     """y, into which the kernels have written the routed term outside autograd, passes through;
     the backward adds that term's pullback in x with the forward's picks held fixed
-    (``routing.routed_term_vjp``: the gradient the "torch" backend's reference ops give)."""
+    (``routing.routed_term_vjp``: the gradient the "torch" backend's reference ops give). Eager
+    only: traced graphs take :func:`routed_term_gradient`, whose backward torch.export keeps."""
 
     @staticmethod
     def forward(ctx, y, x, sel, a_star, b_star, prototypes, config: RoutingConfig):
         ctx.save_for_backward(x, sel, a_star, b_star, prototypes)
         ctx.config = config
-        # Not a view of y: model code may change the layer's output in place, as may the next
-        # library's kernels, and autograd refuses in-place changes of a view made in a Function.
-        # Eagerly, y itself, marked modified (the kernels wrote into it); traced by torch.compile,
-        # whose older releases (2.4) treat a returned input as such a view even so, a copy.
-        if torch.compiler.is_compiling():
-            return y.clone()
+        # Not a view of y (model code may change the layer's output in place, as may the next
+        # library's kernels, and autograd refuses in-place changes of a view made in a Function):
+        # y itself, marked modified (the kernels wrote into it).
         ctx.mark_dirty(y)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, sel, a_star, b_star, prototypes = ctx.saved_tensors
-        with _autocast_off(grad.device.type, always=True):  # fp32, as the forward routed (and the torch backend's)
-            grad_x = routed_term_vjp(x, sel, a_star, b_star, prototypes, ctx.config, grad)
-        return grad, grad_x.to(x.dtype), None, None, None, None, None
+        return grad, _pullback(ctx.config, grad, *ctx.saved_tensors), None, None, None, None, None
+
+
+@torch.library.custom_op(
+    "lag_triton::routed_term_gradient",
+    mutates_args=(),
+    schema="(Tensor y, Tensor x, Tensor sel, Tensor a_star, Tensor b_star, Tensor prototypes, str router, "
+    "str combine, float temperature) -> Tensor",
+)
+def routed_term_gradient(y, x, sel, a_star, b_star, prototypes, router, combine, temperature):
+    """:class:`_RoutedTermGradient` as an op, for torch.compile and torch.export: a copy of y (an op's
+    output may not alias its input) whose backward adds the routed term's pullback in x. An
+    autograd.Function's backward is lost from an exported program (its gradient then lacked the
+    routed term); an op's registered autograd is kept."""
+    return y.clone()
+
+
+@routed_term_gradient.register_fake
+def _(y, x, sel, a_star, b_star, prototypes, router, combine, temperature):
+    return torch.empty_like(y)
+
+
+def _save_factors(ctx, inputs, output):
+    y, x, sel, a_star, b_star, prototypes, router, combine, temperature = inputs
+    ctx.save_for_backward(x, sel, a_star, b_star, prototypes)
+    ctx.config = RoutingConfig(router=router, combine=combine, temperature=temperature)
+
+
+def _routed_term_gradient_backward(ctx, grad):
+    return grad, _pullback(ctx.config, grad, *ctx.saved_tensors), None, None, None, None, None, None, None
+
+
+routed_term_gradient.register_autograd(_routed_term_gradient_backward, setup_context=_save_factors)
+
+
+def _pullback(config, grad, x, sel, a_star, b_star, prototypes) -> torch.Tensor:
+    """The routed term's gradient in x, in fp32 as the forward routed (the torch backend's too), in x's dtype."""
+    with _autocast_off(grad.device.type, always=True):
+        return routed_term_vjp(x, sel, a_star, b_star, prototypes, config, grad).to(x.dtype)
 
 
 def _autocast_off(device_type: str, always: bool = False):

@@ -340,9 +340,10 @@ def _current_graph_task_id() -> int:
 
 
 class _CallHook:
-    """The scoped model's forward pre-hook (``state``) or post-hook (None) while the block is open.
-    Not a closure: a model pickled or deep-copied inside the block copies its hooks, and a copy of
-    this one is inert (the copy is in no scope, and the block's exit removes the original's alone)."""
+    """The scoped model's forward pre-hook (``pre``: checks the call against ``state``) or post-hook
+    while the block is open. Not a closure: a model pickled or deep-copied inside the block copies
+    its hooks, and a copy of this one is inert (``state`` None: the copy is in no scope, and the
+    block's exit removes the original's hooks alone)."""
 
     def __init__(self, state: _ScopeMasks | None, pre: bool):
         self.state, self.pre = state, pre

@@ -66,18 +66,37 @@ def test_compiled_patched_model_fullgraph_equals_eager(library, backend, routing
 @pytest.mark.parametrize("backend", [b for b in _backends() if DEVICE.type == "cuda" or b != "triton"])
 def test_torch_export_of_a_patched_model_holds_the_three_ops_and_runs(library, backend, monkeypatch):
     """torch.export (deployment without Python's forward): one graph in which each patched layer is
-    the three custom ops; the exported program gives the eager logits."""
+    the three custom ops (exported with gradients on, as here, also the op that carries the routed
+    term's gradient); the exported program gives the eager logits."""
     install_backend(backend, DEVICE, monkeypatch)
     model = lag_triton.patch(tiny_model("llama").to(DEVICE), library, backend=backend, k=4, top_m=2)
     ids = _ids(2, 6, seed=5)
     exported = _export(model, ids)
     calls = [str(n.target) for n in exported.graph.nodes if n.op == "call_function" and "lag_triton" in str(n.target)]
     layers = sum(isinstance(m, lag_triton.LagLinear) for m in model.modules())
-    assert sorted(set(calls)) == [f"lag_triton.{op}.default" for op in ("arrow_topk", "lora_apply", "spectr_rerank")]
-    assert len(calls) == 3 * layers
+    ops = ("arrow_topk", "lora_apply", "routed_term_gradient", "spectr_rerank")
+    assert sorted(set(calls)) == [f"lag_triton.{op}.default" for op in ops]
+    assert len(calls) == len(ops) * layers
     with torch.no_grad():
         want = model(input_ids=ids).logits
     torch.testing.assert_close(exported.module()(ids), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", [b for b in _backends() if DEVICE.type == "cuda" or b != "triton"])
+def test_an_exported_programs_backward_has_the_routed_terms_gradient(library, backend, monkeypatch):
+    """The routed term's gradient under tracing was an autograd.Function's, which an exported program
+    drops: its input gradient lacked the routed term (83% off). An op with registered autograd
+    carries it: the exported program's gradient is the eager model's."""
+    install_backend(backend, DEVICE, monkeypatch)
+    model = lag_triton.patch(tiny_model("llama").to(DEVICE), library, backend=backend, k=4, top_m=2)
+    embeds = model.get_input_embeddings()(_ids(2, 6, seed=7)).detach()
+    exported = _export(model, embeds, wrapper=_LogitsOfEmbeddings)
+    grads = []
+    for forward in (_LogitsOfEmbeddings(model), exported.module()):
+        e = embeds.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(forward(e).square().sum(), e)
+        grads.append(grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5 * grads[0].abs().max().item())
 
 
 def test_torch_export_keeps_a_dynamic_sequence_length(library):
@@ -103,18 +122,24 @@ class _Logits(torch.nn.Module):
         return self.model(input_ids=ids, use_cache=False).logits
 
 
+class _LogitsOfEmbeddings(_Logits):
+    def forward(self, embeds):
+        return self.model(inputs_embeds=embeds, use_cache=False).logits
+
+
 def _ids(rows: int, length: int, seed: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (rows, length), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
-def _export(model, ids, **kwargs):
-    """torch.export of the patched ``model``'s logits; skips where this torch cannot export the
-    unpatched model with the same arguments either (then the failure is not ours)."""
+def _export(model, ids, wrapper=None, **kwargs):
+    """torch.export of ``wrapper(model)`` (default: the patched model's logits from ``ids``); skips where
+    this torch cannot export the unpatched model with the same arguments either (the failure is not ours)."""
+    wrapper = wrapper or _Logits
     try:
-        return torch.export.export(_Logits(model), (ids,), **kwargs)
+        return torch.export.export(wrapper(model), (ids,), **kwargs)
     except Exception as patched_error:
         try:
-            torch.export.export(_Logits(tiny_model("llama").to(DEVICE)), (ids,), **kwargs)
+            torch.export.export(wrapper(tiny_model("llama").to(DEVICE)), (ids,), **kwargs)
         except Exception as base_error:
             pytest.skip(f"torch {torch.__version__} cannot export the unpatched model either: {base_error!r:.300}")
         raise patched_error
