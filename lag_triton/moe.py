@@ -296,18 +296,22 @@ def _returns_tensor(layer: nn.Linear) -> bool:
 def _probing(module: nn.Module):
     """A dry run of ``module``'s forward that patch makes to tell what it is: called as
     ``type(module).forward`` (its hooks do not fire), without gradients, with the random number
-    generators' states put back, and every attribute the run set on it or its submodules (a cache
-    built on first use) put back too. Parameters and buffers changed in place stay changed: on meta
-    copies of them (:func:`_returns_tensor`) that leaves nothing."""
-    saved = [(m, dict(m.__dict__)) for m in module.modules()]
+    generators' states put back, and every attribute, parameter, buffer and submodule the run set on
+    it or its submodules (a cache or a buffer built on first use) put back too. Tensors changed in
+    place stay changed: on meta copies of them (:func:`_returns_tensor`) that leaves nothing."""
+    tables = ("__dict__", "_parameters", "_buffers", "_modules")
+    saved = [(m, [dict(getattr(m, table)) for table in tables]) for m in module.modules()]
     devices = sorted({t.device.index or 0 for t in module.parameters() if t.device.type == "cuda"})
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             yield
     finally:
-        for m, attributes in saved:
+        for m, contents in saved:
             m.__dict__.clear()
-            m.__dict__.update(attributes)
+            m.__dict__.update(contents[0])  # the tables' own dicts are back: refill them
+            for table, content in zip(tables[1:], contents[1:]):
+                getattr(m, table).clear()
+                getattr(m, table).update(content)
 
 
 class RouterView(nn.Module):

@@ -809,6 +809,15 @@ class _CachedLinear(torch.nn.Linear):
         return x @ self._wt + self.bias
 
 
+class _LazyScaledLinear(torch.nn.Linear):
+    """Registers a buffer on its first forward (a lazily built scale)."""
+
+    def forward(self, x):
+        if "scale" not in self._buffers:
+            self.register_buffer("scale", self.weight.abs().amax(dim=1))
+        return super().forward(x) * self.scale
+
+
 class _GuardedRouter(torch.nn.Linear):
     """A router subclassing nn.Linear whose forward reads values (a NaN guard): no meta run can tell it."""
 
@@ -826,6 +835,12 @@ def test_the_dry_runs_of_patch_leave_attributes_hooks_and_rng_alone():
     not move (also when patch is then refused); a forward that reads values is run on its real state."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(_CachedLinear(8, 8), _GuardedRouter(8, 4), torch.nn.Linear(4, 4))
+    lazy = _LazyScaledLinear(8, 8)  # the buffer its first run registers (on meta copies) is taken back
+    lag_triton.patch(torch.nn.Sequential(lazy), Library(["a", "b"], {"0": _one(8, 8)}))
+    assert "scale" not in lazy._buffers
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(lazy(x), torch.nn.functional.linear(x, lazy.weight, lazy.bias) * lazy.scale)
+    assert lazy.scale.device.type == "cpu"
     fired = []
     for layer in model:
         layer.register_forward_pre_hook(lambda m, args: fired.append(type(m).__name__))
