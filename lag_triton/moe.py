@@ -273,7 +273,7 @@ def _returns_tensor(layer: nn.Linear) -> bool:
     """Whether a linear layer's forward returns a tensor, told by running it once (:func:`_probing`):
     on meta copies of its parameters and buffers, so its state is left as it was (a forward that
     keeps statistics of its inputs, a QAT observer) even when patch is then refused; where the
-    forward cannot run on meta (it reads values: ``.item()``, a NaN guard), on a zero input as it is.
+    forward cannot run on meta (it reads values: ``.item()``, a NaN guard), on copies of them.
     A forward that fails both ways is left to be a linear layer, as it was before this check."""
     state = (*layer.named_parameters(remove_duplicate=False), *layer.named_buffers(remove_duplicate=False))
     try:  # all of it: a quantised weight (a tensor subclass) may have no meta copy
@@ -284,9 +284,10 @@ def _returns_tensor(layer: nn.Linear) -> bool:
     except Exception:  # noqa: BLE001
         pass
     weight = layer.weight
-    try:
-        with _probing(layer):
-            x = torch.zeros(1, layer.in_features, dtype=weight.dtype, device=weight.device)
+    try:  # on copies: a forward that reads values may also update them (an observer's running amax)
+        copies = {name: t.detach().clone() for name, t in state}
+        x = torch.zeros(1, layer.in_features, dtype=weight.dtype, device=weight.device)
+        with _probing(layer), _reparametrize_module(layer, copies):
             return isinstance(type(layer).forward(layer, x), torch.Tensor)
     except Exception:  # noqa: BLE001
         return True

@@ -17,7 +17,7 @@ from .kernels import backend_unavailable_reason, get_ops, resolve_backend
 from .layers import linear_shape as _linear_shape
 from .moe import ExpertProjection, LinearRedirect, expert_tokens
 from .routing import RoutingConfig, route_and_apply, routed_term_vjp
-from .scopes import check_recomputation
+from .scopes import tag_with_scope
 from .tracing import active_traces
 
 __all__ = ["LagLinear", "LagRouter", "LibraryRoute", "in_training_mode_of"]
@@ -135,7 +135,9 @@ class LibraryRoute(nn.Module):
                 xr, delta, self.a_star, self.b_star, self.prototypes, self.config, self.ops, allowed, scope
             )
             y = y + delta.to(y.dtype)
-        if torch.is_grad_enabled() and xr.requires_grad and not self.ops.differentiable:
+        # torch.export traces once, with inputs that need no gradient: its program may be given some
+        exporting = getattr(torch.compiler, "is_exporting", lambda: False)()
+        if torch.is_grad_enabled() and (xr.requires_grad or exporting) and not self.ops.differentiable:
             # y's own gradient passes through as is; the routed term's is added in x
             factors = (xr, sel, self.a_star, self.b_star, self.prototypes)
             if torch.compiler.is_compiling():  # torch.compile and torch.export: an op that keeps its backward
@@ -282,14 +284,13 @@ class LagLinear(nn.Module):
         # The base layer runs on the tokens flattened (as F.linear does inside): viewing its [T, d_out]
         # output back is free of shape guards, so torch.export keeps a dynamic sequence length. Hooks
         # registered on it see the input as its callers give it, as before patch (a steering hook
-        # indexes positions, y[:, -1]): with those, its output is flattened instead. A full backward
-        # hook makes that output a view the routes may not add into in place: they add into a copy.
+        # indexes positions, y[:, -1]): with those, its output is flattened instead, and copied first (a
+        # full backward hook makes it a view that may not change in place; a forward hook may keep it).
         base = self.base_layer
         x2 = x.reshape(-1, d_in)
-        backward_hooks = bool(base._backward_hooks or base._backward_pre_hooks)
-        if backward_hooks or base._forward_hooks or base._forward_pre_hooks:
-            y2 = base(x)
-            y2 = y2.clone() if backward_hooks and torch.is_grad_enabled() else y2
+        if base._backward_hooks or base._backward_pre_hooks or base._forward_hooks or base._forward_pre_hooks:
+            # the routes add in place: not into what a hook kept or gave (an activation patch's tensor)
+            y2 = base(x).clone()
         else:
             y2 = base(x2)
         if y2.shape[-1] != d_out:
@@ -307,8 +308,6 @@ class LagLinear(nn.Module):
     def _add_routes(self, x: torch.Tensor, x2: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
         """y2 [T, d_out] plus every library's routed output for x2 [T, d_in], the input x [..., d_in]
         flattened (whose shape tells a scope the batch rows)."""
-        if self.training and not torch.compiler.is_compiling():  # gradient checkpointing runs in training mode
-            check_recomputation(self, self.module_name)
         with _autocast_off(x.device.type):
             for route in self.routes:
                 allowed, rows = (None, None) if self._scope is None else self._scope_rows(route, x)
@@ -317,6 +316,8 @@ class LagLinear(nn.Module):
                     ids = torch.where(sel >= 0, route.adapter_ids[sel.long().clamp(min=0)], -1)  # -1: no adapter
                     for tracer in active_traces(self):
                         tracer.record(self.module_name, route.library_index, ids)
+        if y2.requires_grad and not torch.compiler.is_compiling():  # gradient checkpointing's check
+            y2 = tag_with_scope(y2, self._scope, self.module_name)
         return y2
 
     def _scope_rows(self, route, x):

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 import numbers
 import re
 import threading
@@ -66,12 +67,10 @@ _HELD: contextvars.ContextVar[frozenset] = contextvars.ContextVar("lag_triton_sc
 # layer -> its open scopes, innermost last. Kept here, not on the layer, so that a copy of a layer
 # (deepcopy, pickle) is under no scope; exits remove their own entry, whatever order they come in.
 _STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# the scope (or None) each layer in training mode last ran its forward under, outside a backward pass:
-# gradient checkpointing runs that forward again inside backward(), which must route it alike
-_LAST_FORWARD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # Per-expert layers of transformers' mixture-of-experts blocks kept as nn.Linear are fed
 # hidden_states[token_idx] for the tokens routed to that expert, in an order the shape cannot tell
 # (those kept as 3-D parameters are run by lag_triton.moe, which tells the scope).
+_SERIALS = itertools.count(1)  # scope serial numbers; 0 is no scope
 _GATHERED = re.compile(r"(?:^|\.)experts\.\d+\.")
 
 
@@ -107,6 +106,7 @@ class _ScopeMasks:
 
     def __init__(self, rows: int | None, masks: dict[int, torch.Tensor]) -> None:
         self.thread = threading.get_ident()  # the thread that opened the scope
+        self.serial = next(_SERIALS)  # tells it from other scopes in a checkpoint's recomputation (_ScopeTag)
         self.rows = rows  # None: no library restricted (then no route has a mask)
         self._masks = masks  # id(LibraryRoute) -> mask; routes of unrestricted libraries are absent
         self._token_rows: dict[tuple, torch.Tensor] = {}
@@ -318,25 +318,38 @@ def _resolve(allowed, library_names: dict[int, list[str]]) -> dict[int, torch.Te
     return masks
 
 
-def check_recomputation(layer: nn.Module, name: str) -> None:
-    """Note the scope of a forward of ``layer`` (in training mode); in backward() (gradient
-    checkpointing running a forward again), refuse another scope than the last forward's: the picks,
-    and so the gradients, would be another forward's. The common case: backward() after the
-    scope's block. Reentrant checkpointing runs the first forward without gradients: noted too."""
-    if _current_graph_task_id() == -1:
-        _LAST_FORWARD[layer] = layer._scope
-    elif _LAST_FORWARD.get(layer, layer._scope) is not layer._scope:
-        raise RuntimeError(
-            f"{name}: backward() ran this layer's forward again (gradient checkpointing) under another "
-            "lag_triton.scope than its last forward, or under none: the routed picks would differ from the "
-            "forward's. Call backward() inside the scope's block, before another forward of the model runs "
-            "under another scope"
-        )
+class _ScopeTag(torch.autograd.Function):
+    """y, passed through, tagged with the serial number of the scope its layer's forward ran under.
+    Gradient checkpointing drops a forward's saved tensors and runs the forward again inside
+    backward() to make them: the tag made then holds the scope in force then. Its backward refuses
+    another than the forward's, whose picks (and so gradients) it would be (the common case:
+    backward() after the scope's block). Reentrant checkpointing runs the first forward without
+    gradients, so no tag: not checked."""
+
+    @staticmethod
+    def forward(ctx, y, tag, serial, name):
+        ctx.save_for_backward(tag)
+        ctx.serial, ctx.name = serial, name
+        ctx.mark_dirty(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (tag,) = ctx.saved_tensors
+        if int(tag) != ctx.serial:  # a CPU tensor: no device sync
+            raise RuntimeError(
+                f"{ctx.name}: backward() ran this layer's forward again (gradient checkpointing) under another "
+                "lag_triton.scope than its forward, or under none: the routed picks would differ from the "
+                "forward's. Call backward() inside the scope's block"
+            )
+        return grad, None, None, None
 
 
-def _current_graph_task_id() -> int:
-    get = getattr(torch._C, "_current_graph_task_id", None)  # -1 outside a backward pass
-    return -1 if get is None else get()
+def tag_with_scope(y: torch.Tensor, scope: _ScopeMasks | None, name: str) -> torch.Tensor:
+    """``y`` (a scoped layer's output, gradients on) tagged by :class:`_ScopeTag`; the serial is 0
+    without a scope, so a forward run again under one is refused too."""
+    serial = 0 if scope is None else scope.serial
+    return _ScopeTag.apply(y, torch.tensor(serial), serial, name)
 
 
 class _CallHook:

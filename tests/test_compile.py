@@ -99,6 +99,31 @@ def test_an_exported_programs_backward_has_the_routed_terms_gradient(library, ba
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5 * grads[0].abs().max().item())
 
 
+@pytest.mark.parametrize("backend", [b for b in _backends() if DEVICE.type == "cuda" or b != "triton"])
+def test_an_exported_layer_fed_the_programs_input_keeps_its_gradient(backend, monkeypatch):
+    """torch.export traces with inputs that need no gradient: a routed layer fed the program's input
+    got no gradient op, and the exported program's input gradient lacked its routed term."""
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 5):
+        pytest.skip("torch 2.4's exporter checks parameters against state_dict keys, which a patched layer renames")
+    install_backend(backend, DEVICE, monkeypatch)
+    from lag_triton import Library, ModuleWeights
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.linalg.qr(torch.randn(4, 16, 2, generator=g))[0].transpose(1, 2).contiguous()
+    weights = ModuleWeights(a, torch.randn(4, 16, 2, generator=g), a[:, 0].contiguous(), torch.arange(4))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU(), torch.nn.Linear(16, 16)).to(DEVICE)
+    lag_triton.patch(model, Library(list("abcd"), {"0": weights, "2": weights}), backend=backend, k=2, top_m=2)
+    x = torch.randn(2, 3, 16, generator=g).to(DEVICE)
+    exported = torch.export.export(model, (x,))
+    grads = []
+    for forward in (model, exported.module()):
+        e = x.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(forward(e).square().sum(), e)
+        grads.append(grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5 * grads[0].abs().max().item())
+
+
 def test_torch_export_keeps_a_dynamic_sequence_length(library):
     """A patched layer runs its base layer on the flattened tokens, so an exported patched model
     takes any sequence length in its range, as the unpatched one does (reshaping the base layer's

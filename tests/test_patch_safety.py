@@ -818,6 +818,18 @@ class _LazyScaledLinear(torch.nn.Linear):
         return super().forward(x) * self.scale
 
 
+class _ObservedLinear(torch.nn.Linear):
+    """Keeps a running amax of its inputs, read on the host (no meta run can do that)."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__(d_in, d_out)
+        self.register_buffer("amax", torch.ones(()))
+
+    def forward(self, x):
+        self.amax.mul_(0.9).add_(0.1 * x.abs().max())
+        return super().forward(x) / max(self.amax.item(), 1e-6)
+
+
 class _GuardedRouter(torch.nn.Linear):
     """A router subclassing nn.Linear whose forward reads values (a NaN guard): no meta run can tell it."""
 
@@ -834,6 +846,10 @@ def test_the_dry_runs_of_patch_leave_attributes_hooks_and_rng_alone():
     and the patched layer computed with it: garbage), its hooks do not fire and the random state does
     not move (also when patch is then refused); a forward that reads values is run on its real state."""
     torch.manual_seed(0)
+    observed = torch.nn.Sequential(_ObservedLinear(8, 8), torch.nn.Linear(8, 4))  # run on copies of its state
+    with pytest.raises(ValueError, match=r"module '1'"):
+        lag_triton.patch(observed, Library(["a", "b"], {"0": _one(8, 8), "1": _one(8, 8)}))
+    assert observed[0].amax.item() == 1.0
     model = torch.nn.Sequential(_CachedLinear(8, 8), _GuardedRouter(8, 4), torch.nn.Linear(4, 4))
     lazy = _LazyScaledLinear(8, 8)  # the buffer its first run registers (on meta copies) is taken back
     lag_triton.patch(torch.nn.Sequential(lazy), Library(["a", "b"], {"0": _one(8, 8)}))
@@ -857,6 +873,26 @@ def test_the_dry_runs_of_patch_leave_attributes_hooks_and_rng_alone():
         torch.testing.assert_close(cached(x), torch.nn.functional.linear(x, cached.weight, cached.bias))
         logits, picked = model[1](model[0](x))
     assert logits.shape == (3, 4) and picked.shape == (3, 2)
+
+
+def test_what_a_forward_hook_keeps_or_gives_is_not_changed_by_the_routes():
+    """The routes add into the layer's output in place: with a hook on the base layer they add into a
+    copy, so what the hook kept (an activation cache) stays the base output, and a tensor the hook
+    gives as the output (activation patching) is not changed call after call."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    layer, kept = model[0], []
+    layer.register_forward_hook(lambda m, args, out: kept.append(out))
+    lag_triton.patch(model, Library(["a", "b"], {"0": _one(8, 8)}), k=1)
+    x = torch.randn(2, 3, 8)
+    with torch.no_grad():
+        routed = model(x)
+        torch.testing.assert_close(kept[0], torch.nn.functional.linear(x, layer.weight, layer.bias), rtol=0, atol=0)
+        assert not torch.equal(routed, kept[0])
+        patch_in = torch.randn(2, 3, 8)
+        layer.register_forward_hook(lambda m, args, out: patch_in)
+        first, second = model(x), model(x)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
 
 
 def test_a_full_backward_hook_on_a_layer_sees_its_gradient_as_before_patch(library):

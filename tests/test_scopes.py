@@ -569,29 +569,39 @@ def test_a_scoped_model_compiles_whole(libraries):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("backend", [b for b in _backends() if b != "torch"][-1 if DEVICE.type == "cpu" else 0 :])
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_gradient_checkpointing_recomputes_under_the_forwards_scope(libraries, reentrant):
+def test_gradient_checkpointing_recomputes_under_the_forwards_scope(libraries, backend, reentrant, monkeypatch):
     """Checkpointing runs each layer's forward again inside backward(): inside the scope's block
-    that is the forward's routing and gradient; after the block the layers routed unscoped there
-    (kernel backends: other picks, silently wrong gradients; torch: a CheckpointError), now refused,
-    also when reentrant checkpointing ran the first forward without gradients. An earlier forward
-    with gradients in eval mode under another scope (an attribution pass) is no checkpointed forward."""
+    that is the forward's routing and gradient. After the block a kernel backend's layers routed
+    unscoped there (other picks: silently wrong gradients; the torch backend's saved tensors differ,
+    so torch's checkpoint refuses it itself); each scoped forward's output is tagged with its scope,
+    and the forward run again under another is refused, whatever ran in between (a forward without
+    gradients) or the mode (eval). Reentrant checkpointing's first forward runs without gradients
+    (no tag): only the right use is checked there. On CPU one kernel backend (the last: the emulated
+    CUDA kernels where they build; the Triton interpreter takes 40 s here)."""
+    install_backend(backend, DEVICE, monkeypatch)
     docs, _ = libraries
     ids = _ids(2, 7, seed=8)
 
-    def grads(checkpointing: bool, inside: bool):
-        model = tiny_model("llama")
-        lag_triton.patch(model, docs, k=4, top_m=2)
-        with lag_triton.scope(model, [["doc5"], ["doc6"]]):
-            model(input_ids=ids).logits.sum().backward()  # eval mode: no checkpointing
-        model.zero_grad()
-        model.train()
+    def grads(checkpointing: bool, inside: bool, between: bool = False, train: bool = True):
+        model = tiny_model("llama").to(DEVICE).train(train)
+        lag_triton.patch(model, docs, backend=backend, k=4, top_m=2)
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.train()  # transformers checkpoints in training mode only ...
+            if not train:  # ... so eval mode checkpoints by hand
+                model.eval()
+                model.model.layers[0].forward = functools.partial(
+                    torch.utils.checkpoint.checkpoint, model.model.layers[0].forward, use_reentrant=reentrant
+                )
         with lag_triton.scope(model, [["doc0", "doc3"], ["doc1"]]):
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             if inside:
                 loss.backward()
+        if between:
+            with torch.no_grad():
+                model(input_ids=ids)
         if not inside:
             loss.backward()
         return {n: p.grad for n, p in model.named_parameters()}
@@ -600,5 +610,10 @@ def test_gradient_checkpointing_recomputes_under_the_forwards_scope(libraries, r
     got = grads(checkpointing=True, inside=True)
     for name, g in want.items():
         torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-6, msg=name)
-    with pytest.raises(RuntimeError, match=r"ran this layer's forward again \(gradient checkpointing\) under another"):
-        grads(checkpointing=True, inside=False)
+    if reentrant:
+        return
+    for between, train in ((False, True), (True, True), (False, False)):
+        with pytest.raises(
+            RuntimeError, match=r"ran this layer's forward again \(gradient checkpointing\) under another"
+        ):
+            grads(checkpointing=True, inside=False, between=between, train=train)
