@@ -170,6 +170,23 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def write_record(path: Path, what: str, shape: dict, rows: list[dict]) -> None:
+    """The rows as a results JSON at ``path``, with the date, commit, machine and versions."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    record = dict(
+        what=what,
+        date=date.today().isoformat(),
+        commit=commit or None,
+        machine=dict(cpu=_cpu_name(), cores=os.cpu_count(), python=platform.python_version()),
+        versions=dict(torch=torch.__version__, triton=__import__("triton").__version__),
+        shape=shape,
+        rows=rows,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--t", default="1,32,2048", help="tokens per call (comma-separated)")
@@ -193,21 +210,9 @@ def main(argv=None) -> int:
     with fold_splits.forced(args.fold):
         rows = [row for t in (int(v) for v in args.t.split(",")) for row in measure(args, t)]
     if args.json:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        record = dict(
-            what="host-side Python per call, Triton launches and the scoring GEMM stubbed (bench/bench_host.py)",
-            date=date.today().isoformat(),
-            commit=commit or None,
-            machine=dict(cpu=_cpu_name(), cores=os.cpu_count(), python=platform.python_version()),
-            versions=dict(torch=torch.__version__, triton=__import__("triton").__version__),
-            shape={
-                key: getattr(args, key) for key in ("n", "d_in", "d_out", "rank", "k", "top_m", "dtype", "sms", "fold")
-            },
-            rows=rows,
-        )
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=1) + "\n")
-        print(f"wrote {args.json}")
+        keys = ("n", "d_in", "d_out", "rank", "k", "top_m", "dtype", "sms", "fold")
+        what = "host-side Python per call, Triton launches and the scoring GEMM stubbed (bench/bench_host.py)"
+        write_record(args.json, what, {key: getattr(args, key) for key in keys}, rows)
     return 0
 
 

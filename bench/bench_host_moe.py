@@ -26,11 +26,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before Triton defines any kernel: the la
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
-from datetime import date  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -39,7 +35,7 @@ from torch import nn  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import lag_triton  # noqa: E402
-from bench.bench_host import LaunchStub, _cpu_name, per_call_us  # noqa: E402
+from bench.bench_host import LaunchStub, per_call_us, write_record  # noqa: E402
 from bench.harness import DTYPES, _random_library  # noqa: E402
 from lag_triton.library.weights import ModuleWeights  # noqa: E402
 
@@ -110,23 +106,9 @@ def main(argv=None) -> int:
     lag_triton.patch(patched, library(patched.experts, args), k=20, top_m=1, backend="triton")
     rows = [row for t in (int(v) for v in args.t.split(",")) for row in measure(args, t, plain, patched)]
     if args.json:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        record = dict(
-            what="host-side Python per MoE expert-module forward, Triton launches and the scoring GEMM stubbed "
-            "(bench/bench_host_moe.py)",
-            date=date.today().isoformat(),
-            commit=commit or None,
-            machine=dict(cpu=_cpu_name(), cores=os.cpu_count(), python=platform.python_version()),
-            versions=dict(torch=torch.__version__, triton=__import__("triton").__version__),
-            shape={
-                key: getattr(args, key)
-                for key in ("experts", "top_k", "hidden", "intermediate", "n", "rank", "dtype", "sms")
-            },
-            rows=rows,
-        )
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=1) + "\n")
-        print(f"wrote {args.json}")
+        keys = ("experts", "top_k", "hidden", "intermediate", "n", "rank", "dtype", "sms")
+        what = "host-side Python per MoE expert-module forward, Triton launches and the scoring GEMM stubbed"
+        write_record(args.json, what + " (bench/bench_host_moe.py)", {key: getattr(args, key) for key in keys}, rows)
     return 0
 
 

@@ -369,17 +369,23 @@ def test_profile_layer_reports_kernels_per_call(tmp_path, capsys):
     assert "torch  N=9 T=3 16->12" in capsys.readouterr().out
 
 
+def _host_rows(tmp_path, script: str, *args: str) -> tuple[dict, dict]:
+    """(record, rows by (case, T)) of a host-cost script run at tiny sizes in a subprocess (the script
+    selects the Triton interpreter before Triton defines kernels)."""
+    out = tmp_path / "host.json"
+    path = Path(__file__).resolve().parent / script
+    command = [sys.executable, str(path), *args, "--iters", "2", "--json", str(out)]
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    record = json.loads(out.read_text())
+    return record, {(r["case"], r["t"]): r for r in record["rows"]}
+
+
 @needs_triton
 def test_bench_host_counts_the_launches_it_stubs(tmp_path):
     """bench_host.py times lag_triton's own Python with every launch stubbed: each row counts the
     launches its call plans (the layer = its three ops; prefill groups pairs by adapter) and has a
-    time. A subprocess: the script selects the Triton interpreter before Triton defines kernels."""
-    out = tmp_path / "host.json"
-    args = ["--t", "1,70", "--n", "50", "--d-in", "32", "--d-out", "24", "--iters", "2", "--json", str(out)]
-    script = Path(__file__).resolve().parent / "bench_host.py"
-    subprocess.run([sys.executable, str(script), *args], check=True, capture_output=True, timeout=300)
-    record = json.loads(out.read_text())
-    by_case = {(r["case"], r["t"]): r for r in record["rows"]}
+    time."""
+    record, by_case = _host_rows(tmp_path, "bench_host.py", "--t", "1,70", "--n", "50", "--d-in", "32", "--d-out", "24")
     assert len(by_case) == 10 and all(r["host_us"] > 0 for r in record["rows"])
     for t in (1, 70):
         layer = by_case["route_and_apply", t]
@@ -401,12 +407,9 @@ def test_bench_host_counts_the_launches_it_stubs(tmp_path):
 def test_bench_host_moe_routes_each_hit_expert_projection(tmp_path):
     """bench_host_moe.py: the patched expert module makes one routed call (the layer's launches) per
     hit expert and projection, the unpatched one none; both rows are timed."""
-    out = tmp_path / "moe.json"
-    args = ["--t", "1,3", "--experts", "6", "--top-k", "2", "--n", "9", "--iters", "1", "--json", str(out)]
-    script = Path(__file__).resolve().parent / "bench_host_moe.py"
-    subprocess.run([sys.executable, str(script), *args], check=True, capture_output=True, timeout=300)
-    record = json.loads(out.read_text())
-    by_case = {(r["case"], r["t"]): r for r in record["rows"]}
+    record, by_case = _host_rows(
+        tmp_path, "bench_host_moe.py", "--t", "1,3", "--experts", "6", "--top-k", "2", "--n", "9"
+    )
     assert len(by_case) == 4 and all(r["host_us"] > 0 for r in record["rows"])
     for t in (1, 3):
         patched = by_case["experts (patched)", t]
