@@ -316,8 +316,8 @@ class LagLinear(nn.Module):
                     ids = torch.where(sel >= 0, route.adapter_ids[sel.long().clamp(min=0)], -1)  # -1: no adapter
                     for tracer in active_traces(self):
                         tracer.record(self.module_name, route.library_index, ids)
-        if y2.requires_grad and not torch.compiler.is_compiling():  # gradient checkpointing's check
-            y2 = tag_with_scope(y2, self._scope, self.module_name)
+        if self._scope is not None and y2.requires_grad and not torch.compiler.is_compiling():
+            y2 = tag_with_scope(y2, self._scope, self.module_name)  # gradient checkpointing's check
         return y2
 
     def _scope_rows(self, route, x):

@@ -70,7 +70,7 @@ _STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # Per-expert layers of transformers' mixture-of-experts blocks kept as nn.Linear are fed
 # hidden_states[token_idx] for the tokens routed to that expert, in an order the shape cannot tell
 # (those kept as 3-D parameters are run by lag_triton.moe, which tells the scope).
-_SERIALS = itertools.count(1)  # scope serial numbers; 0 is no scope
+_SERIALS = itertools.count(1)  # scope serial numbers
 _GATHERED = re.compile(r"(?:^|\.)experts\.\d+\.")
 
 
@@ -339,17 +339,17 @@ class _ScopeTag(torch.autograd.Function):
         if int(tag) != ctx.serial:  # a CPU tensor: no device sync
             raise RuntimeError(
                 f"{ctx.name}: backward() ran this layer's forward again (gradient checkpointing) under another "
-                "lag_triton.scope than its forward, or under none: the routed picks would differ from the "
+                "lag_triton.scope than its forward's, or under none: the routed picks would differ from the "
                 "forward's. Call backward() inside the scope's block"
             )
         return grad, None, None, None
 
 
-def tag_with_scope(y: torch.Tensor, scope: _ScopeMasks | None, name: str) -> torch.Tensor:
-    """``y`` (a scoped layer's output, gradients on) tagged by :class:`_ScopeTag`; the serial is 0
-    without a scope, so a forward run again under one is refused too."""
-    serial = 0 if scope is None else scope.serial
-    return _ScopeTag.apply(y, torch.tensor(serial), serial, name)
+def tag_with_scope(y: torch.Tensor, scope: _ScopeMasks, name: str) -> torch.Tensor:
+    """``y`` (a scoped layer's output, gradients on) tagged by :class:`_ScopeTag`. Unscoped outputs
+    are not tagged (a sharded route's is a view that may not change in place; and training without
+    scopes pays nothing), so a forward run again under a scope where it ran under none is not caught."""
+    return _ScopeTag.apply(y, torch.tensor(scope.serial), scope.serial, name)
 
 
 class _CallHook:
