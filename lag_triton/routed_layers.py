@@ -136,8 +136,7 @@ class LibraryRoute(nn.Module):
             )
             y = y + delta.to(y.dtype)
         # torch.export traces once, with inputs that need no gradient: its program may be given some
-        exporting = getattr(torch.compiler, "is_exporting", lambda: False)()
-        if torch.is_grad_enabled() and (xr.requires_grad or exporting) and not self.ops.differentiable:
+        if torch.is_grad_enabled() and (xr.requires_grad or _is_exporting()) and not self.ops.differentiable:
             # y's own gradient passes through as is; the routed term's is added in x
             factors = (xr, sel, self.a_star, self.b_star, self.prototypes)
             if torch.compiler.is_compiling():  # torch.compile and torch.export: an op that keeps its backward
@@ -211,6 +210,9 @@ def _pullback(config, grad, x, sel, a_star, b_star, prototypes) -> torch.Tensor:
     """The routed term's gradient in x, in fp32 as the forward routed (the torch backend's too), in x's dtype."""
     with _autocast_off(grad.device.type, always=True):
         return routed_term_vjp(x, sel, a_star, b_star, prototypes, config, grad).to(x.dtype)
+
+
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch < 2.5 has none
 
 
 def _autocast_off(device_type: str, always: bool = False):
