@@ -359,6 +359,34 @@ def test_fake_implementations_give_the_backends_shapes():
             torch.ops.lag_triton.arrow_topk(mode.from_tensor(x), mode.from_tensor(p), 10, None, None, "torch")
 
 
+def test_ops_take_symbolic_k_and_top_m_under_dynamic_compile(library):
+    """``dynamic=True`` makes int arguments symbolic (torch 2.4 also a module's int attributes, so a
+    patched model's k and top_m): the ops' checks take a SymInt where they take an int."""
+    ops = get_ops("torch")
+    gen = torch.Generator().manual_seed(2)
+    x, p, a = (
+        torch.randn(7, 32, generator=gen),
+        torch.randn(13, 32, generator=gen),
+        torch.randn(13, 4, 32, generator=gen),
+    )
+
+    def route(x, p, a, k, top_m):
+        idx, _ = ops.arrow_topk(x, p, k)
+        return ops.spectr_rerank(x, a, idx, top_m)
+
+    compiled = torch.compile(route, dynamic=True, fullgraph=True, backend="aot_eager")
+    for k, top_m in ((5, 2), (6, 3)):
+        for got, want in zip(compiled(x, p, a, k, top_m), route(x, p, a, k, top_m), strict=True):
+            assert torch.equal(got, want)
+    model = tiny_model("llama")
+    lag_triton.patch(model, library, backend="torch", k=4, top_m=2)
+    compiled_model = torch.compile(model, dynamic=True, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        for length in (5, 9):
+            ids = torch.randint(0, VOCAB, (2, length), generator=gen)
+            torch.testing.assert_close(compiled_model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
 def test_ops_handle_pickles_and_copies():
     ops = get_ops("torch")
     assert pickle.loads(pickle.dumps(ops)) == ops == copy.deepcopy(ops)

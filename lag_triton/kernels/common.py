@@ -25,6 +25,12 @@ def _check_x(x: torch.Tensor, d_in: int, weights_name: str) -> None:
         raise ValueError(f"x has d_in={x.shape[1]} but {weights_name} has d_in={d_in}")
 
 
+def _is_int(value) -> bool:
+    """An int, or the symbolic int a compiled graph passes where ``torch.compile(dynamic=True)``
+    makes sizes symbolic (torch 2.4 does so for a module's int attributes too: k, top_m)."""
+    return isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool)
+
+
 def _check_same_device(**tensors: torch.Tensor) -> None:
     first, *others = tensors.values()
     if any(t.device != first.device for t in others):
@@ -44,7 +50,7 @@ def check_topk_args(
     _check_x(x, prototypes.shape[1], "prototypes")
     _check_same_device(x=x, prototypes=prototypes)
     n = prototypes.shape[0]
-    if not (isinstance(k, int) and 1 <= k <= n):
+    if not (_is_int(k) and 1 <= k <= n):
         raise ValueError(f"k must be an int in [1, N={n}], got {k!r}")
     if (allowed is None) != (scope is None):
         raise ValueError("allowed and scope go together: give both or neither")
@@ -82,7 +88,7 @@ def check_rerank_args(
         raise ValueError(f"candidates must be int32, got {candidates.dtype}")
     _check_same_device(x=x, a_star=a_star, candidates=candidates)
     k = candidates.shape[1]
-    if not (isinstance(top_m, int) and 1 <= top_m <= k):
+    if not (_is_int(top_m) and 1 <= top_m <= k):
         raise ValueError(f"top_m must be an int in [1, k={k}], got {top_m!r}")
     if combine not in COMBINE_MODES:
         raise ValueError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
