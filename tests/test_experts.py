@@ -448,13 +448,18 @@ def test_a_targeted_2d_weight_is_its_modules_lora(tmp_path):
 @pytest.mark.parametrize("target_modules", [True, "(", 3, None])
 def test_reader_reads_experts_whatever_target_modules_holds(target_modules, tmp_path):
     """target_modules only tells a layer's LoRA from a parameter wrapper: a value PEFT would not
-    write there (found by test_fuzz) leaves the saved factors to say what was targeted."""
+    write there (found by test_fuzz) leaves the saved factors to say what was targeted. A null one is
+    PEFT's for target_parameters alone: a layer's own factors are then refused (PEFT skips them)."""
     import json
 
     model = _moe("qwen3_moe")
     path = make_adapter(model, tmp_path / "a", seed=1, arch="qwen3_moe", targets=["q_proj"], target_parameters=EXPERTS)
     config = json.loads((path / "adapter_config.json").read_text())
     (path / "adapter_config.json").write_text(json.dumps({**config, "target_modules": target_modules}))
+    if target_modules is None:
+        with pytest.raises(AdapterError, match="q_proj' has LoRA factors, .*target_modules is null"):
+            PeftAdapter.open(path)
+        return
     modules = PeftAdapter.open(path).modules
     assert "model.layers.1.mlp.experts.gate_up_proj.3" in modules and "model.layers.1.self_attn.q_proj" in modules
 

@@ -164,7 +164,6 @@ def test_build_does_not_depend_on_folder_order_for_each_adapter(llama, tmp_path)
     [
         ("use_dora", True, "use_dora"),
         ("lora_bias", True, "lora_bias"),
-        ("bias", "all", "bias"),
         ("modules_to_save", ["lm_head"], "modules_to_save"),
         ("peft_type", "IA3", "peft_type"),
         ("r", 0, "r=0"),
@@ -174,6 +173,8 @@ def test_build_does_not_depend_on_folder_order_for_each_adapter(llama, tmp_path)
         ("init_lora_weights", "corda", "init_lora_weights='corda'"),
         ("init_lora_weights", "loftq", "LoftQ adapters cannot be converted"),
         ("init_lora_weights", "lora_ga", "init_lora_weights='lora_ga'"),
+        ("init_lora_weights", "astra", "init_lora_weights='astra' is refused: this init replaces the base"),
+        ("init_lora_weights", "next_release_init", "not an init known to leave the base weight as it is"),
         ("kasa_config", {"beta": 1e-4}, "KaSA truncates the base weight"),
         ("monteclora_config", {"num_samples": 2}, "MonteCLoRA samples its factors"),
         ("use_bdlora", {"nblocks": 0}, "use_bdlora={'nblocks': 0} must be an object with a positive integer nblocks"),
@@ -286,6 +287,105 @@ def test_refused_tensors(llama, tmp_path, extra, needle):
     save_file(weights, str(path / "adapter_model.safetensors"))
     with pytest.raises(AdapterError, match=needle):
         Library.from_peft([path], progress=False)
+
+
+def test_embedding_lora_is_refused_as_such_before_the_embedding_copies_saved_with_it(llama, tmp_path):
+    """PEFT saves an embedding LoRA with a copy of the embedding (save_embedding_layers): the error
+    names the embedding LoRA, not the copy (saving without it would not make the adapter readable)."""
+    path = make_adapter(llama, tmp_path / "emb", seed=0)
+    weights = load_file(str(path / "adapter_model.safetensors"))
+    weights["base_model.model.model.embed_tokens.base_layer.weight"] = torch.zeros(4, 4)
+    weights["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(4, 4)
+    save_file(weights, str(path / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match="lora_embedding_A': embedding LoRA is refused"):
+        Library.from_peft([path], progress=False)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_bias_training_is_refused_where_it_saved_biases(tmp_path, bias):
+    """bias="all" / "lora_only" on a model without biases saves LoRA factors only, and PEFT's forward
+    is their LoRA (read as such); where it saved a trained bias, the tensor is named and refused."""
+    model = tiny_model("llama")
+    path = make_adapter(model, tmp_path / "a", seed=2, bias=bias)
+    ids = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
+    want = peft_logits(model, path, ids)
+    library = Library.from_peft([path], progress=False)
+    lag_triton.patch(model, library, k=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+
+    weights = load_file(str(path / "adapter_model.safetensors"))
+    weights["base_model.model.model.layers.0.mlp.up_proj.bias"] = torch.zeros(80)
+    save_file(weights, str(path / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match=rf"up_proj.bias' is a base-model bias trained with .* bias='{bias}'"):
+        Library.from_peft([path], progress=False)
+
+
+@pytest.mark.parametrize(
+    "edit,needle",
+    [
+        (
+            dict(layers_to_transform=[1]),
+            r"layers.0.mlp.up_proj' .* \(layers_to_transform=\[1\] does not hold its layer index \(0\)\)",
+        ),
+        (
+            dict(layers_to_transform=1, layers_pattern="layers"),
+            r"layers.0.mlp.up_proj' .*layers_to_transform=1 does not",
+        ),
+        (dict(target_modules=["q_proj"]), r"layers.0.mlp.up_proj' .*target_modules=\['q_proj'\] names neither it"),
+        (
+            dict(target_modules=r".*\.q_proj"),
+            r"layers.0.mlp.up_proj' .*target_modules='\.\*.*q_proj' does not match its whole",
+        ),
+        (dict(exclude_modules=["up_proj"]), r"layers.0.mlp.up_proj' .*exclude_modules=\['up_proj'\] names it"),
+        (
+            dict(exclude_modules=r".*layers\.1\..*"),
+            r"layers.1.mlp.up_proj' .*exclude_modules='\.\*layers.*' matches it",
+        ),
+    ],
+)
+def test_factors_of_a_module_the_config_does_not_select_are_refused(tmp_path, edit, needle):
+    """PEFT puts a LoRA only where its config selects (target_modules, layers_to_transform,
+    exclude_modules) and loads other saved factors with a warning: such a file is refused, naming the
+    module and the field (it was read as adapting them all: logits 0.45 off PEFT's)."""
+    model = tiny_model("llama")
+    path = make_adapter(model, tmp_path / "a", seed=4, targets=["q_proj", "up_proj"])
+    config = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**config, **edit}))
+    with pytest.raises(AdapterError, match=needle):
+        Library.from_peft([path], progress=False)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        dict(layers_to_transform=[0, 1]),
+        dict(layers_to_transform=[0, 1], layers_pattern=["blocks", "layers"]),
+        dict(target_modules=r".*\.(q_proj|up_proj)"),
+        dict(target_modules=["self_attn.q_proj", "model.layers.0.mlp.up_proj", "layers.1.mlp.up_proj"]),
+        dict(exclude_modules=["k_proj"]),
+    ],
+)
+def test_a_config_selecting_every_saved_module_reads_them_all(tmp_path, edit):
+    """What PEFT 0.22 matches: a regex string the whole name, a list entry the name or its last
+    components, layers_to_transform the first numbered component (after layers_pattern if given)."""
+    model = tiny_model("llama")
+    path = make_adapter(model, tmp_path / "a", seed=4, targets=["q_proj", "up_proj"])
+    config = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**config, **edit}))
+    ids = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(5))
+    want = peft_logits(model, path, ids)
+    library = Library.from_peft([path], progress=False)
+    assert len(library.modules) == 4
+    lag_triton.patch(model, library, k=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_folder_of_adapter_subfolders_names_them(llama, tmp_path):
+    make_adapter(llama, tmp_path / "outer" / "task1", seed=0)
+    with pytest.raises(AdapterError, match=r"outer': has no adapter_config.json \(its subfolders \['task1'\] hold"):
+        Library.from_peft([tmp_path / "outer"], progress=False)
 
 
 def test_multihead_attention_lora_is_refused_at_build(tmp_path):

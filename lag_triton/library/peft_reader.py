@@ -29,7 +29,6 @@ class AdapterError(ValueError):
 _REFUSED_CONFIG = (
     ("use_dora", (False, None), "DoRA adapters rescale the base weight per column, which LAG cannot route"),
     ("lora_bias", (False, None), "LoRA biases are not part of the low-rank update LAG applies"),
-    ("bias", ("none", None), "bias training changes base-model biases, which LAG cannot route"),
     ("modules_to_save", ((), None), "modules_to_save replaces whole modules, which LAG cannot route"),
     ("trainable_token_indices", (None,), "trainable tokens change embeddings, which LAG cannot route"),
     ("layer_replication", (None,), "layer_replication changes the model's layers"),
@@ -53,13 +52,16 @@ _REFUSED_CONFIG = (
 # and the projection it saves for training is not part of the update.
 _VELORA_TENSOR = ".lora_velora_embed"
 # Inits that replace the base weight W by a residual when the adapter is created (PiSSA, OLoRA,
-# CorDA, LoRA-GA: W - s B0 A0; LoftQ: a quantised W): the saved factors are a delta on that residual, which PEFT
-# rebuilds from W on load, so they are no LoRA of W. PEFT converts PiSSA/OLoRA/CorDA adapters into
-# one (rank 2r, init_lora_weights true), which LAG reads (LoRA-GA's too).
-_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
+# CorDA, ASTRA, LoRA-GA: W - s B0 A0; LoftQ: a quantised W): the saved factors are a delta on that residual,
+# which PEFT rebuilds from W on load, so they are no LoRA of W. PEFT converts PiSSA/OLoRA/CorDA/ASTRA
+# adapters into one (rank 2r, init_lora_weights true), which LAG reads (LoRA-GA's too). The inits known
+# to leave W as it is are listed instead: PEFT adds new ones each release, and one that changes W read
+# as a LoRA of W would be silently wrong.
+_BASE_KEEPING_INITS = ("gaussian", "eva", "orthogonal", "mica", "nora")
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "astra", "lora_ga", "loftq")
 _BASE_CHANGING_WHY = (
-    "this init replaces the base weight by a residual (PiSSA, OLoRA, CorDA, LoRA-GA) or a quantised copy (LoftQ) "
-    "when the adapter is created, so its factors are a delta on that changed weight, not a LoRA of the "
+    "this init replaces the base weight by a residual (PiSSA, OLoRA, CorDA, ASTRA, LoRA-GA) or a quantised "
+    "copy (LoftQ) when the adapter is created, so its factors are a delta on that changed weight, not a LoRA of the "
     "base model LAG routes over. Convert it with PEFT first: peft_model.save_pretrained(out, "
     "path_initial_model_for_weight_conversion=<the adapter saved at initialisation>) writes a plain LoRA "
     "of the original base (LoftQ adapters cannot be converted)"
@@ -176,7 +178,12 @@ class PeftAdapter:
         if not path.is_dir():
             raise adapter.error("is not a directory")
         if not config_file.is_file():
-            raise adapter.error(f"has no {_CONFIG}")
+            try:  # PEFT saves every adapter of a model but "default" in a subfolder of its name
+                inside = sorted(sub.name for sub in path.iterdir() if (sub / _CONFIG).is_file())
+            except OSError:
+                inside = []
+            hint = f" (its subfolders {inside[:5]} hold adapters: give one of them)" if inside else ""
+            raise adapter.error(f"has no {_CONFIG}{hint}")
         try:
             config = json.loads(config_file.read_text(encoding="utf-8"))
         except sio.JSON_ERRORS as e:
@@ -220,6 +227,15 @@ class PeftAdapter:
         init = cfg.get("init_lora_weights")
         if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
             raise self._field_error("init_lora_weights", f"is refused: {_BASE_CHANGING_WHY}")
+        if not (
+            init is None or isinstance(init, bool) or (isinstance(init, str) and init.lower() in _BASE_KEEPING_INITS)
+        ):
+            raise self._field_error(
+                "init_lora_weights",
+                f"is refused: not an init known to leave the base weight as it is ({', '.join(_BASE_KEEPING_INITS)}, "
+                "true or false); an init that changes it makes the factors a delta on another weight, not a LoRA of "
+                "the base model LAG routes over",
+            )
         if not _is_positive_int(cfg.get("r")):
             raise self._field_error("r", "must be a positive integer")
         if not _is_nonzero_number(cfg.get("lora_alpha")):
@@ -298,11 +314,12 @@ class PeftAdapter:
     def _index_weights(self, shapes: dict[str, tuple[int, ...]]) -> None:
         cfg = self.config
         keys: dict[str, dict[str, str]] = {}
+        embedding = next((key for key in shapes if "lora_embedding_" in key), None)
+        if embedding is not None:  # before the base-layer copies PEFT saves with it, whose advice would not help
+            raise self.error(f"tensor {embedding!r}: embedding LoRA is refused (LAG routes linear layers only)")
         for key in shapes:
             if _VELORA_TENSOR in key and cfg.get("velora_config"):
                 continue
-            if "lora_embedding_" in key:
-                raise self.error(f"tensor {key!r}: embedding LoRA is refused (LAG routes linear layers only)")
             if "lora_magnitude_vector" in key:
                 raise self.error(f"tensor {key!r}: DoRA magnitude vectors are refused")
             if key.endswith((".base_layer.weight", ".base_layer.bias")):
@@ -313,6 +330,11 @@ class PeftAdapter:
                     "with save_pretrained(..., save_embedding_layers=False)"
                 )
             match = _KEY.match(key)
+            if match is None and key.endswith(".bias") and cfg.get("bias") not in (None, "none"):
+                raise self.error(
+                    f"tensor {key!r} is a base-model bias trained with {_CONFIG} field bias={cfg['bias']!r:.20}: "
+                    "bias training changes the model's own biases, which LAG cannot route"
+                )
             if match is None:
                 raise self.error(
                     f"tensor {key!r} is not a LoRA A/B weight (modules_to_save, biases and other "
@@ -348,6 +370,13 @@ class PeftAdapter:
             if module in wrapped:
                 self._index_parameter(module, *wrapped[module], pair, shape_a, shape_b)
                 continue
+            unselected = self._unselected_by_config(module)
+            if unselected is not None:
+                raise self.error(
+                    f"module {module!r} has LoRA factors, but {_CONFIG} does not select it ({unselected}): PEFT "
+                    "would leave that layer as it is (it loads unexpected keys with a warning). Correct the config's "
+                    "target_modules / layers_to_transform / exclude_modules, or save the adapter again"
+                )
             rank = _pattern_value(cfg.get("rank_pattern") or {}, module, cfg["r"])
             alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"])
             kind, nblocks = self._block_diagonal_kind(module)
@@ -432,6 +461,15 @@ class PeftAdapter:
             return False
         return any(module == t or module.endswith("." + t) for t in targets if isinstance(t, str))
 
+    def _unselected_by_config(self, module: str) -> str | None:
+        """Why PEFT would not put a LoRA on ``module`` with this config (its check_target_module_exists,
+        PEFT 0.22), or None when it would or the config cannot tell (no target_modules, "all-linear"
+        unexpanded, patterns Python cannot compile: PEFT would fail to load those itself)."""
+        try:
+            return _unselected(self.config, module)
+        except (re.error, TypeError):
+            return None
+
     def _index_parameter(self, key_module: str, module: str, parameter: str, pair, shape_a, shape_b) -> None:
         """The factors PEFT's ParamWrapper saved for ``module.parameter``: a 2-D ``weight``'s, kept as
         module ``module.weight`` (its update is the layer's own LoRA; a router's, :mod:`lag_triton.moe`);
@@ -497,3 +535,34 @@ class PeftAdapter:
                 raise self.error(f"module {m!r}: tensors changed shape while reading (file rewritten?)")
             out[m] = f.select(a, b)
         return out
+
+
+def _unselected(cfg: dict, module: str) -> str | None:
+    """:meth:`PeftAdapter._unselected_by_config` (re.error / TypeError for patterns and fields it cannot read)."""
+    exclude, targets = cfg.get("exclude_modules"), cfg.get("target_modules")
+    if isinstance(exclude, str) and exclude and re.fullmatch(exclude, module):
+        return f"exclude_modules={exclude!r:.80} matches it"
+    if isinstance(exclude, list) and any(module == e or module.endswith(f".{e}") for e in exclude):
+        return f"exclude_modules={exclude!r:.80} names it"
+    if targets is None:
+        return "target_modules is null: only target_parameters are adapted" if cfg.get("target_parameters") else None
+    if isinstance(targets, str):
+        if targets == "all-linear" or re.fullmatch(targets, module):
+            return None
+        return f"target_modules={targets!r:.80} does not match its whole name"
+    if module in targets:
+        return None
+    if not any(module.endswith(f".{t}") for t in targets):
+        return f"target_modules={targets!r:.80} names neither it nor its last components"
+    layers, patterns = cfg.get("layers_to_transform"), cfg.get("layers_pattern")
+    if layers is None or layers == []:
+        return None
+    if not patterns:  # the first numbered component (an expert's index comes later)
+        found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+    else:
+        patterns = [patterns] if isinstance(patterns, str) else patterns
+        found = next(filter(None, (re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module) for p in patterns)), None)
+    index = None if found is None else int(found["idx"])
+    if index is None or not (index == layers if isinstance(layers, int) else index in layers):
+        return f"layers_to_transform={layers!r:.80} does not hold its layer index ({index})"
+    return None
