@@ -41,24 +41,48 @@ def _plain_z(x, a_star, cand):
 
 
 def _plain_scores(x, prototypes, allowed=None, scope=None):
-    """|x . p| in fp32; under a scope, disallowed adapters scored -1 (below every |x . p|)."""
+    """|x . p| in fp32; under a scope, disallowed adapters scored -inf (never candidates: see below)."""
     scores = _mm32(x, prototypes.T).abs()
-    return scores if allowed is None else scores.masked_fill(~allowed[scope.long()], -1.0)
+    return scores if allowed is None else scores.masked_fill(~allowed[scope.long()], float("-inf"))
+
+
+def _plain_candidates(x, prototypes, k, allowed=None, scope=None):
+    """(idx [T, k], scores [T, k]) of the k best; under a scope, -1 past a token's allowed adapters."""
+    top = _plain_scores(x, prototypes, allowed, scope).topk(k, dim=1)
+    if allowed is None:
+        return top.indices, top.values
+    return top.indices.masked_fill(top.values == float("-inf"), -1), top.values
 
 
 def plain_arrow_topk(x, prototypes, k, allowed=None, scope=None):
-    top = _plain_scores(x, prototypes, allowed, scope).topk(k, dim=1)
-    return top.indices.to(torch.int32), top.values
+    idx, values = _plain_candidates(x, prototypes, k, allowed, scope)
+    return idx.to(torch.int32), values if allowed is None else values.masked_fill(idx < 0, float("nan"))
+
+
+def _plain_picks(x, a_star, cand, top_m, scoped=False):
+    """(sel [T, m], z [T, m, r] fp32, their norms [T, m]): the top_m candidates by ||A* x||. ``scoped``:
+    cand may hold -1 (past a token's allowed adapters), never picked over an adapter (a -1 pick stays -1)."""
+    z = _plain_z(x, a_star, cand.clamp(min=0) if scoped else cand)
+    norms = z.norm(dim=-1)
+    if scoped:
+        norms = norms.masked_fill(cand < 0, float("-inf"))
+    top = norms.topk(top_m, dim=1)
+    sel = cand.gather(1, top.indices)
+    return sel, z.gather(1, top.indices[..., None].expand(-1, -1, z.shape[-1])), top.values
+
+
+def _plain_weights(norms, sel):
+    """The reference's weights (combine="softmax", temperature 1): 1 for one pick, else the softmax of the
+    picks' norms; 0 for a -1 pick."""
+    if norms.shape[1] == 1:
+        return (sel >= 0).float()
+    return torch.softmax(norms, dim=1).nan_to_num(0.0)  # every pick -1: all -inf, NaN
 
 
 def plain_spectr_rerank(x, a_star, cand, top_m):
-    cand = cand.long()
-    z = _plain_z(x, a_star, cand)
-    best = z.norm(dim=-1).topk(top_m, dim=1).indices
-    sel = cand.gather(1, best)
-    z_sel = z.gather(1, best[..., None].expand(-1, -1, z.shape[-1]))
-    w = torch.full(sel.shape, 1.0 / top_m, dtype=torch.float32, device=x.device)
-    return sel.to(torch.int32), w, z_sel
+    """The op on unscoped candidates (no -1: what the kernel tables give it)."""
+    sel, z_sel, norms = _plain_picks(x, a_star, cand.long(), top_m)
+    return sel.to(torch.int32), _plain_weights(norms, sel), z_sel
 
 
 def plain_lora_apply(y, b_star, sel, w, z):
@@ -67,12 +91,11 @@ def plain_lora_apply(y, b_star, sel, w, z):
 
 
 def plain_layer(x, y, a_star, b_star, prototypes, k, top_m, allowed=None, scope=None):
-    cand = _plain_scores(x, prototypes, allowed, scope).topk(k, dim=1).indices  # [T, k]
-    z = _plain_z(x, a_star, cand)  # [T, k, r] fp32
-    best = z.norm(dim=-1).topk(top_m, dim=1).indices  # [T, m]
-    sel = cand.gather(1, best)
-    z_sel = z.gather(1, best[..., None].expand(-1, -1, z.shape[-1]))
-    y += torch.einsum("tmor,tmr->to", b_star[sel], z_sel.to(y.dtype))
+    cand, _ = _plain_candidates(x, prototypes, k, allowed, scope)  # [T, k]
+    sel, z_sel, norms = _plain_picks(x, a_star, cand, top_m, allowed is not None)  # [T, m], [T, m, r] fp32
+    if top_m > 1 or allowed is not None:  # else every token's one pick has weight 1
+        z_sel = z_sel * _plain_weights(norms, sel)[..., None]
+    y += torch.einsum("tmor,tmr->to", b_star[sel.clamp(min=0) if allowed is not None else sel], z_sel.to(y.dtype))
     return sel
 
 

@@ -85,6 +85,10 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
 
 
+#: what a first plain-compile cell is assumed to take until one has (a cold torch.compile of the layer)
+COLD_COMPILE_S = 30.0
+
+
 class Budget:
     """Soft wall-clock budget: work is skipped (and the skip recorded) once it is spent."""
 
@@ -96,7 +100,8 @@ class Budget:
         return time.monotonic() - self.start
 
     def left(self) -> float:
-        return math.inf if not self.seconds else self.seconds - self.elapsed()
+        """Seconds left; without a budget (None) inf, a budget of 0 or less is spent from the start."""
+        return math.inf if self.seconds is None else self.seconds - self.elapsed()
 
     def expired(self) -> bool:
         return self.left() <= 0
@@ -482,8 +487,9 @@ class KernelRun:
         self.dtype = DTYPES[args.dtype]
         self.budget = Budget(args.time_budget)
         self.compile_budget = args.compile_budget
-        if self.compile_budget is None and args.time_budget:
+        if self.compile_budget is None and args.time_budget is not None:
             self.compile_budget = args.time_budget / 3
+        self.compile_estimate = COLD_COMPILE_S  # seconds one plain-compile cell takes: the last one's
         self.compile_spent = 0.0
         self.skipped = 0
         self.results = Results(args.out or default_results_path(self.device), self.device)
@@ -583,7 +589,7 @@ class KernelRun:
 
     def run_op(self, op: str, cell: Cell) -> None:
         cost = self.cost(op, cell)
-        for b in self.wanted:
+        for b in sorted(self.wanted, key=lambda b: b != "torch"):  # the reference first: the others' picks match it
             why = self.skip_reason(b, cell)
             if why:
                 self.record(op, cell, b, why, cost)
@@ -594,13 +600,11 @@ class KernelRun:
         why = self.impls[b][1]
         if not why and b == "torch" and cell.t * cell.n > self.args.ref_max_tn:
             why = f"skipped: reference not run above T*N={self.args.ref_max_tn:.3g} (slow by design)"
-        if (
-            not why
-            and b == "plain-compile"
-            and self.compile_budget is not None
-            and self.compile_spent >= self.compile_budget
-        ):
-            why = f"skipped: compile budget {self.compile_budget:.0f}s spent"
+        if not why and b == "plain-compile" and self.compile_budget is not None:
+            if self.compile_spent >= self.compile_budget:
+                why = f"skipped: compile budget {self.compile_budget:.0f}s spent"
+            elif self.budget.left() < self.compile_estimate:  # a compile the stage's timeout would kill midway
+                why = f"skipped: {self.budget.left():.0f}s left, a compile takes ~{self.compile_estimate:.0f}s"
         return why
 
     def op_callable(self, op: str, b: str) -> Callable:
@@ -615,13 +619,13 @@ class KernelRun:
             self._run_backend(op, b, cell, cost)
 
     def _run_backend(self, op: str, b: str, cell: Cell, cost: dict) -> None:
-        extra = {}
+        extra, shared = {}, cell  # the reference's picks go on the cell every backend sees
         try:
             prepare = self.impls[b][0].get("prepare_b_star")
             if prepare is not None and cell.b_star is not None:  # B* in the layout patch() gives this backend
                 cell = dataclasses.replace(cell, b_star=prepare(cell.b_star))
             call = bind(op, self.op_callable(op, b), cell)
-            extra.update(self.first_call(op, b, call, cell))
+            extra.update(self.first_call(op, b, call, cell, shared))
             timing = time_cell(
                 [functools.partial(call, s) for s in cell.sets], self.device, self.args.warmup_ms, self.args.rep_ms
             )
@@ -634,9 +638,10 @@ class KernelRun:
                 sys.exit(3)
             free_memory(self.device)
 
-    def first_call(self, op: str, b: str, call: Callable, cell: Cell) -> dict:
+    def first_call(self, op: str, b: str, call: Callable, cell: Cell, shared: Cell) -> dict:
         """One untimed call on a copy of input set 0 (compiles plain-compile: ``compile_s``); for the layer,
-        the share of tokens whose selections match the torch reference's (``sel_match_ref``)."""
+        the share of tokens whose selections match the torch reference's (``sel_match_ref``), whose picks
+        are kept on ``shared``, the cell before any backend's copy of it."""
         t0 = time.perf_counter()
         out = call(dict(cell.sets[0], y=cell.sets[0]["y"].clone()))
         sync(self.device)
@@ -644,12 +649,13 @@ class KernelRun:
         if b == "plain-compile":
             extra["compile_s"] = time.perf_counter() - t0
             self.compile_spent += extra["compile_s"]
+            self.compile_estimate = extra["compile_s"]
         if op == "layer":
             sel = out.to(torch.int32)
             if b == "torch":
-                cell.ref_sel = sel
-            elif cell.ref_sel is not None and cell.ref_sel.shape == sel.shape:
-                extra["sel_match_ref"] = float((cell.ref_sel == sel).all(dim=1).float().mean())
+                shared.ref_sel = sel
+            elif shared.ref_sel is not None and shared.ref_sel.shape == sel.shape:
+                extra["sel_match_ref"] = float((shared.ref_sel == sel).all(dim=1).float().mean())
         return extra
 
     def record(

@@ -57,7 +57,8 @@ def profile_case(ops, device, n, t, d_in, d_out, rank, k, top_m, dtype, iters):
             torch.cuda.synchronize()
     kernels = []
     for ev in prof.key_averages():
-        device_us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        # self time: a kernel's own; an operator's (aten::mm) is its kernels', listed once as they are
+        device_us = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
         if device.type == "cuda" and device_us <= 0:
             continue
         if device.type != "cuda" and ev.self_cpu_time_total <= 0:

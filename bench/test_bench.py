@@ -84,6 +84,9 @@ def test_kernel_tables(tmp_path):
         + 2 * 3 * d_out
     )
     assert layer["bytes"] == want
+    # every layer row beside the reference's says how many tokens got the reference's picks
+    matched = [r for r in rows if r["op"] == "layer" and r["status"] == "ok" and r["backend"] != "torch"]
+    assert matched and all(r["sel_match_ref"] == 1.0 for r in matched), matched
 
 
 def test_kernel_flops_and_floor():
@@ -129,6 +132,40 @@ def test_plain_ranks_fp32_scores_like_the_reference():
     sel, w, z = baselines.plain_spectr_rerank(x, a_star, idx, 1)
     ref_sel, _, ref_z = get_ops("torch").spectr_rerank(x, a_star, idx, 1, "softmax", 1.0, None)
     assert z.dtype == torch.float32 and torch.equal(sel, ref_sel) and torch.allclose(z, ref_z, atol=1e-5)
+
+
+@pytest.mark.parametrize("top_m,scoped", [(1, False), (3, False), (1, True), (3, True)])
+def test_plain_layer_computes_the_references_function(top_m, scoped):
+    """The plain baseline is the same function as the reference: softmax weights over several picks, and
+    under a scope no adapter outside it (-1 past the allowed ones, a token whose scope allows none gets none)."""
+    from lag_triton.kernels import get_ops
+    from lag_triton.routing import RoutingConfig, route_and_apply
+
+    cpu, gen = torch.device("cpu"), torch.Generator().manual_seed(2)
+    protos, a_star, b_star = harness._random_library(60, 4, 32, 24, torch.float32, cpu, gen)
+    x = torch.randn(7, 32, generator=gen)
+    allowed = scope = None
+    if scoped:  # scope 0: 5 adapters (fewer than k = 8), scope 1: 30, scope 2: none
+        allowed = torch.zeros(3, 60, dtype=torch.bool)
+        allowed[0, torch.randperm(60, generator=gen)[:5]] = True
+        allowed[1, torch.randperm(60, generator=gen)[:30]] = True
+        scope = torch.tensor([0, 1, 2, 0, 1, 0, 2], dtype=torch.int32)
+    y_plain, y_ref = torch.zeros(7, 24), torch.zeros(7, 24)
+    sel = baselines.plain_layer(x, y_plain, a_star, b_star, protos, 8, top_m, allowed, scope)
+    ref_sel = route_and_apply(
+        x, y_ref, a_star, b_star, protos, RoutingConfig(k=8, top_m=top_m), get_ops("torch"), allowed, scope
+    )
+    assert torch.equal(sel.to(torch.int32), ref_sel)
+    torch.testing.assert_close(y_plain, y_ref, rtol=1e-5, atol=1e-5)
+    if scoped:
+        assert (ref_sel[scope == 2] == -1).all() and (y_ref[scope == 2] == 0).all()
+    idx, scores = baselines.plain_arrow_topk(x, protos, 8, allowed, scope)
+    ref_idx, ref_scores = get_ops("torch").arrow_topk(x, protos, 8, allowed, scope)
+    assert torch.equal(idx, ref_idx) and torch.equal(scores.isnan(), ref_scores.isnan())
+    if not scoped:
+        got = baselines.plain_spectr_rerank(x, a_star, ref_idx, top_m)
+        for g, w in zip(got, get_ops("torch").spectr_rerank(x, a_star, ref_idx, top_m), strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
 def test_time_cell_falls_back_to_eager_when_capture_fails(monkeypatch):
