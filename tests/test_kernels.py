@@ -622,6 +622,40 @@ def test_spectr_rerank_nan_inf(ops):
         torch.testing.assert_close(z, ref_z, equal_nan=True)
 
 
+def test_spectr_rerank_inf_key_gives_nan_weights_as_softmax_does(ops):
+    """An infinite key among the picks (an Arrow score of an inf input, or an inf in A*) makes the
+    softmax NaN (inf - inf), as the reference's; the Triton select divided by 1 instead (w [nan, 0, 0])."""
+    n, r, d, k = 12, 4, 16, 5
+    a = randn(n, r, d, seed=140)
+    x = randn(3, d, seed=141)
+    cand = _candidates(3, n, k, seed=142)
+    scores = torch.rand(3, k, generator=gen(143)).to(DEVICE)
+    scores[0, 1] = float("inf")
+    a[cand[1, 2].long(), 0, 0] = float("inf")
+    x[1, 0] = 1.0  # the inf in A* meets a nonzero feature: that candidate's norm is inf
+    for cs in (scores, None):
+        sel, w, _ = ops.spectr_rerank(x, a, cand, 3, "softmax", 1.0, cs)
+        ref_sel, ref_w, _ = reference.spectr_rerank(x, a, cand, 3, "softmax", 1.0, cs)
+        assert torch.equal(sel, ref_sel)
+        torch.testing.assert_close(w, ref_w, equal_nan=True)
+    assert w[1].isnan().all() and ref_w[1].isnan().all()
+
+
+def test_spectr_rerank_rank_zero_library_weights_like_the_reference(ops):
+    """A rank-0 library (every norm 0): softmax of the Arrow scores when given, 0 for picks a scope
+    left empty (Triton gave 1/m to every pick, -1 ones included)."""
+    x = randn(2, 8, seed=144)
+    a = torch.zeros(6, 0, 8, device=DEVICE)
+    cand = torch.tensor([[0, 3, 5], [-1, -1, 2]], dtype=torch.int32, device=DEVICE)
+    scores = torch.tensor([[3.0, 1.0, 0.0], [0.0, 0.0, 0.0]], device=DEVICE)
+    for combine, cs in (("softmax", scores), ("softmax", None), ("uniform", None)):
+        sel, w, z = ops.spectr_rerank(x, a, cand, 3, combine, 1.0, cs)
+        ref_sel, ref_w, ref_z = reference.spectr_rerank(x, a, cand, 3, combine, 1.0, cs)
+        assert torch.equal(sel, ref_sel) and z.shape == ref_z.shape == (2, 3, 0)
+        torch.testing.assert_close(w, ref_w)
+        assert torch.equal(w[1], torch.tensor([1.0, 0.0, 0.0], device=DEVICE))
+
+
 @pytest.mark.parametrize("temperature", [1.2e-38, 1e-30, 1e-3])
 def test_spectr_rerank_tiny_temperature_weights_the_best_pick(ops, temperature):
     """softmax(key / t) at a temperature where key / t overflows fp32 is still the best pick alone
@@ -1153,3 +1187,20 @@ def test_spectr_rerank_d_in_zero(ops, monkeypatch, plan):
             assert torch.equal(z, ref_z) and (z == 0).all()
             if cs is None:
                 assert torch.equal(sel, cand.sort(dim=1).values[:, :m])
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "value,on", [("1", True), ("true", True), ("ON", True), ("0", False), ("false", False), ("off", False), ("", False)]
+)
+def test_opt_in_switches_read_on_and_off_words(monkeypatch, value, on):
+    """The opt-in paths' environment switches: 1/true/yes/on and 0/false/no/off (or empty); another
+    value is refused naming the variable (LAG_TRITON_FOLD_SPLITS=false turned the fold on)."""
+    from lag_triton.kernels.triton import _common
+
+    for switch in (_common.fold_splits, _common.filter_gemm):
+        monkeypatch.setenv(switch.env, value)
+        assert switch() is on
+        monkeypatch.setenv(switch.env, "2")
+        with pytest.raises(ValueError, match=f"{switch.env}='2': set it to 1 \\(on\\) or 0 \\(off\\)"):
+            switch()

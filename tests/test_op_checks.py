@@ -120,6 +120,14 @@ RERANK_CASES = {
         r"candidate_scores shape \(3, 4\) != candidates shape \(3, 5\)",
     ),
     "a_star elsewhere": (dict(a_star=torch.randn(N, R, D_IN, device=ELSEWHERE)), r"tensors are on different devices"),
+    "scores elsewhere": (  # the reference raised an index error, Triton could not copy, CUDA moved them
+        dict(candidate_scores=torch.zeros(T, K, device=ELSEWHERE)),
+        r"different devices: .*'candidate_scores': device\(type='meta'\)",
+    ),
+    "scores int": (
+        dict(candidate_scores=torch.zeros(T, K, dtype=torch.int32)),
+        r"candidate_scores must be floating point \(Arrow scores\), got torch.int32",
+    ),
 }
 
 APPLY_CASES = {
@@ -146,6 +154,9 @@ APPLY_CASES = {
         r"z must be fp32 \[T, m, r\]=\(3, 2, 4\), got torch.float32 \(3, 2, 5\)",
     ),
     "z fp16": (dict(z=torch.zeros(T, M, R, dtype=torch.float16)), r"z must be fp32"),
+    # torch and Triton took these, CUDA refused them (its emulator with a KeyError)
+    "b_star fp64": (dict(b_star=torch.randn(N, D_OUT, R, dtype=torch.float64)), r"b_star has dtype torch.float64"),
+    "b_star int8": (dict(b_star=torch.ones(N, D_OUT, R, dtype=torch.int8)), r"b_star has dtype torch.int8; expected"),
     "z elsewhere": (dict(z=torch.zeros(T, M, R, device=ELSEWHERE)), r"different devices: .*'z': device\(type='meta'\)"),
 }
 

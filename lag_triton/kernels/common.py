@@ -93,10 +93,14 @@ def check_rerank_args(
     if combine not in COMBINE_MODES:
         raise ValueError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
     check_temperature(temperature)
-    if candidate_scores is not None and candidate_scores.shape != candidates.shape:
-        raise ValueError(
-            f"candidate_scores shape {tuple(candidate_scores.shape)} != candidates shape {tuple(candidates.shape)}"
-        )
+    if candidate_scores is not None:
+        if candidate_scores.shape != candidates.shape:
+            raise ValueError(
+                f"candidate_scores shape {tuple(candidate_scores.shape)} != candidates shape {tuple(candidates.shape)}"
+            )
+        if not candidate_scores.is_floating_point():
+            raise ValueError(f"candidate_scores must be floating point (Arrow scores), got {candidate_scores.dtype}")
+        _check_same_device(x=x, candidates=candidates, candidate_scores=candidate_scores)
 
 
 def _overlaps_itself(t: torch.Tensor) -> bool:
@@ -118,6 +122,8 @@ def check_apply_args(
         raise ValueError(f"y must be [T, d_out={b_star.shape[1]}], got shape {tuple(y.shape)}")
     if y.dtype not in ACTIVATION_DTYPES:
         raise ValueError(f"y has dtype {y.dtype}; expected fp32, fp16 or bf16")
+    if b_star.dtype not in ACTIVATION_DTYPES:
+        raise ValueError(f"b_star has dtype {b_star.dtype}; expected fp32, fp16 or bf16")
     if _overlaps_itself(y):
         raise ValueError(
             f"y's elements overlap in memory (shape {tuple(y.shape)}, strides {y.stride()}): the kernels add "

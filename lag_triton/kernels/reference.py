@@ -100,6 +100,8 @@ def spectr_rerank(
     weights follow docs/design.md §1 (1 for a single pick, else softmax(key / temperature) or 1/top_m).
     A candidate -1 is no candidate (a scope left fewer than k): never selected; picks beyond the
     valid candidates are sel -1, w 0, z 0, and the weights spread over the valid picks only.
+    A token's candidates are distinct adapters (as arrow_topk and the routers give them): a repeated
+    one is outside the contract, and backends may pick it once or twice.
     """
     check_rerank_args(x, a_star, candidates, top_m, combine, temperature, candidate_scores)
     cand = candidates.long()

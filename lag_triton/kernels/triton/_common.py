@@ -364,6 +364,9 @@ def offer_block(best, kth, count, keys, offs, mask, buf, K_PAD: tl.constexpr, CA
 # the counters stay zeroed between launches and are allocated (zeroed) once.
 
 
+_ON, _OFF = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
 class OptIn:
     """A kernel path that stays off until a GPU run has measured it: on with ``<env>=1``, or inside
     ``with switch.forced(True)`` (benchmarks compare both settings in one process)."""
@@ -375,7 +378,12 @@ class OptIn:
     def __call__(self) -> bool:
         if self._forced is not None:
             return self._forced
-        return os.environ.get(self.env, "0") not in ("", "0")
+        value = os.environ.get(self.env, "").strip().lower()
+        if value in _OFF:
+            return False
+        if value in _ON:
+            return True
+        raise ValueError(f"{self.env}={os.environ[self.env]!r}: set it to 1 (on) or 0 (off)")
 
     @contextlib.contextmanager
     def forced(self, enabled: bool = True) -> Iterator[None]:

@@ -207,9 +207,7 @@ def _select(
         idx[:, found:].fill_(-1)
         out_scores[:, found:].fill_(float("nan"))
         return
-    cfg = tuned("arrow_select", scores.device, select_config(k_pad), k_pad=k_pad, t=t, n=n)
-    if cfg["CAP"] < cfg["BLOCK"]:
-        raise ValueError(f"arrow_select config {cfg}: CAP must be >= BLOCK (a block's survivors must fit)")
+    cfg = tuned("arrow_select", scores.device, select_config(k_pad), k_pad=k_pad, t=t, n=n)  # CAP >= BLOCK
     splits, per_split = split_plan(t, n, cfg["BLOCK"], num_sms(scores.device))
     chunks = score_row_chunks(t, 2 * splits * cfg["CAP"])  # a row's buffers: the bytes of 2 * CAP scores a split
     if len(chunks) > 1:  # so that they stay within SCORE_CHUNK_BYTES too (16 KB a row: 1 GiB at T = 64k)

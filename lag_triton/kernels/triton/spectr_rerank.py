@@ -393,7 +393,7 @@ def _rank_token(
         v = tl.where(ok, skey, float("-inf"))
         e = tl.where(ok, tl.exp((v - tl.max(v, axis=0)) / temperature), 0.0)
         total = tl.sum(e, axis=0)
-        w = tl.where(ok, e / tl.where(total > 0, total, 1.0), 0.0)
+        w = tl.where(ok, e / tl.where(total == 0, 1.0, total), 0.0)  # no pick: 0; an inf key: NaN, as softmax
     else:
         w = tl.where(ok, 1.0 / tl.maximum(tl.sum(ok.to(tl.float32), axis=0), 1.0), 0.0)
     tl.store(sel_ptr + t64 * M + offs_m, tl.where(ok, sel, -1), mask=m_mask)
@@ -515,20 +515,9 @@ def spectr_rerank(
     dev = x.device
     sel, w, z = empty_rerank_outputs(x, m, r)
     if t == 0 or r == 0:
-        if r == 0 and t > 0:  # degenerate library: every norm is 0, lowest adapter ids win
-            return (
-                spectr_rerank(
-                    x,
-                    torch.zeros((n, 1, d), dtype=x.dtype, device=dev),
-                    candidates,
-                    top_m,
-                    combine,
-                    temperature,
-                    candidate_scores,
-                )[0],
-                w.fill_(1.0 / m),
-                z,
-            )
+        if r == 0 and t > 0:  # degenerate library: as one of rank 1 whose A* is 0 (every norm 0), z [T, m, 0]
+            zeros = torch.zeros((n, 1, d), dtype=x.dtype, device=dev)
+            sel, w, _ = spectr_rerank(x, zeros, candidates, top_m, combine, temperature, candidate_scores)
         return sel, w, z
     has_scores = candidate_scores is not None
     cs = candidate_scores.float().contiguous() if has_scores else w  # dummy pointer when absent

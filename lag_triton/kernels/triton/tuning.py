@@ -9,12 +9,13 @@ can override them: a JSON file
         {"op": "lora_apply", "t": [64, 1000000], "d_out": [8192, 8192], "config": {"BLOCK_T": 16, ...}}]}
 
 where each entry matches one op, optional exact keys (``k_pad``) and inclusive [lo, hi] ranges of
-shape sizes (``t``, ``n``, ``d_out``); the first matching entry wins (``measured``, the timings that
-chose it, is not a condition), and its config is set over the default's (it may give some keys
-only). Tables are looked up by the card's name in ``lag_triton/kernels/triton/tuned/<card
-slug>.json`` or taken from the file named by ``LAG_TRITON_TUNING``. A table for another card is
-ignored. Lookups happen at launch, on the host, from shapes only: a launch stays deterministic and
-capturable in a CUDA graph.
+shape sizes (those the op's launcher passes, ``OP_SHAPES``: ``t``, ``n``, ``d_out``, ``r``); the first
+matching entry wins (``measured``, the timings that chose it, is not a condition), and its config is
+set over the default's (it may give some keys only; the select's BLOCK and CAP go together).
+Tables are looked up by the card's name in ``lag_triton/kernels/triton/tuned/<card slug>.json`` or
+taken from the file named by ``LAG_TRITON_TUNING``. A table for another card is ignored. Lookups
+happen at launch, on the host, from shapes only: a launch stays deterministic and capturable in a
+CUDA graph.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ OP_KEYS = {
     "arrow_select": {"BLOCK", "CAP", "num_warps"},
     "lora_apply": {"BLOCK_T", "BLOCK_O", "num_warps"},
 }
+#: the shape sizes each op's launcher looks an entry up by (an entry keyed by others never matches)
+OP_SHAPES = {"arrow_select": {"k_pad", "t", "n"}, "lora_apply": {"t", "d_out", "r"}}
+#: the largest block size a config may give (a tile of 2**16 elements: past any kernel's registers)
+MAX_BLOCK = 1 << 16
 _NOT_SHAPE = ("op", "config", "measured")  # entry keys that are not shape conditions ("measured": evidence)
 _forced: dict[str, dict] = {}  # op -> config, set by ``forced`` (the tuning script's candidates)
 
@@ -56,6 +61,14 @@ def check_config(op: str, config: dict) -> dict:
             raise ValueError(f"{op} config {key}={value!r} must be a positive power of two")
         if key == "num_warps" and value > 16:
             raise ValueError(f"{op} config num_warps={value} must be <= 16")
+        if value > MAX_BLOCK:
+            raise ValueError(f"{op} config {key}={value} must be <= {MAX_BLOCK}")
+    if op == "arrow_select" and ("BLOCK" in config) != ("CAP" in config):
+        raise ValueError(
+            "arrow_select config gives BLOCK and CAP together (CAP >= BLOCK: a block's survivors must fit)"
+        )
+    if op == "arrow_select" and "BLOCK" in config and config["CAP"] < config["BLOCK"]:
+        raise ValueError(f"arrow_select config CAP={config['CAP']} must be >= BLOCK={config['BLOCK']}")
     return dict(config)
 
 
@@ -80,6 +93,8 @@ def load_table(path: str | Path) -> dict:
             for key, value in entry.items():
                 if key in _NOT_SHAPE:
                     continue
+                if key not in OP_SHAPES[entry["op"]]:
+                    raise ValueError(f"{entry['op']} is looked up by {sorted(OP_SHAPES[entry['op']])}, not {key!r}")
                 if isinstance(value, list):
                     if len(value) != 2 or not all(isinstance(v, int) for v in value) or value[0] > value[1]:
                         raise ValueError(f"range {key}={value!r} must be [lo, hi] ints with lo <= hi")
