@@ -109,3 +109,28 @@ def test_patched_model_on_a_second_gpu(tmp_path, backend, monkeypatch):
     for module in want_sel:
         assert torch.equal(got_sel[module], want_sel[module]), module
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "value,on",
+    [
+        ("1", True),
+        ("True", True),
+        ("on", True),
+        ("y", True),
+        ("false", False),
+        ("0", False),
+        ("off", False),
+        ("", False),
+    ],
+)
+def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value, on):
+    """TRITON_INTERPRET=false leaves Triton compiling (it reads 1/true/on/yes/y as on): the Triton
+    backend must then be unavailable for CPU tensors (patch took it, and the forward failed in the driver)."""
+    from lag_triton.kernels import backend_unavailable_reason, triton_interpreter_enabled
+
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert triton_interpreter_enabled() is on
+    reason = backend_unavailable_reason("triton", torch.device("cpu"))
+    assert (reason is None) is on, reason

@@ -103,7 +103,9 @@ class Ops:
 
 
 def triton_interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether Triton runs its kernels under the interpreter: TRITON_INTERPRET read as Triton reads it
+    (1, true, on, yes, y in any case; anything else is off: "false" too)."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")
 
 
 def use_triton_interpreter_without_gpu() -> None:

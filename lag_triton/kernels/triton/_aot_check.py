@@ -36,6 +36,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from .. import triton_interpreter_enabled
 from . import arrow_topk as _unused  # noqa: F401  (ensure modules are imported)
 
 A = sys.modules[__package__ + ".arrow_topk"]
@@ -529,7 +530,7 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiler processes")
     ap.add_argument("--resources", action="store_true", help="print ptxas registers / spills / shared memory")
     args = ap.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if triton_interpreter_enabled():
         print("unset TRITON_INTERPRET: the interpreter build of these kernels is not what a GPU compiles")
         return 2
     capability = args.capability_opt or args.capability
