@@ -139,7 +139,7 @@ class _ScopeMasks:
             per_row = x.numel() // max(1, rows * d_in)
         else:
             tokens = x.numel() // d_in
-            call = _CALL.get()
+            call = None if torch.compiler.is_compiling() else _CALL.get()  # compiled: set by no call (_enter_call)
             if call is not None and tokens != call[1]:
                 raise ValueError(
                     f"lag_triton.scope cannot tell the batch rows of layer {layer_name!r}'s tokens: it got a "

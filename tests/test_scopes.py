@@ -570,6 +570,28 @@ def test_a_scoped_model_compiles_whole(libraries):
     torch._dynamo.reset()
 
 
+def test_a_scoped_layer_fed_flattened_tokens_compiles_whole():
+    """A 2-D layer input is read as the batch flattened row-major; its check against the call's token
+    count read a context variable that dynamo cannot trace (fullgraph compile of such a layer failed)."""
+    from lag_triton.library.weights import ModuleWeights
+
+    gen = torch.Generator().manual_seed(3)
+    n, r, d_in, d_out = 5, 3, 8, 6
+    a = torch.randn(n, r, d_in, generator=gen)
+    weights = ModuleWeights(a, torch.randn(n, d_out, r, generator=gen), a[:, 0].clone(), torch.arange(n))
+    model = torch.nn.Sequential(torch.nn.Linear(d_in, d_out))
+    lag_triton.patch(model, lag_triton.Library([f"a{i}" for i in range(n)], {"0": weights}), k=3, top_m=2)
+    x = torch.randn(4, d_in, generator=gen)  # 2 batch rows of 2 tokens
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with lag_triton.scope(model, [["a1"], ["a2"]]), torch.no_grad():
+        scoped = model(x)
+        torch.testing.assert_close(compiled(x), scoped)
+    with torch.no_grad():
+        assert not torch.allclose(model(x), scoped)  # the scope changed the picks
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("backend", [b for b in _backends() if b != "torch"][-1 if DEVICE.type == "cpu" else 0 :])
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_gradient_checkpointing_recomputes_under_the_forwards_scope(libraries, backend, reentrant, monkeypatch):
