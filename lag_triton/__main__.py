@@ -375,6 +375,8 @@ def _check_device(text: str) -> None:
             raise UsageError(f"--device {text}: no CUDA device is visible")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UsageError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif device.type == "meta":
+        raise UsageError(f"--device {text}: meta tensors hold no values; choose cpu or a GPU")
     elif device.type != "cpu":
         try:
             torch.empty(1, device=device)

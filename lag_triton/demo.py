@@ -17,6 +17,7 @@ import shlex
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -72,8 +73,16 @@ def peft_equivalence_check(
 
 
 def _command_line() -> str:
-    argv = sys.argv[1:] if sys.argv and sys.argv[0].endswith(("__main__.py", "lag_triton")) else []
-    return "python -m lag_triton " + " ".join(shlex.quote(a) for a in argv) if argv else "python -m lag_triton demo"
+    """How this run was started: the command line (``python -m lag_triton ...`` or the ``lag-triton``
+    script), or the demo's plain command when it was called from Python."""
+    program = _PROGRAMS.get(Path(sys.argv[0]).name) if sys.argv else None
+    if program is None or len(sys.argv) < 2:
+        return "python -m lag_triton demo"
+    return " ".join([program, *(shlex.quote(a) for a in sys.argv[1:])])
+
+
+#: argv[0]'s name -> the command a user types for it
+_PROGRAMS = {"__main__.py": "python -m lag_triton", "lag_triton": "python -m lag_triton", "lag-triton": "lag-triton"}
 
 
 def _print_checks(result: dict) -> bool:

@@ -162,6 +162,7 @@ def test_names_count_is_a_usage_error(adapters, tmp_path, capsys, monkeypatch):
         (["--lr-a-ratio", "nan"], "--lr-a-ratio must be a finite number >= 0, got nan"),
         (["--backend", "gpu"], "--backend must be one of"),
         (["--device", "foo"], "--device 'foo' is not a torch device"),
+        (["--device", "meta"], "--device meta: meta tensors hold no values"),  # failed after work began
         pytest.param(
             ["--device", "cuda"],
             "CPU-only build",
@@ -184,6 +185,22 @@ def test_demo_usage_errors_exit_2_before_any_work(tmp_path, capsys, monkeypatch,
     args = [a.format(file=tmp_path / "file", json_is_a_folder=tmp_path / "out") for a in args]
     assert main(["demo", *args]) == EXIT_USAGE
     _one_line_error(capsys, needle)
+
+
+@pytest.mark.parametrize(
+    "argv,want",
+    [
+        (["/venv/bin/lag-triton", "demo", "--adapters", "8"], "lag-triton demo --adapters 8"),
+        (["/x/lag_triton/__main__.py", "demo", "--seed", "2"], "python -m lag_triton demo --seed 2"),
+        (["/usr/bin/pytest", "-q"], "python -m lag_triton demo"),  # called from Python: the plain command
+    ],
+)
+def test_the_demo_records_how_it_was_started(monkeypatch, argv, want):
+    """The results JSON's command: the console script's line was recorded as the plain demo, its options lost."""
+    from lag_triton import demo
+
+    monkeypatch.setattr(sys, "argv", argv)
+    assert demo._command_line() == want
 
 
 @pytest.mark.parametrize("module", ["peft", "matplotlib"])
