@@ -21,7 +21,6 @@ What a patched model promises:
 
 from __future__ import annotations
 
-import numbers
 import os
 import warnings
 from collections.abc import Sequence
@@ -77,28 +76,6 @@ def _as_libraries(libraries) -> list[Library]:
     if not out:
         raise ValueError("patch() needs at least one library")
     return out
-
-
-def _as_int(value):
-    """Python ints and integer scalars of numpy/torch; anything else is left for RoutingConfig to refuse."""
-    if (
-        isinstance(value, torch.Tensor)
-        and value.dim() == 0
-        and not value.is_floating_point()
-        and value.dtype != torch.bool
-    ):
-        return int(value.item())
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return int(value)
-    return value
-
-
-def _as_float(name: str, value):
-    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool:
-        return float(value.item())
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return float(value)
-    raise ValueError(f"{name} must be a number > 0, got {value!r}")
 
 
 def _name_hint(name: str, model: nn.Module) -> str:
@@ -207,13 +184,7 @@ def patch(
     given, model = model, _uncompiled(model)
 
     def routing_config() -> RoutingConfig:
-        return RoutingConfig(
-            k=_as_int(k),
-            top_m=_as_int(top_m),
-            router=router,
-            temperature=_as_float("temperature", temperature),
-            combine=combine,
-        )
+        return RoutingConfig(k=k, top_m=top_m, router=router, temperature=temperature, combine=combine)
 
     if process_group is not None:  # sharded over ranks: lag_triton.sharding owns that path (loading and
         from .sharding import patch_sharded  # the settings too: what one rank refuses must fail every rank)

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -17,9 +18,33 @@ from .kernels.common import COMBINE_MODES, check_temperature, constant_weights, 
 ROUTERS = ("lag", "arrow", "spectr")
 
 
+def _as_int(value):
+    """Python ints and integer scalars of numpy/torch as an int; anything else as it is (refused below)."""
+    if (
+        isinstance(value, torch.Tensor)
+        and value.dim() == 0
+        and not value.is_floating_point()
+        and not value.is_complex()
+    ):
+        return value if value.dtype == torch.bool else int(value.item())
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return value
+
+
+def _as_float(value):
+    """Real numbers and real scalars of numpy/torch as a float; anything else as it is (refused below)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool and not value.is_complex():
+        return float(value.item())
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
 @dataclass(frozen=True)
 class RoutingConfig:
-    """How one library routes. ``k`` and ``top_m`` are clamped per module to the N adapters it has."""
+    """How one library routes. ``k`` and ``top_m`` are clamped per module to the N adapters it has.
+    Integer and real scalars (numpy's, 0-d tensors) are taken as Python ints and floats."""
 
     k: int = 20
     top_m: int = 1
@@ -28,6 +53,9 @@ class RoutingConfig:
     combine: str = "softmax"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "k", _as_int(self.k))  # frozen: set once, here
+        object.__setattr__(self, "top_m", _as_int(self.top_m))
+        object.__setattr__(self, "temperature", _as_float(self.temperature))
         if self.router not in ROUTERS:
             raise ValueError(f"unknown router {self.router!r}; choose one of {ROUTERS}")
         if self.combine not in COMBINE_MODES:

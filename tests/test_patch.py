@@ -270,6 +270,23 @@ def test_bad_settings_raise_and_leave_model_unpatched(small_library, kwargs, err
     assert not any(isinstance(m, lag_triton.LagLinear) for m in model.modules())
 
 
+def test_routing_config_takes_numeric_scalars_as_patch_does():
+    """RoutingConfig (public) and patch take the same values: numpy and 0-d tensor ints and reals as
+    Python ints and floats (RoutingConfig refused np.int64 k and kept a np.float32 temperature), and
+    refuse the same (bools, floats for k, complex, strings: one temperature message)."""
+    import numpy as np
+
+    config = lag_triton.RoutingConfig(k=np.int64(3), top_m=torch.tensor(2), temperature=np.float32(0.5))
+    assert (config.k, config.top_m, config.temperature) == (3, 2, 0.5)
+    assert type(config.k) is int and type(config.top_m) is int and type(config.temperature) is float
+    for bad in (dict(k=True), dict(k=2.0), dict(k=torch.tensor(True)), dict(top_m=np.float64(1))):
+        with pytest.raises(ValueError, match="must be an int >= 1"):
+            lag_triton.RoutingConfig(**bad)
+    for bad in ("0.5", torch.tensor(1 + 1j), True, 0.0):
+        with pytest.raises(ValueError, match="temperature must be a number >= 1.18e-38"):
+            lag_triton.RoutingConfig(temperature=bad)
+
+
 @pytest.mark.parametrize(
     "version,refused",
     [("3.2.0", True), ("3.3.1", True), ("3.4.0", False), ("3.6.0+git1a2b3c", False), ("3.10.0", False)],

@@ -488,7 +488,11 @@ def main(argv=None) -> int:
 
         argv.remove("--ablation")
         return ablation.main(argv)
-    p = argparse.ArgumentParser(prog="python -m lag_triton.experiment.run", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m lag_triton.experiment.run",
+        description=__doc__.split("\n")[0],
+        epilog="--ablation (anywhere on the line) runs the routing ablation instead (its options: --ablation --help)",
+    )
     add_arguments(p)
     args = p.parse_args(argv)
     if not check_arguments(args, p.prog):
