@@ -322,6 +322,11 @@ class PeftAdapter:
                 continue
             if "lora_magnitude_vector" in key:
                 raise self.error(f"tensor {key!r}: DoRA magnitude vectors are refused")
+            if key.endswith(".bias") and "lora_" not in key and cfg.get("bias") not in (None, "none"):
+                raise self.error(
+                    f"tensor {key!r} is a base-model bias trained with {_CONFIG} field bias={cfg['bias']!r:.20}: "
+                    "bias training changes the model's own biases, which LAG cannot route"
+                )
             if key.endswith((".base_layer.weight", ".base_layer.bias")):
                 raise self.error(
                     f"tensor {key!r} is a copy of a base layer's own weight, which PEFT saves when an adapter "
@@ -330,11 +335,6 @@ class PeftAdapter:
                     "with save_pretrained(..., save_embedding_layers=False)"
                 )
             match = _KEY.match(key)
-            if match is None and key.endswith(".bias") and cfg.get("bias") not in (None, "none"):
-                raise self.error(
-                    f"tensor {key!r} is a base-model bias trained with {_CONFIG} field bias={cfg['bias']!r:.20}: "
-                    "bias training changes the model's own biases, which LAG cannot route"
-                )
             if match is None:
                 raise self.error(
                     f"tensor {key!r} is not a LoRA A/B weight (modules_to_save, biases and other "
