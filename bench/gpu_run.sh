@@ -18,9 +18,11 @@ T0=$(date +%s)
 # left CAP RESERVE: min(CAP, seconds to the deadline - RESERVE), at least 1
 left() { local t=$(( DEADLINE_S - ($(date +%s) - T0) - $2 )); (( t > $1 )) && t=$1; echo $(( t > 1 ? t : 1 )); }
 timeout -k 5 "$(left "${BUILD_S:-400}" 150)" python3 -c "import time; t=time.time(); from lag_triton.kernels.cuda import extension_unavailable_reason as r; print('cuda extension:', r() or 'ok', f'{time.time()-t:.0f}s')" > "$OUT/build.log" 2>&1 &
+# parallel workers where pytest-xdist is installed (the GPU machine's image has it; the test extra does not)
+XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${WORKERS:-12}")
 LAG_FUZZ_EXAMPLES="${LAG_FUZZ_EXAMPLES:-5}" timeout -k 5 "$(left "${PYTEST_S:-150}" 400)" python3 -m pytest tests/test_kernels.py tests/test_arrow_filter.py tests/test_cuda_backend.py \
     tests/test_backends_model.py tests/test_compile.py tests/test_scopes.py tests/test_op_checks.py \
-    tests/test_ops_fuzz.py tests/test_large_offsets.py tests/test_patch_safety.py::test_patched_on_cpu_then_moved_to_the_gpu_routes_with_the_gpu_backend -n "${WORKERS:-12}" -q -rfE --tb=short -p no:cacheprovider > "$OUT/pytest.txt" 2>&1
+    tests/test_ops_fuzz.py tests/test_large_offsets.py tests/test_patch_safety.py::test_patched_on_cpu_then_moved_to_the_gpu_routes_with_the_gpu_backend $XDIST -q -rfE --tb=short -p no:cacheprovider > "$OUT/pytest.txt" 2>&1
 echo "pytest rc=$?" >> "$OUT/pytest.txt"
 tail -n 30 "$OUT/pytest.txt"
 wait  # the extension build (its own timeout above)
