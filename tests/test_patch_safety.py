@@ -235,7 +235,9 @@ def test_a_patched_layers_output_may_be_changed_in_place_with_gradients_on(libra
         y.mul_(2)
         (y * torch.arange(y.numel()).view_as(y)).sum().backward()
         grads.append(x.grad)
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)
+    # the loss weights y by up to 479: gradient elements that cancel to ~1 among terms ~1e3 carry those
+    # terms' fp32 rounding (the backends sum in other orders; 3e-4 on an AMD EPYC), so atol is set from the scale
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6 * grads[0].abs().max().item())
 
 
 # -- 5. autocast ---------------------------------------------------------------------------------------
